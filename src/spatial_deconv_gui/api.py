@@ -1,0 +1,127 @@
+"""One function per job, shared by the CLI, the napari widgets and user scripts."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from . import __version__
+from .engines.base import DeconvResult, ProgressCallback, RunControl
+from .engines.registry import available_methods, build_config, get_method
+from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
+from .io.write import known_colors, write_h5ad_atomic
+
+
+@dataclass
+class RunOutput:
+    adata: ad.AnnData
+    result: DeconvResult
+    report: ValidationReport | None
+
+
+def _as_adata(obj) -> ad.AnnData:
+    return obj if isinstance(obj, ad.AnnData) else read_h5ad(obj)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' picks CUDA when torch sees a GPU; asking for CUDA without one is a clear error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}.", "use auto, cpu or cuda.", code="unknown_device")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but torch sees no GPU.", "use --device cpu (or auto).", code="no_cuda")
+    return device
+
+
+def system_info() -> dict[str, Any]:
+    """Versions and compute devices, as `spatial-deconv info` prints them."""
+
+    import numba
+    import numpy
+    import scipy
+    import torch
+
+    info: dict[str, Any] = {
+        "spatial_deconv_gui": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "anndata": importlib.metadata.version("anndata"),
+        "numba": numba.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": bool(torch.cuda.is_available()),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "default_device": "cuda" if torch.cuda.is_available() else "cpu",
+        "methods": sorted(available_methods()),
+    }
+    try:
+        import napari
+
+        info["napari"] = napari.__version__
+    except Exception as exc:  # napari is optional for the CLI's engine jobs
+        info["napari"] = f"unavailable ({type(exc).__name__})"
+    return info
+
+
+def validate_files(spatial, reference=None, **kwargs) -> ValidationReport:
+    return validate(spatial, reference, **kwargs)
+
+
+def run_deconvolution(
+    spatial,
+    reference,
+    method: str = "rctd",
+    *,
+    params: dict[str, Any] | None = None,
+    cell_type_col: str = "cell_type",
+    layer: str | None = None,
+    reference_layer: str | None = None,
+    coord_key: str | None = None,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    cancel_event: threading.Event | None = None,
+    check: bool = True,
+) -> RunOutput:
+    """Validate, run one engine and return a *copy* of the slide with the result in its slots."""
+    info = get_method(method)
+    runner, config_cls = info.load()
+    sdata, rdata = _as_adata(spatial), _as_adata(reference)
+    params = dict(params or {})
+    report = None
+    if check:
+        min_cells = int(params.get("cell_min", 25))
+        report = validate(sdata, rdata, cell_type_col=cell_type_col, layer=layer, reference_layer=reference_layer,
+                          coord_key=coord_key, min_cells_per_type=min_cells)
+        # Types below the minimum are the engine's call (drop with a warning, or refuse when strict).
+        blocking = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
+        if blocking:
+            raise InputError(ValidationReport(blocking).format(), code=blocking[0].code)
+    params["device"] = resolve_device(device)
+    config = build_config(config_cls, params)
+    control = RunControl(progress, cancel_event)
+    result = runner(spatial_input(sdata, layer, coord_key), reference_input(rdata, cell_type_col, reference_layer),
+                    config, control)
+    out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
+    return RunOutput(out, result, report)
+
+
+def save_result(adata: ad.AnnData, path: str | os.PathLike, protect: tuple = ()) -> Path:
+    """Write atomically; refuses to overwrite any of the ``protect`` paths (the inputs)."""
+    path = Path(path)
+    for p in protect:
+        if p is not None and not isinstance(p, ad.AnnData) and Path(p).resolve() == path.resolve():
+            raise InputError(f"the output {path} is one of the input files.",
+                             "choose another output path; inputs are never overwritten.", code="output_is_input")
+    return write_h5ad_atomic(adata, path)

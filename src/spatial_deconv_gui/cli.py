@@ -1,0 +1,216 @@
+"""`spatial-deconv`: info, validate, run and demo from the shell."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .io.errors import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spatial-deconv", description="Spatial transcriptomics deconvolution.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, methods and compute devices")
+    info.add_argument("--json", action="store_true")
+
+    val = sub.add_parser("validate", help="check a slide and its reference; exit 2 when they cannot be used")
+    val.add_argument("spatial")
+    val.add_argument("reference", nargs="?")
+    _add_input_options(val)
+    val.add_argument("--cell-min", type=int, default=25, help="minimum cells per reference type (default 25)")
+    val.add_argument("--json", action="store_true")
+
+    run = sub.add_parser("run", help="deconvolve a slide; method options follow --method (see --method M --help)")
+    run.add_argument("spatial")
+    run.add_argument("reference")
+    run.add_argument("--method", required=True, help="deconvolution method")
+    _add_input_options(run)
+    run.add_argument("--output", "-o", help="result .h5ad (default: <spatial>_<method>.h5ad beside the input)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--csv", help="also write the proportions table as CSV")
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    demo = sub.add_parser("demo", help="open napari with the bundled sample slide and the plugin's widgets")
+    demo.add_argument("--headless", metavar="OUTDIR", help="no window: run on the sample and write results and a PNG")
+    demo.add_argument("--method", default=None, help="method the demo runs (default: the first available)")
+    return p
+
+
+def _add_input_options(p: argparse.ArgumentParser):
+    p.add_argument("--cell-type-col", default="cell_type", help="reference obs column with cell types")
+    p.add_argument("--layer", default=None, help="spatial counts layer (default X)")
+    p.add_argument("--reference-layer", default=None, help="reference counts layer (default X)")
+    p.add_argument("--coords", default=None, help="obsm key or 'xcol,ycol' obs columns with coordinates")
+
+
+def _field_type(f: dataclasses.Field, hints: dict):
+    t = hints.get(f.name, str)
+    args = typing.get_args(t)
+    if args:
+        non_none = [a for a in args if a is not type(None)]
+        t = non_none[0] if non_none else str
+    origin = typing.get_origin(t)
+    if origin is typing.Literal:
+        return str, list(typing.get_args(t))
+    if t is bool:
+        return bool, None
+    if t in (int, float, str):
+        return t, None
+    return None, None
+
+
+def method_parser(config_cls, method: str) -> argparse.ArgumentParser:
+    """Flags generated from the method's typed config: ``umi_min`` becomes ``--umi-min``."""
+    p = argparse.ArgumentParser(prog=f"spatial-deconv run ... --method {method}", add_help=True)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name == "device" or f.name.startswith("_"):
+            continue
+        ftype, choices = _field_type(f, hints)
+        if ftype is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        helptext = (f.metadata or {}).get("help", "") + f" (default {default})"
+        if ftype is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            p.add_argument(flag, dest=f.name, type=ftype, choices=choices, default=None, help=helptext)
+    return p
+
+
+class _Progress:
+    """tqdm bars on stderr, one per engine stage."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, event):
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=100, desc=event.stage, file=sys.stderr, leave=True,
+                            bar_format="{desc:<16} {percentage:3.0f}%|{bar:30}| {elapsed}<{remaining} {postfix}")
+        self.bar.n = round(100 * event.fraction)
+        if event.message:
+            self.bar.set_postfix_str(event.message, refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.n = self.bar.total
+            self.bar.refresh()
+            self.bar.close()
+            self.bar = None
+
+
+def _cmd_info(args) -> int:
+    from .api import system_info
+
+    info = system_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {', '.join(map(str, v)) if isinstance(v, list) else v}")
+    return EXIT_OK
+
+
+def _cmd_validate(args) -> int:
+    from .io.validate import validate
+
+    report = validate(args.spatial, args.reference, cell_type_col=args.cell_type_col, layer=args.layer,
+                      reference_layer=args.reference_layer, coord_key=args.coords, min_cells_per_type=args.cell_min)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format(), file=sys.stdout if report.ok else sys.stderr)
+    return EXIT_OK if report.ok else EXIT_INPUT
+
+
+def _cmd_run(args, extra: list[str]) -> int:
+    from . import api
+    from .engines.registry import get_method
+
+    info = get_method(args.method)
+    _, config_cls = info.load()
+    margs = method_parser(config_cls, args.method).parse_args(extra)
+    params = {k: v for k, v in vars(margs).items() if v is not None}
+    out_path = Path(args.output) if args.output else Path(args.spatial).with_name(
+        f"{Path(args.spatial).stem}_{args.method}.h5ad")
+    progress = _Progress(args.quiet)
+    try:
+        run = api.run_deconvolution(args.spatial, args.reference, args.method, params=params,
+                                    cell_type_col=args.cell_type_col, layer=args.layer,
+                                    reference_layer=args.reference_layer, coord_key=args.coords,
+                                    device=args.device, progress=progress)
+    finally:
+        progress.close()
+    api.save_result(run.adata, out_path, protect=(args.spatial, args.reference))
+    key = run.result.key
+    if args.csv:
+        from .io.write import write_text_atomic
+
+        write_text_atomic(run.adata.obsm[f"{key}_proportions"].to_csv(), args.csv)
+    summary = {
+        "method": run.result.method, "mode": run.result.mode, "output": str(out_path),
+        "n_spots": int(run.adata.n_obs), "n_fitted": int(run.result.fitted.sum()),
+        "cell_types": list(run.result.cell_types), "device": run.result.device,
+        "runtime_s": round(run.result.runtime_s, 3),
+        "dominant_type_counts": run.adata.obs[f"{key}_dominant_type"].value_counts().to_dict(),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif not args.quiet:
+        print(f"{summary['method']} ({summary['mode']}): {summary['n_fitted']}/{summary['n_spots']} spots fitted "
+              f"in {summary['runtime_s']} s on {summary['device']}; wrote {out_path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    from .gui.demo import run_demo
+
+    return run_demo(headless_dir=args.headless, method=args.method)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _base_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "info":
+            return _cmd_info(args)
+        if args.command == "validate":
+            return _cmd_validate(args)
+        if args.command == "run":
+            return _cmd_run(args, extra)
+        if args.command == "demo":
+            return _cmd_demo(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

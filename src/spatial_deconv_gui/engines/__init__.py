@@ -1,0 +1,1 @@
+"""Deconvolution engines: pure numerics, no Qt."""

@@ -1,0 +1,114 @@
+"""Contracts shared by every deconvolution engine.
+
+Engines take plain arrays (see :mod:`spatial_deconv_gui.io.inputs`), report progress through a
+:class:`RunControl`, and return a :class:`DeconvResult`. They know nothing of Qt or AnnData writing.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+
+class Cancelled(Exception):
+    """Raised inside an engine when the user asked it to stop; no partial result is kept."""
+
+
+@dataclass
+class PartialResult:
+    """Proportions for a batch of spots that just finished, so a GUI can colour them early.
+
+    ``spot_index`` indexes the *input* spots (before any filtering).
+    """
+
+    spot_index: np.ndarray
+    proportions: np.ndarray
+    cell_types: list[str]
+
+
+@dataclass
+class ProgressEvent:
+    stage: str
+    fraction: float
+    message: str = ""
+    partial: PartialResult | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class RunControl:
+    """Progress reporting and cooperative cancellation for one engine run.
+
+    The engine calls :meth:`report` at natural checkpoints (between batches, epochs or iterations) and
+    :meth:`check_cancel` where stopping is safe. Events without a partial result are rate limited to
+    ``max_rate`` per second so that a GUI thread is never flooded; stage changes and partial results are
+    always delivered.
+    """
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None = None,
+        cancel_event: threading.Event | None = None,
+        max_rate: float = 5.0,
+    ):
+        self._callback = callback
+        self.cancel_event = cancel_event or threading.Event()
+        self._min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
+        self._last_emit = 0.0
+        self._last_stage: str | None = None
+
+    def report(self, stage: str, fraction: float, message: str = "", partial: PartialResult | None = None):
+        if self._callback is None:
+            return
+        now = time.monotonic()
+        stage_changed = stage != self._last_stage
+        done = fraction >= 1.0
+        if not (stage_changed or done or partial is not None) and now - self._last_emit < self._min_interval:
+            return
+        self._last_emit = now
+        self._last_stage = stage
+        self._callback(ProgressEvent(stage, float(min(max(fraction, 0.0), 1.0)), message, partial))
+
+    def cancel(self):
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancel(self):
+        if self.cancel_event.is_set():
+            raise Cancelled("run cancelled by the user")
+
+
+@dataclass
+class DeconvResult:
+    """What an engine hands back; :func:`spatial_deconv_gui.io.write.attach_result` stores it.
+
+    ``proportions`` has one row per *input* spot (NaN rows for spots the method filtered out), columns in
+    ``cell_types`` order, rows summing to 1 otherwise.
+    """
+
+    key: str
+    method: str
+    mode: str | None
+    cell_types: list[str]
+    proportions: np.ndarray
+    params: dict[str, Any]
+    device: str
+    runtime_s: float
+    obs: dict[str, Any] = field(default_factory=dict)
+    obsm: dict[str, Any] = field(default_factory=dict)
+    uns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fitted(self) -> np.ndarray:
+        return ~np.isnan(self.proportions).any(axis=1)
+
+    def proportions_frame(self, index) -> pd.DataFrame:
+        return pd.DataFrame(self.proportions, index=index, columns=list(self.cell_types))

@@ -1,0 +1,67 @@
+"""The deconvolution methods the api, CLI and GUI can offer, imported only when used (torch is slow to load)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from ..io.errors import InputError
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    key: str
+    description: str
+    module: str
+    runner: str
+    config: str
+    modes: tuple[str, ...] = ()
+
+    def load(self):
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.runner), getattr(mod, self.config)
+
+    @property
+    def installed(self) -> bool:
+        return _importable(self.module, self.runner)
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str, attr: str) -> bool:
+    # An engine whose optional dependency is missing is left out of the list rather than breaking it.
+    try:
+        return importlib.util.find_spec(module) is not None and hasattr(importlib.import_module(module), attr)
+    except Exception:
+        return False
+
+
+_ALL = (
+    MethodInfo("rctd", "rctd", "Robust Cell Type Decomposition (spacexr's algorithm): full, doublet, multi",
+               "spatial_deconv_gui.engines.rctd", "run_rctd", "RCTDConfig", ("full", "doublet", "multi")),
+)
+
+
+def available_methods() -> dict[str, MethodInfo]:
+    return {m.name: m for m in _ALL if m.installed}
+
+
+def get_method(name: str) -> MethodInfo:
+    methods = available_methods()
+    if name not in methods:
+        raise InputError(f"unknown method {name!r}.", f"use one of: {', '.join(sorted(methods)) or '(none installed)'}.",
+                         code="unknown_method")
+    return methods[name]
+
+
+def build_config(config_cls, params: dict[str, Any]):
+    """A typed config from loose options (CLI flags, widget values), naming any option the method lacks."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise InputError(f"{config_cls.__name__} has no option(s) {unknown}.",
+                         f"valid options: {', '.join(sorted(fields))}.", code="unknown_option")
+    return config_cls(**params)

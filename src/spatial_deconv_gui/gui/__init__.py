@@ -1,0 +1,1 @@
+"""The napari plugin: thin widgets and layer builders over :mod:`spatial_deconv_gui.api`."""

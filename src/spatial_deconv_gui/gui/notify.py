@@ -1,0 +1,30 @@
+"""Errors reach the user as napari notifications, never as a silent dead worker."""
+from __future__ import annotations
+
+import logging
+
+from ..io.errors import InputError
+
+log = logging.getLogger("spatial_deconv_gui")
+
+
+def user_message(exc: BaseException) -> str:
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"Out of memory: {exc}. Try a smaller batch size, float32, or the CPU."
+    return f"{type(exc).__name__}: {exc}"
+
+
+def notify_error(exc: BaseException, context: str = ""):
+    from napari.utils.notifications import show_error
+
+    msg = user_message(exc)
+    log.error("%s%s", f"{context}: " if context else "", msg, exc_info=not isinstance(exc, InputError))
+    show_error(f"{context}: {msg}" if context else msg)
+
+
+def notify_info(msg: str):
+    from napari.utils.notifications import show_info
+
+    show_info(msg)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = tempfile.mkdtemp(prefix="sdg-xdg-")
+        os.chmod(runtime, 0o700)
+        os.environ["XDG_RUNTIME_DIR"] = runtime
+    # pytest-xvfb has set DISPLAY by now when Xvfb exists; with no display at all Qt would abort the process.
+    if not os.environ.get("DISPLAY"):
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+
+def has_gl() -> bool:
+    return os.environ.get("QT_QPA_PLATFORM") != "offscreen" and bool(os.environ.get("DISPLAY"))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_render = pytest.mark.skip(reason="no OpenGL display (offscreen Qt): rendering tests need Xvfb")
+    skip_shared = pytest.mark.skip(reason=f"shared data not found at {SHARED_DATA}")
+    for item in items:
+        if "render" in item.keywords and not has_gl():
+            item.add_marker(skip_render)
+        if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(skip_shared)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_pair():
+    """A small simulated slide + reference (session-scoped: tests must not modify them)."""
+    from spatial_deconv_gui.simulate import simulate_dataset
+
+    return simulate_dataset(n_spots=300, n_genes=120, n_types=4, cells_per_type=30, seed=3)
+
+
+@pytest.fixture
+def small_pair_files(small_pair, tmp_path):
+    spatial, reference = small_pair
+    sp_path, ref_path = tmp_path / "spatial.h5ad", tmp_path / "reference.h5ad"
+    spatial.write_h5ad(sp_path)
+    reference.write_h5ad(ref_path)
+    return sp_path, ref_path
