@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -52,17 +53,16 @@ def _add_input_options(p: argparse.ArgumentParser):
 
 
 def _field_type(f: dataclasses.Field, hints: dict):
+    """(python type, choices) for a config field a flag can express; (None, None) for structured ones."""
     t = hints.get(f.name, str)
-    args = typing.get_args(t)
-    if args:
-        non_none = [a for a in args if a is not type(None)]
-        t = non_none[0] if non_none else str
-    origin = typing.get_origin(t)
-    if origin is typing.Literal:
-        return str, list(typing.get_args(t))
-    if t is bool:
-        return bool, None
-    if t in (int, float, str):
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        non_none = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(non_none) != 1:
+            return None, None
+        t = non_none[0]
+    if typing.get_origin(t) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(t)]
+    if t in (bool, int, float, str):
         return t, None
     return None, None
 

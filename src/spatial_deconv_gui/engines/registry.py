@@ -20,6 +20,8 @@ class MethodInfo:
     runner: str
     config: str
     modes: tuple[str, ...] = ()
+    # The options the GUI shows (the rest stay at their defaults), with their tooltips.
+    gui_params: tuple[tuple[str, str], ...] = ()
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -41,7 +43,16 @@ def _importable(module: str, attr: str) -> bool:
 
 _ALL = (
     MethodInfo("rctd", "rctd", "Robust Cell Type Decomposition (spacexr's algorithm): full, doublet, multi",
-               "spatial_deconv_gui.engines.rctd", "run_rctd", "RCTDConfig", ("full", "doublet", "multi")),
+               "spatial_deconv_gui.engines.rctd", "run_rctd", "RCTDConfig", ("full", "doublet", "multi"),
+               gui_params=(
+                   ("umi_min", "Spots with fewer total UMI are not fitted (spacexr UMI_min, default 100)."),
+                   ("cell_min", "Reference cell types with fewer cells are dropped (spacexr CELL_MIN_INSTANCE, 25)."),
+                   ("confidence_threshold", "Doublet mode: score gap for a confident call (default 5)."),
+                   ("doublet_threshold", "Doublet mode: score gap above which a spot is a doublet (default 20)."),
+                   ("max_multi_types", "Multi mode: most cell types per spot (default 4)."),
+                   ("dtype", "float64 matches spacexr exactly; float32 is faster on GPUs."),
+                   ("batch_size", "Spots solved together; 0 picks a size from free memory."),
+               )),
 )
 
 

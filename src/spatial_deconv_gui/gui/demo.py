@@ -39,6 +39,20 @@ def demo_params(method: str) -> dict:
     return {"mode": "doublet"} if method == "rctd" else {}
 
 
+def _inspect_a_mixed_spot(viewer, run):
+    """Show the inspector on the most mixed fitted spot, so the picture shows what it is for."""
+    import numpy as np
+
+    from .workbench import workbench_for
+
+    props = run.adata.obsm[f"{run.result.key}_proportions"].to_numpy()
+    purity = np.where(np.isnan(props).any(axis=1), np.inf, np.nanmax(props, axis=1))
+    idx = int(np.argmin(purity))
+    wb = workbench_for(viewer)
+    rec = wb.runs[next(reversed(wb.runs))]
+    wb.inspector.show_spot(rec, idx)
+
+
 def run_demo(headless_dir: str | None = None, method: str | None = None) -> int:
     method = _default_method(method)
     if headless_dir is None:
@@ -81,7 +95,12 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
         else:
             t0 = time.perf_counter()
             run = api.run_deconvolution(spatial_path, reference_path, method, params=demo_params(method))
-            widget._on_done(run)
+            for k, v in demo_params(method).items():
+                getattr(widget, k).value = v
+            widget._run_inputs = (spatial_path, reference_path)
+            widget._run_slide = widget.slide.value
+            widget._on_done(run, staged=False)
+            _inspect_a_mixed_spot(viewer, run)
             result_path = api.save_result(run.adata, outdir / f"sample_{method}.h5ad",
                                           protect=(spatial_path, reference_path))
             fig_path = result_figure(run.adata, run.result.key, outdir / f"sample_{method}_map.png")

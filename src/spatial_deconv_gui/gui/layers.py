@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
+from ..colors import cell_type_palette, palette_from_uns, rgba_for_labels
 from ..io.errors import InputError
 from ..io.read import find_coordinates
 
@@ -104,28 +104,5 @@ def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: 
                 "spot_size": size,
             },
         },
-    }
-    return napari_points(coords), kwargs, "points"
-
-
-def dominant_type_layer_data(adata: ad.AnnData, key: str, coords: np.ndarray, size: float,
-                             hidden: set[str] | None = None) -> tuple[np.ndarray, dict, str]:
-    """Points coloured by a result's dominant type, with the palette kept in metadata for the legend."""
-    col = f"{key}_dominant_type"
-    labels = adata.obs[col].astype(str).to_numpy()
-    types = [str(t) for t in adata.obs[col].cat.categories if t != FILTERED_LABEL]
-    stored = palette_from_uns(types, adata.uns.get("cell_type_colors"))
-    pal = cell_type_palette(types + [FILTERED_LABEL], stored)
-    feats = pd.DataFrame({"dominant_type": labels})
-    props = adata.obsm.get(f"{key}_proportions")
-    if isinstance(props, pd.DataFrame):
-        feats = pd.concat([feats, props.reset_index(drop=True).add_prefix("p_")], axis=1)
-    kwargs = {
-        "name": f"{key}: dominant type",
-        "features": feats,
-        "size": size,
-        "face_color": rgba_for_labels(labels, pal, hidden),
-        "border_width": 0,
-        "metadata": {PLUGIN_KEY: {"kind": "dominant_type", "key": key, "palette": pal, "cell_types": types}},
     }
     return napari_points(coords), kwargs, "points"

@@ -6,13 +6,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
-from qtpy.QtCore import QObject, Signal
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled
 from ..engines.registry import available_methods
-from .layers import PLUGIN_KEY, dominant_type_layer_data
+from .layers import PLUGIN_KEY
 from .notify import notify_error, notify_info
+from .views import PENDING_RGBA
+
+STREAM_INTERVAL_MS = 200  # at most ~5 canvas updates a second while a run streams
 
 NO_METHOD = "(no method installed)"
 
@@ -71,6 +74,8 @@ class DeconvolutionWidget(Container):
         self.mode = ComboBox(label="mode", choices=lambda _w: self._modes(), tooltip="RCTD: full, doublet or multi.")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto",
                                tooltip="auto uses CUDA when torch sees a GPU.")
+        self.params_box = Container(labels=True, layout="vertical")
+        self.params_box.margins = (0, 0, 0, 0)
         self.validate_btn = PushButton(text="Check inputs")
         self.run_btn = PushButton(text="Run")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
@@ -78,17 +83,24 @@ class DeconvolutionWidget(Container):
         self.status = Label(label="status", value="pick a slide layer and a reference")
         self.problems = Label(label="", value="")
         self.extend([self.slide, self.reference, self.cell_type_col, self.method, self.mode, self.device,
-                     self.validate_btn, self.run_btn, self.cancel_btn, self.progress, self.status, self.problems])
+                     self.params_box, self.validate_btn, self.run_btn, self.cancel_btn, self.progress, self.status, self.problems])
 
         self.slide.changed.connect(self._on_slide)
         self.reference.changed.connect(self._on_reference)
-        self.method.changed.connect(lambda _: self.mode.reset_choices())
+        self.method.changed.connect(self._on_method)
         self.validate_btn.clicked.connect(self.check_inputs)
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self.run_btn.enabled = NO_METHOD not in methods
+        self._stream_layer = None
+        self._finishing = False
+        self._pending: list = []
+        self._stream_timer = QTimer()
+        self._stream_timer.setInterval(STREAM_INTERVAL_MS)
+        self._stream_timer.timeout.connect(self._flush_partials)
+        self._on_method()
         self._refresh_layers()
 
     # -- choices -------------------------------------------------------------------------------------
@@ -99,6 +111,45 @@ class DeconvolutionWidget(Container):
     def _modes(self):
         info = available_methods().get(self.method.value) if hasattr(self, "method") else None
         return list(info.modes) if info and info.modes else ["default"]
+
+    def _on_method(self, _value=None):
+        """Rebuild the parameter widgets from the method's typed config: defaults and tooltips included."""
+        import dataclasses
+        import typing
+
+        self.mode.reset_choices()
+        self.params_box.clear()
+        info = available_methods().get(self.method.value)
+        if info is None:
+            return
+        _, config_cls = info.load()
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
+        hints = typing.get_type_hints(config_cls)
+        for name, tip in info.gui_params:
+            f = fields.get(name)
+            if f is None:
+                continue
+            default = f.default
+            hint = hints.get(name)
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) is typing.Literal:
+                w = ComboBox(name=name, choices=list(typing.get_args(hint)), value=default)
+            elif hint is int or (args and args[0] is int):
+                w = SpinBox(name=name, value=default or 0, min=0, max=10**9)
+            else:
+                w = FloatSpinBox(name=name, value=float(default), min=0.0, max=1e12, step=1.0)
+            w.label = name.replace("_", " ")
+            w.tooltip = tip
+            self.params_box.append(w)
+
+    def method_params(self) -> dict:
+        params = {"mode": self.mode.value} if self.mode.value != "default" else {}
+        for w in self.params_box:
+            value = w.value
+            if w.name == "batch_size" and not value:
+                continue  # 0 means automatic
+            params[w.name] = value
+        return params
 
     def _refresh_layers(self, _event=None):
         self.slide.reset_choices()
@@ -160,37 +211,48 @@ class DeconvolutionWidget(Container):
 
     # -- running -------------------------------------------------------------------------------------
     def run(self):
+        """Start a run in a worker; validation happens there too, so the GUI never waits on file reads."""
         from napari.qt.threading import create_worker
 
         from .. import api
 
         if self._worker is not None:
             return
-        report = self.check_inputs()
-        if report is None:
-            return
         spatial, reference = self._slide_path(), self._reference_path()
-        params = {"mode": self.mode.value} if self.mode.value != "default" else {}
+        if not spatial or not reference:
+            self._show_problems(["pick a slide layer opened from a file, and a reference .h5ad"])
+            return
+        self._show_problems([])
+        params = self.method_params()
+        method, cell_type_col, device = self.method.value, self.cell_type_col.value, self.device.value
         self._cancel_event = threading.Event()
+        self._run_inputs = (spatial, reference)
         relay = self._relay
 
         def job():
             import torch
 
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))  # leave a core for the event loop
-            return api.run_deconvolution(spatial, reference, self.method.value, params=params,
-                                         cell_type_col=self.cell_type_col.value, device=self.device.value,
-                                         progress=relay.progressed.emit, cancel_event=self._cancel_event,
-                                         check=False)
+            return api.run_deconvolution(spatial, reference, method, params=params, cell_type_col=cell_type_col,
+                                         device=device, progress=relay.progressed.emit,
+                                         cancel_event=self._cancel_event, check=True)
 
-        worker = create_worker(job, _start_thread=False)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        # Handlers go in at creation: without an "errored" handler there, superqt re-raises in the event loop.
+        worker = create_worker(job, _start_thread=False, _connect={
+            "returned": self._on_done, "errored": self._on_error, "finished": self._on_finished})
         self._worker = worker
         self._started = time.monotonic()
         self._set_running(True)
-        self.status.value = "starting"
+        self.status.value = "checking inputs"
+        # Finished batches are painted onto the slide layer itself: recolouring an existing layer costs
+        # milliseconds, while adding a layer (and its first draw) would stall the GUI mid-run.
+        slide = self.slide.value
+        self._stream_layer = slide
+        self._run_slide = slide
+        self._stream_saved = np.asarray(slide.face_color).copy()
+        slide.face_color = np.tile(PENDING_RGBA, (len(slide.data), 1))
+        self._stream_palette = None
+        self._stream_timer.start()
         worker.start()
 
     def cancel(self):
@@ -205,23 +267,90 @@ class DeconvolutionWidget(Container):
 
     def _on_progress(self, event):
         self.progress.value = int(1000 * event.fraction)
-        elapsed = time.monotonic() - self._started
-        self.status.value = f"{event.stage}: {100 * event.fraction:.0f}% ({elapsed:.0f} s)" + (
+        elapsed = time.monotonic() - self._stage_started(event.stage)
+        eta = f", about {elapsed / event.fraction * (1 - event.fraction):.0f} s left" if 0.02 < event.fraction < 1 else ""
+        self.status.value = f"{event.stage}: {100 * event.fraction:.0f}%{eta}" + (
             f" - {event.message}" if event.message else "")
+        if event.partial is not None:
+            self._pending.append(event.partial)
 
-    def _on_done(self, run):
-        self.last_run = run
-        layer = self.slide.value
+    def _stage_started(self, stage: str) -> float:
+        if getattr(self, "_stage", None) != stage:
+            self._stage, self._stage_t0 = stage, time.monotonic()
+        return self._stage_t0
+
+    def _flush_partials(self):
+        """Colour the spots whose batch finished; runs on a timer so the canvas updates at most ~5 times/s."""
+        if not self._pending:
+            return
+        from matplotlib.colors import to_rgba
+
+        from ..colors import cell_type_palette
+
+        batches, self._pending = self._pending, []
+        if self._stream_layer is None:
+            return
+        if self._stream_palette is None:
+            self._stream_palette = cell_type_palette(list(batches[0].cell_types))
+        colours = np.asarray(self._stream_layer.face_color).copy()
+        for part in batches:
+            props = np.asarray(part.proportions)
+            ok = ~np.isnan(props).any(axis=1)
+            dom = np.argmax(np.nan_to_num(props), axis=1)
+            names = np.asarray(part.cell_types)[dom]
+            colours[part.spot_index[ok]] = [to_rgba(self._stream_palette[n]) for n in names[ok]]
+        self._stream_layer.face_color = colours
+
+    def _drop_stream_layer(self):
+        """Give the slide layer back its own colours and name."""
+        self._stream_timer.stop()
+        self._pending = []
+        if self._stream_layer is not None and self._stream_layer in self.viewer.layers:
+            self._stream_layer.face_color = self._stream_saved
+        self._stream_layer = None
+
+    def _on_done(self, run, staged: bool = True):
+        """Turn the run into layers and docks; in the GUI, one short step per event-loop turn."""
+        from .workbench import workbench_for
+
+        self._drop_stream_layer()
+        layer = self._run_slide
         meta = layer.metadata.get(PLUGIN_KEY, {})
-        coords = np.asarray(layer.data)[:, ::-1]
-        data, kwargs, _ = dominant_type_layer_data(run.adata, run.result.key, coords, meta.get("spot_size", 1.0))
-        kwargs["metadata"][PLUGIN_KEY]["adata"] = run.adata
-        self.viewer.add_points(data, **kwargs)
-        self.progress.value = 1000
-        self.status.value = f"done in {run.result.runtime_s:.1f} s ({int(run.result.fitted.sum())} spots fitted)"
-        notify_info(f"{run.result.method} finished: {int(run.result.fitted.sum())} spots")
+        coords_xy = np.asarray(layer.data)[:, ::-1]
+        steps = workbench_for(self.viewer).add_run_steps(
+            run, coords_xy, meta.get("spot_size", 1.0), source={"inputs": getattr(self, "_run_inputs", ())})
+
+        def finish():
+            self._finishing = False
+            self._set_running(self._worker is not None)
+            self.last_run = run
+            self.progress.value = 1000
+            self.status.value = f"done in {run.result.runtime_s:.1f} s ({int(run.result.fitted.sum())} spots fitted)"
+            notify_info(f"{run.result.method} finished: {int(run.result.fitted.sum())} spots")
+
+        if not staged:
+            for _ in steps:
+                pass
+            finish()
+            return
+
+        def step():
+            try:
+                next(steps)
+            except StopIteration:
+                finish()
+                return
+            QTimer.singleShot(0, step)
+
+        self._finishing = True
+        step()
 
     def _on_error(self, exc):
+        from ..io.errors import InputError
+
+        self._drop_stream_layer()
+        if isinstance(exc, InputError):
+            self._show_problems([line.strip() for line in str(exc).splitlines() if line.strip()])
         if isinstance(exc, Cancelled):
             self.status.value = "cancelled: no result kept"
             self.progress.value = 0
@@ -231,4 +360,9 @@ class DeconvolutionWidget(Container):
 
     def _on_finished(self):
         self._worker = None
-        self._set_running(False)
+        self._set_running(self._finishing)
+
+    @property
+    def busy(self) -> bool:
+        """True while a run computes or its layers are still being added."""
+        return self._worker is not None or self._finishing

@@ -1,0 +1,437 @@
+"""Result layers and the docks that explore them: legend, proportion map, spot inspector, compare, save.
+
+One :class:`Workbench` per viewer keeps the runs; the docks are thin views over it, and every colour is
+computed as RGBA by :mod:`.views` or :mod:`..colors` so what is drawn is what the engine returned.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from magicgui.widgets import ComboBox, Container, Label, PushButton
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QPixmap
+from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
+
+from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
+from .layers import PLUGIN_KEY, napari_points
+from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, nearest_spot
+
+COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
+
+
+@dataclass
+class RunRecord:
+    name: str
+    key: str
+    adata: object
+    result: object
+    coords_yx: np.ndarray
+    size: float
+    palette: dict[str, str]
+    source: dict = field(default_factory=dict)
+    layers: dict = field(default_factory=dict)
+    hidden: set = field(default_factory=set)
+
+    @property
+    def proportions(self) -> pd.DataFrame:
+        return self.adata.obsm[f"{self.key}_proportions"]
+
+    @property
+    def cell_types(self) -> list[str]:
+        return list(self.proportions.columns)
+
+    @property
+    def dominant(self) -> np.ndarray:
+        return self.adata.obs[f"{self.key}_dominant_type"].astype(str).to_numpy()
+
+
+_WORKBENCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def workbench_for(viewer) -> "Workbench":
+    wb = _WORKBENCHES.get(viewer)
+    if wb is None:
+        wb = Workbench(viewer)
+        _WORKBENCHES[viewer] = wb
+    return wb
+
+
+class Workbench:
+    def __init__(self, viewer):
+        self.viewer = viewer
+        self.runs: dict[str, RunRecord] = {}
+        self.comparison = None
+        self.results = ResultsWidget(self)
+        self.legend = LegendWidget(self)
+        self.inspector = InspectorWidget(self)
+        self._docked = False
+        self._last_hover = None
+        viewer.mouse_drag_callbacks.append(self._on_click)
+        viewer.mouse_move_callbacks.append(self._on_hover)
+
+    # -- docks ---------------------------------------------------------------------------------------
+    def ensure_docks(self):
+        if self._docked:
+            return
+        win = self.viewer.window
+        win.add_dock_widget(self.legend, name="Legend", area="left")
+        win.add_dock_widget(self.results.native, name="Results", area="right")
+        win.add_dock_widget(self.inspector, name="Spot inspector", area="right")
+        self._docked = True
+
+    # -- runs ----------------------------------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        n = 1
+        while f"{base} #{n}" in self.runs:
+            n += 1
+        return f"{base} #{n}"
+
+    def add_run(self, run, coords_xy: np.ndarray, size: float, name: str | None = None,
+                source: dict | None = None) -> RunRecord:
+        """Add a finished run's layers and docks in one go (scripts, headless use)."""
+        steps = self.add_run_steps(run, coords_xy, size, name, source)
+        for _ in steps:
+            pass
+        return self.runs[self._last_added]
+
+    def add_run_steps(self, run, coords_xy: np.ndarray, size: float, name: str | None = None,
+                      source: dict | None = None):
+        """The same work as :meth:`add_run` cut into short steps, so a GUI can yield to the event loop between them."""
+        result = run.result
+        name = name or self.unique_name(f"{result.method} {result.mode or ''}".strip())
+        types = [str(t) for t in result.cell_types]
+        palette = cell_type_palette(types + [FILTERED_LABEL],
+                                    palette_from_uns(types, run.adata.uns.get("cell_type_colors")))
+        rec = RunRecord(name, result.key, run.adata, result, napari_points(coords_xy), size, palette, source or {})
+        self.runs[name] = rec
+        self._last_added = name
+        yield from self._add_layers(rec)
+        self.ensure_docks()
+        yield
+        self.results.refresh(select=name)
+        yield
+        self.legend.show_run(rec)
+
+    def _meta(self, rec: RunRecord, kind: str) -> dict:
+        return {PLUGIN_KEY: {"kind": kind, "run": rec.name, "key": rec.key}}
+
+    def _add_layers(self, rec: RunRecord):
+        props = rec.proportions
+        feats = pd.concat([pd.DataFrame({"dominant_type": rec.dominant}), props.reset_index(drop=True)], axis=1)
+        first = rec.cell_types[0]
+        rec.layers["proportions"] = self.viewer.add_points(
+            rec.coords_yx, name=f"{rec.name}: proportion", size=rec.size, border_width=0, features=feats,
+            face_color=colormap_rgba(props[first].to_numpy()), visible=False, metadata={
+                **self._meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"})
+        yield
+        cls_col = f"{rec.key}_spot_class"
+        if cls_col in rec.adata.obs:
+            classes = rec.adata.obs[cls_col].astype(str).to_numpy()
+            rec.layers["spot_class"] = self.viewer.add_points(
+                rec.coords_yx, name=f"{rec.name}: spot class", size=rec.size, border_width=0,
+                features=pd.DataFrame({"spot_class": classes}),
+                face_color=rgba_for_labels(classes, SPOT_CLASS_COLORS), visible=False,
+                metadata={**self._meta(rec, "spot_class"), "palette": SPOT_CLASS_COLORS})
+            yield
+        rec.layers["dominant"] = self.viewer.add_points(
+            rec.coords_yx, name=f"{rec.name}: dominant type", size=rec.size, border_width=0, features=feats,
+            face_color=rgba_for_labels(rec.dominant, rec.palette),
+            metadata={**self._meta(rec, "dominant_type"), "palette": rec.palette})
+        self.viewer.layers.selection.active = rec.layers["dominant"]
+
+    def set_hidden(self, rec: RunRecord, hidden: set[str]):
+        rec.hidden = set(hidden)
+        rec.layers["dominant"].face_color = rgba_for_labels(rec.dominant, rec.palette, rec.hidden)
+
+    def show_proportion(self, rec: RunRecord, cell_type: str, cmap: str = "viridis"):
+        layer = rec.layers["proportions"]
+        layer.face_color = colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap)
+        layer.metadata.update(cell_type=cell_type, colormap=cmap)
+        layer.name = f"{rec.name}: proportion"
+
+    # -- compare -------------------------------------------------------------------------------------
+    def compare(self, name_a: str, name_b: str, cmap: str = "magma"):
+        a, b = self.runs[name_a], self.runs[name_b]
+        if a.adata.n_obs != b.adata.n_obs or not np.array_equal(a.coords_yx, b.coords_yx):
+            raise ValueError(f"{name_a!r} and {name_b!r} are on different slides; compare runs on one slide.")
+        cmp = compare_proportions(a.proportions.to_numpy(), a.cell_types, b.proportions.to_numpy(), b.cell_types)
+        rgba = colormap_rgba(cmp.js, cmap, 0.0, 1.0)
+        feats = pd.DataFrame({"same_dominant_type": cmp.same_dominant, "js_distance": cmp.js,
+                              f"dominant ({name_a})": a.dominant, f"dominant ({name_b})": b.dominant})
+        name = f"compare: {name_a} vs {name_b}"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_points(a.coords_yx, name=name, size=a.size, border_width=0, features=feats,
+                                       face_color=rgba, metadata={PLUGIN_KEY: {"kind": "comparison"},
+                                                                  "summary": cmp.summary(), "colormap": cmap})
+        self.comparison = (layer, cmp)
+        return layer, cmp
+
+    # -- inspector -----------------------------------------------------------------------------------
+    def active_run(self) -> RunRecord | None:
+        layer = self.viewer.layers.selection.active
+        if layer is not None:
+            name = layer.metadata.get(PLUGIN_KEY, {}).get("run")
+            if name in self.runs:
+                return self.runs[name]
+        return self.runs.get(self.results.run.value) if self.runs else None
+
+    def inspect_at(self, position) -> int | None:
+        rec = self.active_run()
+        if rec is None:
+            return None
+        idx = nearest_spot(rec.coords_yx, position, max_dist=rec.size * 0.6)
+        if idx is not None:
+            self.inspector.show_spot(rec, idx)
+        return idx
+
+    def _on_click(self, viewer, event):
+        if event.type == "mouse_press" and self.runs:
+            self.inspect_at(event.position)
+
+    def _on_hover(self, viewer, event):
+        if not self.runs or not self.inspector.follow_hover:
+            return
+        rec = self.active_run()
+        if rec is None:
+            return
+        idx = nearest_spot(rec.coords_yx, event.position, max_dist=rec.size * 0.6)
+        if idx is not None and (rec.name, idx) != self._last_hover:
+            self._last_hover = (rec.name, idx)
+            self.inspector.show_spot(rec, idx)
+
+    # -- save ----------------------------------------------------------------------------------------
+    def save_h5ad(self, rec: RunRecord, path) -> Path:
+        from .. import api
+
+        return api.save_result(rec.adata, path, protect=tuple(rec.source.get("inputs", ())))
+
+    def export_csv(self, rec: RunRecord, path) -> Path:
+        from ..io.write import write_text_atomic
+
+        return write_text_atomic(rec.proportions.to_csv(), path)
+
+    def save_figure(self, path) -> Path:
+        """The whole window (canvas, legend, docks) when OpenGL renders, else a matplotlib map with legend."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        try:
+            self.viewer.screenshot(str(tmp), canvas_only=False, flash=False)
+        except Exception:
+            from ..figures import result_figure
+
+            rec = self.active_run()
+            return result_figure(rec.adata, rec.key, path)
+        os.replace(tmp, path)
+        return path
+
+
+class LegendWidget(QWidget):
+    """Categorical legend for the dominant-type layer; unticking a type hides its spots."""
+
+    def __init__(self, workbench: Workbench):
+        super().__init__()
+        self.workbench = workbench
+        self.run: RunRecord | None = None
+        self.title = QLabel("no result yet")
+        self.list = QListWidget()
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.title)
+        lay.addWidget(self.list)
+        self.list.itemChanged.connect(self._on_item)
+        self.list.setMinimumHeight(150)
+
+    def show_run(self, rec: RunRecord):
+        self.run = rec
+        self.title.setText(f"{rec.name}: dominant type")
+        self.list.blockSignals(True)
+        self.list.clear()
+        counts = pd.Series(rec.dominant).value_counts()
+        for t in rec.cell_types + ([FILTERED_LABEL] if FILTERED_LABEL in counts else []):
+            pix = QPixmap(14, 14)
+            pix.fill(QColor.fromRgbF(*to_rgba(rec.palette[t])))
+            item = QListWidgetItem(QIcon(pix), f"{t} ({int(counts.get(t, 0))})")
+            item.setData(Qt.ItemDataRole.UserRole, t)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked if t in rec.hidden else Qt.CheckState.Checked)
+            self.list.addItem(item)
+        self.list.blockSignals(False)
+
+    def labels(self) -> list[str]:
+        return [self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())]
+
+    def set_visible(self, cell_type: str, visible: bool):
+        for i in range(self.list.count()):
+            item = self.list.item(i)
+            if item.data(Qt.ItemDataRole.UserRole) == cell_type:
+                item.setCheckState(Qt.CheckState.Checked if visible else Qt.CheckState.Unchecked)
+
+    def _on_item(self, _item):
+        if self.run is None:
+            return
+        hidden = {self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())
+                  if self.list.item(i).checkState() != Qt.CheckState.Checked}
+        self.workbench.set_hidden(self.run, hidden)
+
+
+class InspectorWidget(QWidget):
+    """Composition of one spot as a bar chart, with the method's scores."""
+
+    def __init__(self, workbench: Workbench):
+        super().__init__()
+        self.workbench = workbench
+        self.follow_hover = True
+        self.current: tuple[str, int] | None = None
+        self.figure = Figure(figsize=(3.2, 2.4), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(170)
+        self.text = QLabel("click or hover a spot")
+        self.text.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.canvas)
+        lay.addWidget(self.text)
+        self.shown: dict[str, float] = {}
+
+    def show_spot(self, rec: RunRecord, idx: int):
+        self.current = (rec.name, idx)
+        row = rec.proportions.iloc[idx]
+        barcode = str(rec.adata.obs_names[idx])
+        self.figure.clear()
+        ax = self.figure.add_subplot(111)
+        if row.isna().any():
+            self.shown = {}
+            ax.text(0.5, 0.5, "filtered: not fitted", ha="center", va="center")
+            ax.set_axis_off()
+        else:
+            nz = row[row > 1e-3].sort_values()
+            self.shown = {str(k): float(v) for k, v in nz.items()}
+            ax.barh(list(nz.index), nz.to_numpy(), color=[rec.palette[t] for t in nz.index])
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("proportion")
+            ax.tick_params(labelsize=8)
+        ax.set_title(barcode, fontsize=9)
+        self.canvas.draw_idle()
+        obs = rec.adata.obs.iloc[idx]
+        keys = [c for c in obs.index if c.startswith(f"{rec.key}_") and c != f"{rec.key}_dominant_type"]
+        keys += [c for c in ("nUMI",) if c in obs.index]
+        parts = [f"<b>{barcode}</b> ({rec.name})", f"dominant: {rec.dominant[idx]}"]
+        parts += [f"{k.removeprefix(rec.key + '_')}: {_fmt(obs[k])}" for k in keys]
+        self.text.setText("<br>".join(parts))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+class ResultsWidget(Container):
+    """Pick a run, colour its proportion layer by one cell type, compare two runs, save."""
+
+    def __init__(self, workbench: Workbench):
+        super().__init__(labels=True)
+        self.workbench = workbench
+        self.run = ComboBox(label="result", choices=lambda _w: list(workbench.runs))
+        self.cell_type = ComboBox(label="proportion of", choices=self._types,
+                                  tooltip="Colour the proportion layer by this cell type.")
+        self.cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
+        self.run_b = ComboBox(label="compare with", choices=lambda _w: list(workbench.runs))
+        self.compare_btn = PushButton(text="Compare")
+        self.summary = Label(label="", value="")
+        self.save_btn = PushButton(text="Save result (.h5ad)...")
+        self.csv_btn = PushButton(text="Export proportions (.csv)...")
+        self.fig_btn = PushButton(text="Save figure (.png)...")
+        self.extend([self.run, self.cell_type, self.cmap, self.run_b, self.compare_btn, self.summary,
+                     self.save_btn, self.csv_btn, self.fig_btn])
+        self.colorbar_fig = Figure(figsize=(3.2, 0.6))
+        self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
+        self.colorbar.setMinimumHeight(48)
+        self.native.layout().addWidget(self.colorbar)
+        self.run.changed.connect(self._on_run)
+        self.cell_type.changed.connect(self._apply)
+        self.cmap.changed.connect(self._apply)
+        self.compare_btn.clicked.connect(self._on_compare)
+        self.save_btn.clicked.connect(lambda: self._ask_and(".h5ad", self.workbench.save_h5ad))
+        self.csv_btn.clicked.connect(lambda: self._ask_and(".csv", self.workbench.export_csv))
+        self.fig_btn.clicked.connect(lambda: self._ask_and(".png", lambda _r, p: self.workbench.save_figure(p)))
+
+    def _types(self, _w=None):
+        rec = self.workbench.runs.get(self.run.value) if hasattr(self, "run") else None
+        return rec.cell_types if rec else []
+
+    def refresh(self, select: str | None = None):
+        self.run.reset_choices()
+        self.run_b.reset_choices()
+        if select:
+            self.run.value = select
+        self._on_run()
+
+    def _on_run(self, _v=None):
+        self.cell_type.reset_choices()
+        self._apply()
+        rec = self.workbench.runs.get(self.run.value)
+        if rec is not None:
+            self.workbench.legend.show_run(rec)
+
+    def _apply(self, _v=None):
+        rec = self.workbench.runs.get(self.run.value)
+        if rec is None or self.cell_type.value is None:
+            return
+        self.workbench.show_proportion(rec, self.cell_type.value, self.cmap.value)
+        self._draw_colorbar(f"proportion of {self.cell_type.value}", self.cmap.value)
+
+    def _draw_colorbar(self, label: str, cmap: str):
+        import matplotlib
+        from matplotlib.colorbar import ColorbarBase
+        from matplotlib.colors import Normalize
+
+        self.colorbar_fig.clear()
+        ax = self.colorbar_fig.add_axes([0.05, 0.55, 0.9, 0.3])
+        ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(0, 1), orientation="horizontal")
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        self.colorbar.draw_idle()
+
+    def _on_compare(self):
+        from .notify import notify_error
+
+        a, b = self.run.value, self.run_b.value
+        if not a or not b or a == b:
+            self.summary.value = "pick two different results to compare"
+            return
+        try:
+            _, cmp = self.workbench.compare(a, b)
+        except Exception as exc:
+            notify_error(exc, "Compare")
+            return
+        s = cmp.summary()
+        self.summary.value = (f"{s['spots_compared']} spots: dominant type agrees on "
+                              f"{100 * s['dominant_type_agreement']:.1f}%; median JS distance {s['median_js_distance']:.3f}")
+        self._draw_colorbar("Jensen-Shannon distance", "magma")
+
+    def _ask_and(self, suffix: str, action):
+        from qtpy.QtWidgets import QFileDialog
+
+        from .notify import notify_error, notify_info
+
+        rec = self.workbench.runs.get(self.run.value)
+        if rec is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(self.native, "Save", f"{rec.name.replace(' ', '_').replace('#', '')}{suffix}",
+                                              f"*{suffix}")
+        if not path:
+            return
+        try:
+            out = action(rec, path)
+            notify_info(f"saved {out}")
+        except Exception as exc:
+            notify_error(exc, "Save")

@@ -1,0 +1,237 @@
+"""The deconvolution workbench driven like a user: run RCTD on the sample, watch, explore, compare, save."""
+from __future__ import annotations
+
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgba
+
+from spatial_deconv_gui.gui.views import colormap_rgba, compare_proportions, js_distance
+from spatial_deconv_gui.gui.workbench import workbench_for
+
+PLUGIN = "spatial-deconv-gui"
+pytest.importorskip("spatial_deconv_gui.engines.rctd")
+
+
+class StallMeter:
+    """Gaps between ticks of a 10 ms timer: how long the event loop was blocked, and when."""
+
+    def __init__(self):
+        from qtpy.QtCore import QTimer
+
+        self.timer = QTimer()
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(self._tick)
+        self.last = None
+        self.gaps: list[tuple[float, float]] = []  # (start, end) of each tick interval
+
+    def _tick(self):
+        now = time.perf_counter()
+        if self.last is not None:
+            self.gaps.append((self.last, now))
+        self.last = now
+
+    def start(self):
+        self.last = time.perf_counter()
+        self.timer.start()
+
+    def stop(self):
+        self.timer.stop()
+
+    def longest(self, t0: float = -np.inf, t1: float = np.inf) -> float:
+        inside = [b - a for a, b in self.gaps if a >= t0 and b <= t1]
+        return max(inside, default=0.0)
+
+
+class FakeMouse:
+    type = "mouse_press"
+
+    def __init__(self, position):
+        self.position = position
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_engine():
+    """Compile (and cache) the numba kernels once: a first-ever JIT compile is not what the stall test measures."""
+    from spatial_deconv_gui import api
+    from spatial_deconv_gui.sample_data import sample_paths
+
+    s, r = sample_paths()
+    api.run_deconvolution(s, r, "rctd", params={"mode": "doublet", "sigma_override": 0.84}, check=False)
+
+
+def _viewer_with_widget(make_napari_viewer, show=False):
+    viewer = make_napari_viewer(show=show)
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+    return viewer, widget
+
+
+def _click_run_and_wait(qtbot, widget, timeout_s=600):
+    widget.run_btn.native.click()
+    assert widget.busy, widget.problems.value
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout_s * 1000)
+
+
+def test_run_rctd_doublet_like_a_user(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _viewer_with_widget(make_napari_viewer, show=True)
+    widget.method.value = "rctd"
+    widget.mode.value = "doublet"
+    widget.params_box.batch_size.value = 100  # several batches, so results stream in
+    seen_partial = []
+    widget._relay.progressed.connect(lambda e: e.partial is not None and seen_partial.append(e.partial))
+    meter = StallMeter()
+    meter.start()
+    widget.run_btn.native.click()
+    clicked = time.perf_counter()
+    assert widget.busy, widget.problems.value
+    returned = []
+    widget._worker.returned.connect(lambda _r: returned.append(time.perf_counter()))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
+    meter.stop()
+
+    run = widget.last_run
+    assert run is not None, widget.status.value
+    assert run.result.mode == "doublet"
+    assert len(seen_partial) >= 2  # partial results streamed per batch
+    engine_stall = meter.longest(clicked, returned[0])
+    print(f"longest event-loop stall while the engine ran: {1000 * engine_stall:.0f} ms; "
+          f"on the click: {1000 * meter.longest(-np.inf, clicked + 0.05):.0f} ms; "
+          f"while layers were added: {1000 * meter.longest(returned[0]):.0f} ms")
+    assert engine_stall <= 0.150, f"event loop stalled {1000 * engine_stall:.0f} ms while the engine ran"
+
+    wb = workbench_for(viewer)
+    rec = wb.runs[next(iter(wb.runs))]
+    names = [layer.name for layer in viewer.layers]
+    assert any(n.endswith("dominant type") for n in names)
+    assert any(n.endswith("proportion") for n in names)
+    assert any(n.endswith("spot class") for n in names)
+    assert not any("running" in n for n in names)
+
+    # colours are the engine's numbers
+    props = np.asarray(run.result.proportions)
+    types = list(run.result.cell_types)
+    dom_idx = np.argmax(props, axis=1)
+    expected = np.array([to_rgba(rec.palette[types[i]]) for i in dom_idx])
+    np.testing.assert_allclose(rec.layers["dominant"].face_color, expected, atol=1e-6)
+    wb.results.cell_type.value = types[2]
+    np.testing.assert_allclose(rec.layers["proportions"].face_color, colormap_rgba(props[:, 2]), atol=1e-6)
+    classes = run.adata.obs["rctd_spot_class"].astype(str)
+    assert set(classes) <= {"singlet", "doublet_certain", "doublet_uncertain", "reject"}
+
+    # the legend lists the cell types and hides one on untick
+    assert wb.legend.labels() == types
+    wb.legend.set_visible(types[0], False)
+    alpha = rec.layers["dominant"].face_color[:, 3]
+    assert np.all(alpha[dom_idx == 0] == 0) and np.all(alpha[dom_idx != 0] == 1)
+    wb.legend.set_visible(types[0], True)
+
+    # the inspector shows the clicked spot's composition
+    viewer.layers.selection.active = rec.layers["dominant"]
+    i = int(np.argmin(np.nanmax(props, axis=1)))  # a mixed spot
+    for cb in viewer.mouse_drag_callbacks:
+        cb(viewer, FakeMouse(rec.layers["dominant"].data[i]))
+    assert wb.inspector.current == (rec.name, i)
+    shown = wb.inspector.shown
+    nz = {t: p for t, p in zip(types, props[i]) if p > 1e-3}
+    assert shown.keys() == nz.keys() and all(abs(shown[t] - nz[t]) < 1e-12 for t in nz)
+    assert run.adata.obs_names[i] in wb.inspector.text.text()
+
+    # save: h5ad (slot scheme), CSV, and the window as PNG
+    out = wb.save_h5ad(rec, tmp_path / "result.h5ad")
+    back = ad.read_h5ad(out)
+    np.testing.assert_allclose(back.obsm["rctd_proportions"].to_numpy(), props)
+    csv = pd.read_csv(wb.export_csv(rec, tmp_path / "props.csv"), index_col=0)
+    np.testing.assert_allclose(csv.to_numpy(), props, atol=1e-12)
+    png = wb.save_figure(tmp_path / "window.png")
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.render
+def test_screenshot_after_run_shows_legend_and_coloured_spots(make_napari_viewer, qtbot, tmp_path):
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget = _viewer_with_widget(make_napari_viewer, show=True)
+    widget.mode.value = "full"
+    _click_run_and_wait(qtbot, widget)
+    wb = workbench_for(viewer)
+    rec = wb.runs[next(iter(wb.runs))]
+    for _ in range(5):
+        QApplication.processEvents()
+    shot = viewer.screenshot(str(tmp_path / "after_run.png"), canvas_only=False, flash=False)
+    # the legend dock is on screen with one row per cell type
+    assert wb.legend.isVisible() and wb.legend.list.count() == len(rec.cell_types)
+    legend_img = wb.legend.grab().toImage()
+    assert legend_img.width() > 50 and legend_img.height() > 50
+    # the canvas shows the cell-type colours of the result
+    canvas = viewer.screenshot(canvas_only=True, flash=False)[..., :3].reshape(-1, 3).astype(int)
+    present = 0
+    for t in set(rec.dominant):
+        rgb = (np.array(to_rgba(rec.palette[t])[:3]) * 255).round()
+        if (np.abs(canvas - rgb).sum(axis=1) < 12).sum() > 200:
+            present += 1
+    assert present == len(set(rec.dominant))
+    assert shot.shape[0] > 600 and shot.shape[1] > 900
+
+
+def test_cancel_mid_run_leaves_no_result(make_napari_viewer, qtbot):
+    viewer, widget = _viewer_with_widget(make_napari_viewer)
+    widget.mode.value = "full"
+    widget.params_box.batch_size.value = 20
+    before = [layer.name for layer in viewer.layers]
+    events = []
+    widget._relay.progressed.connect(events.append)
+    widget.run_btn.native.click()
+    qtbot.waitUntil(lambda: len(events) > 0, timeout=120_000)
+    widget.cancel_btn.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert widget.status.value.startswith("cancelled")
+    assert [layer.name for layer in viewer.layers] == before
+    assert widget.last_run is None
+    assert not workbench_for(viewer).runs
+
+
+def test_js_distance_and_comparison_by_hand():
+    p = np.array([[1.0, 0.0], [0.5, 0.5], [np.nan, np.nan]])
+    q = np.array([[0.0, 1.0], [0.5, 0.5], [0.2, 0.8]])
+    d = js_distance(p, q)
+    assert d[0] == pytest.approx(1.0) and d[1] == pytest.approx(0.0) and np.isnan(d[2])
+    # JS divergence of [0.75, 0.25] vs [0.25, 0.75] in bits: 1 - H(0.5) ... computed by hand
+    a, b = np.array([[0.75, 0.25]]), np.array([[0.25, 0.75]])
+    m = np.array([0.5, 0.5])
+    kl = lambda x, y: np.sum(x * np.log2(x / y))
+    assert js_distance(a, b)[0] == pytest.approx(np.sqrt(0.5 * kl(a[0], m) + 0.5 * kl(b[0], m)))
+    cmp = compare_proportions(p, ["A", "B"], np.array([[0.9, 0.1], [0.4, 0.6], [0.5, 0.5]]), ["B", "C"])
+    assert cmp.cell_types == ["A", "B", "C"]
+    assert cmp.both_fitted.tolist() == [True, True, False]
+    # spot 0: A vs B -> differ; spot 1: tie A/B (argmax A) vs C -> differ
+    assert cmp.same_dominant.tolist() == [False, False, False]
+
+
+def test_compare_two_runs(make_napari_viewer, small_pair):
+    from spatial_deconv_gui import api
+    from spatial_deconv_gui.engines.base import DeconvResult
+    from spatial_deconv_gui.io import attach_result
+
+    viewer = make_napari_viewer()
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    truth = spatial.obsm["true_proportions"].to_numpy()
+    rng = np.random.default_rng(1)
+    noisy = np.clip(truth + rng.normal(0, 0.1, truth.shape), 0, None)
+    noisy /= noisy.sum(axis=1, keepdims=True)
+    wb = workbench_for(viewer)
+    for name, props in (("truth", truth), ("noisy", noisy)):
+        res = DeconvResult(key="sim", method="sim", mode=None, cell_types=types, proportions=props, params={},
+                           device="cpu", runtime_s=0.0)
+        wb.add_run(api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name=name)
+    wb.results.run.value, wb.results.run_b.value = "truth", "noisy"
+    wb.results.compare_btn.native.click()
+    layer, cmp = wb.comparison
+    np.testing.assert_allclose(layer.features["js_distance"], js_distance(truth, noisy))
+    agree = np.mean(truth.argmax(1) == noisy.argmax(1))
+    assert cmp.agreement == pytest.approx(agree)
+    assert f"{100 * agree:.1f}%" in wb.results.summary.value
