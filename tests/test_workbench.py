@@ -59,8 +59,11 @@ def warm_engine():
     from spatial_deconv_gui import api
     from spatial_deconv_gui.sample_data import sample_paths
 
+    import anndata as ad
+
     s, r = sample_paths()
-    api.run_deconvolution(s, r, "rctd", params={"mode": "doublet", "sigma_override": 0.84}, check=False)
+    spatial = ad.read_h5ad(s)[:200].copy()
+    api.run_deconvolution(spatial, r, "rctd", params={"mode": "doublet", "n_fit": 100}, check=False)
 
 
 def _viewer_with_widget(make_napari_viewer, show=False):
@@ -81,8 +84,9 @@ def test_run_rctd_doublet_like_a_user(make_napari_viewer, qtbot, tmp_path):
     widget.method.value = "rctd"
     widget.mode.value = "doublet"
     widget.params_box.batch_size.value = 100  # several batches, so results stream in
-    seen_partial = []
+    seen_partial, stages = [], []
     widget._relay.progressed.connect(lambda e: e.partial is not None and seen_partial.append(e.partial))
+    widget._relay.progressed.connect(lambda e: stages.append((time.perf_counter(), e.stage, e.fraction)))
     meter = StallMeter()
     meter.start()
     widget.run_btn.native.click()
@@ -101,7 +105,9 @@ def test_run_rctd_doublet_like_a_user(make_napari_viewer, qtbot, tmp_path):
     print(f"longest event-loop stall while the engine ran: {1000 * engine_stall:.0f} ms; "
           f"on the click: {1000 * meter.longest(-np.inf, clicked + 0.05):.0f} ms; "
           f"while layers were added: {1000 * meter.longest(returned[0]):.0f} ms")
-    assert engine_stall <= 0.150, f"event loop stalled {1000 * engine_stall:.0f} ms while the engine ran"
+    worst = max(((b - a, a) for a, b in meter.gaps if a >= clicked and b <= returned[0]), default=(0, 0))
+    during = [st for t, st, _ in stages if t <= worst[1] + worst[0]][-1:] or ["start"]
+    assert engine_stall <= 0.150, f"event loop stalled {1000 * engine_stall:.0f} ms while the engine ran ({during})"
 
     wb = workbench_for(viewer)
     rec = wb.runs[next(iter(wb.runs))]

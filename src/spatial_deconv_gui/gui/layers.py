@@ -11,6 +11,7 @@ from scipy.spatial import cKDTree
 from ..colors import cell_type_palette, palette_from_uns, rgba_for_labels
 from ..io.errors import InputError
 from ..io.read import find_coordinates
+from .raster import POINTS_LIMIT, choose_pitch, make_raster, paint, read_colours
 
 PLUGIN_KEY = "spatial_deconv_gui"
 
@@ -86,23 +87,66 @@ def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: 
     palettes = categorical_palettes(adata)
     colour_col, rgba = default_colouring(adata, palettes)
     size = spot_size(coords)
+    meta = {
+        "kind": "spatial",
+        "adata_path": str(path) if path else None,
+        "coord_source": source,
+        "n_spots": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "palettes": palettes,
+        "colour_column": colour_col,
+        "spot_size": size,
+    }
+    layer_name = name or (Path(path).stem if path else "slide")
+    if adata.n_obs > POINTS_LIMIT:
+        yx = napari_points(coords)[:, -2:]
+        raster = make_raster(yx, choose_pitch(yx, size), spacing=size)
+        meta.update(raster=raster, coords_yx=napari_points(coords), features=features_table(adata))
+        kwargs = {"name": layer_name, "rgb": True, "metadata": {PLUGIN_KEY: meta}, **raster.layer_kwargs}
+        return paint(raster, rgba), kwargs, "image"
     kwargs = {
-        "name": name or (Path(path).stem if path else "slide"),
+        "name": layer_name,
         "features": features_table(adata),
         "size": size,
         "face_color": rgba,
         "border_width": 0,
-        "metadata": {
-            PLUGIN_KEY: {
-                "kind": "spatial",
-                "adata_path": str(path) if path else None,
-                "coord_source": source,
-                "n_spots": int(adata.n_obs),
-                "n_genes": int(adata.n_vars),
-                "palettes": palettes,
-                "colour_column": colour_col,
-                "spot_size": size,
-            },
-        },
+        "metadata": {PLUGIN_KEY: meta},
     }
     return napari_points(coords), kwargs, "points"
+
+
+def slide_coords_yx(layer) -> np.ndarray:
+    """Spot positions (napari order) of a slide layer, drawn as points or as a raster image."""
+    meta = layer.metadata.get(PLUGIN_KEY, {})
+    return np.asarray(meta["coords_yx"]) if "coords_yx" in meta else np.asarray(layer.data)
+
+
+def add_spot_layer(viewer, coords_yx: np.ndarray, size: float, rgba: np.ndarray, name: str, metadata: dict,
+                   raster=None, features=None, visible: bool = True):
+    """A layer with one colour per spot: Points normally, an RGBA image past the points limit."""
+    if raster is not None:
+        return viewer.add_image(paint(raster, rgba), name=name, rgb=True, visible=visible,
+                                metadata={**metadata, "raster": raster}, **raster.layer_kwargs)
+    return viewer.add_points(coords_yx, name=name, size=size, border_width=0, face_color=rgba,
+                             features=features, visible=visible, metadata=metadata)
+
+
+def spot_colors(layer) -> np.ndarray:
+    raster = layer.metadata.get("raster") or layer.metadata.get(PLUGIN_KEY, {}).get("raster")
+    if raster is None:
+        return np.asarray(layer.face_color)
+    return read_colours(raster, layer.data)
+
+
+def set_spot_colors(layer, rgba: np.ndarray, index: np.ndarray | None = None):
+    """Recolour all spots (or ``index``) of a layer made by :func:`add_spot_layer` or the reader."""
+    raster = layer.metadata.get("raster") or layer.metadata.get(PLUGIN_KEY, {}).get("raster")
+    if raster is None:
+        if index is None:
+            layer.face_color = rgba
+        else:
+            colours = np.asarray(layer.face_color).copy()
+            colours[index] = rgba
+            layer.face_color = colours
+        return
+    layer.data = paint(raster, rgba, np.asarray(layer.data).copy(), index)

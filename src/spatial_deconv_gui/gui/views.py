@@ -88,8 +88,7 @@ def compare_proportions(a: np.ndarray, types_a: list[str], b: np.ndarray, types_
     return Comparison(types, same, js_distance(pa, pb), both)
 
 
-def nearest_spot(coords_yx: np.ndarray, position, max_dist: float) -> int | None:
+def nearest_spot(tree: cKDTree, position, max_dist: float) -> int | None:
     """Index of the spot under a canvas position (napari order), or None when the click misses the tissue."""
-    tree = cKDTree(np.asarray(coords_yx)[:, -2:])
     d, i = tree.query(np.asarray(position)[-2:])
     return int(i) if d <= max_dist else None

@@ -11,7 +11,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled
 from ..engines.registry import available_methods
-from .layers import PLUGIN_KEY
+from .layers import PLUGIN_KEY, set_spot_colors, slide_coords_yx, spot_colors
 from .notify import notify_error, notify_info
 from .views import PENDING_RGBA
 
@@ -230,9 +230,12 @@ class DeconvolutionWidget(Container):
         relay = self._relay
 
         def job():
+            import numba
             import torch
 
-            torch.set_num_threads(max(1, torch.get_num_threads() - 1))  # leave a core for the event loop
+            # Leave a core for the event loop: compute threads would otherwise starve it on small machines.
+            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+            numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS - 1))
             return api.run_deconvolution(spatial, reference, method, params=params, cell_type_col=cell_type_col,
                                          device=device, progress=relay.progressed.emit,
                                          cancel_event=self._cancel_event, check=True)
@@ -249,8 +252,8 @@ class DeconvolutionWidget(Container):
         slide = self.slide.value
         self._stream_layer = slide
         self._run_slide = slide
-        self._stream_saved = np.asarray(slide.face_color).copy()
-        slide.face_color = np.tile(PENDING_RGBA, (len(slide.data), 1))
+        self._stream_saved = spot_colors(slide).copy()
+        set_spot_colors(slide, np.tile(PENDING_RGBA, (len(self._stream_saved), 1)))
         self._stream_palette = None
         self._stream_timer.start()
         worker.start()
@@ -292,21 +295,23 @@ class DeconvolutionWidget(Container):
             return
         if self._stream_palette is None:
             self._stream_palette = cell_type_palette(list(batches[0].cell_types))
-        colours = np.asarray(self._stream_layer.face_color).copy()
+        lookup = {n: to_rgba(c) for n, c in self._stream_palette.items()}
+        index, colours = [], []
         for part in batches:
             props = np.asarray(part.proportions)
             ok = ~np.isnan(props).any(axis=1)
             dom = np.argmax(np.nan_to_num(props), axis=1)
             names = np.asarray(part.cell_types)[dom]
-            colours[part.spot_index[ok]] = [to_rgba(self._stream_palette[n]) for n in names[ok]]
-        self._stream_layer.face_color = colours
+            index.append(np.asarray(part.spot_index)[ok])
+            colours.append(np.array([lookup[n] for n in names[ok]], dtype=np.float32).reshape(-1, 4))
+        set_spot_colors(self._stream_layer, np.concatenate(colours), np.concatenate(index))
 
     def _drop_stream_layer(self):
         """Give the slide layer back its own colours and name."""
         self._stream_timer.stop()
         self._pending = []
         if self._stream_layer is not None and self._stream_layer in self.viewer.layers:
-            self._stream_layer.face_color = self._stream_saved
+            set_spot_colors(self._stream_layer, self._stream_saved)
         self._stream_layer = None
 
     def _on_done(self, run, staged: bool = True):
@@ -316,9 +321,10 @@ class DeconvolutionWidget(Container):
         self._drop_stream_layer()
         layer = self._run_slide
         meta = layer.metadata.get(PLUGIN_KEY, {})
-        coords_xy = np.asarray(layer.data)[:, ::-1]
+        coords_xy = slide_coords_yx(layer)[:, ::-1]
         steps = workbench_for(self.viewer).add_run_steps(
-            run, coords_xy, meta.get("spot_size", 1.0), source={"inputs": getattr(self, "_run_inputs", ())})
+            run, coords_xy, meta.get("spot_size", 1.0), source={"inputs": getattr(self, "_run_inputs", ())},
+            raster=meta.get("raster"))
 
         def finish():
             self._finishing = False

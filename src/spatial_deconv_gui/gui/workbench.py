@@ -5,6 +5,7 @@ computed as RGBA by :mod:`.views` or :mod:`..colors` so what is drawn is what th
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
-from .layers import PLUGIN_KEY, napari_points
+from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors, spot_colors
 from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, nearest_spot
 
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
@@ -39,6 +40,13 @@ class RunRecord:
     source: dict = field(default_factory=dict)
     layers: dict = field(default_factory=dict)
     hidden: set = field(default_factory=set)
+    raster: object = None
+
+    @functools.cached_property
+    def tree(self):
+        from scipy.spatial import cKDTree
+
+        return cKDTree(self.coords_yx[:, -2:])
 
     @property
     def proportions(self) -> pd.DataFrame:
@@ -95,22 +103,23 @@ class Workbench:
         return f"{base} #{n}"
 
     def add_run(self, run, coords_xy: np.ndarray, size: float, name: str | None = None,
-                source: dict | None = None) -> RunRecord:
+                source: dict | None = None, raster=None) -> RunRecord:
         """Add a finished run's layers and docks in one go (scripts, headless use)."""
-        steps = self.add_run_steps(run, coords_xy, size, name, source)
+        steps = self.add_run_steps(run, coords_xy, size, name, source, raster)
         for _ in steps:
             pass
         return self.runs[self._last_added]
 
     def add_run_steps(self, run, coords_xy: np.ndarray, size: float, name: str | None = None,
-                      source: dict | None = None):
+                      source: dict | None = None, raster=None):
         """The same work as :meth:`add_run` cut into short steps, so a GUI can yield to the event loop between them."""
         result = run.result
         name = name or self.unique_name(f"{result.method} {result.mode or ''}".strip())
         types = [str(t) for t in result.cell_types]
         palette = cell_type_palette(types + [FILTERED_LABEL],
                                     palette_from_uns(types, run.adata.uns.get("cell_type_colors")))
-        rec = RunRecord(name, result.key, run.adata, result, napari_points(coords_xy), size, palette, source or {})
+        rec = RunRecord(name, result.key, run.adata, result, napari_points(coords_xy), size, palette, source or {},
+                        raster=raster)
         self.runs[name] = rec
         self._last_added = name
         yield from self._add_layers(rec)
@@ -125,35 +134,37 @@ class Workbench:
 
     def _add_layers(self, rec: RunRecord):
         props = rec.proportions
-        feats = pd.concat([pd.DataFrame({"dominant_type": rec.dominant}), props.reset_index(drop=True)], axis=1)
+        feats = None
+        if rec.raster is None:  # image layers carry no per-spot table; the inspector reads the AnnData
+            feats = pd.concat([pd.DataFrame({"dominant_type": rec.dominant}), props.reset_index(drop=True)], axis=1)
         first = rec.cell_types[0]
-        rec.layers["proportions"] = self.viewer.add_points(
-            rec.coords_yx, name=f"{rec.name}: proportion", size=rec.size, border_width=0, features=feats,
-            face_color=colormap_rgba(props[first].to_numpy()), visible=False, metadata={
-                **self._meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"})
+        common = dict(size=rec.size, raster=rec.raster)
+        rec.layers["proportions"] = add_spot_layer(
+            self.viewer, rec.coords_yx, rgba=colormap_rgba(props[first].to_numpy()), name=f"{rec.name}: proportion",
+            metadata={**self._meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"},
+            features=feats, visible=False, **common)
         yield
         cls_col = f"{rec.key}_spot_class"
         if cls_col in rec.adata.obs:
             classes = rec.adata.obs[cls_col].astype(str).to_numpy()
-            rec.layers["spot_class"] = self.viewer.add_points(
-                rec.coords_yx, name=f"{rec.name}: spot class", size=rec.size, border_width=0,
-                features=pd.DataFrame({"spot_class": classes}),
-                face_color=rgba_for_labels(classes, SPOT_CLASS_COLORS), visible=False,
-                metadata={**self._meta(rec, "spot_class"), "palette": SPOT_CLASS_COLORS})
+            rec.layers["spot_class"] = add_spot_layer(
+                self.viewer, rec.coords_yx, rgba=rgba_for_labels(classes, SPOT_CLASS_COLORS),
+                name=f"{rec.name}: spot class", metadata={**self._meta(rec, "spot_class"), "palette": SPOT_CLASS_COLORS},
+                features=None if feats is None else pd.DataFrame({"spot_class": classes}), visible=False, **common)
             yield
-        rec.layers["dominant"] = self.viewer.add_points(
-            rec.coords_yx, name=f"{rec.name}: dominant type", size=rec.size, border_width=0, features=feats,
-            face_color=rgba_for_labels(rec.dominant, rec.palette),
-            metadata={**self._meta(rec, "dominant_type"), "palette": rec.palette})
+        rec.layers["dominant"] = add_spot_layer(
+            self.viewer, rec.coords_yx, rgba=rgba_for_labels(rec.dominant, rec.palette),
+            name=f"{rec.name}: dominant type", metadata={**self._meta(rec, "dominant_type"), "palette": rec.palette},
+            features=feats, **common)
         self.viewer.layers.selection.active = rec.layers["dominant"]
 
     def set_hidden(self, rec: RunRecord, hidden: set[str]):
         rec.hidden = set(hidden)
-        rec.layers["dominant"].face_color = rgba_for_labels(rec.dominant, rec.palette, rec.hidden)
+        set_spot_colors(rec.layers["dominant"], rgba_for_labels(rec.dominant, rec.palette, rec.hidden))
 
     def show_proportion(self, rec: RunRecord, cell_type: str, cmap: str = "viridis"):
         layer = rec.layers["proportions"]
-        layer.face_color = colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap)
+        set_spot_colors(layer, colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap))
         layer.metadata.update(cell_type=cell_type, colormap=cmap)
         layer.name = f"{rec.name}: proportion"
 
@@ -169,9 +180,10 @@ class Workbench:
         name = f"compare: {name_a} vs {name_b}"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        layer = self.viewer.add_points(a.coords_yx, name=name, size=a.size, border_width=0, features=feats,
-                                       face_color=rgba, metadata={PLUGIN_KEY: {"kind": "comparison"},
-                                                                  "summary": cmp.summary(), "colormap": cmap})
+        layer = add_spot_layer(self.viewer, a.coords_yx, a.size, rgba, name, raster=a.raster,
+                               features=None if a.raster is not None else feats,
+                               metadata={PLUGIN_KEY: {"kind": "comparison"}, "summary": cmp.summary(),
+                                         "colormap": cmap, "js_distance": cmp.js})
         self.comparison = (layer, cmp)
         return layer, cmp
 
@@ -188,7 +200,7 @@ class Workbench:
         rec = self.active_run()
         if rec is None:
             return None
-        idx = nearest_spot(rec.coords_yx, position, max_dist=rec.size * 0.6)
+        idx = nearest_spot(rec.tree, position, max_dist=rec.size * 0.6)
         if idx is not None:
             self.inspector.show_spot(rec, idx)
         return idx
@@ -203,7 +215,7 @@ class Workbench:
         rec = self.active_run()
         if rec is None:
             return
-        idx = nearest_spot(rec.coords_yx, event.position, max_dist=rec.size * 0.6)
+        idx = nearest_spot(rec.tree, event.position, max_dist=rec.size * 0.6)
         if idx is not None and (rec.name, idx) != self._last_hover:
             self._last_hover = (rec.name, idx)
             self.inspector.show_spot(rec, idx)
