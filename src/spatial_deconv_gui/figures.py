@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -10,18 +9,7 @@ import numpy as np
 
 from .colors import FILTERED_LABEL, cell_type_palette, palette_from_uns
 from .io.read import find_coordinates
-
-
-def _save_atomic(fig, path: Path, dpi: int):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from .io.write import atomic_path
 
 
 def result_figure(adata: ad.AnnData, key: str, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -54,7 +42,7 @@ def result_figure(adata: ad.AnnData, key: str, path: str | os.PathLike, dpi: int
                if t in present or t != FILTERED_LABEL]
     fig.legend(handles=handles, loc="center right", frameon=False, title="cell type")
     fig.subplots_adjust(right=0.8)
-    out = Path(path)
-    _save_atomic(fig, out, dpi)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return out
+    return Path(path)

@@ -112,15 +112,18 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
             app.processEvents()
         viewer.reset_view()
         if rendering:
+            from ..io.write import atomic_path
+
             shot = outdir / "screenshot.png"
-            tmp = shot.with_name(".screenshot.tmp.png")
-            viewer.screenshot(str(tmp), canvas_only=False, flash=False)
-            os.replace(tmp, shot)
+            with atomic_path(shot, ".png") as tmp:
+                viewer.screenshot(str(tmp), canvas_only=False, flash=False)
             summary["outputs"].append(str(shot))
         else:
             print("no display and no Xvfb: skipped the window screenshot (the map PNG is written)", file=sys.stderr)
     finally:
         viewer.close()
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from ..io.write import write_text_atomic
+
+    write_text_atomic(json.dumps(summary, indent=2), outdir / "summary.json")
     print(json.dumps(summary, indent=2))
     return 0

@@ -6,7 +6,6 @@ computed as RGBA by :mod:`.views` or :mod:`..colors` so what is drawn is what th
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,18 +232,17 @@ class Workbench:
 
     def save_figure(self, path) -> Path:
         """The whole window (canvas, legend, docks) when OpenGL renders, else a matplotlib map with legend."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.png")
+        from ..io.write import atomic_path
+
         try:
-            self.viewer.screenshot(str(tmp), canvas_only=False, flash=False)
-        except Exception:
+            with atomic_path(path, ".png") as tmp:
+                self.viewer.screenshot(str(tmp), canvas_only=False, flash=False)
+        except Exception:  # no OpenGL context (offscreen Qt): draw the map with matplotlib instead
             from ..figures import result_figure
 
             rec = self.active_run()
             return result_figure(rec.adata, rec.key, path)
-        os.replace(tmp, path)
-        return path
+        return Path(path)
 
 
 class LegendWidget(QWidget):

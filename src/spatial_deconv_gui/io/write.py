@@ -1,6 +1,7 @@
 """Storing engine results in AnnData slots and writing files without ever leaving a half-written one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -96,32 +97,35 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
     return out
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = "gzip") -> Path:
-    """Write to a temp file in the target folder, then rename over the target: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yield a temp path beside ``path``; on success it replaces ``path`` in one rename, on failure it goes.
+
+    The temp file gets the permissions a plain ``open()`` would give (mkstemp's are owner-only).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        adata.write_h5ad(tmp, compression=compression)
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return path
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = "gzip") -> Path:
+    """Write to a temp file in the target folder, then rename over the target: readers never see half a file."""
+    with atomic_path(path, ".h5ad") as tmp:
+        adata.write_h5ad(tmp, compression=compression)
+    return Path(path)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
