@@ -1,0 +1,81 @@
+"""`spatial-deconv run` and the main job's headless mode, end to end on real files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from spatial_deconv_gui.cli import main
+
+pytest.importorskip("spatial_deconv_gui.engines.rctd")
+
+
+def test_run_rctd_full_writes_slots_and_json(small_pair_files, tmp_path, capsys):
+    s, r = small_pair_files
+    out = tmp_path / "out" / "result.h5ad"
+    csv = tmp_path / "props.csv"
+    code = main(["run", str(s), str(r), "--method", "rctd", "--mode", "full", "--output", str(out),
+                 "--csv", str(csv), "--json", "--quiet", "--sigma-override", "0.84"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err == ""  # --quiet: no progress output
+    summary = json.loads(captured.out)
+    assert summary["mode"] == "full" and summary["output"] == str(out)
+    res = ad.read_h5ad(out)
+    props = res.obsm["rctd_proportions"]
+    fitted = ~props.isna().any(axis=1).to_numpy()
+    assert summary["n_fitted"] == int(fitted.sum()) > 0
+    np.testing.assert_allclose(props[fitted].sum(axis=1), 1.0, atol=1e-9)
+    truth = ad.read_h5ad(s).obsm["true_proportions"].to_numpy()[fitted]
+    agree = np.mean(props.to_numpy()[fitted].argmax(1) == truth.argmax(1))
+    assert agree > 0.8, agree
+    assert res.uns["rctd"]["mode"] == "full" and res.uns["rctd"]["device"] == "cpu"
+    assert "rctd_weights" in res.obsm
+    import pandas as pd
+
+    np.testing.assert_allclose(pd.read_csv(csv, index_col=0).to_numpy(), props.to_numpy())
+
+
+def test_run_progress_goes_to_stderr(small_pair_files, tmp_path, capsys):
+    s, r = small_pair_files
+    code = main(["run", str(s), str(r), "--method", "rctd", "--mode", "full", "-o", str(tmp_path / "o.h5ad"),
+                 "--sigma-override", "0.84"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out == ""
+    assert "pixels" in captured.err and "100%" in captured.err and "spots fitted" in captured.err
+
+
+def test_run_bad_option_value_is_a_clear_error(small_pair_files, tmp_path, capsys):
+    s, r = small_pair_files
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(s), str(r), "--method", "rctd", "--mode", "quadruplet"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'quadruplet'" in capsys.readouterr().err
+
+
+def test_demo_headless_writes_result_and_screenshot(tmp_path):
+    exe = Path(sys.executable).with_name("spatial-deconv")
+    env = {**os.environ}
+    proc = subprocess.run([str(exe), "demo", "--headless", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    res = ad.read_h5ad(tmp_path / "sample_rctd.h5ad")
+    assert summary["n_fitted"] == res.n_obs == 1200
+    truth = res.obsm["true_proportions"].to_numpy()
+    agree = np.mean(res.obsm["rctd_proportions"].to_numpy().argmax(1) == truth.argmax(1))
+    assert agree > 0.85, agree
+    assert (tmp_path / "sample_rctd_map.png").stat().st_size > 20_000
+    if summary["rendering"]:
+        from matplotlib.image import imread
+
+        shot = imread(tmp_path / "screenshot.png")
+        assert shot.shape[0] > 600 and shot.shape[1] > 900
+        assert len(np.unique((shot[..., :3] * 255).astype(int).reshape(-1, 3), axis=0)) > 50
