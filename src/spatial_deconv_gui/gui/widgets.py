@@ -327,6 +327,8 @@ class DeconvolutionWidget(Container):
             raster=meta.get("raster"))
 
         def finish():
+            # The dominant-type layer covers the same spots: drawing the slide beneath it is wasted time.
+            layer.visible = False
             self._finishing = False
             self._set_running(self._worker is not None)
             self.last_run = run

@@ -122,6 +122,7 @@ class Workbench:
         self.runs[name] = rec
         self._last_added = name
         yield from self._add_layers(rec)
+        yield
         self.ensure_docks()
         yield
         self.results.refresh(select=name)
