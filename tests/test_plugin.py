@@ -153,3 +153,11 @@ def test_screenshot_draws_the_tissue(make_napari_viewer):
     coverage = drawn.sum() / (area_world * px_per_unit**2)
     assert 0.85 < coverage < 1.1, coverage
     assert drawn.mean() > 0.2  # the tissue fills a good part of the canvas after reset_view
+
+
+def test_check_button_validates_in_a_worker(make_napari_viewer, qtbot):
+    viewer = _sample_viewer(make_napari_viewer)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+    widget.validate_btn.native.click()
+    assert widget.status.value == "checking inputs..."
+    qtbot.waitUntil(lambda: widget.status.value == "inputs OK", timeout=30_000)

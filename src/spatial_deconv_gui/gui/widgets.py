@@ -88,7 +88,7 @@ class DeconvolutionWidget(Container):
         self.slide.changed.connect(self._on_slide)
         self.reference.changed.connect(self._on_reference)
         self.method.changed.connect(self._on_method)
-        self.validate_btn.clicked.connect(self.check_inputs)
+        self.validate_btn.clicked.connect(self.check_inputs_in_background)
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -195,14 +195,35 @@ class DeconvolutionWidget(Container):
         self.problems.value = "\n".join(lines)
 
     def check_inputs(self):
-        """Validate on the GUI thread's behalf; returns the report (also shown in the widget)."""
-        from ..io.validate import validate
+        """Validate now and show the outcome; returns the report when the inputs can be used, else None."""
+        paths = self._input_paths()
+        return self._show_report(self._validate(*paths)) if paths else None
 
+    def check_inputs_in_background(self):
+        """The button's version: file reads happen in a worker, the outcome lands in the widget."""
+        from napari.qt.threading import create_worker
+
+        paths = self._input_paths()
+        if not paths:
+            return
+        self.status.value = "checking inputs..."
+        create_worker(self._validate, *paths, _connect={
+            "returned": self._show_report, "errored": lambda exc: notify_error(exc, "Check inputs")})
+
+    def _input_paths(self):
         spatial, reference = self._slide_path(), self._reference_path()
         if not spatial or not reference:
             self._show_problems(["pick a slide layer opened from a file, and a reference .h5ad"])
             return None
-        report = validate(spatial, reference, cell_type_col=self.cell_type_col.value or "cell_type")
+        return spatial, reference, self.cell_type_col.value or "cell_type"
+
+    @staticmethod
+    def _validate(spatial, reference, cell_type_col):
+        from ..io.validate import validate
+
+        return validate(spatial, reference, cell_type_col=cell_type_col)
+
+    def _show_report(self, report):
         errors = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
         warnings = [p for p in report.problems if p not in errors]
         self._show_problems([str(p) for p in errors] + [f"warning: {p}" for p in warnings])
