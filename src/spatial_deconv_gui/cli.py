@@ -9,6 +9,7 @@ import types
 import typing
 from pathlib import Path
 
+from .engines.base import Cancelled
 from .io.errors import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -203,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args, extra)
         if args.command == "demo":
             return _cmd_demo(args)
-    except InputError as exc:
+    except (InputError, ValueError) as exc:  # engines raise ValueError for data they cannot fit
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
