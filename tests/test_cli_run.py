@@ -79,3 +79,18 @@ def test_demo_headless_writes_result_and_screenshot(tmp_path):
         shot = imread(tmp_path / "screenshot.png")
         assert shot.shape[0] > 600 and shot.shape[1] > 900
         assert len(np.unique((shot[..., :3] * 255).astype(int).reshape(-1, 3), axis=0)) > 50
+
+
+def test_run_flash_from_the_cli(small_pair_files, tmp_path, capsys):
+    s, r = small_pair_files
+    out = tmp_path / "flash.h5ad"
+    code = main(["run", str(s), str(r), "--method", "flash", "--lambda-spatial", "auto", "--k-neighbors", "6",
+                 "-o", str(out), "--json", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    res = ad.read_h5ad(out)
+    props = res.obsm["flash_proportions"].to_numpy()
+    truth = res.obsm["true_proportions"][list(res.obsm["flash_proportions"].columns)].to_numpy()
+    r_mean = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(props, truth)])
+    assert r_mean > 0.9, r_mean
+    assert res.uns["flash"]["parameters"]["k_neighbors"] == 6

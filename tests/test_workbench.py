@@ -241,3 +241,28 @@ def test_compare_two_runs(make_napari_viewer, small_pair):
     agree = np.mean(truth.argmax(1) == noisy.argmax(1))
     assert cmp.agreement == pytest.approx(agree)
     assert f"{100 * agree:.1f}%" in wb.results.summary.value
+
+
+def test_flash_runs_from_the_widget_and_compares_with_rctd(make_napari_viewer, qtbot):
+    viewer, widget = _viewer_with_widget(make_napari_viewer)
+    widget.method.value = "flash"
+    assert widget.mode.choices == ("default",)
+    assert widget.params_box.lambda_spatial.value == "auto"
+    assert widget.params_box.k_neighbors.value == 6
+    widget.params_box.k_neighbors.value = 8
+    assert widget.method_params()["k_neighbors"] == 8
+    _click_run_and_wait(qtbot, widget)
+    flash = widget.last_run
+    assert flash is not None and flash.result.key == "flash", widget.status.value
+    assert flash.adata.uns["flash"]["parameters"]["k_neighbors"] == 8
+    widget.method.value = "rctd"
+    widget.mode.value = "full"
+    _click_run_and_wait(qtbot, widget)
+    wb = workbench_for(viewer)
+    a, b = list(wb.runs)
+    wb.results.run.value, wb.results.run_b.value = a, b
+    wb.results.compare_btn.native.click()
+    _, cmp = wb.comparison
+    pa, pb = wb.runs[a].proportions, wb.runs[b].proportions[wb.runs[a].cell_types]
+    expected = np.mean(pa.to_numpy().argmax(1) == pb.to_numpy().argmax(1))
+    assert cmp.agreement == pytest.approx(expected) and cmp.agreement > 0.7

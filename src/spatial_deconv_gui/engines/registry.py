@@ -53,6 +53,15 @@ _ALL = (
                    ("dtype", "float64 matches spacexr exactly; float32 is faster on GPUs."),
                    ("batch_size", "Spots solved together; 0 picks a size from free memory."),
                )),
+    MethodInfo("flash", "flash", "FlashDeconv's sketched, graph-regularised NNLS with spatial smoothing (fast, large slides)",
+               "spatial_deconv_gui.engines.flash", "run_flash", "FlashConfig",
+               gui_params=(
+                   ("lambda_spatial", "Spatial smoothing strength: 'auto' (FlashDeconv's rule) or a number >= 0."),
+                   ("rho_sparsity", "L1 penalty pushing small proportions to zero (fraction of the signature scale)."),
+                   ("k_neighbors", "Neighbours per spot in the spatial kNN graph (default 6)."),
+                   ("preprocess", "Transform of counts before fitting: log-CPM (default), Pearson residuals or raw."),
+                   ("gene_weighting", "Leverage weighting: deterministic expected weights or a seeded CountSketch."),
+               )),
 )
 
 

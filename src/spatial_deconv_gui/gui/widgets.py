@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
+                              SpinBox)
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled
@@ -136,6 +137,8 @@ class DeconvolutionWidget(Container):
                 w = ComboBox(name=name, choices=list(typing.get_args(hint)), value=default)
             elif hint is int or (args and args[0] is int):
                 w = SpinBox(name=name, value=default or 0, min=0, max=10**9)
+            elif hint is str or (args and args[0] is str):
+                w = LineEdit(name=name, value=str(default))
             else:
                 w = FloatSpinBox(name=name, value=float(default), min=0.0, max=1e12, step=1.0)
             w.label = name.replace("_", " ")
@@ -145,7 +148,7 @@ class DeconvolutionWidget(Container):
     def method_params(self) -> dict:
         params = {"mode": self.mode.value} if self.mode.value != "default" else {}
         for w in self.params_box:
-            value = w.value
+            value = w.value.strip() if isinstance(w.value, str) else w.value
             if w.name == "batch_size" and not value:
                 continue  # 0 means automatic
             params[w.name] = value
