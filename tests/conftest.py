@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +59,40 @@ def small_pair_files(small_pair, tmp_path):
     spatial.write_h5ad(sp_path)
     reference.write_h5ad(ref_path)
     return sp_path, ref_path
+
+
+class StallMeter:
+    """Gaps between ticks of a 10 ms timer: how long the event loop was blocked, and when."""
+
+    def __init__(self):
+        from qtpy.QtCore import QTimer
+
+        self.timer = QTimer()
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(self._tick)
+        self.last = None
+        self.gaps: list[tuple[float, float]] = []  # (start, end) of each tick interval
+
+    def _tick(self):
+        now = time.perf_counter()
+        if self.last is not None:
+            self.gaps.append((self.last, now))
+        self.last = now
+
+    def start(self):
+        self.last = time.perf_counter()
+        self.timer.start()
+
+    def stop(self):
+        self.timer.stop()
+
+    def longest(self, t0: float = -np.inf, t1: float = np.inf) -> float:
+        inside = [b - a for a, b in self.gaps if a >= t0 and b <= t1]
+        return max(inside, default=0.0)
+
+
+@pytest.fixture
+def stall_meter(qtbot):
+    meter = StallMeter()
+    yield meter
+    meter.stop()

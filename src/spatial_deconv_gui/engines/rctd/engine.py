@@ -1,0 +1,360 @@
+"""RCTD end to end: reference profiles -> gene lists -> pixel filters -> platform effect -> sigma -> pixels."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..base import DeconvResult, PartialResult, RunControl
+from ...io.inputs import ReferenceInput, SpatialInput
+from .config import RCTDConfig, check_config
+from .genes import select_de_genes
+from .likelihood import build_tables
+from .modes import SPOT_CLASSES, SolverSettings, fit_doublet, fit_full, fit_multi
+from .reference import build_profiles
+from .sigma import estimate_sigma, fit_bulk
+
+FILTERED = "filtered"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("RCTD: device='cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def auto_batch_size(n_genes: int, n_types: int, mode: str, device: torch.device, itemsize: int = 8) -> int:
+    """Pixels per batch so that the batch's working set stays within a quarter of free memory."""
+    per_pixel = itemsize * (8 * n_genes + 6 * n_types * n_types + 16 * n_types)
+    if mode == "doublet":
+        per_pixel += itemsize * 10 * 4 * n_genes * (1 if device.type == "cpu" else 3)
+    elif mode == "multi":
+        per_pixel += itemsize * 16 * 6 * n_genes * (1 if device.type == "cpu" else 3)
+    n = _available_memory(device) // 4 // max(per_pixel, 1)
+    # on CPU larger batches gain little and make progress/cancel coarse
+    hi = 4096 if device.type == "cpu" else 65536
+    return int(max(64, min(n, hi)))
+
+
+def _rows_dense(csr: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    return np.asarray(csr[rows][:, cols].todense(), dtype=np.float64)
+
+
+def _categorical(values: list[str] | np.ndarray, categories: list[str]) -> pd.Categorical:
+    return pd.Categorical(values, categories=list(categories))
+
+
+def run_rctd(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig = RCTDConfig(),
+             control: RunControl | None = None) -> DeconvResult:
+    """Run RCTD on ``spatial`` with cell-type profiles learned from ``reference``."""
+    t_start = time.perf_counter()
+    check_config(config)
+    control = control or RunControl()
+    device = resolve_device(config.device)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    if config.n_threads is None:
+        return _run(spatial, reference, config, control, device, dtype, t_start)
+    # a thread cap for this run only (torch's setting is process-wide, numba's per calling thread)
+    import numba
+
+    old_torch, old_numba = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(config.n_threads)
+    numba.set_num_threads(min(config.n_threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return _run(spatial, reference, config, control, device, dtype, t_start)
+    finally:
+        torch.set_num_threads(old_torch)
+        numba.set_num_threads(old_numba)
+
+
+def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, control: RunControl,
+         device: torch.device, dtype: torch.dtype, t_start: float) -> DeconvResult:
+    # ---- reference ---------------------------------------------------------------------------------
+    control.report("reference", 0.0, "building cell type profiles")
+    ref = build_profiles(reference.counts, reference.genes, reference.cell_types, reference.n_umi,
+                         type_order=reference.type_names, cell_min=config.cell_min, n_max_cells=config.n_max_cells,
+                         umi_min=config.ref_umi_min, strict=config.strict, seed=config.seed)
+    types = ref.cell_types
+    K = len(types)
+    control.report("reference", 1.0, f"{K} cell types")
+    control.check_cancel()
+
+    # ---- pixel filters and genes -------------------------------------------------------------------
+    control.report("genes", 0.0, "selecting informative genes")
+    counts = sp.csr_matrix(spatial.counts)
+    n_spots = counts.shape[0]
+    s_genes = np.asarray(spatial.genes).astype(str)
+    numi_all = np.asarray(spatial.n_umi, dtype=np.float64)
+    umi_ok = (numi_all >= config.umi_min) & (numi_all <= config.umi_max)
+    total_counts = np.asarray(counts.sum(axis=1)).ravel()
+    first_pass = umi_ok & (total_counts >= config.counts_min)
+    if not first_pass.any():
+        raise ValueError(f"RCTD: no spot passes the filters (nUMI in [{config.umi_min}, {config.umi_max}], "
+                         f">= {config.counts_min} counts)")
+    bulk_first = np.asarray(counts[np.flatnonzero(first_pass)].sum(axis=0)).ravel()
+    genes_reg = select_de_genes(ref.profiles, ref.genes, s_genes, bulk_first, config.fc_cutoff_reg,
+                                config.gene_cutoff_reg, config.min_obs, label="regression")
+    genes_bulk = select_de_genes(ref.profiles, ref.genes, s_genes, bulk_first, config.fc_cutoff,
+                                 config.gene_cutoff, config.min_obs, label="platform-effect")
+    s_pos = {g: i for i, g in enumerate(s_genes)}
+    r_pos = {g: i for i, g in enumerate(ref.genes)}
+    bulk_cols = np.array([s_pos[g] for g in genes_bulk])
+    bulk_counts_per_spot = np.asarray(counts[:, bulk_cols].sum(axis=1)).ravel()
+    fitted = first_pass & (bulk_counts_per_spot >= config.counts_min)
+    fit_idx = np.flatnonzero(fitted)
+    if len(fit_idx) == 0:
+        raise ValueError(f"RCTD: no spot has >= {config.counts_min} counts on the {len(genes_bulk)} "
+                         "platform-effect genes")
+    control.report("genes", 1.0, f"{len(genes_reg)} regression / {len(genes_bulk)} platform genes, "
+                                 f"{len(fit_idx)} of {n_spots} spots kept")
+    control.check_cancel()
+
+    # ---- platform effect ---------------------------------------------------------------------------
+    control.report("platform effect", 0.0, "fitting pseudo-bulk")
+    numi = numi_all[fit_idx]
+    bulk_vec = np.asarray(counts[fit_idx][:, bulk_cols].sum(axis=0)).ravel().astype(np.float64)
+    prof_bulk = ref.profiles[[r_pos[g] for g in genes_bulk]]
+    bulk = fit_bulk(prof_bulk, bulk_vec, float(numi.sum()), n_iter=config.n_iter_bulk,
+                    min_change=config.min_change_bulk, step=config.step_size)
+    bulk_index = {g: i for i, g in enumerate(genes_bulk)}
+    missing_reg = [g for g in genes_reg if g not in bulk_index]
+    if missing_reg:  # cannot happen with spacexr's nested cutoffs; guard custom ones
+        raise ValueError("RCTD: regression cutoffs must be at least as strict as the platform-effect cutoffs "
+                         f"({len(missing_reg)} regression genes are not platform-effect genes)")
+    P_reg = bulk.profiles[[bulk_index[g] for g in genes_reg]]
+    reg_cols = np.array([s_pos[g] for g in genes_reg])
+    control.report("platform effect", 1.0, "done")
+    control.check_cancel()
+
+    table_kw = dict(k_val=config.k_val, cache=config.table_cache, cache_dir=config.cache_dir, device=device)
+
+    # ---- sigma -------------------------------------------------------------------------------------
+    sigma_path: list[int] = []
+    if config.sigma_override is not None:
+        sigma = float(config.sigma_override)
+        control.report("sigma", 1.0, f"sigma {sigma:.2f} (given)")
+    else:
+        control.report("sigma", 0.0, "estimating sigma")
+        cand = np.flatnonzero(numi > config.umi_min_sigma)
+        n_fit = min(config.n_fit, len(cand))
+        if n_fit == 0:
+            raise ValueError(f"RCTD: no kept spot has nUMI > umi_min_sigma={config.umi_min_sigma}, so sigma cannot "
+                             "be estimated. Lower umi_min_sigma or give sigma_override.")
+        rng = np.random.default_rng(config.seed)
+        pick = np.sort(rng.choice(cand, n_fit, replace=False)) if n_fit < len(cand) else cand
+        y_fit = _rows_dense(counts, fit_idx[pick], reg_cols)
+        max_count = int(min(y_fit.max(initial=0), config.k_val))
+
+        def get_tables(sig_list):
+            return build_tables([s / 100.0 for s in sig_list], max_count, **table_kw)
+
+        sigma_int, sigma_path = estimate_sigma(
+            P_reg, y_fit, numi[pick], get_tables, n_epoch=config.n_epoch, n_iter=config.n_iter,
+            min_change=config.min_change, step=config.step_size, seed=config.seed, device=device, dtype=dtype,
+            progress=lambda f, m: control.report("sigma", f, m), check_cancel=control.check_cancel)
+        sigma = sigma_int / 100.0
+        control.report("sigma", 1.0, f"sigma {sigma:.2f}")
+    control.check_cancel()
+
+    # ---- pixels ------------------------------------------------------------------------------------
+    reg_counts = counts[fit_idx][:, reg_cols].tocsr()
+    max_count = int(min(reg_counts.max() if reg_counts.nnz else 0, config.k_val))
+    table = build_tables([sigma], max_count, **table_kw)[0]
+    ttable = table.to_torch(device, dtype)
+    P_t = torch.as_tensor(P_reg, dtype=dtype, device=device)
+    settings = SolverSettings(config.n_iter, config.n_iter_score, config.min_change, config.step_size, dtype, device)
+    mode = config.mode
+    type_class = None
+    if config.class_df is not None:
+        type_class = [str(config.class_df.get(t, t)) for t in types]
+    n_fit_px = len(fit_idx)
+    batch = config.batch_size or auto_batch_size(len(genes_reg), K, mode, device, 8 if dtype == torch.float64 else 4)
+    max_types = config.max_multi_types
+
+    # outputs over fitted pixels
+    out: dict[str, np.ndarray] = {
+        "weights": np.zeros((n_fit_px, K)),
+        "conv": np.zeros(n_fit_px, dtype=bool),
+    }
+    if mode == "doublet":
+        out.update(spot_class=np.zeros(n_fit_px, dtype=np.int64), first=np.zeros(n_fit_px, dtype=np.int64),
+                   second=np.zeros(n_fit_px, dtype=np.int64), first_cls=np.zeros(n_fit_px, dtype=bool),
+                   second_cls=np.zeros(n_fit_px, dtype=bool), wd=np.zeros((n_fit_px, 2)),
+                   min_score=np.zeros(n_fit_px), singlet_score=np.zeros(n_fit_px),
+                   conv_full=np.zeros(n_fit_px, dtype=bool))
+    elif mode == "multi":
+        out.update(type_idx=np.full((n_fit_px, max_types), -1, dtype=np.int64), sub_w=np.zeros((n_fit_px, max_types)),
+                   conf=np.zeros((n_fit_px, max_types), dtype=bool), n_types=np.zeros(n_fit_px, dtype=np.int64),
+                   min_score=np.zeros(n_fit_px), conv_full=np.zeros(n_fit_px, dtype=bool))
+    props_fit = np.zeros((n_fit_px, K))
+
+    def run_batch(lo: int, hi: int) -> None:
+        y = torch.as_tensor(np.asarray(reg_counts[lo:hi].todense(), dtype=np.float64), dtype=dtype, device=device)
+        u = torch.as_tensor(numi[lo:hi], dtype=dtype, device=device)
+        if mode == "full":
+            w, conv = fit_full(P_t, y, u, ttable, settings)
+            out["weights"][lo:hi] = w
+            out["conv"][lo:hi] = conv
+            s = w.sum(axis=1, keepdims=True)
+            props_fit[lo:hi] = np.divide(w, s, out=np.full_like(w, 1.0 / K), where=s > 0)
+        elif mode == "doublet":
+            r = fit_doublet(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold,
+                            type_class)
+            out["weights"][lo:hi] = r.weights
+            out["conv"][lo:hi] = r.converged_doublet
+            out["conv_full"][lo:hi] = r.converged_full
+            for key, val in (("spot_class", r.spot_class), ("first", r.first_type), ("second", r.second_type),
+                             ("first_cls", r.first_class), ("second_cls", r.second_class),
+                             ("wd", r.weights_doublet), ("min_score", r.min_score),
+                             ("singlet_score", r.singlet_score)):
+                out[key][lo:hi] = val
+            p = np.zeros((hi - lo, K))
+            rows = np.arange(hi - lo)
+            singlet = r.spot_class == 1
+            # spacexr's doublet proportions: a singlet is all first type; otherwise the fitted pair weights
+            p[rows, r.first_type] = np.where(singlet, 1.0, r.weights_doublet[:, 0])
+            p[rows[~singlet], r.second_type[~singlet]] += r.weights_doublet[~singlet, 1]
+            props_fit[lo:hi] = p
+        else:
+            r = fit_multi(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold,
+                          max_types)
+            out["weights"][lo:hi] = r.weights
+            out["conv"][lo:hi] = r.converged_sub
+            out["conv_full"][lo:hi] = r.converged_full
+            out["type_idx"][lo:hi] = r.type_indices
+            out["sub_w"][lo:hi] = r.sub_weights
+            out["conf"][lo:hi] = r.confident
+            out["n_types"][lo:hi] = r.n_types
+            out["min_score"][lo:hi] = r.min_score
+            p = np.zeros((hi - lo, K))
+            for j in range(max_types):
+                ok = r.type_indices[:, j] >= 0
+                p[np.flatnonzero(ok), r.type_indices[ok, j]] += r.sub_weights[ok, j]
+            props_fit[lo:hi] = p
+
+    control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
+    lo = 0
+    while lo < n_fit_px:
+        control.check_cancel()
+        hi = min(lo + batch, n_fit_px)
+        try:
+            run_batch(lo, hi)
+        except torch.cuda.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            torch.cuda.empty_cache()
+            batch = max(1, batch // 2)
+            warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        control.report("pixels", hi / n_fit_px, f"{hi}/{n_fit_px} spots",
+                       partial=PartialResult(fit_idx[lo:hi].copy(), props_fit[lo:hi].copy(), list(types)))
+        lo = hi
+
+    # ---- assemble ----------------------------------------------------------------------------------
+    barcodes = pd.Index(np.asarray(spatial.barcodes).astype(str))
+    proportions = np.full((n_spots, K), np.nan)
+    proportions[fit_idx] = props_fit
+    weights_full = np.full((n_spots, K), np.nan)
+    weights_full[fit_idx] = out["weights"]
+    converged = np.zeros(n_spots, dtype=bool)
+    converged[fit_idx] = out["conv"]
+    obs: dict[str, Any] = {"rctd_converged": converged}
+    obsm: dict[str, Any] = {"rctd_weights": pd.DataFrame(weights_full, index=barcodes, columns=list(types))}
+    type_cats = list(types) + [FILTERED]
+    if mode == "doublet":
+        sc = np.full(n_spots, FILTERED, dtype=object)
+        sc[fit_idx] = np.array(SPOT_CLASSES, dtype=object)[out["spot_class"]]
+        ft = np.full(n_spots, FILTERED, dtype=object)
+        st = np.full(n_spots, FILTERED, dtype=object)
+        tarr = np.array(types, dtype=object)
+        ft[fit_idx] = tarr[out["first"]]
+        st[fit_idx] = tarr[out["second"]]
+        obs["rctd_spot_class"] = _categorical(sc, list(SPOT_CLASSES) + [FILTERED])
+        obs["rctd_first_type"] = _categorical(ft, type_cats)
+        obs["rctd_second_type"] = _categorical(st, type_cats)
+        for key, src in (("rctd_first_class", "first_cls"), ("rctd_second_class", "second_cls"),
+                         ("rctd_converged_full", "conv_full")):
+            v = np.zeros(n_spots, dtype=bool)
+            v[fit_idx] = out[src]
+            obs[key] = v
+        for key, src in (("rctd_min_score", "min_score"), ("rctd_singlet_score", "singlet_score")):
+            v = np.full(n_spots, np.nan)
+            v[fit_idx] = out[src]
+            obs[key] = v
+        wd = np.full((n_spots, 2), np.nan)
+        wd[fit_idx] = out["wd"]
+        obsm["rctd_weights_doublet"] = pd.DataFrame(wd, index=barcodes, columns=["first_type", "second_type"])
+    elif mode == "multi":
+        nt = np.zeros(n_spots, dtype=np.int64)
+        nt[fit_idx] = out["n_types"]
+        obs["rctd_n_types"] = nt
+        ms = np.full(n_spots, np.nan)
+        ms[fit_idx] = out["min_score"]
+        obs["rctd_min_score"] = ms
+        cf = np.zeros(n_spots, dtype=bool)
+        cf[fit_idx] = out["conv_full"]
+        obs["rctd_converged_full"] = cf
+        sw = np.full((n_spots, max_types), np.nan)
+        sw[fit_idx] = out["sub_w"]
+        ti = np.full((n_spots, max_types), -1, dtype=np.int64)
+        ti[fit_idx] = out["type_idx"]
+        conf = np.zeros((n_spots, max_types), dtype=bool)
+        conf[fit_idx] = out["conf"]
+        obsm["rctd_sub_weights"] = sw
+        obsm["rctd_cell_type_indices"] = ti
+        obsm["rctd_conf_list"] = conf
+        ft = np.full(n_spots, FILTERED, dtype=object)
+        tarr = np.array(types, dtype=object)
+        first_choice = out["type_idx"][:, 0]
+        ft[fit_idx] = np.where(first_choice >= 0, tarr[np.maximum(first_choice, 0)], FILTERED)
+        obs["rctd_first_type"] = _categorical(ft, type_cats)
+
+    runtime = time.perf_counter() - t_start
+    config_dict = {k: v for k, v in config.to_dict().items() if v is not None and k != "extra"}
+    gene_counts = {"regression": int(len(genes_reg)), "platform_effect": int(len(genes_bulk))}
+    params = {
+        "mode": mode,
+        "sigma": float(sigma),
+        "sigma_path": [p / 100.0 for p in sigma_path],
+        "n_genes_regression": gene_counts["regression"],
+        "n_genes_platform_effect": gene_counts["platform_effect"],
+        "n_spots": int(n_spots),
+        "n_spots_fitted": int(n_fit_px),
+        "dropped_cell_types": dict(ref.dropped_types),
+        "n_reference_cells_low_umi": int(ref.n_cells_removed_low_umi),
+        "bulk_proportions": dict(zip(types, map(float, bulk.proportions / bulk.proportions.sum()))),
+        "batch_size": int(batch),
+        "dtype": config.dtype,
+        "config": config_dict,
+    }
+    uns = {
+        "rctd_mode": mode,
+        "rctd_config": config_dict,
+        "rctd_cell_type_names": list(types),
+        "rctd_sigma": float(sigma),
+        "rctd_gene_counts": gene_counts,
+        "rctd_genes_regression": list(map(str, genes_reg)),
+        "rctd_dropped_cell_types": dict(ref.dropped_types),
+    }
+    control.report("pixels", 1.0, f"done in {runtime:.1f} s")
+    return DeconvResult(key="rctd", method="RCTD", mode=mode, cell_types=list(types), proportions=proportions,
+                        params=params, device=str(device), runtime_s=runtime, obs=obs, obsm=obsm, uns=uns)
