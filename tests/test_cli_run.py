@@ -94,3 +94,21 @@ def test_run_flash_from_the_cli(small_pair_files, tmp_path, capsys):
     r_mean = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(props, truth)])
     assert r_mean > 0.9, r_mean
     assert res.uns["flash"]["parameters"]["k_neighbors"] == 6
+
+
+@pytest.mark.shared_data
+def test_cerebellum_puck_matches_r_from_the_cli(shared_data, tmp_path, capsys):
+    """R's published doublet results were made with reference nUMI = row sums: --ref-numi-col none."""
+    out = tmp_path / "puck.h5ad"
+    code = main(["run", str(shared_data / "spacexr_slideseq_cerebellum_spatial.h5ad"),
+                 str(shared_data / "spacexr_slideseq_cerebellum_reference.h5ad"), "--method", "rctd",
+                 "--mode", "doublet", "--ref-numi-col", "none", "-o", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    res = ad.read_h5ad(out)
+    fitted = res.obs["rctd_R_fitted"].astype(bool).to_numpy()
+    assert (res.obs["rctd_spot_class"].astype(str) != "filtered").to_numpy().tolist() == fitted.tolist()
+    ours = res.obs["rctd_first_type"].astype(str).to_numpy()[fitted]
+    r = res.obs["rctd_R_first_type"].astype(str).to_numpy()[fitted]
+    assert (ours == r).all()
+    assert (res.obs["rctd_spot_class"].astype(str).to_numpy()[fitted]
+            == res.obs["rctd_R_spot_class"].astype(str).to_numpy()[fitted]).mean() >= 0.985

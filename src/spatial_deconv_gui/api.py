@@ -89,12 +89,18 @@ def run_deconvolution(
     layer: str | None = None,
     reference_layer: str | None = None,
     coord_key: str | None = None,
+    numi_column: str | None = "nUMI",
+    reference_numi_column: str | None = "nUMI",
     device: str = "auto",
     progress: ProgressCallback | None = None,
     cancel_event: threading.Event | None = None,
     check: bool = True,
 ) -> RunOutput:
-    """Validate, run one engine and return a *copy* of the slide with the result in its slots."""
+    """Validate, run one engine and return a *copy* of the slide with the result in its slots.
+
+    ``numi_column`` / ``reference_numi_column`` name the obs columns with each observation's total UMI (used
+    when present, else the row sums); ``None`` always uses row sums.
+    """
     info = get_method(method)
     runner, config_cls = info.load()
     sdata, rdata = _as_adata(spatial), _as_adata(reference)
@@ -111,8 +117,8 @@ def run_deconvolution(
     params["device"] = resolve_device(device)
     config = build_config(config_cls, params)
     control = RunControl(progress, cancel_event)
-    result = runner(spatial_input(sdata, layer, coord_key), reference_input(rdata, cell_type_col, reference_layer),
-                    config, control)
+    result = runner(spatial_input(sdata, layer, coord_key, numi_column),
+                    reference_input(rdata, cell_type_col, reference_layer, reference_numi_column), config, control)
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
     return RunOutput(out, result, report)
 

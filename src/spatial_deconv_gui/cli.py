@@ -34,11 +34,19 @@ def _base_parser() -> argparse.ArgumentParser:
     run.add_argument("reference")
     run.add_argument("--method", required=True, help="deconvolution method")
     _add_input_options(run)
+    run.add_argument("--numi-col", default="nUMI",
+                     help="spatial obs column with each spot's total UMI, used when present ('none': row sums)")
+    run.add_argument("--ref-numi-col", default="nUMI",
+                     help="reference obs column with each cell's total UMI, used when present ('none': row sums)")
     run.add_argument("--output", "-o", help="result .h5ad (default: <spatial>_<method>.h5ad beside the input)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    from .perturb_cli import add_perturb_parser
+
+    add_perturb_parser(sub)
 
     demo = sub.add_parser("demo", help="open napari with the bundled sample slide and the plugin's widgets")
     demo.add_argument("--headless", metavar="OUTDIR", help="no window: run on the sample and write results and a PNG")
@@ -159,6 +167,9 @@ def _cmd_run(args, extra: list[str]) -> int:
         run = api.run_deconvolution(args.spatial, args.reference, args.method, params=params,
                                     cell_type_col=args.cell_type_col, layer=args.layer,
                                     reference_layer=args.reference_layer, coord_key=args.coords,
+                                    numi_column=None if args.numi_col.lower() == "none" else args.numi_col,
+                                    reference_numi_column=None if args.ref_numi_col.lower() == "none"
+                                    else args.ref_numi_col,
                                     device=args.device, progress=progress)
     finally:
         progress.close()
@@ -204,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args, extra)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "perturb":
+            from .perturb_cli import run_perturb_command
+
+            return run_perturb_command(args)
     except (InputError, ValueError) as exc:  # engines raise ValueError for data they cannot fit
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
