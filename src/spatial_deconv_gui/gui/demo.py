@@ -95,6 +95,7 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
         else:
             t0 = time.perf_counter()
             run = api.run_deconvolution(spatial_path, reference_path, method, params=demo_params(method))
+            widget.method.value = method
             for k, v in demo_params(method).items():
                 getattr(widget, k).value = v
             widget._run_inputs = (spatial_path, reference_path)
@@ -122,8 +123,54 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
             print("no display and no Xvfb: skipped the window screenshot (the map PNG is written)", file=sys.stderr)
     finally:
         viewer.close()
+    summary["knockout"] = _headless_knockout(outdir, rendering)
+    summary["outputs"] += summary["knockout"].pop("outputs")
     from ..io.write import write_text_atomic
 
     write_text_atomic(json.dumps(summary, indent=2), outdir / "summary.json")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _headless_knockout(outdir: Path, rendering: bool) -> dict:
+    """Train the GRN model of the simulated tissue, knock out its upstream TF, save the data and a picture."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from .. import perturb_api
+    from ..io.write import atomic_path
+    from .perturb import perturb_state
+
+    t0 = time.perf_counter()
+    viewer = napari.Viewer(title="spatial-deconv-gui: knockout on the GRN sample", show=rendering)
+    viewer.window.resize(1500, 950)
+    viewer.open_sample(PLUGIN, "grn_tissue")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
+    _, ko = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
+    train.model_dir.value = str(outdir / "grn_model")
+    adata, grn, lr, col, out, layer_name, params = train._training_inputs()
+    model = perturb_api.train_model(adata, grn, lr, col, out, layer=layer_name, **params)
+    perturb_state(viewer).slide_layer = train.slide.value
+    train._on_model(model)
+    tf = str(adata.uns.get("perturb_sim", {}).get("upstream_tf", model.targets[0]))
+    ko.genes.value = [tf]
+    ko._run_genes = [tf]
+    result = perturb_api.run_perturbation(model, [tf], 0.0, steps=int(ko.steps.value), adata=adata)
+    ko._on_done(result)
+    viewer.layers[0].visible = False  # the Δ map and arrows are the picture
+    viewer.reset_view()
+    app = QApplication.instance()
+    for _ in range(5):
+        app.processEvents()
+    h5 = outdir / "knockout_sample.h5ad"
+    png = outdir / "knockout.png"
+    from ..io.write import write_h5ad_atomic
+
+    write_h5ad_atomic(result, h5)
+    with atomic_path(png, ".png") as tmp:
+        if rendering:
+            viewer.screenshot(str(tmp), canvas_only=False, flash=False)
+        else:
+            ko.summary.figure.savefig(tmp, dpi=120)
+    viewer.close()
+    return {"gene": tf, "runtime_s": round(time.perf_counter() - t0, 2), "outputs": [str(h5), str(png)]}

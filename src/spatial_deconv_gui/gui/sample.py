@@ -11,3 +11,17 @@ def sample_slide():
     data, kwargs, kind = spatial_layer_data(read_h5ad(spatial_path), path=spatial_path, name="sample slide")
     kwargs["metadata"]["spatial_deconv_gui"]["reference_path"] = str(reference_path)
     return [(data, kwargs, kind)]
+
+
+def grn_sample_slide():
+    """The simulated tissue with a known GRN; its prior files and radii ride along in the layer metadata."""
+    from ..sample_data import grn_sample_paths
+
+    paths = grn_sample_paths()
+    adata = read_h5ad(paths["spatial"])
+    data, kwargs, kind = spatial_layer_data(adata, path=paths["spatial"], name="GRN sample tissue")
+    sim = adata.uns.get("perturb_sim", {})
+    kwargs["metadata"]["spatial_deconv_gui"].update(
+        grn_path=str(paths["grn"]), lr_path=str(paths["lr"]), truth_path=str(paths["truth"]),
+        radius=float(sim.get("radius", 0.0)), contact_radius=float(sim.get("contact_radius", 0.0)))
+    return [(data, kwargs, kind)]

@@ -70,7 +70,7 @@ class DeconvolutionWidget(Container):
         self._ref_columns: list[str] = []
         self.cell_type_col = ComboBox(label="cell-type column", choices=lambda _w: self._ref_columns,
                                       tooltip="The reference obs column that holds the cell-type labels.")
-        methods = sorted(available_methods()) or [NO_METHOD]
+        methods = list(available_methods()) or [NO_METHOD]  # registry order: the first is the default
         self.method = ComboBox(label="method", choices=methods, value=methods[0])
         self.mode = ComboBox(label="mode", choices=lambda _w: self._modes(), tooltip="RCTD: full, doublet or multi.")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto",

@@ -47,3 +47,28 @@ def sample_paths() -> tuple[Path, Path]:
         write_sample()
     return SAMPLE_SPATIAL, SAMPLE_REFERENCE
 
+
+
+def grn_sample_paths(folder: Path | None = None) -> dict[str, Path]:
+    """The simulated tissue with a known GRN and its simulated priors, generated once into the user cache.
+
+    Keys: ``spatial`` (.h5ad), ``grn`` and ``lr`` (CSV priors), ``truth`` (the true modulators, CSV).
+    """
+    import platformdirs
+
+    from ..engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
+    from ..io.write import write_h5ad_atomic
+
+    folder = Path(folder or platformdirs.user_cache_dir("spatial-deconv-gui")) / "grn_sample_v1"
+    paths = {"spatial": folder / "grn_tissue.h5ad", "grn": folder / "sim_grn_prior.csv",
+             "lr": folder / "sim_lr_prior.csv", "truth": folder / "sim_true_modulators.csv"}
+    if not all(p.exists() for p in paths.values()):
+        adata = simulate_grn_tissue()
+        written = write_simulated_priors(adata, folder)
+        sim = adata.uns["perturb_sim"]
+        adata.uns["perturb_sim"] = {k: v for k, v in sim.items() if not isinstance(v, pd.DataFrame)}
+        adata.uns["description"] = ("Simulated tissue bundled with spatial-deconv-gui: 1500 cells, 60 genes, a known "
+                                    "sparse GRN with ligand signalling; priors in the CSV files beside it.")
+        write_h5ad_atomic(adata, paths["spatial"])
+        assert Path(written["grn_prior"]) == paths["grn"] and Path(written["lr_prior"]) == paths["lr"]
+    return paths

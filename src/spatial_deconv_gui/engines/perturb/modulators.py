@@ -1,0 +1,119 @@
+"""Which modulators each target gene gets: its TFs, ligand-receptor pairs, and TF-ligand pairs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .priors import SECRETED
+
+TF, LR, TFL = 0, 1, 2
+GROUP_NAMES = ("tf", "lr", "tfl")
+PAIR_SEP_LR = "$"   # same spelling as SpaceTravLR's beta columns: ligand$receptor, ligand#tf
+PAIR_SEP_TFL = "#"
+
+
+@dataclass
+class TargetModulators:
+    target: str
+    tfs: list[str] = field(default_factory=list)
+    lr: list[tuple[str, str]] = field(default_factory=list)
+    tfl: list[tuple[str, str]] = field(default_factory=list)   # (ligand, tf)
+
+    @property
+    def names(self) -> list[str]:
+        return (list(self.tfs) + [f"{a}{PAIR_SEP_LR}{b}" for a, b in self.lr]
+                + [f"{a}{PAIR_SEP_TFL}{b}" for a, b in self.tfl])
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([TF] * len(self.tfs) + [LR] * len(self.lr) + [TFL] * len(self.tfl), dtype=np.int64)
+
+    def __len__(self):
+        return len(self.tfs) + len(self.lr) + len(self.tfl)
+
+    @property
+    def genes(self) -> set[str]:
+        g = set(self.tfs)
+        for a, b in self.lr:
+            g.update((a, b))
+        for a, b in self.tfl:
+            g.update((a, b))
+        return g
+
+
+def parse_modulator(name: str) -> tuple[int, tuple[str, ...]]:
+    """(group, genes) from a modulator name: 'TF', 'L$R' or 'L#TF'."""
+    if PAIR_SEP_LR in name:
+        a, b = name.split(PAIR_SEP_LR, 1)
+        return LR, (a, b)
+    if PAIR_SEP_TFL in name:
+        a, b = name.split(PAIR_SEP_TFL, 1)
+        return TFL, (a, b)
+    return TF, (name,)
+
+
+def usable_lr(lr: pd.DataFrame, var_names) -> pd.DataFrame:
+    """LR rows whose ligand and receptor are both measured (table order kept)."""
+    vs = set(map(str, var_names))
+    return lr[lr.ligand.isin(vs) & lr.receptor.isin(vs)].reset_index(drop=True)
+
+
+def ligand_radii(lr_usable: pd.DataFrame, radius: float, contact_radius: float) -> dict[str, float]:
+    """One radius per ligand: that of its first pair in the table (SpaceTravLR's rule)."""
+    first = lr_usable.drop_duplicates(subset="ligand", keep="first")
+    return {lig: (float(radius) if sig == SECRETED else float(contact_radius))
+            for lig, sig in zip(first.ligand, first.signaling)}
+
+
+def receptor_levels(expr: np.ndarray, var_names, clusters: np.ndarray, genes) -> dict[str, float]:
+    """Max over clusters of each gene's cluster-mean expression."""
+    idx = {g: i for i, g in enumerate(map(str, var_names))}
+    cols = [idx[g] for g in genes]
+    out = np.full(len(cols), -np.inf)
+    for c in np.unique(clusters):
+        m = clusters == c
+        out = np.maximum(out, np.asarray(expr[m][:, cols].mean(axis=0)).ravel())
+    return dict(zip(genes, out))
+
+
+def select_modulators(var_names, targets, grn: pd.DataFrame, lr: pd.DataFrame | None, expr: np.ndarray,
+                      clusters: np.ndarray, tfl: pd.DataFrame | None = None, receptor_thresh: float = 0.01,
+                      tf_ligand_cutoff: float = 0.01, tfl_top: int = 5) -> tuple[dict[str, TargetModulators], list[str]]:
+    """Modulators of every target, and the orphans (targets with none).
+
+    TFs: GRN regulators of the target that are measured. LR pairs: both genes measured, the receptor's highest
+    cluster mean above ``receptor_thresh``, neither gene the target itself. TF-ligand pairs (with a ligand->TF
+    table): for each of the target's TFs, its ``tfl_top`` strongest LR ligands with weight > ``tf_ligand_cutoff``.
+    """
+    vs = list(map(str, var_names))
+    vset = set(vs)
+    g = grn[grn.tf.isin(vset) & grn.target.isin(vset)]
+    regs = g.groupby("target", sort=False)["tf"].apply(lambda s: list(dict.fromkeys(s))).to_dict()
+    pairs: list[tuple[str, str]] = []
+    if lr is not None and len(lr):
+        lu = usable_lr(lr, vs)
+        if len(lu):
+            lev = receptor_levels(expr, vs, clusters, sorted(set(lu.receptor)))
+            lu = lu[lu.receptor.map(lambda r: lev[r] > receptor_thresh)]
+            pairs = list(dict.fromkeys(zip(lu.ligand, lu.receptor)))
+    lr_ligands = list(dict.fromkeys(a for a, _ in pairs))
+    tfl_by_tf: dict[str, list[str]] = {}
+    if tfl is not None and len(tfl) and lr_ligands:
+        t2 = tfl[tfl.ligand.isin(set(lr_ligands)) & tfl.tf.isin(vset) & (tfl.weight > tf_ligand_cutoff)]
+        for tf, sub in t2.groupby("tf", sort=False):
+            tfl_by_tf[tf] = list(sub.sort_values("weight", ascending=False, kind="stable").ligand[:tfl_top])
+    out: dict[str, TargetModulators] = {}
+    orphans: list[str] = []
+    for t in targets:
+        t = str(t)
+        tfs = [x for x in regs.get(t, []) if x != t]
+        lrp = [(a, b) for a, b in pairs if a != t and b != t]
+        tflp = [(lig, tf) for tf in tfs for lig in tfl_by_tf.get(tf, []) if lig != t]
+        m = TargetModulators(t, tfs, lrp, tflp)
+        if len(m) == 0:
+            orphans.append(t)
+        else:
+            out[t] = m
+    return out, orphans

@@ -1,0 +1,313 @@
+"""Spatial GRN perturbation (SpaceTravLR's method): one function per job.
+
+* :func:`impute_expression` - cluster-wise MAGIC-style smoothing written as a layer.
+* :func:`train_model` - fit per-cluster sparse group lasso models of each target gene on its TFs and the
+  ligands its cell receives, into a resumable model directory.
+* :func:`load_model` - read a model directory.
+* :func:`run_perturbation` - knock out / overexpress genes, propagate, and return an AnnData copy with
+  ``layers['perturb_delta']``, ``obsm['perturb_vectors']``, ``obsm['perturb_grid_vectors']`` and
+  ``uns['perturb']``. :func:`perturbation_steps` yields each propagation step for streaming.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .engines.base import RunControl
+from .engines.perturb import priors as _priors
+from .engines.perturb.impute import impute_clusterwise
+from .engines.perturb.perturb import (PerturbModel, PerturbStep, Propagator, iter_perturbation,
+                                      load_model as _load_model)
+from .engines.perturb.train import TrainConfig, train as _train
+from .engines.perturb.vectors import vector_field
+from .io.errors import InputError
+from .io.read import find_coordinates, read_h5ad
+
+IMPUTED_LAYERS = ("imputed_count", "imputed", "magic", "smoothed")
+
+__all__ = ["TrainConfig", "PerturbModel", "PerturbStep", "impute_expression", "train_model", "load_model",
+           "run_perturbation", "perturbation_steps"]
+
+
+def _control(control: RunControl | None, progress: Callable | None) -> RunControl:
+    if control is not None:
+        return control
+    return RunControl(progress)
+
+
+def _adata(spatial) -> ad.AnnData:
+    if isinstance(spatial, ad.AnnData):
+        return spatial
+    return read_h5ad(spatial)
+
+
+def _clusters(adata: ad.AnnData, cluster_col: str) -> np.ndarray:
+    if cluster_col not in adata.obs:
+        raise InputError(f"obs has no column {cluster_col!r}; columns found: {list(adata.obs.columns)}.",
+                         "pass the cluster / cell-type column with --cluster-col.", code="missing_column")
+    s = adata.obs[cluster_col]
+    if s.isna().any():
+        raise InputError(f"{int(s.isna().sum())} cells have no {cluster_col!r} label.",
+                         "drop them (adata[~adata.obs[col].isna()]) or label them.", code="missing_labels")
+    return s.astype(str).to_numpy()
+
+
+def _dense(m) -> np.ndarray:
+    return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+
+def expression_matrix(adata: ad.AnnData, layer: str | None = None, genes=None) -> tuple[np.ndarray, str]:
+    """Dense expression (cells x genes) for the model and a description of where it came from.
+
+    ``layer=None`` picks an imputed layer when present, else ``X``; integer counts are log-normalised
+    (``log1p`` of counts per 10,000) since the method expects normalised expression.
+    """
+    if layer is None:
+        layer = next((k for k in IMPUTED_LAYERS if k in adata.layers), None)
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} not found; layers: {list(adata.layers.keys())}.",
+                         "name an existing layer or leave it out to use X.", code="missing_layer")
+    src = adata.layers[layer] if layer is not None else adata.X
+    cols = None if genes is None else adata.var_names.get_indexer(list(genes))
+    M = src if cols is None else src[:, cols]
+    sample = src.data[:200000] if sp.issparse(src) else np.asarray(src).ravel()[:200000]
+    counts_like = bool(sample.size) and (np.asarray(sample).dtype.kind in "iu" or (
+        bool(np.all(np.mod(sample, 1) == 0)) and float(np.max(sample)) > 30))
+    where = f"layers['{layer}']" if layer is not None else "X"
+    if counts_like:
+        full = src.toarray() if sp.issparse(src) else np.asarray(src, dtype=np.float64)
+        tot = full.sum(axis=1, keepdims=True)
+        norm = np.log1p(full / np.maximum(tot, 1) * 1e4)
+        out = norm if cols is None else norm[:, cols]
+        return np.asarray(out, dtype=np.float64), f"log1p(counts per 10k of {where})"
+    return np.asarray(_dense(M), dtype=np.float64), where
+
+
+def impute_expression(adata: ad.AnnData, cluster_col: str, layer: str | None = None, key: str = "imputed",
+                      k: int = 15, t: int = 3, n_pcs: int = 20, progress=None, control=None) -> ad.AnnData:
+    """Cluster-wise diffusion imputation written to ``adata.layers[key]`` (in place; returns ``adata``)."""
+    ctl = _control(control, progress)
+    X, _ = expression_matrix(adata, layer=layer if layer is not None else None)
+    adata.layers[key] = impute_clusterwise(X, _clusters(adata, cluster_col), k=k, t=t, n_pcs=n_pcs, control=ctl)
+    return adata
+
+
+def _priors_frames(grn, lr, tfl, grn_columns, lr_columns, lr_resource, tfl_columns):
+    grn_df, grn_sum = _priors.load_grn(grn, *(grn_columns or (None, None)))
+    lr_df, lr_sum = (None, None)
+    if lr is not None:
+        lc = lr_columns or (None, None, None)
+        lr_df, lr_sum = _priors.load_lr(lr, *lc, resource=lr_resource)
+    tfl_df, tfl_sum = (None, None)
+    if tfl is not None:
+        tfl_df, tfl_sum = _priors.load_tfl(tfl, *(tfl_columns or (None, None, None)))
+    sums = {"grn": grn_sum, "lr": lr_sum, "tfl": tfl_sum}
+    for key, src in (("grn", grn), ("lr", lr), ("tfl", tfl)):
+        if src is not None and not isinstance(src, pd.DataFrame):
+            sums[f"{key}_file"] = str(Path(src).resolve())
+        elif isinstance(src, pd.DataFrame):
+            sums[key] = pd.util.hash_pandas_object(src, index=False).sum().item().__str__()
+    return grn_df, lr_df, tfl_df, sums
+
+
+def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, tfl=None, layer: str | None = None,
+                coord_key: str | None = None, targets=None, impute: bool = False, config: TrainConfig | None = None,
+                grn_columns: tuple | None = None, lr_columns: tuple | None = None, lr_resource: str | None = None,
+                tfl_columns: tuple | None = None, overwrite: bool = False, progress=None,
+                control: RunControl | None = None, **params) -> PerturbModel:
+    """Train the perturbation model of ``spatial`` (AnnData or .h5ad path) into the folder ``out``.
+
+    ``grn``/``lr``/``tfl`` are prior tables (paths or DataFrames). ``params`` override :class:`TrainConfig`
+    fields (``radius``, ``contact_radius``, ``l1_reg``, ...). Training resumes in an existing folder trained on
+    the same data and settings (finished genes are skipped). Returns the loaded model.
+    """
+    ctl = _control(control, progress)
+    adata = _adata(spatial)
+    cfg = config or TrainConfig()
+    if params:
+        unknown = set(params) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown training options: {sorted(unknown)}")
+        cfg = TrainConfig(**{**cfg.to_dict(), **params})
+    clusters = _clusters(adata, cluster_col)
+    found = find_coordinates(adata, coord_key)
+    if found is None:
+        raise InputError("the slide has no coordinates.", "store them in obsm['spatial'] or name them with "
+                         "--coords.", code="missing_coordinates")
+    coords = found[0]
+    grn_df, lr_df, tfl_df, sums = _priors_frames(grn, lr, tfl, grn_columns, lr_columns, lr_resource, tfl_columns)
+    var = list(map(str, adata.var_names))
+    vset = set(var)
+    if targets is not None:
+        targets = [str(t) for t in targets]
+    needed = set(grn_df.tf) | set(grn_df.target if targets is None else targets)
+    if lr_df is not None:
+        needed |= set(lr_df.ligand) | set(lr_df.receptor)
+    if tfl_df is not None:
+        needed |= set(tfl_df.ligand) | set(tfl_df.tf)
+    genes = [g for g in var if g in needed]
+    if not genes:
+        raise InputError("none of the priors' genes are measured in the slide.",
+                         "check the species and the gene symbols of the prior tables.", code="no_overlap")
+    if impute:
+        X_all, where = expression_matrix(adata, layer=layer)
+        keep = adata.var_names.get_indexer(genes)
+        ctl.report("imputation", 0.0, "")
+        X = impute_clusterwise(X_all[:, keep], clusters, control=ctl)
+        where = f"cluster-wise imputation of {where}"
+    else:
+        X, where = expression_matrix(adata, layer=layer, genes=genes)
+    if targets is None:
+        targets = [g for g in dict.fromkeys(grn_df.target) if g in vset]
+    obsm = {k: np.asarray(v)[:, :2] for k, v in adata.obsm.items()
+            if k != "spatial" and getattr(v, "ndim", 0) == 2 and np.asarray(v).shape[1] >= 2
+            and np.issubdtype(np.asarray(v).dtype, np.number) and k.lower().startswith(("x_umap", "umap", "x_tsne"))}
+    _train(X, genes, coords, clusters, grn_df, lr_df, out, targets=targets, tfl=tfl_df, config=cfg, control=ctl,
+           checksums=sums, extra={"expression": where, "cluster_col": cluster_col,
+                                  "coordinates": found[1],
+                                  "obs_names_sha1": hashlib.sha1("\x00".join(map(str, adata.obs_names)).encode()).hexdigest()},
+           obsm=obsm, obs_names=list(map(str, adata.obs_names)), overwrite=overwrite)
+    return _load_model(out)
+
+
+def load_model(path: str | os.PathLike) -> PerturbModel:
+    """Read a model directory written by :func:`train_model`."""
+    return _load_model(path)
+
+
+def _scope(model: PerturbModel, adata: ad.AnnData | None, cells, cell_type, cell_type_col, cluster):
+    n = model.expr.shape[0]
+    given = [x is not None for x in (cells, cell_type, cluster)]
+    if sum(given) > 1:
+        raise InputError("give at most one of cells, cell_type and cluster.", code="bad_scope")
+    if cells is not None:
+        arr = np.asarray(cells)
+        if arr.dtype == bool:
+            if arr.size != n:
+                raise InputError(f"the cell mask has {arr.size} entries for {n} cells.", code="bad_cells")
+            idx = np.flatnonzero(arr)
+        elif arr.dtype.kind in "iu":
+            idx = arr.astype(np.int64)
+        else:
+            pos = pd.Index(model.obs_names).get_indexer([str(c) for c in arr])
+            if (pos < 0).any():
+                bad = [str(c) for c, p in zip(arr, pos) if p < 0][:5]
+                raise InputError(f"cells {bad} are not in the model's data.", "use obs names or indices.",
+                                 code="bad_cells")
+            idx = pos
+        return idx, {"kind": "cells", "n_cells": int(len(idx))}
+    if cluster is not None or cell_type is not None:
+        value = str(cluster if cluster is not None else cell_type)
+        if cluster is not None or cell_type_col is None:
+            labels, col = model.clusters, model.manifest.get("cluster_col", "cluster")
+        else:
+            if adata is None or cell_type_col not in adata.obs:
+                raise InputError(f"no obs column {cell_type_col!r} to select cells from.",
+                                 "pass the slide (adata) that has it, or use the model's clusters.",
+                                 code="missing_column")
+            labels, col = adata.obs[cell_type_col].astype(str).to_numpy(), cell_type_col
+        idx = np.flatnonzero(labels == value)
+        if idx.size == 0:
+            raise InputError(f"no cells with {col} == {value!r}; values: {sorted(set(labels))[:20]}.",
+                             code="bad_scope")
+        return idx, {"kind": "cell_type", "column": col, "value": value, "n_cells": int(idx.size)}
+    return None, {"kind": "all", "n_cells": int(n)}
+
+
+def _embedding(model: PerturbModel, adata: ad.AnnData | None, embedding: str) -> np.ndarray:
+    if embedding == "spatial":
+        return model.coords[:, :2]
+    for src in (adata.obsm if adata is not None else {}, model.obsm):
+        if embedding in src:
+            return np.asarray(src[embedding], dtype=np.float64)[:, :2]
+    raise InputError(f"no embedding {embedding!r}.", "use 'spatial' or an obsm key such as 'X_umap'.",
+                     code="missing_embedding")
+
+
+def perturbation_steps(model, genes, values=0.0, *, cells=None, cell_type=None, cell_type_col=None, cluster=None,
+                       steps: int = 4, ligand_mode: str = "exact", device=None, adata=None,
+                       control: RunControl | None = None, progress=None) -> Iterator[PerturbStep]:
+    """Yield each propagation step (``PerturbStep.delta``: cells x ``model.genes``) for streaming."""
+    if not isinstance(model, PerturbModel):
+        model = load_model(model)
+    idx, _ = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
+    yield from iter_perturbation(model, genes, values, idx, steps, ligand_mode, device,
+                                 control=_control(control, progress))
+
+
+def run_perturbation(model, genes, values=0.0, *, cells=None, cell_type=None, cell_type_col: str | None = None,
+                     cluster=None, steps: int = 4, ligand_mode: str = "exact", embedding: str = "spatial",
+                     k: int = 30, temperature: float = 0.05, null: str = "uniform", n_grid: int = 40,
+                     adata: ad.AnnData | None = None, device=None, on_step: Callable | None = None,
+                     progress=None, control: RunControl | None = None) -> ad.AnnData:
+    """Simulate the perturbation and return an AnnData copy carrying the result.
+
+    ``model`` is a :class:`PerturbModel` or a model folder; ``genes`` one gene or a list, ``values`` the
+    expression to set (0 = knockout; one value or one per gene). The scope is every cell, or ``cells``
+    (indices, obs names or a boolean mask), a ``cluster`` of the model, or ``cell_type`` (in
+    ``adata.obs[cell_type_col]``, default the model's clusters). ``adata`` (same cells as the model) is the
+    object copied; by default the model's own training data. ``on_step(PerturbStep)`` sees every step.
+    """
+    t0 = time.perf_counter()
+    ctl = _control(control, progress)
+    if not isinstance(model, PerturbModel):
+        model = load_model(model)
+    n = model.expr.shape[0]
+    if adata is not None and adata.n_obs != n:
+        raise InputError(f"the slide has {adata.n_obs} cells but the model {n}.",
+                         "pass the slide the model was trained on.", code="shape_mismatch")
+    idx, scope = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
+    genes_l = [genes] if isinstance(genes, str) else list(genes)
+    vals = [float(values)] * len(genes_l) if np.isscalar(values) else [float(v) for v in values]
+    prop = Propagator(model, ligand_mode=ligand_mode, device=device)
+    last = None
+    for st in iter_perturbation(model, genes_l, vals, idx, steps, ligand_mode, device, control=ctl,
+                                propagator=prop):
+        last = st
+        if on_step is not None:
+            on_step(st)
+    delta = last.delta
+    emb = _embedding(model, adata, embedding)
+    ctl.report("vectors", 0.0, "")
+    vf = vector_field(model.expr, delta, emb, k=k, temperature=temperature, null=null, n_grid=n_grid,
+                      control=ctl)
+    if adata is None:
+        out = ad.AnnData(X=model.expr.copy(), obs=pd.DataFrame(
+            {"cluster": pd.Categorical(model.clusters, categories=model.cluster_names)},
+            index=model.obs_names), var=pd.DataFrame(index=model.genes))
+        out.obsm["spatial"] = model.coords.copy()
+        for key, v in model.obsm.items():
+            if key != "spatial":
+                out.obsm[key] = v.copy()
+    else:
+        out = adata.copy()
+    col = out.var_names.get_indexer(model.genes)
+    have = col >= 0
+    nz = np.nonzero(delta[:, have])
+    mapped = col[have]
+    D = sp.csr_matrix((delta[:, have][nz].astype(np.float64), (nz[0], mapped[nz[1]])), shape=(n, out.n_vars))
+    out.layers["perturb_delta"] = D
+    out.obsm["perturb_vectors"] = vf.cell_vectors
+    out.obsm["perturb_grid_vectors"] = vf.cell_grid_vectors
+    out.uns["perturb"] = {
+        "genes": genes_l, "values": vals, "scope": scope, "steps": int(steps),
+        "parameters": {"ligand_mode": prop.mode, "embedding": embedding, "k": int(k),
+                       "temperature": float(temperature), "null": null, "n_grid": int(n_grid),
+                       "radius": float(model.manifest.get("radius", np.nan)),
+                       "contact_radius": float(model.manifest.get("contact_radius", np.nan)),
+                       "scale_factor": float(model.scale_factor),
+                       "model_dir": str(model.path) if model.path else ""},
+        "grid_points": vf.grid_points, "grid_vectors": vf.grid_vectors,
+        "model_genes_missing_from_output": [g for g, h in zip(model.genes, have) if not h],
+        "runtime_s": round(time.perf_counter() - t0, 3),
+    }
+    ctl.report("vectors", 1.0, "done")
+    return out

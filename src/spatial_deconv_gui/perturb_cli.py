@@ -1,0 +1,176 @@
+"""`spatial-deconv perturb train|run`: the perturbation engine from the shell.
+
+Hooked into :mod:`spatial_deconv_gui.cli` with ``add_perturb_parser(sub)`` and
+``run_perturb_command(args)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK = 0
+
+
+def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("perturb", help="spatial GRN perturbation: train a model, simulate knockouts")
+    sub = p.add_subparsers(dest="perturb_command", required=True)
+
+    tr = sub.add_parser("train", help="train per-cluster TF / ligand models of each gene into MODEL_DIR")
+    tr.add_argument("spatial", help="spatial .h5ad (coordinates in obsm['spatial'] or --coords)")
+    tr.add_argument("--grn", required=True, help="TF -> target table (parquet/CSV/TSV)")
+    tr.add_argument("--lr", default=None, help="ligand-receptor table (CellChat / LIANA / SpaceTravLR style)")
+    tr.add_argument("--tfl", default=None, help="optional ligand -> TF table (ligand, tf[, weight])")
+    tr.add_argument("--cluster-col", required=True, help="obs column with clusters / cell types")
+    tr.add_argument("--out", required=True, help="model folder (resumes when it holds a matching model)")
+    tr.add_argument("--layer", default=None, help="expression layer (default: an imputed layer, else X)")
+    tr.add_argument("--coords", default=None, help="obsm key or 'xcol,ycol' obs columns")
+    tr.add_argument("--impute", action="store_true", help="cluster-wise diffusion imputation before training")
+    tr.add_argument("--targets", default=None, help="text file with one target gene per line (default: all)")
+    tr.add_argument("--grn-tf-col", default=None)
+    tr.add_argument("--grn-target-col", default=None)
+    tr.add_argument("--lr-ligand-col", default=None)
+    tr.add_argument("--lr-receptor-col", default=None)
+    tr.add_argument("--lr-annotation-col", default=None)
+    tr.add_argument("--lr-resource", default=None, help="keep only this LIANA resource (e.g. mouseconsensus)")
+    tr.add_argument("--radius", type=float, default=None, help="secreted radius (default 5x median NN distance)")
+    tr.add_argument("--contact-radius", type=float, default=None, help="contact radius (default radius/4)")
+    tr.add_argument("--scale-factor", type=float, default=1.0)
+    tr.add_argument("--l1-reg", type=float, default=None)
+    tr.add_argument("--group-reg", type=float, default=None)
+    tr.add_argument("--r2-threshold", type=float, default=None)
+    tr.add_argument("--ligand-mode", choices=["auto", "exact", "grid"], default="auto")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--overwrite", action="store_true", help="replace a model trained on other data/settings")
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--quiet", "-q", action="store_true")
+
+    rn = sub.add_parser("run", help="simulate a knockout / overexpression with a trained model")
+    rn.add_argument("model_dir")
+    rn.add_argument("--gene", action="append", required=True, help="gene to perturb (repeat for several)")
+    rn.add_argument("--value", action="append", type=float, default=None,
+                    help="expression to set (default 0 = knockout); one, or one per --gene")
+    scope = rn.add_mutually_exclusive_group()
+    scope.add_argument("--cells", default=None, help="text file: one obs name or 0-based index per line")
+    scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
+    rn.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
+    rn.add_argument("--spatial", default=None, help="slide to copy the result onto (default: the model's data)")
+    rn.add_argument("--steps", type=int, default=4)
+    rn.add_argument("--ligand-mode", choices=["auto", "exact", "grid"], default="exact")
+    rn.add_argument("--embedding", default="spatial", help="'spatial' or an obsm key such as X_umap")
+    rn.add_argument("--output", "-o", required=True)
+    rn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    rn.add_argument("--json", action="store_true")
+    rn.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+
+    def cb(event):
+        print(f"\r{event.stage:<18} {100 * event.fraction:5.1f}% {event.message[:40]:<40}", end="",
+              file=sys.stderr, flush=True)
+        if event.fraction >= 1.0:
+            print(file=sys.stderr)
+    return cb
+
+
+def _read_lines(path) -> list[str]:
+    from .io.errors import InputError
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p} does not exist.", "check the path.", code="missing_file")
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def _cmd_train(args) -> int:
+    from . import perturb_api as api
+
+    params = {k: getattr(args, k) for k in ("radius", "contact_radius", "scale_factor", "l1_reg", "group_reg",
+                                            "r2_threshold", "ligand_mode", "device") if getattr(args, k) is not None}
+    targets = _read_lines(args.targets) if args.targets else None
+    model = api.train_model(
+        args.spatial, args.grn, args.lr, args.cluster_col, args.out, tfl=args.tfl, layer=args.layer,
+        coord_key=args.coords, targets=targets, impute=args.impute,
+        grn_columns=(args.grn_tf_col, args.grn_target_col),
+        lr_columns=(args.lr_ligand_col, args.lr_receptor_col, args.lr_annotation_col),
+        lr_resource=args.lr_resource, overwrite=args.overwrite, progress=_progress(args.quiet), **params)
+    man = model.manifest
+    summary = {"model_dir": str(args.out), "n_cells": man["n_cells"], "n_targets": len(man["targets"]),
+               "n_orphans": len(man["orphans"]), "clusters": man["clusters"], "radius": man["radius"],
+               "contact_radius": man["contact_radius"], "train_time_s": man.get("train_time_s")}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        print(f"trained {summary['n_targets']} genes ({summary['n_orphans']} orphans without modulators) on "
+              f"{summary['n_cells']} cells in {summary['train_time_s']} s; wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_run(args) -> int:
+    from . import perturb_api as api
+    from .io.errors import InputError
+    from .io.read import read_h5ad
+    from .io.write import write_h5ad_atomic
+
+    values = args.value if args.value else [0.0]
+    if len(values) == 1:
+        values = values * len(args.gene)
+    if len(values) != len(args.gene):
+        raise InputError(f"{len(args.gene)} --gene but {len(values)} --value.", "give one value or one per gene.",
+                         code="bad_perturbation")
+    adata = read_h5ad(args.spatial) if args.spatial else None
+    cells = None
+    if args.cells:
+        lines = _read_lines(args.cells)
+        cells = [int(x) for x in lines] if all(x.lstrip("-").isdigit() for x in lines) else lines
+    out_path = Path(args.output)
+    for src in (args.spatial,):
+        if src and Path(src).resolve() == out_path.resolve():
+            raise InputError("the output would overwrite the input slide.", "choose another --output.",
+                             code="output_is_input")
+    res = api.run_perturbation(args.model_dir, args.gene, values, cells=cells, cell_type=args.cell_type,
+                               cell_type_col=args.cell_type_col, steps=args.steps, ligand_mode=args.ligand_mode,
+                               embedding=args.embedding, adata=adata,
+                               device=None if args.device == "auto" else args.device,
+                               progress=_progress(args.quiet))
+    write_h5ad_atomic(res, out_path)
+    u = res.uns["perturb"]
+    summary = {"output": str(out_path), "genes": u["genes"], "values": u["values"], "scope": u["scope"],
+               "steps": u["steps"], "runtime_s": u["runtime_s"],
+               "max_abs_delta": float(abs(res.layers["perturb_delta"]).max()) if res.layers["perturb_delta"].nnz else 0.0}
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif not args.quiet:
+        print(f"perturbed {', '.join(u['genes'])} in {u['scope']['n_cells']} cells, {u['steps']} steps, "
+              f"{u['runtime_s']} s; wrote {out_path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def run_perturb_command(args) -> int:
+    """Dispatch ``spatial-deconv perturb ...`` (InputError propagates to the main CLI's handler)."""
+    if args.perturb_command == "train":
+        return _cmd_train(args)
+    return _cmd_run(args)
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m spatial_deconv_gui.perturb_cli perturb ...``) for testing."""
+    from .io.errors import InputError
+
+    parser = argparse.ArgumentParser(prog="spatial-deconv")
+    add_perturb_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run_perturb_command(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
