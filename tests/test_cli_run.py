@@ -112,3 +112,21 @@ def test_cerebellum_puck_matches_r_from_the_cli(shared_data, tmp_path, capsys):
     assert (ours == r).all()
     assert (res.obs["rctd_spot_class"].astype(str).to_numpy()[fitted]
             == res.obs["rctd_R_spot_class"].astype(str).to_numpy()[fitted]).mean() >= 0.985
+
+
+@pytest.mark.parametrize("method, options, slot", [
+    ("c2l", ["--max-epochs", "600", "--signatures", "means", "--n-cells-per-location", "6"], "c2l_abundances"),
+    ("destvi", ["--sc-epochs", "20", "--max-epochs", "60"], "destvi_gamma_Astrocyte"),
+])
+def test_bayesian_methods_from_the_cli(small_pair_files, tmp_path, capsys, method, options, slot):
+    s, r = small_pair_files
+    out = tmp_path / f"{method}.h5ad"
+    code = main(["run", str(s), str(r), "--method", method, *options, "-o", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    res = ad.read_h5ad(out)
+    props = res.obsm[f"{method}_proportions"]
+    truth = res.obsm["true_proportions"][list(props.columns)].to_numpy()
+    agree = np.mean(props.to_numpy().argmax(1) == truth.argmax(1))
+    print(method, "dominant-type agreement with the truth", agree)
+    assert agree > 0.7, agree
+    assert slot in res.obsm

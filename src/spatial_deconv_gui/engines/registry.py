@@ -62,6 +62,21 @@ _ALL = (
                    ("preprocess", "Transform of counts before fitting: log-CPM (default), Pearson residuals or raw."),
                    ("gene_weighting", "Leverage weighting: deterministic expected weights or a seeded CountSketch."),
                )),
+    MethodInfo("c2l", "c2l", "cell2location's Bayesian model: cell abundances per spot (variational inference in torch)",
+               "spatial_deconv_gui.engines.c2l", "run_c2l", "C2LConfig",
+               gui_params=(
+                   ("n_cells_per_location", "Expected cells per spot, from histology (cell2location's N_cells_per_location)."),
+                   ("detection_alpha", "Detection prior: 20 lets sensitivity vary within a slide, 200 keeps it constant."),
+                   ("max_epochs", "Spatial model epochs (cell2location default 30,000); the map streams as it trains."),
+                   ("signatures", "Reference signatures: NB regression (the package's) or per-type means (quick)."),
+               )),
+    MethodInfo("destvi", "destvi", "DestVI: cell-type proportions plus continuous cell states per spot (torch)",
+               "spatial_deconv_gui.engines.destvi", "run_destvi", "DestVIConfig",
+               gui_params=(
+                   ("sc_epochs", "Epochs of the single-cell (CondSCVI) model."),
+                   ("max_epochs", "Epochs of the spatial model."),
+                   ("n_latent", "Size of the cell-state latent space gamma."),
+               )),
 )
 
 

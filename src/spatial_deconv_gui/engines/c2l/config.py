@@ -1,0 +1,76 @@
+"""Configuration of the cell2location-model engine.
+
+Names follow cell2location's arguments (lower-cased) with the package's defaults, so runs can be compared with
+``cell2location.models.RegressionModel`` / ``Cell2location`` one to one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional
+
+SIGNATURES = ("regression", "means")
+
+
+@dataclass(frozen=True)
+class C2LConfig:
+    """All knobs of one run.
+
+    ``signatures="regression"`` learns reference signatures by NB regression (cell2location's RegressionModel);
+    ``"means"`` uses the per-type mean counts of the reference (the quick path). ``reference_epochs=0`` uses the
+    package heuristic (min(20000 / n_cells * 1000, 1000)). The gene filter is cell2location's ``filter_genes``
+    with the tutorial cutoffs, applied to the reference before intersecting genes with the slide.
+    """
+
+    # spatial model (Cell2location)
+    n_cells_per_location: float = field(default=8.0, metadata={"help": "expected cells per spot, from histology (cell2location N_cells_per_location)"})
+    detection_alpha: float = field(default=20.0, metadata={"help": "prior strength of per-spot detection: 20 lets it vary within a slide, 200 keeps it near constant"})
+    n_groups: int = field(default=50, metadata={"help": "groups of co-located cell types in the abundance prior (cell2location n_groups)"})
+    max_epochs: int = field(default=30000, metadata={"help": "spatial model epochs (cell2location default 30000)"})
+    lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the spatial model"})
+    # reference signatures (RegressionModel)
+    signatures: Literal["regression", "means"] = field(default="regression", metadata={"help": "regression: NB regression over the reference; means: per-type mean counts (quick)"})
+    reference_epochs: int = field(default=0, metadata={"help": "reference regression epochs; 0 = package heuristic min(20000/n_cells*1000, 1000)"})
+    reference_batch_size: int = field(default=2500, metadata={"help": "cells per reference regression step (cell2location default 2500)"})
+    reference_lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the reference regression"})
+    # genes
+    gene_filter: bool = field(default=True, metadata={"help": "cell2location's reference gene filter before intersecting genes"})
+    cell_count_cutoff: int = field(default=5, metadata={"help": "gene filter: genes in fewer cells are dropped unless frequent enough"})
+    cell_percentage_cutoff2: float = field(default=0.03, metadata={"help": "gene filter: genes in more than this fraction of cells are always kept"})
+    nonz_mean_cutoff: float = field(default=1.12, metadata={"help": "gene filter: minimum mean over non-zero cells for rarer genes"})
+    # execution
+    report_every: int = field(default=500, metadata={"help": "stream the current abundance map every this many epochs"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    n_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"})
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate_config(config: C2LConfig) -> list[str]:
+    problems: list[str] = []
+    if config.signatures not in SIGNATURES:
+        problems.append(f"signatures must be one of {SIGNATURES}, got {config.signatures!r}")
+    for name in ("n_cells_per_location", "detection_alpha", "lr", "reference_lr", "nonz_mean_cutoff"):
+        if not float(getattr(config, name)) > 0:
+            problems.append(f"{name} must be > 0, got {getattr(config, name)!r}")
+    for name in ("n_groups", "max_epochs", "reference_batch_size", "report_every"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(config.reference_epochs, int) or config.reference_epochs < 0:
+        problems.append(f"reference_epochs must be >= 0 (0: package heuristic), got {config.reference_epochs!r}")
+    if config.cell_count_cutoff < 0 or not (0 <= config.cell_percentage_cutoff2 <= 1):
+        problems.append("cell_count_cutoff must be >= 0 and cell_percentage_cutoff2 in [0, 1]")
+    if config.n_threads is not None and (not isinstance(config.n_threads, int) or config.n_threads < 1):
+        problems.append(f"n_threads must be None or a positive integer, got {config.n_threads!r}")
+    dev = str(config.device)
+    if dev not in ("auto", "cpu", "cuda") and not dev.startswith("cuda:"):
+        problems.append(f"device must be auto, cpu or cuda[:n], got {config.device!r}")
+    return problems
+
+
+def check_config(config: C2LConfig) -> None:
+    problems = validate_config(config)
+    if problems:
+        raise ValueError("invalid cell2location configuration: " + "; ".join(problems))

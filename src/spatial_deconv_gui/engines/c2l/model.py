@@ -1,0 +1,203 @@
+"""The two cell2location models, written from their published definitions (Kleshchevnikov et al. 2022).
+
+Reference signatures (negative-binomial regression over labelled single cells)::
+
+    mu_fg ~ Gamma(1, 1)                              per-type mean expression
+    y_e ~ Gamma(1, 1)                                per-batch detection
+    s_eg ~ Gamma(a_s, a_s / m_s), a_s = 1 / e_s^2    additive background, e_s ~ Exp(h_s), h_s ~ Gamma(9, 3),
+                                                     m_s ~ Gamma(1, 100)
+    alpha_g = 1 / o_g^2, o_g ~ Exp(h_o), h_o ~ Gamma(9, 3)
+    x_cg ~ NB(mean (mu_{f(c)g} + s_{e(c)g}) y_{e(c)}, inverse dispersion alpha_g)
+
+Spatial model::
+
+    m_g ~ Gamma(a_m, a_m / mm), a_m = 1 / e_m^2, e_m ~ Exp(3), mm ~ Gamma(1, 1)   platform effect per gene
+    N_s ~ Gamma(N * v, v), B_s ~ Gamma(B, 1)                                     cells / groups per spot
+    z_sr ~ Gamma(B_s / R, B_s / N_s)                                             spot loadings on R groups
+    k_r ~ Gamma(A / B, 1), x_rf ~ Gamma(k_r / F, k_r)                            group -> type
+    w_sf ~ Gamma(5 (z x)_sf, 5)                                                  cells of type f at spot s
+    y_s ~ Gamma(d, d / y_e), y_e ~ Gamma(10, 10 / detection_mean)                detection per spot
+    s_g, alpha_g as above (one batch)
+    x_sg ~ NB(mean ((w g)_sg m_g + s_g) y_s, inverse dispersion alpha_g)
+
+Both are fitted by maximising the ELBO under a mean-field log-normal posterior (one normal per element on
+the log scale, initialised at the prior means, scale 0.1), full batch, Adam.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..bayes import CountData, LogNormalMeanField, exponential_lp, gamma_lp, nb_loglik
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference regression
+# ---------------------------------------------------------------------------------------------------
+
+class ReferenceRegression(torch.nn.Module):
+    def __init__(self, n_types: int, n_genes: int, init_mu_fg: np.ndarray, dtype=torch.float32, device=None):
+        super().__init__()
+        self.n_types, self.n_genes = n_types, n_genes
+        init = {
+            "per_cluster_mu_fg": np.asarray(init_mu_fg, dtype=np.float64) + 1e-4,
+            "detection_mean_y_e": np.ones((1, 1)),
+            "s_g_gene_add_alpha_hyp": np.full((1, 1), 3.0),
+            "s_g_gene_add_mean": np.full((1, 1), 0.01),
+            "s_g_gene_add_alpha_e_inv": np.full((1, 1), 1 / 3),
+            "s_g_gene_add": np.full((1, n_genes), 0.01),
+            "alpha_g_phi_hyp": np.full((1, 1), 3.0),
+            "alpha_g_inverse": np.full((1, n_genes), 1 / 3),
+        }
+        self.guide = LogNormalMeanField(init, dtype=dtype, device=device)
+
+    def negative_elbo(self, data: CountData, labels: torch.Tensor, scale: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """-ELBO with the likelihood of the (mini)batch in ``data`` multiplied by ``scale`` (= n_cells / batch)."""
+        z, entropy = self.guide.sample(generator)
+        lmu, mu_fg = z["per_cluster_mu_fg"]
+        lye, y_e = z["detection_mean_y_e"]
+        lsah, s_ah = z["s_g_gene_add_alpha_hyp"]
+        lsm, s_m = z["s_g_gene_add_mean"]
+        _, s_ei = z["s_g_gene_add_alpha_e_inv"]
+        ls, s_g = z["s_g_gene_add"]
+        lah, a_h = z["alpha_g_phi_hyp"]
+        _, a_inv = z["alpha_g_inverse"]
+        s_a = 1.0 / s_ei.pow(2)
+        lp = (gamma_lp(lmu, mu_fg, 1.0, 1.0) + gamma_lp(lye, y_e, 1.0, 1.0)
+              + gamma_lp(lsah, s_ah, 9.0, 3.0) + gamma_lp(lsm, s_m, 1.0, 100.0)
+              + exponential_lp(s_ei, s_ah) + gamma_lp(ls, s_g, s_a, s_a / s_m)
+              + gamma_lp(lah, a_h, 9.0, 3.0) + exponential_lp(a_inv, a_h))
+        mu = (mu_fg[labels] + s_g) * y_e
+        ll = nb_loglik(mu, 1.0 / a_inv.pow(2), data)
+        return -(lp + scale * ll + entropy)
+
+    def signatures(self) -> np.ndarray:
+        """Posterior mean of the per-type expression (types x genes), as cell2location exports it."""
+        return self.guide.site_mean("per_cluster_mu_fg").double().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# spatial model
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpatialPriors:
+    n_cells_per_location: float = 8.0
+    detection_alpha: float = 20.0
+    detection_mean: float = 0.5
+    n_groups: int = 50
+    a_factors_per_location: float = 7.0
+    b_groups_per_location: float = 7.0
+    n_cells_mean_var_ratio: float = 1.0
+    w_sf_mean_var_ratio: float = 5.0
+    m_g_mean: float = 1.0
+    m_g_mean_var_ratio: float = 1.0
+    m_g_alpha_mean: float = 3.0
+    detection_mean_alpha: float = 10.0
+
+
+class SpatialModel(torch.nn.Module):
+    """The cell2location spatial model for one batch; ``signatures`` is types x genes (expected counts per cell)."""
+
+    def __init__(self, signatures: np.ndarray, n_spots: int, priors: SpatialPriors,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        F_, G = signatures.shape
+        R, S = priors.n_groups, n_spots
+        self.p, self.n_types, self.n_genes, self.n_spots = priors, F_, G, S
+        self.register_buffer("cell_state", torch.as_tensor(signatures, dtype=dtype, device=device))
+        p = priors
+        # initial values: the prior means with every parent at its own prior mean
+        N, B = p.n_cells_per_location, p.b_groups_per_location
+        kr = p.a_factors_per_location / p.b_groups_per_location
+        init = {
+            "m_g_mean": np.full((1, 1), p.m_g_mean),
+            "m_g_alpha_e_inv": np.full((1, 1), 1 / p.m_g_alpha_mean),
+            "m_g": np.full((1, G), p.m_g_mean),
+            "n_s_cells_per_location": np.full((S, 1), N),
+            "b_s_groups_per_location": np.full((S, 1), B),
+            "z_sr_groups_factors": np.full((S, R), N / R),
+            "k_r_factors_per_groups": np.full((R, 1), kr),
+            "x_fr_group2fact": np.full((R, F_), 1.0 / F_),
+            "w_sf": np.full((S, F_), N / F_),
+            "detection_mean_y_e": np.full((1, 1), p.detection_mean),
+            "detection_y_s": np.full((S, 1), p.detection_mean),
+            "s_g_gene_add_alpha_hyp": np.full((1, 1), 3.0),
+            "s_g_gene_add_mean": np.full((1, 1), 0.01),
+            "s_g_gene_add_alpha_e_inv": np.full((1, 1), 1 / 3),
+            "s_g_gene_add": np.full((1, G), 0.01),
+            "alpha_g_phi_hyp": np.full((1, 1), 3.0),
+            "alpha_g_inverse": np.full((1, G), 1 / 3),
+        }
+        self.guide = LogNormalMeanField(init, dtype=dtype, device=device)
+
+    def negative_elbo(self, data: CountData, generator: torch.Generator | None = None) -> torch.Tensor:
+        p = self.p
+        R, F_ = p.n_groups, self.n_types
+        z, entropy = self.guide.sample(generator)
+        l_mm, mm = z["m_g_mean"]
+        _, m_ei = z["m_g_alpha_e_inv"]
+        l_mg, m_g = z["m_g"]
+        l_n, n_s = z["n_s_cells_per_location"]
+        l_b, b_s = z["b_s_groups_per_location"]
+        l_z, z_sr = z["z_sr_groups_factors"]
+        l_k, k_r = z["k_r_factors_per_groups"]
+        l_x, x_fr = z["x_fr_group2fact"]
+        l_w, w_sf = z["w_sf"]
+        l_ye, y_e = z["detection_mean_y_e"]
+        l_ys, y_s = z["detection_y_s"]
+        l_sah, s_ah = z["s_g_gene_add_alpha_hyp"]
+        l_sm, s_m = z["s_g_gene_add_mean"]
+        _, s_ei = z["s_g_gene_add_alpha_e_inv"]
+        l_s, s_g = z["s_g_gene_add"]
+        l_ah, a_h = z["alpha_g_phi_hyp"]
+        _, a_inv = z["alpha_g_inverse"]
+
+        m_a = 1.0 / m_ei.pow(2)
+        s_a = 1.0 / s_ei.pow(2)
+        w_mu = z_sr @ x_fr
+        vr = p.w_sf_mean_var_ratio
+        lp = (gamma_lp(l_mm, mm, p.m_g_mean_var_ratio * p.m_g_mean, p.m_g_mean_var_ratio)
+              + exponential_lp(m_ei, p.m_g_alpha_mean)
+              + gamma_lp(l_mg, m_g, m_a, m_a / mm)
+              + gamma_lp(l_n, n_s, p.n_cells_per_location * p.n_cells_mean_var_ratio, p.n_cells_mean_var_ratio)
+              + gamma_lp(l_b, b_s, p.b_groups_per_location, 1.0)
+              + gamma_lp(l_z, z_sr, b_s / R, b_s / n_s)
+              + gamma_lp(l_k, k_r, p.a_factors_per_location / p.b_groups_per_location, 1.0)
+              + gamma_lp(l_x, x_fr, k_r / F_, k_r)
+              + gamma_lp(l_w, w_sf, w_mu * vr, vr)
+              + gamma_lp(l_ye, y_e, p.detection_mean_alpha, p.detection_mean_alpha / p.detection_mean)
+              + gamma_lp(l_ys, y_s, p.detection_alpha, p.detection_alpha / y_e)
+              + gamma_lp(l_sah, s_ah, 9.0, 3.0) + gamma_lp(l_sm, s_m, 1.0, 100.0)
+              + exponential_lp(s_ei, s_ah) + gamma_lp(l_s, s_g, s_a, s_a / s_m)
+              + gamma_lp(l_ah, a_h, 9.0, 3.0) + exponential_lp(a_inv, a_h))
+        mu = torch.addmm(s_g, w_sf, self.cell_state * m_g) * y_s
+        ll = nb_loglik(mu, 1.0 / a_inv.pow(2), data)
+        return -(lp + ll + entropy)
+
+    @torch.no_grad()
+    def abundance_mean(self) -> torch.Tensor:
+        return self.guide.site_mean("w_sf")
+
+    @torch.no_grad()
+    def abundance_quantile(self, q: float) -> torch.Tensor:
+        s = self.guide.sites["w_sf"]
+        loc = self.guide.loc[s.start:s.start + s.size]
+        sc = torch.nn.functional.softplus(self.guide.raw_scale[s.start:s.start + s.size])
+        zq = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q)))
+        return torch.exp(loc + zq * sc).view(s.shape)
+
+
+def detection_mean_for(spatial_totals: np.ndarray, signatures: np.ndarray, n_cells_per_location: float) -> float:
+    """cell2location's expected detection: (mean spot total / N cells) / mean per-type signature total."""
+    sc_total = float(np.asarray(signatures).sum(1).mean())
+    sp_total = float(np.mean(spatial_totals))
+    return (sp_total / n_cells_per_location) / sc_total
+
+
+def default_reference_epochs(n_cells: int) -> int:
+    """The package's heuristic when no epoch count is given: min(round(20000 / n * 1000), 1000), at least 1."""
+    return int(max(1, min(round(20000 / max(n_cells, 1) * 1000), 1000)))

@@ -1,0 +1,256 @@
+"""DestVI end to end: shared genes -> single-cell model -> empirical prior -> spatial model -> proportions, gamma,
+and cell-type-specific expression imputation from the stored model."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..base import DeconvResult, PartialResult, RunControl
+from ...io.inputs import ReferenceInput, SpatialInput
+from ..bayes import resolve_torch_device
+from .config import DestVIConfig, check_config
+from .model import CondVAE, FCStack, SpatialDeconv, vamp_prior
+
+DUMMY = "additional_0"
+
+
+def shared_genes(spatial: SpatialInput, reference: ReferenceInput):
+    s_genes = np.asarray(spatial.genes).astype(str)
+    r_pos = {g: i for i, g in enumerate(np.asarray(reference.genes).astype(str))}
+    shared = [i for i, g in enumerate(s_genes) if g in r_pos]
+    if len(shared) < 10:
+        raise ValueError(f"DestVI: only {len(shared)} genes shared by the slide and the reference; need at least 10")
+    s_cols = np.array(shared)
+    return s_cols, np.array([r_pos[s_genes[i]] for i in s_cols]), s_genes[s_cols]
+
+
+def _adam(params, lr):
+    # scvi-tools' training plan: Adam, eps 0.01, weight decay 1e-6, over the trainable parameters
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr, eps=0.01, weight_decay=1e-6)
+
+
+def _batches(n: int, size: int, gen: torch.Generator, device):
+    perm = torch.randperm(n, generator=gen).to(device)
+    return [perm[i:i + size] for i in range(0, n, size)]
+
+
+def fit_single_cell(x: torch.Tensor, y: torch.Tensor, n_labels: int, config: DestVIConfig, control: RunControl,
+                    gen: torch.Generator) -> tuple[CondVAE, np.ndarray]:
+    model = CondVAE(x.shape[1], n_labels, config.n_hidden, config.n_latent,
+                    config.n_layers, config.dropout_rate).to(x.device)
+    opt = _adam(model.parameters(), config.sc_lr)
+    history = np.zeros(config.sc_epochs)
+    for epoch in range(config.sc_epochs):
+        model.train()
+        kl_w = min(1.0, epoch / config.sc_kl_warmup_epochs) if config.sc_kl_warmup_epochs else 1.0
+        total = torch.zeros((), device=x.device)
+        batches = _batches(len(x), config.sc_batch_size, gen, x.device)
+        for idx in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(x[idx], y[idx], kl_w)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        history[epoch] = float(total) / len(batches)
+        if epoch % 10 == 0 or epoch == config.sc_epochs - 1:
+            control.check_cancel()
+            control.report("single-cell model", (epoch + 1) / config.sc_epochs,
+                           f"epoch {epoch + 1}/{config.sc_epochs}, loss {history[epoch]:.4g}")
+    model.eval()
+    return model, history
+
+
+@torch.no_grad()
+def _infer_all(model: SpatialDeconv, x: torch.Tensor, chunk: int = 1024):
+    vs, gs, ms = [], [], []
+    for i in range(0, len(x), chunk):
+        v, g, m = model.infer(x[i:i + chunk])
+        vs.append(v)
+        gs.append(g)
+        ms.append(m)
+    return torch.cat(vs), torch.cat(gs), torch.cat(ms)
+
+
+def run_destvi(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig = DestVIConfig(),
+               control: RunControl | None = None) -> DeconvResult:
+    """Fit DestVI's single-cell and spatial models; proportions drop the dummy type."""
+    check_config(config)
+    threads = torch.get_num_threads()
+    if config.n_threads is not None:
+        torch.set_num_threads(config.n_threads)
+    try:
+        return _run(spatial, reference, config, control or RunControl())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
+         control: RunControl) -> DeconvResult:
+    t_start = time.perf_counter()
+    device = resolve_torch_device(config.device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    control.report("genes", 0.0, "intersecting genes")
+    types = reference.type_names
+    s_cols, r_cols, genes = shared_genes(spatial, reference)
+    control.report("genes", 1.0, f"{len(genes)} genes, {len(types)} cell types")
+
+    labels = pd.Categorical(np.asarray(reference.cell_types).astype(str), categories=types).codes.astype(np.int64)
+    xr = torch.as_tensor(sp.csr_matrix(reference.counts)[:, r_cols].toarray(), dtype=torch.float32, device=device)
+    yr = torch.as_tensor(labels, device=device)
+    control.report("single-cell model", 0.0, f"CondSCVI over {len(xr)} cells, {config.sc_epochs} epochs")
+    sc, sc_history = fit_single_cell(xr, yr, len(types), config, control, gen)
+    control.report("prior", 0.0, "empirical prior (k-means per type)")
+    vamp = vamp_prior(sc, xr, labels, p=config.vamp_prior_p, seed=config.seed)
+    control.check_cancel()
+
+    xs = torch.as_tensor(sp.csr_matrix(spatial.counts)[:, s_cols].toarray(), dtype=torch.float32, device=device)
+    n_spots = xs.shape[0]
+    model = SpatialDeconv(sc, vamp, n_states=config.n_states_per_label, prior_mode=config.prior_mode,
+                          dropout_amortization=config.dropout_amortization, augmentation=config.augmentation,
+                          n_samples_augmentation=config.n_samples_augmentation, eps_v=config.eps_v)
+    opt = _adam(model.parameters(), config.lr)
+    history = np.zeros(config.max_epochs)
+    epoch_s = np.zeros(config.max_epochs)
+    epoch_cpu = np.zeros(config.max_epochs)
+    control.report("spatial", 0.0, f"{n_spots} spots, {config.max_epochs} epochs")
+    t_sp = time.perf_counter()
+    loss_kw = dict(ct_sparsity_weight=config.ct_sparsity_weight, weighting_augmentation=config.weighting_augmentation,
+                   eta_reg=config.eta_reg, beta_reg=config.beta_reg, reconst_weight=config.reconst_weight)
+    for epoch in range(config.max_epochs):
+        t_ep, c_ep = time.perf_counter(), time.process_time()
+        model.train()
+        kl_w = min(1.0, epoch / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
+        total = torch.zeros((), device=device)
+        batches = _batches(n_spots, config.batch_size, gen, device)
+        for idx in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(xs[idx], kl_w, **loss_kw)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        history[epoch] = float(total) / len(batches)
+        epoch_s[epoch] = time.perf_counter() - t_ep
+        epoch_cpu[epoch] = time.process_time() - c_ep
+        done = epoch + 1
+        control.check_cancel()
+        control.report("spatial", done / config.max_epochs, f"epoch {done}/{config.max_epochs}, loss {history[epoch]:.4g}")
+        if done % config.report_every == 0 and done < config.max_epochs:
+            v, _, _ = _infer_all(model, xs)
+            p = v[:, :-1].double().cpu().numpy()
+            control.report("spatial", done / config.max_epochs, f"epoch {done}/{config.max_epochs}",
+                           partial=PartialResult(np.arange(n_spots), p / p.sum(1, keepdims=True), list(types)))
+    spatial_s = time.perf_counter() - t_sp
+
+    v, gamma_modes, modes = _infer_all(model, xs)
+    v = v.double().cpu().numpy()
+    props = v[:, :-1] / v[:, :-1].sum(1, keepdims=True)
+    gamma = (modes.unsqueeze(-1) * gamma_modes).sum(1).double().cpu().numpy()  # spots, L, D
+    barcodes = np.asarray(spatial.barcodes).astype(str)
+    cols = [f"gamma_{d}" for d in range(config.n_latent)]
+    obsm: dict[str, Any] = {f"destvi_gamma_{t}": pd.DataFrame(gamma[:, i], index=barcodes, columns=cols)
+                            for i, t in enumerate(types)}
+    obsm["destvi_dummy_fraction"] = pd.DataFrame({DUMMY: v[:, -1]}, index=barcodes)
+    control.report("spatial", 1.0, "done")
+    params = config.to_dict()
+    params.update(device=str(device), n_genes=int(len(genes)))
+    state = export_state(model, gamma_modes, modes, genes, types, barcodes)
+    return DeconvResult(
+        key="destvi", method="DestVI", mode=None, cell_types=list(types), proportions=props, params=params,
+        device=str(device), runtime_s=time.perf_counter() - t_start, obsm=obsm,
+        uns={"destvi_training": {"loss": history, "sc_loss": sc_history, "spatial_seconds": float(spatial_s),
+                                 "epoch_seconds": epoch_s, "epoch_cpu_seconds": epoch_cpu, "genes": [str(g) for g in genes]},
+             "destvi_model": state},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# imputation
+# ---------------------------------------------------------------------------------------------------
+
+def export_state(model: SpatialDeconv, gamma_modes: torch.Tensor, modes: torch.Tensor, genes, types, barcodes):
+    """What imputation needs, as plain arrays (storable in ``uns``)."""
+    st = {f"decoder_{k.replace('.', '_')}": v.detach().double().cpu().numpy()
+          for k, v in model.decoder.state_dict().items()}
+    st.update({
+        "px_decoder_weight": model.px_decoder.weight.detach().double().cpu().numpy(),
+        "px_decoder_bias": model.px_decoder.bias.detach().double().cpu().numpy(),
+        "per_ct_bias": model.per_ct_bias.detach().double().cpu().numpy(),
+        "beta": model.beta.detach().double().cpu().numpy(),
+        "batch_embedding": model.batch_embedding.detach().double().cpu().numpy(),
+        "gamma_modes": gamma_modes.detach().float().cpu().numpy(),   # spots, states, types, latent
+        "mode_weights": modes.detach().float().cpu().numpy(),        # spots, states, types
+        "genes": np.asarray(genes).astype(str),
+        "cell_types": np.asarray(types).astype(str),
+        "barcodes": np.asarray(barcodes).astype(str),
+        "n_layers": len(model.decoder.linears),
+    })
+    return st
+
+
+def _state_of(source) -> dict:
+    if isinstance(source, DeconvResult):
+        return source.uns["destvi_model"]
+    if hasattr(source, "uns"):
+        return source.uns["destvi_model"]
+    if isinstance(source, dict) and "destvi_model" in source:
+        return source["destvi_model"]
+    return source
+
+
+def impute_expression(source, cell_type: str, genes=None, spots=None) -> pd.DataFrame:
+    """Cell-type-specific expression of ``genes`` at ``spots`` (DestVI's ``get_scale_for_ct``): the normalised
+    expression (fractions of a cell's library) that the model gives a cell of ``cell_type`` at each spot, from
+    that spot's gamma. ``source`` is a DeconvResult, an AnnData holding the result or ``uns['destvi_model']``;
+    ``spots`` are barcodes or integer positions (default all), ``genes`` names (default all model genes)."""
+    st = _state_of(source)
+    types = [str(t) for t in np.asarray(st["cell_types"])]
+    if cell_type not in types:
+        raise ValueError(f"unknown cell type {cell_type!r}; the model has {types}")
+    c = types.index(cell_type)
+    all_genes = np.asarray(st["genes"]).astype(str)
+    barcodes = np.asarray(st["barcodes"]).astype(str)
+    if genes is None:
+        g_idx = np.arange(len(all_genes))
+    else:
+        pos = {g: i for i, g in enumerate(all_genes)}
+        missing = [g for g in genes if g not in pos]
+        if missing:
+            raise ValueError(f"genes not in the DestVI model: {missing[:10]}")
+        g_idx = np.array([pos[g] for g in genes])
+    if spots is None:
+        s_idx = np.arange(len(barcodes))
+    else:
+        spots = np.asarray(spots)
+        if spots.dtype.kind in "iu":
+            s_idx = spots.astype(int)
+        else:
+            bpos = {b: i for i, b in enumerate(barcodes)}
+            s_idx = np.array([bpos[str(b)] for b in spots])
+    gm = torch.as_tensor(np.asarray(st["gamma_modes"])[s_idx][:, :, c], dtype=torch.float64)  # spots, S, D
+    w = torch.as_tensor(np.asarray(st["mode_weights"])[s_idx][:, :, c], dtype=torch.float64)   # spots, S
+    n_layers = int(st["n_layers"])
+    n_types = len(types)
+    emb = torch.as_tensor(np.asarray(st["batch_embedding"]), dtype=torch.float64)
+    x = torch.cat([gm, emb.expand(gm.shape[:-1] + emb.shape)], -1)
+    for i in range(n_layers):
+        W = torch.as_tensor(np.asarray(st[f"decoder_linears_{i}_weight"]), dtype=torch.float64)
+        b = torch.as_tensor(np.asarray(st[f"decoder_linears_{i}_bias"]), dtype=torch.float64)
+        n_in = W.shape[1] - (n_types if n_types > 1 else 0)
+        x = x @ W[:, :n_in].T + b + (W[:, n_in:].T[c] if n_types > 1 else 0)
+        x = torch.relu(torch.nn.functional.layer_norm(x, (x.shape[-1],)))
+    Wp = torch.as_tensor(np.asarray(st["px_decoder_weight"]), dtype=torch.float64)
+    bp = torch.as_tensor(np.asarray(st["px_decoder_bias"]), dtype=torch.float64)
+    logits = x @ Wp.T + bp + torch.as_tensor(np.asarray(st["per_ct_bias"])[c]) + torch.as_tensor(
+        np.asarray(st["beta"]))
+    scale = (w.unsqueeze(-1) * torch.softmax(logits, -1)).sum(1).numpy()
+    return pd.DataFrame(scale[:, g_idx], index=barcodes[s_idx], columns=all_genes[g_idx])
+
+
+__all__ = ["run_destvi", "impute_expression", "shared_genes", "fit_single_cell", "FCStack"]
