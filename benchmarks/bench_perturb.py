@@ -27,7 +27,6 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from spatial_deconv_gui.engines.perturb import model_dir as md  # noqa: E402
 from spatial_deconv_gui.engines.perturb import priors  # noqa: E402
 from spatial_deconv_gui.engines.perturb.lasso import fit_sgl_batch, sgl_objective  # noqa: E402
 from spatial_deconv_gui.engines.perturb.ligands import (grid_error_bound, grid_kernel_sum, grid_spacing,  # noqa: E402

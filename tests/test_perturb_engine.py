@@ -4,7 +4,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from spatial_deconv_gui.engines.base import Cancelled, RunControl

@@ -172,7 +172,6 @@ def test_multi_mode_selects_present_types(mixtures, full_result, cache_dir):
     assert idx.shape == (truth.shape[0], 4) and sub.shape == (truth.shape[0], 4)
     assert np.all((n >= 1) & (n <= 4))
     for i in range(truth.shape[0]):
-        chosen = idx[i, :n[i]]
         assert np.all(idx[i, n[i]:] == -1)
         assert sub[i, :n[i]].sum() == pytest.approx(1.0)
     # the dominant true type is among the selected ones

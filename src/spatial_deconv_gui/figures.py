@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 
 from .colors import FILTERED_LABEL, cell_type_palette, palette_from_uns
 from .io.read import find_coordinates

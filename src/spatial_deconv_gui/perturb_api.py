@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import anndata as ad
 import numpy as np

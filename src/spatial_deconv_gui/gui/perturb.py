@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled, RunControl
-from .layers import PLUGIN_KEY, slide_coords_yx
+from .layers import PLUGIN_KEY
 from .notify import notify_error, notify_info
 from .views import colormap_rgba
 
@@ -58,7 +58,7 @@ def _file(value) -> str | None:
     return str(value) if value and str(value) not in (".", "") and Path(str(value)).is_file() else None
 
 
-def slide_adata(layer, workbench=None):
+def slide_adata(layer):
     """The AnnData behind a slide layer, read from its file."""
     from ..io.read import read_h5ad
 

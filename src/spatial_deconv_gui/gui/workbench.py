@@ -21,7 +21,7 @@ from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
-from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors, spot_colors
+from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors
 from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, nearest_spot
 
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")

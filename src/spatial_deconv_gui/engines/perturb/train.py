@@ -22,7 +22,7 @@ from ..base import RunControl
 from . import model_dir as md
 from .lasso import fit_sgl_batch
 from .ligands import auto_radius, received_ligands
-from .modulators import TargetModulators, ligand_radii, select_modulators, usable_lr
+from .modulators import ligand_radii, select_modulators, usable_lr
 
 _BATCH_ELEMENTS = 24_000_000  # doubles per lasso batch (~200 MB)
 FILTER_MIN = 1e-9  # expression at or below this counts as absent (SpaceTravLR's get_filtered_df)
