@@ -150,3 +150,18 @@ def set_spot_colors(layer, rgba: np.ndarray, index: np.ndarray | None = None):
             layer.face_color = colours
         return
     layer.data = paint(raster, rgba, np.asarray(layer.data).copy(), index)
+
+
+def slide_layer_choices(viewer) -> list[tuple[str, object]]:
+    """(name, layer) of every slide opened through this plugin, for layer pickers."""
+    return [(layer.name, layer) for layer in viewer.layers
+            if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "spatial"]
+
+
+def refresh_slide_picker(combo) -> object | None:
+    """Re-read a slide picker's choices and select the first slide when none is selected; returns the value."""
+    combo.reset_choices()
+    layers = [c for c in combo.choices if c is not None]
+    if combo.value is None and layers:
+        combo.value = layers[0]
+    return combo.value

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled, RunControl
-from .layers import PLUGIN_KEY
+from .layers import PLUGIN_KEY, refresh_slide_picker, slide_layer_choices
 from .notify import notify_error, notify_info
 from .views import colormap_rgba
 
@@ -192,15 +192,10 @@ class TrainWidget(Container):
         self._refresh()
 
     def _slides(self, _w=None):
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "spatial"]
+        return slide_layer_choices(self.viewer)
 
     def _refresh(self, _e=None):
-        self.slide.reset_choices()
-        layers = [c for c in self.slide.choices if c is not None]
-        if self.slide.value is None and layers:
-            self.slide.value = layers[0]
-        self._on_slide(self.slide.value)
+        self._on_slide(refresh_slide_picker(self.slide))
 
     def _on_slide(self, layer):
         if layer is None:

@@ -12,7 +12,8 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled
 from ..engines.registry import available_methods
-from .layers import PLUGIN_KEY, set_spot_colors, slide_coords_yx, spot_colors
+from .layers import (PLUGIN_KEY, refresh_slide_picker, set_spot_colors, slide_coords_yx, slide_layer_choices,
+                     spot_colors)
 from .notify import notify_error, notify_info
 from .views import PENDING_RGBA
 
@@ -106,8 +107,7 @@ class DeconvolutionWidget(Container):
 
     # -- choices -------------------------------------------------------------------------------------
     def _slide_layers(self, _widget=None):
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "spatial"]
+        return slide_layer_choices(self.viewer)
 
     def _modes(self):
         info = available_methods().get(self.method.value) if hasattr(self, "method") else None
@@ -155,11 +155,7 @@ class DeconvolutionWidget(Container):
         return params
 
     def _refresh_layers(self, _event=None):
-        self.slide.reset_choices()
-        layers = [c for c in self.slide.choices if c is not None]
-        if self.slide.value is None and layers:
-            self.slide.value = layers[0]
-        self._on_slide(self.slide.value)
+        self._on_slide(refresh_slide_picker(self.slide))
 
     def _on_slide(self, layer):
         if layer is None:
