@@ -132,3 +132,24 @@ def test_cancel_mid_training_leaves_a_resumable_model(make_napari_viewer, qtbot,
     assert perturb_state(viewer).model is not None, train.status.value
     assert finished_genes(folder, targets) == set(targets)
     assert all(coef_path(folder, g).stat().st_mtime_ns == t for g, t in before.items())  # not refitted
+
+
+def test_two_knockouts_side_by_side_and_their_difference(make_napari_viewer, qtbot, tmp_path):
+    viewer, train = _train(make_napari_viewer, qtbot, tmp_path / "model")
+    train.train_btn.native.click()
+    qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
+    _, ko = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
+    runs = []
+    for gene in ("Tf0", "Tf1"):
+        ko.genes.value = [gene]
+        ko.run_btn.native.click()
+        qtbot.waitUntil(lambda: not ko.busy, timeout=300_000)
+        runs.append(ko.current)
+    a, b = runs
+    assert a.name == "KO Tf0 #1" and b.name == "KO Tf1 #1"
+    assert f"{a.name}: Δ" in viewer.layers and f"{b.name}: Δ" in viewer.layers  # both kept, named apart
+    ko.show_gene.value = "Gene0"
+    ko.compare_with.value = a.name  # current is b: the map is Δb - Δa
+    layer = viewer.layers[f"{b.name} − {a.name}: Δ Gene0"]
+    np.testing.assert_allclose(layer.metadata["values"], b.delta("Gene0") - a.delta("Gene0"))
+    np.testing.assert_allclose(layer.face_color, diverging_rgba(b.delta("Gene0") - a.delta("Gene0"))[0], atol=1e-6)
