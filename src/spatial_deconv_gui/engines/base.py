@@ -5,6 +5,7 @@ Engines take plain arrays (see :mod:`spatial_deconv_gui.io.inputs`), report prog
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,3 +113,25 @@ class DeconvResult:
 
     def proportions_frame(self, index) -> pd.DataFrame:
         return pd.DataFrame(self.proportions, index=index, columns=list(self.cell_types))
+
+
+@contextlib.contextmanager
+def thread_cap(n_threads: int | None):
+    """Cap torch's and numba's threads for one run, then restore them (``None``: leave them as they are).
+
+    torch's setting is process-wide, numba's belongs to the calling thread.
+    """
+    if n_threads is None:
+        yield
+        return
+    import numba
+    import torch
+
+    old_torch, old_numba = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(max(1, int(n_threads)))
+    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        numba.set_num_threads(old_numba)

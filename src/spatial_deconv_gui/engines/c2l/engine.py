@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..base import DeconvResult, PartialResult, RunControl
+from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..bayes import CountData, resolve_torch_device
 from .config import C2LConfig, check_config
@@ -157,13 +157,8 @@ def run_c2l(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig 
             control: RunControl | None = None) -> DeconvResult:
     """Fit cell2location's reference regression and spatial model on ``spatial`` and ``reference``."""
     check_config(config)
-    threads = torch.get_num_threads()
-    if config.n_threads is not None:
-        torch.set_num_threads(config.n_threads)
-    try:
+    with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,

@@ -10,7 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..base import DeconvResult, PartialResult, RunControl
+from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..bayes import resolve_torch_device
 from .config import DestVIConfig, check_config
@@ -80,13 +80,8 @@ def run_destvi(spatial: SpatialInput, reference: ReferenceInput, config: DestVIC
                control: RunControl | None = None) -> DeconvResult:
     """Fit DestVI's single-cell and spatial models; proportions drop the dummy type."""
     check_config(config)
-    threads = torch.get_num_threads()
-    if config.n_threads is not None:
-        torch.set_num_threads(config.n_threads)
-    try:
+    with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control or RunControl())
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,

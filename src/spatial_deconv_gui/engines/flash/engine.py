@@ -8,7 +8,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ...io.inputs import ReferenceInput, SpatialInput
-from ..base import DeconvResult, RunControl
+from ..base import DeconvResult, RunControl, thread_cap
 from .config import FlashConfig, validate_config
 from .core import fit_arrays
 
@@ -48,13 +48,7 @@ def run_flash(spatial: SpatialInput, reference: ReferenceInput, config: FlashCon
         raise ValueError("; ".join(problems))
     control = control or RunControl()
     t0 = time.perf_counter()
-    prev_threads = None
-    if config.n_threads is not None:
-        import numba
-
-        prev_threads = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(int(config.n_threads), numba.config.NUMBA_NUM_THREADS)))
-    try:
+    with thread_cap(config.n_threads):
         control.report("prepare", 0.0, "aligning genes and building signatures")
         common, colmap, X, types = align(spatial, reference)
         Y = spatial.counts
@@ -72,11 +66,6 @@ def run_flash(spatial: SpatialInput, reference: ReferenceInput, config: FlashCon
         control.check_cancel()
         fit = fit_arrays(Y, X, spatial.coords, config, colmap=colmap, rows=rows, control=control,
                          cell_types=types)
-    finally:
-        if prev_threads is not None:
-            import numba
-
-            numba.set_num_threads(prev_threads)
 
     props = np.full((n_all, len(types)), np.nan)
     props[fit.rows] = fit.proportions

@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..base import DeconvResult, PartialResult, RunControl
+from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
@@ -70,19 +70,8 @@ def run_rctd(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfi
     control = control or RunControl()
     device = resolve_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    if config.n_threads is None:
+    with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control, device, dtype, t_start)
-    # a thread cap for this run only (torch's setting is process-wide, numba's per calling thread)
-    import numba
-
-    old_torch, old_numba = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(config.n_threads)
-    numba.set_num_threads(min(config.n_threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        return _run(spatial, reference, config, control, device, dtype, t_start)
-    finally:
-        torch.set_num_threads(old_torch)
-        numba.set_num_threads(old_numba)
 
 
 def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, control: RunControl,
