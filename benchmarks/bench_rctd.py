@@ -5,6 +5,10 @@ as h5ad, then runs each engine in its own subprocess (so peak RSS is per engine)
 
     .venv/bin/python benchmarks/bench_rctd.py --spots 20000 --mode full
     .venv/bin/python benchmarks/bench_rctd.py --spots 5000 --mode doublet
+    .venv/bin/python benchmarks/bench_rctd.py --dataset hippocampus --mode full     # a shared Visium pair
+
+``--dataset hippocampus|lymphnode|cerebellum`` runs both engines on a pair from ../shared/data (spacexr's
+vignette files) instead of simulated data.
 
 The peer is found at $PEERS_DIR (default .peers/) as venv/bin/python with its likelihood tables at
 rctd_q/q_matrices.npz. rctd-py runs on CPU with compile=False (see the peers README). Both engines estimate
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_PAIRS = {"hippocampus": "visium_hippocampus", "lymphnode": "visium_lymphnode_human",
+                "cerebellum": "slideseq_cerebellum"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,6 +204,9 @@ def compare(ours, peer, mode: str) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spots", type=int, default=20000)
+    ap.add_argument("--dataset", default="sim", choices=["sim", *SHARED_PAIRS],
+                    help="simulated data (default) or a shared spacexr pair from --shared-dir")
+    ap.add_argument("--shared-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--mode", default="full", choices=["full", "doublet", "multi"])
     ap.add_argument("--types", type=int, default=10)
     ap.add_argument("--genes", type=int, default=2000)
@@ -222,12 +232,24 @@ def main(argv=None):
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_rctd_"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    ref, spatial, _ = simulate(a.spots, a.mode, a.types, a.genes, seed=a.seed)
-    ref.write_h5ad(work / "reference.h5ad")
-    spatial.write_h5ad(work / "spatial.h5ad")
     print(f"load average at start: {os.getloadavg()}")
-    print(f"simulated {a.spots} spots x {a.genes} genes, {a.types} types ({a.mode}) in "
-          f"{time.perf_counter() - t:.1f}s -> {work}")
+    if a.dataset == "sim":
+        ref, spatial, _ = simulate(a.spots, a.mode, a.types, a.genes, seed=a.seed)
+        ref.write_h5ad(work / "reference.h5ad")
+        spatial.write_h5ad(work / "spatial.h5ad")
+        print(f"simulated {a.spots} spots x {a.genes} genes, {a.types} types ({a.mode}) in "
+              f"{time.perf_counter() - t:.1f}s -> {work}")
+    else:
+        import anndata as ad
+        stem = Path(a.shared_dir) / f"spacexr_{SHARED_PAIRS[a.dataset]}"
+        for part in ("spatial", "reference"):
+            src = Path(f"{stem}_{part}.h5ad")
+            if not src.exists():
+                sys.exit(f"{src} not found: point --shared-dir at the shared data folder")
+            shutil.copyfile(src, work / f"{part}.h5ad")
+        s, r = ad.read_h5ad(work / "spatial.h5ad"), ad.read_h5ad(work / "reference.h5ad")
+        a.spots, a.genes, a.types = s.n_obs, s.n_vars, r.obs["cell_type"].nunique()
+        print(f"{a.dataset}: {s.n_obs} spots x {s.n_vars} genes; reference {r.n_obs} cells, {a.types} types")
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--data", str(work), "--mode", a.mode] + (["--batch", str(a.batch)] if a.batch else [])
     mine = ["--threads", str(a.threads)] if a.threads else []
@@ -236,7 +258,7 @@ def main(argv=None):
     ours, ours_meta = _load(work / "ours")
     print(f"ours    : {ours_meta['time_s']:8.1f} s  (CPU {ours_meta['cpu_s']:.1f} s)  sigma {ours_meta['sigma']:.2f}  "
           f"peak RSS {ours_meta['maxrss_gb']:.2f} GB")
-    summary = {"spots": a.spots, "mode": a.mode, "types": a.types, "genes": a.genes, "ours": ours_meta}
+    summary = {"dataset": a.dataset, "spots": a.spots, "mode": a.mode, "types": a.types, "genes": a.genes, "ours": ours_meta}
     if not a.no_peer:
         peer_py = Path(a.peers_dir) / "venv" / "bin" / "python"
         env = dict(os.environ, RCTD_Q_MATRICES=str(Path(a.peers_dir) / "rctd_q" / "q_matrices.npz"))
@@ -257,6 +279,12 @@ def main(argv=None):
             ours, same_meta = _load(work / "ours_same")
             print(f"ours at rctd-py's sigma {peer_sigma}: {same_meta['time_s']:.1f} s")
             summary["ours_same_sigma"] = same_meta
+        if peer_meta["types"] != ours_meta["types"]:  # align the peer's columns to ours by name
+            order = [peer_meta["types"].index(t) for t in ours_meta["types"]]
+            peer["weights"] = peer["weights"][:, order]
+            if "first_type" in peer:
+                remap = np.array(order).argsort()
+                peer["first_type"] = np.where(peer["first_type"] >= 0, remap[peer["first_type"]], -1)
         agreement = compare(ours, peer, a.mode)
         summary["agreement"] = agreement
         for k, v in agreement.items():

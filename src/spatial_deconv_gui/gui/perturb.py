@@ -6,6 +6,7 @@ their progress (per gene, per step) back; every colour and arrow drawn is the en
 from __future__ import annotations
 
 import json
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled, RunControl
+from ..isolated import run_isolated
 from .layers import PLUGIN_KEY, refresh_slide_picker, slide_layer_choices
 from .notify import notify_error, notify_info
 from .views import colormap_rgba
@@ -269,8 +271,6 @@ class TrainWidget(Container):
     def train(self):
         from napari.qt.threading import create_worker
 
-        from .. import perturb_api
-
         if self._worker is not None:
             return
         try:
@@ -284,10 +284,10 @@ class TrainWidget(Container):
         control = RunControl(self._relay.progressed.emit, self._cancel)
 
         def job():
-            import torch
-
-            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
-            return perturb_api.train_model(adata, grn, lr, col, out, layer=layer_name, control=control, **params)
+            # a child process, so no numba compile or GIL-holding step of training can freeze the canvas
+            kwargs = dict(spatial=adata, grn=grn, lr=lr, cluster_col=col, out=out, layer=layer_name, **params)
+            return run_isolated("spatial_deconv_gui.perturb_api:train_model", kwargs, control,
+                                threads=max(1, (os.cpu_count() or 2) - 1))
 
         self._worker = create_worker(job, _start_thread=False, _connect={
             "returned": self._on_model, "errored": self._on_error, "finished": self._on_finished})

@@ -9,3 +9,6 @@ class InputError(ValueError):
         self.fix = fix
         self.code = code
         super().__init__(problem if not fix else f"{problem} Fix: {fix}")
+
+    def __reduce__(self):  # so the error survives the trip back from a child process
+        return (type(self), (self.problem, self.fix, self.code))

@@ -1,0 +1,106 @@
+"""Run one job in a child process, with progress and cancellation as if it ran in this one.
+
+A GUI that trains a model in a thread shares the interpreter lock with it: any stretch of Python or C code that
+holds the lock (numba compiling a kernel, pandas parsing a table) freezes the event loop for that long. A child
+process shares nothing, so the GUI's event loop stays free however the job is written. The cost is the child's
+start (importing torch, a few seconds), so this is for jobs that take longer than that.
+
+The child calls ``module:function(**kwargs, control=...)``; its progress events come back through a queue and
+are re-reported on the caller's :class:`RunControl`, the caller's cancel event is forwarded, and the child's
+return value or exception is handed back (an exception that cannot be pickled comes back as a RuntimeError
+with its type, message and traceback text).
+"""
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import traceback
+from typing import Any
+
+from .engines.base import Cancelled, RunControl
+
+_POLL_S = 0.05
+
+
+def _child(target: str, kwargs: dict, events: mp.Queue, cancel, threads: int | None):
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    # max_rate=0: every event the job lets through goes to the parent, whose RunControl rate-limits it again
+    control = RunControl(lambda ev: events.put(("progress", ev)), cancel, max_rate=0)
+    try:
+        module, name = target.split(":")
+        result = getattr(importlib.import_module(module), name)(**kwargs, control=control)
+        message = ("result", result)
+    except Cancelled as exc:
+        message = ("cancelled", str(exc))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        message = ("error", exc, traceback.format_exc())
+    try:
+        pickle.dumps(message)
+    except Exception:  # noqa: BLE001 - the payload is what failed to pickle
+        if message[0] == "error":
+            message = ("error", RuntimeError(f"{type(message[1]).__name__}: {message[1]}"), message[2])
+        else:
+            message = ("error", RuntimeError("the job's result could not be sent back to the caller"), "")
+    events.put(message)
+
+
+def run_isolated(target: str, kwargs: dict[str, Any], control: RunControl | None = None,
+                 threads: int | None = None) -> Any:
+    """Run ``target`` (``"package.module:function"``) in a fresh child process and return its result.
+
+    ``threads`` caps the child's torch/numba/OpenMP threads (e.g. one fewer than the cores, so the GUI keeps
+    a core). Raises :class:`Cancelled` when the caller's control is cancelled, and re-raises the child's error.
+    """
+    control = control or RunControl()
+    ctx = mp.get_context("spawn")  # fork would copy a running Qt application and its threads
+    events = ctx.Queue()
+    cancel = ctx.Event()
+    proc = ctx.Process(target=_child, args=(target, kwargs, events, cancel, threads), daemon=True)
+    proc.start()
+    outcome = None
+    try:
+        while outcome is None:
+            if control.cancelled:
+                cancel.set()
+            try:
+                item = events.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not proc.is_alive():
+                    try:  # the last message may have landed between the timeout and the liveness check
+                        item = events.get(timeout=1.0)
+                    except queue.Empty:
+                        raise RuntimeError(f"the {target.split(':')[-1]} process ended unexpectedly (exit code "
+                                           f"{proc.exitcode}); it may have run out of memory") from None
+                else:
+                    continue
+            if item[0] == "progress":
+                ev = item[1]
+                control.report(ev.stage, ev.fraction, ev.message, ev.partial)
+            else:
+                outcome = item
+    finally:
+        if outcome is None:  # the caller is going away (error, KeyboardInterrupt): stop the child too
+            cancel.set()
+        proc.join(timeout=30 if outcome is not None else 5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+    kind = outcome[0]
+    if kind == "result":
+        return outcome[1]
+    if kind == "cancelled":
+        raise Cancelled(outcome[1])
+    exc, tb = outcome[1], outcome[2]
+    try:
+        exc.child_traceback = tb  # kept for a bug report; the message is what the user sees
+    except AttributeError:
+        pass
+    raise exc
