@@ -153,3 +153,48 @@ def test_two_knockouts_side_by_side_and_their_difference(make_napari_viewer, qtb
     layer = viewer.layers[f"{b.name} − {a.name}: Δ Gene0"]
     np.testing.assert_allclose(layer.metadata["values"], b.delta("Gene0") - a.delta("Gene0"))
     np.testing.assert_allclose(layer.face_color, diverging_rgba(b.delta("Gene0") - a.delta("Gene0"))[0], atol=1e-6)
+
+
+@pytest.mark.render
+def test_screenshot_after_knockout_shows_delta_map_and_vector_field(make_napari_viewer, qtbot, tmp_path):
+    from qtpy.QtWidgets import QApplication
+
+    viewer, train = _train(make_napari_viewer, qtbot, tmp_path / "model", show=True)
+    train.train_btn.native.click()
+    qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
+    _, ko = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
+
+    def canvas():
+        for _ in range(5):
+            QApplication.processEvents()
+        return viewer.screenshot(canvas_only=True, flash=False)[..., :3].reshape(-1, 3).astype(int)
+
+    def greenish(img):  # the vector field's #39ff14, blended over the dark canvas at the layer's opacity
+        r, g, b = img.T
+        return int(((g > 100) & (g > r + 50) & (g > b + 50)).sum())
+
+    ko.genes.value = ["Tf0"]
+    ko.run_btn.native.click()
+    qtbot.waitUntil(lambda: not ko.busy, timeout=300_000)
+    run = ko.current
+    assert run is not None, ko.status.value
+    after = canvas()
+    run.layers["vectors"].visible = False
+    no_vectors = canvas()
+    run.layers["vectors"].visible = True
+
+    def pixels_near(img, rgb, tol=12):
+        return int((np.abs(img - np.asarray(rgb)).sum(axis=1) < tol).sum())
+
+    # the vector field is drawn: hiding its layer takes hundreds of green pixels off the canvas
+    assert greenish(after) - greenish(no_vectors) > 300, (greenish(after), greenish(no_vectors))
+    # the Δ map is drawn: the colours of the most-moved cells (saturated ends of the diverging map) are on screen
+    delta = run.delta(ko.show_gene.value)
+    strongest = np.argsort(-np.abs(delta))[:20]
+    rgb = (run.layers["delta"].face_color[strongest, :3] * 255).round()
+    shown = [pixels_near(no_vectors, c) >= 10 for c in rgb]
+    assert np.mean(shown) >= 0.5, shown
+    # the Δ layer covers the slide: hiding it brings back a visibly different picture
+    run.layers["delta"].visible = run.layers["vectors"].visible = False
+    slide_only = canvas()
+    assert np.abs(slide_only - no_vectors).sum(axis=1).astype(bool).mean() > 0.05
