@@ -153,6 +153,13 @@ def test_two_knockouts_side_by_side_and_their_difference(make_napari_viewer, qtb
     layer = viewer.layers[f"{b.name} − {a.name}: Δ Gene0"]
     np.testing.assert_allclose(layer.metadata["values"], b.delta("Gene0") - a.delta("Gene0"))
     np.testing.assert_allclose(layer.face_color, diverging_rgba(b.delta("Gene0") - a.delta("Gene0"))[0], atol=1e-6)
+    # picking the first run again shows its group of layers, hides the other's, and redraws from its numbers
+    assert ko.showing.value == b.name and list(ko.showing.choices) == [a.name, b.name]
+    ko.showing.value = a.name
+    assert ko.current is a and ko.summary.top.index[0] == "Tf0"
+    assert all(layer.visible for layer in a.layers.values())
+    assert not any(layer.visible for layer in b.layers.values())
+    np.testing.assert_allclose(a.layers["delta"].face_color, diverging_rgba(a.delta("Gene0"))[0], atol=1e-6)
 
 
 @pytest.mark.render

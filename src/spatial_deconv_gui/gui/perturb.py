@@ -385,6 +385,9 @@ class KnockoutWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = Label(label="status", value="train or load a model first")
         # results
+        self.showing = ComboBox(label="perturbation", choices=lambda _w: list(self.state.runs),
+                                tooltip="Each run keeps its own group of layers (Δ map, vector field); the one "
+                                        "picked here is shown and drives the controls below.")
         self.show_gene = ComboBox(label="Δ of gene", choices=lambda _w: self._model_genes())
         self.arrow_length = FloatSlider(label="arrow length", value=1.0, min=0.1, max=10.0)
         self.arrow_density = SpinBox(label="arrow grid", value=40, min=5, max=200,
@@ -393,7 +396,8 @@ class KnockoutWidget(Container):
         self.compare_with = ComboBox(label="difference with", choices=lambda _w: list(self.state.runs), nullable=True)
         self.save_btn = PushButton(text="Save perturbed data (.h5ad) + PNG...")
         self.extend([self.search, self.genes, self.value, self.scope, self.shapes, self.cluster, self.steps,
-                     self.run_btn, self.cancel_btn, self.progress, self.status, self.show_gene, self.arrow_length,
+                     self.run_btn, self.cancel_btn, self.progress, self.status, self.showing, self.show_gene,
+                     self.arrow_length,
                      self.arrow_density, self.per_cell, self.compare_with, self.save_btn])
         self.colorbar_fig = Figure(figsize=(3.2, 0.6))
         self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
@@ -403,6 +407,7 @@ class KnockoutWidget(Container):
         self.search.changed.connect(lambda _v: self.genes.reset_choices())
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
+        self.showing.changed.connect(self._show_run)
         self.show_gene.changed.connect(self._recolour)
         self.arrow_length.changed.connect(self._redraw_vectors)
         self.arrow_density.changed.connect(self._redraw_vectors)
@@ -554,7 +559,6 @@ class KnockoutWidget(Container):
         while f"{base} #{n}" in self.state.runs:
             n += 1
         run = Perturbation(f"{base} #{n}", adata, genes)
-        self.state.runs[run.name] = run
         stream = getattr(self, "_stream_layer", None)
         if stream is not None and stream in self.viewer.layers:
             self.viewer.layers.remove(stream)
@@ -567,19 +571,31 @@ class KnockoutWidget(Container):
         run.layers["vectors"] = self.viewer.add_vectors(np.zeros((0, 2, 2)), name=f"{run.name}: vector field",
                                                         edge_width=2.5, edge_color="#39ff14",
                                                         metadata={PLUGIN_KEY: {"kind": "perturb_vectors"}})
-        self.current = run
-        self.compare_with.reset_choices()
+        self.state.runs[run.name] = run  # only now: adding layers makes napari refresh the run picker
         moved = self.moved_genes(run)
         target = next((g for g in moved.index if g not in genes), moved.index[0])
         self.show_gene.value = target
-        self._recolour()
-        self._redraw_vectors()
-        self.summary.show(run, moved, self.state.model)
+        self.compare_with.reset_choices()
+        self.showing.reset_choices()
+        self.showing.value = run.name  # -> _show_run: colours, arrows, summary
         if not self._summary_docked:
             self.viewer.window.add_dock_widget(self.summary, name="Knockout summary", area="right")
             self._summary_docked = True
         self.progress.value = 1000
         self.status.value = f"{run.name}: done in {adata.uns['perturb']['runtime_s']:.1f} s"
+
+    def _show_run(self, name):
+        run = self.state.runs.get(name) if name else None
+        if run is None or run is self.current:
+            return
+        self.current = run
+        for other in self.state.runs.values():
+            for layer in other.layers.values():
+                if layer in self.viewer.layers:
+                    layer.visible = other is run
+        self._recolour()
+        self._redraw_vectors()
+        self.summary.show(run, self.moved_genes(run), self.state.model)
 
     def moved_genes(self, run: Perturbation) -> pd.Series:
         d = run.adata.layers["perturb_delta"]
