@@ -229,7 +229,8 @@ def spline_second_derivatives(values: np.ndarray, x: np.ndarray) -> np.ndarray:
     banded[1, :] = 2.0 * (h[:-1] + h[1:])
     banded[2, :-1] = h[1:-1]
     inner = scipy.linalg.solve_banded((1, 1), banded, rhs.T).T
-    z = np.zeros_like(values)
+    z = np.empty_like(values)
+    z[..., 0] = z[..., -1] = 0.0
     z[..., 1:-1] = inner
     return z
 
@@ -327,18 +328,49 @@ class TorchTable:
         self.x_max = float(x[-1])
         self.k_cap = min(table.k_max, table.n_rows - 1)
         self.n_int = len(x) - 1
-        h = np.diff(x)[None, :]
-        f, z = table.logq, table.z
-        f0, f1, z0, z1 = f[:, :-1], f[:, 1:], z[:, :-1], z[:, 1:]
-        # value and derivatives of the natural spline on [x_m, x_m+1] are exact for this cubic
-        poly = np.stack([f0, (f1 - f0) / h - h * (z1 + 2.0 * z0) / 6.0, z0 / 2.0, (z1 - z0) / (6.0 * h)], axis=-1)
-        self.coef_np = np.ascontiguousarray(poly.reshape(-1, 4))
+        self._h = np.diff(x)
         self.x_np = np.ascontiguousarray(x.astype(np.float64))
         r_max = int(math.floor(math.sqrt(self.x_max / _GRID_DELTA))) + 1
         self.mtab_np = np.maximum(_interval_from_root(np.arange(r_max + 1, dtype=np.float64)) - 1, 0)
-        self.coef = torch.as_tensor(self.coef_np, dtype=dtype, device=self.device)
+        self._coef_np: np.ndarray | None = None
+        self._coef: torch.Tensor | None = None
         self.knots = torch.as_tensor(x, dtype=dtype, device=self.device)
         self.mtab = torch.as_tensor(self.mtab_np, dtype=torch.long, device=self.device)
+
+    def coef_at(self, cells: np.ndarray) -> np.ndarray:
+        """Polynomial coefficients of the flat (count, interval) ``cells`` only: scoring a candidate sigma
+        touches a few thousand cells, so it need not build the whole (counts x intervals x 4) array."""
+        if self._coef_np is not None:
+            return self._coef_np[cells]
+        k, m = np.divmod(np.asarray(cells, dtype=np.int64), self.n_int)
+        f, z, h = self.table.logq, self.table.z, self._h[m]
+        f0, f1, z0, z1 = f[k, m], f[k, m + 1], z[k, m], z[k, m + 1]
+        return np.stack([f0, (f1 - f0) / h - h * (z1 + 2.0 * z0) / 6.0, z0 / 2.0, (z1 - z0) / (6.0 * h)], axis=-1)
+
+    @property
+    def coef_np(self) -> np.ndarray:
+        """(counts x intervals, 4) coefficients of the cubic on each cell: value and derivatives of the natural
+        spline on [x_m, x_m+1] are exact for it. Built on first use, in place."""
+        if self._coef_np is None:
+            h = self._h[None, :]
+            f, z = self.table.logq, self.table.z
+            f0, f1, z0, z1 = f[:, :-1], f[:, 1:], z[:, :-1], z[:, 1:]
+            poly = np.empty(f0.shape + (4,))
+            poly[..., 0] = f0
+            np.subtract(f1, f0, out=poly[..., 1])
+            poly[..., 1] /= h
+            poly[..., 1] -= h * (z1 + 2.0 * z0) / 6.0
+            np.multiply(z0, 0.5, out=poly[..., 2])
+            np.subtract(z1, z0, out=poly[..., 3])
+            poly[..., 3] /= 6.0 * h
+            self._coef_np = poly.reshape(-1, 4)
+        return self._coef_np
+
+    @property
+    def coef(self) -> torch.Tensor:
+        if self._coef is None:
+            self._coef = torch.as_tensor(self.coef_np, dtype=self.dtype, device=self.device)
+        return self._coef
 
     def interval(self, lam: torch.Tensor) -> torch.Tensor:
         """0-based left knot of the grid interval holding each (clamped) ``lam``."""

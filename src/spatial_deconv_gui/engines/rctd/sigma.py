@@ -105,7 +105,7 @@ def _cell_moments(table: TorchTable, y: np.ndarray, lam: np.ndarray):
 
 def _score_from_moments(table: TorchTable, cells: np.ndarray, mom: np.ndarray) -> float:
     # the spline is c0 + c1 a + c2 a^2 + c3 a^3 on each cell
-    c = table.coef_np[cells]
+    c = table.coef_at(cells)
     return -float(np.einsum("ij,ji->", c, mom))
 
 
@@ -132,17 +132,26 @@ def estimate_sigma(profiles: np.ndarray, counts: np.ndarray, numi: np.ndarray,
     sample = None
     if n_total > MAX_SIGMA_SAMPLES:
         sample = torch.as_tensor(rng.choice(n_total, MAX_SIGMA_SAMPLES, replace=False), device=dev)
+    # successive windows overlap almost entirely: convert each sigma's table once per run
+    converted: dict[tuple[int, torch.dtype], TorchTable] = {}
+
+    def torch_tables(sigmas: list[int], dt: torch.dtype) -> list[TorchTable]:
+        missing = [s for s in sigmas if (s, dt) not in converted]
+        for s, t in zip(missing, get_tables(missing) if missing else []):
+            converted[(s, dt)] = t.to_torch(dev, dt)
+        return [converted[(s, dt)] for s in sigmas]
+
     for epoch in range(n_epoch):
         if check_cancel is not None:
             check_cancel()
-        table = get_tables([sigma])[0].to_torch(dev, dtype)
+        table = torch_tables([sigma], dtype)[0]
         design = SharedDesign(P, y, u, table)
         res = solve_irwls(design, y.shape[0], n_iter=n_iter, min_change=min_change, step=step, dtype=dtype,
                           device=dev)
         pred = (res.weights @ P.T) * u[:, None]
         pos = SIGMA_GRID.index(sigma)
         window = list(SIGMA_GRID[max(0, pos - SIGMA_WINDOW): pos + SIGMA_WINDOW + 1])
-        tables = [t.to_torch(dev, torch.float64) for t in get_tables(window)]
+        tables = torch_tables(window, torch.float64)
         flat_pred, flat_y = pred.reshape(-1).double(), y.reshape(-1).double()
         if sample is not None:
             flat_pred, flat_y = flat_pred[sample], flat_y[sample]
