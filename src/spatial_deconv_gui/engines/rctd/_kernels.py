@@ -101,17 +101,20 @@ def _chol_solve_subset(D, c, free, out):
 
 @njit(nogil=True, cache=True)
 def nonneg_qp(D, c, y):
-    """Exact minimiser of ``0.5 y'Dy - c'y`` over ``y >= 0`` (primal active set, Lawson-Hanson style).
-
-    Starts from y = 0 and frees the variable with the most negative gradient; when an unconstrained
-    solve on the free set leaves the feasible region, steps to the boundary and drops the blocking
-    variables. Terminates in finitely many steps for positive definite D.
-    """
+    """Exact minimiser of ``0.5 y'Dy - c'y`` over ``y >= 0`` (primal active set, Lawson-Hanson style)."""
     k = c.shape[0]
-    free = np.zeros(k, dtype=np.bool_)
-    s = np.empty(k)
+    _nonneg_qp(D, c, y, np.zeros(k, dtype=np.bool_), np.empty(k))
+
+
+@njit(nogil=True, cache=True)
+def _nonneg_qp(D, c, y, free, s):
+    # Starts from y = 0 and frees the variable with the most negative gradient; when an unconstrained solve on
+    # the free set leaves the feasible region, steps to the boundary and drops the blocking variables.
+    # Terminates in finitely many steps for positive definite D. ``free`` and ``s`` are scratch.
+    k = c.shape[0]
     for j in range(k):
         y[j] = 0.0
+        free[j] = False
     for _outer in range(3 * k + 5):
         best = _QP_TOL
         jbest = -1
@@ -153,14 +156,50 @@ def nonneg_qp(D, c, y):
 
 
 @njit(nogil=True, cache=True)
-def _psd_qp_one(H, g, w, out):
-    k = g.shape[0]
-    lam, V = np.linalg.eigh(H)
+def _psd_project_2(H, D):
+    """D = V max(lam, floor) V' / max(lam_max, floor) for a symmetric 2 x 2 H, in closed form (no LAPACK)."""
+    a, b, d = H[0, 0], 0.5 * (H[0, 1] + H[1, 0]), H[1, 1]
+    m = 0.5 * (a + d)
+    r = np.hypot(0.5 * (a - d), b)
+    lo, hi = m - r, m + r
+    nf = max(hi, _PSD_FLOOR)
+    if lo >= _PSD_FLOOR:  # already above the floor: the projection is H itself
+        D[0, 0], D[0, 1], D[1, 0], D[1, 1] = a, b, b, d
+    elif hi <= _PSD_FLOOR:
+        D[0, 0], D[0, 1], D[1, 0], D[1, 1] = _PSD_FLOOR, 0.0, 0.0, _PSD_FLOOR
+    else:
+        # only the low eigenvalue is raised: D = H + (floor - lo) v v' with v its unit eigenvector, taken from
+        # the better-conditioned of the two rows of (H - lo I)
+        if a >= d:
+            v0, v1 = -b, a - lo
+        else:
+            v0, v1 = d - lo, -b
+        nv = np.hypot(v0, v1)
+        if nv == 0.0:
+            v0, v1 = 1.0, 0.0
+        else:
+            v0, v1 = v0 / nv, v1 / nv
+        lift = _PSD_FLOOR - lo
+        D[0, 0] = a + lift * v0 * v0
+        D[0, 1] = D[1, 0] = b + lift * v0 * v1
+        D[1, 1] = d + lift * v1 * v1
+    for i in range(2):
+        for j in range(2):
+            D[i, j] /= nf
+        D[i, i] += _RIDGE
+    return nf
+
+
+@njit(nogil=True, cache=True)
+def _psd_project(H, D):
+    k = H.shape[0]
+    if k == 2:
+        return _psd_project_2(H, D)
+    lam, V = np.linalg.eigh(np.ascontiguousarray(H))
     nf = _PSD_FLOOR
     for i in range(k):
         if lam[i] > nf:
             nf = lam[i]
-    D = np.empty((k, k))
     for i in range(k):
         for j in range(k):
             s = 0.0
@@ -168,17 +207,21 @@ def _psd_qp_one(H, g, w, out):
                 s += V[i, t] * max(lam[t], _PSD_FLOOR) * V[j, t]
             D[i, j] = s / nf
         D[i, i] += _RIDGE
-    c = np.empty(k)
-    lb = np.empty(k)
+    return nf
+
+
+@njit(nogil=True, cache=True)
+def _psd_qp_one(H, g, w, out, D, c, lb, y, free, s):
+    k = g.shape[0]
+    nf = _psd_project(H, D)
     for i in range(k):
         lb[i] = -max(w[i], 0.0)
     for i in range(k):
-        s = g[i] / nf
+        acc = g[i] / nf
         for j in range(k):
-            s -= D[i, j] * lb[j]
-        c[i] = s
-    y = np.empty(k)
-    nonneg_qp(D, c, y)
+            acc -= D[i, j] * lb[j]
+        c[i] = acc
+    _nonneg_qp(D, c, y, free, s)
     for i in range(k):
         out[i] = y[i] + lb[i]
 
@@ -186,10 +229,25 @@ def _psd_qp_one(H, g, w, out):
 @njit(parallel=True, nogil=True, cache=True)
 def psd_qp_batch(H, g, w, out):
     """For each problem: project the Hessian to PSD (eigenvalues floored at 1e-3), scale to unit 2-norm,
-    add a 1e-7 ridge, and solve the Newton QP ``min 0.5 x'Dx - d'x`` subject to ``x >= -w``."""
-    for b in prange(g.shape[0]):
-        _psd_qp_one(np.ascontiguousarray(H[b]).astype(np.float64), g[b].astype(np.float64),
-                    w[b].astype(np.float64), out[b])
+    add a 1e-7 ridge, and solve the Newton QP ``min 0.5 x'Dx - d'x`` subject to ``x >= -w``.
+
+    Problems are taken in chunks so each thread allocates its scratch once, not once per problem.
+    """
+    nb, k = g.shape
+    chunk = 64
+    n_chunks = (nb + chunk - 1) // chunk
+    for ch in prange(n_chunks):
+        D = np.empty((k, k))
+        Hb = np.empty((k, k))
+        gb, wb, c, lb, y, s = np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k), np.empty(k)
+        free = np.zeros(k, dtype=np.bool_)
+        for b in range(ch * chunk, min(nb, (ch + 1) * chunk)):
+            for i in range(k):
+                gb[i] = g[b, i]
+                wb[i] = w[b, i]
+                for j in range(k):
+                    Hb[i, j] = H[b, i, j]
+            _psd_qp_one(Hb, gb, wb, out[b], D, c, lb, y, free, s)
 
 
 @njit(parallel=True, nogil=True, cache=True)
