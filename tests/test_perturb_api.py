@@ -185,3 +185,29 @@ def test_impute_expression_and_train_with_imputation(sim_files, tmp_path):
                         radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
     assert m.manifest["expression"] == "layers['imputed']"   # an imputed layer is preferred when present
     assert set(m.manifest["targets"]) == {"Gene0", "Gene1"}
+
+
+def test_radius_rule_through_api_and_cli(sim_files, tmp_path):
+    a, path, pr = sim_files
+    s = a.uns["perturb_sim"]
+    # a ligand with a secreted and a contact pair: received at two radii by default, at one with 'ligand'
+    lr = pd.read_csv(pr["lr_prior"])
+    lr = pd.concat([lr, pd.DataFrame({"ligand": ["Lig1"], "receptor": ["Rec3"],
+                                      "annotation": ["Cell-Cell Contact"]})], ignore_index=True)
+    kw = dict(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"],
+              targets=["Gene2", "Gene5", "Gene8"])
+    m = api.train_model(path, pr["grn_prior"], lr, "cluster", tmp_path / "pair", **kw)
+    assert m.radius_rule == "pair" and m.manifest["lr_radius"]["Lig1$Rec3"] == s["contact_radius"]
+    assert {("Lig1", s["radius"]), ("Lig1", s["contact_radius"])} <= set(m.channels)
+    out = api.run_perturbation(m, "Lig1", 0.0, steps=2)
+    assert out.uns["perturb"]["parameters"]["radius_rule"] == "pair"
+    lr_csv = tmp_path / "lr.csv"
+    lr.to_csv(lr_csv, index=False)
+    rc = _cli(["perturb", "train", str(path), "--grn", pr["grn_prior"], "--lr", str(lr_csv), "--cluster-col",
+               "cluster", "--out", str(tmp_path / "lig"), "--radius", str(s["radius"]), "--contact-radius",
+               str(s["contact_radius"]), "--scale-factor", str(s["scale_factor"]), "--radius-rule", "ligand",
+               "--quiet"])
+    assert rc == 0
+    m2 = api.load_model(tmp_path / "lig")
+    assert m2.radius_rule == "ligand" and m2.manifest["lr_radius"]["Lig1$Rec3"] == s["radius"]
+    assert [c for c in m2.channels if c[0] == "Lig1"] == [("Lig1", s["radius"])]

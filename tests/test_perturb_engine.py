@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from spatial_deconv_gui.engines.base import Cancelled, RunControl
@@ -243,3 +244,188 @@ def test_clusterwise_imputation_smooths_within_clusters_only():
         m = cl == c
         assert Y[m].std(0).mean() < 0.6 * X[m].std(0).mean()
         np.testing.assert_allclose(Y[m].mean(0), X[m].mean(0), atol=0.1)  # no leakage between clusters
+
+
+# ---- per-pair radius: a ligand in a secreted and a contact pair is received at both radii ----------------------
+
+def _dense_received(xy, x, r, s):
+    d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    return s * (np.exp(-d2 / (2.0 * r * r)) @ x) / len(x)
+
+
+def _two_kind_tissue(n=80, seed=7):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 100, (n, 2))
+    genes = ["Lg", "Ra", "Rb", "Tfx", "Tg"]
+    X = rng.gamma(3.0, 1.0, (n, len(genes))) + 0.1
+    X[:, 4] = 1.0 + 0.8 * X[:, 3] + 0.1 * rng.standard_normal(n) + 5.0
+    grn = priors.load_grn(pd.DataFrame({"tf": ["Tfx"], "target": ["Tg"]}))[0]
+    lr = priors.load_lr(pd.DataFrame({"ligand": ["Lg", "Lg"], "receptor": ["Ra", "Rb"],
+                                      "annotation": ["Secreted Signaling", "Cell-Cell Contact"]}))[0]
+    return xy, genes, X, grn, lr
+
+
+@pytest.mark.parametrize("rule", ["pair", "ligand"])
+def test_per_pair_radius_training_receives_ligand_at_each_radius(tmp_path, rule):
+    xy, genes, X, grn, lr = _two_kind_tissue()
+    r_s, r_c, s = 30.0, 8.0, 2.5
+    cfg = TrainConfig(radius=r_s, contact_radius=r_c, scale_factor=s, receptor_thresh=0.0, r2_threshold=0.0,
+                      ligand_mode="exact", radius_rule=rule)
+    man = train(X, genes, xy, np.array(["c0"] * len(X)), grn, lr, tmp_path / "m", config=cfg)
+    assert man["radius_rule"] == rule
+    if rule == "pair":
+        assert man["lr_radius"] == {"Lg$Ra": r_s, "Lg$Rb": r_c}
+        assert man["received_channels"] == [["Lg", r_s], ["Lg", r_c]]
+    else:   # SpaceTravLR's rule: the ligand's first pair (secreted) decides for both
+        assert man["lr_radius"] == {"Lg$Ra": r_s, "Lg$Rb": r_s}
+        assert man["received_channels"] == [["Lg", r_s]]
+    W = np.load(tmp_path / "m" / md.RECEIVED)
+    want = np.column_stack([_dense_received(xy, X[:, 0], r, s) for _, r in man["received_channels"]])
+    np.testing.assert_allclose(W, want, rtol=1e-12, atol=0)
+    if rule == "pair":
+        assert np.abs(W[:, 0] - W[:, 1]).min() > 1e-3       # two distinct received values per cell
+    model = load_model(tmp_path / "m")
+    assert model.channels == [tuple(c) for c in man["received_channels"]]
+    tab = model.modulator_table()
+    got = dict(zip(tab.modulator, tab.radius))
+    assert got.get("Lg$Rb", r_c if rule == "pair" else r_s) == (r_c if rule == "pair" else r_s)
+
+
+def _hand_model(manifest_extra: dict, b_a=0.7, b_b=-0.4):
+    """Two cells 5 apart; ligand Lg in a secreted (r=5) and a contact (r=2.5) pair; Tg = b_a Lg$Ra + b_b Lg$Rb."""
+    from spatial_deconv_gui.engines.perturb.perturb import model_from_tables
+
+    genes = ["Lg", "Ra", "Rb", "Tg"]
+    X = np.array([[2.0, 1.5, 3.0, 20.0],
+                  [4.0, 0.5, 2.0, 10.0]])   # Tg below its max in cell 1: no clipping
+    xy = np.array([[0.0, 0.0], [3.0, 4.0]])
+    man = {"clusters": ["c0"], "targets": ["Tg"], "scale_factor": 1.0, "ligand_radius": {"Lg": 5.0}}
+    man.update(manifest_extra)
+    tab = pd.DataFrame({"cluster": ["c0"], "n_cells": [2], "r2": [1.0], "gated": [False], "intercept": [0.0],
+                        "beta_Lg$Ra": [b_a], "beta_Lg$Rb": [b_b]})
+    return model_from_tables(man, genes, X, xy, np.array(["c0", "c0"]), {"Tg": tab}), X
+
+
+def test_per_pair_radius_hand_derived_received_values_and_knockout():
+    from spatial_deconv_gui.engines.perturb.perturb import Propagator
+
+    pair = {"format_version": 2, "radius_rule": "pair", "lr_radius": {"Lg$Ra": 5.0, "Lg$Rb": 2.5}, "tfl_radius": {}}
+    model, X = _hand_model(pair)
+    # d^2 = 25: exp(-25 / (2 * 5^2)) = e^-0.5 (secreted), exp(-25 / (2 * 2.5^2)) = e^-2 (contact); s = 1, N = 2
+    w_sec = np.array([(2.0 + 4.0 * np.exp(-0.5)) / 2, (4.0 + 2.0 * np.exp(-0.5)) / 2])
+    w_con = np.array([(2.0 + 4.0 * np.exp(-2.0)) / 2, (4.0 + 2.0 * np.exp(-2.0)) / 2])
+    assert model.channels == [("Lg", 5.0), ("Lg", 2.5)]
+    prop = Propagator(model, ligand_mode="exact")
+    np.testing.assert_allclose(prop.W0, np.column_stack([w_sec, w_con]), rtol=1e-14)
+    # knock Lg out everywhere: every received value drops to 0, so one hop gives
+    # delta_Tg = b_a * Ra * (-w_sec) + b_b * Rb * (-w_con)
+    d = simulate_perturbation(model, "Lg", 0.0, n_steps=1, clip=False)   # no cap at the observed max
+    want = 0.7 * X[:, 1] * (-w_sec) + (-0.4) * X[:, 2] * (-w_con)
+    np.testing.assert_allclose(d[:, 3], want, rtol=1e-13)
+    # a format-1 folder (one radius per ligand) loads with SpaceTravLR's rule: both pairs at r = 5
+    old, _ = _hand_model({})
+    assert old.radius_rule == "ligand" and old.channels == [("Lg", 5.0)]
+    d_old = simulate_perturbation(old, "Lg", 0.0, n_steps=1, clip=False)
+    np.testing.assert_allclose(d_old[:, 3], (0.7 * X[:, 1] - 0.4 * X[:, 2]) * (-w_sec), rtol=1e-13)
+    # a folder naming LR pairs without radii, or from a newer format, is refused with a clear message
+    from spatial_deconv_gui.io.errors import InputError
+
+    with pytest.raises(InputError, match="no radius for"):
+        _hand_model({**pair, "lr_radius": {"Lg$Ra": 5.0}})
+    with pytest.raises(InputError, match="format 9"):
+        _hand_model({**pair, "format_version": 9})
+
+
+def test_numba_and_torch_kernel_sums_agree():
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 500, (900, 2))
+    x = rng.gamma(2.0, 1.0, (900, 2))
+    for sym in (True, False):
+        a = kernel_sum(xy, xy, x, 60.0, symmetric=sym, backend="numba")
+        b = kernel_sum(xy, xy, x, 60.0, symmetric=sym, backend="torch")
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    part = kernel_sum(xy[:50], xy[100:700], x[100:700], 60.0, backend="numba")
+    d2 = ((xy[:50, None] - xy[None, 100:700]) ** 2).sum(-1)
+    np.testing.assert_allclose(part, np.exp(-d2 / 7200.0) @ x[100:700], rtol=1e-13)
+    # one thread or several (pieces of work with their own buffers): same sums
+    from spatial_deconv_gui.engines.base import thread_cap
+
+    with thread_cap(1):
+        one = kernel_sum(xy, xy, x, 60.0, symmetric=True)
+    with thread_cap(2):
+        two = kernel_sum(xy, xy, x, 60.0, symmetric=True)
+    np.testing.assert_allclose(one, two, rtol=1e-13)
+    # far beyond the radius everything underflows to 0
+    far = kernel_sum(np.array([[0.0, 0.0]]), np.array([[1e4, 0.0]]), np.ones((1, 1)), 1.0)
+    assert far[0, 0] == 0.0
+
+
+def test_format1_model_folder_loads_with_one_radius_per_ligand(trained, tmp_path):
+    import json
+    import shutil
+
+    from spatial_deconv_gui.engines.perturb.perturb import Propagator
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    man = json.loads((old / md.MANIFEST).read_text())
+    for k in ("radius_rule", "lr_radius", "tfl_radius", "received_channels"):
+        man.pop(k)
+    man["format_version"] = 1
+    (old / md.MANIFEST).write_text(json.dumps(man))
+    new_m, old_m = load_model(trained), load_model(old)
+    assert old_m.radius_rule == "ligand" and new_m.radius_rule == "pair"
+    # the simulated prior gives each ligand one annotation: both rules give the same radii and results
+    assert old_m.channels == new_m.channels == [(g, man["ligand_radius"][g]) for g in man["ligands"]]
+    assert old_m.received_cache is not None
+    np.testing.assert_array_equal(Propagator(old_m).W0, Propagator(new_m).W0)
+    np.testing.assert_allclose(simulate_perturbation(old_m, "Tf2", 0.0, n_steps=3),
+                               simulate_perturbation(new_m, "Tf2", 0.0, n_steps=3), rtol=0, atol=1e-12)
+
+
+def test_numba_hop_matches_sparse_products(sim, tmp_path):
+    from spatial_deconv_gui.engines.perturb.perturb import Propagator
+
+    tfl = pd.DataFrame({"ligand": ["Lig0", "Lig1", "Lig3"], "tf": ["Tf3", "Tf4", "Tf5"], "weight": [0.5, 0.5, 0.5]})
+    _train(sim, tmp_path / "m", tfl=priors.load_tfl(tfl)[0])
+    model = load_model(tmp_path / "m")
+    assert len(model.tfl_pairs) and len(model.lr_pairs)
+    prop = Propagator(model)
+    rng = np.random.default_rng(5)
+    n, g = model.expr.shape
+    dmod = rng.standard_normal((n, g)) * (rng.random((n, g)) < 0.5)
+    dW = rng.standard_normal((n, len(model.channels)))
+    F = np.where(rng.random((n, g)) < 0.2, 0.0, prop.F0)      # some receptors absent
+    W = prop.W0 + dW
+    got = prop.hop(F, model.expr, W, dmod, dW)
+    want = prop._hop_numpy(F, model.expr, W, dmod, dW)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    assert np.abs(want).max() > 0.1
+
+
+def test_received_change_updated_from_previous_state(trained, monkeypatch):
+    from spatial_deconv_gui.engines.perturb.perturb import Propagator
+    from spatial_deconv_gui.engines.perturb.train import filtered
+
+    model = load_model(trained)
+    prop = Propagator(model, ligand_mode="exact")
+    gi = {g: i for i, g in enumerate(model.genes)}
+    rng = np.random.default_rng(8)
+    X1 = model.expr.copy()
+    X1[:, gi["Lig0"]] *= 0.5                                  # every cell: a full pass
+    F1 = filtered(X1)
+    dW1 = prop.delta_received(F1)
+    X2 = X1.copy()
+    few = rng.choice(len(X2), 30, replace=False)
+    X2[few, gi["Lig3"]] += 1.0                                # 30 cells of another ligand (other radius)
+    F2 = filtered(X2)
+    calls = []
+    real = prop._received
+    monkeypatch.setattr(prop, "_received", lambda v, r, source_index=None: calls.append(
+        (v.shape, None if source_index is None else len(source_index))) or real(v, r, source_index))
+    inc = prop.delta_received(F2, (F1[:, prop.lig_idx], dW1))
+    assert calls == [((30, 1), 30)]                           # only the 30 changed cells emit, one channel
+    np.testing.assert_allclose(inc, prop.delta_received(F2), rtol=1e-12, atol=1e-14)
+    calls.clear()
+    same = prop.delta_received(F2, (F2[:, prop.lig_idx], inc))
+    assert calls == [] and np.array_equal(same, inc)          # nothing moved: no kernel pass

@@ -126,7 +126,9 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
     """Train the perturbation model of ``spatial`` (AnnData or .h5ad path) into the folder ``out``.
 
     ``grn``/``lr``/``tfl`` are prior tables (paths or DataFrames). ``params`` override :class:`TrainConfig`
-    fields (``radius``, ``contact_radius``, ``l1_reg``, ...). Training resumes in an existing folder trained on
+    fields (``radius``, ``contact_radius``, ``radius_rule``, ``l1_reg``, ...). ``radius_rule='pair'`` (default)
+    receives each ligand-receptor pair's ligand at that pair's radius (secreted or contact), ``'ligand'`` at the
+    radius of the ligand's first pair (SpaceTravLR's rule). Training resumes in an existing folder trained on
     the same data and settings (finished genes are skipped). Returns the loaded model.
     """
     ctl = _control(control, progress)
@@ -303,6 +305,8 @@ def run_perturbation(model, genes, values=0.0, *, cells=None, cell_type=None, ce
                        "temperature": float(temperature), "null": null, "n_grid": int(n_grid),
                        "radius": float(model.manifest.get("radius", np.nan)),
                        "contact_radius": float(model.manifest.get("contact_radius", np.nan)),
+                       "radius_rule": model.radius_rule,
+                       "received_channels": [f"{g}@{r:g}" for g, r in model.channels],
                        "scale_factor": float(model.scale_factor),
                        "model_dir": str(model.path) if model.path else ""},
         "grid_points": vf.grid_points, "grid_vectors": vf.grid_vectors,

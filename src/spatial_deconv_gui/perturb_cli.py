@@ -36,6 +36,9 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--lr-resource", default=None, help="keep only this LIANA resource (e.g. mouseconsensus)")
     tr.add_argument("--radius", type=float, default=None, help="secreted radius (default 5x median NN distance)")
     tr.add_argument("--contact-radius", type=float, default=None, help="contact radius (default radius/4)")
+    tr.add_argument("--radius-rule", choices=["pair", "ligand"], default=None,
+                    help="radius of received ligands: 'pair' (default: each ligand-receptor pair at its own "
+                         "secreted / contact radius) or 'ligand' (SpaceTravLR: the ligand's first pair decides)")
     tr.add_argument("--scale-factor", type=float, default=1.0)
     tr.add_argument("--l1-reg", type=float, default=None)
     tr.add_argument("--group-reg", type=float, default=None)
@@ -91,7 +94,8 @@ def _cmd_train(args) -> int:
     from . import perturb_api as api
 
     params = {k: getattr(args, k) for k in ("radius", "contact_radius", "scale_factor", "l1_reg", "group_reg",
-                                            "r2_threshold", "ligand_mode", "device") if getattr(args, k) is not None}
+                                            "r2_threshold", "ligand_mode", "device", "radius_rule")
+              if getattr(args, k, None) is not None}
     targets = _read_lines(args.targets) if args.targets else None
     model = api.train_model(
         args.spatial, args.grn, args.lr, args.cluster_col, args.out, tfl=args.tfl, layer=args.layer,
@@ -102,7 +106,9 @@ def _cmd_train(args) -> int:
     man = model.manifest
     summary = {"model_dir": str(args.out), "n_cells": man["n_cells"], "n_targets": len(man["targets"]),
                "n_orphans": len(man["orphans"]), "clusters": man["clusters"], "radius": man["radius"],
-               "contact_radius": man["contact_radius"], "train_time_s": man.get("train_time_s")}
+               "contact_radius": man["contact_radius"], "radius_rule": man.get("radius_rule", "ligand"),
+               "n_received_channels": len(man.get("received_channels", man.get("ligands", []))),
+               "train_time_s": man.get("train_time_s")}
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:

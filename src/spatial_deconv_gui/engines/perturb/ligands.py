@@ -2,9 +2,13 @@
 
     r_iL = (s / N) * sum_j exp(-d_ij^2 / (2 r_L^2)) * x_jL
 
-with one radius per ligand (secreted vs contact signalling). Two ways to compute it:
+with one radius per received value: per ligand-receptor pair by default (secreted vs contact signalling, see
+``modulators.feature_radii``), so a ligand with pairs of both kinds is received at two radii. Two ways to
+compute it:
 
-* **exact**: in row blocks with torch (CPU or CUDA); a block is ``block x N`` so an N x N matrix never exists.
+* **exact**: on the CPU by the fused numba kernels of ``_kernels.py`` (distance, exponential and product per row
+  of a source tile, nothing larger than a tile in memory); on CUDA in row blocks with torch (a block is
+  ``block x N``). An N x N matrix never exists.
 * **grid**: the same sum evaluated exactly on a regular anchor grid of spacing ``h`` covering the slide, then
   bilinear interpolation at each cell. For a C^2 function on a cell of side h the bilinear error is at most
   ``h^2/8 * (max|f_xx| + max|f_yy|)`` and for this kernel ``|d^2/dx^2 exp(-d^2/2r^2)| <= 1/r^2``, so
@@ -23,7 +27,9 @@ import torch
 
 DEFAULT_GRID_FACTOR = 4.0  # grid spacing = radius / DEFAULT_GRID_FACTOR
 AUTO_GRID_MIN_CELLS = 20_000
-_BLOCK_ELEMENTS = 4_000_000  # kernel entries per block (32 MB in float64)
+_BLOCK_ELEMENTS = 4_000_000  # kernel entries per block (32 MB in float64; torch path)
+_TILE = 512                  # sources per tile (numba path)
+_SYM_BUFFER_BYTES = 256 * 2**20
 
 
 def _device(device) -> torch.device:
@@ -33,13 +39,22 @@ def _device(device) -> torch.device:
 
 
 def kernel_sum(targets: np.ndarray, sources: np.ndarray, values: np.ndarray, radius: float,
-               device=None, dtype=torch.float64, block: int | None = None, symmetric: bool = False) -> np.ndarray:
-    """``out[i, l] = sum_j exp(-|t_i - s_j|^2 / 2r^2) * values[j, l]`` in row blocks (no T x S matrix).
+               device=None, dtype=torch.float64, block: int | None = None, symmetric: bool = False,
+               backend: str = "auto") -> np.ndarray:
+    """``out[i, l] = sum_j exp(-|t_i - s_j|^2 / 2r^2) * values[j, l]`` in blocks (no T x S matrix).
 
-    ``symmetric=True`` (targets are the sources) evaluates each off-diagonal kernel block once and uses it
-    for both directions, halving the exponentials.
+    ``symmetric=True`` (targets are the sources) evaluates each off-diagonal kernel entry once and uses it
+    for both directions, halving the exponentials. ``backend``: ``'numba'`` (CPU, float64), ``'torch'``, or
+    ``'auto'`` (numba for float64 on the CPU, torch otherwise). ``block``: source tile (numba) or row block
+    (torch) size.
     """
     dev = _device(device)
+    if backend == "auto":
+        backend = "numba" if dev.type == "cpu" and dtype == torch.float64 else "torch"
+    if backend == "numba":
+        return _kernel_sum_numba(targets, sources, values, radius, block, symmetric)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
     t = torch.as_tensor(np.ascontiguousarray(targets, dtype=np.float64), dtype=dtype, device=dev)
     s = torch.as_tensor(np.ascontiguousarray(sources, dtype=np.float64), dtype=dtype, device=dev)
     v = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float64), dtype=dtype, device=dev)
@@ -76,6 +91,29 @@ def kernel_sum(targets: np.ndarray, sources: np.ndarray, values: np.ndarray, rad
         e.clamp_(max=0.0).exp_()
         out[start:start + b] = e @ v
     return out.cpu().numpy()
+
+
+def _kernel_sum_numba(targets, sources, values, radius, block, symmetric) -> np.ndarray:
+    import numba
+
+    from . import _kernels
+
+    t = np.ascontiguousarray(np.asarray(targets, dtype=np.float64).T)
+    v = np.ascontiguousarray(np.asarray(values, dtype=np.float64).T)
+    n_t, n_s, n_l = t.shape[1], np.asarray(sources).shape[0], v.shape[0]
+    if n_t == 0 or n_s == 0 or n_l == 0:
+        return np.zeros((n_t, n_l))
+    c = -1.0 / (2.0 * float(radius) ** 2)
+    tile = int(block or _TILE)
+    n_threads = max(1, numba.get_num_threads())   # honours thread_cap / NUMBA_NUM_THREADS
+    # the symmetric kernel keeps one output buffer per piece of work; with many columns on many cells the
+    # plain kernel (no extra buffers, each exponential shared by all columns anyway) is used instead
+    if symmetric and n_t == n_s and 4 * n_threads * n_l * n_t * 8 <= _SYM_BUFFER_BYTES:
+        out = _kernels.gauss_sum_sym(t, v, c, tile, n_threads)
+    else:
+        s = np.ascontiguousarray(np.asarray(sources, dtype=np.float64).T)
+        out = _kernels.gauss_sum(t, s, v, c, tile, n_threads)
+    return out.T
 
 
 def grid_spacing(radius: float, grid_factor: float = DEFAULT_GRID_FACTOR) -> float:

@@ -4,6 +4,12 @@ coefficient table per target gene under ``coefs/``.
 A coefficient table is a CSV with one row per cluster and the columns ``cluster, n_cells, r2, gated,
 intercept`` followed by ``beta_<modulator>`` (modulators spelled as in SpaceTravLR: ``TF``, ``L$R``, ``L#TF``).
 A gene whose table exists is finished; training resumes by skipping it.
+
+Received ligands (format 2): ``manifest['radius_rule']`` ('pair' or 'ligand'), ``lr_radius`` (radius of each
+LR feature, keyed ``L$R``), ``tfl_radius`` (keyed ``L#TF``), ``received_channels`` (the distinct
+``[ligand, radius]`` received values, the column order of ``received_ligands.npy``) and ``ligand_radius``
+(each ligand's first-pair radius). Format 1 folders have only ``ligand_radius``: every feature of a ligand used
+that radius (the 'ligand' rule), and they load as such.
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ from ...io.write import write_text_atomic
 MANIFEST = "manifest.json"
 DATA = "data.h5ad"
 COEFS = "coefs"
-RECEIVED = "received_ligands.npy"  # cells x manifest["ligands"], at the training expression
-FORMAT_VERSION = 1
+RECEIVED = "received_ligands.npy"  # cells x manifest["received_channels"] (format 1: x manifest["ligands"])
+FORMAT_VERSION = 2
 META_COLUMNS = ("cluster", "n_cells", "r2", "gated", "intercept")
 
 

@@ -60,11 +60,51 @@ def usable_lr(lr: pd.DataFrame, var_names) -> pd.DataFrame:
     return lr[lr.ligand.isin(vs) & lr.receptor.isin(vs)].reset_index(drop=True)
 
 
+RADIUS_RULES = ("pair", "ligand")
+
+
 def ligand_radii(lr_usable: pd.DataFrame, radius: float, contact_radius: float) -> dict[str, float]:
     """One radius per ligand: that of its first pair in the table (SpaceTravLR's rule)."""
     first = lr_usable.drop_duplicates(subset="ligand", keep="first")
     return {lig: (float(radius) if sig == SECRETED else float(contact_radius))
             for lig, sig in zip(first.ligand, first.signaling)}
+
+
+def pair_radii(lr_usable: pd.DataFrame, radius: float, contact_radius: float) -> dict[tuple[str, str], float]:
+    """One radius per ligand-receptor pair from its own annotation (secreted: ``radius``, contact:
+    ``contact_radius``); a pair listed twice with different annotations keeps its first row's."""
+    first = lr_usable.drop_duplicates(subset=["ligand", "receptor"], keep="first")
+    return {(a, b): (float(radius) if sig == SECRETED else float(contact_radius))
+            for a, b, sig in zip(first.ligand, first.receptor, first.signaling)}
+
+
+def feature_radii(lr_usable: pd.DataFrame | None, lr_pairs, tfl_pairs, radius: float, contact_radius: float,
+                  rule: str = "pair") -> tuple[list[float], list[float]]:
+    """The radius of the received ligand each LR and TF-ligand feature uses.
+
+    ``rule='pair'``: an LR pair uses its own annotation's radius, so a ligand with secreted and contact pairs is
+    received at both radii. ``rule='ligand'`` (SpaceTravLR): every pair of a ligand uses the radius of the
+    ligand's first pair in the table. TF-ligand links carry no annotation: they use the ligand's radius under
+    either rule.
+    """
+    if rule not in RADIUS_RULES:
+        raise ValueError(f"radius_rule must be one of {RADIUS_RULES}, got {rule!r}")
+    empty = pd.DataFrame(columns=["ligand", "receptor", "signaling"])
+    lu = lr_usable if lr_usable is not None else empty
+    per_lig = ligand_radii(lu, radius, contact_radius)
+    per_pair = pair_radii(lu, radius, contact_radius)
+    lr_r = [per_pair[p] if rule == "pair" else per_lig[p[0]] for p in lr_pairs]
+    tfl_r = [per_lig.get(a, float(radius)) for a, _ in tfl_pairs]
+    return lr_r, tfl_r
+
+
+def received_channels(lr_pairs, tfl_pairs, lr_radii, tfl_radii) -> tuple[list[tuple[str, float]], list[int], list[int]]:
+    """Distinct (ligand, radius) received values the features need, and each LR / TF-ligand feature's index
+    into them (LR pairs first, in order, then TF-ligand pairs)."""
+    chans: dict[tuple[str, float], int] = {}
+    lr_ch = [chans.setdefault((a, float(r)), len(chans)) for (a, _), r in zip(lr_pairs, lr_radii)]
+    tfl_ch = [chans.setdefault((a, float(r)), len(chans)) for (a, _), r in zip(tfl_pairs, tfl_radii)]
+    return list(chans), lr_ch, tfl_ch
 
 
 def receptor_levels(expr: np.ndarray, var_names, clusters: np.ndarray, genes) -> dict[str, float]:

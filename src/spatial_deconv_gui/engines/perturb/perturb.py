@@ -7,13 +7,21 @@ i is ("splash"):
     LR term  b * w_L * R      d/dR  = b * w_L  (if R > 0),   d/dL = b * R   (L enters through w_L)
     TFL term b * w_L * TF     d/dTF = b * w_L,               d/dL = b * TF
 
+where w_L is the ligand received at the feature's own radius (one received value per (ligand, radius)
+"channel": with the default per-pair rule a ligand in secreted and contact pairs has two).
+
 A propagation step (SpaceTravLR's loop):
   1. derivatives at the previous state S (the observed state at step 1);
-  2. E = X0 + delta; received ligands W(E); in ligand columns the delta becomes the change of *received*
-     ligand W(E) - W(X0) (the models see w_L, not L);
+  2. E = X0 + delta; received ligands W(E); each LR / TF-ligand term takes the change of the *received* ligand
+     of its channel, W(E) - W(X0), in place of the ligand's own delta (the models see w_L, not L). Under the
+     'ligand' rule (SpaceTravLR's, and models of format 1) the ligand's column of the delta is replaced by it
+     for every term, TF terms included, as SpaceTravLR does; under the 'pair' rule a TF term of a ligand gene
+     keeps that gene's own delta;
   3. one hop: delta_t = sum over modulators of derivative x delta;
   4. perturbed genes pinned to their value; X0 + delta clipped to [0, max observed]; S <- E.
-The derivative products are evaluated as sparse matrix products per cluster over all targets at once.
+The derivative products are evaluated as sparse matrix products per cluster over all targets at once; the
+received changes are kernel sums over the cells whose ligand expression changed only, all changed ligands of
+one radius in one pass.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from ...io.errors import InputError
 from ..base import RunControl
 from . import model_dir as md
 from .ligands import choose_mode, received_ligands
-from .modulators import LR, TF, TFL, parse_modulator
+from .modulators import LR, PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, TF, TFL, parse_modulator, received_channels
 from .train import filtered
 
 
@@ -55,7 +63,27 @@ class PerturbModel:
     coef_tables: dict = field(default_factory=dict)
     obsm: dict = field(default_factory=dict)
     obs_names: list[str] = field(default_factory=list)
-    received_cache: tuple | None = None   # (ligand names, cells x ligands, mode) saved at training
+    received_cache: tuple | None = None   # (channels, cells x channels, mode) saved at training
+    lr_radius: np.ndarray | None = None   # radius of each LR pair's received ligand (None: its ligand's radius)
+    tfl_radius: np.ndarray | None = None  # same for TF-ligand pairs
+    radius_rule: str = "ligand"           # 'pair' or 'ligand' (how the model was trained; format 1: 'ligand')
+    channels: list = field(default_factory=list)   # distinct (ligand, radius) received values, set on init
+    lr_channel: np.ndarray | None = None  # channel index of each LR pair / TF-ligand pair
+    tfl_channel: np.ndarray | None = None
+
+    def __post_init__(self):
+        lrad = dict(zip(self.ligands, np.asarray(self.ligand_radius, dtype=np.float64).tolist()))
+        if self.lr_radius is None:
+            self.lr_radius = np.array([lrad[a] for a, _ in self.lr_pairs], dtype=np.float64)
+        if self.tfl_radius is None:
+            self.tfl_radius = np.array([lrad[a] for a, _ in self.tfl_pairs], dtype=np.float64)
+        self.lr_radius = np.asarray(self.lr_radius, dtype=np.float64).reshape(-1)
+        self.tfl_radius = np.asarray(self.tfl_radius, dtype=np.float64).reshape(-1)
+        chans, lr_ch, tfl_ch = received_channels(self.lr_pairs, self.tfl_pairs, self.lr_radius.tolist(),
+                                                 self.tfl_radius.tolist())
+        self.channels = chans
+        self.lr_channel = np.asarray(lr_ch, dtype=np.int64)
+        self.tfl_channel = np.asarray(tfl_ch, dtype=np.int64)
 
     @property
     def targets(self) -> list[str]:
@@ -65,6 +93,8 @@ class PerturbModel:
         """Long table (target, cluster, modulator, kind, coef) of non-zero coefficients."""
         rows = []
         kinds = {TF: "tf", LR: "lr", TFL: "tfl"}
+        rad = {f"{a}{PAIR_SEP_LR}{b}": r for (a, b), r in zip(self.lr_pairs, self.lr_radius)}
+        rad.update({f"{a}{PAIR_SEP_TFL}{b}": r for (a, b), r in zip(self.tfl_pairs, self.tfl_radius)})
         for t, df in self.coef_tables.items():
             bcols = [c for c in df.columns if c.startswith("beta_")]
             for _, r in df.iterrows():
@@ -72,8 +102,9 @@ class PerturbModel:
                     v = float(r[c])
                     if abs(v) > min_abs:
                         name = c[5:]
-                        rows.append((t, str(r["cluster"]), name, kinds[parse_modulator(name)[0]], v))
-        return pd.DataFrame(rows, columns=["target", "cluster", "modulator", "kind", "coef"])
+                        rows.append((t, str(r["cluster"]), name, kinds[parse_modulator(name)[0]], v,
+                                     float(rad.get(name, np.nan))))
+        return pd.DataFrame(rows, columns=["target", "cluster", "modulator", "kind", "coef", "radius"])
 
 
 def build_coefficients(genes, cluster_names, coef_tables: dict) -> tuple:
@@ -127,18 +158,41 @@ def model_from_tables(manifest: dict, genes, expr, coords, clusters, coef_tables
     cluster_names = [str(c) for c in manifest["clusters"]]
     B_tf, B_lr, B_tfl, lr_pairs, tfl_pairs = build_coefficients(genes, cluster_names, coef_tables)
     ligs = list(dict.fromkeys([a for a, _ in lr_pairs] + [a for a, _ in tfl_pairs]))
+    version = int(manifest.get("format_version", 1))
+    if version > md.FORMAT_VERSION:
+        raise InputError(f"the model folder has format {version}; this version reads up to {md.FORMAT_VERSION}.",
+                         "update spatial-deconv-gui, or train the model again with this version.",
+                         code="bad_model_dir")
     lrad = manifest.get("ligand_radius", {})
     missing = [g for g in ligs if g not in lrad]
     if missing:
         raise InputError(f"the model has no radius for ligands {missing[:5]}.", "train the model again.",
                          code="bad_model_dir")
+    rule = manifest.get("radius_rule", "ligand")   # format 1: one radius per ligand
+    if rule not in RADIUS_RULES:
+        raise InputError(f"unknown radius_rule {rule!r} in the manifest.", "train the model again.",
+                         code="bad_model_dir")
+
+    def radii(pairs, key, sep):
+        if key not in manifest:          # format 1: every pair of a ligand at the ligand's radius
+            return np.array([lrad[a] for a, _ in pairs], np.float64)
+        per = manifest[key]
+        names = [f"{a}{sep}{b}" for a, b in pairs]
+        lack = [n for n in names if n not in per]
+        if lack:
+            raise InputError(f"the manifest's {key} has no radius for {lack[:5]}.", "train the model again.",
+                             code="bad_model_dir")
+        return np.array([per[n] for n in names], np.float64)
+
     return PerturbModel(
         path=Path(path) if path else None, manifest=manifest, genes=list(genes), expr=np.asarray(expr, np.float64),
         coords=np.asarray(coords, np.float64), clusters=np.asarray(clusters).astype(str),
         cluster_names=cluster_names, ligands=ligs, ligand_radius=np.array([lrad[g] for g in ligs], np.float64),
         scale_factor=float(manifest.get("scale_factor", 1.0)), lr_pairs=lr_pairs, tfl_pairs=tfl_pairs,
         B_tf=B_tf, B_lr=B_lr, B_tfl=B_tfl, coef_tables=coef_tables, obsm=dict(obsm or {}),
-        obs_names=list(obs_names) if obs_names is not None else [str(i) for i in range(len(expr))])
+        obs_names=list(obs_names) if obs_names is not None else [str(i) for i in range(len(expr))],
+        lr_radius=radii(lr_pairs, "lr_radius", PAIR_SEP_LR), tfl_radius=radii(tfl_pairs, "tfl_radius", PAIR_SEP_TFL),
+        radius_rule=rule)
 
 
 def load_model(path) -> PerturbModel:
@@ -164,8 +218,13 @@ def load_model(path) -> PerturbModel:
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
         W = np.load(rpath)
-        if W.shape == (X.shape[0], len(manifest["ligands"])):
-            model.received_cache = (list(manifest["ligands"]), W, manifest["received_ligands_mode"])
+        if "received_channels" in manifest:
+            names = [(str(a), float(r)) for a, r in manifest["received_channels"]]
+        else:   # format 1: one column per ligand, at its radius
+            lrad = manifest.get("ligand_radius", {})
+            names = [(g, float(lrad[g])) for g in manifest["ligands"] if g in lrad]
+        if W.shape == (X.shape[0], len(names)):
+            model.received_cache = (names, W, manifest["received_ligands_mode"])
     return model
 
 
@@ -183,75 +242,152 @@ class Propagator:
         self.m = model
         self.mode = choose_mode(model.expr.shape[0], ligand_mode)
         self.device = device
+        self.rule = model.radius_rule
         gi = {g: i for i, g in enumerate(model.genes)}
         self.gi = gi
-        self.lig_idx = np.array([gi[g] for g in model.ligands], dtype=np.int64)
+        self.lig_idx = np.array([gi[g] for g in model.ligands], dtype=np.int64)        # ligand gene columns
         li = {g: i for i, g in enumerate(model.ligands)}
-        self.lr_l = np.array([li[a] for a, _ in model.lr_pairs], dtype=np.int64)
+        self.chan_lig = np.array([li[a] for a, _ in model.channels], dtype=np.int64)   # channel -> ligand
+        self.chan_radius = np.array([r for _, r in model.channels], dtype=np.float64)
+        self.lr_ch = np.asarray(model.lr_channel, dtype=np.int64)
         self.lr_lg = np.array([gi[a] for a, _ in model.lr_pairs], dtype=np.int64)
         self.lr_r = np.array([gi[b] for _, b in model.lr_pairs], dtype=np.int64)
-        self.tfl_l = np.array([li[a] for a, _ in model.tfl_pairs], dtype=np.int64)
+        self.tfl_ch = np.asarray(model.tfl_channel, dtype=np.int64)
         self.tfl_lg = np.array([gi[a] for a, _ in model.tfl_pairs], dtype=np.int64)
         self.tfl_t = np.array([gi[b] for _, b in model.tfl_pairs], dtype=np.int64)
+        self.lr_l, self.tfl_l = self.lr_ch, self.tfl_ch   # older names
+        # 'ligand' rule: each ligand has one channel, and the ligand's column of the delta is replaced by it
+        self.lig_chan = None
+        if self.rule == "ligand" and len(self.lig_idx):
+            first = {}
+            for k, li_k in enumerate(self.chan_lig):
+                first.setdefault(int(li_k), k)
+            self.lig_chan = np.array([first[i] for i in range(len(self.lig_idx))], dtype=np.int64)
         self.X0 = model.expr
         self.F0 = filtered(self.X0)
+        self.L0 = self.F0[:, self.lig_idx]
         self.max0 = self.X0.max(axis=0) if clip else np.full(self.X0.shape[1], np.inf)
         self.cluster_rows = [np.flatnonzero(model.clusters == c) for c in model.cluster_names]
+        self.cell_cluster = np.asarray(pd.Categorical(model.clusters, categories=model.cluster_names).codes,
+                                       dtype=np.int64)   # -1: a cell of no modelled cluster
+        # per cluster CSR (modulator -> targets) of the coefficients, stacked for the numba hop
+        self._csr = tuple(x for mats, nrows in ((model.B_tf, len(model.genes)), (model.B_lr, len(model.lr_pairs)),
+                                                (model.B_tfl, len(model.tfl_pairs)))
+                          for x in _stack_csr(mats, nrows, len(model.cluster_names)))
         self.W0 = None
+        nch = len(model.channels)
         cache = model.received_cache
         # an exact cache serves both modes (grid mode then approximates only the changes)
-        if cache is not None and cache[2] in ("exact", self.mode) and set(model.ligands) <= set(cache[0]):
-            pos = {g: i for i, g in enumerate(cache[0])}
-            self.W0 = cache[1][:, [pos[g] for g in model.ligands]]
+        if cache is not None and cache[2] in ("exact", self.mode) and set(model.channels) <= set(cache[0]):
+            pos = {c: i for i, c in enumerate(cache[0])}
+            self.W0 = np.ascontiguousarray(cache[1][:, [pos[c] for c in model.channels]], dtype=np.float64)
         if self.W0 is None:
-            self.W0 = self._received(self.F0[:, self.lig_idx]) if len(self.lig_idx) else np.zeros((len(self.X0), 0))
+            self.W0 = self._received(self.L0[:, self.chan_lig], self.chan_radius) if nch \
+                else np.zeros((len(self.X0), 0))
 
-    def _received(self, values, source_index=None):
-        return received_ligands(self.m.coords, values, self.m.ligand_radius, scale=self.m.scale_factor,
-                                mode=self.mode, device=self.device, source_index=source_index,
-                                n_total=self.X0.shape[0])
+    def _received(self, values, radii, source_index=None):
+        return received_ligands(self.m.coords, values, radii, scale=self.m.scale_factor, mode=self.mode,
+                                device=self.device, source_index=source_index, n_total=self.X0.shape[0])
 
-    def delta_received(self, F_new: np.ndarray) -> np.ndarray:
-        """W(F_new) - W(F0), summing only over cells whose ligand expression changed."""
-        if not len(self.lig_idx):
-            return np.zeros((self.X0.shape[0], 0))
-        d = F_new[:, self.lig_idx] - self.F0[:, self.lig_idx]
-        rows = np.flatnonzero(np.any(d != 0, axis=1))
+    def _plan(self, d: np.ndarray):
+        """Cells whose ligand values changed (rows of ``d``), the channels to update, and the cost of the kernel
+        passes (pairs of cells: a symmetric pass over all cells, or changed cells x all cells, per radius)."""
+        n = d.shape[0]
+        nzd = d != 0
+        rows = np.flatnonzero(nzd.any(axis=1))
         if rows.size == 0:
-            return np.zeros_like(d)
-        cols = np.flatnonzero(np.any(d[rows] != 0, axis=0))
-        out = np.zeros_like(d)
-        if self.mode == "grid" or rows.size > 0.5 * d.shape[0]:
-            sub = self._received_cols(d[:, cols], cols)
+            return rows, rows, 0.0
+        chs = np.flatnonzero(nzd[rows].any(axis=0)[self.chan_lig])
+        per_radius = n * n / 2.0 if rows.size > 0.5 * n else float(n) * rows.size
+        return rows, chs, np.unique(self.chan_radius[chs]).size * per_radius
+
+    def delta_received(self, F_new: np.ndarray, prev: tuple | None = None) -> np.ndarray:
+        """W(F_new) - W(F0) per channel (cells x channels).
+
+        Received ligands are linear in the ligand values, so only cells whose ligand expression changed emit
+        (``K[:, changed] @ delta``; when more than half the cells changed, one symmetric pass over all cells is
+        cheaper), only channels of changed ligands are updated, and all changed channels of one radius share
+        one kernel pass. ``prev = (ligand values, delta)`` of an earlier state: when fewer cells changed since
+        then than since F0, the result is that delta plus the change since then - a
+        propagation step whose ligands did not move costs no kernel pass at all.
+        """
+        n, nch = self.X0.shape[0], len(self.chan_lig)
+        if not nch:
+            return np.zeros((n, 0))
+        L = F_new[:, self.lig_idx]
+        d = L - self.L0
+        rows, chs, cost = self._plan(d)
+        base = None
+        if prev is not None:   # (the grid approximation is linear in the values too: same anchors, same weights)
+            d1 = L - prev[0]
+            rows1, chs1, cost1 = self._plan(d1)
+            if cost1 < cost:
+                base, d, rows, chs = prev[1], d1, rows1, chs1
+        out = np.zeros((n, nch)) if base is None else base.copy()
+        if chs.size == 0:
+            return out
+        vals = d[:, self.chan_lig[chs]]
+        if self.mode == "exact" and rows.size > 0.5 * n:
+            sub = self._received(vals, self.chan_radius[chs])
         else:
-            sub = self._received_cols(d[rows][:, cols], cols, source_index=rows)
-        out[:, cols] = sub
+            sub = self._received(vals[rows], self.chan_radius[chs], source_index=rows)
+        out[:, chs] += sub
         return out
 
-    def _received_cols(self, values, cols, source_index=None):
-        return received_ligands(self.m.coords, values, self.m.ligand_radius[cols], scale=self.m.scale_factor,
-                                mode=self.mode, device=self.device, source_index=source_index,
-                                n_total=self.X0.shape[0])
+    def hop(self, F_s: np.ndarray, X_s: np.ndarray, W_s: np.ndarray, dmod: np.ndarray,
+            dW: np.ndarray | None = None) -> np.ndarray:
+        """One propagation hop: sum over modulators of derivative (at state S) x delta.
 
-    def hop(self, F_s: np.ndarray, X_s: np.ndarray, W_s: np.ndarray, dmod: np.ndarray) -> np.ndarray:
-        """One propagation hop: sum over modulators of derivative (at state S) x delta."""
+        ``dmod`` is the delta each TF term sees; ``dW`` the change of each received channel (default: read
+        from ``dmod``'s ligand columns, one channel per ligand, as before channels existed). Evaluated cell by
+        cell over the non-zero coefficients of the cell's cluster (``_kernels.propagation_hop``).
+        """
+        from ._kernels import propagation_hop
+
+        if dW is None:
+            dW = dmod[:, self.lig_idx[self.chan_lig]] if len(self.chan_lig) else np.zeros((dmod.shape[0], 0))
+        c64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
+        (tf_p, tf_i, tf_v, lr_p, lr_i, lr_v, tfl_p, tfl_i, tfl_v) = self._csr
+        out = np.zeros(dmod.shape)
+        propagation_hop(self.cell_cluster, c64(dmod), c64(dW), c64(F_s), c64(W_s), tf_p, tf_i, tf_v,
+                        lr_p, lr_i, lr_v, self.lr_r, self.lr_ch, tfl_p, tfl_i, tfl_v, self.tfl_t, self.tfl_ch, out)
+        return out
+
+    def _hop_numpy(self, F_s, X_s, W_s, dmod, dW):
+        """Reference for :meth:`hop` with scipy's sparse products per cluster (tests)."""
+        m = self.m
         out = np.zeros_like(dmod)
-        have_lr = len(self.m.lr_pairs) > 0
-        have_tfl = len(self.m.tfl_pairs) > 0
         for k, rows in enumerate(self.cluster_rows):
             if rows.size == 0:
                 continue
             D = dmod[rows]
-            acc = np.asarray(self.m.B_tf[k].T @ D.T).T if self.m.B_tf[k].nnz else np.zeros_like(D)
-            if have_lr and self.m.B_lr[k].nnz:
-                Fr = F_s[rows][:, self.lr_r]
-                q = (np.where(Fr > 0, W_s[rows][:, self.lr_l], 0.0) * D[:, self.lr_r] + Fr * D[:, self.lr_lg])
-                acc = acc + np.asarray(self.m.B_lr[k].T @ q.T).T
-            if have_tfl and self.m.B_tfl[k].nnz:
-                q = F_s[rows][:, self.tfl_t] * D[:, self.tfl_lg] + W_s[rows][:, self.tfl_l] * D[:, self.tfl_t]
-                acc = acc + np.asarray(self.m.B_tfl[k].T @ q.T).T
-            out[rows] = acc
+            acc = np.asarray(m.B_tf[k].T @ D.T)
+            if len(m.lr_pairs):
+                Fr = F_s[np.ix_(rows, self.lr_r)]
+                q = (np.where(Fr > 0, W_s[np.ix_(rows, self.lr_ch)], 0.0) * D[:, self.lr_r]
+                     + Fr * dW[np.ix_(rows, self.lr_ch)])
+                acc = acc + m.B_lr[k].T @ q.T
+            if len(m.tfl_pairs):
+                q = (F_s[np.ix_(rows, self.tfl_t)] * dW[np.ix_(rows, self.tfl_ch)]
+                     + W_s[np.ix_(rows, self.tfl_ch)] * D[:, self.tfl_t])
+                acc = acc + m.B_tfl[k].T @ q.T
+            out[rows] = np.asarray(acc).T
         return out
+
+
+def _stack_csr(mats, nrows: int, n_clusters: int):
+    """(ptr[k, row], targets, coefficients) of per-cluster CSR matrices stacked into flat arrays."""
+    ptr = np.zeros((n_clusters, nrows + 1), dtype=np.int64)
+    idx, val = [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
+    off = 0
+    for k, mat in enumerate(mats):
+        mat = sp.csr_matrix(mat)
+        mat.sum_duplicates()
+        ptr[k] = mat.indptr.astype(np.int64) + off
+        idx.append(mat.indices.astype(np.int64))
+        val.append(mat.data.astype(np.float64))
+        off += mat.nnz
+    return ptr, np.concatenate(idx), np.concatenate(val)
 
 
 def perturbation_input(model: PerturbModel, genes, values, cells=None) -> tuple[np.ndarray, dict]:
@@ -291,22 +427,27 @@ def iter_perturbation(model: PerturbModel, genes, values=0.0, cells=None, n_step
     delta_in, payload = perturbation_input(model, genes, values, cells)
     prop = propagator or Propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
     X0 = prop.X0
-    pin = delta_in != 0
+    pin_r, pin_c = np.nonzero(delta_in)
+    pin_v = delta_in[pin_r, pin_c]
     delta = delta_in.copy()
     F_s, X_s, W_s = prop.F0, X0, prop.W0
-    lig = prop.lig_idx
+    prev = (prop.L0, np.zeros_like(prop.W0))   # ligand values and received change of the last state
     for step in range(n_steps):
         control.check_cancel()
         control.report("propagation", step / max(n_steps, 1), f"step {step + 1}/{n_steps}")
         E = X0 + delta
         F_e = filtered(E)
-        dW = prop.delta_received(F_e)
-        dmod = delta.copy()
-        if lig.size:
-            dmod[:, lig] = dW            # delta + (W(E) - W0) - (E - X0) on ligand columns
-        new = prop.hop(F_s, X_s, W_s, dmod)
-        delta = np.where(pin, delta_in, new)
-        delta = np.clip(X0 + delta, 0.0, prop.max0) - X0
+        dW = prop.delta_received(F_e, prev)
+        prev = (F_e[:, prop.lig_idx], dW)
+        dmod = delta
+        if prop.lig_chan is not None:
+            dmod = delta.copy()
+            dmod[:, prop.lig_idx] = dW[:, prop.lig_chan]   # delta + (W(E) - W0) - (E - X0) on ligand columns
+        new = prop.hop(F_s, X_s, W_s, dmod, dW)
+        new[pin_r, pin_c] = pin_v
+        new += X0
+        np.clip(new, 0.0, prop.max0, out=new)        # X0 + delta clipped to [0, observed max]
+        delta = np.subtract(new, X0, out=new)
         F_s, X_s, W_s = F_e, E, prop.W0 + dW
         out = delta
         if step == n_steps - 1:

@@ -22,7 +22,8 @@ from ..base import RunControl
 from . import model_dir as md
 from .lasso import fit_sgl_batch
 from .ligands import auto_radius, received_ligands
-from .modulators import ligand_radii, select_modulators, usable_lr
+from .modulators import (PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, feature_radii, ligand_radii, received_channels,
+                         select_modulators, usable_lr)
 
 _BATCH_ELEMENTS = 24_000_000  # doubles per lasso batch (~200 MB)
 FILTER_MIN = 1e-9  # expression at or below this counts as absent (SpaceTravLR's get_filtered_df)
@@ -44,6 +45,7 @@ class TrainConfig:
     max_iter: int = 2000
     tol: float = 1e-6
     ligand_mode: str = "auto"              # received ligands: exact | grid | auto
+    radius_rule: str = "pair"              # pair: each LR pair at its own radius; ligand: SpaceTravLR's rule
     device: str = "auto"
     problems_per_batch: int = 512
 
@@ -75,19 +77,24 @@ class FeatureSpace:
 
 
 def build_features(expr_m: np.ndarray, genes: list[str], coords: np.ndarray, lr_pairs, tfl_pairs,
-                   ligands: list[str], radii: np.ndarray, scale: float, mode: str, device) -> tuple[np.ndarray, np.ndarray]:
-    """(Phi_lr, Phi_tfl) and W (received ligands, N x len(ligands)) from model-gene expression."""
+                   ligands: list[str], radii: np.ndarray, scale: float, mode: str, device,
+                   lr_radii=None, tfl_radii=None) -> tuple[np.ndarray, np.ndarray]:
+    """``[Phi_lr | Phi_tfl]`` and W (received values, N x channels) from model-gene expression.
+
+    ``lr_radii`` / ``tfl_radii`` give the radius of each LR / TF-ligand feature; when left out, a feature uses
+    its ligand's entry of ``radii`` (aligned with ``ligands``: one radius per ligand). W's columns are the
+    ``(ligand, radius)`` channels of :func:`modulators.received_channels`, each computed once.
+    """
     gi = {g: i for i, g in enumerate(genes)}
     F = filtered(expr_m)
-    li = {g: i for i, g in enumerate(ligands)}
-    W = received_ligands(coords, F[:, [gi[g] for g in ligands]], radii, scale=scale, mode=mode, device=device) \
-        if ligands else np.zeros((expr_m.shape[0], 0))
-    lr = np.empty((expr_m.shape[0], len(lr_pairs)))
-    for k, (a, b) in enumerate(lr_pairs):
-        lr[:, k] = W[:, li[a]] * F[:, gi[b]]
-    tfl = np.empty((expr_m.shape[0], len(tfl_pairs)))
-    for k, (a, b) in enumerate(tfl_pairs):
-        tfl[:, k] = W[:, li[a]] * expr_m[:, gi[b]]
+    lrad = dict(zip(ligands, np.asarray(radii, dtype=np.float64).tolist()))
+    lr_r = list(lr_radii) if lr_radii is not None else [lrad[a] for a, _ in lr_pairs]
+    tfl_r = list(tfl_radii) if tfl_radii is not None else [lrad[a] for a, _ in tfl_pairs]
+    chans, lr_ch, tfl_ch = received_channels(lr_pairs, tfl_pairs, lr_r, tfl_r)
+    W = received_ligands(coords, F[:, [gi[a] for a, _ in chans]], np.array([r for _, r in chans]), scale=scale,
+                         mode=mode, device=device) if chans else np.zeros((expr_m.shape[0], 0))
+    lr = W[:, lr_ch] * F[:, [gi[b] for _, b in lr_pairs]]
+    tfl = W[:, tfl_ch] * expr_m[:, [gi[b] for _, b in tfl_pairs]]
     return np.hstack([lr, tfl]), W
 
 
@@ -122,6 +129,9 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
     if missing:
         raise InputError(f"{len(missing)} target genes are not in the data: {missing[:10]}.",
                          "pick targets among the measured genes.", code="unknown_gene")
+    if cfg.radius_rule not in RADIUS_RULES:
+        raise InputError(f"radius_rule must be one of {RADIUS_RULES}, got {cfg.radius_rule!r}.",
+                         "use 'pair' (each LR pair at its own radius) or 'ligand' (SpaceTravLR's).", code="bad_option")
     radius = float(cfg.radius) if cfg.radius else auto_radius(coords)
     contact = float(cfg.contact_radius) if cfg.contact_radius else radius / 4.0
 
@@ -140,8 +150,11 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
     lr_pairs = list(dict.fromkeys(p for m in mods.values() for p in m.lr))
     tfl_pairs = list(dict.fromkeys(p for m in mods.values() for p in m.tfl))
     ligands = list(dict.fromkeys([a for a, _ in lr_pairs] + [a for a, _ in tfl_pairs]))
-    lrad = ligand_radii(usable_lr(lr, var_names), radius, contact) if lr is not None else {}
+    lr_use = usable_lr(lr, var_names) if lr is not None else None
+    lrad = ligand_radii(lr_use, radius, contact) if lr is not None else {}
     radii = np.array([lrad[g] for g in ligands], dtype=np.float64)
+    lr_r, tfl_r = feature_radii(lr_use, lr_pairs, tfl_pairs, radius, contact, cfg.radius_rule)
+    channels, _, _ = received_channels(lr_pairs, tfl_pairs, lr_r, tfl_r)
     cluster_names = list(pd.unique(pd.Series(clusters)))
     cluster_names = sorted(cluster_names)
 
@@ -155,7 +168,10 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
         write_data = old.get("settings_hash") != settings_hash or not (out_dir / md.DATA).exists()
         if old.get("settings_hash") != settings_hash:
             if not overwrite:
-                raise InputError(f"{out_dir} holds a model trained on other data or settings.",
+                older = int(old.get("format_version", 1)) < md.FORMAT_VERSION
+                raise InputError(f"{out_dir} holds a model trained on other data or settings"
+                                 + (" (written by an older version: it still loads, but training cannot resume in it)"
+                                    if older else "") + ".",
                                  "choose a new folder, or pass overwrite to replace it.", code="model_dir_mismatch")
             import shutil
 
@@ -169,6 +185,10 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
         "radius": radius, "contact_radius": contact, "scale_factor": float(cfg.scale_factor),
         "n_cells": int(n), "clusters": cluster_names, "genes": genes, "targets": trained_targets,
         "orphans": orphans, "ligands": ligands, "ligand_radius": {g: float(r) for g, r in zip(ligands, radii)},
+        "radius_rule": cfg.radius_rule,
+        "lr_radius": {f"{a}{PAIR_SEP_LR}{b}": float(r) for (a, b), r in zip(lr_pairs, lr_r)},
+        "tfl_radius": {f"{a}{PAIR_SEP_TFL}{b}": float(r) for (a, b), r in zip(tfl_pairs, tfl_r)},
+        "received_channels": [[a, float(r)] for a, r in channels],
         "checksums": checksums or {}, "data_fingerprint": fingerprint, "data_file": md.DATA,
         "n_modulators": {t: len(mods[t]) for t in trained_targets},
     }
@@ -193,7 +213,7 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
     if todo:
         t0 = time.perf_counter()
         phi_pairs, _W = build_features(expr_m, genes, coords, lr_pairs, tfl_pairs, ligands, radii,
-                                       cfg.scale_factor, cfg.ligand_mode, cfg.device)
+                                       cfg.scale_factor, cfg.ligand_mode, cfg.device, lr_radii=lr_r, tfl_radii=tfl_r)
         timings["received_ligands_s"] = time.perf_counter() - t0
         from ...io.write import atomic_path
         from .ligands import choose_mode
