@@ -9,6 +9,13 @@ posterior means from 1,000 posterior samples as in its tutorial; ours are the cl
     .venv/bin/python benchmarks/bench_c2l.py --data hippocampus --epochs 3000 --ref-epochs 300
     .venv/bin/python benchmarks/bench_c2l.py --data sim --spots 5000 --epochs 200 --ref-epochs 20   # speed
 
+Reference regression with batches (cell2location's RegressionModel with batch_key) on a simulated multi-batch
+reference (batches with different detection efficiencies and backgrounds, types spread unevenly over them),
+both sides on the same counts, epochs, batch size 2500 and lr 0.002; signatures compared with each other and
+with the true profiles (``engines.c2l.simulate.signature_error``, up to one global scale):
+
+    .venv/bin/python benchmarks/bench_c2l.py --reference-only --batches 3 --ref-epochs 2000
+
 Per-epoch times: ours = the mean over epochs 2..n-1 (the first excluded); the peer's = the median gap between
 consecutive training-epoch ends (lightning callback), so neither side's setup is counted.
 The peer's venv is $PEERS_DIR/venv-c2l (default .peers/venv-c2l).
@@ -124,6 +131,112 @@ def worker_peer(a) -> dict:
                 loss_last=float(hist[-1]), peak_rss_gb=_rss_gb())
 
 
+def worker_ours_ref(a) -> dict:
+    import torch
+    torch.set_num_threads(a.threads)
+    import anndata as ad
+    from spatial_deconv_gui.engines.c2l import fit_reference_signatures
+
+    ref = ad.read_h5ad(a.reference)
+    types = sorted(ref.obs["cell_type"].astype(str).unique())
+    labels = ref.obs["cell_type"].astype(str).to_numpy()
+    batches = ref.obs["batch"].astype(str).to_numpy() if a.batch_key else None
+    details: dict = {}
+    t0 = time.perf_counter()
+    sig, hist = fit_reference_signatures(ref.X, labels, types, a.ref_epochs, batch_size=2500, lr=0.002,
+                                         seed=a.seed, batches=batches, details=details)
+    total = time.perf_counter() - t0
+    return dict(types=types, signatures=sig.tolist(), detection=np.asarray(details["detection"]).tolist(),
+                total_s=total, per_epoch_s=details["seconds_per_epoch"], loss_last=float(hist[-1]),
+                peak_rss_gb=_rss_gb())
+
+
+def worker_peer_ref(a) -> dict:
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    torch.set_num_threads(a.threads)
+    import anndata as ad
+    import lightning.pytorch as pl
+    from cell2location.models import RegressionModel
+
+    ref = ad.read_h5ad(a.reference)
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(str).astype("category")
+    types = sorted(ref.obs["cell_type"].cat.categories)
+
+    class Timer(pl.Callback):
+        def __init__(self):
+            self.t = []
+
+        def on_train_epoch_end(self, trainer, module):
+            self.t.append(time.perf_counter())
+
+    timer = Timer()
+    t0 = time.perf_counter()
+    RegressionModel.setup_anndata(ref, labels_key="cell_type", batch_key="batch" if a.batch_key else None)
+    rm = RegressionModel(ref)
+    rm.train(max_epochs=a.ref_epochs, batch_size=2500, lr=0.002, accelerator="cpu", callbacks=[timer],
+             enable_progress_bar=False)
+    train_s = time.perf_counter() - t0
+    ref = rm.export_posterior(ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500})
+    sig = ref.varm["means_per_cluster_mu_fg"].copy()
+    sig.columns = [c.replace("means_per_cluster_mu_fg_", "") for c in sig.columns]
+    det = np.asarray(rm.samples["post_sample_means"]["detection_mean_y_e"]).ravel()
+    gaps = np.diff(timer.t)
+    hist = rm.history["elbo_train"].values.ravel()
+    return dict(types=types, signatures=sig[types].values.T.tolist(), detection=det.tolist(),
+                total_s=time.perf_counter() - t0, train_s=train_s,
+                per_epoch_s=float(np.median(gaps)) if len(gaps) else train_s / a.ref_epochs,
+                loss_last=float(hist[-1]), peak_rss_gb=_rss_gb())
+
+
+def main_reference(a):
+    """Reference regression only: ours vs cell2location's RegressionModel on a simulated multi-batch reference."""
+    from spatial_deconv_gui.engines.c2l.simulate import signature_error, simulate_batched_reference
+
+    ref, truth = simulate_batched_reference(n_genes=a.genes_sim, n_types=a.types, n_batches=a.batches,
+                                            cells_per_type=a.ref_cells_per_type, seed=a.seed)
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        ref_path = tmp / "reference.h5ad"
+        ref.write_h5ad(ref_path)
+        runs = {}
+        for kind, py in (("ours_ref", sys.executable), ("peer_ref", str(PEER_PY))):
+            if kind == "peer_ref" and a.skip_peer:
+                continue
+            for i in range(a.repeats):
+                r = run_worker(py, kind, a, "", ref_path, "", tmp / f"{kind}{i}.json")
+                if kind in runs:  # timing repeats: keep the fastest epoch time
+                    runs[kind]["per_epoch_runs"].append(r["per_epoch_s"])
+                    runs[kind]["per_epoch_s"] = min(runs[kind]["per_epoch_s"], r["per_epoch_s"])
+                else:
+                    runs[kind] = {**r, "per_epoch_runs": [r["per_epoch_s"]]}
+    order = [truth.cell_types.index(t) for t in runs["ours_ref"]["types"]]
+    true_prof = truth.profiles[order]
+    summary = {"data": "simulated multi-batch reference", "cells": int(ref.n_obs), "genes": int(ref.n_vars),
+               "types": a.types, "batches": a.batches if a.batch_key else 1, "ref_epochs": a.ref_epochs,
+               "threads": a.threads, "true_detection": truth.detection.tolist()}
+    for kind, r in runs.items():
+        side = "ours" if kind == "ours_ref" else "peer"
+        summary[side] = {k: r[k] for k in ("total_s", "per_epoch_s", "per_epoch_runs", "peak_rss_gb", "wall_s",
+                                           "loss_last", "detection")}
+        summary[side]["vs_truth"] = signature_error(np.asarray(r["signatures"]), true_prof)
+    if "peer_ref" in runs:
+        o, p = np.asarray(runs["ours_ref"]["signatures"]), np.asarray(runs["peer_ref"]["signatures"])
+        assert runs["peer_ref"]["types"] == runs["ours_ref"]["types"]
+        summary["agreement"] = {
+            "signature_corr_log1p": corr(np.log1p(o), np.log1p(p)),
+            "signature_corr": corr(o, p),
+            "detection_corr_log": corr(np.log(runs["ours_ref"]["detection"]), np.log(runs["peer_ref"]["detection"])),
+            "speedup_per_epoch": runs["peer_ref"]["per_epoch_s"] / runs["ours_ref"]["per_epoch_s"],
+            "speedup_total": runs["peer_ref"]["total_s"] / runs["ours_ref"]["total_s"],
+        }
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +266,9 @@ def run_worker(python: str, kind: str, a, sp_path, ref_path, genes_path, out: Pa
            "--genes-file", str(genes_path), "--out", str(out), "--epochs", str(a.epochs),
            "--ref-epochs", str(a.ref_epochs), "--n-cells", str(a.n_cells), "--detection-alpha",
            str(a.detection_alpha), "--signatures", a.signatures, "--threads", str(a.threads), "--seed", str(a.seed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")} if kind == "ours" else dict(os.environ)
+    if not a.batch_key:
+        cmd.append("--no-batch-key")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")} if kind.startswith("ours") else dict(os.environ)
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
@@ -174,7 +289,7 @@ def per_spot_corr(a, b) -> np.ndarray:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["ours", "peer"])
+    ap.add_argument("--worker", choices=["ours", "peer", "ours_ref", "peer_ref"])
     ap.add_argument("--spatial"), ap.add_argument("--reference"), ap.add_argument("--genes-file")
     ap.add_argument("--out")
     ap.add_argument("--data", default="sim", choices=["sim", "hippocampus", "lymphnode"])
@@ -192,11 +307,23 @@ def main():
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours/peer this many times for timing")
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="benchmark the reference regression alone on a simulated multi-batch reference")
+    ap.add_argument("--batches", type=int, default=3, help="--reference-only: batches in the simulated reference")
+    ap.add_argument("--ref-cells-per-type", type=int, default=150, help="--reference-only: cells per type")
+    ap.add_argument("--no-batch-key", dest="batch_key", action="store_false",
+                    help="--reference-only: fit both sides as one batch (no batch_key)")
     a = ap.parse_args()
 
     if a.worker:
-        res = (worker_ours if a.worker == "ours" else worker_peer)(a)
+        fn = {"ours": worker_ours, "peer": worker_peer, "ours_ref": worker_ours_ref, "peer_ref": worker_peer_ref}
+        res = fn[a.worker](a)
         Path(a.out).write_text(json.dumps(res))
+        return
+    if a.reference_only:
+        sys.path.insert(0, str(REPO / "src"))
+        a.n_cells = a.n_cells or 8.0  # unused by the reference workers
+        main_reference(a)
         return
 
     sys.path.insert(0, str(REPO / "src"))

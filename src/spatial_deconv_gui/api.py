@@ -131,3 +131,17 @@ def save_result(adata: ad.AnnData, path: str | os.PathLike, protect: tuple = ())
             raise InputError(f"the output {path} is one of the input files.",
                              "choose another output path; inputs are never overwritten.", code="output_is_input")
     return write_h5ad_atomic(adata, path)
+
+
+def reference_batch_labels(reference, batch_col: str, cell_type_col: str = "cell_type"):
+    """One batch label per reference cell, aligned with the cells the engines receive (those with a cell type),
+    for cell2location's ``reference_batch_col`` (``run_c2l(..., reference_batches=...)``)."""
+    import numpy as np
+
+    rdata = _as_adata(reference)
+    if batch_col not in rdata.obs:
+        raise InputError(f"the reference has no obs column {batch_col!r} for the batches.",
+                         f"pass --reference-batch-col with one of {list(rdata.obs.columns)}.",
+                         code="unknown_reference_batch_col")
+    keep = rdata.obs[cell_type_col].notna().to_numpy() if cell_type_col in rdata.obs else slice(None)
+    return np.asarray(rdata.obs[batch_col].to_numpy(), dtype=object)[keep]

@@ -30,6 +30,19 @@ def colormap_rgba(values: np.ndarray, cmap: str = "viridis", vmin: float = 0.0, 
     return rgba
 
 
+def expression_range(values: np.ndarray) -> tuple[float, float]:
+    """Colour range of a non-negative expression map: 0 to its largest finite value (1 when all are 0 or NaN)."""
+    v = np.asarray(values, dtype=float)
+    top = float(np.nanmax(v)) if np.isfinite(v).any() else 0.0
+    return 0.0, (top if top > 0 else 1.0)
+
+
+def expression_rgba(values: np.ndarray, cmap: str = "viridis") -> tuple[np.ndarray, float, float]:
+    """RGBA per spot for an expression map, with the (vmin, vmax) its colorbar shows."""
+    vmin, vmax = expression_range(values)
+    return colormap_rgba(values, cmap, vmin, vmax), vmin, vmax
+
+
 def js_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Row-wise Jensen-Shannon distance (base 2, in [0, 1]); NaN where either row is NaN."""
     p = np.asarray(p, dtype=float)

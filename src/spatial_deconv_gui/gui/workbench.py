@@ -1,4 +1,5 @@
-"""Result layers and the docks that explore them: legend, proportion map, spot inspector, compare, save.
+"""Result layers and the docks that explore them: legend, proportion map, spot inspector, compare, save, and
+for DestVI results the expression of a chosen gene within a chosen cell type.
 
 One :class:`Workbench` per viewer keeps the runs; the docks are thin views over it, and every colour is
 computed as RGBA by :mod:`.views` or :mod:`..colors` so what is drawn is what the engine returned.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
@@ -22,9 +23,10 @@ from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QW
 
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
 from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors
-from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, nearest_spot
+from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba, nearest_spot
 
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
+IMPUTE_CHUNK_VALUES = 4_000_000  # spots x states x genes per imputation step (~32 MB of float64)
 
 
 @dataclass
@@ -58,6 +60,34 @@ class RunRecord:
     @property
     def dominant(self) -> np.ndarray:
         return self.adata.obs[f"{self.key}_dominant_type"].astype(str).to_numpy()
+
+
+def destvi_state(rec: RunRecord) -> dict | None:
+    """The DestVI model state a run carries for imputation (``uns['destvi_model']``), or None for other methods."""
+    for holder in (getattr(rec.result, "uns", None), getattr(rec.adata, "uns", None)):
+        if holder is not None and "destvi_model" in holder:
+            return holder["destvi_model"]
+    return None
+
+
+def impute_gene_steps(state: dict, cell_type: str, gene: str, chunk: int | None = None):
+    """DestVI's imputed expression of ``gene`` within ``cell_type`` at every spot, a chunk of spots at a time.
+
+    A generator for a worker: yields the fraction of spots done after each chunk and returns the values
+    (one per spot, fractions of a cell's library, as :func:`engines.destvi.engine.impute_expression`).
+    """
+    from ..engines.destvi.engine import impute_expression
+
+    n_spots = len(state["barcodes"])
+    n_states = int(np.asarray(state["mode_weights"]).shape[1])
+    if chunk is None:
+        chunk = max(256, IMPUTE_CHUNK_VALUES // max(1, n_states * len(state["genes"])))
+    out = np.empty(n_spots, dtype=np.float64)
+    for start in range(0, n_spots, chunk):
+        idx = np.arange(start, min(n_spots, start + chunk))
+        out[idx] = impute_expression(state, cell_type, genes=[gene], spots=idx).to_numpy()[:, 0]
+        yield float(idx[-1] + 1) / n_spots
+    return out
 
 
 _WORKBENCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -167,6 +197,54 @@ class Workbench:
         set_spot_colors(layer, colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap))
         layer.metadata.update(cell_type=cell_type, colormap=cmap)
         layer.name = f"{rec.name}: proportion"
+
+    # -- expression within a cell type (DestVI) ----------------------------------------------------------
+    def impute_values(self, rec: RunRecord, gene: str, cell_type: str) -> np.ndarray:
+        """Imputed expression of ``gene`` within ``cell_type`` per spot, computed here (scripts, tests)."""
+        state = destvi_state(rec)
+        if state is None:
+            raise ValueError(f"{rec.name!r} is a {rec.result.method} result; expression within a cell type needs "
+                             "a DestVI result.")
+        steps = impute_gene_steps(state, cell_type, gene)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return self.to_slide_order(rec, stop.value)
+
+    @staticmethod
+    def to_slide_order(rec: RunRecord, values: np.ndarray) -> np.ndarray:
+        """Values in the model's spot order (its barcodes) put in the slide's order; NaN where the model has none."""
+        state = destvi_state(rec)
+        barcodes = np.asarray(state["barcodes"]).astype(str)
+        obs = np.asarray(rec.adata.obs_names).astype(str)
+        if np.array_equal(barcodes, obs):
+            return np.asarray(values, dtype=np.float64)
+        return pd.Series(np.asarray(values, dtype=np.float64), index=barcodes).reindex(obs).to_numpy()
+
+    def show_expression(self, rec: RunRecord, gene: str, cell_type: str, values: np.ndarray,
+                        cmap: str = "viridis"):
+        """Colour one layer per run by ``values`` (imputed expression of ``gene`` within ``cell_type``)."""
+        values = np.asarray(values, dtype=np.float64)
+        rgba, vmin, vmax = expression_rgba(values, cmap)
+        name = f"{rec.name}: {gene} in {cell_type}"
+        meta = {**self._meta(rec, "imputed_expression"), "gene": gene, "cell_type": cell_type, "values": values,
+                "vmin": vmin, "vmax": vmax, "colormap": cmap}
+        layer = rec.layers.get("expression")
+        if layer is not None and layer in self.viewer.layers:
+            set_spot_colors(layer, rgba)
+            if rec.raster is None:
+                layer.features = pd.DataFrame({"expression": values})  # a whole new table (napari 0.9)
+            layer.metadata.update(meta)
+            layer.name = name
+            layer.visible = True
+        else:
+            layer = add_spot_layer(self.viewer, rec.coords_yx, rec.size, rgba, name, metadata=meta,
+                                   raster=rec.raster,
+                                   features=None if rec.raster is not None else pd.DataFrame({"expression": values}))
+            rec.layers["expression"] = layer
+        self.viewer.layers.selection.active = layer
+        return layer
 
     # -- compare -------------------------------------------------------------------------------------
     def compare(self, name_a: str, name_b: str, cmap: str = "magma"):
@@ -345,8 +423,149 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
 
 
+class ImputeWidget(Container):
+    """Expression within a cell type (DestVI results): pick a gene (with search) and a cell type, Paint."""
+
+    def __init__(self, workbench: Workbench):
+        super().__init__(labels=True)
+        self.workbench = workbench
+        self.rec: RunRecord | None = None
+        self._worker = None
+        self.title = Label(label="", value="<b>Expression within a cell type</b>")
+        self.search = LineEdit(label="search genes", tooltip="Type to filter the gene list.")
+        self.gene = ComboBox(label="gene", choices=self._genes,
+                             tooltip="A gene of the DestVI model (genes shared by the slide and the reference).")
+        self.cell_type = ComboBox(label="within type", choices=self._types,
+                                  tooltip="The cell type whose expression of the gene is imputed at every spot.")
+        self.cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
+        self.paint_btn = PushButton(text="Paint")
+        self.paint_btn.tooltip = ("Colour the tissue by DestVI's imputed expression of the gene in a cell of that "
+                                  "type at each spot (fraction of the cell's counts), from the spot's cell state.")
+        self.status = Label(label="", value="")
+        self.extend([self.title, self.search, self.gene, self.cell_type, self.cmap, self.paint_btn, self.status])
+        self.colorbar_fig = Figure(figsize=(3.2, 0.6))
+        self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
+        self.colorbar.setMinimumHeight(72)  # room for the title above the bar
+        self.native.layout().addWidget(self.colorbar)
+        self.search.changed.connect(lambda _v: self.gene.reset_choices())
+        self.cmap.changed.connect(self._recolour)
+        self.paint_btn.clicked.connect(self.paint)
+        self.native.setVisible(False)
+
+    def _state(self) -> dict | None:
+        return destvi_state(self.rec) if self.rec is not None else None
+
+    def _genes(self, _w=None):
+        st = self._state()
+        if st is None:
+            return []
+        q = (self.search.value or "").strip().lower() if hasattr(self, "search") else ""
+        return [g for g in map(str, st["genes"]) if q in g.lower()]
+
+    def _types(self, _w=None):
+        st = self._state()
+        return [str(t) for t in st["cell_types"]] if st is not None else []
+
+    @property
+    def available(self) -> bool:
+        """True when the selected result is a DestVI run (the control is shown)."""
+        return self._state() is not None
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def set_run(self, rec: RunRecord | None):
+        self.rec = rec
+        self.gene.reset_choices()
+        self.cell_type.reset_choices()
+        self.native.setVisible(self.available)
+        layer = rec.layers.get("expression") if rec is not None else None
+        self.status.value = "" if layer is None else f"shown: {layer.metadata['gene']} in {layer.metadata['cell_type']}"
+
+    def paint(self):
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None:
+            return
+        state, gene, cell_type = self._state(), self.gene.value, self.cell_type.value
+        if state is None:
+            self.status.value = "pick a DestVI result"
+            return
+        if not gene:
+            self.status.value = f"no gene matches {self.search.value!r}: clear or change the search"
+            return
+        if not cell_type:
+            self.status.value = "pick a cell type"
+            return
+        rec = self.rec
+        self.status.value = f"imputing {gene} in {cell_type}..."
+        self.paint_btn.enabled = False
+        def job():
+            # superqt only warns about a RuntimeError (torch's errors) raised in a worker, and never reports it:
+            # every failure comes back as a value instead, to become a notification here.
+            try:
+                values = yield from impute_gene_steps(state, cell_type, gene)
+            except Exception as exc:
+                return None, exc
+            return values, None
+
+        # Handlers go in at creation: without an "errored" handler there, superqt re-raises in the event loop.
+        self._worker = create_worker(job, _start_thread=False, _connect={
+            "yielded": lambda f: setattr(self.status, "value", f"imputing {gene} in {cell_type}: {100 * f:.0f}%"),
+            "returned": functools.partial(self._on_returned, rec, gene, cell_type),
+            "errored": self._on_error, "finished": self._on_finished})
+        self._worker.start()
+
+    def _on_returned(self, rec: RunRecord, gene: str, cell_type: str, out):
+        values, exc = out
+        if exc is not None:
+            self._on_error(exc)
+        else:
+            self._on_values(rec, gene, cell_type, values)
+
+    def _on_values(self, rec: RunRecord, gene: str, cell_type: str, values: np.ndarray, slide_order: bool = False):
+        if not slide_order:
+            values = self.workbench.to_slide_order(rec, values)
+        layer = self.workbench.show_expression(rec, gene, cell_type, values, self.cmap.value)
+        meta = layer.metadata
+        self._draw_colorbar(f"{gene} in {cell_type} (fraction of a cell's counts)", meta["colormap"],
+                            meta["vmin"], meta["vmax"])
+        self.status.value = f"shown: {gene} in {cell_type}, 0 to {meta['vmax']:.3g}"
+
+    def _recolour(self, _v=None):
+        layer = self.rec.layers.get("expression") if self.rec is not None else None
+        if layer is None or layer not in self.workbench.viewer.layers:
+            return
+        m = layer.metadata
+        self._on_values(self.rec, m["gene"], m["cell_type"], m["values"], slide_order=True)
+
+    def _on_error(self, exc):
+        from .notify import notify_error
+
+        self.status.value = "failed: see the notification"
+        notify_error(exc, "Expression within a cell type")
+
+    def _on_finished(self):
+        self._worker = None
+        self.paint_btn.enabled = True
+
+    def _draw_colorbar(self, label: str, cmap: str, vmin: float, vmax: float):
+        import matplotlib
+        from matplotlib.colorbar import ColorbarBase
+        from matplotlib.colors import Normalize
+
+        self.colorbar_fig.clear()
+        ax = self.colorbar_fig.add_axes([0.05, 0.42, 0.9, 0.22])
+        ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(vmin, vmax), orientation="horizontal")
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        self.colorbar.draw_idle()
+
+
 class ResultsWidget(Container):
-    """Pick a run, colour its proportion layer by one cell type, compare two runs, save."""
+    """Pick a run, colour its proportion layer by one cell type, compare two runs, save; for DestVI runs, paint
+    a gene's expression within a cell type."""
 
     def __init__(self, workbench: Workbench):
         super().__init__(labels=True)
@@ -365,8 +584,10 @@ class ResultsWidget(Container):
                      self.save_btn, self.csv_btn, self.fig_btn])
         self.colorbar_fig = Figure(figsize=(3.2, 0.6))
         self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
-        self.colorbar.setMinimumHeight(48)
+        self.colorbar.setMinimumHeight(72)  # room for the title above the bar
         self.native.layout().addWidget(self.colorbar)
+        self.impute = ImputeWidget(workbench)
+        self.native.layout().addWidget(self.impute.native)
         self.run.changed.connect(self._on_run)
         self.cell_type.changed.connect(self._apply)
         self.cmap.changed.connect(self._apply)
@@ -390,6 +611,7 @@ class ResultsWidget(Container):
         self.cell_type.reset_choices()
         self._apply()
         rec = self.workbench.runs.get(self.run.value)
+        self.impute.set_run(rec)
         if rec is not None:
             self.workbench.legend.show_run(rec)
 
@@ -406,7 +628,7 @@ class ResultsWidget(Container):
         from matplotlib.colors import Normalize
 
         self.colorbar_fig.clear()
-        ax = self.colorbar_fig.add_axes([0.05, 0.55, 0.9, 0.3])
+        ax = self.colorbar_fig.add_axes([0.05, 0.42, 0.9, 0.22])
         ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(0, 1), orientation="horizontal")
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)

@@ -16,6 +16,8 @@ class C2LConfig:
     """All knobs of one run.
 
     ``signatures="regression"`` learns reference signatures by NB regression (cell2location's RegressionModel);
+    with ``reference_batch_col`` it models each batch's detection efficiency and additive background (the
+    package's ``batch_key``; the labels reach :func:`run_c2l` as ``reference_batches``);
     ``"means"`` uses the per-type mean counts of the reference (the quick path). ``reference_epochs=0`` uses the
     package heuristic (min(20000 / n_cells * 1000, 1000)). The gene filter is cell2location's ``filter_genes``
     with the tutorial cutoffs, applied to the reference before intersecting genes with the slide.
@@ -32,6 +34,7 @@ class C2LConfig:
     reference_epochs: int = field(default=0, metadata={"help": "reference regression epochs; 0 = package heuristic min(20000/n_cells*1000, 1000)"})
     reference_batch_size: int = field(default=2500, metadata={"help": "cells per reference regression step (cell2location default 2500)"})
     reference_lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the reference regression"})
+    reference_batch_col: Optional[str] = field(default=None, metadata={"help": "reference obs column naming each cell's batch (sample, donor, technology): the regression then fits a detection efficiency and a background per batch (cell2location batch_key); empty or none: one batch"})
     # genes
     gene_filter: bool = field(default=True, metadata={"help": "cell2location's reference gene filter before intersecting genes"})
     cell_count_cutoff: int = field(default=5, metadata={"help": "gene filter: genes in fewer cells are dropped unless frequent enough"})
@@ -64,10 +67,21 @@ def validate_config(config: C2LConfig) -> list[str]:
         problems.append("cell_count_cutoff must be >= 0 and cell_percentage_cutoff2 in [0, 1]")
     if config.n_threads is not None and (not isinstance(config.n_threads, int) or config.n_threads < 1):
         problems.append(f"n_threads must be None or a positive integer, got {config.n_threads!r}")
+    col = config.reference_batch_col
+    if col is not None and not isinstance(col, str):
+        problems.append(f"reference_batch_col must be an obs column name or None, got {col!r}")
     dev = str(config.device)
     if dev not in ("auto", "cpu", "cuda") and not dev.startswith("cuda:"):
         problems.append(f"device must be auto, cpu or cuda[:n], got {config.device!r}")
     return problems
+
+
+def batch_column(config: C2LConfig) -> Optional[str]:
+    """The reference batch column, or None; "", "none" (any case) also mean none (a cleared GUI field)."""
+    col = config.reference_batch_col
+    if col is None or not str(col).strip() or str(col).strip().lower() == "none":
+        return None
+    return str(col).strip()
 
 
 def check_config(config: C2LConfig) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..bayes import CountData, resolve_torch_device
-from .config import C2LConfig, check_config
+from .config import C2LConfig, batch_column, check_config
 from .model import ReferenceRegression, SpatialModel, SpatialPriors, default_reference_epochs, detection_mean_for
 
 
@@ -66,11 +67,87 @@ def _resolve_device(device: str) -> torch.device:
     return resolve_torch_device(device)
 
 
+class MinibatchCounts:
+    """Minibatches of a counts matrix in :func:`nb_loglik`'s form, without deduplicating counts at every step.
+
+    :class:`CountData` finds the distinct (gene, count) pairs of its matrix with a sort, which costs several
+    times a training step when it is redone for each minibatch. Here the pairs of the whole matrix are found
+    once; a minibatch only counts how often each pair occurs among its cells (a ragged gather over the CSR rows
+    and a bincount), so the ``lgamma`` terms keep their few-thousand evaluations per step.
+    """
+
+    def __init__(self, counts: sp.spmatrix, device: torch.device | str = "cpu", dtype=torch.float32):
+        csr = sp.csr_matrix(counts)
+        n_genes = csr.shape[1]
+        self.n_genes = n_genes
+        self.dense = torch.as_tensor(csr.toarray(), dtype=dtype, device=device)
+        key = csr.data.astype(np.float64) * n_genes + csr.indices
+        uniq, inverse = np.unique(key, return_inverse=True)
+        cols = np.remainder(uniq, n_genes).astype(np.int64)
+        self.u_cols = torch.as_tensor(cols, device=device)
+        self.u_values = torch.as_tensor((uniq - cols) / n_genes, dtype=dtype, device=device)
+        self.lgamma_pairs = torch.lgamma(self.u_values.double() + 1)
+        self.pair_of_entry = torch.as_tensor(inverse.ravel().astype(np.int64), device=device)  # CSR order
+        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
+        self.row_nnz = self.indptr[1:] - self.indptr[:-1]
+
+    def batch(self, idx: torch.Tensor):
+        """The rows ``idx`` as an object :func:`nb_loglik` accepts (the attributes of :class:`CountData`)."""
+        from types import SimpleNamespace
+
+        lens = self.row_nnz[idx]
+        offsets = torch.cumsum(lens, 0) - lens  # where each row's entries start in the gathered list
+        pos = torch.arange(int(lens.sum()), device=idx.device) + torch.repeat_interleave(self.indptr[idx] - offsets,
+                                                                                          lens)
+        weights = torch.bincount(self.pair_of_entry[pos], minlength=self.u_cols.numel()).to(self.u_values.dtype)
+        dense = self.dense[idx]
+        return SimpleNamespace(
+            dense=dense, shape=tuple(dense.shape), u_cols=self.u_cols, u_values=self.u_values, u_weights=weights,
+            nnz_per_gene=torch.bincount(self.u_cols, weights=weights, minlength=self.n_genes).view(1, -1),
+            lgamma_x1=(self.lgamma_pairs * weights.double()).sum().to(self.u_values.dtype))
+
+
+def batch_codes(batches, n_cells: int) -> tuple[np.ndarray, list[str]]:
+    """Integer batch index per reference cell and the batch names (sorted), checked.
+
+    Missing labels or a length mismatch raise an :class:`InputError`; a batch with a single cell draws a
+    ``RuntimeWarning`` (its detection efficiency and background rest on one cell: the priors decide them).
+    """
+    from ...io.errors import InputError
+
+    arr = pd.Series(np.asarray(batches, dtype=object).ravel())
+    if len(arr) != n_cells:
+        raise InputError(f"cell2location: {len(arr)} reference batch labels for {n_cells} reference cells.",
+                         "pass one batch label per reference cell (after dropping cells without a cell type).",
+                         code="reference_batch_length")
+    missing = arr.isna().to_numpy()
+    if missing.any():
+        raise InputError(f"cell2location: {int(missing.sum())} reference cells have no batch label "
+                         f"(first: cell {int(np.flatnonzero(missing)[0])}).",
+                         "fill the batch column for every cell, or drop those cells.", code="reference_batch_missing")
+    names = arr.astype(str).to_numpy()
+    order = sorted(set(names))
+    codes = np.array(pd.Categorical(names, categories=order).codes, dtype=np.int64)
+    sizes = np.bincount(codes, minlength=len(order))
+    lonely = [b for b, n in zip(order, sizes) if n < 2]
+    if lonely:
+        warnings.warn(f"cell2location: reference batch(es) {lonely[:10]} have a single cell, so their detection "
+                      "efficiency and background are barely identified; merge them into a larger batch or drop "
+                      "those cells.", RuntimeWarning, stacklevel=2)
+    return codes, order
+
+
 def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: list[str], epochs: int,
                              batch_size: int = 2500, lr: float = 0.002, seed: int = 0,
                              device: torch.device | str = "cpu", control: RunControl | None = None,
+                             batches: np.ndarray | None = None, details: dict | None = None,
                              ) -> tuple[np.ndarray, np.ndarray]:
-    """NB regression signatures (types x genes, posterior means) and the loss per epoch."""
+    """NB regression signatures (types x genes, posterior means) and the loss per epoch.
+
+    ``batches`` (one label per cell, optional) fits cell2location's per-batch detection efficiency and
+    background (``batch_key``); without it all cells are one batch. ``details``, when given, receives the
+    batch names, their fitted detection efficiencies and backgrounds, and the steady-state seconds per epoch.
+    """
     control = control or RunControl()
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -80,19 +157,29 @@ def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: lis
     if (lab < 0).any():
         raise ValueError("reference labels outside the cell type list")
     n_cells = counts.shape[0]
-    model = ReferenceRegression(len(types), counts.shape[1], means, device=device)
+    if batches is None:
+        codes, names = np.zeros(n_cells, np.int64), ["all"]
+    else:
+        codes, names = batch_codes(batches, n_cells)
+    model = ReferenceRegression(len(types), counts.shape[1], means, n_batches=len(names), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels_t = torch.as_tensor(lab, dtype=torch.long, device=device)
+    batches_t = torch.as_tensor(codes, dtype=torch.long, device=device) if len(names) > 1 else None
     full = n_cells <= batch_size
     if full:
         data = CountData(counts, device)
     else:
-        dense = torch.as_tensor(sp.csr_matrix(counts).toarray(), dtype=torch.float32, device=device)
+        minibatches = MinibatchCounts(counts, device)
     history = torch.zeros(epochs, dtype=torch.float32, device=device)
+    marks = {}
     for epoch in range(epochs):
+        if epoch in (1, epochs - 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks[epoch] = time.perf_counter()
         if full:
             opt.zero_grad(set_to_none=True)
-            loss = model.negative_elbo(data, labels_t, 1.0, gen)
+            loss = model.negative_elbo(data, labels_t, 1.0, gen, batches_t)
             loss.backward()
             opt.step()
             history[epoch] = loss.detach()
@@ -102,7 +189,8 @@ def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: lis
             for start in range(0, n_cells, batch_size):
                 idx = perm[start:start + batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = model.negative_elbo(CountData(dense[idx]), labels_t[idx], n_cells / len(idx), gen)
+                loss = model.negative_elbo(minibatches.batch(idx), labels_t[idx], n_cells / len(idx), gen,
+                                           None if batches_t is None else batches_t[idx])
                 loss.backward()
                 opt.step()
                 total += loss.detach()
@@ -110,6 +198,12 @@ def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: lis
         if epoch % 50 == 0 or epoch == epochs - 1:
             control.check_cancel()
             control.report("reference", (epoch + 1) / epochs, f"reference epoch {epoch + 1}/{epochs}")
+    if details is not None:
+        effects = model.batch_effects()
+        details.update(batches=list(names), batch_sizes=np.bincount(codes, minlength=len(names)).tolist(),
+                       detection=effects["detection"], background=effects["background"],
+                       seconds_per_epoch=(marks[epochs - 1] - marks[1]) / (epochs - 2) if epochs > 2
+                       else float("nan"))
     return model.signatures(), history.cpu().numpy()
 
 
@@ -154,15 +248,32 @@ def train_spatial(model: SpatialModel, data: CountData, epochs: int, lr: float, 
 
 
 def run_c2l(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig = C2LConfig(),
-            control: RunControl | None = None) -> DeconvResult:
-    """Fit cell2location's reference regression and spatial model on ``spatial`` and ``reference``."""
+            control: RunControl | None = None, reference_batches: np.ndarray | None = None) -> DeconvResult:
+    """Fit cell2location's reference regression and spatial model on ``spatial`` and ``reference``.
+
+    ``reference_batches``: one batch label per reference cell (``api.reference_batch_labels`` reads them from
+    the column ``config.reference_batch_col``); required when that column is set, and only used by the
+    regression signatures.
+    """
     check_config(config)
+    col = batch_column(config)
+    if col is not None and reference_batches is None:
+        from ...io.errors import InputError
+
+        raise InputError(f"cell2location: reference_batch_col={col!r} is set but no batch labels were passed.",
+                         "pass reference_batches=api.reference_batch_labels(reference_adata, "
+                         f"{col!r}, cell_type_col) to run_c2l.", code="reference_batch_labels")
+    if col is None:
+        reference_batches = None
+    elif config.signatures != "regression":
+        warnings.warn(f"cell2location: reference_batch_col={col!r} is ignored with signatures={config.signatures!r}; "
+                      "use signatures='regression' to model the batches.", RuntimeWarning, stacklevel=2)
     with thread_cap(config.n_threads):
-        return _run(spatial, reference, config, control)
+        return _run(spatial, reference, config, control, reference_batches)
 
 
 def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
-         control: RunControl | None) -> DeconvResult:
+         control: RunControl | None, reference_batches: np.ndarray | None = None) -> DeconvResult:
     t_start = time.perf_counter()
     control = control or RunControl()
     device = _resolve_device(config.device)
@@ -180,12 +291,14 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
     labels = np.asarray(reference.cell_types).astype(str)
     ref_sub = ref_counts[:, r_cols]
     ref_history = np.zeros(0, np.float32)
+    ref_details: dict[str, Any] = {}
     if config.signatures == "regression":
         epochs_ref = config.reference_epochs or default_reference_epochs(ref_sub.shape[0])
-        control.report("reference", 0.0, f"NB regression over {ref_sub.shape[0]} cells, {epochs_ref} epochs")
+        n_b = "" if reference_batches is None else f", {len(set(map(str, reference_batches)))} batches"
+        control.report("reference", 0.0, f"NB regression over {ref_sub.shape[0]} cells{n_b}, {epochs_ref} epochs")
         signatures, ref_history = fit_reference_signatures(
             ref_sub, labels, types, epochs_ref, config.reference_batch_size, config.reference_lr, config.seed,
-            device, control)
+            device, control, batches=reference_batches, details=ref_details)
     else:
         epochs_ref = 0
         signatures = type_means(ref_sub, labels, types)
@@ -233,5 +346,11 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
             "cpu_seconds_per_epoch": float(epoch_seconds[1]),
             "genes": [str(g) for g in genes],
             "signatures": signatures.astype(np.float64),
+            **({"reference_batches": [str(b) for b in ref_details["batches"]],
+                "reference_batch_sizes": [int(n) for n in ref_details["batch_sizes"]],
+                "reference_detection": np.asarray(ref_details["detection"], np.float64),
+                "reference_background": np.asarray(ref_details["background"], np.float64),
+                "reference_seconds_per_epoch": float(ref_details["seconds_per_epoch"])}
+               if ref_details else {}),
         }},
     )

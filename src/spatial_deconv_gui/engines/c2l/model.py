@@ -1,12 +1,14 @@
 """The two cell2location models, written from their published definitions (Kleshchevnikov et al. 2022).
 
-Reference signatures (negative-binomial regression over labelled single cells)::
+Reference signatures (negative-binomial regression over labelled single cells, batches e = 1..E; cell2location's
+``RegressionModel`` with ``batch_key``; E = 1 without a batch column)::
 
     mu_fg ~ Gamma(1, 1)                              per-type mean expression
-    y_e ~ Gamma(1, 1)                                per-batch detection
-    s_eg ~ Gamma(a_s, a_s / m_s), a_s = 1 / e_s^2    additive background, e_s ~ Exp(h_s), h_s ~ Gamma(9, 3),
-                                                     m_s ~ Gamma(1, 100)
-    alpha_g = 1 / o_g^2, o_g ~ Exp(h_o), h_o ~ Gamma(9, 3)
+    y_e ~ Gamma(1, 1)                                per-batch detection efficiency (one per batch)
+    h_s ~ Gamma(9, 3)                                shared hyperprior of the background's spread
+    m_e ~ Gamma(1, 100), e_e ~ Exp(h_s)              per-batch background mean and spread
+    s_eg ~ Gamma(a_e, a_e / m_e), a_e = 1 / e_e^2    per-batch additive background per gene
+    alpha_g = 1 / o_g^2, o_g ~ Exp(h_o), h_o ~ Gamma(9, 3)   gene-wise overdispersion, shared by all batches
     x_cg ~ NB(mean (mu_{f(c)g} + s_{e(c)g}) y_{e(c)}, inverse dispersion alpha_g)
 
 Spatial model::
@@ -38,24 +40,36 @@ from ..bayes import CountData, LogNormalMeanField, exponential_lp, gamma_lp, nb_
 # ---------------------------------------------------------------------------------------------------
 
 class ReferenceRegression(torch.nn.Module):
-    def __init__(self, n_types: int, n_genes: int, init_mu_fg: np.ndarray, dtype=torch.float32, device=None):
+    """cell2location's reference NB regression; ``n_batches`` > 1 gives each batch its own detection efficiency
+    ``y_e`` and background ``s_eg`` (with per-batch hyperparameters), as the package does with ``batch_key``."""
+
+    def __init__(self, n_types: int, n_genes: int, init_mu_fg: np.ndarray, n_batches: int = 1,
+                 dtype=torch.float32, device=None):
         super().__init__()
-        self.n_types, self.n_genes = n_types, n_genes
+        E = int(n_batches)
+        if E < 1:
+            raise ValueError(f"n_batches must be >= 1, got {n_batches!r}")
+        self.n_types, self.n_genes, self.n_batches = n_types, n_genes, E
+        # initial values: the per-type means (as the package) and every other site at its prior mean
         init = {
             "per_cluster_mu_fg": np.asarray(init_mu_fg, dtype=np.float64) + 1e-4,
-            "detection_mean_y_e": np.ones((1, 1)),
+            "detection_mean_y_e": np.ones((E, 1)),
             "s_g_gene_add_alpha_hyp": np.full((1, 1), 3.0),
-            "s_g_gene_add_mean": np.full((1, 1), 0.01),
-            "s_g_gene_add_alpha_e_inv": np.full((1, 1), 1 / 3),
-            "s_g_gene_add": np.full((1, n_genes), 0.01),
+            "s_g_gene_add_mean": np.full((E, 1), 0.01),
+            "s_g_gene_add_alpha_e_inv": np.full((E, 1), 1 / 3),
+            "s_g_gene_add": np.full((E, n_genes), 0.01),
             "alpha_g_phi_hyp": np.full((1, 1), 3.0),
             "alpha_g_inverse": np.full((1, n_genes), 1 / 3),
         }
         self.guide = LogNormalMeanField(init, dtype=dtype, device=device)
 
     def negative_elbo(self, data: CountData, labels: torch.Tensor, scale: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """-ELBO with the likelihood of the (mini)batch in ``data`` multiplied by ``scale`` (= n_cells / batch)."""
+                      generator: torch.Generator | None = None, batches: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """-ELBO with the likelihood of the (mini)batch in ``data`` multiplied by ``scale`` (= n_cells / batch).
+
+        ``labels`` and ``batches`` hold each cell's type and batch index (``batches`` may be None with one batch).
+        """
         z, entropy = self.guide.sample(generator)
         lmu, mu_fg = z["per_cluster_mu_fg"]
         lye, y_e = z["detection_mean_y_e"]
@@ -70,13 +84,23 @@ class ReferenceRegression(torch.nn.Module):
               + gamma_lp(lsah, s_ah, 9.0, 3.0) + gamma_lp(lsm, s_m, 1.0, 100.0)
               + exponential_lp(s_ei, s_ah) + gamma_lp(ls, s_g, s_a, s_a / s_m)
               + gamma_lp(lah, a_h, 9.0, 3.0) + exponential_lp(a_inv, a_h))
-        mu = (mu_fg[labels] + s_g) * y_e
+        if self.n_batches == 1:
+            mu = (mu_fg[labels] + s_g) * y_e
+        else:
+            if batches is None:
+                raise ValueError(f"the model has {self.n_batches} batches: pass each cell's batch index")
+            mu = (mu_fg[labels] + s_g[batches]) * y_e[batches]
         ll = nb_loglik(mu, 1.0 / a_inv.pow(2), data)
         return -(lp + scale * ll + entropy)
 
     def signatures(self) -> np.ndarray:
         """Posterior mean of the per-type expression (types x genes), as cell2location exports it."""
         return self.guide.site_mean("per_cluster_mu_fg").double().cpu().numpy()
+
+    def batch_effects(self) -> dict[str, np.ndarray]:
+        """Posterior means of the per-batch detection efficiency (E) and background (E x genes)."""
+        return {"detection": self.guide.site_mean("detection_mean_y_e").double().cpu().numpy().ravel(),
+                "background": self.guide.site_mean("s_g_gene_add").double().cpu().numpy()}
 
 
 # ---------------------------------------------------------------------------------------------------
