@@ -130,3 +130,28 @@ def test_bayesian_methods_from_the_cli(small_pair_files, tmp_path, capsys, metho
     print(method, "dominant-type agreement with the truth", agree)
     assert agree > 0.7, agree
     assert slot in res.obsm
+
+
+def test_c2l_reference_batches_from_the_cli(tmp_path, capsys):
+    from spatial_deconv_gui.engines.c2l.simulate import simulate_batched_reference
+    from spatial_deconv_gui.simulate import simulate_dataset
+
+    ref, truth = simulate_batched_reference(n_genes=120, n_types=4, n_batches=2, cells_per_type=40, seed=1)
+    spatial, _ = simulate_dataset(n_spots=60, n_genes=120, n_types=4, seed=1)
+    spatial.var_names = ref.var_names
+    s, r = tmp_path / "s.h5ad", tmp_path / "r.h5ad"
+    spatial.write_h5ad(s)
+    ref.write_h5ad(r)
+    out = tmp_path / "c2l.h5ad"
+    base = ["run", str(s), str(r), "--method", "c2l", "--max-epochs", "50", "--reference-epochs", "300", "-o", str(out),
+            "--quiet"]
+    assert main(base + ["--reference-batch-col", "no_such"]) == 2
+    assert "no_such" in capsys.readouterr().err
+    assert main(base + ["--reference-batch-col", "batch"]) == 0, capsys.readouterr().err
+    fit = ad.read_h5ad(out).uns["c2l_training"]
+    assert sorted(fit["reference_batches"]) == sorted(map(str, ref.obs["batch"].unique()))
+    assert sum(fit["reference_batch_sizes"]) == ref.n_obs
+    # the batch with the higher true detection efficiency is fitted as the more efficient one
+    det = dict(zip(fit["reference_batches"], fit["reference_detection"]))
+    lo, hi = sorted(truth.batches, key=dict(zip(truth.batches, truth.detection)).get)
+    assert det[str(hi)] > det[str(lo)], det

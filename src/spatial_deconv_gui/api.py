@@ -117,8 +117,13 @@ def run_deconvolution(
     params["device"] = resolve_device(device)
     config = build_config(config_cls, params)
     control = RunControl(progress, cancel_event)
+    extra = {}
+    batch_col = getattr(config, "reference_batch_col", None)
+    if batch_col is not None and str(batch_col).strip().lower() not in ("", "none"):
+        extra["reference_batches"] = reference_batch_labels(rdata, batch_col, cell_type_col)
     result = runner(spatial_input(sdata, layer, coord_key, numi_column),
-                    reference_input(rdata, cell_type_col, reference_layer, reference_numi_column), config, control)
+                    reference_input(rdata, cell_type_col, reference_layer, reference_numi_column), config, control,
+                    **extra)
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
     return RunOutput(out, result, report)
 

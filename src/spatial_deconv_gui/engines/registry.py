@@ -69,6 +69,8 @@ _ALL = (
                    ("detection_alpha", "Detection prior: 20 lets sensitivity vary within a slide, 200 keeps it constant."),
                    ("max_epochs", "Spatial model epochs (cell2location default 30,000); the map streams as it trains."),
                    ("signatures", "Reference signatures: NB regression (the package's) or per-type means (quick)."),
+                   ("reference_batch_col", "Reference obs column naming each cell's batch (sample, chemistry): the "
+                                           "regression then fits per-batch detection and background. None: one batch."),
                )),
     MethodInfo("destvi", "destvi", "DestVI: cell-type proportions plus continuous cell states per spot (torch)",
                "spatial_deconv_gui.engines.destvi", "run_destvi", "DestVIConfig",
