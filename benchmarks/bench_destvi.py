@@ -4,12 +4,16 @@ Each engine runs in its own subprocess (peak RSS per engine; the peer from its o
 slide and reference, with scvi-tools' defaults otherwise. The peer needs two workarounds on 1.4.2 (see
 ../shared/peers/README.md): CondSCVI(prior="normal") and the VampPrior arrays handed over as tensors.
 
-    .venv/bin/python benchmarks/bench_destvi.py --data sim --spots 1000 --sc-epochs 100 --epochs 200
-    .venv/bin/python benchmarks/bench_destvi.py --data hippocampus --sc-epochs 100 --epochs 200
-    .venv/bin/python benchmarks/bench_destvi.py --data sim --spots 5000 --sc-epochs 5 --epochs 5   # speed
+    # speed (un-niced; alternate ours / peer three times, keep each side's fastest per-epoch time)
+    .venv/bin/python benchmarks/bench_destvi.py --data hippocampus --sc-epochs 20 --epochs 20 --repeats 3
+    # agreement at scvi-tools' defaults (CondSCVI 300 epochs, DestVI 2000), two seeds of each side, run together
+    nice -n 5 .venv/bin/python benchmarks/bench_destvi.py --data hippocampus --sc-epochs 300 --epochs 2000 \
+        --peer-seeds 2 --ours-seeds 2 --jobs 4 --save-dir /tmp/destvi_hippo
 
-Per-epoch times are medians over spatial epochs (ours: per-epoch wall times; the peer: gaps between epoch ends).
-``--peer-seeds 2`` also runs the peer with a second seed, giving the peer-vs-peer agreement (its own noise).
+Per-epoch times are medians over epochs 2.. of a run (ours: per-epoch times; the peer: gaps between epoch
+ends), for the single-cell (CondSCVI) stage and the spatial (DestVI) stage separately, wall and CPU time of the
+process. ``--peer-seeds 2`` / ``--ours-seeds 2`` also run each side with a second seed, giving its agreement
+with itself (its own seed-to-seed noise). ``--jobs`` runs the workers concurrently: for agreement runs only.
 """
 from __future__ import annotations
 
@@ -34,6 +38,23 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
+def _ckpt_writer(a, kind):
+    """Proportions every ``--ckpt-every`` epochs, appended as JSON lines to CKPT_DIR/<kind>_seed<seed>.jsonl (so
+    that long agreement runs leave results behind even when stopped). Evaluation mode: no augmentation draws
+    (ours draws nothing; the peer's data loader takes one seed from torch's generator per checkpoint)."""
+    if not (a.ckpt_dir and a.ckpt_every):
+        return None
+    path = Path(a.ckpt_dir) / f"{kind}_seed{a.seed}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+    def write(epoch, props):
+        with open(path, "a") as f:
+            f.write(json.dumps({"epoch": int(epoch), "proportions": np.asarray(props).tolist(),
+                                "t": time.time()}) + "\n")
+    return write
+
+
 def worker_ours(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
@@ -44,13 +65,30 @@ def worker_ours(a) -> dict:
     genes = json.loads(Path(a.genes_file).read_text())
     s = spatial_input(ad.read_h5ad(a.spatial)[:, genes].copy())
     r = reference_input(ad.read_h5ad(a.reference)[:, genes].copy())
+    from spatial_deconv_gui.engines.base import RunControl
+
+    ckpt = _ckpt_writer(a, "ours")
+    state = {"epoch": 0}
+
+    def on_event(ev):
+        if ev.stage == "spatial" and ev.message.startswith("epoch "):
+            state["epoch"] = int(ev.message.split()[1].split("/")[0].rstrip(","))
+        if ckpt is not None and ev.partial is not None:
+            ckpt(state["epoch"], ev.partial.proportions)
+
     t0 = time.perf_counter()
     res = run_destvi(s, r, DestVIConfig(sc_epochs=a.sc_epochs, max_epochs=a.epochs, seed=a.seed, device="cpu",
-                                        report_every=10 ** 9))
+                                        report_every=a.ckpt_every or 10 ** 9, n_threads=a.threads),
+                     RunControl(on_event, max_rate=0) if ckpt is not None else None)
     total = time.perf_counter() - t0
     tr = res.uns["destvi_training"]
+    if ckpt is not None:
+        ckpt(a.epochs, res.proportions)
     return dict(types=list(res.cell_types), proportions=res.proportions.tolist(), total_s=total,
-                spatial_s=tr["spatial_seconds"], per_epoch_s=float(np.median(tr["epoch_seconds"])), per_epoch_cpu_s=float(np.median(tr["epoch_cpu_seconds"])),
+                spatial_s=tr["spatial_seconds"], per_epoch_s=float(np.median(tr["epoch_seconds"][1:])),
+                per_epoch_cpu_s=float(np.median(tr["epoch_cpu_seconds"][1:])),
+                sc_s=tr["sc_seconds"], sc_per_epoch_s=float(np.median(tr["sc_epoch_seconds"][1:])),
+                sc_per_epoch_cpu_s=float(np.median(tr["sc_epoch_cpu_seconds"][1:])),
                 gamma={t: res.obsm[f"destvi_gamma_{t}"].values.tolist() for t in res.cell_types},
                 peak_rss_gb=_rss_gb())
 
@@ -70,17 +108,6 @@ def worker_peer(a) -> dict:
     st = ad.read_h5ad(a.spatial)[:, genes].copy()
     ref = ad.read_h5ad(a.reference)[:, genes].copy()
     ref.obs["cell_type"] = ref.obs["cell_type"].astype(str).astype("category")
-    t0 = time.perf_counter()
-    CondSCVI.setup_anndata(ref, labels_key="cell_type")
-    sc = CondSCVI(ref, prior="normal")  # workaround 1: from_rna_model reads module_kwargs["prior"]
-    sc.train(max_epochs=a.sc_epochs, accelerator="cpu", enable_progress_bar=False)
-    orig = sc.get_vamp_prior
-
-    def vamp_as_tensors(adata=None, p=10):  # workaround 2: numpy buffers raise TypeError in register_buffer
-        return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in orig(adata, p=p).items()}
-
-    sc.get_vamp_prior = vamp_as_tensors
-
     class Timer(pl.Callback):
         def __init__(self):
             self.t, self.c = [], []
@@ -89,21 +116,51 @@ def worker_peer(a) -> dict:
             self.t.append(time.perf_counter())
             self.c.append(time.process_time())
 
+    t0 = time.perf_counter()
+    CondSCVI.setup_anndata(ref, labels_key="cell_type")
+    sc = CondSCVI(ref, prior="normal")  # workaround 1: from_rna_model reads module_kwargs["prior"]
+    sc_timer = Timer()
+    sc.train(max_epochs=a.sc_epochs, accelerator="cpu", enable_progress_bar=False, callbacks=[sc_timer])
+    sc_s = time.perf_counter() - t0
+    orig = sc.get_vamp_prior
+
+    def vamp_as_tensors(adata=None, p=10):  # workaround 2: numpy buffers raise TypeError in register_buffer
+        return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in orig(adata, p=p).items()}
+
+    sc.get_vamp_prior = vamp_as_tensors
     timer = Timer()
     DestVI.setup_anndata(st)
     model = DestVI.from_rna_model(st, sc)
+    ckpt = _ckpt_writer(a, "peer")
+
+    class Checkpoint(pl.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            epoch = trainer.current_epoch + 1
+            if epoch % a.ckpt_every == 0 and epoch < a.epochs:
+                model.module.eval()  # no augmentation draws
+                with torch.no_grad():
+                    p = model.get_proportions()
+                model.module.train()
+                ckpt(epoch, p[sorted(p.columns)].values)
+
+    callbacks = [timer] + ([Checkpoint()] if ckpt is not None else [])
     t1 = time.perf_counter()
-    model.train(max_epochs=a.epochs, accelerator="cpu", callbacks=[timer], enable_progress_bar=False)
+    model.train(max_epochs=a.epochs, accelerator="cpu", callbacks=callbacks, enable_progress_bar=False)
     spatial_s = time.perf_counter() - t1
     props = model.get_proportions()
     gamma = model.get_gamma()
     types = sorted(props.columns)
+    if ckpt is not None:
+        ckpt(a.epochs, props[types].values)
     total = time.perf_counter() - t0
     gaps = np.diff(timer.t)
     cgaps = np.diff(timer.c)
+    sgaps, scgaps = np.diff(sc_timer.t), np.diff(sc_timer.c)
     return dict(types=types, proportions=props[types].values.tolist(), total_s=total, spatial_s=spatial_s,
                 per_epoch_s=float(np.median(gaps)) if len(gaps) else spatial_s / a.epochs,
                 per_epoch_cpu_s=float(np.median(cgaps)) if len(cgaps) else float("nan"),
+                sc_s=sc_s, sc_per_epoch_s=float(np.median(sgaps)) if len(sgaps) else float("nan"),
+                sc_per_epoch_cpu_s=float(np.median(scgaps)) if len(scgaps) else float("nan"),
                 gamma={t: np.asarray(gamma[t]).tolist() for t in types}, peak_rss_gb=_rss_gb())
 
 
@@ -127,11 +184,18 @@ def load_data(a, tmp: Path):
     return sp_path, ref_path, truth, genes
 
 
-def run_worker(python, kind, a, sp_path, ref_path, genes_path, out: Path, seed: int) -> dict:
+def _worker_cmd(python, kind, a, sp_path, ref_path, genes_path, out: Path, seed: int):
     cmd = [python, __file__, "--worker", kind, "--spatial", str(sp_path), "--reference", str(ref_path),
            "--genes-file", str(genes_path), "--out", str(out), "--epochs", str(a.epochs),
            "--sc-epochs", str(a.sc_epochs), "--threads", str(a.threads), "--seed", str(seed)]
+    if a.ckpt_dir and a.ckpt_every:
+        cmd += ["--ckpt-dir", str(a.ckpt_dir), "--ckpt-every", str(a.ckpt_every)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")} if kind == "ours" else dict(os.environ)
+    return cmd, env
+
+
+def run_worker(python, kind, a, sp_path, ref_path, genes_path, out: Path, seed: int) -> dict:
+    cmd, env = _worker_cmd(python, kind, a, sp_path, ref_path, genes_path, out, seed)
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
@@ -139,6 +203,35 @@ def run_worker(python, kind, a, sp_path, ref_path, genes_path, out: Path, seed: 
     res = json.loads(out.read_text())
     res["wall_s"] = time.perf_counter() - t
     return res
+
+
+def run_workers_concurrently(specs, a, sp_path, ref_path, genes_path, jobs: int) -> list[dict]:
+    """Run (python, kind, out, seed) specs, ``jobs`` at a time (for agreement runs; their timings are not
+    comparable with each other)."""
+    results, running, queue = [None] * len(specs), [], list(enumerate(specs))
+    while queue or running:
+        while queue and len(running) < jobs:
+            i, (python, kind, out, seed) = queue.pop(0)
+            cmd, env = _worker_cmd(python, kind, a, sp_path, ref_path, genes_path, out, seed)
+            err = open(str(out) + ".err", "w")
+            running.append((i, kind, out, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err),
+                            time.perf_counter(), err))
+        time.sleep(1.0)
+        for item in list(running):
+            i, kind, out, proc, t, err = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            err.close()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{kind} worker failed:\n{Path(str(out) + '.err').read_text()[-4000:]}")
+            results[i] = json.loads(Path(out).read_text())
+            results[i]["wall_s"] = time.perf_counter() - t
+    return results
+
+
+_TIME_KEYS = ("total_s", "sc_s", "spatial_s", "per_epoch_s", "per_epoch_cpu_s", "sc_per_epoch_s", "sc_per_epoch_cpu_s",
+              "peak_rss_gb", "wall_s", "per_epoch_runs", "per_epoch_cpu_runs")
 
 
 def corr(a, b) -> float:
@@ -151,6 +244,23 @@ def agreement(p1, p2) -> dict:
     return {"prop_corr_all": corr(p1, p2), "per_spot_corr_median": float(np.nanmedian(rows)),
             "per_spot_corr_mean": float(np.nanmean(rows)),
             "dominant_type_agreement": float(np.mean(np.argmax(p1, 1) == np.argmax(p2, 1)))}
+
+
+def ckpt_report(d: Path) -> dict:
+    """Agreement between every pair of runs in a checkpoint directory, at each epoch both reached."""
+    sys.path.insert(0, str(REPO / "src"))
+    runs = {}
+    for f in sorted(d.glob("*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        runs[f.stem] = {r["epoch"]: np.asarray(r["proportions"]) for r in rows}
+    names = sorted(runs)
+    out = {}
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            for ep in sorted(set(runs[x]) & set(runs[y])):
+                ag = agreement(runs[x][ep], runs[y][ep])
+                out.setdefault(f"{x} vs {y}", {})[ep] = {k: round(v, 4) for k, v in ag.items()}
+    return {"epochs_reached": {k: max(v) if v else 0 for k, v in runs.items()}, "agreement": out}
 
 
 def main():
@@ -170,10 +280,20 @@ def main():
     ap.add_argument("--peer-seeds", type=int, default=1)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours/peer this many times for timing")
+    ap.add_argument("--ours-seeds", type=int, default=1, help="also run ours with further seeds (its own noise)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the workers this many at a time (agreement runs only: timings then not comparable)")
+    ap.add_argument("--save-dir", help="keep each worker's output (proportions, gamma, timings) here")
+    ap.add_argument("--ckpt-dir", help="write each worker's proportions every --ckpt-every epochs here (JSON lines)")
+    ap.add_argument("--ckpt-every", type=int, default=0)
+    ap.add_argument("--ckpt-report", help="only summarise the checkpoints in this directory (agreement per epoch)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.worker:
         Path(a.out).write_text(json.dumps((worker_ours if a.worker == "ours" else worker_peer)(a)))
+        return
+    if a.ckpt_report:
+        print(json.dumps(ckpt_report(Path(a.ckpt_report)), indent=1))
         return
     sys.path.insert(0, str(REPO / "src"))
     with tempfile.TemporaryDirectory() as tmpd:
@@ -181,10 +301,18 @@ def main():
         sp_path, ref_path, truth, genes = load_data(a, tmp)
         genes_path = tmp / "genes.json"
         genes_path.write_text(json.dumps([str(g) for g in genes]))
-        ours = run_worker(sys.executable, "ours", a, sp_path, ref_path, genes_path, tmp / "ours.json", a.seed)
-        peers = [] if a.skip_peer else [
-            run_worker(str(PEER_PY), "peer", a, sp_path, ref_path, genes_path, tmp / f"peer{i}.json", a.seed + i)
-            for i in range(a.peer_seeds)]
+        specs = [(sys.executable, "ours", tmp / f"ours{i}.json", a.seed + i) for i in range(a.ours_seeds)]
+        specs += [] if a.skip_peer else [(str(PEER_PY), "peer", tmp / f"peer{i}.json", a.seed + i)
+                                         for i in range(a.peer_seeds)]
+        if a.jobs > 1:
+            res = run_workers_concurrently(specs, a, sp_path, ref_path, genes_path, a.jobs)
+        else:
+            res = [run_worker(py, kind, a, sp_path, ref_path, genes_path, out, seed) for py, kind, out, seed in specs]
+        ours, ours_more, peers = res[0], res[1:a.ours_seeds], res[a.ours_seeds:]
+        if a.save_dir:
+            Path(a.save_dir).mkdir(parents=True, exist_ok=True)
+            for (_, kind, out, seed), r in zip(specs, res):
+                Path(a.save_dir, f"{kind}_seed{seed}.json").write_text(json.dumps(r))
         # further alternating runs for timing only (the machine is shared: keep each side's fastest epoch time)
         for i in range(1, a.repeats):
             for kind, res, py in (("ours", ours, sys.executable), ("peer", peers[0] if peers else None, str(PEER_PY))):
@@ -192,14 +320,16 @@ def main():
                     continue
                 o = run_worker(py, kind, a, sp_path, ref_path, genes_path, tmp / f"{kind}_r{i}.json", a.seed)
                 res["per_epoch_runs"] = res.get("per_epoch_runs", [res["per_epoch_s"]]) + [o["per_epoch_s"]]
+                res["per_epoch_cpu_runs"] = res.get("per_epoch_cpu_runs", [res["per_epoch_cpu_s"]]) + [o["per_epoch_cpu_s"]]
                 res["per_epoch_s"] = min(res["per_epoch_s"], o["per_epoch_s"])
                 res["per_epoch_cpu_s"] = min(res["per_epoch_cpu_s"], o["per_epoch_cpu_s"])
+                for k in ("sc_per_epoch_s", "sc_per_epoch_cpu_s"):
+                    res[k] = min(res[k], o[k])
                 res["peak_rss_gb"] = max(res["peak_rss_gb"], o["peak_rss_gb"])
     p_o = np.asarray(ours["proportions"])
     summary = {"data": a.data, "spots": len(p_o), "genes": len(genes), "sc_epochs": a.sc_epochs,
                "epochs": a.epochs, "threads": a.threads,
-               "ours": {k: ours[k] for k in ("total_s", "spatial_s", "per_epoch_s", "per_epoch_cpu_s", "peak_rss_gb", "wall_s",
-                                             "per_epoch_runs") if k in ours}}
+               "ours": {k: ours[k] for k in _TIME_KEYS if k in ours}}
     if truth is not None:
         t = truth[ours["types"]].to_numpy()
         summary["ours"]["prop_corr_truth"] = corr(p_o, t)
@@ -208,8 +338,7 @@ def main():
         assert peer["types"] == ours["types"], (peer["types"], ours["types"])
         p_p = np.asarray(peer["proportions"])
         key = "peer" if i == 0 else f"peer_seed{i}"
-        summary[key] = {k: peer[k] for k in ("total_s", "spatial_s", "per_epoch_s", "per_epoch_cpu_s", "peak_rss_gb", "wall_s",
-                                             "per_epoch_runs") if k in peer}
+        summary[key] = {k: peer[k] for k in _TIME_KEYS if k in peer}
         if truth is not None:
             t = truth[peer["types"]].to_numpy()
             summary[key]["prop_corr_truth"] = corr(p_p, t)
@@ -218,10 +347,16 @@ def main():
             **agreement(p_o, p_p),
             "speedup_per_epoch": peer["per_epoch_s"] / ours["per_epoch_s"],
             "speedup_per_epoch_cpu": peer["per_epoch_cpu_s"] / ours["per_epoch_cpu_s"],
+            "sc_speedup_per_epoch": peer["sc_per_epoch_s"] / ours["sc_per_epoch_s"],
+            "sc_speedup_per_epoch_cpu": peer["sc_per_epoch_cpu_s"] / ours["sc_per_epoch_cpu_s"],
             "speedup_total": peer["total_s"] / ours["total_s"],
             "rss_ratio_ours_over_peer": ours["peak_rss_gb"] / peer["peak_rss_gb"]}
     if len(peers) > 1:
         summary["agreement_peer_vs_peer_seed1"] = agreement(peers[0]["proportions"], peers[1]["proportions"])
+    for i, o in enumerate(ours_more, 1):
+        summary[f"agreement_ours_vs_ours_seed{i}"] = agreement(p_o, o["proportions"])
+        for j, peer in enumerate(peers):
+            summary[f"agreement_ours_seed{i}_vs_peer_seed{j}"] = agreement(o["proportions"], peer["proportions"])
     text = json.dumps(summary, indent=2)
     print(text)
     if a.json:

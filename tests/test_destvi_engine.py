@@ -192,3 +192,140 @@ def test_fused_pieces_match_plain_torch():
     hid = model.decoder(torch.cat([gam, model.batch_embedding.expand(2, 7, 4, 5)], -1), lab)
     old = torch.softmax(model.px_decoder(hid) + model.per_ct_bias[lab] + model.beta, -1)
     torch.testing.assert_close(model.type_scales(gam), old, rtol=1e-5, atol=1e-6)
+
+
+def _masked_reference(model, gam, w, keys, training):
+    """The decoder + output mixture in plain torch ops, with the fused path's dropout masks."""
+    import torch
+    import torch.nn.functional as F
+
+    from spatial_deconv_gui.engines.destvi import _fused
+
+    L = model.n_labels
+    R = gam.shape[0]
+    typ = torch.arange(R) % L
+    x = gam
+    for i, ((a, _), lin) in enumerate(zip(model.decoder.sizes, model.decoder.linears)):
+        inp = torch.cat([x, model.batch_embedding.expand(R, -1)], -1) if i == 0 else x
+        y = F.relu(F.layer_norm(F.linear(inp, lin.weight[:, :a], lin.bias) + lin.weight[:, a:].t()[typ],
+                                (lin.weight.shape[0],)))
+        if training:
+            p = model.decoder.dropout
+            keep = _fused.keep_mask(np.uint64(keys[i]), _fused.keep_threshold(p), R, y.shape[1])
+            y = y * torch.as_tensor(keep) / (1 - p)
+        x = y
+    logits = model.px_decoder(x) + model.per_ct_bias[typ] + model.beta
+    prob = torch.softmax(logits, -1).view(w.shape[0], w.shape[1], -1)
+    return (w.unsqueeze(-1) * prob).sum(1)
+
+
+def test_fused_cpu_decoder_equals_plain_torch():
+    """The CPU fast path (oneDNN products, numba layer norm / dropout / softmax-mixture kernels, hashed dropout
+    masks) computes the same function and gradients as plain torch ops, to float32 rounding (~1e-6)."""
+    import torch
+
+    from spatial_deconv_gui.engines.destvi import _fused
+    from spatial_deconv_gui.engines.destvi.model import CondVAE, SpatialDeconv
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build: the plain path is used")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    L, G, D, B, S = 5, 40, 5, 7, 3
+    sc = CondVAE(G, L)
+    with torch.no_grad():
+        for prm in sc.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+        sc.per_ct_bias.mul_(20.0)  # logits spread over ~100: exercises the exp clamp of the fused softmax
+    model = SpatialDeconv(sc, (rng.normal(size=(L, 15, D)), np.ones((L, 15, D)), np.full((L, 15), 1 / 15)))
+    with torch.no_grad():
+        model.beta.normal_()
+        model.batch_embedding.normal_()
+    params = (model.beta, model.batch_embedding)
+
+    def rel(a, b):
+        return float((a - b).detach().abs().max() / b.detach().abs().max())
+
+    for training in (False, True):
+        model.train(training)
+        gam = torch.randn(B * S * L, D, requires_grad=True)
+        w = torch.rand(B, S * L, requires_grad=True)
+        g_out = torch.randn(B, G)
+        torch.manual_seed(5)
+        out = model.decode_mix(gam.view(B, S * L, D), w)
+        grads = torch.autograd.grad((out * g_out).sum(), (gam, w) + params)
+        torch.manual_seed(5)
+        keys = torch.randint(0, 2 ** 62, (2,)).tolist()  # the keys the fused forward drew
+        ref = _masked_reference(model, gam, w, keys, training)
+        ref_grads = torch.autograd.grad((ref * g_out).sum(), (gam, w) + params)
+        assert rel(out, ref) < 2e-6
+        for a, b in zip(grads, ref_grads):
+            assert rel(a, b) < 5e-6
+        if not training:  # the plain path of the model itself (its own dropout masks otherwise)
+            model.use_fused = False
+            plain = model.decode_mix(gam.view(B, S * L, D), w)
+            model.use_fused = True
+            assert rel(out, plain) < 2e-6
+    # two graphs alive at once: the second forward must not overwrite what the first saved for backward
+    model.train()
+    g1, g2 = torch.randn(B * S * L, D, requires_grad=True), torch.randn(B * S * L, D, requires_grad=True)
+    w1 = torch.rand(B, S * L)
+    torch.manual_seed(7)
+    o1 = model.decode_mix(g1.view(B, S * L, D), w1)
+    model.decode_mix(g2.view(B, S * L, D), w1).sum().backward()
+    (d1,) = torch.autograd.grad(o1.sum(), g1)
+    torch.manual_seed(7)
+    (d1_alone,) = torch.autograd.grad(model.decode_mix(g1.view(B, S * L, D), w1).sum(), g1)
+    torch.testing.assert_close(d1, d1_alone, rtol=0, atol=0)
+    # the hashed dropout mask keeps 1 - p of the units
+    keep = _fused.keep_mask(np.uint64(123), _fused.keep_threshold(0.05), 1000, 1000)
+    assert abs(keep.mean() - 0.95) < 0.002
+
+
+def test_spatial_loss_equals_the_originals_formulas():
+    """The spatial objective term by term as scvi-tools 1.4.2 writes it with torch.distributions (MixtureSameFamily
+    over Categorical(probs) - whose probabilities torch clamps to [eps, 1 - eps] - with Normal(mean, var) components,
+    Categorical entropy, Exponential, batchmean KL), on fixed augmentation draws with zero-weight components."""
+    import torch
+    from torch.distributions import Categorical, Exponential, Independent, MixtureSameFamily, Normal
+
+    from spatial_deconv_gui.engines.bayes import nb_log_prob
+    from spatial_deconv_gui.engines.destvi.model import CondVAE, SpatialDeconv
+
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    L, G, D, P, m = 4, 30, 5, 6, 9
+    w = rng.random((L, P))
+    model = SpatialDeconv(CondVAE(G, L), (rng.normal(size=(L, P, D)), rng.random((L, P, D)) + 0.2,
+                                          w / w.sum(1, keepdims=True)))
+    model.eval()  # no dropout; the loss still takes the training eps_v
+    x = torch.poisson(torch.rand(m, G) * 20)
+    n = model.n_aug + 1
+    prior_sampled = torch.randn(n, m, L, D)
+    ratios = torch.distributions.Dirichlet(torch.full((L,), 0.3)).sample((n, m))
+    ratios[1, :3, 1:] = 1.2e-38  # fully augmented spots with one type (torch floors Dirichlet draws at tiny)
+    ratios[1, :3, 0] = 1.0
+    ratio = torch.cat([torch.zeros(1, m, 1), torch.ones(1, m, 1), torch.rand(n - 2, m, 1)], 0)
+    x_aug = torch.cat([x.unsqueeze(0), torch.poisson(torch.rand(n - 1, m, G) * 20)], 0)
+    model._augment = lambda x_: (x_aug, prior_sampled, ratios, ratio)
+    with torch.no_grad():
+        ours = model.loss(x, 0.7)
+        px_rate, gamma, modes, v = model.forward_outputs(x_aug, True)
+        reconst = -nb_log_prob(x_aug, px_rate, torch.exp(model.px_r)).sum(-1).mean(0)  # m
+        glo = -Normal(0.0, 1.0).log_prob(model.beta).sum()
+        true = torch.cat([ratios[1], torch.zeros(m, 1)], -1) + 1e-20
+        aug = 100.0 * torch.nn.functional.kl_div(torch.log(v[1] / v[1].sum(-1, keepdim=True)),
+                                                 true / true.sum(-1, keepdim=True), reduction="batchmean")
+        mean = torch.cat([model.mean_vprior.expand(n, m, L, P, D), prior_sampled.unsqueeze(-2)], -2)
+        var = torch.cat([model.var_vprior.expand(n, m, L, P, D),
+                         model.var_vprior.min(-2).values.view(1, 1, L, 1, D).expand(n, m, L, 1, D)], -2)
+        mp = torch.cat([(1 - ratio.unsqueeze(-1)) * model.mp_vprior.expand(n, m, L, P),
+                        ratio.unsqueeze(-1) * ratios.unsqueeze(-1)], -1)
+        mix = MixtureSameFamily(Categorical(probs=mp, validate_args=False), Independent(Normal(mean, var), 1),
+                                validate_args=False)
+        pre = mix.log_prob(gamma.permute(2, 0, 1, 3, 4))  # S, n, m, L
+        ll = (pre * (modes.permute(2, 0, 1, 3) + 1e-6)).sum(0)  # n, m, L
+        neg_prior = -(ll * (v[..., :-1] + 1e-3)).sum(-1)  # n, m
+        sparsity = 2.0 * Categorical(probs=v[0]).entropy() - Exponential(torch.ones(m, 1)).log_prob(v[0, :, -1:]).sum()
+        ref = (3.0 * reconst + 0.7 * (neg_prior + sparsity) + glo + aug).mean()
+    torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-3)

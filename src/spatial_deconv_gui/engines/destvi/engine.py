@@ -45,7 +45,10 @@ def fit_single_cell(x: torch.Tensor, y: torch.Tensor, n_labels: int, config: Des
                     config.n_layers, config.dropout_rate).to(x.device)
     opt = _adam(model.parameters(), config.sc_lr)
     history = np.zeros(config.sc_epochs)
+    model.epoch_seconds = np.zeros(config.sc_epochs)
+    model.epoch_cpu_seconds = np.zeros(config.sc_epochs)
     for epoch in range(config.sc_epochs):
+        t_ep, c_ep = time.perf_counter(), time.process_time()
         model.train()
         kl_w = min(1.0, epoch / config.sc_kl_warmup_epochs) if config.sc_kl_warmup_epochs else 1.0
         total = torch.zeros((), device=x.device)
@@ -57,6 +60,8 @@ def fit_single_cell(x: torch.Tensor, y: torch.Tensor, n_labels: int, config: Des
             opt.step()
             total += loss.detach()
         history[epoch] = float(total) / len(batches)
+        model.epoch_seconds[epoch] = time.perf_counter() - t_ep
+        model.epoch_cpu_seconds[epoch] = time.process_time() - c_ep
         if epoch % 10 == 0 or epoch == config.sc_epochs - 1:
             control.check_cancel()
             control.report("single-cell model", (epoch + 1) / config.sc_epochs,
@@ -100,7 +105,9 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
     xr = torch.as_tensor(sp.csr_matrix(reference.counts)[:, r_cols].toarray(), dtype=torch.float32, device=device)
     yr = torch.as_tensor(labels, device=device)
     control.report("single-cell model", 0.0, f"CondSCVI over {len(xr)} cells, {config.sc_epochs} epochs")
+    t_sc = time.perf_counter()
     sc, sc_history = fit_single_cell(xr, yr, len(types), config, control, gen)
+    sc_s = time.perf_counter() - t_sc
     control.report("prior", 0.0, "empirical prior (k-means per type)")
     vamp = vamp_prior(sc, xr, labels, p=config.vamp_prior_p, seed=config.seed)
     control.check_cancel()
@@ -160,7 +167,9 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         key="destvi", method="DestVI", mode=None, cell_types=list(types), proportions=props, params=params,
         device=str(device), runtime_s=time.perf_counter() - t_start, obsm=obsm,
         uns={"destvi_training": {"loss": history, "sc_loss": sc_history, "spatial_seconds": float(spatial_s),
-                                 "epoch_seconds": epoch_s, "epoch_cpu_seconds": epoch_cpu, "genes": [str(g) for g in genes]},
+                                 "epoch_seconds": epoch_s, "epoch_cpu_seconds": epoch_cpu, "genes": [str(g) for g in genes],
+                                 "sc_seconds": float(sc_s), "sc_epoch_seconds": sc.epoch_seconds,
+                                 "sc_epoch_cpu_seconds": sc.epoch_cpu_seconds},
              "destvi_model": state},
     )
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bayes import nb_log_prob
+from . import _fused
 
 
 LOG_2PI = math.log(2 * math.pi)
@@ -37,6 +38,12 @@ def _normal_lp(x, mean, scale):
     """Sum over the last axis of Normal(mean, scale) log densities."""
     z = (x - mean) / scale
     return (-0.5 * z * z - torch.log(scale)).sum(-1) - 0.5 * LOG_2PI * x.shape[-1]
+
+
+def _clamp_probs(p: torch.Tensor) -> torch.Tensor:
+    """torch.distributions' clamp of probabilities before their log (to [eps, 1 - eps] of the dtype)."""
+    eps = torch.finfo(p.dtype).eps
+    return p.clamp(min=eps, max=1 - eps)
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -276,6 +283,28 @@ class SpatialDeconv(nn.Module):
         self.gamma_encoder = nn.Sequential(FCStack(G, H, 0, 2, H, dropout_amortization), nn.Linear(H, n_out))
         self.V_encoder = nn.Sequential(FCStack(G, H, 0, sc.n_layers, H, 0.0), nn.Linear(H, L + 1))
         self.to(dev)
+        self.use_fused = True  # the CPU float32 fast path of the frozen decoder (see _fused); False: plain torch
+        self._frozen = None
+
+    def frozen_decoder(self, like: torch.Tensor):
+        """The fused path's copy of the frozen decoder, or None where it does not apply (GPU, float64, off)."""
+        if not (self.use_fused and _fused.available(like) and self.px_decoder.weight.dtype == torch.float32):
+            return None
+        if self._frozen is None:
+            self._frozen = _fused.FrozenDecoder(self.decoder, self.px_decoder, self.n_latent, self.n_labels)
+        return self._frozen
+
+    def decode_mix(self, gamma: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_k w[b, k] r_k for gamma (B, K, D) (K = states x types, type fastest) and weights w (B, K), where
+        r_k = softmax(decoder(gamma_bk, type k) W_p^T + b_p + b_type + beta): (B, G)."""
+        B, K, D = gamma.shape
+        dec = self.frozen_decoder(gamma)
+        if dec is not None:
+            return _fused.decoder_mix(gamma.reshape(B * K, D), dec.bias1(self.batch_embedding), self.out_bias(),
+                                      w, dec, self.training)
+        L = self.n_labels
+        h = self.decoder_hidden(gamma.reshape(B, K // L, L, D)).reshape(B, K, -1)
+        return _PxMix.apply(h, self.px_decoder.weight, self.out_bias(), w)
 
     # -- pieces -----------------------------------------------------------------------------------
     def decoder_hidden(self, gamma: torch.Tensor) -> torch.Tensor:
@@ -325,14 +354,36 @@ class SpatialDeconv(nn.Module):
         v = torch.softmax(self.V_encoder(z), -1)
         return gamma, modes, v
 
-    @torch.no_grad()
-    def _augment(self, x: torch.Tensor):
-        """Simulated spots (scvi-tools' augmentation): sample 0 is the data itself, sample 1 a spot built from
-        prior draws (library + 50), samples 2.. a Beta(0.4, 0.5) mix of the two. Sample 0's draws get weight 0
-        everywhere, so only samples 1.. are decoded and sampled."""
-        n, m = self.n_aug + 1, x.shape[0]
+    def _rng(self) -> np.random.Generator:
+        """numpy generator of the CPU augmentation draws, seeded from torch's generator on first use."""
+        if getattr(self, "_np_rng", None) is None:
+            self._np_rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,))))
+        return self._np_rng
+
+    def _prior_draws_numpy(self, n: int, m: int):
+        """(prior draws (n, m, L, D), Dirichlet(0.03) type ratios (n, m, L), mixing ratio per sample (n, m, 1))."""
+        rng = self._rng()
         L = self.n_labels
-        dev = x.device
+        if getattr(self, "_prior_np", None) is None:
+            w = self.mp_vprior.double().cpu().numpy()
+            cdf = np.cumsum(w / w.sum(-1, keepdims=True), -1)
+            self._prior_np = (cdf, self.mean_vprior.cpu().numpy(), np.sqrt(self.var_vprior.cpu().numpy()) + 1e-4)
+        cdf, mean, sd = self._prior_np
+        u = rng.random((n, m, L, 1))
+        comp = np.minimum((u > cdf[None, None]).sum(-1), cdf.shape[1] - 1)  # n, m, L
+        lab = np.arange(L)
+        eps = rng.standard_normal((n, m, L, mean.shape[-1]), dtype=np.float32)
+        prior_sampled = torch.from_numpy(mean[lab, comp] + sd[lab, comp] * eps)
+        # torch's Dirichlet sampler floors each gamma draw at the float32 tiny before normalising: no exact 0
+        ratios = np.maximum(rng.dirichlet(np.full(L, 0.03), (n, m)), np.finfo(np.float32).tiny)
+        ratios = torch.from_numpy((ratios / ratios.sum(-1, keepdims=True)).astype(np.float32))
+        mix = rng.beta(0.4, 0.5, (self.n_aug - 1, m, 1)).astype(np.float32)
+        ratio = torch.from_numpy(np.concatenate([np.zeros((1, m, 1), np.float32), np.ones((1, m, 1), np.float32),
+                                                 mix], 0))
+        return prior_sampled, ratios, ratio
+
+    def _prior_draws_torch(self, n: int, m: int, dev):
+        L = self.n_labels
         comp = torch.distributions.Categorical(probs=self.mp_vprior).sample((n, m))  # n, m, L
         lab = torch.arange(L, device=dev).expand(n, m, L)
         mu = self.mean_vprior[lab, comp]
@@ -343,14 +394,33 @@ class SpatialDeconv(nn.Module):
         mix = torch.distributions.Beta(torch.tensor(0.4, device=dev), torch.tensor(0.5, device=dev)
                                        ).sample((self.n_aug - 1, m)).unsqueeze(-1)
         ratio = torch.cat([torch.zeros(1, m, 1, device=dev), torch.ones(1, m, 1, device=dev), mix], 0)
-        scale = self.type_scales(prior_sampled[1:])  # n - 1, m, L, G
+        return prior_sampled, ratios, ratio
+
+    @torch.no_grad()
+    def _augment(self, x: torch.Tensor):
+        """Simulated spots (scvi-tools' augmentation): sample 0 is the data itself, sample 1 a spot built from
+        prior draws (library + 50), samples 2.. a Beta(0.4, 0.5) mix of the two. Sample 0's draws get weight 0
+        everywhere, so only samples 1.. are decoded and sampled."""
+        n, m = self.n_aug + 1, x.shape[0]
+        L = self.n_labels
+        dev = x.device
+        if dev.type == "cpu":
+            prior_sampled, ratios, ratio = self._prior_draws_numpy(n, m)
+        else:
+            prior_sampled, ratios, ratio = self._prior_draws_torch(n, m, dev)
         library = x.sum(-1).view(1, m, 1).repeat(n - 1, 1, 1)
         library[0] = library[0] + 50
-        aug_rate = torch.bmm(ratios[1:].reshape((n - 1) * m, 1, L), scale.reshape((n - 1) * m, L, -1)
-                             ).reshape(n - 1, m, -1) * library
+        aug_rate = self.decode_mix(prior_sampled[1:].reshape((n - 1) * m, L, -1),
+                                   ratios[1:].reshape((n - 1) * m, L)).reshape(n - 1, m, -1) * library
         theta = torch.exp(self.px_r)
-        lam = torch.distributions.Gamma(theta, theta / aug_rate.clamp_min(1e-8)).sample()
-        counts = torch.poisson(lam)
+        if dev.type == "cpu":
+            # NB(mean aug_rate, inverse dispersion theta) as a gamma-Poisson mixture, numpy's samplers
+            rng = self._rng()
+            lam = rng.gamma(theta.double().numpy(), (aug_rate.double().clamp_min(1e-8) / theta.double()).numpy())
+            counts = torch.from_numpy(rng.poisson(lam).astype(np.float32))
+        else:
+            lam = torch.distributions.Gamma(theta, theta / aug_rate.clamp_min(1e-8)).sample()
+            counts = torch.poisson(lam)
         x_aug = torch.cat([x.unsqueeze(0), (1 - ratio[1:]) * x.unsqueeze(0) + ratio[1:] * counts], 0)
         return x_aug, prior_sampled, ratios, ratio
 
@@ -362,8 +432,7 @@ class SpatialDeconv(nn.Module):
         n, m = z.shape[:2]
         # px_scale = sum_c (v_c + eps) sum_s modes_sc softmax(logits_sc) + (v_dummy + eps) softmax(eta), fused
         w = (modes * (v[..., :-1] + eps_v).unsqueeze(2)).reshape(n * m, -1)
-        h = self.decoder_hidden(gamma).reshape(n * m, w.shape[1], -1)
-        px_scale = _PxMix.apply(h, self.px_decoder.weight, self.out_bias(), w).reshape(n, m, self.n_genes)
+        px_scale = self.decode_mix(gamma.reshape(n * m, w.shape[1], -1), w).reshape(n, m, self.n_genes)
         px_scale = px_scale + (v[..., -1:] + eps_v) * torch.softmax(self.eta, -1)
         return library * px_scale, gamma, modes, v
 
@@ -398,7 +467,9 @@ class SpatialDeconv(nn.Module):
         if self.prior_mode == "mog":
             # the original builds Normal(mean, var) here (the variance used as the scale): kept as published
             sc_v = self.var_vprior
-            logw = torch.log_softmax(torch.log(mp_vp.clamp_min(1e-30)), -1)
+            # torch's Categorical(probs=...) inside the original's MixtureSameFamily: normalise, clamp to
+            # [eps, 1 - eps] (float32 eps), log, renormalise; components of weight 0 keep weight ~1.2e-7
+            logw = torch.log_softmax(torch.log(_clamp_probs(mp_vp / mp_vp.sum(-1, keepdim=True))), -1)
         else:
             sc_v = torch.sqrt(self.var_vprior) + 1e-4
             logw = torch.log(1e-3 + mp_vp)
@@ -414,7 +485,8 @@ class SpatialDeconv(nn.Module):
         else:
             neg_prior = -pre.squeeze(2).sum(-1)
         v0 = v[0]
-        sparsity = ct_sparsity_weight * -(v0 * torch.log(v0.clamp_min(1e-38))).sum(-1)  # m
+        # Categorical(probs=v0).entropy() as torch computes it: -sum p log(clamp(p, eps, 1 - eps))
+        sparsity = ct_sparsity_weight * -(v0 * torch.log(_clamp_probs(v0))).sum(-1)  # m
         sparsity = sparsity - eta_reg * (-v0[:, -1:]).sum()
         # = mean over (samples, spots) of reconst_weight * reconst + kl_weight * (prior + sparsity) + glo + aug
         return (reconst_weight * reconst_total / (n * m) + kl_weight * (neg_prior.mean() + sparsity.mean())
