@@ -286,7 +286,7 @@ class TrainWidget(Container):
         def job():
             # a child process, so no numba compile or GIL-holding step of training can freeze the canvas
             kwargs = dict(spatial=adata, grn=grn, lr=lr, cluster_col=col, out=out, layer=layer_name, **params)
-            return run_isolated("spatial_deconv_gui.perturb_api:train_model", kwargs, control,
+            return run_isolated("spatial_deconv_gui.perturb_api:train_model_for_gui", kwargs, control,
                                 threads=max(1, (os.cpu_count() or 2) - 1))
 
         self._worker = create_worker(job, _start_thread=False, _connect={
@@ -361,6 +361,7 @@ class KnockoutWidget(Container):
         self.state = perturb_state(napari_viewer)
         _KNOCKOUTS.add(self)
         self._worker = None
+        self._finishing = False
         self._cancel = None
         self._pending = None
         self._relay = _Relay()
@@ -506,6 +507,7 @@ class KnockoutWidget(Container):
                                                 on_step=relay.stepped.emit, control=control)
 
         self._run_genes = genes
+        self._delta_layer("knockout (running)")  # created now, so streaming only recolours it
         self._worker = create_worker(job, _start_thread=False, _connect={
             "returned": self._on_done, "errored": self._on_error, "finished": self._on_finished})
         self.run_btn.enabled, self.cancel_btn.enabled = False, True
@@ -515,7 +517,7 @@ class KnockoutWidget(Container):
 
     @property
     def busy(self) -> bool:
-        return self._worker is not None
+        return self._worker is not None or self._finishing
 
     def cancel(self):
         if self._cancel is not None:
@@ -559,28 +561,46 @@ class KnockoutWidget(Container):
         while f"{base} #{n}" in self.state.runs:
             n += 1
         run = Perturbation(f"{base} #{n}", adata, genes)
-        stream = getattr(self, "_stream_layer", None)
-        if stream is not None and stream in self.viewer.layers:
-            self.viewer.layers.remove(stream)
+        # the layer that streamed the steps becomes the run's Δ layer; the vector field and the summary follow in
+        # later event-loop turns, so no single turn holds the canvas for all of it
+        delta = self._delta_layer(f"{run.name}: Δ")
+        delta.metadata[PLUGIN_KEY] = {"kind": "perturb_delta", "run": run.name}
+        run.layers["delta"] = delta
         self._stream_layer = None
-        coords = np.asarray(self.state.model.coords)[:, :2][:, ::-1]
-        size = (self.state.slide_layer.metadata.get(PLUGIN_KEY, {}).get("spot_size", 10.0)
-                if self.state.slide_layer is not None else 10.0)
-        run.layers["delta"] = self.viewer.add_points(coords, name=f"{run.name}: Δ", size=size, border_width=0,
-                                                     metadata={PLUGIN_KEY: {"kind": "perturb_delta", "run": run.name}})
+        self._finishing = True
+        QTimer.singleShot(0, lambda: self._add_vectors_layer(run))
+
+    def _add_vectors_layer(self, run: Perturbation):
         run.layers["vectors"] = self.viewer.add_vectors(np.zeros((0, 2, 2)), name=f"{run.name}: vector field",
                                                         edge_width=2.5, edge_color="#39ff14",
                                                         metadata={PLUGIN_KEY: {"kind": "perturb_vectors"}})
+        QTimer.singleShot(0, lambda: self._show_finished_run(run))
+
+    def _show_finished_run(self, run: Perturbation):
+        try:
+            self._register_run(run)
+        except Exception:
+            self._finishing = False
+            raise
+        QTimer.singleShot(0, self._dock_summary)
+
+    def _dock_summary(self):
+        try:
+            if not self._summary_docked:
+                self.viewer.window.add_dock_widget(self.summary, name="Knockout summary", area="right")
+                self._summary_docked = True
+        finally:
+            self._finishing = False
+
+    def _register_run(self, run: Perturbation):
+        genes, adata = run.genes, run.adata
         self.state.runs[run.name] = run  # only now: adding layers makes napari refresh the run picker
         moved = self.moved_genes(run)
         target = next((g for g in moved.index if g not in genes), moved.index[0])
         self.show_gene.value = target
         self.compare_with.reset_choices()
         self.showing.reset_choices()
-        self.showing.value = run.name  # -> _show_run: colours, arrows, summary
-        if not self._summary_docked:
-            self.viewer.window.add_dock_widget(self.summary, name="Knockout summary", area="right")
-            self._summary_docked = True
+        self.showing.value = run.name  # -> _show_run: colours, arrows; the summary in the next turn
         self.progress.value = 1000
         self.status.value = f"{run.name}: done in {adata.uns['perturb']['runtime_s']:.1f} s"
 
@@ -595,7 +615,7 @@ class KnockoutWidget(Container):
                     layer.visible = other is run
         self._recolour()
         self._redraw_vectors()
-        self.summary.show(run, self.moved_genes(run), self.state.model)
+        QTimer.singleShot(0, lambda: self.summary.show(run, self.moved_genes(run), self.state.model))
 
     def moved_genes(self, run: Perturbation) -> pd.Series:
         d = run.adata.layers["perturb_delta"]
