@@ -52,6 +52,18 @@ def _child(target: str, kwargs: dict, events: mp.Queue, cancel, threads: int | N
     events.put(message)
 
 
+def _context():
+    # fork would copy a running Qt application and its threads. A forkserver child is forked from a small
+    # server process instead of being started from this (large) one, which shortens the pause the GUI's event
+    # loop sees when a child starts (spawn: 70-160 ms, forkserver: 9-37 ms on a 2-core machine). The server
+    # preloads nothing (not even __main__, which under napari is its launcher): children import what they use.
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([])
+    return ctx
+
+
 def run_isolated(target: str, kwargs: dict[str, Any], control: RunControl | None = None,
                  threads: int | None = None) -> Any:
     """Run ``target`` (``"package.module:function"``) in a fresh child process and return its result.
@@ -60,7 +72,7 @@ def run_isolated(target: str, kwargs: dict[str, Any], control: RunControl | None
     a core). Raises :class:`Cancelled` when the caller's control is cancelled, and re-raises the child's error.
     """
     control = control or RunControl()
-    ctx = mp.get_context("spawn")  # fork would copy a running Qt application and its threads
+    ctx = _context()
     events = ctx.Queue()
     cancel = ctx.Event()
     proc = ctx.Process(target=_child, args=(target, kwargs, events, cancel, threads), daemon=True)

@@ -141,6 +141,15 @@ def perturb_state(viewer) -> PerturbState:
 
 
 # -- Train -----------------------------------------------------------------------------------------------
+def _fixed_width(label: Label):
+    """Wrap a status line instead of widening the dock: a wider dock resizes the canvas, and a full redraw of
+    the canvas at a progress message was the longest pause of the event loop while training."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+
 class TrainWidget(Container):
     """Train (or load) the spatial GRN model of a slide."""
 
@@ -180,6 +189,7 @@ class TrainWidget(Container):
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = Label(label="status", value="pick a slide, priors and a model folder")
+        _fixed_width(self.status)
         self.extend([self.slide, self.expression, self.cluster_col, self.species, self.grn, self.lr, self.radius,
                      self.contact, self.model_dir, self.train_btn, self.load_btn, self.cancel_btn, self.progress,
                      self.status])
@@ -385,6 +395,7 @@ class KnockoutWidget(Container):
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = Label(label="status", value="train or load a model first")
+        _fixed_width(self.status)
         # results
         self.showing = ComboBox(label="perturbation", choices=lambda _w: list(self.state.runs),
                                 tooltip="Each run keeps its own group of layers (Δ map, vector field); the one "
