@@ -334,7 +334,7 @@ class TrainWidget(Container):
     def _on_model(self, model):
         self.state.model = model
         self.progress.value = 1000
-        self.status.value = f"model ready: {len(model.targets)} target genes, {len(model.cluster_names)} clusters"
+        self.status.value = f"ready: {len(model.targets)} targets, {len(model.cluster_names)} clusters"
         notify_info(f"perturbation model ready ({len(model.targets)} targets)")
         for w in knockout_widgets(self.viewer):
             w.on_model(model)
