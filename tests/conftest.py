@@ -23,6 +23,16 @@ def pytest_configure(config):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded numerics for a module: on a shared 2-core CI box oversubscribed BLAS/OpenMP/numba threads
+    make small problems many times slower; results do not depend on the thread count."""
+    from spatial_deconv_gui.engines.base import thread_cap
+
+    with thread_cap(1):
+        yield
+
+
 def has_gl() -> bool:
     return os.environ.get("QT_QPA_PLATFORM") != "offscreen" and bool(os.environ.get("DISPLAY"))
 

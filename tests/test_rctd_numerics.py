@@ -22,19 +22,7 @@ from spatial_deconv_gui.engines.rctd.likelihood import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded numerics: on a shared 2-core CI box oversubscribed BLAS/OpenMP/numba threads can make
-    these small problems many times slower; the results do not depend on the thread count."""
-    import numba
-    import torch
-
-    old_t, old_n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(old_t)
-    numba.set_num_threads(old_n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
