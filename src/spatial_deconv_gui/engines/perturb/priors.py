@@ -63,7 +63,9 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _pick(df: pd.DataFrame, explicit: str | None, candidates, what: str, path_name: str,
-          exclude: tuple[str, ...] = ()) -> str:
+          exclude: tuple[str, ...] = (), required: bool = True) -> str | None:
+    """The column named ``explicit`` (which must exist), else the first of ``candidates`` present (any case);
+    when none is, an error naming the columns found, or None for an optional column."""
     cols = list(df.columns)
     if explicit is not None:
         if explicit not in df.columns:
@@ -74,6 +76,8 @@ def _pick(df: pd.DataFrame, explicit: str | None, candidates, what: str, path_na
     for cand in candidates:
         if cand in lower and lower[cand] not in exclude:
             return lower[cand]
+    if not required:
+        return None
     raise InputError(f"{path_name}: cannot tell which column holds the {what}; columns found: {cols}.",
                      f"name it explicitly (one of {cols}).", code="bad_table_columns")
 
@@ -124,15 +128,7 @@ def load_lr(src, ligand_col: str | None = None, receptor_col: str | None = None,
                              code="empty_table")
     lig = _pick(df, ligand_col, LR_LIGAND_COLUMNS, "ligands", name)
     rec = _pick(df, receptor_col, LR_RECEPTOR_COLUMNS, "receptors", name, exclude=(lig,))
-    ann = None
-    if annotation_col is not None:
-        ann = _pick(df, annotation_col, (), "annotation", name)
-    else:
-        lower = {str(c).lower(): c for c in df.columns}
-        for cand in LR_ANNOTATION_COLUMNS:
-            if cand in lower:
-                ann = lower[cand]
-                break
+    ann = _pick(df, annotation_col, LR_ANNOTATION_COLUMNS, "annotation", name, required=False)
     rows = []
     ligs = df[lig].to_numpy()
     recs = df[rec].to_numpy()
@@ -155,12 +151,7 @@ def load_tfl(src, ligand_col: str | None = None, tf_col: str | None = None,
     df, name, checksum = _as_frame(src, "ligand-TF table")
     lig = _pick(df, ligand_col, TFL_LIGAND_COLUMNS, "ligands", name)
     tf = _pick(df, tf_col, TFL_TF_COLUMNS, "transcription factors", name, exclude=(lig,))
-    wcol = None
-    if weight_col is not None:
-        wcol = _pick(df, weight_col, (), "weights", name)
-    else:
-        lower = {str(c).lower(): c for c in df.columns}
-        wcol = next((lower[c] for c in TFL_WEIGHT_COLUMNS if c in lower), None)
+    wcol = _pick(df, weight_col, TFL_WEIGHT_COLUMNS, "weights", name, required=False)
     w = df[wcol].astype(float).to_numpy() if wcol is not None else np.ones(len(df))
     out = pd.DataFrame({"ligand": df[lig].astype(str).to_numpy(), "tf": df[tf].astype(str).to_numpy(),
                         "weight": w})
