@@ -42,14 +42,17 @@ def _child(target: str, kwargs: dict, events: mp.Queue, cancel, threads: int | N
         message = ("cancelled", str(exc))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         message = ("error", exc, traceback.format_exc())
+    # pickled here, once (the queue would pickle it again after a failed test dump), so a payload that cannot
+    # travel is replaced by an error the parent can read
     try:
-        pickle.dumps(message)
+        payload = pickle.dumps(message)
     except Exception:  # noqa: BLE001 - the payload is what failed to pickle
         if message[0] == "error":
             message = ("error", RuntimeError(f"{type(message[1]).__name__}: {message[1]}"), message[2])
         else:
             message = ("error", RuntimeError("the job's result could not be sent back to the caller"), "")
-    events.put(message)
+        payload = pickle.dumps(message)
+    events.put(("outcome", payload))
 
 
 def _context():
@@ -97,7 +100,10 @@ def run_isolated(target: str, kwargs: dict[str, Any], control: RunControl | None
                 ev = item[1]
                 control.report(ev.stage, ev.fraction, ev.message, ev.partial)
             else:
-                outcome = item
+                try:
+                    outcome = pickle.loads(item[1])
+                except Exception as exc:  # noqa: BLE001 - e.g. an exception class that cannot be rebuilt
+                    outcome = ("error", RuntimeError(f"the job's outcome could not be read back: {exc}"), "")
     finally:
         if outcome is None:  # the caller is going away (error, KeyboardInterrupt): stop the child too
             cancel.set()
