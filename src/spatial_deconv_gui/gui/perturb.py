@@ -10,6 +10,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,13 @@ class Perturbation:
     def delta(self, gene: str) -> np.ndarray:
         col = list(self.adata.var_names).index(gene)
         return np.asarray(self.adata.layers["perturb_delta"][:, col].todense()).ravel()
+
+    @cached_property
+    def moved(self) -> pd.Series:
+        """Mean |Δ| per gene over all cells, largest first (computed once: the run never changes)."""
+        d = self.adata.layers["perturb_delta"]
+        mean_abs = np.asarray(abs(d).mean(axis=0)).ravel()
+        return pd.Series(mean_abs, index=list(self.adata.var_names)).sort_values(ascending=False)
 
 
 class PerturbState:
@@ -606,9 +614,10 @@ class KnockoutWidget(Container):
     def _register_run(self, run: Perturbation):
         genes, adata = run.genes, run.adata
         self.state.runs[run.name] = run  # only now: adding layers makes napari refresh the run picker
-        moved = self.moved_genes(run)
+        moved = run.moved
         target = next((g for g in moved.index if g not in genes), moved.index[0])
-        self.show_gene.value = target
+        with self.show_gene.changed.blocked():  # _show_run below colours the new run by this gene, once
+            self.show_gene.value = target
         self.compare_with.reset_choices()
         self.showing.reset_choices()
         self.showing.value = run.name  # -> _show_run: colours, arrows; the summary in the next turn
@@ -629,9 +638,7 @@ class KnockoutWidget(Container):
         QTimer.singleShot(0, lambda: self.summary.show(run, self.moved_genes(run), self.state.model))
 
     def moved_genes(self, run: Perturbation) -> pd.Series:
-        d = run.adata.layers["perturb_delta"]
-        mean_abs = np.asarray(abs(d).mean(axis=0)).ravel()
-        return pd.Series(mean_abs, index=list(run.adata.var_names)).sort_values(ascending=False)
+        return run.moved
 
     def _recolour(self, _v=None):
         run, gene = self.current, self.show_gene.value
