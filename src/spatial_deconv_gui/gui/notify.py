@@ -1,4 +1,4 @@
-"""Errors reach the user as napari notifications, never as a silent dead worker."""
+"""What the user is told: errors as napari notifications (never a silent dead worker), progress in status lines."""
 from __future__ import annotations
 
 import logging
@@ -28,3 +28,15 @@ def notify_info(msg: str):
     from napari.utils.notifications import show_info
 
     show_info(msg)
+
+
+def status_label(value: str = "", label: str = "status"):
+    """A status line that wraps instead of widening its dock: a wider dock resizes the canvas, which then redraws
+    in full, and doing that at a progress message was the longest pause of the event loop while training."""
+    from magicgui.widgets import Label
+    from qtpy.QtWidgets import QSizePolicy
+
+    widget = Label(label=label, value=value)
+    widget.native.setWordWrap(True)
+    widget.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    return widget

@@ -24,7 +24,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from ..engines.base import Cancelled, RunControl
 from ..isolated import run_isolated
 from .layers import PLUGIN_KEY, refresh_slide_picker, slide_layer_choices
-from .notify import notify_error, notify_info
+from .notify import notify_error, notify_info, status_label
 from .views import colormap_rgba
 
 SPECIES = ("mouse", "human", "other")
@@ -149,15 +149,6 @@ def perturb_state(viewer) -> PerturbState:
 
 
 # -- Train -----------------------------------------------------------------------------------------------
-def _fixed_width(label: Label):
-    """Wrap a status line instead of widening the dock: a wider dock resizes the canvas, and a full redraw of
-    the canvas at a progress message was the longest pause of the event loop while training."""
-    from qtpy.QtWidgets import QSizePolicy
-
-    label.native.setWordWrap(True)
-    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-
-
 class TrainWidget(Container):
     """Train (or load) the spatial GRN model of a slide."""
 
@@ -196,8 +187,7 @@ class TrainWidget(Container):
         self.load_btn = PushButton(text="Load model")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
-        self.status = Label(label="status", value="pick a slide, priors and a model folder")
-        _fixed_width(self.status)
+        self.status = status_label("pick a slide, priors and a model folder")
         self.extend([self.slide, self.expression, self.cluster_col, self.species, self.grn, self.lr, self.radius,
                      self.contact, self.model_dir, self.train_btn, self.load_btn, self.cancel_btn, self.progress,
                      self.status])
@@ -402,8 +392,7 @@ class KnockoutWidget(Container):
         self.run_btn = PushButton(text="Run knockout")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
-        self.status = Label(label="status", value="train or load a model first")
-        _fixed_width(self.status)
+        self.status = status_label("train or load a model first")
         # results
         self.showing = ComboBox(label="perturbation", choices=lambda _w: list(self.state.runs),
                                 tooltip="Each run keeps its own group of layers (Δ map, vector field); the one "

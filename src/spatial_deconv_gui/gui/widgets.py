@@ -14,7 +14,7 @@ from ..engines.base import Cancelled
 from ..engines.registry import available_methods
 from .layers import (PLUGIN_KEY, refresh_slide_picker, set_spot_colors, slide_coords_yx, slide_layer_choices,
                      spot_colors)
-from .notify import notify_error, notify_info
+from .notify import notify_error, notify_info, status_label
 from .views import PENDING_RGBA
 
 STREAM_INTERVAL_MS = 200  # at most ~5 canvas updates a second while a run streams
@@ -82,7 +82,7 @@ class DeconvolutionWidget(Container):
         self.run_btn = PushButton(text="Run")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
-        self.status = Label(label="status", value="pick a slide layer and a reference")
+        self.status = status_label("pick a slide layer and a reference")
         self.problems = Label(label="", value="")
         self.extend([self.slide, self.reference, self.cell_type_col, self.method, self.mode, self.device,
                      self.params_box, self.validate_btn, self.run_btn, self.cancel_btn, self.progress, self.status, self.problems])

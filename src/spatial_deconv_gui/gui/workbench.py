@@ -24,6 +24,7 @@ from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QW
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
 from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors
 from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba, nearest_spot
+from .notify import status_label
 
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
 IMPUTE_CHUNK_VALUES = 4_000_000  # spots x states x genes per imputation step (~32 MB of float64)
@@ -441,7 +442,7 @@ class ImputeWidget(Container):
         self.paint_btn = PushButton(text="Paint")
         self.paint_btn.tooltip = ("Colour the tissue by DestVI's imputed expression of the gene in a cell of that "
                                   "type at each spot (fraction of the cell's counts), from the spot's cell state.")
-        self.status = Label(label="", value="")
+        self.status = status_label(label="")
         self.extend([self.title, self.search, self.gene, self.cell_type, self.cmap, self.paint_btn, self.status])
         self.colorbar_fig = Figure(figsize=(3.2, 0.6))
         self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
