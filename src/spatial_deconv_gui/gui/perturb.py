@@ -611,7 +611,8 @@ class KnockoutWidget(Container):
         self.showing.reset_choices()
         self.showing.value = run.name  # -> _show_run: colours, arrows; the summary in the next turn
         self.progress.value = 1000
-        self.status.value = f"{run.name}: done in {adata.uns['perturb']['runtime_s']:.1f} s"
+        took = float(adata.uns["perturb"]["runtime_s"])
+        self.status.value = f"{run.name}: done in " + (f"{took:.1f} s" if took >= 0.1 else "under 0.1 s")
 
     def _show_run(self, name):
         run = self.state.runs.get(name) if name else None
