@@ -276,7 +276,49 @@ def ckpt_report(d: Path) -> dict:
                            np.mean([mean["peer"][ep] for ep in late], axis=0))
             seed_means[f"mean over epochs {late[0]}-{late[-1]}"] = {k: round(v, 4) for k, v in ag.items()}
     return {"epochs_reached": {k: max(v) if v else 0 for k, v in runs.items()}, "agreement": out,
-            "seed_means_ours_vs_peer": seed_means}
+            "seed_means_ours_vs_peer": seed_means, "late_summary": late_summary(runs, sides)}
+
+
+def late_summary(runs: dict, sides: dict, first_epoch: int = 1000) -> dict:
+    """Self- and cross-agreement from ``first_epoch`` on, when each side has two seeds or more.
+
+    A single run of a stochastic method is its expected output plus seed noise, so its correlation with a run of
+    another method is limited by both sides' noise: ``r_cross / sqrt(r_ours_self * r_peer_self)`` (the correlation
+    corrected for attenuation) is ~1 when the two methods have the same expected output. The same comparison is
+    made for each run's proportions averaged over its checkpoints from ``first_epoch`` on (late iterates averaged)."""
+    if not all(len(v) >= 2 for v in sides.values()):
+        return {}
+    names = sides["ours"] + sides["peer"]
+    epochs = sorted(set.intersection(*[set(runs[n]) for n in names]))
+    late = [ep for ep in epochs if ep >= first_epoch]
+    if not late:
+        return {}
+
+    def pairs(get):
+        o, p = sides["ours"], sides["peer"]
+        within = {side: [agreement(get(x), get(y)) for i, x in enumerate(v) for y in v[i + 1:]]
+                  for side, v in (("ours", o), ("peer", p))}
+        cross = [agreement(get(x), get(y)) for x in o for y in p]
+        res = {}
+        for key in ("prop_corr_all", "per_spot_corr_median"):
+            oo = float(np.mean([a[key] for a in within["ours"]]))
+            pp = float(np.mean([a[key] for a in within["peer"]]))
+            op = [a[key] for a in cross]
+            res[key] = {"ours_vs_ours": round(oo, 4), "peer_vs_peer": round(pp, 4),
+                        "ours_vs_peer": round(float(np.mean(op)), 4),
+                        "ours_vs_peer_min_max": [round(min(op), 4), round(max(op), 4)],
+                        "disattenuated": round(float(np.mean(op)) / np.sqrt(oo * pp), 4)}
+        return res
+
+    per_ckpt = [pairs(lambda n, ep=ep: runs[n][ep]) for ep in late]
+    mean_over_ckpts = {key: {k: round(float(np.mean([c[key][k] for c in per_ckpt])), 4)
+                             for k in ("ours_vs_ours", "peer_vs_peer", "ours_vs_peer", "disattenuated")}
+                       for key in ("prop_corr_all", "per_spot_corr_median")}
+    averaged = {n: np.mean([runs[n][ep] for ep in late], axis=0) for n in names}
+    return {"epochs": f"{late[0]}-{late[-1]} ({len(late)} checkpoints)",
+            "single_checkpoints_mean": mean_over_ckpts,
+            "at_last_common_epoch": per_ckpt[-1],
+            "late_iterates_averaged": pairs(lambda n: averaged[n])}
 
 
 def main():

@@ -78,6 +78,8 @@ _ALL = (
                    ("sc_epochs", "Epochs of the single-cell (CondSCVI) model."),
                    ("max_epochs", "Epochs of the spatial model."),
                    ("n_latent", "Size of the cell-state latent space gamma."),
+                   ("seed", "Random seed. With few reference cells per type the proportions change with it (scvi-tools' "
+                            "too): run two seeds and compare them in the Results dock."),
                )),
 )
 
