@@ -34,10 +34,12 @@ def destvi_run(make_napari_viewer, qtbot, small_pair_files):
     widget.method.value = "destvi"
     widget.params_box.sc_epochs.value = 2
     widget.params_box.max_epochs.value = 2
+    widget.params_box.seed.value = 3
     widget.run_btn.native.click()
     assert widget.busy, widget.problems.value
     qtbot.waitUntil(lambda: not widget.busy, timeout=240_000)
     assert widget.last_run is not None and widget.last_run.result.key == "destvi", widget.status.value
+    assert widget.last_run.result.params["seed"] == 3  # the widget's seed reaches the engine
     return viewer, widget.last_run
 
 
