@@ -76,7 +76,7 @@ def worker_peer(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     import anndata as ad
-    import lightning.pytorch as pl
+    from _peer_timing import epoch_timer
     from cell2location.models import Cell2location, RegressionModel
 
     genes = json.loads(Path(a.genes_file).read_text())
@@ -100,15 +100,7 @@ def worker_peer(a) -> dict:
     sig = sig[types]
     t_ref = time.perf_counter() - t0
 
-    class Timer(pl.Callback):
-        def __init__(self):
-            self.t, self.c = [], []
-
-        def on_train_epoch_end(self, trainer, module):
-            self.t.append(time.perf_counter())
-            self.c.append(time.process_time())
-
-    timer = Timer()
+    timer = epoch_timer()
     Cell2location.setup_anndata(sp_)
     mod = Cell2location(sp_, cell_state_df=sig, N_cells_per_location=a.n_cells, detection_alpha=a.detection_alpha)
     t1 = time.perf_counter()
@@ -157,21 +149,14 @@ def worker_peer_ref(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     import anndata as ad
-    import lightning.pytorch as pl
+    from _peer_timing import epoch_timer
     from cell2location.models import RegressionModel
 
     ref = ad.read_h5ad(a.reference)
     ref.obs["cell_type"] = ref.obs["cell_type"].astype(str).astype("category")
     types = sorted(ref.obs["cell_type"].cat.categories)
 
-    class Timer(pl.Callback):
-        def __init__(self):
-            self.t = []
-
-        def on_train_epoch_end(self, trainer, module):
-            self.t.append(time.perf_counter())
-
-    timer = Timer()
+    timer = epoch_timer()
     t0 = time.perf_counter()
     RegressionModel.setup_anndata(ref, labels_key="cell_type", batch_key="batch" if a.batch_key else None)
     rm = RegressionModel(ref)

@@ -100,6 +100,7 @@ def worker_peer(a) -> dict:
     torch.set_num_threads(a.threads)
     import anndata as ad
     import lightning.pytorch as pl
+    from _peer_timing import epoch_timer
     import scvi
     from scvi.model import CondSCVI, DestVI
 
@@ -108,18 +109,10 @@ def worker_peer(a) -> dict:
     st = ad.read_h5ad(a.spatial)[:, genes].copy()
     ref = ad.read_h5ad(a.reference)[:, genes].copy()
     ref.obs["cell_type"] = ref.obs["cell_type"].astype(str).astype("category")
-    class Timer(pl.Callback):
-        def __init__(self):
-            self.t, self.c = [], []
-
-        def on_train_epoch_end(self, trainer, module):
-            self.t.append(time.perf_counter())
-            self.c.append(time.process_time())
-
     t0 = time.perf_counter()
     CondSCVI.setup_anndata(ref, labels_key="cell_type")
     sc = CondSCVI(ref, prior="normal")  # workaround 1: from_rna_model reads module_kwargs["prior"]
-    sc_timer = Timer()
+    sc_timer = epoch_timer()
     sc.train(max_epochs=a.sc_epochs, accelerator="cpu", enable_progress_bar=False, callbacks=[sc_timer])
     sc_s = time.perf_counter() - t0
     orig = sc.get_vamp_prior
@@ -128,7 +121,7 @@ def worker_peer(a) -> dict:
         return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in orig(adata, p=p).items()}
 
     sc.get_vamp_prior = vamp_as_tensors
-    timer = Timer()
+    timer = epoch_timer()
     DestVI.setup_anndata(st)
     model = DestVI.from_rna_model(st, sc)
     ckpt = _ckpt_writer(a, "peer")
