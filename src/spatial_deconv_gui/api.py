@@ -118,8 +118,12 @@ def run_deconvolution(
     config = build_config(config_cls, params)
     control = RunControl(progress, cancel_event)
     extra = {}
-    batch_col = getattr(config, "reference_batch_col", None)
-    if batch_col is not None and str(batch_col).strip().lower() not in ("", "none"):
+    batch_col = None
+    if hasattr(config, "reference_batch_col"):
+        from .engines.c2l.config import batch_column
+
+        batch_col = batch_column(config)
+    if batch_col is not None:
         extra["reference_batches"] = reference_batch_labels(rdata, batch_col, cell_type_col)
     result = runner(spatial_input(sdata, layer, coord_key, numi_column),
                     reference_input(rdata, cell_type_col, reference_layer, reference_numi_column), config, control,
