@@ -23,6 +23,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..engines.base import Cancelled, RunControl
 from ..isolated import run_isolated
+from .colorbar import add_colorbar, draw_colorbar
 from .layers import PLUGIN_KEY, refresh_slide_picker, slide_layer_choices
 from .notify import notify_error, notify_info, status_label
 from .views import colormap_rgba
@@ -408,10 +409,7 @@ class KnockoutWidget(Container):
                      self.run_btn, self.cancel_btn, self.progress, self.status, self.showing, self.show_gene,
                      self.arrow_length,
                      self.arrow_density, self.per_cell, self.compare_with, self.save_btn])
-        self.colorbar_fig = Figure(figsize=(3.2, 0.6))
-        self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
-        self.colorbar.setMinimumHeight(48)
-        self.native.layout().addWidget(self.colorbar)
+        self.colorbar_fig, self.colorbar = add_colorbar(self, min_height=48)
         self.summary = SummaryWidget()
         self.search.changed.connect(lambda _v: self.genes.reset_choices())
         self.run_btn.clicked.connect(self.run)
@@ -641,16 +639,7 @@ class KnockoutWidget(Container):
         self._draw_colorbar(f"Δ {gene}", vmax)
 
     def _draw_colorbar(self, label: str, vmax: float):
-        import matplotlib
-        from matplotlib.colorbar import ColorbarBase
-        from matplotlib.colors import Normalize
-
-        self.colorbar_fig.clear()
-        ax = self.colorbar_fig.add_axes([0.05, 0.55, 0.9, 0.3])
-        ColorbarBase(ax, cmap=matplotlib.colormaps["RdBu_r"], norm=Normalize(-vmax, vmax), orientation="horizontal")
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        self.colorbar.draw_idle()
+        draw_colorbar(self.colorbar_fig, self.colorbar, label, "RdBu_r", -vmax, vmax, rect=(0.05, 0.55, 0.9, 0.3))
 
     def _redraw_vectors(self, _v=None):
         run = self.current

@@ -22,6 +22,7 @@ from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
+from .colorbar import add_colorbar, draw_colorbar
 from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors
 from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba, nearest_spot
 from .notify import status_label
@@ -444,10 +445,7 @@ class ImputeWidget(Container):
                                   "type at each spot (fraction of the cell's counts), from the spot's cell state.")
         self.status = status_label(label="")
         self.extend([self.title, self.search, self.gene, self.cell_type, self.cmap, self.paint_btn, self.status])
-        self.colorbar_fig = Figure(figsize=(3.2, 0.6))
-        self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
-        self.colorbar.setMinimumHeight(72)  # room for the title above the bar
-        self.native.layout().addWidget(self.colorbar)
+        self.colorbar_fig, self.colorbar = add_colorbar(self)
         self.search.changed.connect(lambda _v: self.gene.reset_choices())
         self.cmap.changed.connect(self._recolour)
         self.paint_btn.clicked.connect(self.paint)
@@ -552,16 +550,7 @@ class ImputeWidget(Container):
         self.paint_btn.enabled = True
 
     def _draw_colorbar(self, label: str, cmap: str, vmin: float, vmax: float):
-        import matplotlib
-        from matplotlib.colorbar import ColorbarBase
-        from matplotlib.colors import Normalize
-
-        self.colorbar_fig.clear()
-        ax = self.colorbar_fig.add_axes([0.05, 0.42, 0.9, 0.22])
-        ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(vmin, vmax), orientation="horizontal")
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        self.colorbar.draw_idle()
+        draw_colorbar(self.colorbar_fig, self.colorbar, label, cmap, vmin, vmax)
 
 
 class ResultsWidget(Container):
@@ -583,10 +572,7 @@ class ResultsWidget(Container):
         self.fig_btn = PushButton(text="Save figure (.png)...")
         self.extend([self.run, self.cell_type, self.cmap, self.run_b, self.compare_btn, self.summary,
                      self.save_btn, self.csv_btn, self.fig_btn])
-        self.colorbar_fig = Figure(figsize=(3.2, 0.6))
-        self.colorbar = FigureCanvasQTAgg(self.colorbar_fig)
-        self.colorbar.setMinimumHeight(72)  # room for the title above the bar
-        self.native.layout().addWidget(self.colorbar)
+        self.colorbar_fig, self.colorbar = add_colorbar(self)
         self.impute = ImputeWidget(workbench)
         self.native.layout().addWidget(self.impute.native)
         self.run.changed.connect(self._on_run)
@@ -624,16 +610,7 @@ class ResultsWidget(Container):
         self._draw_colorbar(f"proportion of {self.cell_type.value}", self.cmap.value)
 
     def _draw_colorbar(self, label: str, cmap: str):
-        import matplotlib
-        from matplotlib.colorbar import ColorbarBase
-        from matplotlib.colors import Normalize
-
-        self.colorbar_fig.clear()
-        ax = self.colorbar_fig.add_axes([0.05, 0.42, 0.9, 0.22])
-        ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(0, 1), orientation="horizontal")
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        self.colorbar.draw_idle()
+        draw_colorbar(self.colorbar_fig, self.colorbar, label, cmap)
 
     def _on_compare(self):
         from .notify import notify_error

@@ -1,0 +1,31 @@
+"""The titled horizontal colorbar under a dock's controls (matplotlib on a Qt canvas), for every dock that
+colours the tissue by a value."""
+from __future__ import annotations
+
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+
+BAR_RECT = (0.05, 0.42, 0.9, 0.22)  # left, bottom, width, height in figure fractions: room for the title above
+
+
+def add_colorbar(container, min_height: int = 72) -> tuple[Figure, FigureCanvasQTAgg]:
+    """An empty colorbar figure and its canvas, appended to a magicgui container's layout."""
+    figure = Figure(figsize=(3.2, 0.6))
+    canvas = FigureCanvasQTAgg(figure)
+    canvas.setMinimumHeight(min_height)
+    container.native.layout().addWidget(canvas)
+    return figure, canvas
+
+
+def draw_colorbar(figure: Figure, canvas: FigureCanvasQTAgg, label: str, cmap: str, vmin: float = 0.0,
+                  vmax: float = 1.0, rect: tuple[float, float, float, float] = BAR_RECT):
+    import matplotlib
+    from matplotlib.colorbar import ColorbarBase
+    from matplotlib.colors import Normalize
+
+    figure.clear()
+    ax = figure.add_axes(list(rect))
+    ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(vmin, vmax), orientation="horizontal")
+    ax.set_title(label, fontsize=8)
+    ax.tick_params(labelsize=7)
+    canvas.draw_idle()
