@@ -5,26 +5,24 @@ from __future__ import annotations
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 
-BAR_RECT = (0.05, 0.42, 0.9, 0.22)  # left, bottom, width, height in figure fractions: room for the title above
 
-
-def add_colorbar(container, min_height: int = 72) -> tuple[Figure, FigureCanvasQTAgg]:
+def add_colorbar(container) -> tuple[Figure, FigureCanvasQTAgg]:
     """An empty colorbar figure and its canvas, appended to a magicgui container's layout."""
     figure = Figure(figsize=(3.2, 0.6))
     canvas = FigureCanvasQTAgg(figure)
-    canvas.setMinimumHeight(min_height)
+    canvas.setMinimumHeight(72)  # room for the title above the bar
     container.native.layout().addWidget(canvas)
     return figure, canvas
 
 
 def draw_colorbar(figure: Figure, canvas: FigureCanvasQTAgg, label: str, cmap: str, vmin: float = 0.0,
-                  vmax: float = 1.0, rect: tuple[float, float, float, float] = BAR_RECT):
+                  vmax: float = 1.0):
     import matplotlib
     from matplotlib.colorbar import ColorbarBase
     from matplotlib.colors import Normalize
 
     figure.clear()
-    ax = figure.add_axes(list(rect))
+    ax = figure.add_axes([0.05, 0.42, 0.9, 0.22])
     ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(vmin, vmax), orientation="horizontal")
     ax.set_title(label, fontsize=8)
     ax.tick_params(labelsize=7)

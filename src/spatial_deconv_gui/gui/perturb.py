@@ -409,7 +409,7 @@ class KnockoutWidget(Container):
                      self.run_btn, self.cancel_btn, self.progress, self.status, self.showing, self.show_gene,
                      self.arrow_length,
                      self.arrow_density, self.per_cell, self.compare_with, self.save_btn])
-        self.colorbar_fig, self.colorbar = add_colorbar(self, min_height=48)
+        self.colorbar_fig, self.colorbar = add_colorbar(self)
         self.summary = SummaryWidget()
         self.search.changed.connect(lambda _v: self.genes.reset_choices())
         self.run_btn.clicked.connect(self.run)
@@ -639,7 +639,7 @@ class KnockoutWidget(Container):
         self._draw_colorbar(f"Δ {gene}", vmax)
 
     def _draw_colorbar(self, label: str, vmax: float):
-        draw_colorbar(self.colorbar_fig, self.colorbar, label, "RdBu_r", -vmax, vmax, rect=(0.05, 0.55, 0.9, 0.3))
+        draw_colorbar(self.colorbar_fig, self.colorbar, label, "RdBu_r", -vmax, vmax)
 
     def _redraw_vectors(self, _v=None):
         run = self.current
