@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
 
+from spatial_deconv_gui.gui.layers import PLUGIN_KEY
 from spatial_deconv_gui.gui.views import colormap_rgba, compare_proportions, js_distance
 from spatial_deconv_gui.gui.workbench import workbench_for
 
@@ -162,7 +163,12 @@ def test_screenshot_after_run_shows_legend_and_coloured_spots(make_napari_viewer
     assert wb.legend.isVisible() and wb.legend.list.count() == len(rec.cell_types)
     legend_img = wb.legend.grab().toImage()
     assert legend_img.width() > 50 and legend_img.height() > 50
-    # the canvas shows the cell-type colours of the result
+    # the canvas shows the cell-type colours of the result (read unblended: the tissue image off, spots opaque)
+    for layer in viewer.layers:
+        if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "tissue_image":
+            layer.visible = False
+    assert rec.layers["dominant"].opacity < 1  # over the tissue, results let the stain show through
+    rec.layers["dominant"].opacity = 1.0
     canvas = viewer.screenshot(canvas_only=True, flash=False)[..., :3].reshape(-1, 3).astype(int)
     present = 0
     for t in set(rec.dominant):

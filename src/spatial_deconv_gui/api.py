@@ -15,6 +15,8 @@ from . import __version__
 from .engines.base import DeconvResult, ProgressCallback, RunControl
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
+from .io.slide import Slide, detect_format
+from .io.slide import read_slide as _read_slide
 from .io.write import known_colors, write_h5ad_atomic
 
 
@@ -27,6 +29,20 @@ class RunOutput:
 
 def _as_adata(obj) -> ad.AnnData:
     return obj if isinstance(obj, ad.AnnData) else read_h5ad(obj)
+
+
+def read_slide(path, **options) -> Slide:
+    """A slide from any format :mod:`.io.slide` reads (.h5ad, Space Ranger, Visium HD, Xenium, SpatialData)."""
+    return _read_slide(path, **options)
+
+
+def _slide_adata(obj, options: dict | None) -> ad.AnnData:
+    """The slide's AnnData with its small images kept in ``uns['spatial']``, so a saved result shows them too."""
+    if isinstance(obj, ad.AnnData):
+        return obj
+    if isinstance(obj, Slide):
+        return obj.adata
+    return _read_slide(obj, **(options or {})).adata
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -95,15 +111,17 @@ def run_deconvolution(
     progress: ProgressCallback | None = None,
     cancel_event: threading.Event | None = None,
     check: bool = True,
+    slide_options: dict | None = None,
 ) -> RunOutput:
     """Validate, run one engine and return a *copy* of the slide with the result in its slots.
 
     ``numi_column`` / ``reference_numi_column`` name the obs columns with each observation's total UMI (used
-    when present, else the row sums); ``None`` always uses row sums.
+    when present, else the row sums); ``None`` always uses row sums. ``spatial`` is an AnnData, a
+    :class:`Slide` or a path in any format :func:`read_slide` opens (``slide_options``: its table, bin_size).
     """
     info = get_method(method)
     runner, config_cls = info.load()
-    sdata, rdata = _as_adata(spatial), _as_adata(reference)
+    sdata, rdata = _slide_adata(spatial, slide_options), _as_adata(reference)
     params = dict(params or {})
     report = None
     if check:
@@ -132,13 +150,45 @@ def run_deconvolution(
     return RunOutput(out, result, report)
 
 
-def save_result(adata: ad.AnnData, path: str | os.PathLike, protect: tuple = ()) -> Path:
-    """Write atomically; refuses to overwrite any of the ``protect`` paths (the inputs)."""
+def check_output(path: str | os.PathLike, *inputs) -> Path:
+    """Refuse, before any work, an output that would overwrite an input or that cannot be written as asked."""
+    path = Path(path)
+    for p in inputs:
+        if p is None or isinstance(p, (ad.AnnData, Slide)):
+            continue
+        p = Path(p).resolve()
+        if p == path.resolve() or p in path.resolve().parents and path.suffix == ".zarr":
+            raise InputError(f"the output {path} is (inside) one of the inputs.",
+                             "choose another output path; inputs are never overwritten.", code="output_is_input")
+    if path.suffix == ".zarr":
+        source = inputs[0] if inputs else None
+        if isinstance(source, (ad.AnnData, Slide)) or source is None or detect_format(source) != "spatialdata":
+            raise InputError(f"a .zarr output ({path.name}) is written for a SpatialData .zarr input only.",
+                             "write an .h5ad (the default), or open the slide from its SpatialData .zarr.",
+                             code="zarr_output_needs_zarr_input")
+    elif path.suffix != ".h5ad":
+        raise InputError(f"the output {path.name} is neither an .h5ad nor a .zarr.", "name it OUT.h5ad (or OUT.zarr "
+                         "for a SpatialData input).", code="bad_output")
+    return path
+
+
+def save_result(adata: ad.AnnData, path: str | os.PathLike, protect: tuple = (), source=None,
+                table: str | None = None) -> Path:
+    """Write atomically; refuses to overwrite any of the ``protect`` paths (the inputs).
+
+    A ``.zarr`` path writes a new SpatialData object holding the elements of ``source`` (a SpatialData
+    ``.zarr``) with ``adata`` as its table; anything else is an ``.h5ad``.
+    """
     path = Path(path)
     for p in protect:
-        if p is not None and not isinstance(p, ad.AnnData) and Path(p).resolve() == path.resolve():
+        if p is not None and not isinstance(p, (ad.AnnData, Slide)) and Path(p).resolve() == path.resolve():
             raise InputError(f"the output {path} is one of the input files.",
                              "choose another output path; inputs are never overwritten.", code="output_is_input")
+    if path.suffix == ".zarr":
+        from .io.sdata import write_spatialdata_result
+
+        check_output(path, source, *protect)
+        return write_spatialdata_result(adata, source, path, table=table)
     return write_h5ad_atomic(adata, path)
 
 

@@ -23,14 +23,14 @@ def _base_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
 
     val = sub.add_parser("validate", help="check a slide and its reference; exit 2 when they cannot be used")
-    val.add_argument("spatial")
+    val.add_argument("spatial", help=SLIDE_HELP)
     val.add_argument("reference", nargs="?")
     _add_input_options(val)
     val.add_argument("--cell-min", type=int, default=25, help="minimum cells per reference type (default 25)")
     val.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="deconvolve a slide; method options follow --method (see --method M --help)")
-    run.add_argument("spatial")
+    run.add_argument("spatial", help=SLIDE_HELP)
     run.add_argument("reference")
     run.add_argument("--method", required=True, help="deconvolution method")
     _add_input_options(run)
@@ -38,7 +38,8 @@ def _base_parser() -> argparse.ArgumentParser:
                      help="spatial obs column with each spot's total UMI, used when present ('none': row sums)")
     run.add_argument("--ref-numi-col", default="nUMI",
                      help="reference obs column with each cell's total UMI, used when present ('none': row sums)")
-    run.add_argument("--output", "-o", help="result .h5ad (default: <spatial>_<method>.h5ad beside the input)")
+    run.add_argument("--output", "-o", help="result .h5ad (default: <slide>_<method>.h5ad beside the input), or, for "
+                                            "a SpatialData input, a new .zarr holding its elements and the result")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -54,7 +55,14 @@ def _base_parser() -> argparse.ArgumentParser:
     return p
 
 
+SLIDE_HELP = ("the slide: an .h5ad, a Space Ranger outs/ folder (Visium, Visium HD, or one "
+              "binned_outputs/square_NNNum/ folder), a Xenium output bundle, or a SpatialData .zarr")
+
+
 def _add_input_options(p: argparse.ArgumentParser):
+    from .perturb_cli import add_slide_options
+
+    add_slide_options(p)
     p.add_argument("--cell-type-col", default="cell_type", help="reference obs column with cell types")
     p.add_argument("--layer", default=None, help="spatial counts layer (default X)")
     p.add_argument("--reference-layer", default=None, help="reference counts layer (default X)")
@@ -142,9 +150,11 @@ def _cmd_info(args) -> int:
 
 def _cmd_validate(args) -> int:
     from .io.validate import validate
+    from .perturb_cli import slide_options
 
     report = validate(args.spatial, args.reference, cell_type_col=args.cell_type_col, layer=args.layer,
-                      reference_layer=args.reference_layer, coord_key=args.coords, min_cells_per_type=args.cell_min)
+                      reference_layer=args.reference_layer, coord_key=args.coords, min_cells_per_type=args.cell_min,
+                      slide_options=slide_options(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -155,13 +165,14 @@ def _cmd_validate(args) -> int:
 def _cmd_run(args, extra: list[str]) -> int:
     from . import api
     from .engines.registry import get_method
+    from .perturb_cli import slide_options
 
     info = get_method(args.method)
     _, config_cls = info.load()
     margs = method_parser(config_cls, args.method).parse_args(extra)
     params = {k: v for k, v in vars(margs).items() if v is not None}
-    out_path = Path(args.output) if args.output else Path(args.spatial).with_name(
-        f"{Path(args.spatial).stem}_{args.method}.h5ad")
+    out_path = Path(args.output) if args.output else default_output(Path(args.spatial), args.method)
+    api.check_output(out_path, args.spatial, args.reference)
     progress = _Progress(args.quiet)
     try:
         run = api.run_deconvolution(args.spatial, args.reference, args.method, params=params,
@@ -170,10 +181,11 @@ def _cmd_run(args, extra: list[str]) -> int:
                                     numi_column=None if args.numi_col.lower() == "none" else args.numi_col,
                                     reference_numi_column=None if args.ref_numi_col.lower() == "none"
                                     else args.ref_numi_col,
-                                    device=args.device, progress=progress)
+                                    device=args.device, progress=progress, slide_options=slide_options(args))
     finally:
         progress.close()
-    api.save_result(run.adata, out_path, protect=(args.spatial, args.reference))
+    api.save_result(run.adata, out_path, protect=(args.spatial, args.reference), source=args.spatial,
+                    table=args.table)
     key = run.result.key
     if args.csv:
         from .io.write import write_text_atomic
@@ -192,6 +204,15 @@ def _cmd_run(args, extra: list[str]) -> int:
         print(f"{summary['method']} ({summary['mode']}): {summary['n_fitted']}/{summary['n_spots']} spots fitted "
               f"in {summary['runtime_s']} s on {summary['device']}; wrote {out_path}", file=sys.stderr)
     return EXIT_OK
+
+
+def default_output(spatial: Path, method: str) -> Path:
+    """``<slide>_<method>.h5ad`` beside the input; a Space Ranger ``outs/`` is named after its run folder."""
+    spatial = spatial.resolve()
+    if spatial.is_dir():
+        named = spatial.parent if spatial.name == "outs" else spatial
+        return named.parent / f"{named.name.removesuffix('.zarr')}_{method}.h5ad"
+    return spatial.with_name(f"{spatial.stem}_{method}.h5ad")
 
 
 def _cmd_demo(args) -> int:

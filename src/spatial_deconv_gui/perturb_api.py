@@ -29,7 +29,8 @@ from .engines.perturb.perturb import (PerturbModel, PerturbStep, Propagator, ite
 from .engines.perturb.train import TrainConfig, train as _train
 from .engines.perturb.vectors import vector_field
 from .io.errors import InputError
-from .io.read import find_coordinates, read_h5ad
+from .io.read import find_coordinates
+from .io.slide import read_slide_adata
 
 IMPUTED_LAYERS = ("imputed_count", "imputed", "magic", "smoothed")
 
@@ -43,10 +44,8 @@ def _control(control: RunControl | None, progress: Callable | None) -> RunContro
     return RunControl(progress)
 
 
-def _adata(spatial) -> ad.AnnData:
-    if isinstance(spatial, ad.AnnData):
-        return spatial
-    return read_h5ad(spatial)
+def _adata(spatial, slide_options: dict | None = None) -> ad.AnnData:
+    return read_slide_adata(spatial, **(slide_options or {}))
 
 
 def _clusters(adata: ad.AnnData, cluster_col: str) -> np.ndarray:
@@ -122,8 +121,9 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
                 coord_key: str | None = None, targets=None, impute: bool = False, config: TrainConfig | None = None,
                 grn_columns: tuple | None = None, lr_columns: tuple | None = None, lr_resource: str | None = None,
                 tfl_columns: tuple | None = None, overwrite: bool = False, progress=None,
-                control: RunControl | None = None, **params) -> PerturbModel:
-    """Train the perturbation model of ``spatial`` (AnnData or .h5ad path) into the folder ``out``.
+                control: RunControl | None = None, slide_options: dict | None = None, **params) -> PerturbModel:
+    """Train the perturbation model of ``spatial`` (AnnData, or a slide in any format that
+    :func:`..io.slide.read_slide` opens, with ``slide_options``) into the folder ``out``.
 
     ``grn``/``lr``/``tfl`` are prior tables (paths or DataFrames). ``params`` override :class:`TrainConfig`
     fields (``radius``, ``contact_radius``, ``radius_rule``, ``l1_reg``, ...). ``radius_rule='pair'`` (default)
@@ -132,7 +132,7 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
     the same data and settings (finished genes are skipped). Returns the loaded model.
     """
     ctl = _control(control, progress)
-    adata = _adata(spatial)
+    adata = _adata(spatial, slide_options)
     cfg = config or TrainConfig()
     if params:
         unknown = set(params) - set(TrainConfig.__dataclass_fields__)

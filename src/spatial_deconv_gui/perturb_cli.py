@@ -18,7 +18,9 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="perturb_command", required=True)
 
     tr = sub.add_parser("train", help="train per-cluster TF / ligand models of each gene into MODEL_DIR")
-    tr.add_argument("spatial", help="spatial .h5ad (coordinates in obsm['spatial'] or --coords)")
+    tr.add_argument("spatial", help="slide: .h5ad (coordinates in obsm['spatial'] or --coords), Space Ranger / "
+                                    "Visium HD / Xenium folder, or SpatialData .zarr")
+    add_slide_options(tr)
     tr.add_argument("--grn", required=True, help="TF -> target table (parquet/CSV/TSV)")
     tr.add_argument("--lr", default=None, help="ligand-receptor table (CellChat / LIANA / SpaceTravLR style)")
     tr.add_argument("--tfl", default=None, help="optional ligand -> TF table (ligand, tf[, weight])")
@@ -59,6 +61,7 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
     rn.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
     rn.add_argument("--spatial", default=None, help="slide to copy the result onto (default: the model's data)")
+    add_slide_options(rn)
     rn.add_argument("--steps", type=int, default=4)
     rn.add_argument("--ligand-mode", choices=["auto", "exact", "grid"], default="exact")
     rn.add_argument("--embedding", default="spatial", help="'spatial' or an obsm key such as X_umap")
@@ -67,6 +70,21 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     rn.add_argument("--json", action="store_true")
     rn.add_argument("--quiet", "-q", action="store_true")
     return p
+
+
+def add_slide_options(p: argparse.ArgumentParser):
+    """How to read a slide that is not an .h5ad: which SpatialData table, which Visium HD bins."""
+    p.add_argument("--table", default=None, help="SpatialData .zarr: the table to use when it has several")
+    p.add_argument("--bin-size", type=int, default=8, help="Visium HD outs/ folder: bin size in µm (default 8)")
+
+
+def slide_options(args) -> dict:
+    options = {}
+    if getattr(args, "table", None):
+        options["table"] = args.table
+    if getattr(args, "bin_size", 8) != 8:
+        options["bin_size"] = args.bin_size
+    return options
 
 
 def _progress(quiet: bool):
@@ -102,7 +120,8 @@ def _cmd_train(args) -> int:
         coord_key=args.coords, targets=targets, impute=args.impute,
         grn_columns=(args.grn_tf_col, args.grn_target_col),
         lr_columns=(args.lr_ligand_col, args.lr_receptor_col, args.lr_annotation_col),
-        lr_resource=args.lr_resource, overwrite=args.overwrite, progress=_progress(args.quiet), **params)
+        lr_resource=args.lr_resource, overwrite=args.overwrite, progress=_progress(args.quiet),
+        slide_options=slide_options(args), **params)
     man = model.manifest
     summary = {"model_dir": str(args.out), "n_cells": man["n_cells"], "n_targets": len(man["targets"]),
                "n_orphans": len(man["orphans"]), "clusters": man["clusters"], "radius": man["radius"],
@@ -120,7 +139,7 @@ def _cmd_train(args) -> int:
 def _cmd_run(args) -> int:
     from . import perturb_api as api
     from .io.errors import InputError
-    from .io.read import read_h5ad
+    from .io.slide import read_slide_adata
     from .io.write import write_h5ad_atomic
 
     values = args.value if args.value else [0.0]
@@ -129,7 +148,7 @@ def _cmd_run(args) -> int:
     if len(values) != len(args.gene):
         raise InputError(f"{len(args.gene)} --gene but {len(values)} --value.", "give one value or one per gene.",
                          code="bad_perturbation")
-    adata = read_h5ad(args.spatial) if args.spatial else None
+    adata = read_slide_adata(args.spatial, **slide_options(args)) if args.spatial else None
     cells = None
     if args.cells:
         lines = _read_lines(args.cells)

@@ -148,3 +148,59 @@ def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tup
     )
     reference.uns["description"] = "simulated single-cell reference (spatial_deconv_gui.simulate)"
     return spatial, reference
+
+
+# Stain colours of a haematoxylin & eosin section as RGB in [0, 1]: glass, eosin (cytoplasm), haematoxylin
+# (nuclei). Each simulated type gets its own nuclear density so the domains show in the stain, as they do in
+# real tissue, and a map can be judged against the picture under it.
+_GLASS = np.array([0.96, 0.95, 0.96])
+_EOSIN = np.array([0.91, 0.62, 0.76])
+_HAEMATOXYLIN = np.array([0.36, 0.22, 0.56])
+
+
+def tissue_image(coords_um: np.ndarray, proportions: np.ndarray, um_per_px: float = 5.0, seed: int = 0,
+                 margin_um: float = 150.0) -> tuple[np.ndarray, tuple[float, float]]:
+    """A simulated H&E image (uint8 RGB) under spots at ``coords_um`` (x, y in µm) with per-spot type
+    ``proportions``; returns the image and the µm position (x, y) of its pixel (0, 0)'s centre."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(seed)
+    coords_um = np.asarray(coords_um, dtype=float)[:, :2]
+    lo = coords_um.min(axis=0) - margin_um
+    hi = coords_um.max(axis=0) + margin_um
+    w, h = (np.ceil((hi - lo) / um_per_px).astype(int) + 1)
+    xs, ys = np.meshgrid(lo[0] + np.arange(w) * um_per_px, lo[1] + np.arange(h) * um_per_px)
+    dist, nearest = cKDTree(coords_um).query(np.column_stack([xs.ravel(), ys.ravel()]))
+    n_types = proportions.shape[1]
+    nuclear_density = np.linspace(0.15, 0.65, n_types)[rng.permutation(n_types)]
+    density = (np.asarray(proportions) @ nuclear_density)[nearest].reshape(h, w)
+    # a ragged tissue edge about 80 µm beyond the outer spots
+    edge = gaussian_filter(rng.standard_normal((h, w)), 6) * 25.0
+    tissue = (dist.reshape(h, w) + edge) < 80.0
+    nuclei = gaussian_filter((rng.random((h, w)) < density * 0.25).astype(float), 0.8)
+    nuclei = np.clip(nuclei * 3.0, 0, 1)
+    fibres = 0.5 + 0.5 * gaussian_filter(rng.standard_normal((h, w)), 2.0) / 0.12
+    eosin = np.clip(0.55 + 0.25 * fibres, 0, 1)[..., None]
+    stain = _GLASS + eosin * (_EOSIN - _GLASS)
+    stain = stain + nuclei[..., None] * (_HAEMATOXYLIN - stain)
+    image = np.where(tissue[..., None], stain, _GLASS + rng.normal(0, 0.005, (h, w, 1)))
+    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), (float(lo[0]), float(lo[1]))
+
+
+def add_tissue_image(spatial: ad.AnnData, library_id: str = "sample", um_per_px: float = 5.0, seed: int = 0):
+    """Store a simulated H&E under ``spatial``'s spots in scanpy's ``uns['spatial']`` layout (in place).
+
+    scanpy's convention maps coordinates to an image pixel by ``coords * tissue_hires_scalef``, with the image
+    starting at coordinate 0, so the coordinates are shifted to put the image's first pixel there.
+    """
+    props = spatial.obsm["true_proportions"].to_numpy()
+    image, origin = tissue_image(spatial.obsm["spatial"], props, um_per_px=um_per_px, seed=seed)
+    spatial.obsm["spatial"] = np.asarray(spatial.obsm["spatial"], dtype=float) - np.asarray(origin)
+    spatial.uns["spatial"] = {library_id: {
+        "images": {"hires": image},
+        # one full-resolution "pixel" per µm, so obsm['spatial'] keeps its micrometres
+        "scalefactors": {"tissue_hires_scalef": 1.0 / um_per_px, "spot_diameter_fullres": 55.0,
+                         "microns_per_pixel": 1.0},
+        "metadata": {"source": "simulated H&E (spatial_deconv_gui.simulate.tissue_image)"},
+    }}
+    return spatial

@@ -11,9 +11,13 @@ from scipy.spatial import cKDTree
 from ..colors import cell_type_palette, palette_from_uns, rgba_for_labels
 from ..io.errors import InputError
 from ..io.read import find_coordinates
+from ..io.slide import MICRON, Slide, SlideImage
 from .raster import POINTS_LIMIT, choose_pitch, make_raster, paint, read_colours
 
 PLUGIN_KEY = "spatial_deconv_gui"
+# Spots and results over a tissue image let the stain show through; on a bare canvas they are opaque.
+OVERLAY_OPACITY = 0.75
+PINT_UNITS = {MICRON: "micrometer"}
 
 
 def napari_points(coords: np.ndarray) -> np.ndarray:
@@ -70,8 +74,33 @@ def default_colouring(adata: ad.AnnData, palettes: dict[str, dict[str, str]]) ->
     return None, matplotlib.colormaps["viridis"](norm).astype(np.float32)
 
 
+def layer_units(slide: Slide | None) -> dict:
+    unit = PINT_UNITS.get(slide.unit) if slide is not None else None
+    return {"units": (unit, unit)} if unit else {}
+
+
+def image_layer_data(image: SlideImage, slide: Slide, slide_name: str) -> tuple:
+    """A napari layer-data tuple for a tissue image, in the slide's world frame."""
+    kwargs = image.layer_kwargs()
+    data = kwargs.pop("data")
+    if image.channel_axis is None:
+        kwargs["name"] = f"{slide_name}: {image.name}"
+    kwargs.update(layer_units(slide), metadata={PLUGIN_KEY: {"kind": "tissue_image", "slide": slide_name}})
+    return data, kwargs, "image"
+
+
+def slide_layer_data(slide: Slide, name: str | None = None, coord_key: str | None = None,
+                     read_options: dict | None = None) -> list[tuple]:
+    """Layer-data tuples for a slide: its tissue images first (drawn beneath), then the spots."""
+    layer_name = name or (Path(slide.path).stem if slide.path else "slide")
+    spots = spatial_layer_data(slide.adata, path=slide.path, name=layer_name, coord_key=coord_key, slide=slide,
+                               read_options=read_options)
+    return [image_layer_data(im, slide, layer_name) for im in slide.images] + [spots]
+
+
 def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: str | None = None,
-                       coord_key: str | None = None) -> tuple[np.ndarray, dict, str]:
+                       coord_key: str | None = None, slide: Slide | None = None,
+                       read_options: dict | None = None) -> tuple[np.ndarray, dict, str]:
     """A napari layer-data tuple ``(data, kwargs, "points")`` for a slide; refuses references."""
     found = find_coordinates(adata, coord_key)
     if found is None:
@@ -84,9 +113,11 @@ def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: 
         raise InputError(f"{label} has no spot coordinates (obsm 'spatial', 'X_spatial', 'spatial_loc' or obs x/y).",
                          "store coordinates in obsm['spatial'].", code="missing_coordinates")
     coords, source = found
+    world = float(slide.world_per_coord) if slide is not None else 1.0
+    coords = coords * world
     palettes = categorical_palettes(adata)
     colour_col, rgba = default_colouring(adata, palettes)
-    size = spot_size(coords)
+    size = float(slide.spot_diameter) if slide is not None and slide.spot_diameter else spot_size(coords)
     meta = {
         "kind": "spatial",
         "adata_path": str(path) if path else None,
@@ -96,13 +127,22 @@ def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: 
         "palettes": palettes,
         "colour_column": colour_col,
         "spot_size": size,
+        "world_per_coord": world,
+        "unit": slide.unit if slide is not None else "",
+        "format": slide.format if slide is not None else "h5ad",
+        "has_image": bool(slide is not None and slide.images),
+        "read_options": dict(read_options or {}),
+        "notices": list(slide.notices) if slide is not None else [],
     }
     layer_name = name or (Path(path).stem if path else "slide")
+    extra = layer_units(slide)
+    if meta["has_image"]:
+        extra["opacity"] = OVERLAY_OPACITY
     if adata.n_obs > POINTS_LIMIT:
         yx = napari_points(coords)[:, -2:]
         raster = make_raster(yx, choose_pitch(yx, size), spacing=size)
         meta.update(raster=raster, coords_yx=napari_points(coords), features=features_table(adata))
-        kwargs = {"name": layer_name, "rgb": True, "metadata": {PLUGIN_KEY: meta}, **raster.layer_kwargs}
+        kwargs = {"name": layer_name, "rgb": True, "metadata": {PLUGIN_KEY: meta}, **raster.layer_kwargs, **extra}
         return paint(raster, rgba), kwargs, "image"
     kwargs = {
         "name": layer_name,
@@ -111,6 +151,7 @@ def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: 
         "face_color": rgba,
         "border_width": 0,
         "metadata": {PLUGIN_KEY: meta},
+        **extra,
     }
     return napari_points(coords), kwargs, "points"
 
@@ -121,14 +162,27 @@ def slide_coords_yx(layer) -> np.ndarray:
     return np.asarray(meta["coords_yx"]) if "coords_yx" in meta else np.asarray(layer.data)
 
 
+def overlay_kwargs(viewer) -> dict:
+    """Opacity and units for a layer drawn over a slide: see-through when a tissue image lies beneath."""
+    kwargs = {}
+    for layer in viewer.layers:
+        if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "tissue_image":
+            kwargs["opacity"] = OVERLAY_OPACITY
+            if getattr(layer, "units", None) is not None:
+                kwargs["units"] = tuple(layer.units)[-2:]
+            break
+    return kwargs
+
+
 def add_spot_layer(viewer, coords_yx: np.ndarray, size: float, rgba: np.ndarray, name: str, metadata: dict,
                    raster=None, features=None, visible: bool = True):
     """A layer with one colour per spot: Points normally, an RGBA image past the points limit."""
+    over = overlay_kwargs(viewer)
     if raster is not None:
         return viewer.add_image(paint(raster, rgba), name=name, rgb=True, visible=visible,
-                                metadata={**metadata, "raster": raster}, **raster.layer_kwargs)
+                                metadata={**metadata, "raster": raster}, **raster.layer_kwargs, **over)
     return viewer.add_points(coords_yx, name=name, size=size, border_width=0, face_color=rgba,
-                             features=features, visible=visible, metadata=metadata)
+                             features=features, visible=visible, metadata=metadata, **over)
 
 
 def spot_colors(layer) -> np.ndarray:

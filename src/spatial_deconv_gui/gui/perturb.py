@@ -63,13 +63,14 @@ def _file(value) -> str | None:
 
 
 def slide_adata(layer):
-    """The AnnData behind a slide layer, read from its file."""
-    from ..io.read import read_h5ad
+    """The AnnData behind a slide layer, read from its file or folder."""
+    from ..io.slide import read_slide_adata
 
-    path = layer.metadata.get(PLUGIN_KEY, {}).get("adata_path")
+    meta = layer.metadata.get(PLUGIN_KEY, {})
+    path = meta.get("adata_path")
     if not path:
-        raise ValueError(f"layer {layer.name!r} was not opened from an .h5ad file")
-    return read_h5ad(path)
+        raise ValueError(f"layer {layer.name!r} was not opened from a file")
+    return read_slide_adata(path, **meta.get("read_options", {}))
 
 
 def diverging_rgba(values: np.ndarray, vmax: float | None = None) -> tuple[np.ndarray, float]:
@@ -137,6 +138,15 @@ class PerturbState:
         self.model = None
         self.slide_layer = None
         self.runs: dict[str, Perturbation] = {}
+
+    @property
+    def world_per_coord(self) -> float:
+        meta = self.slide_layer.metadata.get(PLUGIN_KEY, {}) if self.slide_layer is not None else {}
+        return float(meta.get("world_per_coord", 1.0))
+
+    def cells_yx(self) -> np.ndarray:
+        """The model's cells in the slide's world frame (napari order), where the slide and its image lie."""
+        return np.asarray(self.model.coords, dtype=float)[:, :2][:, ::-1] * self.world_per_coord
 
 
 _STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -216,10 +226,14 @@ class TrainWidget(Container):
 
         meta = layer.metadata.get(PLUGIN_KEY, {})
         path = meta.get("adata_path")
-        if path:
+        if path and str(path).endswith(".h5ad"):  # only obs and layer names: no need to read the counts
             with h5py.File(path, "r") as f:
                 obs = ad.io.read_elem(f["obs"])
                 self._layers = ["X"] + (list(f["layers"].keys()) if "layers" in f else [])
+        elif path:
+            adata = slide_adata(layer)
+            obs, self._layers = adata.obs, ["X"] + list(adata.layers.keys())
+        if path:
             self._obs_columns = [c for c in obs.columns if not pd.api.types.is_float_dtype(obs[c])]
         from .workbench import workbench_for
 
@@ -472,7 +486,7 @@ class KnockoutWidget(Container):
             raise ValueError("draw a shape (lasso or polygon) on a Shapes layer first")
         from matplotlib.path import Path as MplPath
 
-        yx = np.asarray(model.coords)[:, :2][:, ::-1]
+        yx = self.state.cells_yx()
         inside = np.zeros(len(yx), dtype=bool)
         for poly in shapes.data:
             inside |= MplPath(np.asarray(poly)[:, -2:]).contains_points(yx)
@@ -550,7 +564,7 @@ class KnockoutWidget(Container):
     def _delta_layer(self, name: str):
         layer = getattr(self, "_stream_layer", None)
         if layer is None or layer not in self.viewer.layers:
-            coords = np.asarray(self.state.model.coords)[:, :2][:, ::-1]
+            coords = self.state.cells_yx()
             size = (self.state.slide_layer.metadata.get(PLUGIN_KEY, {}).get("spot_size", 10.0)
                     if self.state.slide_layer is not None else 10.0)
             layer = self.viewer.add_points(coords, name=name, size=size, border_width=0,
@@ -645,7 +659,7 @@ class KnockoutWidget(Container):
         run = self.current
         if run is None:
             return
-        pts = np.asarray(self.state.model.coords)[:, :2]
+        pts = self.state.cells_yx()[:, ::-1]
         cell_vec = np.asarray(run.adata.obsm["perturb_vectors"])
         # arrows scaled so the longest grid arrow spans about one grid cell, times the length slider
         if self.per_cell.value:
@@ -654,7 +668,8 @@ class KnockoutWidget(Container):
         else:
             uns = run.adata.uns["perturb"]
             if int(self.arrow_density.value) == int(uns["parameters"].get("n_grid", -1)):
-                data_pts, data_vec = np.asarray(uns["grid_points"]), np.asarray(uns["grid_vectors"])
+                data_pts = np.asarray(uns["grid_points"]) * self.state.world_per_coord
+                data_vec = np.asarray(uns["grid_vectors"])
             else:
                 data_pts, data_vec = regrid(pts, cell_vec, int(self.arrow_density.value))
             n_side = self.arrow_density.value
@@ -676,7 +691,7 @@ class KnockoutWidget(Container):
         name = f"{run.name} − {other.name}: Δ {gene}"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        coords = np.asarray(self.state.model.coords)[:, :2][:, ::-1]
+        coords = self.state.cells_yx()
         self.viewer.add_points(coords, name=name, size=run.layers["delta"].size, border_width=0, face_color=rgba,
                                metadata={PLUGIN_KEY: {"kind": "perturb_difference"}, "values": diff})
         self._draw_colorbar(f"difference of Δ {gene}", vmax)

@@ -190,6 +190,10 @@ class DeconvolutionWidget(Container):
         layer = self.slide.value
         return layer.metadata.get(PLUGIN_KEY, {}).get("adata_path") if layer is not None else None
 
+    def _slide_options(self) -> dict:
+        layer = self.slide.value
+        return dict(layer.metadata.get(PLUGIN_KEY, {}).get("read_options", {})) if layer is not None else {}
+
     def _show_problems(self, lines: list[str]):
         self.problems.value = "\n".join(lines)
 
@@ -214,13 +218,13 @@ class DeconvolutionWidget(Container):
         if not spatial or not reference:
             self._show_problems(["pick a slide layer opened from a file, and a reference .h5ad"])
             return None
-        return spatial, reference, self.cell_type_col.value or "cell_type"
+        return spatial, reference, self.cell_type_col.value or "cell_type", self._slide_options()
 
     @staticmethod
-    def _validate(spatial, reference, cell_type_col):
+    def _validate(spatial, reference, cell_type_col, slide_options=None):
         from ..io.validate import validate
 
-        return validate(spatial, reference, cell_type_col=cell_type_col)
+        return validate(spatial, reference, cell_type_col=cell_type_col, slide_options=slide_options)
 
     def _show_report(self, report):
         errors = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
@@ -245,6 +249,7 @@ class DeconvolutionWidget(Container):
         self._show_problems([])
         params = self.method_params()
         method, cell_type_col, device = self.method.value, self.cell_type_col.value, self.device.value
+        slide_options = self._slide_options()
         self._cancel_event = threading.Event()
         self._run_inputs = (spatial, reference)
         relay = self._relay
@@ -258,7 +263,7 @@ class DeconvolutionWidget(Container):
             numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS - 1))
             return api.run_deconvolution(spatial, reference, method, params=params, cell_type_col=cell_type_col,
                                          device=device, progress=relay.progressed.emit,
-                                         cancel_event=self._cancel_event, check=True)
+                                         cancel_event=self._cancel_event, check=True, slide_options=slide_options)
 
         # Handlers go in at creation: without an "errored" handler there, superqt re-raises in the event loop.
         worker = create_worker(job, _start_thread=False, _connect={

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from .errors import InputError
 from .read import counts_matrix, find_coordinates, read_h5ad
+from .slide import read_slide_adata
 
 MIN_SHARED_FRACTION = 0.10
 MIN_CELLS_PER_TYPE = 25
@@ -62,11 +63,12 @@ class ValidationReport:
             raise InputError(self.format(), code=first.code)
 
 
-def _load(obj, where: str, report: ValidationReport) -> ad.AnnData | None:
+def _load(obj, where: str, report: ValidationReport, slide: bool = False,
+          options: dict | None = None) -> ad.AnnData | None:
     if obj is None or isinstance(obj, ad.AnnData):
         return obj
     try:
-        return read_h5ad(obj)
+        return read_slide_adata(obj, **(options or {})) if slide else read_h5ad(obj)
     except InputError as exc:
         report.add(exc.code, where, exc.problem, exc.fix or "")
         return None
@@ -114,12 +116,14 @@ def validate(
     coord_key: str | None = None,
     min_cells_per_type: int = MIN_CELLS_PER_TYPE,
     min_shared_fraction: float = MIN_SHARED_FRACTION,
+    slide_options: dict | None = None,
 ) -> ValidationReport:
-    """Check a slide (AnnData or path) and optionally its reference; never modifies either."""
+    """Check a slide (AnnData, .h5ad, Space Ranger / Xenium folder, SpatialData .zarr) and optionally its
+    reference; never modifies either. ``slide_options`` go to :func:`..io.slide.read_slide` (table, bin_size)."""
     report = ValidationReport()
     sp_name = os.path.basename(str(spatial)) if not isinstance(spatial, ad.AnnData) else "spatial"
     ref_name = os.path.basename(str(reference)) if reference is not None and not isinstance(reference, ad.AnnData) else "reference"
-    sdata = _load(spatial, sp_name, report)
+    sdata = _load(spatial, sp_name, report, slide=True, options=slide_options)
     rdata = _load(reference, ref_name, report)
 
     if sdata is not None:

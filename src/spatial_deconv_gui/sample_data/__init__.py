@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..colors import cell_type_palette
-from ..simulate import SimulationConfig, simulate_dataset
+from ..simulate import SimulationConfig, add_tissue_image, simulate_dataset
 
 HERE = Path(__file__).parent
 SAMPLE_SPATIAL = HERE / "sample_spatial.h5ad"
@@ -22,6 +22,7 @@ SAMPLE_CONFIG = SimulationConfig(n_spots=1200, n_genes=300, n_types=6, cells_per
 
 def build_sample() -> tuple[ad.AnnData, ad.AnnData]:
     spatial, reference = simulate_dataset(SAMPLE_CONFIG)
+    add_tissue_image(spatial, library_id="sample", seed=SAMPLE_CONFIG.seed)
     types = list(reference.obs["cell_type"].cat.categories)
     palette = cell_type_palette(types)
     reference.uns["cell_type_colors"] = np.array([palette[t] for t in types], dtype=object)
@@ -29,7 +30,8 @@ def build_sample() -> tuple[ad.AnnData, ad.AnnData]:
         [palette[t] for t in spatial.obs["true_dominant_type"].cat.categories], dtype=object)
     spatial.uns["description"] = (
         "Simulated slide bundled with spatial-deconv-gui: 1200 Visium-like spots, 6 cell types in smooth "
-        "spatial domains, negative-binomial counts; the truth is in obsm['true_proportions'].")
+        "spatial domains, negative-binomial counts, a simulated H&E image under the spots (uns['spatial']); the "
+        "truth is in obsm['true_proportions'].")
     return spatial, reference
 
 
