@@ -177,10 +177,11 @@ def tissue_image(coords_um: np.ndarray, proportions: np.ndarray, um_per_px: floa
     # a ragged tissue edge about 80 µm beyond the outer spots
     edge = gaussian_filter(rng.standard_normal((h, w)), 6) * 25.0
     tissue = (dist.reshape(h, w) + edge) < 80.0
-    nuclei = gaussian_filter((rng.random((h, w)) < density * 0.25).astype(float), 0.8)
-    nuclei = np.clip(nuclei * 3.0, 0, 1)
-    fibres = 0.5 + 0.5 * gaussian_filter(rng.standard_normal((h, w)), 2.0) / 0.12
-    eosin = np.clip(0.55 + 0.25 * fibres, 0, 1)[..., None]
+    nuclei = gaussian_filter((rng.random((h, w)) < density * 0.07).astype(float), 0.7)
+    nuclei = np.clip(nuclei * 4.0, 0, 0.9)
+    fibres = gaussian_filter(rng.standard_normal((h, w)), 2.5)
+    fibres /= fibres.std() + 1e-12
+    eosin = np.clip(0.35 + 0.5 * density + 0.12 * fibres, 0.1, 1)[..., None]
     stain = _GLASS + eosin * (_EOSIN - _GLASS)
     stain = stain + nuclei[..., None] * (_HAEMATOXYLIN - stain)
     image = np.where(tissue[..., None], stain, _GLASS + rng.normal(0, 0.005, (h, w, 1)))

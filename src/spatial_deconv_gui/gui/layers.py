@@ -17,6 +17,7 @@ from .raster import POINTS_LIMIT, choose_pitch, make_raster, paint, read_colours
 PLUGIN_KEY = "spatial_deconv_gui"
 # Spots and results over a tissue image let the stain show through; on a bare canvas they are opaque.
 OVERLAY_OPACITY = 0.75
+SHAPES_LIMIT = 20_000
 PINT_UNITS = {MICRON: "micrometer"}
 
 
@@ -89,13 +90,32 @@ def image_layer_data(image: SlideImage, slide: Slide, slide_name: str) -> tuple:
     return data, kwargs, "image"
 
 
+def boundaries_layer_data(slide: Slide, slide_name: str) -> tuple | None:
+    """Cell outlines as a hidden Shapes layer (tick it to see them); None past what a Shapes layer draws smoothly."""
+    outlines = [b for b in (slide.boundaries or []) if len(b) >= 3]
+    if not outlines:
+        return None
+    if len(outlines) > SHAPES_LIMIT:
+        slide.notices.append(f"{len(outlines):,} cell outlines are more than a Shapes layer draws smoothly "
+                             f"({SHAPES_LIMIT:,}); the cells are shown as disks.")
+        return None
+    kwargs = {"name": f"{slide_name}: cell boundaries", "shape_type": "polygon", "edge_color": "#ffffff",
+              "face_color": "transparent", "edge_width": 0.3, "visible": False, **layer_units(slide),
+              "metadata": {PLUGIN_KEY: {"kind": "cell_boundaries", "slide": slide_name}}}
+    return outlines, kwargs, "shapes"
+
+
 def slide_layer_data(slide: Slide, name: str | None = None, coord_key: str | None = None,
                      read_options: dict | None = None) -> list[tuple]:
-    """Layer-data tuples for a slide: its tissue images first (drawn beneath), then the spots."""
+    """Layer-data tuples for a slide: its tissue images first (drawn beneath), then cell outlines, then the spots."""
     layer_name = name or (Path(slide.path).stem if slide.path else "slide")
-    spots = spatial_layer_data(slide.adata, path=slide.path, name=layer_name, coord_key=coord_key, slide=slide,
-                               read_options=read_options)
-    return [image_layer_data(im, slide, layer_name) for im in slide.images] + [spots]
+    layers = [image_layer_data(im, slide, layer_name) for im in slide.images]
+    outlines = boundaries_layer_data(slide, layer_name)
+    if outlines is not None:
+        layers.append(outlines)
+    layers.append(spatial_layer_data(slide.adata, path=slide.path, name=layer_name, coord_key=coord_key,
+                                     slide=slide, read_options=read_options))
+    return layers
 
 
 def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io.errors import InputError
 from ..io.slide import detect_format, read_slide
 from .layers import slide_layer_data
 from .notify import notify_info
@@ -27,13 +28,42 @@ def show_scale_bar():
         bar.visible = True
 
 
+def choose_table(path: Path, names: list[str]) -> str | None:
+    """Ask which table of a SpatialData store to open (None when the user cancels)."""
+    from qtpy.QtWidgets import QInputDialog
+
+    name, ok = QInputDialog.getItem(None, "Open SpatialData", f"{path.name} holds several tables; open which?",
+                                    names, 0, False)
+    return str(name) if ok else None
+
+
+def _table_names(path: Path) -> list[str]:
+    tables = path / "tables"
+    return sorted(p.name for p in tables.iterdir() if p.is_dir()) if tables.is_dir() else []
+
+
+def _read_one(path: Path):
+    options: dict = {"boundaries": True}
+    try:
+        slide = read_slide(path, **options)
+    except InputError as exc:
+        if exc.code != "several_tables":
+            raise
+        table = choose_table(path, _table_names(path))
+        if table is None:
+            raise
+        options["table"] = table
+        slide = read_slide(path, **options)
+    return slide, {k: v for k, v in options.items() if k == "table"}
+
+
 def read_spatial(path):
     paths = path if isinstance(path, list) else [path]
     layers = []
     for p in paths:
-        slide = read_slide(Path(p).resolve())
+        slide, read_options = _read_one(Path(p).resolve())
         for notice in slide.notices:
             notify_info(f"{Path(p).name}: {notice}")
-        layers.extend(slide_layer_data(slide))
+        layers.extend(slide_layer_data(slide, read_options=read_options))
     show_scale_bar()
     return layers

@@ -252,6 +252,7 @@ class DeconvolutionWidget(Container):
         slide_options = self._slide_options()
         self._cancel_event = threading.Event()
         self._run_inputs = (spatial, reference)
+        self._run_slide_options = slide_options
         relay = self._relay
 
         def job():
@@ -348,7 +349,8 @@ class DeconvolutionWidget(Container):
         meta = layer.metadata.get(PLUGIN_KEY, {})
         coords_xy = slide_coords_yx(layer)[:, ::-1]
         steps = workbench_for(self.viewer).add_run_steps(
-            run, coords_xy, meta.get("spot_size", 1.0), source={"inputs": getattr(self, "_run_inputs", ())},
+            run, coords_xy, meta.get("spot_size", 1.0), source={"inputs": getattr(self, "_run_inputs", ()),
+                                                           "slide_options": getattr(self, "_run_slide_options", {})},
             raster=meta.get("raster"))
 
         def finish():

@@ -302,9 +302,20 @@ class Workbench:
 
     # -- save ----------------------------------------------------------------------------------------
     def save_h5ad(self, rec: RunRecord, path) -> Path:
+        """An .h5ad, or for a slide opened from a SpatialData .zarr and a ``.zarr`` path, a new SpatialData store
+        with the slide's elements and the result as its table."""
         from .. import api
 
-        return api.save_result(rec.adata, path, protect=tuple(rec.source.get("inputs", ())))
+        inputs = tuple(rec.source.get("inputs", ()))
+        return api.save_result(rec.adata, path, protect=inputs, source=inputs[0] if inputs else None,
+                               table=rec.source.get("slide_options", {}).get("table"))
+
+    def result_suffix(self, rec: RunRecord) -> str:
+        """The save format that keeps the result where the user's data lives: .zarr for a SpatialData slide."""
+        from ..io.slide import detect_format
+
+        inputs = rec.source.get("inputs", ())
+        return ".zarr" if inputs and detect_format(inputs[0]) == "spatialdata" else ".h5ad"
 
     def export_csv(self, rec: RunRecord, path) -> Path:
         from ..io.write import write_text_atomic
@@ -567,7 +578,7 @@ class ResultsWidget(Container):
         self.run_b = ComboBox(label="compare with", choices=lambda _w: list(workbench.runs))
         self.compare_btn = PushButton(text="Compare")
         self.summary = Label(label="", value="")
-        self.save_btn = PushButton(text="Save result (.h5ad)...")
+        self.save_btn = PushButton(text="Save result (.h5ad / .zarr)...")
         self.csv_btn = PushButton(text="Export proportions (.csv)...")
         self.fig_btn = PushButton(text="Save figure (.png)...")
         self.extend([self.run, self.cell_type, self.cmap, self.run_b, self.compare_btn, self.summary,
@@ -579,7 +590,7 @@ class ResultsWidget(Container):
         self.cell_type.changed.connect(self._apply)
         self.cmap.changed.connect(self._apply)
         self.compare_btn.clicked.connect(self._on_compare)
-        self.save_btn.clicked.connect(lambda: self._ask_and(".h5ad", self.workbench.save_h5ad))
+        self.save_btn.clicked.connect(self._save_result)
         self.csv_btn.clicked.connect(lambda: self._ask_and(".csv", self.workbench.export_csv))
         self.fig_btn.clicked.connect(lambda: self._ask_and(".png", lambda _r, p: self.workbench.save_figure(p)))
 
@@ -628,6 +639,11 @@ class ResultsWidget(Container):
         self.summary.value = (f"{s['spots_compared']} spots: dominant type agrees on "
                               f"{100 * s['dominant_type_agreement']:.1f}%; median JS distance {s['median_js_distance']:.3f}")
         self._draw_colorbar("Jensen-Shannon distance", "magma")
+
+    def _save_result(self):
+        rec = self.workbench.runs.get(self.run.value)
+        if rec is not None:
+            self._ask_and(self.workbench.result_suffix(rec), self.workbench.save_h5ad)
 
     def _ask_and(self, suffix: str, action):
         from qtpy.QtWidgets import QFileDialog
