@@ -137,7 +137,9 @@ def test_round_trip(tmp_path, visium_adata, layout, matrix):
             table.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
                              "pxl_col_in_fullres"]
     assert len(table) == N_SPOTS + OUT_OF_TISSUE and int(table["in_tissue"].sum()) == N_SPOTS
-    assert list(table["barcode"]) != list(visium_adata.obs_names)[: len(table)]
+    listed = list(table.loc[table["in_tissue"] == 1, "barcode"])
+    assert sorted(listed) == sorted(visium_adata.obs_names) and listed != list(visium_adata.obs_names)
+    assert not set(table.loc[table["in_tissue"] == 0, "barcode"]) & set(adata.obs_names)
     table = table.set_index("barcode").loc[adata.obs_names]
     np.testing.assert_array_equal(adata.obs["array_row"], table["array_row"])
     np.testing.assert_array_equal(adata.obs["array_col"], table["array_col"])
@@ -202,6 +204,17 @@ def test_images_hires_shown_lowres_when_hires_is_missing(outs, factors, hires_im
     assert image.name == "lowres" and image.shape == (*lowres_shape, 3) and slide.notices == []
     assert image.scale == slide.world_per_coord / factors["tissue_lowres_scalef"]
     assert read_slide(outs, images=False).images == []
+
+
+def test_blank_hires_placeholder_falls_back_to_lowres(outs, factors):
+    from PIL import Image
+
+    hires = outs / "spatial" / IMAGE_FILES["hires"]
+    Image.fromarray(np.zeros((50, 40, 4), np.uint8) + np.uint8([0, 0, 0, 255])).save(hires)  # as in scanpy's 1.0.0 slide
+    slide = read_slide(outs)
+    [image] = slide.images
+    assert image.name == "lowres" and image.scale == slide.world_per_coord / factors["tissue_lowres_scalef"]
+    assert slide.notices == [f"{IMAGE_FILES['hires']} is blank (one colour); showing {IMAGE_FILES['lowres']}."]
 
 
 def _assert_spots_on_red(viewer, n_spots: int, size_um: float):
@@ -395,8 +408,9 @@ def test_truncated_png_opens_with_a_notice(outs, factors):
     lowres.write_bytes(lowres.read_bytes()[:100])
     slide = read_slide(outs)
     assert slide.images == [] and slide.adata.n_obs == N_SPOTS
-    assert len(slide.notices) == 3
-    assert any("tissue_lowres_image.png could not be read" in n for n in slide.notices)
+    assert len(slide.notices) == 2  # one per damaged file, no claim that the folder has no image
+    assert "tissue_hires_image.png could not be read" in slide.notices[0]
+    assert "tissue_lowres_image.png could not be read" in slide.notices[1]
 
 
 def test_visium_hd_bin_size_not_there(hd_outs):

@@ -43,7 +43,12 @@ def _find_positions(spatial: Path) -> Path | None:
 
 def looks_like_visium(path: Path) -> bool:
     outs = _outs(path)
-    return (outs / "spatial").is_dir() and _find_positions(outs / "spatial") is not None
+    spatial = outs / "spatial"
+    if not spatial.is_dir():
+        return False
+    # A spatial/ folder beside a count matrix is a Visium run even when its positions are missing, so that reading
+    # it names the missing file instead of calling the folder unknown.
+    return _find_positions(spatial) is not None or _find_matrix(outs) is not None
 
 
 def looks_like_visium_hd(path: Path) -> bool:
@@ -120,10 +125,15 @@ def _match_barcodes(matrix: ad.AnnData, positions: pd.DataFrame, matrix_file: Pa
     keep = held.isin(in_tissue)
     unknown = held[~held.isin(positions.index)]
     if not keep.any() or len(unknown):
+        # Examples from the unmatched side of each, so the user sees how the two spell their barcodes.
+        matrix_example = unknown[0] if len(unknown) else (held[0] if len(held) else "-")
+        unmatched = in_tissue[~in_tissue.isin(held)]
+        positions_example = (unmatched[0] if len(unmatched) else
+                             positions.index[0] if len(positions) else "-")
         raise InputError(
-            f"the barcodes of {matrix_file.name} ({len(held):,}, e.g. {held[0] if len(held) else '-'}) and of "
+            f"the barcodes of {matrix_file.name} ({len(held):,}, e.g. {matrix_example}) and of "
             f"{positions_file.name} ({len(positions):,}, {len(in_tissue):,} in tissue, e.g. "
-            f"{positions.index[0] if len(positions) else '-'}) do not match: {len(unknown):,} barcodes of the matrix "
+            f"{positions_example}) do not match: {len(unknown):,} barcodes of the matrix "
             "have no position.", "use the matrix and the spatial/ folder of the same Space Ranger run.",
             code="barcode_mismatch")
     return np.flatnonzero(keep)
@@ -134,10 +144,12 @@ def _images(folders: list[Path], scalefactors: dict, um_per_px: float, notices: 
     arrays: dict[str, np.ndarray] = {}
     if not load:
         return arrays, []
+    found = False
     for res, name in IMAGE_FILES.items():
         hits = [h for folder in folders if folder.is_dir() for h in sorted(folder.glob(f"*{name}"))]
         if not hits:
             continue
+        found = True
         try:
             arrays[res] = read_png(hits[0])
         except Exception as exc:  # PIL raises several kinds for a damaged PNG
@@ -145,11 +157,19 @@ def _images(folders: list[Path], scalefactors: dict, um_per_px: float, notices: 
     shown = []
     for res in ("hires", "lowres"):
         factor = scalefactors.get(f"tissue_{res}_scalef")
-        if res in arrays and factor:
-            shown.append(SlideImage(name=res, levels=[arrays[res]], scale=um_per_px / float(factor),
-                                    rgb=arrays[res].ndim == 3))
-            break
-    if not arrays:
+        if res not in arrays:
+            continue
+        if not factor:
+            notices.append(f"{IMAGE_FILES[res]} is not shown: the scale factors give no tissue_{res}_scalef.")
+            continue
+        if res == "hires" and "lowres" in arrays and np.ptp(arrays[res]) == 0 < np.ptp(arrays["lowres"]):
+            # some published folders carry a blank placeholder in place of the hires image
+            notices.append(f"{IMAGE_FILES[res]} is blank (one colour); showing {IMAGE_FILES['lowres']}.")
+            continue
+        shown.append(SlideImage(name=res, levels=[arrays[res]], scale=um_per_px / float(factor),
+                                rgb=arrays[res].ndim == 3))
+        break
+    if not found:  # a damaged PNG has its own notice above
         notices.append(f"no tissue image in {folders[0]} ({', '.join(IMAGE_FILES.values())}); opened without an "
                        "image.")
     return arrays, shown
@@ -385,9 +405,9 @@ def write_visium_folder(adata: ad.AnnData, folder, layout: str = "2.x", matrix: 
     ``matrix``: "h5" (``filtered_feature_bc_matrix.h5``) or "mex" (the gzipped ``filtered_feature_bc_matrix/``).
     ``out_of_tissue`` extra spots (``in_tissue`` 0, not in the matrix) are listed in the positions, which come
     in another order than the matrix, as in Space Ranger's own files.
-    ``scalefactors`` override :func:`visium_scalefactors`; ``image``: an RGB uint8 array at hires scale, written
-    as the hires PNG and, downsampled, the lowres one. With neither given, those of ``adata.uns['spatial']`` (one
-    library, scanpy's layout) are used when present.
+    ``scalefactors`` override :func:`visium_scalefactors` (and those of ``adata.uns['spatial']``, scanpy's layout,
+    when it holds one library); ``image``: an RGB uint8 array at hires scale (default: that library's hires image),
+    written as the hires PNG and, downsampled, the lowres one.
     """
     folder = Path(folder)
     coords = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
