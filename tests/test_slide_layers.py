@@ -107,3 +107,19 @@ def test_knockout_layers_use_the_slide_world_frame(cells):
     state.model = SimpleNamespace(coords=cells.obsm["spatial"])
     state.slide_layer = SimpleNamespace(metadata={PLUGIN_KEY: {"world_per_coord": 0.25}})
     np.testing.assert_allclose(state.cells_yx(), cells.obsm["spatial"][:, ::-1] * 0.25)
+
+
+def test_a_big_single_level_image_is_drawn_from_a_lazy_pyramid():
+    import dask.array as da
+
+    from spatial_deconv_gui.io.slide import SlideImage
+
+    big = da.zeros((9000, 3000, 3), dtype=np.uint8, chunks=(1024, 1024, 3))
+    kwargs = SlideImage("he", [big], scale=0.5).layer_kwargs()
+    assert kwargs["multiscale"] and [lv.shape for lv in kwargs["data"]] == [
+        (9000, 3000, 3), (4500, 1500, 3), (2250, 750, 3), (1125, 375, 3), (563, 188, 3)]
+    assert kwargs["scale"] == (0.5, 0.5)  # level 0's pixel size; napari derives the others from the shapes
+    stains = SlideImage("dapi", [np.zeros((2, 10000, 200), np.uint16)], rgb=False, channel_axis=0)
+    assert [lv.shape for lv in stains.display_levels()][:2] == [(2, 10000, 200), (2, 5000, 100)]
+    small = SlideImage("hires", [np.zeros((2000, 2000, 3), np.uint8)])
+    assert small.layer_kwargs()["multiscale"] is False and small.layer_kwargs()["data"] is small.levels[0]

@@ -39,7 +39,7 @@ class SlideImage:
     rgb: bool = True
     channel_axis: int | None = None  # for multichannel stains (Xenium morphology focus)
     channel_names: list[str] | None = None
-    contrast_limits: tuple[float, float] | None = None
+    contrast_limits: tuple[float, float] | list[tuple[float, float]] | None = None  # a pair per channel with channel_axis
 
     @property
     def multiscale(self) -> bool:
@@ -49,11 +49,33 @@ class SlideImage:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.levels[0].shape)
 
+    @property
+    def yx_shape(self) -> tuple[int, int]:
+        """Rows and columns of level 0, whichever axis holds the channels."""
+        shape = [n for a, n in enumerate(self.shape) if a != self.channel_axis]
+        return shape[0], shape[1]
+
+    def display_levels(self) -> list[Any]:
+        """The pyramid napari draws: a single level above :data:`LAZY_IMAGE_PX` on a side gets lazy halvings
+        (strided views, nothing read), so the canvas never asks for the whole image at once."""
+        axes = [a for a in range(self.levels[0].ndim) if a != self.channel_axis][:2]
+        if self.multiscale or max(self.levels[0].shape[a] for a in axes) <= LAZY_IMAGE_PX:
+            return list(self.levels)
+        import dask.array as da
+
+        base = self.levels[0]
+        levels = [base if isinstance(base, da.Array) else da.from_array(base, chunks="auto")]
+        halve = tuple(slice(None, None, 2) if a in axes else slice(None) for a in range(base.ndim))
+        while max(levels[-1].shape[a] for a in axes) > 1024:
+            levels.append(levels[-1][halve])
+        return levels
+
     def layer_kwargs(self) -> dict:
         """Keyword arguments for ``viewer.add_image`` (data included)."""
+        levels = self.display_levels()
         kwargs: dict[str, Any] = {
-            "data": self.levels if self.multiscale else self.levels[0],
-            "multiscale": self.multiscale,
+            "data": levels if len(levels) > 1 else levels[0],
+            "multiscale": len(levels) > 1,
             "scale": (self.scale, self.scale),
             "translate": tuple(float(t) for t in self.translate),
             "name": self.name,
@@ -96,7 +118,7 @@ class Slide:
     def description(self) -> str:
         parts = [f"{self.format}", f"{self.adata.n_obs:,} spots x {self.adata.n_vars:,} genes"]
         if self.images:
-            parts.append("images: " + ", ".join(f"{im.name} {im.shape[0]}x{im.shape[1]}" for im in self.images))
+            parts.append("images: " + ", ".join(f"{im.name} {'x'.join(map(str, im.yx_shape))}" for im in self.images))
         else:
             parts.append("no image")
         parts.append(f"unit {self.unit}")
