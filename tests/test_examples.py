@@ -58,3 +58,15 @@ def test_knockout_example(tmp_path):
     assert sum(g.startswith("Gene") for g in moved) >= 3  # and its targets follow
     ko = ad.read_h5ad(tmp_path / "ko.h5ad")
     assert ko.obsm["perturb_vectors"].shape == (ko.n_obs, 2)
+
+
+def test_the_version_is_written_once():
+    import importlib.metadata
+
+    import spatial_deconv_gui
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert importlib.metadata.version("spatial-deconv-gui") == spatial_deconv_gui.__version__
