@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: sets everything up on first use, then runs the job.
 #   bash scripts/dev.sh demo [--headless OUTDIR]   the GUI with the bundled sample slide
 #   bash scripts/dev.sh test [pytest args]         the whole test suite
+#   bash scripts/dev.sh lint                       ruff: lint and format check
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
@@ -46,6 +47,9 @@ case "$cmd" in
         exec "$venv/bin/spatial-deconv" demo "$@" ;;
     test)
         exec "$venv/bin/python" -m pytest "$@" ;;
+    lint)
+        "$venv/bin/ruff" check src tests benchmarks examples scripts
+        exec "$venv/bin/ruff" format --check src tests benchmarks examples scripts ;;
     *)
         exec "$venv/bin/$cmd" "$@" ;;
 esac
