@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import types
-import typing
 from pathlib import Path
 
+from . import keys
 from .engines.base import Cancelled
+from .engines.options import add_config_flags, given_options
 from .io.errors import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -34,9 +33,9 @@ def _base_parser() -> argparse.ArgumentParser:
     run.add_argument("reference")
     run.add_argument("--method", required=True, help="deconvolution method")
     _add_input_options(run)
-    run.add_argument("--numi-col", default="nUMI",
+    run.add_argument("--numi-col", default=keys.NUMI,
                      help="spatial obs column with each spot's total UMI, used when present ('none': row sums)")
-    run.add_argument("--ref-numi-col", default="nUMI",
+    run.add_argument("--ref-numi-col", default=keys.NUMI,
                      help="reference obs column with each cell's total UMI, used when present ('none': row sums)")
     run.add_argument("--output", "-o", help="result .h5ad (default: <slide>_<method>.h5ad beside the input), or, for "
                                             "a SpatialData input, a new .zarr holding its elements and the result")
@@ -63,44 +62,17 @@ def _add_input_options(p: argparse.ArgumentParser):
     from .perturb_cli import add_slide_options
 
     add_slide_options(p)
-    p.add_argument("--cell-type-col", default="cell_type", help="reference obs column with cell types")
+    p.add_argument("--cell-type-col", default=keys.CELL_TYPE, help="reference obs column with cell types")
     p.add_argument("--layer", default=None, help="spatial counts layer (default X)")
     p.add_argument("--reference-layer", default=None, help="reference counts layer (default X)")
     p.add_argument("--coords", default=None, help="obsm key or 'xcol,ycol' obs columns with coordinates")
 
 
-def _field_type(f: dataclasses.Field, hints: dict):
-    """(python type, choices) for a config field a flag can express; (None, None) for structured ones."""
-    t = hints.get(f.name, str)
-    if typing.get_origin(t) in (typing.Union, types.UnionType):
-        non_none = [a for a in typing.get_args(t) if a is not type(None)]
-        if len(non_none) != 1:
-            return None, None
-        t = non_none[0]
-    if typing.get_origin(t) is typing.Literal:
-        return str, [str(a) for a in typing.get_args(t)]
-    if t in (bool, int, float, str):
-        return t, None
-    return None, None
-
-
 def method_parser(config_cls, method: str) -> argparse.ArgumentParser:
     """Flags generated from the method's typed config: ``umi_min`` becomes ``--umi-min``."""
     p = argparse.ArgumentParser(prog=f"spatial-deconv run ... --method {method}", add_help=True)
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        if f.name == "device" or f.name.startswith("_"):
-            continue
-        ftype, choices = _field_type(f, hints)
-        if ftype is None:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        flag = "--" + f.name.replace("_", "-")
-        helptext = (f.metadata or {}).get("help", "") + f" (default {default})"
-        if ftype is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        else:
-            p.add_argument(flag, dest=f.name, type=ftype, choices=choices, default=None, help=helptext)
+    # the device is a flag of `run` itself, shared by every method
+    add_config_flags(p, config_cls, skip=("device",))
     return p
 
 
@@ -170,7 +142,7 @@ def _cmd_run(args, extra: list[str]) -> int:
     info = get_method(args.method)
     _, config_cls = info.load()
     margs = method_parser(config_cls, args.method).parse_args(extra)
-    params = {k: v for k, v in vars(margs).items() if v is not None}
+    params = given_options(margs, config_cls, skip=("device",))
     out_path = Path(args.output) if args.output else default_output(Path(args.spatial), args.method)
     api.check_output(out_path, args.spatial, args.reference)
     progress = _Progress(args.quiet)
@@ -190,13 +162,13 @@ def _cmd_run(args, extra: list[str]) -> int:
     if args.csv:
         from .io.write import write_text_atomic
 
-        write_text_atomic(run.adata.obsm[f"{key}_proportions"].to_csv(), args.csv)
+        write_text_atomic(run.adata.obsm[keys.proportions(key)].to_csv(), args.csv)
     summary = {
         "method": run.result.method, "mode": run.result.mode, "output": str(out_path),
         "n_spots": int(run.adata.n_obs), "n_fitted": int(run.result.fitted.sum()),
         "cell_types": list(run.result.cell_types), "device": run.result.device,
         "runtime_s": round(run.result.runtime_s, 3),
-        "dominant_type_counts": run.adata.obs[f"{key}_dominant_type"].value_counts().to_dict(),
+        "dominant_type_counts": run.adata.obs[keys.dominant_type(key)].value_counts().to_dict(),
     }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

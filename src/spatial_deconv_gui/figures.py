@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anndata as ad
 
+from . import keys
 from .colors import FILTERED_LABEL, cell_type_palette, palette_from_uns
 from .io.read import find_coordinates
 from .io.write import atomic_path
@@ -19,12 +20,12 @@ def result_figure(adata: ad.AnnData, key: str, path: str | os.PathLike, dpi: int
     import matplotlib.pyplot as plt
 
     coords = find_coordinates(adata)[0]
-    col = f"{key}_dominant_type"
+    col = keys.dominant_type(key)
     types = [str(t) for t in adata.obs[col].cat.categories if t != FILTERED_LABEL]
-    pal = cell_type_palette(types + [FILTERED_LABEL], palette_from_uns(types, adata.uns.get("cell_type_colors")))
+    pal = cell_type_palette(types + [FILTERED_LABEL], palette_from_uns(types, adata.uns.get(keys.CELL_TYPE_COLORS)))
     panels = [(col, f"{key}: dominant cell type")]
-    if "true_dominant_type" in adata.obs:
-        panels.append(("true_dominant_type", "truth (simulated)"))
+    if keys.TRUE_DOMINANT_TYPE in adata.obs:
+        panels.append((keys.TRUE_DOMINANT_TYPE, "truth (simulated)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 5.2), squeeze=False)
     size = max(2.0, 40000.0 / max(adata.n_obs, 1))
     for ax, (column, title) in zip(axes[0], panels):

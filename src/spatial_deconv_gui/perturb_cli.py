@@ -6,9 +6,14 @@ Hooked into :mod:`spatial_deconv_gui.cli` with ``add_perturb_parser(sub)`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from . import keys
+from .engines.options import add_config_flags, given_options
+from .engines.perturb.config import PerturbRunConfig, TrainConfig
 
 EXIT_OK = 0
 
@@ -18,8 +23,8 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="perturb_command", required=True)
 
     tr = sub.add_parser("train", help="train per-cluster TF / ligand models of each gene into MODEL_DIR")
-    tr.add_argument("spatial", help="slide: .h5ad (coordinates in obsm['spatial'] or --coords), Space Ranger / "
-                                    "Visium HD / Xenium folder, or SpatialData .zarr")
+    tr.add_argument("spatial", help=f"slide: .h5ad (coordinates in obsm['{keys.SPATIAL}'] or --coords), Space "
+                                    "Ranger / Visium HD / Xenium folder, or SpatialData .zarr")
     add_slide_options(tr)
     tr.add_argument("--grn", required=True, help="TF -> target table (parquet/CSV/TSV)")
     tr.add_argument("--lr", default=None, help="ligand-receptor table (CellChat / LIANA / SpaceTravLR style)")
@@ -36,17 +41,8 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--lr-receptor-col", default=None)
     tr.add_argument("--lr-annotation-col", default=None)
     tr.add_argument("--lr-resource", default=None, help="keep only this LIANA resource (e.g. mouseconsensus)")
-    tr.add_argument("--radius", type=float, default=None, help="secreted radius (default 5x median NN distance)")
-    tr.add_argument("--contact-radius", type=float, default=None, help="contact radius (default radius/4)")
-    tr.add_argument("--radius-rule", choices=["pair", "ligand"], default=None,
-                    help="radius of received ligands: 'pair' (default: each ligand-receptor pair at its own "
-                         "secreted / contact radius) or 'ligand' (SpaceTravLR: the ligand's first pair decides)")
-    tr.add_argument("--scale-factor", type=float, default=1.0)
-    tr.add_argument("--l1-reg", type=float, default=None)
-    tr.add_argument("--group-reg", type=float, default=None)
-    tr.add_argument("--r2-threshold", type=float, default=None)
-    tr.add_argument("--ligand-mode", choices=["auto", "exact", "grid"], default="auto")
-    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    # --radius, --l1-reg, --ligand-mode, --device...: one flag per TrainConfig field
+    add_config_flags(tr, TrainConfig)
     tr.add_argument("--overwrite", action="store_true", help="replace a model trained on other data/settings")
     tr.add_argument("--json", action="store_true")
     tr.add_argument("--quiet", "-q", action="store_true")
@@ -62,11 +58,9 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     rn.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
     rn.add_argument("--spatial", default=None, help="slide to copy the result onto (default: the model's data)")
     add_slide_options(rn)
-    rn.add_argument("--steps", type=int, default=4)
-    rn.add_argument("--ligand-mode", choices=["auto", "exact", "grid"], default="exact")
-    rn.add_argument("--embedding", default="spatial", help="'spatial' or an obsm key such as X_umap")
     rn.add_argument("--output", "-o", required=True)
-    rn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    # --steps, --ligand-mode, --embedding, --device...: one flag per PerturbRunConfig field
+    add_config_flags(rn, PerturbRunConfig)
     rn.add_argument("--json", action="store_true")
     rn.add_argument("--quiet", "-q", action="store_true")
     return p
@@ -111,9 +105,7 @@ def _read_lines(path) -> list[str]:
 def _cmd_train(args) -> int:
     from . import perturb_api as api
 
-    params = {k: getattr(args, k) for k in ("radius", "contact_radius", "scale_factor", "l1_reg", "group_reg",
-                                            "r2_threshold", "ligand_mode", "device", "radius_rule")
-              if getattr(args, k, None) is not None}
+    params = given_options(args, TrainConfig)
     targets = _read_lines(args.targets) if args.targets else None
     model = api.train_model(
         args.spatial, args.grn, args.lr, args.cluster_col, args.out, tfl=args.tfl, layer=args.layer,
@@ -158,16 +150,18 @@ def _cmd_run(args) -> int:
         if src and Path(src).resolve() == out_path.resolve():
             raise InputError("the output would overwrite the input slide.", "choose another --output.",
                              code="output_is_input")
+    run_options = {**dataclasses.asdict(PerturbRunConfig()), **given_options(args, PerturbRunConfig)}
+    device = run_options.pop("device")
     res = api.run_perturbation(args.model_dir, args.gene, values, cells=cells, cell_type=args.cell_type,
-                               cell_type_col=args.cell_type_col, steps=args.steps, ligand_mode=args.ligand_mode,
-                               embedding=args.embedding, adata=adata,
-                               device=None if args.device == "auto" else args.device,
-                               progress=_progress(args.quiet))
+                               cell_type_col=args.cell_type_col, adata=adata,
+                               device=None if device == "auto" else device,
+                               progress=_progress(args.quiet), **run_options)
     write_h5ad_atomic(res, out_path)
-    u = res.uns["perturb"]
+    u = res.uns[keys.PERTURB]
+    delta = res.layers[keys.PERTURB_DELTA]
     summary = {"output": str(out_path), "genes": u["genes"], "values": u["values"], "scope": u["scope"],
                "steps": u["steps"], "runtime_s": u["runtime_s"],
-               "max_abs_delta": float(abs(res.layers["perturb_delta"]).max()) if res.layers["perturb_delta"].nnz else 0.0}
+               "max_abs_delta": float(abs(delta).max()) if delta.nnz else 0.0}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     elif not args.quiet:

@@ -17,6 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.ndimage import gaussian_filter
 
+from . import keys
+
 DEFAULT_TYPE_NAMES = (
     "Astrocyte", "Endothelial", "Excitatory", "Inhibitory", "Microglia",
     "Oligodendrocyte", "OPC", "Pericyte", "Fibroblast", "Ependymal",
@@ -120,12 +122,12 @@ def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tup
     barcodes = [f"spot{i:06d}" for i in range(cfg.n_spots)]
     spatial = ad.AnnData(
         X=sp.csr_matrix(counts),
-        obs=pd.DataFrame({"true_n_cells": n_cells, "nUMI": counts.sum(axis=1)}, index=barcodes),
+        obs=pd.DataFrame({"true_n_cells": n_cells, keys.NUMI: counts.sum(axis=1)}, index=barcodes),
         var=pd.DataFrame(index=genes),
     )
-    spatial.obsm["spatial"] = coords
-    spatial.obsm["true_proportions"] = pd.DataFrame(true_props, index=barcodes, columns=types)
-    spatial.obs["true_dominant_type"] = pd.Categorical(
+    spatial.obsm[keys.SPATIAL] = coords
+    spatial.obsm[keys.TRUE_PROPORTIONS] = pd.DataFrame(true_props, index=barcodes, columns=types)
+    spatial.obs[keys.TRUE_DOMINANT_TYPE] = pd.Categorical(
         np.array(types)[true_props.argmax(axis=1)], categories=types
     )
     spatial.uns["description"] = "simulated slide (spatial_deconv_gui.simulate)"
@@ -139,8 +141,8 @@ def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tup
         X=sp.csr_matrix(ref_counts),
         obs=pd.DataFrame(
             {
-                "cell_type": pd.Categorical(np.array(types)[ref_types], categories=types),
-                "nUMI": ref_counts.sum(axis=1),
+                keys.CELL_TYPE: pd.Categorical(np.array(types)[ref_types], categories=types),
+                keys.NUMI: ref_counts.sum(axis=1),
             },
             index=cell_names,
         ),
@@ -194,10 +196,10 @@ def add_tissue_image(spatial: ad.AnnData, library_id: str = "sample", um_per_px:
     scanpy's convention maps coordinates to an image pixel by ``coords * tissue_hires_scalef``, with the image
     starting at coordinate 0, so the coordinates are shifted to put the image's first pixel there.
     """
-    props = spatial.obsm["true_proportions"].to_numpy()
-    image, origin = tissue_image(spatial.obsm["spatial"], props, um_per_px=um_per_px, seed=seed)
-    spatial.obsm["spatial"] = np.asarray(spatial.obsm["spatial"], dtype=float) - np.asarray(origin)
-    spatial.uns["spatial"] = {library_id: {
+    props = spatial.obsm[keys.TRUE_PROPORTIONS].to_numpy()
+    image, origin = tissue_image(spatial.obsm[keys.SPATIAL], props, um_per_px=um_per_px, seed=seed)
+    spatial.obsm[keys.SPATIAL] = np.asarray(spatial.obsm[keys.SPATIAL], dtype=float) - np.asarray(origin)
+    spatial.uns[keys.SPATIAL_LIBRARIES] = {library_id: {
         "images": {"hires": image},
         # one full-resolution "pixel" per µm, so obsm['spatial'] keeps its micrometres
         "scalefactors": {"tissue_hires_scalef": 1.0 / um_per_px, "spot_diameter_fullres": 55.0,

@@ -22,14 +22,6 @@ HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 Z05 = 1.6448536269514722  # standard normal 95% quantile
 
 
-def resolve_torch_device(device: str) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def inv_softplus(x: float) -> float:
     return float(x + math.log(-math.expm1(-x)))
 

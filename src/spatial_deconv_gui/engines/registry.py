@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..io.errors import InputError
+from .options import field_help
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,18 @@ class MethodInfo:
     runner: str
     config: str
     modes: tuple[str, ...] = ()
-    # The options the GUI shows (the rest stay at their defaults), with their tooltips.
-    gui_params: tuple[tuple[str, str], ...] = ()
+    # The config fields the GUI shows (the rest stay at their defaults); their tooltips are the fields' help.
+    gui_options: tuple[str, ...] = ()
 
     def load(self):
         mod = importlib.import_module(self.module)
         return getattr(mod, self.runner), getattr(mod, self.config)
+
+    @property
+    def gui_params(self) -> tuple[tuple[str, str], ...]:
+        """(field name, tooltip) of each option the GUI shows, the tooltip being the config field's help."""
+        _, config_cls = self.load()
+        return tuple((name, _sentence(field_help(config_cls, name))) for name in self.gui_options)
 
     @property
     def installed(self) -> bool:
@@ -44,44 +51,24 @@ def _importable(module: str, attr: str) -> bool:
 _ALL = (
     MethodInfo("rctd", "rctd", "Robust Cell Type Decomposition (spacexr's algorithm): full, doublet, multi",
                "spatial_deconv_gui.engines.rctd", "run_rctd", "RCTDConfig", ("full", "doublet", "multi"),
-               gui_params=(
-                   ("umi_min", "Spots with fewer total UMI are not fitted (spacexr UMI_min, default 100)."),
-                   ("cell_min", "Reference cell types with fewer cells are dropped (spacexr CELL_MIN_INSTANCE, 25)."),
-                   ("confidence_threshold", "Doublet mode: score gap for a confident call (default 5)."),
-                   ("doublet_threshold", "Doublet mode: score gap above which a spot is a doublet (default 20)."),
-                   ("max_multi_types", "Multi mode: most cell types per spot (default 4)."),
-                   ("dtype", "float64 matches spacexr exactly; float32 is faster on GPUs."),
-                   ("batch_size", "Spots solved together; 0 picks a size from free memory."),
-               )),
+               gui_options=("umi_min", "cell_min", "confidence_threshold", "doublet_threshold", "max_multi_types",
+                            "dtype", "batch_size")),
     MethodInfo("flash", "flash", "FlashDeconv's sketched, graph-regularised NNLS with spatial smoothing (fast, large slides)",
                "spatial_deconv_gui.engines.flash", "run_flash", "FlashConfig",
-               gui_params=(
-                   ("lambda_spatial", "Spatial smoothing strength: 'auto' (FlashDeconv's rule) or a number >= 0."),
-                   ("rho_sparsity", "L1 penalty pushing small proportions to zero (fraction of the signature scale)."),
-                   ("k_neighbors", "Neighbours per spot in the spatial kNN graph (default 6)."),
-                   ("preprocess", "Transform of counts before fitting: log-CPM (default), Pearson residuals or raw."),
-                   ("gene_weighting", "Leverage weighting: deterministic expected weights or a seeded CountSketch."),
-               )),
+               gui_options=("lambda_spatial", "rho_sparsity", "k_neighbors", "preprocess", "gene_weighting")),
     MethodInfo("c2l", "c2l", "cell2location's Bayesian model: cell abundances per spot (variational inference in torch)",
                "spatial_deconv_gui.engines.c2l", "run_c2l", "C2LConfig",
-               gui_params=(
-                   ("n_cells_per_location", "Expected cells per spot, from histology (cell2location's N_cells_per_location)."),
-                   ("detection_alpha", "Detection prior: 20 lets sensitivity vary within a slide, 200 keeps it constant."),
-                   ("max_epochs", "Spatial model epochs (cell2location default 30,000); the map streams as it trains."),
-                   ("signatures", "Reference signatures: NB regression (the package's) or per-type means (quick)."),
-                   ("reference_batch_col", "Reference obs column naming each cell's batch (sample, chemistry): the "
-                                           "regression then fits per-batch detection and background. None: one batch."),
-               )),
+               gui_options=("n_cells_per_location", "detection_alpha", "max_epochs", "signatures",
+                            "reference_batch_col")),
     MethodInfo("destvi", "destvi", "DestVI: cell-type proportions plus continuous cell states per spot (torch)",
                "spatial_deconv_gui.engines.destvi", "run_destvi", "DestVIConfig",
-               gui_params=(
-                   ("sc_epochs", "Epochs of the single-cell (CondSCVI) model."),
-                   ("max_epochs", "Epochs of the spatial model."),
-                   ("n_latent", "Size of the cell-state latent space gamma."),
-                   ("seed", "Random seed. With few reference cells per type the proportions change with it (scvi-tools' "
-                            "too): run two seeds and compare them in the Results dock."),
-               )),
+               gui_options=("sc_epochs", "max_epochs", "n_latent", "seed")),
 )
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".") if text else text
 
 
 def available_methods() -> dict[str, MethodInfo]:

@@ -6,6 +6,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from .. import keys
 from .read import read_h5ad
 from .slide import MICRON, Slide, SlideImage
 from .spaceranger import microns_per_pixel
@@ -13,7 +14,7 @@ from .spaceranger import microns_per_pixel
 
 def spatial_library(adata: ad.AnnData) -> tuple[str | None, dict, list[str]]:
     """The library of ``uns['spatial']`` that the spots belong to, its entry, and notices for the user."""
-    libraries = adata.uns.get("spatial")
+    libraries = adata.uns.get(keys.SPATIAL_LIBRARIES)
     if not isinstance(libraries, dict) or not libraries:
         return None, {}, []
     names = [k for k, v in libraries.items() if isinstance(v, dict)]

@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .. import keys
 from .errors import InputError
 from .inputs import ReferenceInput, SpatialInput
 
-COORD_OBSM_KEYS = ("spatial", "X_spatial", "spatial_loc")
+COORD_OBSM_KEYS = (keys.SPATIAL, "X_spatial", "spatial_loc")
 COORD_OBS_PAIRS = (("x", "y"), ("X", "Y"), ("x_coord", "y_coord"), ("array_col", "array_row"), ("imagecol", "imagerow"))
-NUMI_COLUMN = "nUMI"
+NUMI_COLUMN = keys.NUMI
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -120,7 +121,7 @@ def spatial_input(adata: ad.AnnData, layer: str | None = None, coord_key: str | 
                         n_umi=n_umi(adata, counts, numi_column))
 
 
-def reference_input(adata: ad.AnnData, cell_type_col: str = "cell_type", layer: str | None = None,
+def reference_input(adata: ad.AnnData, cell_type_col: str = keys.CELL_TYPE, layer: str | None = None,
                     numi_column: str | None = NUMI_COLUMN) -> ReferenceInput:
     if cell_type_col not in adata.obs:
         raise InputError(f"the reference has no obs column {cell_type_col!r}.",

@@ -30,6 +30,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .. import keys
 from .errors import InputError
 from .slide import MICRON, VISIUM_SPOT_UM, Slide, SlideImage
 
@@ -364,7 +365,7 @@ def read_spatialdata(path: str | os.PathLike, table: str | None = None, images: 
         world_per_coord = 1.0
     else:
         linear = world_per_coord = scale
-    adata.obsm["spatial"] = xy
+    adata.obsm[keys.SPATIAL] = xy
     spot_diameter = float(2 * np.median(radius) * linear) if radius is not None and len(radius) else None
 
     slide_images: list[SlideImage] = []
@@ -536,14 +537,14 @@ def write_spatialdata_fixture(adata: ad.AnnData, out_path: str | os.PathLike, im
     from spatialdata.transformations import Identity, Scale
 
     out_path = Path(out_path)
-    if "spatial" not in adata.obsm:
+    if keys.SPATIAL not in adata.obsm:
         raise InputError("the AnnData has no obsm['spatial'] to place the spots.", "add (x, y) per spot.",
                          code="no_coordinates")
 
     def to_global(factor: float, axes: tuple[str, str]):
         return Identity() if factor == 1 else Scale([factor, factor], axes=axes)
 
-    coords = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+    coords = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
     ids = np.arange(adata.n_obs)
     shapes = ShapesModel.parse(coords, geometry=0, radius=np.full(adata.n_obs, float(spot_radius)), index=ids,
                                transformations={"global": to_global(world_per_coord, ("x", "y"))})

@@ -19,6 +19,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
+from .. import keys
 from .errors import InputError
 
 FORMATS = ("h5ad", "visium", "visium_hd", "xenium", "spatialdata")
@@ -111,7 +112,7 @@ class Slide:
     def world_yx(self, coords: np.ndarray | None = None) -> np.ndarray:
         """Spot positions in world (y, x) order, napari's."""
         if coords is None:
-            coords = np.asarray(self.adata.obsm["spatial"], dtype=float)
+            coords = np.asarray(self.adata.obsm[keys.SPATIAL], dtype=float)
         coords = np.asarray(coords, dtype=float)[:, :2]
         return coords[:, ::-1] * self.world_per_coord
 

@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .. import keys
 from .errors import InputError
 from .slide import MICRON, VISIUM_SPOT_UM, Slide, SlideImage
 from .tenx import read_10x_h5, read_10x_mex
@@ -200,7 +201,7 @@ def _read_space_ranger(outs: Path, library_id: str, images: bool, fmt: str,
     pos = positions.loc[adata.obs_names]
     for col in ("in_tissue", "array_row", "array_col"):
         adata.obs[col] = pos[col].to_numpy().astype(np.int64)
-    adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
+    adata.obsm[keys.SPATIAL] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float)
 
     notices: list[str] = []
     um = microns_per_pixel(scalefactors)
@@ -209,7 +210,7 @@ def _read_space_ranger(outs: Path, library_id: str, images: bool, fmt: str,
         um, unit = 1.0, "px"
         notices.append(f"{scale_hits[0].name} gives no pixel size; coordinates are in full-resolution pixels.")
     arrays, shown = _images([spatial, *image_folders], scalefactors, um, notices, images)
-    adata.uns["spatial"] = {library_id: {
+    adata.uns[keys.SPATIAL_LIBRARIES] = {library_id: {
         "images": arrays,
         "scalefactors": {k: v for k, v in scalefactors.items() if isinstance(v, (int, float))},
         "metadata": {"source": str(outs), "format": fmt},
@@ -387,7 +388,7 @@ def _write_images(image: np.ndarray, folders: list[Path], hires_scalef: float, l
 
 def _uns_library(adata: ad.AnnData) -> dict:
     """The one library of scanpy's ``uns['spatial']``, or {} when there is none (or several)."""
-    libraries = adata.uns.get("spatial")
+    libraries = adata.uns.get(keys.SPATIAL_LIBRARIES)
     if not isinstance(libraries, dict):
         return {}
     entries = [v for v in libraries.values() if isinstance(v, dict)]
@@ -410,7 +411,7 @@ def write_visium_folder(adata: ad.AnnData, folder, layout: str = "2.x", matrix: 
     written as the hires PNG and, downsampled, the lowres one.
     """
     folder = Path(folder)
-    coords = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+    coords = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
     library = _uns_library(adata)
     if image is None:
         image = (library.get("images") or {}).get("hires")
@@ -466,7 +467,7 @@ def write_visium_hd_folder(adata_by_bin: dict[int, ad.AnnData], outs_folder, ima
     if image is not None and hires_scalef is None:
         raise ValueError("give hires_scalef with the image: its pixel size is not implied")
     outs = Path(outs_folder)
-    extent = max(float(np.asarray(a.obsm["spatial"], dtype=float)[:, :2].max()) + size / microns_per_pixel
+    extent = max(float(np.asarray(a.obsm[keys.SPATIAL], dtype=float)[:, :2].max()) + size / microns_per_pixel
                  for size, a in adata_by_bin.items())
     hires = float(hires_scalef) if hires_scalef is not None else HIRES_SIDE_PX / extent
     lowres = float(lowres_scalef) if lowres_scalef is not None else hires * LOWRES_SIDE_PX / HIRES_SIDE_PX
@@ -476,7 +477,7 @@ def write_visium_hd_folder(adata_by_bin: dict[int, ad.AnnData], outs_folder, ima
         spatial = folder / "spatial"
         spatial.mkdir(parents=True, exist_ok=True)
         _write_matrix(adata, folder, matrix)
-        xy = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2]
+        xy = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
         bin_px = size / microns_per_pixel
         table = pd.DataFrame({
             "barcode": [str(b) for b in adata.obs_names], "in_tissue": np.ones(adata.n_obs, np.int64),

@@ -12,6 +12,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from .. import keys
 from .errors import InputError
 from .read import counts_matrix, find_coordinates, read_h5ad
 from .slide import read_slide_adata
@@ -110,7 +111,7 @@ def validate(
     spatial,
     reference=None,
     *,
-    cell_type_col: str = "cell_type",
+    cell_type_col: str = keys.CELL_TYPE,
     layer: str | None = None,
     reference_layer: str | None = None,
     coord_key: str | None = None,

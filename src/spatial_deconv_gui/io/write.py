@@ -11,8 +11,12 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns
+from .. import keys
+from ..colors import FILTERED_COLOR, FILTERED_LABEL, cell_type_palette, palette_from_uns
 from typing import TYPE_CHECKING
+
+# uns: a categorical column's categories in colour order (keys.CELL_TYPE_NAMES for the cell-type column)
+NAMES_SUFFIX = "_names"
 
 if TYPE_CHECKING:  # io stays upstream of engines: results are duck-typed here
     from ..engines.base import DeconvResult
@@ -36,19 +40,19 @@ def h5_safe(value):
     return str(value)
 
 
-def known_colors(*adatas: ad.AnnData, column: str = "cell_type") -> dict[str, str]:
+def known_colors(*adatas: ad.AnnData, column: str = keys.CELL_TYPE) -> dict[str, str]:
     """Colours the user already chose: ``uns['cell_type_colors']`` aligned with ``obs['cell_type']``."""
     out: dict[str, str] = {}
     for a in adatas:
         if a is None:
             continue
-        colors = a.uns.get(f"{column}_colors")
+        colors = a.uns.get(keys.colors(column))
         if colors is None:
             continue
         if column in a.obs and hasattr(a.obs[column], "cat"):
             cats = list(map(str, a.obs[column].cat.categories))
-        elif f"{column}_names" in a.uns:
-            cats = list(map(str, a.uns[f"{column}_names"]))
+        elif f"{column}{NAMES_SUFFIX}" in a.uns:
+            cats = list(map(str, a.uns[f"{column}{NAMES_SUFFIX}"]))
         else:
             continue
         out.update(palette_from_uns(cats, colors))
@@ -64,11 +68,11 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
     types = [str(t) for t in result.cell_types]
     props = np.asarray(result.proportions, dtype=float)
     fitted = ~np.isnan(props).any(axis=1)
-    out.obsm[f"{key}_proportions"] = pd.DataFrame(props, index=out.obs_names, columns=types)
+    out.obsm[keys.proportions(key)] = pd.DataFrame(props, index=out.obs_names, columns=types)
     dominant = np.full(adata.n_obs, FILTERED_LABEL, dtype=object)
     if fitted.any():
         dominant[fitted] = np.asarray(types, dtype=object)[np.argmax(props[fitted], axis=1)]
-    out.obs[f"{key}_dominant_type"] = pd.Categorical(dominant, categories=types + [FILTERED_LABEL])
+    out.obs[keys.dominant_type(key)] = pd.Categorical(dominant, categories=types + [FILTERED_LABEL])
 
     for name, value in result.obs.items():
         out.obs[name] = value.to_numpy() if isinstance(value, pd.Series) else value
@@ -76,7 +80,7 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
         if isinstance(value, pd.DataFrame):
             value = value.set_axis(out.obs_names, axis=0)
         out.obsm[name] = value
-    out.uns[key] = h5_safe({
+    out.uns[keys.run_info(key)] = h5_safe({
         "method": result.method,
         "mode": result.mode,
         "parameters": result.params,
@@ -91,9 +95,9 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
         out.uns[name] = h5_safe(value)
 
     palette = cell_type_palette(types, {**known_colors(adata), **(colors or {})})
-    out.uns["cell_type_names"] = types
-    out.uns["cell_type_colors"] = [palette[t] for t in types]
-    out.uns[f"{key}_dominant_type_colors"] = [palette[t] for t in types] + ["#808080"]
+    out.uns[keys.CELL_TYPE_NAMES] = types
+    out.uns[keys.CELL_TYPE_COLORS] = [palette[t] for t in types]
+    out.uns[keys.colors(keys.dominant_type(key))] = [palette[t] for t in types] + [FILTERED_COLOR]
     return out
 
 

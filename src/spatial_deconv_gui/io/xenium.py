@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import keys
 from .errors import InputError
 from .slide import MICRON, Slide, SlideImage
 
@@ -201,7 +202,7 @@ def _attach_cells(adata, cells: pd.DataFrame, cells_name: str, matrix_name: str,
             notices.append(f"{cells_name} lists {len(table_ids) - len(matrix_ids):,} cells that {matrix_name} has no "
                            f"counts for; they are left out.")
         cells = cells.iloc[rows]
-    adata.obsm["spatial"] = cells[[CELL_X, CELL_Y]].to_numpy(dtype=np.float64)
+    adata.obsm[keys.SPATIAL] = cells[[CELL_X, CELL_Y]].to_numpy(dtype=np.float64)
     obs = cells.drop(columns=[CELL_ID, CELL_X, CELL_Y])
     obs.index = pd.Index(matrix_ids, name=None)
     adata.obs = obs
@@ -510,7 +511,7 @@ def write_xenium_bundle(adata, folder: str | os.PathLike, pixel_size: float = DE
     counts = counts.astype(np.int32)
     n_cells, n_genes = counts.shape
     cell_ids = np.asarray(adata.obs_names, dtype=str)
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    xy = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)[:, :2]
     rng = np.random.default_rng(0)
 
     control_names = ["NegControlProbe_00042", "NegControlProbe_00062", "NegControlCodeword_0500"]

@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .. import keys
 from ..colors import cell_type_palette
 from ..simulate import SimulationConfig, add_tissue_image, simulate_dataset
 
@@ -23,11 +24,11 @@ SAMPLE_CONFIG = SimulationConfig(n_spots=1200, n_genes=300, n_types=6, cells_per
 def build_sample() -> tuple[ad.AnnData, ad.AnnData]:
     spatial, reference = simulate_dataset(SAMPLE_CONFIG)
     add_tissue_image(spatial, library_id="sample", seed=SAMPLE_CONFIG.seed)
-    types = list(reference.obs["cell_type"].cat.categories)
+    types = list(reference.obs[keys.CELL_TYPE].cat.categories)
     palette = cell_type_palette(types)
-    reference.uns["cell_type_colors"] = np.array([palette[t] for t in types], dtype=object)
-    spatial.uns["true_dominant_type_colors"] = np.array(
-        [palette[t] for t in spatial.obs["true_dominant_type"].cat.categories], dtype=object)
+    reference.uns[keys.CELL_TYPE_COLORS] = np.array([palette[t] for t in types], dtype=object)
+    spatial.uns[keys.colors(keys.TRUE_DOMINANT_TYPE)] = np.array(
+        [palette[t] for t in spatial.obs[keys.TRUE_DOMINANT_TYPE].cat.categories], dtype=object)
     spatial.uns["description"] = (
         "Simulated slide bundled with spatial-deconv-gui: 1200 Visium-like spots, 6 cell types in smooth "
         "spatial domains, negative-binomial counts, a simulated H&E image under the spots (uns['spatial']); the "
@@ -67,8 +68,8 @@ def grn_sample_paths(folder: Path | None = None) -> dict[str, Path]:
     if not all(p.exists() for p in paths.values()):
         adata = simulate_grn_tissue()
         written = write_simulated_priors(adata, folder)
-        sim = adata.uns["perturb_sim"]
-        adata.uns["perturb_sim"] = {k: v for k, v in sim.items() if not isinstance(v, pd.DataFrame)}
+        sim = adata.uns[keys.PERTURB_SIM]
+        adata.uns[keys.PERTURB_SIM] = {k: v for k, v in sim.items() if not isinstance(v, pd.DataFrame)}
         adata.uns["description"] = ("Simulated tissue bundled with spatial-deconv-gui: 1500 cells, 60 genes, a known "
                                     "sparse GRN with ligand signalling; priors in the CSV files beside it.")
         write_h5ad_atomic(adata, paths["spatial"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
+from ..options import DEVICE_HELP
+
 SIGNATURES = ("regression", "means")
 
 
@@ -27,7 +29,7 @@ class C2LConfig:
     n_cells_per_location: float = field(default=8.0, metadata={"help": "expected cells per spot, from histology (cell2location N_cells_per_location)"})
     detection_alpha: float = field(default=20.0, metadata={"help": "prior strength of per-spot detection: 20 lets it vary within a slide, 200 keeps it near constant"})
     n_groups: int = field(default=50, metadata={"help": "groups of co-located cell types in the abundance prior (cell2location n_groups)"})
-    max_epochs: int = field(default=30000, metadata={"help": "spatial model epochs (cell2location default 30000)"})
+    max_epochs: int = field(default=30000, metadata={"help": "spatial model epochs (cell2location default 30000); the map streams as it trains"})
     lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the spatial model"})
     # reference signatures (RegressionModel)
     signatures: Literal["regression", "means"] = field(default="regression", metadata={"help": "regression: NB regression over the reference; means: per-type mean counts (quick)"})
@@ -44,7 +46,7 @@ class C2LConfig:
     report_every: int = field(default=500, metadata={"help": "stream the current abundance map every this many epochs"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     n_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"})
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,9 +12,16 @@ import torch
 
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
-from ..bayes import CountData, resolve_torch_device
+from ..bayes import CountData
+from ..devices import torch_device
 from .config import C2LConfig, batch_column, check_config
 from .model import ReferenceRegression, SpatialModel, SpatialPriors, default_reference_epochs, detection_mean_for
+
+KEY = "c2l"
+# cell2location's own slots, beyond keys.py's common ones
+ABUNDANCES = f"{KEY}_abundances"  # obsm: posterior mean cell abundance per spot and type
+ABUNDANCES_Q05 = f"{KEY}_abundances_q05"  # obsm: its 5 % quantile
+TRAINING = f"{KEY}_training"  # uns: loss curves, timings, genes, signatures
 
 
 def filter_genes(counts: sp.spmatrix, cell_count_cutoff: float = 15, cell_percentage_cutoff2: float = 0.05,
@@ -61,10 +68,6 @@ def select_genes(spatial: SpatialInput, reference: ReferenceInput, config: C2LCo
     s_cols = np.array(shared)
     r_cols = np.array([ref_pos[s_genes[i]] for i in shared])
     return s_cols, r_cols, s_genes[s_cols], int(keep_ref.sum())
-
-
-def _resolve_device(device: str) -> torch.device:
-    return resolve_torch_device(device)
 
 
 class MinibatchCounts:
@@ -276,7 +279,7 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
          control: RunControl | None, reference_batches: np.ndarray | None = None) -> DeconvResult:
     t_start = time.perf_counter()
     control = control or RunControl()
-    device = _resolve_device(config.device)
+    device = torch_device(config.device)
     torch.manual_seed(config.seed)
 
     # ---- genes ---------------------------------------------------------------------------------------
@@ -331,13 +334,13 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
     params.update(device=str(device), detection_mean=float(det_mean), n_genes=int(len(genes)),
                   reference_epochs_run=int(epochs_ref))
     return DeconvResult(
-        key="c2l", method="cell2location", mode=None, cell_types=list(types), proportions=props,
+        key=KEY, method="cell2location", mode=None, cell_types=list(types), proportions=props,
         params=params, device=str(device), runtime_s=time.perf_counter() - t_start,
         obsm={
-            "c2l_abundances": pd.DataFrame(abundances, index=barcodes, columns=list(types)),
-            "c2l_abundances_q05": pd.DataFrame(q05, index=barcodes, columns=list(types)),
+            ABUNDANCES: pd.DataFrame(abundances, index=barcodes, columns=list(types)),
+            ABUNDANCES_Q05: pd.DataFrame(q05, index=barcodes, columns=list(types)),
         },
-        uns={"c2l_training": {
+        uns={TRAINING: {
             "loss": history.astype(np.float64),
             "reference_loss": ref_history.astype(np.float64),
             "loss_definition": "negative ELBO per epoch (full batch, summed over spots and genes)",

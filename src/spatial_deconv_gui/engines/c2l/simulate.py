@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ... import keys
+
 
 @dataclass(frozen=True)
 class BatchedReferenceTruth:
@@ -80,9 +82,9 @@ def simulate_batched_reference(n_genes: int = 300, n_types: int = 6, n_batches: 
     genes = [f"Gene{g:04d}" for g in range(G)]
     adata = ad.AnnData(
         X=sp.csr_matrix(counts),
-        obs=pd.DataFrame({"cell_type": pd.Categorical(np.array(types)[lab], categories=types),
+        obs=pd.DataFrame({keys.CELL_TYPE: pd.Categorical(np.array(types)[lab], categories=types),
                           "batch": pd.Categorical(np.array(batch_names)[bat], categories=batch_names),
-                          "nUMI": counts.sum(1)}, index=names),
+                          keys.NUMI: counts.sum(1)}, index=names),
         var=pd.DataFrame(index=genes),
     )
     adata.uns["description"] = "simulated multi-batch single-cell reference (engines.c2l.simulate)"

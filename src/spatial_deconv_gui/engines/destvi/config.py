@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
+from ..options import DEVICE_HELP
+
 
 @dataclass(frozen=True)
 class DestVIConfig:
@@ -35,9 +37,9 @@ class DestVIConfig:
     reconst_weight: float = field(default=3.0, metadata={"help": "weight of the reconstruction term"})
     # execution
     report_every: int = field(default=100, metadata={"help": "stream the current proportions every this many epochs"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    seed: int = field(default=0, metadata={"help": "random seed; with few reference cells per type the proportions change with it (scvi-tools' too): run two seeds and compare them in the Results dock"})
     n_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"})
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,9 +12,20 @@ import torch
 
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
-from ..bayes import resolve_torch_device
+from ..devices import torch_device
 from .config import DestVIConfig, check_config
 from .model import CondVAE, FCStack, SpatialDeconv, vamp_prior
+
+KEY = "destvi"
+# DestVI's own slots, beyond keys.py's common ones
+DUMMY_FRACTION = f"{KEY}_dummy_fraction"  # obsm: share of the noise type per spot
+TRAINING = f"{KEY}_training"  # uns: loss curves and timings
+MODEL_STATE = f"{KEY}_model"  # uns: decoder weights and per-spot gammas, what imputation needs
+
+
+def gamma_slot(cell_type: str) -> str:
+    """obsm: the cell-state latent gamma of ``cell_type`` at each spot."""
+    return f"{KEY}_gamma_{cell_type}"
 
 DUMMY = "additional_0"
 
@@ -92,7 +103,7 @@ def run_destvi(spatial: SpatialInput, reference: ReferenceInput, config: DestVIC
 def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
          control: RunControl) -> DeconvResult:
     t_start = time.perf_counter()
-    device = resolve_torch_device(config.device)
+    device = torch_device(config.device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
@@ -156,21 +167,21 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
     gamma = (modes.unsqueeze(-1) * gamma_modes).sum(1).double().cpu().numpy()  # spots, L, D
     barcodes = np.asarray(spatial.barcodes).astype(str)
     cols = [f"gamma_{d}" for d in range(config.n_latent)]
-    obsm: dict[str, Any] = {f"destvi_gamma_{t}": pd.DataFrame(gamma[:, i], index=barcodes, columns=cols)
+    obsm: dict[str, Any] = {gamma_slot(t): pd.DataFrame(gamma[:, i], index=barcodes, columns=cols)
                             for i, t in enumerate(types)}
-    obsm["destvi_dummy_fraction"] = pd.DataFrame({DUMMY: v[:, -1]}, index=barcodes)
+    obsm[DUMMY_FRACTION] = pd.DataFrame({DUMMY: v[:, -1]}, index=barcodes)
     control.report("spatial", 1.0, "done")
     params = config.to_dict()
     params.update(device=str(device), n_genes=int(len(genes)))
     state = export_state(model, gamma_modes, modes, genes, types, barcodes)
     return DeconvResult(
-        key="destvi", method="DestVI", mode=None, cell_types=list(types), proportions=props, params=params,
+        key=KEY, method="DestVI", mode=None, cell_types=list(types), proportions=props, params=params,
         device=str(device), runtime_s=time.perf_counter() - t_start, obsm=obsm,
-        uns={"destvi_training": {"loss": history, "sc_loss": sc_history, "spatial_seconds": float(spatial_s),
+        uns={TRAINING: {"loss": history, "sc_loss": sc_history, "spatial_seconds": float(spatial_s),
                                  "epoch_seconds": epoch_s, "epoch_cpu_seconds": epoch_cpu, "genes": [str(g) for g in genes],
                                  "sc_seconds": float(sc_s), "sc_epoch_seconds": sc.epoch_seconds,
                                  "sc_epoch_cpu_seconds": sc.epoch_cpu_seconds},
-             "destvi_model": state},
+             MODEL_STATE: state},
     )
 
 
@@ -200,11 +211,11 @@ def export_state(model: SpatialDeconv, gamma_modes: torch.Tensor, modes: torch.T
 
 def _state_of(source) -> dict:
     if isinstance(source, DeconvResult):
-        return source.uns["destvi_model"]
+        return source.uns[MODEL_STATE]
     if hasattr(source, "uns"):
-        return source.uns["destvi_model"]
-    if isinstance(source, dict) and "destvi_model" in source:
-        return source["destvi_model"]
+        return source.uns[MODEL_STATE]
+    if isinstance(source, dict) and MODEL_STATE in source:
+        return source[MODEL_STATE]
     return source
 
 

@@ -12,6 +12,11 @@ from ..base import DeconvResult, RunControl, thread_cap
 from .config import FlashConfig, validate_config
 from .core import fit_arrays
 
+KEY = "flash"
+# flash's own slots, beyond keys.py's common ones
+ABUNDANCES = f"{KEY}_abundances"  # obsm: unnormalised fitted abundances
+FIT_INFO = f"{KEY}_fit"  # uns: genes used, gene weights, objective
+
 
 def _first_positions(names: np.ndarray) -> dict[str, int]:
     out: dict[str, int] = {}
@@ -80,9 +85,9 @@ def run_flash(spatial: SpatialInput, reference: ReferenceInput, config: FlashCon
     if fit.gene_weights is not None:
         fit_uns["gene_weights"] = np.asarray(fit.gene_weights, dtype=np.float64)
     return DeconvResult(
-        key="flash", method="flash", mode=None, cell_types=list(types), proportions=props, params=params,
+        key=KEY, method="flash", mode=None, cell_types=list(types), proportions=props, params=params,
         device="cpu", runtime_s=time.perf_counter() - t0,
-        obsm={"flash_abundances": pd.DataFrame(abund, index=np.asarray(spatial.barcodes, dtype=str),
+        obsm={ABUNDANCES: pd.DataFrame(abund, index=np.asarray(spatial.barcodes, dtype=str),
                                                columns=list(types))},
-        uns={"flash_fit": fit_uns},
+        uns={FIT_INFO: fit_uns},
     )

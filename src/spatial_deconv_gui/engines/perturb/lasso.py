@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..devices import torch_device
+
 SCALE_REGS = ("inverse_group_size", "group_size", "none")
 _CPU_CHUNK_ELEMENTS = 32_000  # problems x width per CPU chunk (torch parallelises above 32,768 elements)
 
@@ -67,8 +69,7 @@ def fit_sgl_batch(G: np.ndarray | None, c: np.ndarray, n: np.ndarray, groups: np
     With ``X`` (B, n_max, p: centred data, zero rows as padding) instead of ``G``, products use the data
     (cheaper when clusters have fewer cells than there are modulators).
     """
-    dev = torch.device(device) if device not in (None, "auto") else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch_device(device)
     dt = torch.float64
     B, p = c.shape
     if B == 0 or p == 0:

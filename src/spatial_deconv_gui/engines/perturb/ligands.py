@@ -25,17 +25,13 @@ import math
 import numpy as np
 import torch
 
+from ..devices import torch_device
+
 DEFAULT_GRID_FACTOR = 4.0  # grid spacing = radius / DEFAULT_GRID_FACTOR
 AUTO_GRID_MIN_CELLS = 20_000
 _BLOCK_ELEMENTS = 4_000_000  # kernel entries per block (32 MB in float64; torch path)
 _TILE = 512                  # sources per tile (numba path)
 _SYM_BUFFER_BYTES = 256 * 2**20
-
-
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def kernel_sum(targets: np.ndarray, sources: np.ndarray, values: np.ndarray, radius: float,
@@ -48,7 +44,7 @@ def kernel_sum(targets: np.ndarray, sources: np.ndarray, values: np.ndarray, rad
     ``'auto'`` (numba for float64 on the CPU, torch otherwise). ``block``: source tile (numba) or row block
     (torch) size.
     """
-    dev = _device(device)
+    dev = torch_device(device)
     if backend == "auto":
         backend = "numba" if dev.type == "cpu" and dtype == torch.float64 else "torch"
     if backend == "numba":

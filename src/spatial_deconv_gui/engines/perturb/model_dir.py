@@ -29,6 +29,8 @@ DATA = "data.h5ad"
 COEFS = "coefs"
 RECEIVED = "received_ligands.npy"  # cells x manifest["received_channels"] (format 1: x manifest["ligands"])
 FORMAT_VERSION = 2
+# obs column of data.h5ad (and of the simulated GRN tissue) holding each cell's cluster; not in keys.py yet
+CLUSTER_OBS = "cluster"
 META_COLUMNS = ("cluster", "n_cells", "r2", "gated", "intercept")
 
 

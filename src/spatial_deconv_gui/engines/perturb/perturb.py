@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ... import keys
 from ...io.errors import InputError
 from ..base import RunControl
 from . import model_dir as md
@@ -213,7 +214,7 @@ def load_model(path) -> PerturbModel:
                          code="model_incomplete")
     X = data.X.toarray() if sp.issparse(data.X) else np.asarray(data.X)
     obsm = {k: np.asarray(v) for k, v in data.obsm.items()}
-    model = model_from_tables(manifest, genes, X, obsm["spatial"], data.obs["cluster"].astype(str).to_numpy(),
+    model = model_from_tables(manifest, genes, X, obsm[keys.SPATIAL], data.obs[md.CLUSTER_OBS].astype(str).to_numpy(),
                               tables, path=path, obsm=obsm, obs_names=list(map(str, data.obs_names)))
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
@@ -233,6 +234,7 @@ class PerturbStep:
     step: int
     n_steps: int
     delta: np.ndarray          # cells x model genes, after this step (before the final pin)
+
 
 
 class Propagator:

@@ -14,7 +14,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ... import keys
 from .ligands import received_ligands
+from .model_dir import CLUSTER_OBS
 
 
 def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n_clusters: int = 3,
@@ -136,14 +138,14 @@ def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n
 
     grn_prior = pd.DataFrame(grn_rows, columns=["tf", "target"]).drop_duplicates().reset_index(drop=True)
     truth_df = pd.DataFrame(truth, columns=["target", "cluster", "modulator", "kind", "coef"])
-    obs = pd.DataFrame({"cluster": pd.Categorical(cluster_names[cl], categories=list(cluster_names))},
+    obs = pd.DataFrame({CLUSTER_OBS: pd.Categorical(cluster_names[cl], categories=list(cluster_names))},
                        index=[f"cell_{i}" for i in range(n_cells)])
     adata = ad.AnnData(X=X.copy(), obs=obs, var=pd.DataFrame(index=genes))
     adata.layers["lognorm"] = X.copy()
-    adata.obsm["spatial"] = xy
+    adata.obsm[keys.SPATIAL] = xy
     adata.var["role"] = (["tf"] * n_tfs + ["ligand"] * n_ligands + ["receptor"] * n_receptors
                          + ["target"] * len(tgts))
-    adata.uns["perturb_sim"] = {
+    adata.uns[keys.PERTURB_SIM] = {
         "true_modulators": truth_df, "grn_prior": grn_prior, "lr_prior": lr_prior,
         "radius": float(radius), "contact_radius": float(contact_radius), "scale_factor": scale,
         "upstream_tf": upstream, "cascade_tf": cascade, "seed": int(seed),
@@ -162,7 +164,7 @@ def write_simulated_priors(adata: ad.AnnData, folder) -> dict[str, str]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sim = adata.uns["perturb_sim"]
+    sim = adata.uns[keys.PERTURB_SIM]
     out = {}
     for key in ("grn_prior", "lr_prior", "true_modulators"):
         p = folder / f"sim_{key}.csv"

@@ -7,19 +7,19 @@ problems (clusters x targets) are solved together in batches by :func:`lasso.fit
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ... import keys
 from ..base import RunControl
 from . import model_dir as md
+from .config import TrainConfig
 from .lasso import fit_sgl_batch
 from .ligands import auto_radius, received_ligands
 from .modulators import (PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, feature_radii, ligand_radii, received_channels,
@@ -27,30 +27,6 @@ from .modulators import (PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, feature_radii,
 
 _BATCH_ELEMENTS = 24_000_000  # doubles per lasso batch (~200 MB)
 FILTER_MIN = 1e-9  # expression at or below this counts as absent (SpaceTravLR's get_filtered_df)
-
-
-@dataclass
-class TrainConfig:
-    radius: float | None = None            # secreted signalling radius (None: 5 x median NN distance)
-    contact_radius: float | None = None    # contact signalling radius (None: radius / 4)
-    scale_factor: float = 1.0              # s in r_iL = s/N sum_j k_ij x_jL
-    l1_reg: float = 0.05
-    group_reg: float = 0.05
-    scale_reg: str = "inverse_group_size"
-    standardize: bool = True               # penalties on unit-variance features (coefficients stored unscaled)
-    r2_threshold: float = 0.15             # cluster models below this R^2 are zeroed
-    receptor_thresh: float = 0.01
-    tf_ligand_cutoff: float = 0.01
-    min_cells: int = 10
-    max_iter: int = 2000
-    tol: float = 1e-6
-    ligand_mode: str = "auto"              # received ligands: exact | grid | auto
-    radius_rule: str = "pair"              # pair: each LR pair at its own radius; ligand: SpaceTravLR's rule
-    device: str = "auto"
-    problems_per_batch: int = 512
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def filtered(x: np.ndarray) -> np.ndarray:
@@ -194,12 +170,12 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
     }
     manifest.update(extra or {})
     if write_data:
-        obs = pd.DataFrame({"cluster": pd.Categorical(clusters, categories=cluster_names)},
+        obs = pd.DataFrame({md.CLUSTER_OBS: pd.Categorical(clusters, categories=cluster_names)},
                            index=[str(o) for o in (obs_names if obs_names is not None else range(n))])
         data = ad.AnnData(X=expr_m.copy(), obs=obs, var=pd.DataFrame(index=genes))
-        data.obsm["spatial"] = coords
+        data.obsm[keys.SPATIAL] = coords
         for k, v in (obsm or {}).items():
-            if k != "spatial":
+            if k != keys.SPATIAL:
                 data.obsm[k] = np.asarray(v, dtype=np.float64)
         write_h5ad_atomic(data, out_dir / md.DATA, compression=None)
     md.write_manifest(out_dir, manifest)

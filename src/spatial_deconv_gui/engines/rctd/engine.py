@@ -11,7 +11,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ... import keys
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
+from ..devices import torch_device
 from ...io.inputs import ReferenceInput, SpatialInput
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
@@ -20,15 +22,15 @@ from .modes import SPOT_CLASSES, SolverSettings, fit_doublet, fit_full, fit_mult
 from .reference import build_profiles
 from .sigma import estimate_sigma, fit_bulk
 
+KEY = "rctd"
+
+
+def _slot(name: str) -> str:
+    """obs / obsm / uns names of RCTD's own outputs (spacexr's results fields), beyond keys.py's common ones."""
+    return f"{KEY}_{name}"
+
+
 FILTERED = "filtered"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("RCTD: device='cuda' requested but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def _available_memory(device: torch.device) -> int:
@@ -68,7 +70,7 @@ def run_rctd(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfi
     t_start = time.perf_counter()
     check_config(config)
     control = control or RunControl()
-    device = resolve_device(config.device)
+    device = torch_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control, device, dtype, t_start)
@@ -266,8 +268,8 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
     weights_full[fit_idx] = out["weights"]
     converged = np.zeros(n_spots, dtype=bool)
     converged[fit_idx] = out["conv"]
-    obs: dict[str, Any] = {"rctd_converged": converged}
-    obsm: dict[str, Any] = {"rctd_weights": pd.DataFrame(weights_full, index=barcodes, columns=list(types))}
+    obs: dict[str, Any] = {_slot("converged"): converged}
+    obsm: dict[str, Any] = {keys.weights(KEY): pd.DataFrame(weights_full, index=barcodes, columns=list(types))}
     type_cats = list(types) + [FILTERED]
     if mode == "doublet":
         sc = np.full(n_spots, FILTERED, dtype=object)
@@ -277,45 +279,45 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
         tarr = np.array(types, dtype=object)
         ft[fit_idx] = tarr[out["first"]]
         st[fit_idx] = tarr[out["second"]]
-        obs["rctd_spot_class"] = _categorical(sc, list(SPOT_CLASSES) + [FILTERED])
-        obs["rctd_first_type"] = _categorical(ft, type_cats)
-        obs["rctd_second_type"] = _categorical(st, type_cats)
-        for key, src in (("rctd_first_class", "first_cls"), ("rctd_second_class", "second_cls"),
-                         ("rctd_converged_full", "conv_full")):
+        obs[keys.spot_class(KEY)] = _categorical(sc, list(SPOT_CLASSES) + [FILTERED])
+        obs[_slot("first_type")] = _categorical(ft, type_cats)
+        obs[_slot("second_type")] = _categorical(st, type_cats)
+        for key, src in ((_slot("first_class"), "first_cls"), (_slot("second_class"), "second_cls"),
+                         (_slot("converged_full"), "conv_full")):
             v = np.zeros(n_spots, dtype=bool)
             v[fit_idx] = out[src]
             obs[key] = v
-        for key, src in (("rctd_min_score", "min_score"), ("rctd_singlet_score", "singlet_score")):
+        for key, src in ((_slot("min_score"), "min_score"), (_slot("singlet_score"), "singlet_score")):
             v = np.full(n_spots, np.nan)
             v[fit_idx] = out[src]
             obs[key] = v
         wd = np.full((n_spots, 2), np.nan)
         wd[fit_idx] = out["wd"]
-        obsm["rctd_weights_doublet"] = pd.DataFrame(wd, index=barcodes, columns=["first_type", "second_type"])
+        obsm[_slot("weights_doublet")] = pd.DataFrame(wd, index=barcodes, columns=["first_type", "second_type"])
     elif mode == "multi":
         nt = np.zeros(n_spots, dtype=np.int64)
         nt[fit_idx] = out["n_types"]
-        obs["rctd_n_types"] = nt
+        obs[_slot("n_types")] = nt
         ms = np.full(n_spots, np.nan)
         ms[fit_idx] = out["min_score"]
-        obs["rctd_min_score"] = ms
+        obs[_slot("min_score")] = ms
         cf = np.zeros(n_spots, dtype=bool)
         cf[fit_idx] = out["conv_full"]
-        obs["rctd_converged_full"] = cf
+        obs[_slot("converged_full")] = cf
         sw = np.full((n_spots, max_types), np.nan)
         sw[fit_idx] = out["sub_w"]
         ti = np.full((n_spots, max_types), -1, dtype=np.int64)
         ti[fit_idx] = out["type_idx"]
         conf = np.zeros((n_spots, max_types), dtype=bool)
         conf[fit_idx] = out["conf"]
-        obsm["rctd_sub_weights"] = sw
-        obsm["rctd_cell_type_indices"] = ti
-        obsm["rctd_conf_list"] = conf
+        obsm[_slot("sub_weights")] = sw
+        obsm[_slot("cell_type_indices")] = ti
+        obsm[_slot("conf_list")] = conf
         ft = np.full(n_spots, FILTERED, dtype=object)
         tarr = np.array(types, dtype=object)
         first_choice = out["type_idx"][:, 0]
         ft[fit_idx] = np.where(first_choice >= 0, tarr[np.maximum(first_choice, 0)], FILTERED)
-        obs["rctd_first_type"] = _categorical(ft, type_cats)
+        obs[_slot("first_type")] = _categorical(ft, type_cats)
 
     runtime = time.perf_counter() - t_start
     config_dict = {k: v for k, v in config.to_dict().items() if v is not None and k != "extra"}
@@ -336,14 +338,14 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
         "config": config_dict,
     }
     uns = {
-        "rctd_mode": mode,
-        "rctd_config": config_dict,
-        "rctd_cell_type_names": list(types),
-        "rctd_sigma": float(sigma),
-        "rctd_gene_counts": gene_counts,
-        "rctd_genes_regression": list(map(str, genes_reg)),
-        "rctd_dropped_cell_types": dict(ref.dropped_types),
+        _slot("mode"): mode,
+        _slot("config"): config_dict,
+        _slot("cell_type_names"): list(types),
+        _slot("sigma"): float(sigma),
+        _slot("gene_counts"): gene_counts,
+        _slot("genes_regression"): list(map(str, genes_reg)),
+        _slot("dropped_cell_types"): dict(ref.dropped_types),
     }
     control.report("pixels", 1.0, f"done in {runtime:.1f} s")
-    return DeconvResult(key="rctd", method="RCTD", mode=mode, cell_types=list(types), proportions=proportions,
+    return DeconvResult(key=KEY, method="RCTD", mode=mode, cell_types=list(types), proportions=proportions,
                         params=params, device=str(device), runtime_s=runtime, obs=obs, obsm=obsm, uns=uns)

@@ -1,0 +1,45 @@
+"""Which compute device a run uses: one answer for every engine, the api and the CLI.
+
+torch is imported only when a device has to be looked at, so that naming a device stays cheap.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..io.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+AUTO = "auto"
+
+
+def device_name(device: object = AUTO) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for a device asked for as auto / cpu / cuda[:N] (or None / "" for auto).
+
+    auto picks CUDA when torch sees a GPU; asking for CUDA without one, or for a device that does not exist,
+    is an :class:`InputError` naming the fix.
+    """
+    if device is None or str(device) in ("", AUTO):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(device)
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise InputError(f"unknown device {name!r}.", "use auto, cpu, cuda or cuda:N.", code="unknown_device")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was requested but torch sees no GPU.", "use --device cpu (or auto).",
+                             code="no_cuda")
+    return name
+
+
+def torch_device(device: object = AUTO) -> torch.device:
+    """The torch device of :func:`device_name`."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    return torch.device(device_name(device))
