@@ -1,4 +1,5 @@
 """Epoch timing for the peers' Lightning training loops (imported by the peer workers, in the peers' venvs)."""
+
 from __future__ import annotations
 
 import time

@@ -20,6 +20,7 @@ Per-epoch times: ours = the mean over epochs 2..n-1 (the first excluded); the pe
 consecutive training-epoch ends (lightning callback), so neither side's setup is counted.
 The peer's venv is $PEERS_DIR/venv-c2l (default .peers/venv-c2l).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,40 +41,60 @@ PEER_PY = Path(os.environ.get("PEERS_DIR", REPO / ".peers")) / "venv-c2l" / "bin
 
 
 def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 # ---------------------------------------------------------------------------------------------------
 # workers (run in subprocesses)
 # ---------------------------------------------------------------------------------------------------
 
+
 def worker_ours(a) -> dict:
     import torch
+
     torch.set_num_threads(a.threads)
     import anndata as ad
+
     from spatial_deconv_gui.engines.c2l import C2LConfig, run_c2l
     from spatial_deconv_gui.io.read import reference_input, spatial_input
 
     s = spatial_input(ad.read_h5ad(a.spatial))
     r = reference_input(ad.read_h5ad(a.reference))
-    cfg = C2LConfig(n_cells_per_location=a.n_cells, detection_alpha=a.detection_alpha, max_epochs=a.epochs,
-                    reference_epochs=a.ref_epochs, signatures=a.signatures, seed=a.seed, device="cpu",
-                    report_every=10 ** 9)
+    cfg = C2LConfig(
+        n_cells_per_location=a.n_cells,
+        detection_alpha=a.detection_alpha,
+        max_epochs=a.epochs,
+        reference_epochs=a.ref_epochs,
+        signatures=a.signatures,
+        seed=a.seed,
+        device="cpu",
+        report_every=10**9,
+    )
     t0 = time.perf_counter()
     res = run_c2l(s, r, cfg)
     total = time.perf_counter() - t0
     tr = res.uns["c2l_training"]
-    return dict(types=list(res.cell_types), abundances=res.obsm["c2l_abundances"].values.tolist(),
-                q05=res.obsm["c2l_abundances_q05"].values.tolist(), genes=tr["genes"],
-                signatures=np.asarray(tr["signatures"]).tolist(),
-                total_s=total, spatial_s=tr["spatial_seconds"], per_epoch_s=tr["seconds_per_epoch"], per_epoch_cpu_s=tr["cpu_seconds_per_epoch"],
-                loss_last=float(tr["loss"][-1]), peak_rss_gb=_rss_gb())
+    return dict(
+        types=list(res.cell_types),
+        abundances=res.obsm["c2l_abundances"].values.tolist(),
+        q05=res.obsm["c2l_abundances_q05"].values.tolist(),
+        genes=tr["genes"],
+        signatures=np.asarray(tr["signatures"]).tolist(),
+        total_s=total,
+        spatial_s=tr["spatial_seconds"],
+        per_epoch_s=tr["seconds_per_epoch"],
+        per_epoch_cpu_s=tr["cpu_seconds_per_epoch"],
+        loss_last=float(tr["loss"][-1]),
+        peak_rss_gb=_rss_gb(),
+    )
 
 
 def worker_peer(a) -> dict:
     import warnings
+
     warnings.filterwarnings("ignore")
     import torch
+
     torch.set_num_threads(a.threads)
     import anndata as ad
     from _peer_timing import epoch_timer
@@ -88,13 +109,13 @@ def worker_peer(a) -> dict:
     if a.signatures == "regression":
         RegressionModel.setup_anndata(ref, labels_key="cell_type")
         rm = RegressionModel(ref)
-        rm.train(max_epochs=a.ref_epochs, batch_size=2500, lr=0.002, accelerator="cpu",
-                 enable_progress_bar=False)
+        rm.train(max_epochs=a.ref_epochs, batch_size=2500, lr=0.002, accelerator="cpu", enable_progress_bar=False)
         ref = rm.export_posterior(ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500})
         sig = ref.varm["means_per_cluster_mu_fg"].copy()
         sig.columns = [c.replace("means_per_cluster_mu_fg_", "") for c in sig.columns]
     else:
         import pandas as pd
+
         x = ref.X.toarray()
         sig = pd.DataFrame({t: x[(ref.obs["cell_type"] == t).to_numpy()].mean(0) for t in types}, index=genes)
     sig = sig[types]
@@ -104,8 +125,14 @@ def worker_peer(a) -> dict:
     Cell2location.setup_anndata(sp_)
     mod = Cell2location(sp_, cell_state_df=sig, N_cells_per_location=a.n_cells, detection_alpha=a.detection_alpha)
     t1 = time.perf_counter()
-    mod.train(max_epochs=a.epochs, batch_size=None, train_size=1, accelerator="cpu", callbacks=[timer],
-              enable_progress_bar=False)
+    mod.train(
+        max_epochs=a.epochs,
+        batch_size=None,
+        train_size=1,
+        accelerator="cpu",
+        callbacks=[timer],
+        enable_progress_bar=False,
+    )
     spatial_s = time.perf_counter() - t1
     sp_ = mod.export_posterior(sp_, sample_kwargs={"num_samples": 1000, "batch_size": mod.adata.n_obs})
     total = time.perf_counter() - t0
@@ -116,17 +143,27 @@ def worker_peer(a) -> dict:
     gaps = np.diff(timer.t)
     cgaps = np.diff(timer.c)
     hist = mod.history["elbo_train"].values.ravel()
-    return dict(types=types, abundances=ab[types].values.tolist(), q05=q05[types].values.tolist(),
-                signatures=sig.values.T.tolist(), total_s=total, reference_s=t_ref, spatial_s=spatial_s,
-                per_epoch_s=float(np.median(gaps)) if len(gaps) else spatial_s / a.epochs,
-                per_epoch_cpu_s=float(np.median(cgaps)) if len(cgaps) else float("nan"),
-                loss_last=float(hist[-1]), peak_rss_gb=_rss_gb())
+    return dict(
+        types=types,
+        abundances=ab[types].values.tolist(),
+        q05=q05[types].values.tolist(),
+        signatures=sig.values.T.tolist(),
+        total_s=total,
+        reference_s=t_ref,
+        spatial_s=spatial_s,
+        per_epoch_s=float(np.median(gaps)) if len(gaps) else spatial_s / a.epochs,
+        per_epoch_cpu_s=float(np.median(cgaps)) if len(cgaps) else float("nan"),
+        loss_last=float(hist[-1]),
+        peak_rss_gb=_rss_gb(),
+    )
 
 
 def worker_ours_ref(a) -> dict:
     import torch
+
     torch.set_num_threads(a.threads)
     import anndata as ad
+
     from spatial_deconv_gui.engines.c2l import fit_reference_signatures
 
     ref = ad.read_h5ad(a.reference)
@@ -135,18 +172,27 @@ def worker_ours_ref(a) -> dict:
     batches = ref.obs["batch"].astype(str).to_numpy() if a.batch_key else None
     details: dict = {}
     t0 = time.perf_counter()
-    sig, hist = fit_reference_signatures(ref.X, labels, types, a.ref_epochs, batch_size=2500, lr=0.002,
-                                         seed=a.seed, batches=batches, details=details)
+    sig, hist = fit_reference_signatures(
+        ref.X, labels, types, a.ref_epochs, batch_size=2500, lr=0.002, seed=a.seed, batches=batches, details=details
+    )
     total = time.perf_counter() - t0
-    return dict(types=types, signatures=sig.tolist(), detection=np.asarray(details["detection"]).tolist(),
-                total_s=total, per_epoch_s=details["seconds_per_epoch"], loss_last=float(hist[-1]),
-                peak_rss_gb=_rss_gb())
+    return dict(
+        types=types,
+        signatures=sig.tolist(),
+        detection=np.asarray(details["detection"]).tolist(),
+        total_s=total,
+        per_epoch_s=details["seconds_per_epoch"],
+        loss_last=float(hist[-1]),
+        peak_rss_gb=_rss_gb(),
+    )
 
 
 def worker_peer_ref(a) -> dict:
     import warnings
+
     warnings.filterwarnings("ignore")
     import torch
+
     torch.set_num_threads(a.threads)
     import anndata as ad
     from _peer_timing import epoch_timer
@@ -160,8 +206,14 @@ def worker_peer_ref(a) -> dict:
     t0 = time.perf_counter()
     RegressionModel.setup_anndata(ref, labels_key="cell_type", batch_key="batch" if a.batch_key else None)
     rm = RegressionModel(ref)
-    rm.train(max_epochs=a.ref_epochs, batch_size=2500, lr=0.002, accelerator="cpu", callbacks=[timer],
-             enable_progress_bar=False)
+    rm.train(
+        max_epochs=a.ref_epochs,
+        batch_size=2500,
+        lr=0.002,
+        accelerator="cpu",
+        callbacks=[timer],
+        enable_progress_bar=False,
+    )
     train_s = time.perf_counter() - t0
     ref = rm.export_posterior(ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500})
     sig = ref.varm["means_per_cluster_mu_fg"].copy()
@@ -169,18 +221,25 @@ def worker_peer_ref(a) -> dict:
     det = np.asarray(rm.samples["post_sample_means"]["detection_mean_y_e"]).ravel()
     gaps = np.diff(timer.t)
     hist = rm.history["elbo_train"].values.ravel()
-    return dict(types=types, signatures=sig[types].values.T.tolist(), detection=det.tolist(),
-                total_s=time.perf_counter() - t0, train_s=train_s,
-                per_epoch_s=float(np.median(gaps)) if len(gaps) else train_s / a.ref_epochs,
-                loss_last=float(hist[-1]), peak_rss_gb=_rss_gb())
+    return dict(
+        types=types,
+        signatures=sig[types].values.T.tolist(),
+        detection=det.tolist(),
+        total_s=time.perf_counter() - t0,
+        train_s=train_s,
+        per_epoch_s=float(np.median(gaps)) if len(gaps) else train_s / a.ref_epochs,
+        loss_last=float(hist[-1]),
+        peak_rss_gb=_rss_gb(),
+    )
 
 
 def main_reference(a):
     """Reference regression only: ours vs cell2location's RegressionModel on a simulated multi-batch reference."""
     from spatial_deconv_gui.engines.c2l.simulate import signature_error, simulate_batched_reference
 
-    ref, truth = simulate_batched_reference(n_genes=a.genes_sim, n_types=a.types, n_batches=a.batches,
-                                            cells_per_type=a.ref_cells_per_type, seed=a.seed)
+    ref, truth = simulate_batched_reference(
+        n_genes=a.genes_sim, n_types=a.types, n_batches=a.batches, cells_per_type=a.ref_cells_per_type, seed=a.seed
+    )
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         ref_path = tmp / "reference.h5ad"
@@ -198,13 +257,22 @@ def main_reference(a):
                     runs[kind] = {**r, "per_epoch_runs": [r["per_epoch_s"]]}
     order = [truth.cell_types.index(t) for t in runs["ours_ref"]["types"]]
     true_prof = truth.profiles[order]
-    summary = {"data": "simulated multi-batch reference", "cells": int(ref.n_obs), "genes": int(ref.n_vars),
-               "types": a.types, "batches": a.batches if a.batch_key else 1, "ref_epochs": a.ref_epochs,
-               "threads": a.threads, "true_detection": truth.detection.tolist()}
+    summary = {
+        "data": "simulated multi-batch reference",
+        "cells": int(ref.n_obs),
+        "genes": int(ref.n_vars),
+        "types": a.types,
+        "batches": a.batches if a.batch_key else 1,
+        "ref_epochs": a.ref_epochs,
+        "threads": a.threads,
+        "true_detection": truth.detection.tolist(),
+    }
     for kind, r in runs.items():
         side = "ours" if kind == "ours_ref" else "peer"
-        summary[side] = {k: r[k] for k in ("total_s", "per_epoch_s", "per_epoch_runs", "peak_rss_gb", "wall_s",
-                                           "loss_last", "detection")}
+        summary[side] = {
+            k: r[k]
+            for k in ("total_s", "per_epoch_s", "per_epoch_runs", "peak_rss_gb", "wall_s", "loss_last", "detection")
+        }
         summary[side]["vs_truth"] = signature_error(np.asarray(r["signatures"]), true_prof)
     if "peer_ref" in runs:
         o, p = np.asarray(runs["ours_ref"]["signatures"]), np.asarray(runs["peer_ref"]["signatures"])
@@ -226,13 +294,17 @@ def main_reference(a):
 # driver
 # ---------------------------------------------------------------------------------------------------
 
+
 def load_data(a, tmp: Path):
     import anndata as ad
+
     truth = n_cells = None
     if a.data == "sim":
         from spatial_deconv_gui.simulate import simulate_dataset
-        spatial, reference = simulate_dataset(n_spots=a.spots, n_genes=a.genes_sim, n_types=a.types,
-                                              cells_per_type=a.cells_per_type, seed=a.seed)
+
+        spatial, reference = simulate_dataset(
+            n_spots=a.spots, n_genes=a.genes_sim, n_types=a.types, cells_per_type=a.cells_per_type, seed=a.seed
+        )
         truth = spatial.obsm["true_proportions"]
         n_cells = spatial.obs["true_n_cells"].to_numpy()
         del spatial.obsm["true_proportions"]
@@ -247,10 +319,34 @@ def load_data(a, tmp: Path):
 
 
 def run_worker(python: str, kind: str, a, sp_path, ref_path, genes_path, out: Path) -> dict:
-    cmd = [python, __file__, "--worker", kind, "--spatial", str(sp_path), "--reference", str(ref_path),
-           "--genes-file", str(genes_path), "--out", str(out), "--epochs", str(a.epochs),
-           "--ref-epochs", str(a.ref_epochs), "--n-cells", str(a.n_cells), "--detection-alpha",
-           str(a.detection_alpha), "--signatures", a.signatures, "--threads", str(a.threads), "--seed", str(a.seed)]
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        kind,
+        "--spatial",
+        str(sp_path),
+        "--reference",
+        str(ref_path),
+        "--genes-file",
+        str(genes_path),
+        "--out",
+        str(out),
+        "--epochs",
+        str(a.epochs),
+        "--ref-epochs",
+        str(a.ref_epochs),
+        "--n-cells",
+        str(a.n_cells),
+        "--detection-alpha",
+        str(a.detection_alpha),
+        "--signatures",
+        a.signatures,
+        "--threads",
+        str(a.threads),
+        "--seed",
+        str(a.seed),
+    ]
     if not a.batch_key:
         cmd.append("--no-batch-key")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")} if kind.startswith("ours") else dict(os.environ)
@@ -269,6 +365,7 @@ def corr(a, b) -> float:
 
 def per_spot_corr(a, b) -> np.ndarray:
     from spatial_deconv_gui.engines.bayes import pearson_rows
+
     return pearson_rows(np.asarray(a), np.asarray(b))
 
 
@@ -292,12 +389,19 @@ def main():
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours/peer this many times for timing")
     ap.add_argument("--json", help="write the summary here")
-    ap.add_argument("--reference-only", action="store_true",
-                    help="benchmark the reference regression alone on a simulated multi-batch reference")
+    ap.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="benchmark the reference regression alone on a simulated multi-batch reference",
+    )
     ap.add_argument("--batches", type=int, default=3, help="--reference-only: batches in the simulated reference")
     ap.add_argument("--ref-cells-per-type", type=int, default=150, help="--reference-only: cells per type")
-    ap.add_argument("--no-batch-key", dest="batch_key", action="store_false",
-                    help="--reference-only: fit both sides as one batch (no batch_key)")
+    ap.add_argument(
+        "--no-batch-key",
+        dest="batch_key",
+        action="store_false",
+        help="--reference-only: fit both sides as one batch (no batch_key)",
+    )
     a = ap.parse_args()
 
     if a.worker:
@@ -315,19 +419,24 @@ def main():
     if a.n_cells is None:
         a.n_cells = 6.0 if a.data == "sim" else 8.0
     import anndata as ad
+
     from spatial_deconv_gui.engines.c2l import C2LConfig, select_genes
     from spatial_deconv_gui.io.read import reference_input, spatial_input
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         sp_path, ref_path, truth, n_cells = load_data(a, tmp)
-        _, _, genes, _ = select_genes(spatial_input(ad.read_h5ad(sp_path)), reference_input(ad.read_h5ad(ref_path)),
-                                      C2LConfig())
+        _, _, genes, _ = select_genes(
+            spatial_input(ad.read_h5ad(sp_path)), reference_input(ad.read_h5ad(ref_path)), C2LConfig()
+        )
         genes_path = tmp / "genes.json"
         genes_path.write_text(json.dumps([str(g) for g in genes]))
         ours = run_worker(sys.executable, "ours", a, sp_path, ref_path, genes_path, tmp / "ours.json")
-        peer = None if a.skip_peer else run_worker(str(PEER_PY), "peer", a, sp_path, ref_path, genes_path,
-                                                   tmp / "peer.json")
+        peer = (
+            None
+            if a.skip_peer
+            else run_worker(str(PEER_PY), "peer", a, sp_path, ref_path, genes_path, tmp / "peer.json")
+        )
         # further alternating runs for timing only (the machine is shared: keep each side's fastest epoch time)
         for i in range(1, a.repeats):
             o = run_worker(sys.executable, "ours", a, sp_path, ref_path, genes_path, tmp / f"ours{i}.json")
@@ -342,13 +451,32 @@ def main():
                 peer["per_epoch_cpu_s"] = min(peer["per_epoch_cpu_s"], q["per_epoch_cpu_s"])
                 peer["peak_rss_gb"] = max(peer["peak_rss_gb"], q["peak_rss_gb"])
 
-    summary = {"data": a.data, "spots": len(ours["abundances"]), "genes": len(ours["genes"]),
-               "epochs": a.epochs, "ref_epochs": a.ref_epochs, "threads": a.threads, "signatures": a.signatures,
-               "n_cells_per_location": a.n_cells}
+    summary = {
+        "data": a.data,
+        "spots": len(ours["abundances"]),
+        "genes": len(ours["genes"]),
+        "epochs": a.epochs,
+        "ref_epochs": a.ref_epochs,
+        "threads": a.threads,
+        "signatures": a.signatures,
+        "n_cells_per_location": a.n_cells,
+    }
     ab_o = np.asarray(ours["abundances"])
     p_o = ab_o / ab_o.sum(1, keepdims=True)
-    summary["ours"] = {k: ours[k] for k in ("total_s", "spatial_s", "per_epoch_s", "per_epoch_cpu_s", "peak_rss_gb", "wall_s",
-                                            "loss_last", "per_epoch_runs") if k in ours}
+    summary["ours"] = {
+        k: ours[k]
+        for k in (
+            "total_s",
+            "spatial_s",
+            "per_epoch_s",
+            "per_epoch_cpu_s",
+            "peak_rss_gb",
+            "wall_s",
+            "loss_last",
+            "per_epoch_runs",
+        )
+        if k in ours
+    }
     if truth is not None:
         t = truth[ours["types"]].to_numpy()
         summary["ours"]["prop_corr_truth"] = corr(p_o, t)
@@ -359,9 +487,21 @@ def main():
         assert peer["types"] == ours["types"], (peer["types"], ours["types"])
         ab_p = np.asarray(peer["abundances"])
         p_p = ab_p / ab_p.sum(1, keepdims=True)
-        summary["peer"] = {k: peer[k] for k in ("total_s", "reference_s", "spatial_s", "per_epoch_s", "per_epoch_cpu_s",
-                                                "peak_rss_gb", "wall_s", "loss_last", "per_epoch_runs")
-                           if k in peer}
+        summary["peer"] = {
+            k: peer[k]
+            for k in (
+                "total_s",
+                "reference_s",
+                "spatial_s",
+                "per_epoch_s",
+                "per_epoch_cpu_s",
+                "peak_rss_gb",
+                "wall_s",
+                "loss_last",
+                "per_epoch_runs",
+            )
+            if k in peer
+        }
         rows = per_spot_corr(p_o, p_p)
         summary["agreement"] = {
             "prop_corr_all": corr(p_o, p_p),

@@ -15,6 +15,7 @@ ends), for the single-cell (CondSCVI) stage and the spatial (DestVI) stage separ
 process. ``--peer-seeds 2`` / ``--ours-seeds 2`` also run each side with a second seed, giving its agreement
 with itself (its own seed-to-seed noise). ``--jobs`` runs the workers concurrently: for agreement runs only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ PEER_PY = Path(os.environ.get("PEERS_DIR", REPO / ".peers")) / "venv" / "bin" / 
 
 
 def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def _ckpt_writer(a, kind):
@@ -50,15 +51,19 @@ def _ckpt_writer(a, kind):
 
     def write(epoch, props):
         with open(path, "a") as f:
-            f.write(json.dumps({"epoch": int(epoch), "proportions": np.asarray(props).tolist(),
-                                "t": time.time()}) + "\n")
+            f.write(
+                json.dumps({"epoch": int(epoch), "proportions": np.asarray(props).tolist(), "t": time.time()}) + "\n"
+            )
+
     return write
 
 
 def worker_ours(a) -> dict:
     import torch
+
     torch.set_num_threads(a.threads)
     import anndata as ad
+
     from spatial_deconv_gui.engines.destvi import DestVIConfig, run_destvi
     from spatial_deconv_gui.io.read import reference_input, spatial_input
 
@@ -77,31 +82,49 @@ def worker_ours(a) -> dict:
             ckpt(state["epoch"], ev.partial.proportions)
 
     t0 = time.perf_counter()
-    res = run_destvi(s, r, DestVIConfig(sc_epochs=a.sc_epochs, max_epochs=a.epochs, seed=a.seed, device="cpu",
-                                        report_every=a.ckpt_every or 10 ** 9, n_threads=a.threads),
-                     RunControl(on_event, max_rate=0) if ckpt is not None else None)
+    res = run_destvi(
+        s,
+        r,
+        DestVIConfig(
+            sc_epochs=a.sc_epochs,
+            max_epochs=a.epochs,
+            seed=a.seed,
+            device="cpu",
+            report_every=a.ckpt_every or 10**9,
+            n_threads=a.threads,
+        ),
+        RunControl(on_event, max_rate=0) if ckpt is not None else None,
+    )
     total = time.perf_counter() - t0
     tr = res.uns["destvi_training"]
     if ckpt is not None:
         ckpt(a.epochs, res.proportions)
-    return dict(types=list(res.cell_types), proportions=res.proportions.tolist(), total_s=total,
-                spatial_s=tr["spatial_seconds"], per_epoch_s=float(np.median(tr["epoch_seconds"][1:])),
-                per_epoch_cpu_s=float(np.median(tr["epoch_cpu_seconds"][1:])),
-                sc_s=tr["sc_seconds"], sc_per_epoch_s=float(np.median(tr["sc_epoch_seconds"][1:])),
-                sc_per_epoch_cpu_s=float(np.median(tr["sc_epoch_cpu_seconds"][1:])),
-                gamma={t: res.obsm[f"destvi_gamma_{t}"].values.tolist() for t in res.cell_types},
-                peak_rss_gb=_rss_gb())
+    return dict(
+        types=list(res.cell_types),
+        proportions=res.proportions.tolist(),
+        total_s=total,
+        spatial_s=tr["spatial_seconds"],
+        per_epoch_s=float(np.median(tr["epoch_seconds"][1:])),
+        per_epoch_cpu_s=float(np.median(tr["epoch_cpu_seconds"][1:])),
+        sc_s=tr["sc_seconds"],
+        sc_per_epoch_s=float(np.median(tr["sc_epoch_seconds"][1:])),
+        sc_per_epoch_cpu_s=float(np.median(tr["sc_epoch_cpu_seconds"][1:])),
+        gamma={t: res.obsm[f"destvi_gamma_{t}"].values.tolist() for t in res.cell_types},
+        peak_rss_gb=_rss_gb(),
+    )
 
 
 def worker_peer(a) -> dict:
     import warnings
+
     warnings.filterwarnings("ignore")
     import torch
+
     torch.set_num_threads(a.threads)
     import anndata as ad
     import lightning.pytorch as pl
-    from _peer_timing import epoch_timer
     import scvi
+    from _peer_timing import epoch_timer
     from scvi.model import CondSCVI, DestVI
 
     scvi.settings.seed = a.seed
@@ -149,21 +172,31 @@ def worker_peer(a) -> dict:
     gaps = np.diff(timer.t)
     cgaps = np.diff(timer.c)
     sgaps, scgaps = np.diff(sc_timer.t), np.diff(sc_timer.c)
-    return dict(types=types, proportions=props[types].values.tolist(), total_s=total, spatial_s=spatial_s,
-                per_epoch_s=float(np.median(gaps)) if len(gaps) else spatial_s / a.epochs,
-                per_epoch_cpu_s=float(np.median(cgaps)) if len(cgaps) else float("nan"),
-                sc_s=sc_s, sc_per_epoch_s=float(np.median(sgaps)) if len(sgaps) else float("nan"),
-                sc_per_epoch_cpu_s=float(np.median(scgaps)) if len(scgaps) else float("nan"),
-                gamma={t: np.asarray(gamma[t]).tolist() for t in types}, peak_rss_gb=_rss_gb())
+    return dict(
+        types=types,
+        proportions=props[types].values.tolist(),
+        total_s=total,
+        spatial_s=spatial_s,
+        per_epoch_s=float(np.median(gaps)) if len(gaps) else spatial_s / a.epochs,
+        per_epoch_cpu_s=float(np.median(cgaps)) if len(cgaps) else float("nan"),
+        sc_s=sc_s,
+        sc_per_epoch_s=float(np.median(sgaps)) if len(sgaps) else float("nan"),
+        sc_per_epoch_cpu_s=float(np.median(scgaps)) if len(scgaps) else float("nan"),
+        gamma={t: np.asarray(gamma[t]).tolist() for t in types},
+        peak_rss_gb=_rss_gb(),
+    )
 
 
 def load_data(a, tmp: Path):
     import anndata as ad
+
     truth = None
     if a.data == "sim":
         from spatial_deconv_gui.simulate import simulate_dataset
-        spatial, reference = simulate_dataset(n_spots=a.spots, n_genes=a.genes_sim, n_types=a.types,
-                                              cells_per_type=a.cells_per_type, seed=a.seed)
+
+        spatial, reference = simulate_dataset(
+            n_spots=a.spots, n_genes=a.genes_sim, n_types=a.types, cells_per_type=a.cells_per_type, seed=a.seed
+        )
         truth = spatial.obsm["true_proportions"]
         del spatial.obsm["true_proportions"]
     else:
@@ -178,9 +211,28 @@ def load_data(a, tmp: Path):
 
 
 def _worker_cmd(python, kind, a, sp_path, ref_path, genes_path, out: Path, seed: int):
-    cmd = [python, __file__, "--worker", kind, "--spatial", str(sp_path), "--reference", str(ref_path),
-           "--genes-file", str(genes_path), "--out", str(out), "--epochs", str(a.epochs),
-           "--sc-epochs", str(a.sc_epochs), "--threads", str(a.threads), "--seed", str(seed)]
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        kind,
+        "--spatial",
+        str(sp_path),
+        "--reference",
+        str(ref_path),
+        "--genes-file",
+        str(genes_path),
+        "--out",
+        str(out),
+        "--epochs",
+        str(a.epochs),
+        "--sc-epochs",
+        str(a.sc_epochs),
+        "--threads",
+        str(a.threads),
+        "--seed",
+        str(seed),
+    ]
     if a.ckpt_dir and a.ckpt_every:
         cmd += ["--ckpt-dir", str(a.ckpt_dir), "--ckpt-every", str(a.ckpt_every)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")} if kind == "ours" else dict(os.environ)
@@ -207,8 +259,16 @@ def run_workers_concurrently(specs, a, sp_path, ref_path, genes_path, jobs: int)
             i, (python, kind, out, seed) = queue.pop(0)
             cmd, env = _worker_cmd(python, kind, a, sp_path, ref_path, genes_path, out, seed)
             err = open(str(out) + ".err", "w")
-            running.append((i, kind, out, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err),
-                            time.perf_counter(), err))
+            running.append(
+                (
+                    i,
+                    kind,
+                    out,
+                    subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err),
+                    time.perf_counter(),
+                    err,
+                )
+            )
         time.sleep(1.0)
         for item in list(running):
             i, kind, out, proc, t, err = item
@@ -223,8 +283,19 @@ def run_workers_concurrently(specs, a, sp_path, ref_path, genes_path, jobs: int)
     return results
 
 
-_TIME_KEYS = ("total_s", "sc_s", "spatial_s", "per_epoch_s", "per_epoch_cpu_s", "sc_per_epoch_s", "sc_per_epoch_cpu_s",
-              "peak_rss_gb", "wall_s", "per_epoch_runs", "per_epoch_cpu_runs")
+_TIME_KEYS = (
+    "total_s",
+    "sc_s",
+    "spatial_s",
+    "per_epoch_s",
+    "per_epoch_cpu_s",
+    "sc_per_epoch_s",
+    "sc_per_epoch_cpu_s",
+    "peak_rss_gb",
+    "wall_s",
+    "per_epoch_runs",
+    "per_epoch_cpu_runs",
+)
 
 
 def corr(a, b) -> float:
@@ -233,10 +304,14 @@ def corr(a, b) -> float:
 
 def agreement(p1, p2) -> dict:
     from spatial_deconv_gui.engines.bayes import pearson_rows
+
     rows = pearson_rows(np.asarray(p1), np.asarray(p2))
-    return {"prop_corr_all": corr(p1, p2), "per_spot_corr_median": float(np.nanmedian(rows)),
-            "per_spot_corr_mean": float(np.nanmean(rows)),
-            "dominant_type_agreement": float(np.mean(np.argmax(p1, 1) == np.argmax(p2, 1)))}
+    return {
+        "prop_corr_all": corr(p1, p2),
+        "per_spot_corr_median": float(np.nanmedian(rows)),
+        "per_spot_corr_mean": float(np.nanmean(rows)),
+        "dominant_type_agreement": float(np.mean(np.argmax(p1, 1) == np.argmax(p2, 1))),
+    }
 
 
 def ckpt_report(d: Path) -> dict:
@@ -249,7 +324,7 @@ def ckpt_report(d: Path) -> dict:
     names = sorted(runs)
     out = {}
     for i, x in enumerate(names):
-        for y in names[i + 1:]:
+        for y in names[i + 1 :]:
             for ep in sorted(set(runs[x]) & set(runs[y])):
                 ag = agreement(runs[x][ep], runs[y][ep])
                 out.setdefault(f"{x} vs {y}", {})[ep] = {k: round(v, 4) for k, v in ag.items()}
@@ -265,11 +340,16 @@ def ckpt_report(d: Path) -> dict:
             seed_means[ep] = {k: round(v, 4) for k, v in ag.items()}
         late = [ep for ep in epochs if ep >= 1000]
         if late:
-            ag = agreement(np.mean([mean["ours"][ep] for ep in late], axis=0),
-                           np.mean([mean["peer"][ep] for ep in late], axis=0))
+            ag = agreement(
+                np.mean([mean["ours"][ep] for ep in late], axis=0), np.mean([mean["peer"][ep] for ep in late], axis=0)
+            )
             seed_means[f"mean over epochs {late[0]}-{late[-1]}"] = {k: round(v, 4) for k, v in ag.items()}
-    return {"epochs_reached": {k: max(v) if v else 0 for k, v in runs.items()}, "agreement": out,
-            "seed_means_ours_vs_peer": seed_means, "late_summary": late_summary(runs, sides)}
+    return {
+        "epochs_reached": {k: max(v) if v else 0 for k, v in runs.items()},
+        "agreement": out,
+        "seed_means_ours_vs_peer": seed_means,
+        "late_summary": late_summary(runs, sides),
+    }
 
 
 def late_summary(runs: dict, sides: dict, first_epoch: int = 1000) -> dict:
@@ -289,29 +369,40 @@ def late_summary(runs: dict, sides: dict, first_epoch: int = 1000) -> dict:
 
     def pairs(get):
         o, p = sides["ours"], sides["peer"]
-        within = {side: [agreement(get(x), get(y)) for i, x in enumerate(v) for y in v[i + 1:]]
-                  for side, v in (("ours", o), ("peer", p))}
+        within = {
+            side: [agreement(get(x), get(y)) for i, x in enumerate(v) for y in v[i + 1 :]]
+            for side, v in (("ours", o), ("peer", p))
+        }
         cross = [agreement(get(x), get(y)) for x in o for y in p]
         res = {}
         for key in ("prop_corr_all", "per_spot_corr_median"):
             oo = float(np.mean([a[key] for a in within["ours"]]))
             pp = float(np.mean([a[key] for a in within["peer"]]))
             op = [a[key] for a in cross]
-            res[key] = {"ours_vs_ours": round(oo, 4), "peer_vs_peer": round(pp, 4),
-                        "ours_vs_peer": round(float(np.mean(op)), 4),
-                        "ours_vs_peer_min_max": [round(min(op), 4), round(max(op), 4)],
-                        "disattenuated": round(float(np.mean(op)) / np.sqrt(oo * pp), 4)}
+            res[key] = {
+                "ours_vs_ours": round(oo, 4),
+                "peer_vs_peer": round(pp, 4),
+                "ours_vs_peer": round(float(np.mean(op)), 4),
+                "ours_vs_peer_min_max": [round(min(op), 4), round(max(op), 4)],
+                "disattenuated": round(float(np.mean(op)) / np.sqrt(oo * pp), 4),
+            }
         return res
 
     per_ckpt = [pairs(lambda n, ep=ep: runs[n][ep]) for ep in late]
-    mean_over_ckpts = {key: {k: round(float(np.mean([c[key][k] for c in per_ckpt])), 4)
-                             for k in ("ours_vs_ours", "peer_vs_peer", "ours_vs_peer", "disattenuated")}
-                       for key in ("prop_corr_all", "per_spot_corr_median")}
+    mean_over_ckpts = {
+        key: {
+            k: round(float(np.mean([c[key][k] for c in per_ckpt])), 4)
+            for k in ("ours_vs_ours", "peer_vs_peer", "ours_vs_peer", "disattenuated")
+        }
+        for key in ("prop_corr_all", "per_spot_corr_median")
+    }
     averaged = {n: np.mean([runs[n][ep] for ep in late], axis=0) for n in names}
-    return {"epochs": f"{late[0]}-{late[-1]} ({len(late)} checkpoints)",
-            "single_checkpoints_mean": mean_over_ckpts,
-            "at_last_common_epoch": per_ckpt[-1],
-            "late_iterates_averaged": pairs(lambda n: averaged[n])}
+    return {
+        "epochs": f"{late[0]}-{late[-1]} ({len(late)} checkpoints)",
+        "single_checkpoints_mean": mean_over_ckpts,
+        "at_last_common_epoch": per_ckpt[-1],
+        "late_iterates_averaged": pairs(lambda n: averaged[n]),
+    }
 
 
 def main():
@@ -332,8 +423,12 @@ def main():
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours/peer this many times for timing")
     ap.add_argument("--ours-seeds", type=int, default=1, help="also run ours with further seeds (its own noise)")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="run the workers this many at a time (agreement runs only: timings then not comparable)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the workers this many at a time (agreement runs only: timings then not comparable)",
+    )
     ap.add_argument("--save-dir", help="keep each worker's output (proportions, gamma, timings) here")
     ap.add_argument("--ckpt-dir", help="write each worker's proportions every --ckpt-every epochs here (JSON lines)")
     ap.add_argument("--ckpt-every", type=int, default=0)
@@ -353,16 +448,19 @@ def main():
         genes_path = tmp / "genes.json"
         genes_path.write_text(json.dumps([str(g) for g in genes]))
         specs = [(sys.executable, "ours", tmp / f"ours{i}.json", a.seed + i) for i in range(a.ours_seeds)]
-        specs += [] if a.skip_peer else [(str(PEER_PY), "peer", tmp / f"peer{i}.json", a.seed + i)
-                                         for i in range(a.peer_seeds)]
+        specs += (
+            []
+            if a.skip_peer
+            else [(str(PEER_PY), "peer", tmp / f"peer{i}.json", a.seed + i) for i in range(a.peer_seeds)]
+        )
         if a.jobs > 1:
             res = run_workers_concurrently(specs, a, sp_path, ref_path, genes_path, a.jobs)
         else:
             res = [run_worker(py, kind, a, sp_path, ref_path, genes_path, out, seed) for py, kind, out, seed in specs]
-        ours, ours_more, peers = res[0], res[1:a.ours_seeds], res[a.ours_seeds:]
+        ours, ours_more, peers = res[0], res[1 : a.ours_seeds], res[a.ours_seeds :]
         if a.save_dir:
             Path(a.save_dir).mkdir(parents=True, exist_ok=True)
-            for (_, kind, out, seed), r in zip(specs, res):
+            for (_, kind, _out, seed), r in zip(specs, res):
                 Path(a.save_dir, f"{kind}_seed{seed}.json").write_text(json.dumps(r))
         # further alternating runs for timing only (the machine is shared: keep each side's fastest epoch time)
         for i in range(1, a.repeats):
@@ -371,16 +469,24 @@ def main():
                     continue
                 o = run_worker(py, kind, a, sp_path, ref_path, genes_path, tmp / f"{kind}_r{i}.json", a.seed)
                 res["per_epoch_runs"] = res.get("per_epoch_runs", [res["per_epoch_s"]]) + [o["per_epoch_s"]]
-                res["per_epoch_cpu_runs"] = res.get("per_epoch_cpu_runs", [res["per_epoch_cpu_s"]]) + [o["per_epoch_cpu_s"]]
+                res["per_epoch_cpu_runs"] = res.get("per_epoch_cpu_runs", [res["per_epoch_cpu_s"]]) + [
+                    o["per_epoch_cpu_s"]
+                ]
                 res["per_epoch_s"] = min(res["per_epoch_s"], o["per_epoch_s"])
                 res["per_epoch_cpu_s"] = min(res["per_epoch_cpu_s"], o["per_epoch_cpu_s"])
                 for k in ("sc_per_epoch_s", "sc_per_epoch_cpu_s"):
                     res[k] = min(res[k], o[k])
                 res["peak_rss_gb"] = max(res["peak_rss_gb"], o["peak_rss_gb"])
     p_o = np.asarray(ours["proportions"])
-    summary = {"data": a.data, "spots": len(p_o), "genes": len(genes), "sc_epochs": a.sc_epochs,
-               "epochs": a.epochs, "threads": a.threads,
-               "ours": {k: ours[k] for k in _TIME_KEYS if k in ours}}
+    summary = {
+        "data": a.data,
+        "spots": len(p_o),
+        "genes": len(genes),
+        "sc_epochs": a.sc_epochs,
+        "epochs": a.epochs,
+        "threads": a.threads,
+        "ours": {k: ours[k] for k in _TIME_KEYS if k in ours},
+    }
     if truth is not None:
         t = truth[ours["types"]].to_numpy()
         summary["ours"]["prop_corr_truth"] = corr(p_o, t)
@@ -401,7 +507,8 @@ def main():
             "sc_speedup_per_epoch": peer["sc_per_epoch_s"] / ours["sc_per_epoch_s"],
             "sc_speedup_per_epoch_cpu": peer["sc_per_epoch_cpu_s"] / ours["sc_per_epoch_cpu_s"],
             "speedup_total": peer["total_s"] / ours["total_s"],
-            "rss_ratio_ours_over_peer": ours["peak_rss_gb"] / peer["peak_rss_gb"]}
+            "rss_ratio_ours_over_peer": ours["peak_rss_gb"] / peer["peak_rss_gb"],
+        }
     if len(peers) > 1:
         summary["agreement_peer_vs_peer_seed1"] = agreement(peers[0]["proportions"], peers[1]["proportions"])
     for i, o in enumerate(ours_more, 1):

@@ -11,6 +11,7 @@ default ``.peers/venv/bin/python``) with ``NUMBA_NUM_THREADS`` / BLAS threads se
 peak RSS (``VmHWM``) is per run. Both read the same arrays from a folder of ``.npy`` files; each first fits a
 300-spot slice so JIT loading is not timed, then times ``fit``. Our package never imports FlashDeconv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,24 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PEER_PY = REPO / ".peers" / "venv" / "bin" / "python"
 DATA = REPO.parent / "shared" / "data"
-OPTION_NAMES = ("sketch_dim", "lambda_spatial", "rho_sparsity", "n_hvg", "n_markers_per_type", "spatial_method",
-                "k_neighbors", "radius", "max_iter", "tol", "preprocess", "gene_weighting")
+OPTION_NAMES = (
+    "sketch_dim",
+    "lambda_spatial",
+    "rho_sparsity",
+    "n_hvg",
+    "n_markers_per_type",
+    "spatial_method",
+    "k_neighbors",
+    "radius",
+    "max_iter",
+    "tol",
+    "preprocess",
+    "gene_weighting",
+)
 
 
 # ----------------------------------------------------------------------------------------------- data
+
 
 def save_arrays(path: Path, Y, X, coords, truth=None, types=None):
     """One ``.npy`` per array in the folder ``path`` (loading an .npy never holds a second copy)."""
@@ -39,8 +53,15 @@ def save_arrays(path: Path, Y, X, coords, truth=None, types=None):
 
     Y = sp.csr_matrix(Y)
     path.mkdir(parents=True, exist_ok=True)
-    arrays = dict(data=Y.data, indices=Y.indices, indptr=Y.indptr, shape=np.array(Y.shape), X=X, coords=coords,
-                  types=np.array(types if types is not None else [], dtype=str))
+    arrays = dict(
+        data=Y.data,
+        indices=Y.indices,
+        indptr=Y.indptr,
+        shape=np.array(Y.shape),
+        X=X,
+        coords=coords,
+        types=np.array(types if types is not None else [], dtype=str),
+    )
     if truth is not None:
         arrays["truth"] = truth
     for k, v in arrays.items():
@@ -107,7 +128,7 @@ def fast_slide(n_spots: int, n_genes: int, n_types: int = 10, umi_mean: float = 
     typ = np.empty(spot.size, dtype=np.int64)
     for s in range(0, spot.size, 1 << 22):
         u = rng.random(min(1 << 22, spot.size - s), dtype=np.float32)
-        typ[s:s + u.size] = (u[:, None] > cum[spot[s:s + u.size]]).sum(axis=1)
+        typ[s : s + u.size] = (u[:, None] > cum[spot[s : s + u.size]]).sum(axis=1)
     typ = np.minimum(typ, n_types - 1)
     gene = np.empty(spot.size, dtype=np.int64)
     cprof = np.cumsum(prof, axis=1)
@@ -146,16 +167,17 @@ def visium(path: Path, name: str):
 
 # --------------------------------------------------------------------------------------------- worker
 
+
 def _rss_gb() -> float:
     """Peak resident set of this process (VmHWM: unlike ru_maxrss it does not inherit the parent's peak
     across fork + exec)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024 ** 2  # KiB
+                return int(line.split()[1]) / 1024**2  # KiB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def worker_anndata(engine: str, inp: str, out: str):
@@ -197,9 +219,15 @@ def worker(engine: str, inp: str, out: str, options: dict, fixed: str | None):
         m = FlashDeconv(**kw)
         m.fit(Y, X, coords)
         fit_s = time.perf_counter() - t0
-        res = dict(proportions=m.proportions_, beta=m.beta_, gene_idx=m.gene_idx_, lambda_used=m.lambda_used_,
-                   n_iter=m.info_["n_iterations"], converged=m.info_["converged"],
-                   objective=m.info_["final_objective"])
+        res = dict(
+            proportions=m.proportions_,
+            beta=m.beta_,
+            gene_idx=m.gene_idx_,
+            lambda_used=m.lambda_used_,
+            n_iter=m.info_["n_iterations"],
+            converged=m.info_["converged"],
+            objective=m.info_["final_objective"],
+        )
         if m.gene_weights_ is not None:
             res["gene_weights"] = m.gene_weights_
     else:
@@ -219,17 +247,25 @@ def worker(engine: str, inp: str, out: str, options: dict, fixed: str | None):
         t0 = time.perf_counter()
         fit = fit_arrays(Y, X, coords, cfg, **fx)
         fit_s = time.perf_counter() - t0
-        res = dict(proportions=fit.proportions, beta=fit.beta, gene_idx=fit.gene_idx, lambda_used=fit.lambda_used,
-                   n_iter=fit.info.n_iter, converged=fit.info.converged, objective=fit.info.objective,
-                   timings=json.dumps(fit.timings))
+        res = dict(
+            proportions=fit.proportions,
+            beta=fit.beta,
+            gene_idx=fit.gene_idx,
+            lambda_used=fit.lambda_used,
+            n_iter=fit.info.n_iter,
+            converged=fit.info.converged,
+            objective=fit.info.objective,
+            timings=json.dumps(fit.timings),
+        )
         if fit.gene_weights is not None:
             res["gene_weights"] = fit.gene_weights
     res.update(fit_s=fit_s, load_s=t_loaded - t_start, rss_loaded_gb=rss_loaded, peak_rss_gb=_rss_gb())
     np.savez(out, **res)
 
 
-def run_worker(engine: str, inp: Path, out: Path, options: dict, threads: int, peer_python: str,
-               fixed: Path | None = None) -> dict:
+def run_worker(
+    engine: str, inp: Path, out: Path, options: dict, threads: int, peer_python: str, fixed: Path | None = None
+) -> dict:
     env = dict(os.environ)
     for v in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[v] = str(threads)
@@ -247,21 +283,27 @@ def run_worker(engine: str, inp: Path, out: Path, options: dict, threads: int, p
 
 # ------------------------------------------------------------------------------------------- benches
 
+
 def per_spot_pearson(p, q):
-    pc = (p - p.mean(1, keepdims=True))
-    qc = (q - q.mean(1, keepdims=True))
-    den = np.sqrt((pc ** 2).sum(1) * (qc ** 2).sum(1))
+    pc = p - p.mean(1, keepdims=True)
+    qc = q - q.mean(1, keepdims=True)
+    den = np.sqrt((pc**2).sum(1) * (qc**2).sum(1))
     ok = den > 0
     return float(((pc * qc).sum(1)[ok] / den[ok]).mean())
 
 
 def bench_equivalence(a, work: Path) -> list[dict]:
-    cases = [("simulated 6000 spots", simulated(work / "sim6000", 6000, seed=21), {}),
-             ("simulated 6000 spots, countsketch", work / "sim6000", {"gene_weighting": "countsketch"}),
-             ("simulated 6000 spots, pearson", work / "sim6000", {"preprocess": "pearson"}),
-             ("simulated 6000 spots, raw, grid graph", work / "sim6000", {"preprocess": "raw", "spatial_method": "grid"}),
-             ("simulated 6000 spots, radius graph, lambda=20, rho=0.05", work / "sim6000",
-              {"spatial_method": "radius", "radius": 180.0, "lambda_spatial": 20.0, "rho_sparsity": 0.05})]
+    cases = [
+        ("simulated 6000 spots", simulated(work / "sim6000", 6000, seed=21), {}),
+        ("simulated 6000 spots, countsketch", work / "sim6000", {"gene_weighting": "countsketch"}),
+        ("simulated 6000 spots, pearson", work / "sim6000", {"preprocess": "pearson"}),
+        ("simulated 6000 spots, raw, grid graph", work / "sim6000", {"preprocess": "raw", "spatial_method": "grid"}),
+        (
+            "simulated 6000 spots, radius graph, lambda=20, rho=0.05",
+            work / "sim6000",
+            {"spatial_method": "radius", "radius": 180.0, "lambda_spatial": 20.0, "rho_sparsity": 0.05},
+        ),
+    ]
     for name in ("hippocampus", "lymphnode_human"):
         if (DATA / f"spacexr_visium_{name}_spatial.h5ad").exists():
             cases.append((f"Visium {name}", visium(work / f"visium_{name}", name), {}))
@@ -273,7 +315,9 @@ def bench_equivalence(a, work: Path) -> list[dict]:
         same = run_worker("ours", inp, work / "ours_fixed.npz", opts, a.threads, a.peer_python, fixed)
         own = run_worker("ours", inp, work / "ours_own.npz", opts, a.threads, a.peer_python)
         row = {
-            "case": label, "spots": int(peer["proportions"].shape[0]), "types": int(peer["proportions"].shape[1]),
+            "case": label,
+            "spots": int(peer["proportions"].shape[0]),
+            "types": int(peer["proportions"].shape[1]),
             "max_abs_diff_same_inputs": float(np.abs(same["proportions"] - peer["proportions"]).max()),
             "max_abs_diff_own_selection": float(np.abs(own["proportions"] - peer["proportions"]).max()),
             "same_genes": bool(np.array_equal(own["gene_idx"], peer["gene_idx"])),
@@ -315,8 +359,11 @@ def bench_end_to_end(a, work: Path) -> list[dict]:
     for label, d in cases:
         peer = run_worker("peer_tl", d, work / "peer_tl.npz", {}, a.threads, a.peer_python)
         ours = run_worker("ours_tl", d, work / "ours_tl.npz", {}, a.threads, a.peer_python)
-        row = {"case": label, "spots": int(peer["proportions"].shape[0]),
-               "max_abs_diff_end_to_end": float(np.abs(ours["proportions"] - peer["proportions"]).max())}
+        row = {
+            "case": label,
+            "spots": int(peer["proportions"].shape[0]),
+            "max_abs_diff_end_to_end": float(np.abs(ours["proportions"] - peer["proportions"]).max()),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -329,11 +376,15 @@ def bench_accuracy(a, work: Path) -> list[dict]:
         truth = load_arrays(inp)[3]
         peer = run_worker("peer", inp, work / "peer.npz", {}, a.threads, a.peer_python)
         ours = run_worker("ours", inp, work / "ours.npz", {}, a.threads, a.peer_python)
-        row = {"seed": seed, "types": n_types, "spots": 4000,
-               "pearson_ours": per_spot_pearson(ours["proportions"], truth),
-               "pearson_peer": per_spot_pearson(peer["proportions"], truth),
-               "rmse_ours": float(np.sqrt(((ours["proportions"] - truth) ** 2).mean())),
-               "rmse_peer": float(np.sqrt(((peer["proportions"] - truth) ** 2).mean()))}
+        row = {
+            "seed": seed,
+            "types": n_types,
+            "spots": 4000,
+            "pearson_ours": per_spot_pearson(ours["proportions"], truth),
+            "pearson_peer": per_spot_pearson(peer["proportions"], truth),
+            "rmse_ours": float(np.sqrt(((ours["proportions"] - truth) ** 2).mean())),
+            "rmse_peer": float(np.sqrt(((peer["proportions"] - truth) ** 2).mean())),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -344,9 +395,16 @@ def _speed_rows(a, work: Path, inp: Path, label: str, engines=("ours", "peer")) 
     for rep in range(a.repeats):
         for eng in engines:
             r = run_worker(eng, inp, work / f"{eng}.npz", {}, a.threads, a.peer_python)
-            row = {"case": label, "engine": eng, "rep": rep, "fit_s": float(r["fit_s"]),
-                   "peak_rss_gb": float(r["peak_rss_gb"]), "rss_after_load_gb": float(r["rss_loaded_gb"]),
-                   "wall_s": float(r["wall_s"]), "n_iter": int(r["n_iter"])}
+            row = {
+                "case": label,
+                "engine": eng,
+                "rep": rep,
+                "fit_s": float(r["fit_s"]),
+                "peak_rss_gb": float(r["peak_rss_gb"]),
+                "rss_after_load_gb": float(r["rss_loaded_gb"]),
+                "wall_s": float(r["wall_s"]),
+                "n_iter": int(r["n_iter"]),
+            }
             if "timings" in r:
                 row["stages"] = json.loads(str(r["timings"]))
             rows.append(row)
@@ -373,14 +431,16 @@ def bench_scale(a, work: Path) -> list[dict]:
         t = time.perf_counter()
         Y, X, coords, truth = fast_slide(a.big_spots, a.big_genes, seed=9)
         save_arrays(inp, Y, X, coords, truth)
-        print(f"generated {Y.shape} nnz={Y.nnz} density={Y.nnz / np.prod(Y.shape):.4f} "
-              f"in {time.perf_counter() - t:.0f} s", flush=True)
+        print(
+            f"generated {Y.shape} nnz={Y.nnz} density={Y.nnz / np.prod(Y.shape):.4f} "
+            f"in {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
         del Y, truth
     engines = ("ours", "peer") if a.scale_peer else ("ours",)
     rows = _speed_rows(a, work, inp, f"fast {a.big_spots} x {a.big_genes}", engines)
     truth = load_arrays(inp)[3]
-    print(json.dumps({"pearson_ours": per_spot_pearson(np.load(work / "ours.npz")["proportions"], truth)}),
-          flush=True)
+    print(json.dumps({"pearson_ours": per_spot_pearson(np.load(work / "ours.npz")["proportions"], truth)}), flush=True)
     return rows
 
 

@@ -5,6 +5,7 @@ Xvfb when there is no display. Prints open time (File > Open to first frame) and
 
     python benchmarks/bench_gui_large.py [--sizes 100000 1000000] [--layouts grid random]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,16 @@ def make_slide(n: int, path: Path, layout: str = "grid"):
     rng = np.random.default_rng(0)
     side = int(np.ceil(np.sqrt(n)))
     rows, cols = np.divmod(np.arange(n), side)
-    x = sp.random(n, 50, density=0.1, format="csr", random_state=0,
-                  data_rvs=lambda k: rng.integers(1, 20, k)).astype(np.int32)
-    a = ad.AnnData(X=x, obs=pd.DataFrame({"cluster": pd.Categorical(rng.choice(list("ABCDEFGH"), n))},
-                                         index=[f"b{i}" for i in range(n)]),
-                   var=pd.DataFrame(index=[f"G{g}" for g in range(50)]))
+    x = sp.random(n, 50, density=0.1, format="csr", random_state=0, data_rvs=lambda k: rng.integers(1, 20, k)).astype(
+        np.int32
+    )
+    a = ad.AnnData(
+        X=x,
+        obs=pd.DataFrame(
+            {"cluster": pd.Categorical(rng.choice(list("ABCDEFGH"), n))}, index=[f"b{i}" for i in range(n)]
+        ),
+        var=pd.DataFrame(index=[f"G{g}" for g in range(50)]),
+    )
     if layout == "grid":  # Visium HD-like bins
         a.obsm["spatial"] = np.column_stack([cols * 2.0, rows * 2.0])
     else:  # Slide-seq-like beads at random positions, same density
@@ -76,8 +82,11 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((n, res))
-        print(f"{n:>9,d} spots ({layout:<6})  layer={res['layer']:<6}  open+first frame {res['open_s']:.2f} s  "
-              f"redraw after zoom {res['redraw_ms']:.0f} ms  peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+        print(
+            f"{n:>9,d} spots ({layout:<6})  layer={res['layer']:<6}  open+first frame {res['open_s']:.2f} s  "
+            f"redraw after zoom {res['redraw_ms']:.0f} ms  peak RSS {res['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

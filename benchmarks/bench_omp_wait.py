@@ -15,6 +15,7 @@ policy. ``--load K`` adds K busy-looping processes for the whole measurement.
     .venv/bin/python benchmarks/bench_omp_wait.py --repeats 2 --policies $P            # quiet machine
     .venv/bin/python benchmarks/bench_omp_wait.py --repeats 2 --policies $P --load 2   # two busy processes beside
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,11 @@ def run_case(code: str, threads: int, policy: str) -> dict:
     if policy != "default":
         name, value = policy.split("=", 1)
         env[name] = value
-    script = "import torch, time\nt0 = time.perf_counter()\n" + code.replace("THREADS", str(threads)) + \
-        "\nprint('WALL', time.perf_counter() - t0)\n"
+    script = (
+        "import torch, time\nt0 = time.perf_counter()\n"
+        + code.replace("THREADS", str(threads))
+        + "\nprint('WALL', time.perf_counter() - t0)\n"
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -73,8 +77,12 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--policies", nargs="+", default=["default", "GOMP_SPINCOUNT=10000"],
-                    help="'default' (libgomp's own) or NAME=VALUE environment settings to compare")
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        default=["default", "GOMP_SPINCOUNT=10000"],
+        help="'default' (libgomp's own) or NAME=VALUE environment settings to compare",
+    )
     ap.add_argument("--load", type=int, default=0, help="busy-looping processes to run alongside")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -90,8 +98,9 @@ def main():
             best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
             out["results"][name] = {"runs": runs, "best": best}
             base = best[a.policies[0]]["wall_s"]
-            cells = "   ".join(f"{k}: {b['wall_s']:.2f} s (CPU {b['cpu_s']:.1f}, {base / b['wall_s']:.2f}x)"
-                               for k, b in best.items())
+            cells = "   ".join(
+                f"{k}: {b['wall_s']:.2f} s (CPU {b['cpu_s']:.1f}, {base / b['wall_s']:.2f}x)" for k, b in best.items()
+            )
             print(f"{name:18s} {cells}", flush=True)
     finally:
         for h in hogs:

@@ -21,6 +21,7 @@ loaded beforehand (compiled once per machine, then read from their on-disk cache
 after the peer's run: the ratios use the slower of the two. Peer = ``GeneFactory.perturb``. The load average is
 recorded around each measurement; peak traced memory of ours is measured in an untimed repeat.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from spatial_deconv_gui.engines.perturb import priors  # noqa: E402
 from spatial_deconv_gui.engines.perturb.lasso import fit_sgl_batch, sgl_objective  # noqa: E402
-from spatial_deconv_gui.engines.perturb.ligands import (grid_error_bound, grid_kernel_sum, grid_spacing,  # noqa: E402
-                                                        received_ligands)
+from spatial_deconv_gui.engines.perturb.ligands import grid_error_bound, grid_kernel_sum, grid_spacing, received_ligands  # noqa: E402
+from spatial_deconv_gui.engines.perturb.modulators import select_modulators  # noqa: E402
 from spatial_deconv_gui.engines.perturb.perturb import Propagator, load_model, simulate_perturbation  # noqa: E402
 from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue  # noqa: E402
 from spatial_deconv_gui.engines.perturb.train import TrainConfig, build_features, train  # noqa: E402
-from spatial_deconv_gui.engines.perturb.modulators import select_modulators  # noqa: E402
 
 PEER_PY = os.environ.get("PEER_PYTHON", str(REPO / ".peers" / "venv-stl" / "bin" / "python"))
 SHARED = REPO.parent / "shared" / "data"
@@ -130,7 +130,7 @@ def run_peer(task: str, wd: Path, **kw) -> dict:
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("PEER_JSON")), None)
     if p.returncode != 0 or line is None:
         raise RuntimeError(f"peer task {task} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    res = json.loads(line[len("PEER_JSON"):])
+    res = json.loads(line[len("PEER_JSON") :])
     res["process_wall_s"] = wall
     return res
 
@@ -138,8 +138,14 @@ def run_peer(task: str, wd: Path, **kw) -> dict:
 def write_peer_lr(lr_prior: pd.DataFrame, wd: Path):
     """Our LR prior in the peer's CellChat format (ligand, receptor, pathway, signaling)."""
     lr, _ = priors.load_lr(lr_prior)
-    df = pd.DataFrame({"ligand": lr.ligand, "receptor": lr.receptor, "pathway": "sim",
-                       "signaling": np.where(lr.signaling == "secreted", "Secreted Signaling", "Cell-Cell Contact")})
+    df = pd.DataFrame(
+        {
+            "ligand": lr.ligand,
+            "receptor": lr.receptor,
+            "pathway": "sim",
+            "signaling": np.where(lr.signaling == "secreted", "Secreted Signaling", "Cell-Cell Contact"),
+        }
+    )
     df.to_csv(wd / "cellchat.csv", index=False)
 
 
@@ -156,11 +162,21 @@ def train_sim(adata, out: Path, tfl=None, lr_prior=None, **cfg_kw):
     grn, _ = priors.load_grn(s["grn_prior"])
     lr, _ = priors.load_lr(s["lr_prior"] if lr_prior is None else lr_prior)
     tfl_df = priors.load_tfl(tfl)[0] if tfl is not None else None
-    cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"],
-                      **cfg_kw)
+    cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"], **cfg_kw)
     t = time.perf_counter()
-    man = train(adata.X, adata.var_names, adata.obsm["spatial"], adata.obs["cluster"].astype(str).to_numpy(), grn,
-                lr, out, config=cfg, tfl=tfl_df, overwrite=True, obs_names=list(adata.obs_names))
+    man = train(
+        adata.X,
+        adata.var_names,
+        adata.obsm["spatial"],
+        adata.obs["cluster"].astype(str).to_numpy(),
+        grn,
+        lr,
+        out,
+        config=cfg,
+        tfl=tfl_df,
+        overwrite=True,
+        obs_names=list(adata.obs_names),
+    )
     return man, time.perf_counter() - t
 
 
@@ -170,8 +186,11 @@ def write_peer_inputs(adata, model, wd: Path):
 
     X = np.asarray(adata.X, dtype=np.float64)
     codes = pd.Categorical(adata.obs["cluster"].astype(str), categories=model.cluster_names).codes
-    p = ad.AnnData(X=X.copy(), obs=pd.DataFrame({"cell_type_int": codes.astype(int)}, index=adata.obs_names),
-                   var=pd.DataFrame(index=adata.var_names))
+    p = ad.AnnData(
+        X=X.copy(),
+        obs=pd.DataFrame({"cell_type_int": codes.astype(int)}, index=adata.obs_names),
+        var=pd.DataFrame(index=adata.var_names),
+    )
     p.layers["normalized_count"] = X.copy()
     p.layers["imputed_count"] = X.copy()
     p.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)
@@ -203,54 +222,91 @@ def bench_equivalence(a):
         rad = ligand_radii(lr, s["radius"], s["contact_radius"])
         radii = np.array([rad[g] for g in ligs])
         vals = np.asarray(adata[:, ligs].X, dtype=np.float64)
-        np.savez(wd / "recv_in.npz", xy=adata.obsm["spatial"], values=vals, radii=radii,
-                 ligands=np.array(ligs, dtype=str), scale=s["scale_factor"])
+        np.savez(
+            wd / "recv_in.npz",
+            xy=adata.obsm["spatial"],
+            values=vals,
+            radii=radii,
+            ligands=np.array(ligs, dtype=str),
+            scale=s["scale_factor"],
+        )
         t = time.perf_counter()
         ours = received_ligands(adata.obsm["spatial"], vals, radii, scale=s["scale_factor"], mode="exact")
         t_ours = time.perf_counter() - t
         pr = run_peer("received", wd)
         peer = np.load(wd / "recv_out.npy")
         out["received_ligands"] = {
-            "n_cells": adata.n_obs, "n_ligands": len(ligs),
+            "n_cells": adata.n_obs,
+            "n_ligands": len(ligs),
             "max_rel_diff": float(np.abs(ours - peer).max() / np.abs(peer).max()),
             "max_elementwise_rel_diff": float((np.abs(ours - peer) / np.maximum(np.abs(peer), 1e-300)).max()),
-            "ours_s": t_ours, "peer_s": pr["time_s"]}
+            "ours_s": t_ours,
+            "peer_s": pr["time_s"],
+        }
         print(json.dumps(out["received_ligands"]), flush=True)
 
         # 2. perturbation shift with the same coefficients (ours written as the peer's betadata)
         man, _ = train_sim(adata, wd / "model", tfl=sim_tfl(adata))
         model = load_model(wd / "model")
         write_peer_inputs(adata, model, wd)
-        cases = [("Tf0", [0.0], None), ("Lig0", [0.0], None), ("Tf3", [0.0], None),
-                 ("Tf2", [float(np.max(adata[:, "Tf2"].X)) * 1.5], None),
-                 ("Tf0", [0.0], list(range(0, adata.n_obs, 3)))]
+        cases = [
+            ("Tf0", [0.0], None),
+            ("Lig0", [0.0], None),
+            ("Tf3", [0.0], None),
+            ("Tf2", [float(np.max(adata[:, "Tf2"].X)) * 1.5], None),
+            ("Tf0", [0.0], list(range(0, adata.n_obs, 3))),
+        ]
         res = []
         for gene, vals_, cells in cases:
             t = time.perf_counter()
             ours_d = simulate_perturbation(model, gene, vals_, cells=cells, n_steps=4, ligand_mode="exact")
             t_ours = time.perf_counter() - t
-            pp = run_peer("perturb", wd, genes=[gene], values=vals_, steps=4, cells=cells, radius=s["radius"],
-                          contact=s["contact_radius"], scale=s["scale_factor"])
+            pp = run_peer(
+                "perturb",
+                wd,
+                genes=[gene],
+                values=vals_,
+                steps=4,
+                cells=cells,
+                radius=s["radius"],
+                contact=s["contact_radius"],
+                scale=s["scale_factor"],
+            )
             peer_d = pd.DataFrame(np.load(wd / "peer_delta.npy"), columns=pp["genes"])
             diff = np.abs(peer_d[model.genes].to_numpy() - ours_d).max()
             other = [g for g in peer_d.columns if g not in set(model.genes)]
-            res.append({"gene": gene, "value": vals_[0], "cells": "all" if cells is None else len(cells),
-                        "max_abs_diff": float(diff), "max_abs_shift": float(np.abs(ours_d).max()),
-                        "peer_nonzero_outside_model": float(np.abs(peer_d[other].to_numpy()).max()) if other else 0.0,
-                        "ours_s": t_ours, "peer_perturb_s": pp["perturb_s"]})
+            res.append(
+                {
+                    "gene": gene,
+                    "value": vals_[0],
+                    "cells": "all" if cells is None else len(cells),
+                    "max_abs_diff": float(diff),
+                    "max_abs_shift": float(np.abs(ours_d).max()),
+                    "peer_nonzero_outside_model": float(np.abs(peer_d[other].to_numpy()).max()) if other else 0.0,
+                    "ours_s": t_ours,
+                    "peer_perturb_s": pp["perturb_s"],
+                }
+            )
             print(json.dumps(res[-1]), flush=True)
         out["perturbation"] = res
         out["n_tfl_pairs"] = len(model.tfl_pairs)
         # every simulated ligand has one annotation, so the default per-pair radius rule and SpaceTravLR's
         # per-ligand rule give the same radii: the rows above compare the default model with the peer
-        out["radius_rules_coincide"] = bool(man["radius_rule"] == "pair" and all(
-            r == man["ligand_radius"][k.split("$")[0]] for k, r in man["lr_radius"].items()))
+        out["radius_rules_coincide"] = bool(
+            man["radius_rule"] == "pair"
+            and all(r == man["ligand_radius"][k.split("$")[0]] for k, r in man["lr_radius"].items())
+        )
 
         # 2b. a ligand in a secreted and a contact pair (Lig1 also signals to Rec3 by contact). The peer keeps
         # one radius per ligand (its first pair's): our radius_rule='ligand' must match it; the default
         # per-pair rule receives Lig1 at both radii and is expected to differ from it.
-        lr2 = pd.concat([pd.DataFrame(s["lr_prior"]), pd.DataFrame(
-            {"ligand": ["Lig1"], "receptor": ["Rec3"], "annotation": ["Cell-Cell Contact"]})], ignore_index=True)
+        lr2 = pd.concat(
+            [
+                pd.DataFrame(s["lr_prior"]),
+                pd.DataFrame({"ligand": ["Lig1"], "receptor": ["Rec3"], "annotation": ["Cell-Cell Contact"]}),
+            ],
+            ignore_index=True,
+        )
         res2 = []
         for rule in ("ligand", "pair"):
             wd2 = wd / f"two_kinds_{rule}"
@@ -261,13 +317,27 @@ def bench_equivalence(a):
             write_peer_inputs(adata, m2, wd2)
             for gene in ("Lig1", "Tf0"):
                 ours_d = simulate_perturbation(m2, gene, 0.0, n_steps=4, ligand_mode="exact")
-                pp = run_peer("perturb", wd2, genes=[gene], values=[0.0], steps=4, radius=s["radius"],
-                              contact=s["contact_radius"], scale=s["scale_factor"])
+                pp = run_peer(
+                    "perturb",
+                    wd2,
+                    genes=[gene],
+                    values=[0.0],
+                    steps=4,
+                    radius=s["radius"],
+                    contact=s["contact_radius"],
+                    scale=s["scale_factor"],
+                )
                 peer_d = pd.DataFrame(np.load(wd2 / "peer_delta.npy"), columns=pp["genes"])[m2.genes].to_numpy()
-                res2.append({"radius_rule": rule, "gene": gene, "channels": [list(c) for c in m2.channels],
-                             "lr_radius_Lig1": {k: v for k, v in man2["lr_radius"].items() if k.startswith("Lig1$")},
-                             "max_abs_diff": float(np.abs(peer_d - ours_d).max()),
-                             "max_abs_shift": float(np.abs(ours_d).max())})
+                res2.append(
+                    {
+                        "radius_rule": rule,
+                        "gene": gene,
+                        "channels": [list(c) for c in m2.channels],
+                        "lr_radius_Lig1": {k: v for k, v in man2["lr_radius"].items() if k.startswith("Lig1$")},
+                        "max_abs_diff": float(np.abs(peer_d - ours_d).max()),
+                        "max_abs_shift": float(np.abs(ours_d).max()),
+                    }
+                )
                 print(json.dumps(res2[-1]), flush=True)
         out["two_annotation_ligand"] = res2
 
@@ -275,28 +345,55 @@ def bench_equivalence(a):
         expr = np.asarray(adata.X, dtype=np.float64)
         var = list(adata.var_names)
         grn, _ = priors.load_grn(s["grn_prior"])
-        mods, _ = select_modulators(var, man["targets"], grn, lr, expr, adata.obs["cluster"].astype(str).to_numpy(),
-                                    tfl=priors.load_tfl(sim_tfl(adata))[0])
+        mods, _ = select_modulators(
+            var,
+            man["targets"],
+            grn,
+            lr,
+            expr,
+            adata.obs["cluster"].astype(str).to_numpy(),
+            tfl=priors.load_tfl(sim_tfl(adata))[0],
+        )
         gi = {g: i for i, g in enumerate(var)}
         lr_pairs = list(dict.fromkeys(p for m in mods.values() for p in m.lr))
         tfl_pairs = list(dict.fromkeys(p for m in mods.values() for p in m.tfl))
         ligl = list(dict.fromkeys([x for x, _ in lr_pairs] + [x for x, _ in tfl_pairs]))
-        pairs, _W = build_features(expr, var, adata.obsm["spatial"], lr_pairs, tfl_pairs, ligl,
-                                   np.array([rad[g] for g in ligl]), s["scale_factor"], "exact", None)
+        pairs, _W = build_features(
+            expr,
+            var,
+            adata.obsm["spatial"],
+            lr_pairs,
+            tfl_pairs,
+            ligl,
+            np.array([rad[g] for g in ligl]),
+            s["scale_factor"],
+            "exact",
+            None,
+        )
         cl = adata.obs["cluster"].astype(str).to_numpy()
         probs = []
         for t in list(mods)[:12]:
             m = mods[t]
-            cols = np.hstack([expr[:, [gi[g] for g in m.tfs]],
-                              pairs[:, [lr_pairs.index(p) for p in m.lr]],
-                              pairs[:, [len(lr_pairs) + tfl_pairs.index(p) for p in m.tfl]]])
+            cols = np.hstack(
+                [
+                    expr[:, [gi[g] for g in m.tfs]],
+                    pairs[:, [lr_pairs.index(p) for p in m.lr]],
+                    pairs[:, [len(lr_pairs) + tfl_pairs.index(p) for p in m.tfl]],
+                ]
+            )
             for c in sorted(set(cl)):
                 probs.append((cols[cl == c], expr[cl == c, gi[t]], m.groups))
         lasso_rows = []
         for group_reg, l1_reg in [(1e-7, 1e-9), (1e-3, 1e-4), (1e-2, 1e-3), (5e-2, 1e-2)]:
-            np.savez(wd / "lasso_in.npz", n=len(probs), group_reg=group_reg, l1_reg=l1_reg,
-                     **{f"X{i}": p[0] for i, p in enumerate(probs)}, **{f"y{i}": p[1] for i, p in enumerate(probs)},
-                     **{f"g{i}": p[2] for i, p in enumerate(probs)})
+            np.savez(
+                wd / "lasso_in.npz",
+                n=len(probs),
+                group_reg=group_reg,
+                l1_reg=l1_reg,
+                **{f"X{i}": p[0] for i, p in enumerate(probs)},
+                **{f"y{i}": p[1] for i, p in enumerate(probs)},
+                **{f"g{i}": p[2] for i, p in enumerate(probs)},
+            )
             run_peer("lasso", wd)
             z = np.load(wd / "lasso_out.npz")
             pmax = max(p[0].shape[1] for p in probs)
@@ -308,20 +405,29 @@ def bench_equivalence(a):
                 p = X.shape[1]
                 G[i, :p, :p], cv[i, :p], gr[i, :p] = Xc.T @ Xc, Xc.T @ yc, g
             t = time.perf_counter()
-            r = fit_sgl_batch(G, cv, [len(p[1]) for p in probs], gr, l1_reg, group_reg, standardize=False,
-                              max_iter=20000, tol=1e-10)
+            r = fit_sgl_batch(
+                G, cv, [len(p[1]) for p in probs], gr, l1_reg, group_reg, standardize=False, max_iter=20000, tol=1e-10
+            )
             t_ours = time.perf_counter() - t
             d = []
             for i, (X, y, g) in enumerate(probs):
-                w = r.coef[i, :X.shape[1]]
+                w = r.coef[i, : X.shape[1]]
                 ob = sgl_objective(X, y, w, y.mean() - X.mean(0) @ w, g, l1_reg, group_reg)
                 op = sgl_objective(X, y, z[f"c{i}"], float(z["icpt"][i]), g, l1_reg, group_reg)
                 d.append((ob - op) / max(abs(op), 1e-300))
             d = np.array(d)
-            lasso_rows.append({"group_reg": group_reg, "l1_reg": l1_reg, "n_problems": len(probs),
-                               "ours_minus_peer_rel_max": float(d.max()), "ours_minus_peer_rel_median": float(
-                                   np.median(d)), "n_ours_worse_than_1e-9": int((d > 1e-9).sum()),
-                               "ours_s_batched": t_ours, "peer_s_total": float(z["times"].sum())})
+            lasso_rows.append(
+                {
+                    "group_reg": group_reg,
+                    "l1_reg": l1_reg,
+                    "n_problems": len(probs),
+                    "ours_minus_peer_rel_max": float(d.max()),
+                    "ours_minus_peer_rel_median": float(np.median(d)),
+                    "n_ours_worse_than_1e-9": int((d > 1e-9).sum()),
+                    "ours_s_batched": t_ours,
+                    "peer_s_total": float(z["times"].sum()),
+                }
+            )
             print(json.dumps(lasso_rows[-1]), flush=True)
         out["lasso"] = lasso_rows
     return out
@@ -345,10 +451,19 @@ def bench_grid(a):
             grid = grid_kernel_sum(xy, xy, vals, r, h) / len(xy)
             err = np.abs(grid - exact)
             bound = grid_error_bound(vals, r, spacing=h)
-            rows.append({"slide": "MOB (262 spots, ST array units)", "radius": r, "spacing": h,
-                         "n_ligands": len(ligs), "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
-                         "max_rel_err_vs_max_value": float(err.max() / np.abs(exact).max()),
-                         "bound_max": float(bound.max()), "within_bound": bool(np.all(err.max(0) <= bound))})
+            rows.append(
+                {
+                    "slide": "MOB (262 spots, ST array units)",
+                    "radius": r,
+                    "spacing": h,
+                    "n_ligands": len(ligs),
+                    "max_abs_err": float(err.max()),
+                    "mean_abs_err": float(err.mean()),
+                    "max_rel_err_vs_max_value": float(err.max() / np.abs(exact).max()),
+                    "bound_max": float(bound.max()),
+                    "within_bound": bool(np.all(err.max(0) <= bound)),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
@@ -365,18 +480,26 @@ def bench_grid(a):
             tg = time.perf_counter() - t
             err = np.abs(grid - exact)
             bound = grid_error_bound(vals, r, spacing=h)
-            rows.append({"slide": f"simulated 10k cells, seed {seed}", "radius": r, "spacing": h,
-                         "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
-                         "max_rel_err_vs_max_value": float(err.max() / np.abs(exact).max()),
-                         "bound_max": float(bound.max()), "within_bound": bool(np.all(err.max(0) <= bound)),
-                         "exact_s": te, "grid_s": tg})
+            rows.append(
+                {
+                    "slide": f"simulated 10k cells, seed {seed}",
+                    "radius": r,
+                    "spacing": h,
+                    "max_abs_err": float(err.max()),
+                    "mean_abs_err": float(err.mean()),
+                    "max_rel_err_vs_max_value": float(err.max() / np.abs(exact).max()),
+                    "bound_max": float(bound.max()),
+                    "within_bound": bool(np.all(err.max(0) <= bound)),
+                    "exact_s": te,
+                    "grid_s": tg,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return {"grid": rows}
 
 
 def big_sim(n_cells, n_genes=240, seed=0, **kw):
-    return simulate_grn_tissue(n_cells=n_cells, n_genes=n_genes, seed=seed, n_tfs=20, n_ligands=8, n_receptors=8,
-                               **kw)
+    return simulate_grn_tissue(n_cells=n_cells, n_genes=n_genes, seed=seed, n_tfs=20, n_ligands=8, n_receptors=8, **kw)
 
 
 def bench_train_speed(a):
@@ -387,9 +510,13 @@ def bench_train_speed(a):
         s = adata.uns["perturb_sim"]
         write_peer_lr(s["lr_prior"], wd)
         man, t_ours = train_sim(adata, wd / "model")
-        out["ours"] = {"n_cells": adata.n_obs, "n_targets": len(man["targets"]), "total_s": t_ours,
-                       "timings": man["timings"],
-                       "mean_modulators": float(np.mean(list(man["n_modulators"].values())))}
+        out["ours"] = {
+            "n_cells": adata.n_obs,
+            "n_targets": len(man["targets"]),
+            "total_s": t_ours,
+            "timings": man["timings"],
+            "mean_modulators": float(np.mean(list(man["n_modulators"].values()))),
+        }
         print(json.dumps(out["ours"]), flush=True)
         model = load_model(wd / "model")
         write_peer_inputs(adata, model, wd)
@@ -398,27 +525,48 @@ def bench_train_speed(a):
         (wd / "regs.json").write_text(json.dumps(regs))
         rng = np.random.default_rng(0)
         genes = list(rng.choice(man["targets"], size=a.peer_genes, replace=False))
-        pr = run_peer("train", wd, genes=genes, epochs=0, radius=s["radius"], contact=s["contact_radius"],
-                      scale=s["scale_factor"])
+        pr = run_peer(
+            "train", wd, genes=genes, epochs=0, radius=s["radius"], contact=s["contact_radius"], scale=s["scale_factor"]
+        )
         per = pr["per_gene"]
-        per_gene_s = float(np.median([p["init_s"] + p["fit_s"] for p in per[1:]])) if len(per) > 1 else \
-            per[0]["init_s"] + per[0]["fit_s"]
+        per_gene_s = (
+            float(np.median([p["init_s"] + p["fit_s"] for p in per[1:]]))
+            if len(per) > 1
+            else per[0]["init_s"] + per[0]["fit_s"]
+        )
         setup_s = per[0]["init_s"] + per[0]["fit_s"] - per_gene_s
         est = setup_s + per_gene_s * len(man["targets"])
-        out["peer_lasso_only"] = {"genes_timed": len(per), "setup_s": setup_s, "per_gene_s": per_gene_s,
-                                  "extrapolated_total_s": est, "per_gene": per,
-                                  "speedup_ours": est / t_ours}
+        out["peer_lasso_only"] = {
+            "genes_timed": len(per),
+            "setup_s": setup_s,
+            "per_gene_s": per_gene_s,
+            "extrapolated_total_s": est,
+            "per_gene": per,
+            "speedup_ours": est / t_ours,
+        }
         print(json.dumps(out["peer_lasso_only"]), flush=True)
         if a.peer_cnn_genes:
-            pr = run_peer("train", wd, genes=genes[:a.peer_cnn_genes], epochs=100, radius=s["radius"],
-                          contact=s["contact_radius"], scale=s["scale_factor"])
+            pr = run_peer(
+                "train",
+                wd,
+                genes=genes[: a.peer_cnn_genes],
+                epochs=100,
+                radius=s["radius"],
+                contact=s["contact_radius"],
+                scale=s["scale_factor"],
+            )
             per = pr["per_gene"]
             # the first gene pays the setup again in this process: subtract the lasso-only setup estimate
             fit = float(np.median([p["fit_s"] for p in per]))
             init = float(np.median([p["init_s"] for p in per[1:]])) if len(per) > 1 else per_gene_s
             est2 = setup_s + (fit + init) * len(man["targets"])
-            out["peer_default_cnn"] = {"genes_timed": len(per), "fit_s_per_gene": fit, "extrapolated_total_s": est2,
-                                       "per_gene": per, "speedup_ours": est2 / t_ours}
+            out["peer_default_cnn"] = {
+                "genes_timed": len(per),
+                "fit_s_per_gene": fit,
+                "extrapolated_total_s": est2,
+                "per_gene": per,
+                "speedup_ours": est2 / t_ours,
+            }
             print(json.dumps(out["peer_default_cnn"]), flush=True)
     return out
 
@@ -427,8 +575,9 @@ def bench_knockout_speed(a):
     out = {}
     with tempfile.TemporaryDirectory() as td:
         wd = Path(td)
-        adata = simulate_grn_tissue(n_cells=a.cells, seed=3, radius=200.0, contact_radius=30.0,
-                                    side=15.0 * np.sqrt(a.cells))
+        adata = simulate_grn_tissue(
+            n_cells=a.cells, seed=3, radius=200.0, contact_radius=30.0, side=15.0 * np.sqrt(a.cells)
+        )
         s = adata.uns["perturb_sim"]
         write_peer_lr(s["lr_prior"], wd)
         man, t_train = train_sim(adata, wd / "model")
@@ -447,8 +596,13 @@ def bench_knockout_speed(a):
             simulate_perturbation(model, a.genes[0], 0.0, cells=np.arange(20), n_steps=2, ligand_mode=mode)
         # Tf2 drives Lig0, so its knockout changes received ligands at every step; Tf0 changes no ligand
         for gene in a.genes:
-            res = {"gene": gene, "n_cells": adata.n_obs, "n_genes": len(model.genes), "ours_train_s": t_train,
-                   "loadavg_1_5_15_before": list(os.getloadavg())}
+            res = {
+                "gene": gene,
+                "n_cells": adata.n_obs,
+                "n_genes": len(model.genes),
+                "ours_train_s": t_train,
+                "loadavg_1_5_15_before": list(os.getloadavg()),
+            }
 
             def time_ours(mode):
                 t = time.perf_counter()
@@ -469,13 +623,21 @@ def bench_knockout_speed(a):
             import tracemalloc
 
             tracemalloc.start()
-            for st in iter_perturbation(model, gene, 0.0, None, 4, "exact", propagator=Propagator(model)):
+            for _ in iter_perturbation(model, gene, 0.0, None, 4, "exact", propagator=Propagator(model)):
                 pass
             res["ours_exact_peak_traced_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
-            res["n_by_n_float64_mb"] = adata.n_obs ** 2 * 8 / 2**20
-            pp = run_peer("perturb", wd, genes=[gene], values=[0.0], steps=4, radius=s["radius"],
-                          contact=s["contact_radius"], scale=s["scale_factor"])
+            res["n_by_n_float64_mb"] = adata.n_obs**2 * 8 / 2**20
+            pp = run_peer(
+                "perturb",
+                wd,
+                genes=[gene],
+                values=[0.0],
+                steps=4,
+                radius=s["radius"],
+                contact=s["contact_radius"],
+                scale=s["scale_factor"],
+            )
             peer_d = pd.DataFrame(np.load(wd / "peer_delta.npy"), columns=pp["genes"])[model.genes].to_numpy()
             ex, gr = np.load(wd / "ours_exact.npy"), np.load(wd / "ours_grid.npy")
             # ours again right after the peer (the load changes during a run): the ratios use the slower of the
@@ -485,13 +647,18 @@ def bench_knockout_speed(a):
                 t_setup, t_run, _ = time_ours(mode)
                 res[f"ours_{mode}_total_s_after_peer"] = t_setup + t_run
                 res[f"ours_{mode}_total_s_slower"] = max(res[f"ours_{mode}_total_s"], t_setup + t_run)
-            res.update({"peer_setup_s": pp["setup_s"], "peer_perturb_s": pp["perturb_s"],
-                        "max_abs_diff_exact_vs_peer": float(np.abs(ex - peer_d).max()),
-                        "max_abs_diff_grid_vs_exact": float(np.abs(gr - ex).max()),
-                        "max_abs_shift": float(np.abs(ex).max()),
-                        "speedup_exact": pp["perturb_s"] / res["ours_exact_total_s_slower"],
-                        "speedup_grid": pp["perturb_s"] / res["ours_grid_total_s_slower"],
-                        "loadavg_1_5_15_after": list(os.getloadavg())})
+            res.update(
+                {
+                    "peer_setup_s": pp["setup_s"],
+                    "peer_perturb_s": pp["perturb_s"],
+                    "max_abs_diff_exact_vs_peer": float(np.abs(ex - peer_d).max()),
+                    "max_abs_diff_grid_vs_exact": float(np.abs(gr - ex).max()),
+                    "max_abs_shift": float(np.abs(ex).max()),
+                    "speedup_exact": pp["perturb_s"] / res["ours_exact_total_s_slower"],
+                    "speedup_grid": pp["perturb_s"] / res["ours_grid_total_s_slower"],
+                    "loadavg_1_5_15_after": list(os.getloadavg()),
+                }
+            )
             print(json.dumps(res), flush=True)
             out["knockout"].append(res)
     return out
@@ -513,8 +680,12 @@ def main():
     for w in todo:
         cells = a.cells
         a.cells = cells or defaults[w]
-        fn = {"equivalence": bench_equivalence, "grid": bench_grid, "train-speed": bench_train_speed,
-              "knockout-speed": bench_knockout_speed}[w]
+        fn = {
+            "equivalence": bench_equivalence,
+            "grid": bench_grid,
+            "train-speed": bench_train_speed,
+            "knockout-speed": bench_knockout_speed,
+        }[w]
         results[w] = fn(a)
         a.cells = cells
     if a.json:

@@ -7,6 +7,7 @@ spacexr's published tables (the 400 MB download rctd-py and spacexr use; ../shar
 Cold = a fresh cache folder, so every table is computed from its defining integral; cached = the same call again
 (tables read from the cache); one sigma = what a run with ``sigma_override`` needs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-count", type=int, default=1000)
-    ap.add_argument("--peer-tables", default=os.environ.get("RCTD_Q_MATRICES",
-                                                            str(REPO / ".peers" / "rctd_q" / "q_matrices.npz")))
+    ap.add_argument(
+        "--peer-tables", default=os.environ.get("RCTD_Q_MATRICES", str(REPO / ".peers" / "rctd_q" / "q_matrices.npz"))
+    )
     a = ap.parse_args(argv)
 
     import torch
@@ -49,8 +51,10 @@ def main(argv=None):
         cached = time.perf_counter() - t
         size = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file())
     print(f"one sigma, computed: {one:.2f} s")
-    print(f"all {len(sigmas)} sigmas x {a.max_count + 1} counts x {len(lambda_grid())} lambdas: "
-          f"cold {cold:.2f} s, cached {cached:.3f} s, cache on disk {size / 1e6:.0f} MB")
+    print(
+        f"all {len(sigmas)} sigmas x {a.max_count + 1} counts x {len(lambda_grid())} lambdas: "
+        f"cold {cold:.2f} s, cached {cached:.3f} s, cache on disk {size / 1e6:.0f} MB"
+    )
 
     peer = Path(a.peer_tables)
     if not peer.exists():
@@ -67,8 +71,10 @@ def main(argv=None):
         diff = np.abs(tab.logq[: logq.shape[0]] - logq)
         worst = max(worst, float(diff.max()))
         worst_p = max(worst_p, float(np.abs(np.exp(tab.logq[: logq.shape[0]]) - np.exp(logq)).max()))
-    print(f"vs spacexr's tables ({peer.name}), counts 0..{a.max_count}, all {len(SIGMA_GRID)} sigmas: "
-          f"max |log P diff| {worst:.2e}, max |P diff| {worst_p:.2e}")
+    print(
+        f"vs spacexr's tables ({peer.name}), counts 0..{a.max_count}, all {len(SIGMA_GRID)} sigmas: "
+        f"max |log P diff| {worst:.2e}, max |P diff| {worst_p:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Fixtures are written once into ``--work`` (default ``/tmp/sdg_bench_readers``): 
 Visium HD ``outs/`` with 8 µm bins, and the sample slide as Space Ranger 2.x folder and SpatialData store.
 ``--visium`` adds real Space Ranger folders.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,11 @@ def xenium_fixture(folder: Path, n_cells: int, side: int) -> Path:
         return folder
     rng = np.random.default_rng(0)
     pixel = 0.2125
-    adata = ad.AnnData(X=_counts(n_cells, 300, 0.15, rng),
-                       obs=pd.DataFrame({"cell_area": rng.uniform(30, 150, n_cells)},
-                                        index=[f"c{i:07d}-1" for i in range(n_cells)]),
-                       var=pd.DataFrame(index=[f"Gene{j:03d}" for j in range(300)]))
+    adata = ad.AnnData(
+        X=_counts(n_cells, 300, 0.15, rng),
+        obs=pd.DataFrame({"cell_area": rng.uniform(30, 150, n_cells)}, index=[f"c{i:07d}-1" for i in range(n_cells)]),
+        var=pd.DataFrame(index=[f"Gene{j:03d}" for j in range(300)]),
+    )
     adata.obsm["spatial"] = rng.uniform(10, side * pixel - 10, (n_cells, 2))
     ramp = np.arange(side, dtype=np.uint16) % 1024
     image = ramp[:, None] + ramp[None, :] + rng.integers(0, 64, (side, side), dtype=np.uint16)
@@ -79,13 +81,20 @@ def visium_hd_fixture(outs: Path, n_bins: int) -> Path:
     side = int(np.ceil(np.sqrt(n_bins)))
     ii, jj = np.divmod(np.arange(n_bins), side)
     um_per_px = 0.2738
-    adata = ad.AnnData(X=_counts(n_bins, 2000, 0.02, rng),
-                       obs=pd.DataFrame(index=[f"s_008um_{i:05d}_{j:05d}-1" for i, j in zip(ii, jj)]),
-                       var=pd.DataFrame(index=[f"Gene{j:04d}" for j in range(2000)]))
+    adata = ad.AnnData(
+        X=_counts(n_bins, 2000, 0.02, rng),
+        obs=pd.DataFrame(index=[f"s_008um_{i:05d}_{j:05d}-1" for i, j in zip(ii, jj)]),
+        var=pd.DataFrame(index=[f"Gene{j:04d}" for j in range(2000)]),
+    )
     adata.obsm["spatial"] = np.column_stack([jj, ii]).astype(float) * 8.0 / um_per_px + 100.0
     extent_px = adata.obsm["spatial"].max() + 100.0
-    return write_visium_hd_folder({8: adata}, outs, image=np.full((2000, 2000, 3), 200, np.uint8),
-                                  microns_per_pixel=um_per_px, hires_scalef=2000 / extent_px)
+    return write_visium_hd_folder(
+        {8: adata},
+        outs,
+        image=np.full((2000, 2000, 3), 200, np.uint8),
+        microns_per_pixel=um_per_px,
+        hires_scalef=2000 / extent_px,
+    )
 
 
 def sample_fixtures(work: Path) -> tuple[Path, Path]:
@@ -104,8 +113,9 @@ def sample_fixtures(work: Path) -> tuple[Path, Path]:
 
 
 def measure(path: Path, options: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(options or {})], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), json.dumps(options or {})], capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -122,18 +132,27 @@ def main() -> None:
     t = time.perf_counter()
     cases = [(Path(v), {}, "real Visium folder") for v in args.visium]
     outs, store = sample_fixtures(work)
-    cases += [(outs, {}, "sample as Space Ranger 2.x"), (store, {}, "sample as SpatialData .zarr"),
-              (visium_hd_fixture(work / "hd" / "outs", args.hd_bins), {"bin_size": 8}, "Visium HD 8 µm outs/"),
-              (xenium_fixture(work / "xenium", args.xenium_cells, args.xenium_side), {}, "Xenium bundle"),
-              (xenium_fixture(work / "xenium", args.xenium_cells, args.xenium_side), {"boundaries": True},
-               "Xenium bundle + outlines")]
+    cases += [
+        (outs, {}, "sample as Space Ranger 2.x"),
+        (store, {}, "sample as SpatialData .zarr"),
+        (visium_hd_fixture(work / "hd" / "outs", args.hd_bins), {"bin_size": 8}, "Visium HD 8 µm outs/"),
+        (xenium_fixture(work / "xenium", args.xenium_cells, args.xenium_side), {}, "Xenium bundle"),
+        (
+            xenium_fixture(work / "xenium", args.xenium_cells, args.xenium_side),
+            {"boundaries": True},
+            "Xenium bundle + outlines",
+        ),
+    ]
     print(f"fixtures ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     print("| slide | read_slide (s) | memory before -> peak (MB) | lazy image | what opened |")
     print("|---|---:|---:|---|---|")
     for path, options, label in cases:
         m = measure(path, options)
-        print(f"| {label} | {m['read_s']:.2f} | {m['rss_before_mb']} -> {m['peak_mb']} | "
-              f"{'yes' if m['lazy_image'] else 'no'} | {m['description']}{'; ' + ' '.join(m['notices']) if m['notices'] else ''} |")
+        notices = "; " + " ".join(m["notices"]) if m["notices"] else ""
+        print(
+            f"| {label} | {m['read_s']:.2f} | {m['rss_before_mb']} -> {m['peak_mb']} | "
+            f"{'yes' if m['lazy_image'] else 'no'} | {m['description']}{notices} |"
+        )
 
 
 if __name__ == "__main__":

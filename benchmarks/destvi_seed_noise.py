@@ -6,6 +6,7 @@ the part of the spread that the single-cell stage contributes.
 
     .venv/bin/python benchmarks/destvi_seed_noise.py --data hippocampus --out /tmp/destvi_spatial_seeds.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def main():
     sys.path.insert(0, str(REPO / "src"))
     import anndata as ad
     import torch
+
     torch.set_num_threads(1)
     from spatial_deconv_gui.engines.base import RunControl
     from spatial_deconv_gui.engines.destvi import DestVIConfig, engine
@@ -66,20 +68,35 @@ def main():
                     epoch["now"] = int(ev.message.split()[1].split("/")[0].rstrip(","))
                 if ev.partial is not None:
                     runs[seed][epoch["now"]] = ev.partial.proportions
-                    f.write(json.dumps({"seed": seed, "epoch": epoch["now"],
-                                        "proportions": ev.partial.proportions.tolist()}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"seed": seed, "epoch": epoch["now"], "proportions": ev.partial.proportions.tolist()}
+                        )
+                        + "\n"
+                    )
 
-            res = engine.run_destvi(spatial, reference, DestVIConfig(max_epochs=a.epochs, seed=seed, device="cpu",
-                                                                     report_every=100, n_threads=1),
-                                    RunControl(on_event, max_rate=0))
+            res = engine.run_destvi(
+                spatial,
+                reference,
+                DestVIConfig(max_epochs=a.epochs, seed=seed, device="cpu", report_every=100, n_threads=1),
+                RunControl(on_event, max_rate=0),
+            )
             runs[seed][a.epochs] = res.proportions
             f.write(json.dumps({"seed": seed, "epoch": a.epochs, "proportions": res.proportions.tolist()}) + "\n")
     first, second = a.seeds[:2]
     # checkpoints from epoch 1,000 on (a shorter run: its end only)
     late = [e for e in sorted(set(runs[first]) & set(runs[second])) if e >= min(1000, a.epochs)]
     r = [float(np.corrcoef(runs[first][e].ravel(), runs[second][e].ravel())[0, 1]) for e in late]
-    print(json.dumps({"epochs": late, "r_all": [round(x, 4) for x in r],
-                      "mean_r_from_epoch_1000": round(float(np.mean(r)), 4), "r_at_end": round(r[-1], 4)}))
+    print(
+        json.dumps(
+            {
+                "epochs": late,
+                "r_all": [round(x, 4) for x in r],
+                "mean_r_from_epoch_1000": round(float(np.mean(r)), 4),
+                "r_at_end": round(r[-1], 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Deconvolve the bundled sample slide with RCTD (doublet mode) from the Python API and save the result.
 
-    python examples/deconvolve_sample.py [OUT.h5ad]
+python examples/deconvolve_sample.py [OUT.h5ad]
 """
+
 import sys
 from pathlib import Path
 

@@ -1,7 +1,8 @@
 """Train the spatial GRN model of the simulated tissue and knock out its upstream TF.
 
-    python examples/knockout.py [MODEL_DIR] [OUT.h5ad]
+python examples/knockout.py [MODEL_DIR] [OUT.h5ad]
 """
+
 import sys
 from pathlib import Path
 
@@ -17,8 +18,15 @@ out = Path(sys.argv[2] if len(sys.argv) > 2 else "knockout.h5ad")
 
 tissue = read_h5ad(paths["spatial"])
 sim = tissue.uns["perturb_sim"]
-model = perturb_api.train_model(tissue, paths["grn"], paths["lr"], "cluster", model_dir,
-                                radius=float(sim["radius"]), contact_radius=float(sim["contact_radius"]))
+model = perturb_api.train_model(
+    tissue,
+    paths["grn"],
+    paths["lr"],
+    "cluster",
+    model_dir,
+    radius=float(sim["radius"]),
+    contact_radius=float(sim["contact_radius"]),
+)
 tf = str(sim["upstream_tf"])
 result = perturb_api.run_perturbation(model, [tf], 0.0, steps=4, adata=tissue)
 result.write_h5ad(out)

@@ -5,6 +5,7 @@
 Without arguments it writes the bundled sample slide as a Space Ranger 2.x ``outs/`` folder first (matrix,
 tissue_positions.csv, scale factors, H&E PNGs), so the script runs anywhere.
 """
+
 import sys
 import tempfile
 from pathlib import Path
@@ -20,9 +21,12 @@ if len(sys.argv) >= 3:
 else:
     sample, reference = sample_paths()
     slide = read_slide(sample)
-    outs = write_visium_folder(slide.adata, Path(tempfile.mkdtemp()) / "sample_run" / "outs",
-                               image=slide.adata.uns["spatial"]["sample"]["images"]["hires"],
-                               scalefactors=dict(slide.adata.uns["spatial"]["sample"]["scalefactors"]))
+    outs = write_visium_folder(
+        slide.adata,
+        Path(tempfile.mkdtemp()) / "sample_run" / "outs",
+        image=slide.adata.uns["spatial"]["sample"]["images"]["hires"],
+        scalefactors=dict(slide.adata.uns["spatial"]["sample"]["scalefactors"]),
+    )
     result_path = Path(sys.argv[1] if len(sys.argv) > 1 else "space_ranger_rctd.h5ad")
 
 slide = read_slide(outs)  # Visium or Visium HD: the format is told from the folder

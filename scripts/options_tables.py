@@ -6,6 +6,7 @@
 The tables list the flags that ``spatial-deconv run --method M`` and ``spatial-deconv perturb train|run``
 generate from the same fields (:mod:`spatial_deconv_gui.engines.options`), so they cannot drift apart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,7 @@ def current_block(text: str) -> str | None:
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
         return None
-    return text[start:end + len(END)]
+    return text[start : end + len(END)]
 
 
 def main(argv: list[str] | None = None) -> int:

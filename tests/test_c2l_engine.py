@@ -1,5 +1,6 @@
 """cell2location-model engine: likelihood numerics, known-truth recovery on a simulated slide (cell counts per
 spot and proportions), and the engine contract (outputs, streaming, cancellation, config checks)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,6 +35,7 @@ def fitted(inputs):
 # ---------------------------------------------------------------------------------------------------
 # numerics
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_nb_loglik_value_and_gradients_match_autograd():
     rng = np.random.default_rng(0)
@@ -71,9 +73,9 @@ def test_minibatch_counts_give_the_same_likelihood_as_count_data():
 def test_filter_genes_follows_cell2location_rule():
     rng = np.random.default_rng(1)
     x = np.zeros((100, 4))
-    x[:50, 0] = 1            # in 50% of cells: kept by the percentage rule
-    x[:8, 1] = 5             # 8 cells, high non-zero mean: kept by the count + mean rule
-    x[:8, 2] = 1             # 8 cells, non-zero mean 1 <= 1.12: dropped
+    x[:50, 0] = 1  # in 50% of cells: kept by the percentage rule
+    x[:8, 1] = 5  # 8 cells, high non-zero mean: kept by the count + mean rule
+    x[:8, 2] = 1  # 8 cells, non-zero mean 1 <= 1.12: dropped
     x[:2, 3] = rng.integers(5, 9, 2)  # 2 cells: dropped
     keep = filter_genes(sp.csr_matrix(x), cell_count_cutoff=5, cell_percentage_cutoff2=0.1, nonz_mean_cutoff=1.12)
     assert keep.tolist() == [True, True, False, False]
@@ -82,6 +84,7 @@ def test_filter_genes_follows_cell2location_rule():
 # ---------------------------------------------------------------------------------------------------
 # known truth
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_abundances_recover_simulated_cell_counts(fitted, small_pair):
     spatial, _ = small_pair
@@ -92,8 +95,10 @@ def test_abundances_recover_simulated_cell_counts(fitted, small_pair):
     # the library size itself only correlates ~0.78 with the cell count here (per-cell UMI noise), a ceiling
     ceiling = _corr(spatial.obs["nUMI"], n_true)
     r_cells = _corr(ab, truth * n_true[:, None])
-    print(f"cells per spot r={r_total:.3f} (nUMI ceiling {ceiling:.3f}); per type-and-spot r={r_cells:.3f}; "
-          f"mean total {ab.sum(1).mean():.2f} vs true {n_true.mean():.2f}")
+    print(
+        f"cells per spot r={r_total:.3f} (nUMI ceiling {ceiling:.3f}); per type-and-spot r={r_cells:.3f}; "
+        f"mean total {ab.sum(1).mean():.2f} vs true {n_true.mean():.2f}"
+    )
     assert r_total >= 0.7 and r_total >= 0.9 * ceiling
     assert r_cells >= 0.85
     assert abs(ab.sum(1).mean() / n_true.mean() - 1) < 0.25
@@ -113,6 +118,7 @@ def test_proportions_accuracy_on_simulated_slide(fitted, small_pair):
 # ---------------------------------------------------------------------------------------------------
 # contract
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_result_contract(fitted, inputs):
     s, r = inputs
@@ -224,19 +230,29 @@ def test_spatial_log_joint_matches_scipy_densities():
 
     m_a = 1 / v["m_g_alpha_e_inv"] ** 2
     s_a = 1 / v["s_g_gene_add_alpha_e_inv"] ** 2
-    lp = (gam(v["m_g_mean"], 1.0, 1.0) + ex(v["m_g_alpha_e_inv"], 3.0) + gam(v["m_g"], m_a, m_a / v["m_g_mean"])
-          + gam(v["n_s_cells_per_location"], 5.0, 1.0) + gam(v["b_s_groups_per_location"], 7.0, 1.0)
-          + gam(v["z_sr_groups_factors"], v["b_s_groups_per_location"] / R,
-                v["b_s_groups_per_location"] / v["n_s_cells_per_location"])
-          + gam(v["k_r_factors_per_groups"], 1.0, 1.0)
-          + gam(v["x_fr_group2fact"], v["k_r_factors_per_groups"] / F, v["k_r_factors_per_groups"])
-          + gam(v["w_sf"], 5 * v["z_sr_groups_factors"] @ v["x_fr_group2fact"], 5.0)
-          + gam(v["detection_mean_y_e"], 10.0, 10.0 / 0.3)
-          + gam(v["detection_y_s"], 20.0, 20.0 / v["detection_mean_y_e"])
-          + gam(v["s_g_gene_add_alpha_hyp"], 9.0, 3.0) + gam(v["s_g_gene_add_mean"], 1.0, 100.0)
-          + ex(v["s_g_gene_add_alpha_e_inv"], v["s_g_gene_add_alpha_hyp"])
-          + gam(v["s_g_gene_add"], s_a, s_a / v["s_g_gene_add_mean"])
-          + gam(v["alpha_g_phi_hyp"], 9.0, 3.0) + ex(v["alpha_g_inverse"], v["alpha_g_phi_hyp"]))
+    lp = (
+        gam(v["m_g_mean"], 1.0, 1.0)
+        + ex(v["m_g_alpha_e_inv"], 3.0)
+        + gam(v["m_g"], m_a, m_a / v["m_g_mean"])
+        + gam(v["n_s_cells_per_location"], 5.0, 1.0)
+        + gam(v["b_s_groups_per_location"], 7.0, 1.0)
+        + gam(
+            v["z_sr_groups_factors"],
+            v["b_s_groups_per_location"] / R,
+            v["b_s_groups_per_location"] / v["n_s_cells_per_location"],
+        )
+        + gam(v["k_r_factors_per_groups"], 1.0, 1.0)
+        + gam(v["x_fr_group2fact"], v["k_r_factors_per_groups"] / F, v["k_r_factors_per_groups"])
+        + gam(v["w_sf"], 5 * v["z_sr_groups_factors"] @ v["x_fr_group2fact"], 5.0)
+        + gam(v["detection_mean_y_e"], 10.0, 10.0 / 0.3)
+        + gam(v["detection_y_s"], 20.0, 20.0 / v["detection_mean_y_e"])
+        + gam(v["s_g_gene_add_alpha_hyp"], 9.0, 3.0)
+        + gam(v["s_g_gene_add_mean"], 1.0, 100.0)
+        + ex(v["s_g_gene_add_alpha_e_inv"], v["s_g_gene_add_alpha_hyp"])
+        + gam(v["s_g_gene_add"], s_a, s_a / v["s_g_gene_add_mean"])
+        + gam(v["alpha_g_phi_hyp"], 9.0, 3.0)
+        + ex(v["alpha_g_inverse"], v["alpha_g_phi_hyp"])
+    )
     mu = (v["w_sf"] @ sig * v["m_g"] + v["s_g_gene_add"]) * v["detection_y_s"]
     alpha = 1 / v["alpha_g_inverse"] ** 2
     ll = stats.nbinom.logpmf(x, alpha, alpha / (alpha + mu)).sum()
@@ -246,6 +262,7 @@ def test_spatial_log_joint_matches_scipy_densities():
 # ---------------------------------------------------------------------------------------------------
 # reference regression with batches (cell2location's RegressionModel with batch_key)
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_reference_log_joint_with_batches_matches_scipy_densities():
     """The batched regression's log joint (priors + likelihood) at an arbitrary point, against scipy.stats."""
@@ -265,8 +282,15 @@ def test_reference_log_joint_with_batches_matches_scipy_densities():
         g.loc.copy_(torch.as_tensor(rng.normal(-0.5, 0.7, g.n)))
         g.raw_scale.fill_(-40.0)  # scale ~ 4e-18: the draw is the location
     scale = 2.5  # a minibatch's likelihood weight
-    loss = float(model.negative_elbo(CountData(sp.csr_matrix(x), dtype=torch.float64),
-                                     torch.as_tensor(labels), scale, None, torch.as_tensor(batches)).detach())
+    loss = float(
+        model.negative_elbo(
+            CountData(sp.csr_matrix(x), dtype=torch.float64),
+            torch.as_tensor(labels),
+            scale,
+            None,
+            torch.as_tensor(batches),
+        ).detach()
+    )
     entropy = float((torch.log(g.scale()).sum() + g.n * HALF_LOG_2PI_E + g.loc.sum()).detach())
     v = {k: val.numpy() for k, val in g.median().items()}
     assert v["detection_mean_y_e"].shape == (E, 1) and v["s_g_gene_add"].shape == (E, G)
@@ -279,11 +303,16 @@ def test_reference_log_joint_with_batches_matches_scipy_densities():
         return stats.expon.logpdf(z, scale=1.0 / rate).sum()
 
     s_a = 1 / v["s_g_gene_add_alpha_e_inv"] ** 2  # E x 1
-    lp = (gam(v["per_cluster_mu_fg"], 1.0, 1.0) + gam(v["detection_mean_y_e"], 1.0, 1.0)
-          + gam(v["s_g_gene_add_alpha_hyp"], 9.0, 3.0) + gam(v["s_g_gene_add_mean"], 1.0, 100.0)
-          + ex(v["s_g_gene_add_alpha_e_inv"], v["s_g_gene_add_alpha_hyp"])
-          + gam(v["s_g_gene_add"], s_a, s_a / v["s_g_gene_add_mean"])
-          + gam(v["alpha_g_phi_hyp"], 9.0, 3.0) + ex(v["alpha_g_inverse"], v["alpha_g_phi_hyp"]))
+    lp = (
+        gam(v["per_cluster_mu_fg"], 1.0, 1.0)
+        + gam(v["detection_mean_y_e"], 1.0, 1.0)
+        + gam(v["s_g_gene_add_alpha_hyp"], 9.0, 3.0)
+        + gam(v["s_g_gene_add_mean"], 1.0, 100.0)
+        + ex(v["s_g_gene_add_alpha_e_inv"], v["s_g_gene_add_alpha_hyp"])
+        + gam(v["s_g_gene_add"], s_a, s_a / v["s_g_gene_add_mean"])
+        + gam(v["alpha_g_phi_hyp"], 9.0, 3.0)
+        + ex(v["alpha_g_inverse"], v["alpha_g_phi_hyp"])
+    )
     mu = (v["per_cluster_mu_fg"][labels] + v["s_g_gene_add"][batches]) * v["detection_mean_y_e"][batches]
     alpha = 1 / v["alpha_g_inverse"] ** 2
     ll = stats.nbinom.logpmf(x, alpha, alpha / (alpha + mu)).sum()
@@ -311,14 +340,15 @@ def test_batch_regression_recovers_profiles_that_one_batch_misses(batched_refere
     from spatial_deconv_gui.engines.base import thread_cap
 
     with thread_cap(1):
-        sig_b, loss_b = fit_reference_signatures(ref.X, labels, truth.cell_types, 2000, batches=batches,
-                                                 details=with_b)
+        sig_b, loss_b = fit_reference_signatures(ref.X, labels, truth.cell_types, 2000, batches=batches, details=with_b)
         sig_1, _ = fit_reference_signatures(ref.X, labels, truth.cell_types, 2000, details=without)
     err_b, err_1 = signature_error(sig_b, truth.profiles), signature_error(sig_1, truth.profiles)
     err_m = signature_error(type_means(ref.X, labels, truth.cell_types), truth.profiles)
     det = with_b["detection"]
-    print(f"with batches: {err_b}\none batch: {err_1}\ntype means: {err_m}\n"
-          f"detection fitted {np.round(det / det[1], 3)} vs true {np.round(truth.detection / truth.detection[1], 3)}")
+    print(
+        f"with batches: {err_b}\none batch: {err_1}\ntype means: {err_m}\n"
+        f"detection fitted {np.round(det / det[1], 3)} vs true {np.round(truth.detection / truth.detection[1], 3)}"
+    )
     assert with_b["batches"] == truth.batches and with_b["background"].shape == (3, len(truth.genes))
     assert loss_b[-100:].mean() < loss_b[:10].mean()
     # measured: log1p r 0.998 vs 0.972; mean |log2 error| 0.142 vs 0.390; type-scale spread 0.095 vs 1.295 (log2)
@@ -369,14 +399,19 @@ def test_batch_column_checks_and_end_to_end(batched_reference, small_pair, tmp_p
     assert sum(tr["reference_batch_sizes"]) == sim.n_obs and tr["reference_background"].shape[0] == 3
     assert res.params["reference_batch_col"] == "batch"
     # minibatches carry each cell's batch along
-    mb = run_c2l(s_in, r_in, C2LConfig(max_epochs=5, reference_epochs=30, reference_batch_size=128,
-                                       reference_batch_col="batch", n_threads=1), reference_batches=labels)
+    mb = run_c2l(
+        s_in,
+        r_in,
+        C2LConfig(
+            max_epochs=5, reference_epochs=30, reference_batch_size=128, reference_batch_col="batch", n_threads=1
+        ),
+        reference_batches=labels,
+    )
     sig = mb.uns["c2l_training"]["signatures"]
     assert np.isfinite(sig).all() and _corr(np.log1p(sig), np.log1p(tr["signatures"])) > 0.95
     # "" and "none" mean no batch column (a cleared GUI field)
     for empty in ("", "None"):
-        res0 = run_c2l(s_in, r_in, C2LConfig(max_epochs=5, reference_epochs=5, reference_batch_col=empty,
-                                             n_threads=1))
+        res0 = run_c2l(s_in, r_in, C2LConfig(max_epochs=5, reference_epochs=5, reference_batch_col=empty, n_threads=1))
         assert res0.uns["c2l_training"]["reference_batches"] == ["all"]
 
 

@@ -1,4 +1,5 @@
 """The flags, tooltips and README tables generated from the configs' help texts."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,16 +53,59 @@ def test_perturb_flags_keep_their_names_and_defaults():
     train = parsers["train"].parse_args(["S.h5ad", "--grn", "g.csv", "--cluster-col", "c", "--out", "M"])
     assert given_options(train, TrainConfig) == {}  # nothing typed: TrainConfig's own defaults apply
     cfg = TrainConfig(**given_options(train, TrainConfig))
-    assert (cfg.radius, cfg.contact_radius, cfg.scale_factor, cfg.l1_reg, cfg.group_reg, cfg.r2_threshold,
-            cfg.ligand_mode, cfg.radius_rule, cfg.device) == (None, None, 1.0, 0.05, 0.05, 0.15, "auto", "pair", "auto")
-    train = parsers["train"].parse_args(["S.h5ad", "--grn", "g.csv", "--cluster-col", "c", "--out", "M",
-                                         "--radius", "30", "--contact-radius", "8", "--radius-rule", "ligand",
-                                         "--scale-factor", "2", "--l1-reg", "0.1", "--group-reg", "0.2",
-                                         "--r2-threshold", "0.3", "--ligand-mode", "grid", "--device", "cpu",
-                                         "--no-standardize"])
+    assert (
+        cfg.radius,
+        cfg.contact_radius,
+        cfg.scale_factor,
+        cfg.l1_reg,
+        cfg.group_reg,
+        cfg.r2_threshold,
+        cfg.ligand_mode,
+        cfg.radius_rule,
+        cfg.device,
+    ) == (None, None, 1.0, 0.05, 0.05, 0.15, "auto", "pair", "auto")
+    train = parsers["train"].parse_args(
+        [
+            "S.h5ad",
+            "--grn",
+            "g.csv",
+            "--cluster-col",
+            "c",
+            "--out",
+            "M",
+            "--radius",
+            "30",
+            "--contact-radius",
+            "8",
+            "--radius-rule",
+            "ligand",
+            "--scale-factor",
+            "2",
+            "--l1-reg",
+            "0.1",
+            "--group-reg",
+            "0.2",
+            "--r2-threshold",
+            "0.3",
+            "--ligand-mode",
+            "grid",
+            "--device",
+            "cpu",
+            "--no-standardize",
+        ]
+    )
     assert given_options(train, TrainConfig) == {
-        "radius": 30.0, "contact_radius": 8.0, "radius_rule": "ligand", "scale_factor": 2.0, "l1_reg": 0.1,
-        "group_reg": 0.2, "r2_threshold": 0.3, "ligand_mode": "grid", "device": "cpu", "standardize": False}
+        "radius": 30.0,
+        "contact_radius": 8.0,
+        "radius_rule": "ligand",
+        "scale_factor": 2.0,
+        "l1_reg": 0.1,
+        "group_reg": 0.2,
+        "r2_threshold": 0.3,
+        "ligand_mode": "grid",
+        "device": "cpu",
+        "standardize": False,
+    }
     with pytest.raises(SystemExit):
         parsers["train"].parse_args(["S.h5ad", "--grn", "g", "--cluster-col", "c", "--out", "M", "--device", "tpu"])
 
@@ -69,10 +113,29 @@ def test_perturb_flags_keep_their_names_and_defaults():
     assert given_options(run, PerturbRunConfig) == {}
     cfg = PerturbRunConfig()
     assert (cfg.steps, cfg.ligand_mode, cfg.embedding, cfg.device) == (4, "exact", "spatial", "auto")
-    run = parsers["run"].parse_args(["M", "--gene", "G", "--output", "o.h5ad", "--steps", "2", "--ligand-mode",
-                                     "grid", "--embedding", "X_umap", "--n-grid", "20"])
-    assert given_options(run, PerturbRunConfig) == {"steps": 2, "ligand_mode": "grid", "embedding": "X_umap",
-                                                    "n_grid": 20}
+    run = parsers["run"].parse_args(
+        [
+            "M",
+            "--gene",
+            "G",
+            "--output",
+            "o.h5ad",
+            "--steps",
+            "2",
+            "--ligand-mode",
+            "grid",
+            "--embedding",
+            "X_umap",
+            "--n-grid",
+            "20",
+        ]
+    )
+    assert given_options(run, PerturbRunConfig) == {
+        "steps": 2,
+        "ligand_mode": "grid",
+        "embedding": "X_umap",
+        "n_grid": 20,
+    }
 
 
 def test_run_method_flags_carry_the_config_help():

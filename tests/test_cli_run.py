@@ -1,4 +1,5 @@
 """`spatial-deconv run` and the main job's headless mode, end to end on real files."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,25 @@ def test_run_rctd_full_writes_slots_and_json(small_pair_files, tmp_path, capsys)
     s, r = small_pair_files
     out = tmp_path / "out" / "result.h5ad"
     csv = tmp_path / "props.csv"
-    code = main(["run", str(s), str(r), "--method", "rctd", "--mode", "full", "--output", str(out),
-                 "--csv", str(csv), "--json", "--quiet", "--sigma-override", "0.84"])
+    code = main(
+        [
+            "run",
+            str(s),
+            str(r),
+            "--method",
+            "rctd",
+            "--mode",
+            "full",
+            "--output",
+            str(out),
+            "--csv",
+            str(csv),
+            "--json",
+            "--quiet",
+            "--sigma-override",
+            "0.84",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.err == ""  # --quiet: no progress output
@@ -44,8 +62,21 @@ def test_run_rctd_full_writes_slots_and_json(small_pair_files, tmp_path, capsys)
 
 def test_run_progress_goes_to_stderr(small_pair_files, tmp_path, capsys):
     s, r = small_pair_files
-    code = main(["run", str(s), str(r), "--method", "rctd", "--mode", "full", "-o", str(tmp_path / "o.h5ad"),
-                 "--sigma-override", "0.84"])
+    code = main(
+        [
+            "run",
+            str(s),
+            str(r),
+            "--method",
+            "rctd",
+            "--mode",
+            "full",
+            "-o",
+            str(tmp_path / "o.h5ad"),
+            "--sigma-override",
+            "0.84",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert captured.out == ""
@@ -63,8 +94,9 @@ def test_run_bad_option_value_is_a_clear_error(small_pair_files, tmp_path, capsy
 def test_demo_headless_writes_result_and_screenshot(tmp_path):
     exe = Path(sys.executable).with_name("spatial-deconv")
     env = {**os.environ}
-    proc = subprocess.run([str(exe), "demo", "--headless", str(tmp_path)], capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        [str(exe), "demo", "--headless", str(tmp_path)], capture_output=True, text=True, timeout=900, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     res = ad.read_h5ad(tmp_path / "sample_rctd.h5ad")
@@ -84,8 +116,23 @@ def test_demo_headless_writes_result_and_screenshot(tmp_path):
 def test_run_flash_from_the_cli(small_pair_files, tmp_path, capsys):
     s, r = small_pair_files
     out = tmp_path / "flash.h5ad"
-    code = main(["run", str(s), str(r), "--method", "flash", "--lambda-spatial", "auto", "--k-neighbors", "6",
-                 "-o", str(out), "--json", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(s),
+            str(r),
+            "--method",
+            "flash",
+            "--lambda-spatial",
+            "auto",
+            "--k-neighbors",
+            "6",
+            "-o",
+            str(out),
+            "--json",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     res = ad.read_h5ad(out)
@@ -100,9 +147,22 @@ def test_run_flash_from_the_cli(small_pair_files, tmp_path, capsys):
 def test_cerebellum_puck_matches_r_from_the_cli(shared_data, tmp_path, capsys):
     """R's published doublet results were made with reference nUMI = row sums: --ref-numi-col none."""
     out = tmp_path / "puck.h5ad"
-    code = main(["run", str(shared_data / "spacexr_slideseq_cerebellum_spatial.h5ad"),
-                 str(shared_data / "spacexr_slideseq_cerebellum_reference.h5ad"), "--method", "rctd",
-                 "--mode", "doublet", "--ref-numi-col", "none", "-o", str(out), "--quiet"])
+    code = main(
+        [
+            "run",
+            str(shared_data / "spacexr_slideseq_cerebellum_spatial.h5ad"),
+            str(shared_data / "spacexr_slideseq_cerebellum_reference.h5ad"),
+            "--method",
+            "rctd",
+            "--mode",
+            "doublet",
+            "--ref-numi-col",
+            "none",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     res = ad.read_h5ad(out)
     fitted = res.obs["rctd_R_fitted"].astype(bool).to_numpy()
@@ -110,14 +170,19 @@ def test_cerebellum_puck_matches_r_from_the_cli(shared_data, tmp_path, capsys):
     ours = res.obs["rctd_first_type"].astype(str).to_numpy()[fitted]
     r = res.obs["rctd_R_first_type"].astype(str).to_numpy()[fitted]
     assert (ours == r).all()
-    assert (res.obs["rctd_spot_class"].astype(str).to_numpy()[fitted]
-            == res.obs["rctd_R_spot_class"].astype(str).to_numpy()[fitted]).mean() >= 0.985
+    assert (
+        res.obs["rctd_spot_class"].astype(str).to_numpy()[fitted]
+        == res.obs["rctd_R_spot_class"].astype(str).to_numpy()[fitted]
+    ).mean() >= 0.985
 
 
-@pytest.mark.parametrize("method, options, slot", [
-    ("c2l", ["--max-epochs", "600", "--signatures", "means", "--n-cells-per-location", "6"], "c2l_abundances"),
-    ("destvi", ["--sc-epochs", "20", "--max-epochs", "60"], "destvi_gamma_Astrocyte"),
-])
+@pytest.mark.parametrize(
+    "method, options, slot",
+    [
+        ("c2l", ["--max-epochs", "600", "--signatures", "means", "--n-cells-per-location", "6"], "c2l_abundances"),
+        ("destvi", ["--sc-epochs", "20", "--max-epochs", "60"], "destvi_gamma_Astrocyte"),
+    ],
+)
 def test_bayesian_methods_from_the_cli(small_pair_files, tmp_path, capsys, method, options, slot):
     s, r = small_pair_files
     out = tmp_path / f"{method}.h5ad"
@@ -143,8 +208,20 @@ def test_c2l_reference_batches_from_the_cli(tmp_path, capsys):
     spatial.write_h5ad(s)
     ref.write_h5ad(r)
     out = tmp_path / "c2l.h5ad"
-    base = ["run", str(s), str(r), "--method", "c2l", "--max-epochs", "50", "--reference-epochs", "300", "-o", str(out),
-            "--quiet"]
+    base = [
+        "run",
+        str(s),
+        str(r),
+        "--method",
+        "c2l",
+        "--max-epochs",
+        "50",
+        "--reference-epochs",
+        "300",
+        "-o",
+        str(out),
+        "--quiet",
+    ]
     assert main(base + ["--reference-batch-col", "no_such"]) == 2
     assert "no_such" in capsys.readouterr().err
     assert main(base + ["--reference-batch-col", "batch"]) == 0, capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The CLI on a SpatialData store: the table question, results written back as a store, refusals before any work."""
+
 from __future__ import annotations
 
 import anndata as ad
@@ -41,8 +42,9 @@ def test_several_tables_need_table_then_zarr_output_round_trips(two_table_store,
     direct = tmp_path / "direct.h5ad"
     spatial.write_h5ad(tmp_path / "slide.h5ad")
     assert main(["run", str(tmp_path / "slide.h5ad"), str(ref), *FAST_RCTD, "--output", str(direct)]) == 0
-    np.testing.assert_allclose(table.obsm["rctd_proportions"].to_numpy(),
-                               ad.read_h5ad(direct).obsm["rctd_proportions"].to_numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        table.obsm["rctd_proportions"].to_numpy(), ad.read_h5ad(direct).obsm["rctd_proportions"].to_numpy(), atol=1e-12
+    )
     assert set(written.shapes) == set(sd.read_zarr(store).shapes)  # the store's elements come along
 
 
@@ -58,6 +60,7 @@ def test_zarr_output_needs_a_zarr_input_and_is_refused_before_work(small_pair_fi
 
 def test_output_inside_the_input_store_is_refused(two_table_store, capsys):
     store, ref = two_table_store
-    assert main(["run", str(store), str(ref), *FAST_RCTD, "--table", "table", "--output",
-                 str(store / "nested.zarr")]) == 2
+    assert (
+        main(["run", str(store), str(ref), *FAST_RCTD, "--table", "table", "--output", str(store / "nested.zarr")]) == 2
+    )
     assert "inside" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """DestVI engine: gamma separates two simulated sub-states of one cell type, proportions on the same slide,
 imputation within a type, and the engine contract (outputs, streaming, cancellation, config checks)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ def simulate_substates(n_spots=200, n_genes=100, n_cells=60, seed=0, fold=4.0):
     prof = {}
     for k, t in enumerate("ABC"):
         p = base * rng.lognormal(0, 0.3, n_genes)
-        p[k * 15:(k + 1) * 15] *= 6
+        p[k * 15 : (k + 1) * 15] *= 6
         prof[t] = p
     a1, a2 = prof["A"].copy(), prof["A"].copy()
     a1[50:65] *= fold
@@ -47,8 +48,9 @@ def simulate_substates(n_spots=200, n_genes=100, n_cells=60, seed=0, fold=4.0):
         pa = prof["A1"] if state[i] == 0 else prof["A2"]
         mean[i] = n[i] * 300 * (props[i, 0] * pa + props[i, 1] * prof["B"] + props[i, 2] * prof["C"])
     x = nb(mean)
-    spatial = SpatialInput(sp.csr_matrix(x), genes, np.array([f"s{i}" for i in range(n_spots)]), xy,
-                           x.sum(1).astype(float))
+    spatial = SpatialInput(
+        sp.csr_matrix(x), genes, np.array([f"s{i}" for i in range(n_spots)]), xy, x.sum(1).astype(float)
+    )
     return spatial, ref, props, state
 
 
@@ -156,8 +158,14 @@ def test_fused_pieces_match_plain_torch():
     import torch
 
     from spatial_deconv_gui.engines.bayes import nb_log_prob
-    from spatial_deconv_gui.engines.destvi.model import (CondVAE, SpatialDeconv, _mixture_lp, _PxMix, nb_sum,
-                                                         relu_dropout)
+    from spatial_deconv_gui.engines.destvi.model import (
+        CondVAE,
+        SpatialDeconv,
+        _mixture_lp,
+        _PxMix,
+        nb_sum,
+        relu_dropout,
+    )
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -207,8 +215,11 @@ def _masked_reference(model, gam, w, keys, training):
     x = gam
     for i, ((a, _), lin) in enumerate(zip(model.decoder.sizes, model.decoder.linears)):
         inp = torch.cat([x, model.batch_embedding.expand(R, -1)], -1) if i == 0 else x
-        y = F.relu(F.layer_norm(F.linear(inp, lin.weight[:, :a], lin.bias) + lin.weight[:, a:].t()[typ],
-                                (lin.weight.shape[0],)))
+        y = F.relu(
+            F.layer_norm(
+                F.linear(inp, lin.weight[:, :a], lin.bias) + lin.weight[:, a:].t()[typ], (lin.weight.shape[0],)
+            )
+        )
         if training:
             p = model.decoder.dropout
             keep = _fused.keep_mask(np.uint64(keys[i]), _fused.keep_threshold(p), R, y.shape[1])
@@ -255,7 +266,7 @@ def test_fused_cpu_decoder_equals_plain_torch():
         out = model.decode_mix(gam.view(B, S * L, D), w)
         grads = torch.autograd.grad((out * g_out).sum(), (gam, w) + params)
         torch.manual_seed(5)
-        keys = torch.randint(0, 2 ** 62, (2,)).tolist()  # the keys the fused forward drew
+        keys = torch.randint(0, 2**62, (2,)).tolist()  # the keys the fused forward drew
         ref = _masked_reference(model, gam, w, keys, training)
         ref_grads = torch.autograd.grad((ref * g_out).sum(), (gam, w) + params)
         assert rel(out, ref) < 2e-6
@@ -296,8 +307,9 @@ def test_spatial_loss_equals_the_originals_formulas():
     rng = np.random.default_rng(1)
     L, G, D, P, m = 4, 30, 5, 6, 9
     w = rng.random((L, P))
-    model = SpatialDeconv(CondVAE(G, L), (rng.normal(size=(L, P, D)), rng.random((L, P, D)) + 0.2,
-                                          w / w.sum(1, keepdims=True)))
+    model = SpatialDeconv(
+        CondVAE(G, L), (rng.normal(size=(L, P, D)), rng.random((L, P, D)) + 0.2, w / w.sum(1, keepdims=True))
+    )
     model.eval()  # no dropout; the loss still takes the training eps_v
     x = torch.poisson(torch.rand(m, G) * 20)
     n = model.n_aug + 1
@@ -314,15 +326,27 @@ def test_spatial_loss_equals_the_originals_formulas():
         reconst = -nb_log_prob(x_aug, px_rate, torch.exp(model.px_r)).sum(-1).mean(0)  # m
         glo = -Normal(0.0, 1.0).log_prob(model.beta).sum()
         true = torch.cat([ratios[1], torch.zeros(m, 1)], -1) + 1e-20
-        aug = 100.0 * torch.nn.functional.kl_div(torch.log(v[1] / v[1].sum(-1, keepdim=True)),
-                                                 true / true.sum(-1, keepdim=True), reduction="batchmean")
+        aug = 100.0 * torch.nn.functional.kl_div(
+            torch.log(v[1] / v[1].sum(-1, keepdim=True)), true / true.sum(-1, keepdim=True), reduction="batchmean"
+        )
         mean = torch.cat([model.mean_vprior.expand(n, m, L, P, D), prior_sampled.unsqueeze(-2)], -2)
-        var = torch.cat([model.var_vprior.expand(n, m, L, P, D),
-                         model.var_vprior.min(-2).values.view(1, 1, L, 1, D).expand(n, m, L, 1, D)], -2)
-        mp = torch.cat([(1 - ratio.unsqueeze(-1)) * model.mp_vprior.expand(n, m, L, P),
-                        ratio.unsqueeze(-1) * ratios.unsqueeze(-1)], -1)
-        mix = MixtureSameFamily(Categorical(probs=mp, validate_args=False), Independent(Normal(mean, var), 1),
-                                validate_args=False)
+        var = torch.cat(
+            [
+                model.var_vprior.expand(n, m, L, P, D),
+                model.var_vprior.min(-2).values.view(1, 1, L, 1, D).expand(n, m, L, 1, D),
+            ],
+            -2,
+        )
+        mp = torch.cat(
+            [
+                (1 - ratio.unsqueeze(-1)) * model.mp_vprior.expand(n, m, L, P),
+                ratio.unsqueeze(-1) * ratios.unsqueeze(-1),
+            ],
+            -1,
+        )
+        mix = MixtureSameFamily(
+            Categorical(probs=mp, validate_args=False), Independent(Normal(mean, var), 1), validate_args=False
+        )
         pre = mix.log_prob(gamma.permute(2, 0, 1, 3, 4))  # S, n, m, L
         ll = (pre * (modes.permute(2, 0, 1, 3) + 1e-6)).sum(0)  # n, m, L
         neg_prior = -(ll * (v[..., :-1] + 1e-3)).sum(-1)  # n, m

@@ -1,4 +1,5 @@
 """One device resolver for every engine: auto / cpu / cuda[:N], with clear errors."""
+
 from __future__ import annotations
 
 import pytest

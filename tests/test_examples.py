@@ -1,4 +1,5 @@
 """The example scripts run as a user would run them, and say what they should."""
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,9 @@ EXAMPLES = ROOT / "examples"
 
 
 def _run(script: str, *args, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -46,8 +48,7 @@ def test_space_ranger_example_matches_the_h5ad_run(tmp_path):
     spatial, reference = sample_paths()
     direct = api.run_deconvolution(spatial, reference, method="rctd", params={"mode": "doublet"}).adata
     ours = saved.obsm["rctd_proportions"]
-    np.testing.assert_allclose(ours.to_numpy(), direct.obsm["rctd_proportions"].loc[ours.index].to_numpy(),
-                               atol=1e-12)
+    np.testing.assert_allclose(ours.to_numpy(), direct.obsm["rctd_proportions"].loc[ours.index].to_numpy(), atol=1e-12)
 
 
 @pytest.mark.slow
@@ -63,9 +64,9 @@ def test_knockout_example(tmp_path):
 def test_the_version_is_written_once():
     import importlib.metadata
 
-    import spatial_deconv_gui
-
     import tomllib
+
+    import spatial_deconv_gui
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]

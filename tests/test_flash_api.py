@@ -1,4 +1,5 @@
 """The flash engine through the public api and the method registry."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,7 @@ def test_run_deconvolution_with_flash(small_pair):
 
     assert "flash" in registry.available_methods()
     spatial, reference = small_pair
-    out = api.run_deconvolution(spatial, reference, method="flash", params={"lambda_spatial": "auto"},
-                                device="cpu")
+    out = api.run_deconvolution(spatial, reference, method="flash", params={"lambda_spatial": "auto"}, device="cpu")
     props = out.adata.obsm["flash_proportions"].to_numpy()
     assert props.shape == (spatial.n_obs, reference.obs["cell_type"].nunique())
     np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-12)

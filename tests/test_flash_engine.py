@@ -1,4 +1,5 @@
 """The flash engine (FlashDeconv's method): optimisation properties, contract, determinism, recovery."""
+
 from __future__ import annotations
 
 import threading
@@ -57,8 +58,9 @@ def test_result_contract(slide):
 def test_objective_decreases_monotonically(slide):
     Y, X, coords, colmap, _ = _arrays(slide)
     for lam in (None, 50.0):
-        fit = fit_arrays(Y, X, coords, FlashConfig(objective_every=1, tol=1e-7, max_iter=400), colmap=colmap,
-                         lambda_=lam)
+        fit = fit_arrays(
+            Y, X, coords, FlashConfig(objective_every=1, tol=1e-7, max_iter=400), colmap=colmap, lambda_=lam
+        )
         obj = np.array([v for _, v in fit.info.objective_history])
         assert obj.size > 20
         steps = np.diff(obj)
@@ -100,12 +102,15 @@ def test_deterministic_given_seed(slide):
     np.testing.assert_array_equal(d.proportions, e.proportions)  # independent of the thread count
 
 
-@pytest.mark.parametrize("cfg, bar", [
-    (FlashConfig(), 0.93),
-    (FlashConfig(preprocess="pearson"), 0.85),
-    (FlashConfig(gene_weighting="countsketch", sketch_dim=64), 0.90),
-    (FlashConfig(spatial_method="grid"), 0.93),
-])
+@pytest.mark.parametrize(
+    "cfg, bar",
+    [
+        (FlashConfig(), 0.93),
+        (FlashConfig(preprocess="pearson"), 0.85),
+        (FlashConfig(gene_weighting="countsketch", sketch_dim=64), 0.90),
+        (FlashConfig(spatial_method="grid"), 0.93),
+    ],
+)
 def test_recovers_truth(slide, cfg, bar):
     sin, rin, truth = slide
     res = run_flash(sin, rin, cfg)
@@ -140,8 +145,9 @@ def test_partial_results_stream():
     from spatial_deconv_gui.engines.flash.solver import IterationReporter
 
     got = []
-    rep = IterationReporter(RunControl(got.append, max_rate=0), 100, 1e-4, np.array([3, 5]), ["a", "b"],
-                            partial_every_s=0.0)
+    rep = IterationReporter(
+        RunControl(got.append, max_rate=0), 100, 1e-4, np.array([3, 5]), ["a", "b"], partial_every_s=0.0
+    )
     rep(1, 0.5, np.array([[1.0, 3.0], [0.0, 0.0]]))
     part = got[-1].partial
     assert part is not None and list(part.spot_index) == [3, 5]
@@ -178,7 +184,7 @@ def test_spot_order_does_not_matter(slide, monkeypatch):
     from spatial_deconv_gui.engines.flash import core
 
     Y, X, coords, colmap, _ = _arrays(slide)
-    monkeypatch.setattr(core, "PERMUTE_MIN_SPOTS", 10 ** 9)
+    monkeypatch.setattr(core, "PERMUTE_MIN_SPOTS", 10**9)
     plain = fit_arrays(Y, X, coords, FlashConfig(), colmap=colmap)
     monkeypatch.setattr(core, "PERMUTE_MIN_SPOTS", 0)  # solve on the space-filling-curve order
     curve = fit_arrays(Y, X, coords, FlashConfig(), colmap=colmap)
@@ -198,7 +204,11 @@ def test_three_dimensional_coordinates(slide):
 
 def test_bad_config_is_refused(slide):
     sin, rin, _ = slide
-    for bad in (FlashConfig(lambda_spatial="smooth"), FlashConfig(spatial_method="radius"),
-                FlashConfig(tol=0.0), FlashConfig(preprocess="zscore")):
+    for bad in (
+        FlashConfig(lambda_spatial="smooth"),
+        FlashConfig(spatial_method="radius"),
+        FlashConfig(tol=0.0),
+        FlashConfig(preprocess="zscore"),
+    ):
         with pytest.raises(ValueError):
             run_flash(sin, rin, bad)

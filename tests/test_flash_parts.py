@@ -1,4 +1,5 @@
 """Building blocks of the flash engine: graphs, gene weights, the streaming projection, gene selection."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,16 +93,18 @@ def test_projection_matches_dense_algebra():
     Yt = np.log1p(Yd * (1e4 / lib)[:, None])
     w = rng.uniform(0.5, 1.5, size=20)
     B = np.ascontiguousarray((X * w).T)
-    H, yty = K.project(Y.indptr, Y.indices, Y.data, colmap, rows, 0, lib, np.ones(20), w, B,
-                       np.zeros(1, np.int64), np.zeros(1), 0)
+    H, yty = K.project(
+        Y.indptr, Y.indices, Y.data, colmap, rows, 0, lib, np.ones(20), w, B, np.zeros(1, np.int64), np.zeros(1), 0
+    )
     np.testing.assert_allclose(H, (Yt * w) @ B, rtol=1e-12)
     np.testing.assert_allclose(yty, ((Yt * w) ** 2).sum(axis=1), rtol=1e-12)
     bucket, value = countsketch(None, 20, 7, 0)
     om = sketch_matrix(bucket, value, 7).toarray()
     Xs = X @ om
     Bc = np.ascontiguousarray(value[:, None] * Xs.T[bucket])
-    H2, yty2 = K.project(Y.indptr, Y.indices, Y.data, colmap, rows, 2, lib, np.ones(20), np.ones(20), Bc,
-                         bucket, value, 7)
+    H2, yty2 = K.project(
+        Y.indptr, Y.indices, Y.data, colmap, rows, 2, lib, np.ones(20), np.ones(20), Bc, bucket, value, 7
+    )
     np.testing.assert_allclose(H2, (Yd @ om) @ Xs.T, rtol=1e-10)
     np.testing.assert_allclose(yty2, ((Yd @ om) ** 2).sum(axis=1), rtol=1e-10)
 

@@ -1,5 +1,6 @@
 """Space Ranger outs/ folders: write_visium_folder / write_visium_hd_folder -> read_slide round trips in every layout,
 the µm world frame, images under their spots in napari, RCTD equal to the .h5ad's, and bad inputs named plainly."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,12 @@ from spatial_deconv_gui.cli import main
 from spatial_deconv_gui.io.errors import InputError
 from spatial_deconv_gui.io.slide import detect_format, read_slide
 from spatial_deconv_gui.io.spaceranger import (
-    IMAGE_FILES, POSITION_LAYOUTS, visium_scalefactors, write_visium_folder, write_visium_hd_folder)
+    IMAGE_FILES,
+    POSITION_LAYOUTS,
+    visium_scalefactors,
+    write_visium_folder,
+    write_visium_hd_folder,
+)
 
 PLUGIN = "spatial-deconv-gui"
 N_SPOTS, N_GENES, OUT_OF_TISSUE = 120, 30, 7
@@ -55,8 +61,7 @@ def _visium_adata() -> ad.AnnData:
     adata = ad.AnnData(X=spatial.X.copy(), obs=pd.DataFrame(index=_barcodes(N_SPOTS, rng)))
     symbols = [f"Sym{j}" for j in range(N_GENES)]
     symbols[DUPLICATED[1]] = symbols[DUPLICATED[0]]
-    adata.var = pd.DataFrame({"gene_ids": [f"ENSMUSG{j + 1:011d}" for j in range(N_GENES)]},
-                             index=pd.Index(symbols))
+    adata.var = pd.DataFrame({"gene_ids": [f"ENSMUSG{j + 1:011d}" for j in range(N_GENES)]}, index=pd.Index(symbols))
     adata.obsm["spatial"] = spatial.obsm["spatial"] * PX_PER_UM + rng.uniform(0, 1, (N_SPOTS, 2))
     return adata
 
@@ -90,32 +95,40 @@ def visium_adata() -> ad.AnnData:
 def factors() -> dict:
     """Space Ranger's keys with a small hires image (about 500 px): 40 hires pixels between neighbouring spots."""
     spot = 55 * PX_PER_UM
-    return {"spot_diameter_fullres": spot, "fiducial_diameter_fullres": spot * 1.6154, "tissue_hires_scalef": 0.25,
-            "tissue_lowres_scalef": 0.075}
+    return {
+        "spot_diameter_fullres": spot,
+        "fiducial_diameter_fullres": spot * 1.6154,
+        "tissue_hires_scalef": 0.25,
+        "tissue_lowres_scalef": 0.075,
+    }
 
 
 @pytest.fixture(scope="module")
 def hires_image(visium_adata, factors) -> np.ndarray:
-    return _image_with_red_spots(visium_adata.obsm["spatial"], factors["tissue_hires_scalef"],
-                                 factors["spot_diameter_fullres"] * 2)
+    return _image_with_red_spots(
+        visium_adata.obsm["spatial"], factors["tissue_hires_scalef"], factors["spot_diameter_fullres"] * 2
+    )
 
 
 @pytest.fixture()
 def outs(tmp_path, visium_adata, factors, hires_image) -> Path:
-    return write_visium_folder(visium_adata, tmp_path / "run1" / "outs", image=hires_image, scalefactors=factors,
-                               out_of_tissue=OUT_OF_TISSUE)
+    return write_visium_folder(
+        visium_adata, tmp_path / "run1" / "outs", image=hires_image, scalefactors=factors, out_of_tissue=OUT_OF_TISSUE
+    )
 
 
 @pytest.mark.parametrize("layout", list(POSITION_LAYOUTS))
 @pytest.mark.parametrize("matrix", ["h5", "mex"])
 def test_round_trip(tmp_path, visium_adata, layout, matrix):
-    outs = write_visium_folder(visium_adata, tmp_path / "run1" / "outs", layout=layout, matrix=matrix,
-                               out_of_tissue=OUT_OF_TISSUE)
+    outs = write_visium_folder(
+        visium_adata, tmp_path / "run1" / "outs", layout=layout, matrix=matrix, out_of_tissue=OUT_OF_TISSUE
+    )
     run = outs.parent
     assert detect_format(outs) == detect_format(run) == "visium"
     positions_file = outs / "spatial" / POSITION_LAYOUTS[layout]
-    assert sorted(p.name for p in (outs / "spatial").iterdir()) == sorted([positions_file.name,
-                                                                         "scalefactors_json.json"])
+    assert sorted(p.name for p in (outs / "spatial").iterdir()) == sorted(
+        [positions_file.name, "scalefactors_json.json"]
+    )
     slide = read_slide(run)  # the run folder above outs/ is the same slide
     adata = slide.adata
     assert slide.format == "visium" and slide.path == outs and slide.library_id == "run1"
@@ -134,8 +147,14 @@ def test_round_trip(tmp_path, visium_adata, layout, matrix):
         table = pd.read_csv(positions_file, header=0 if layout == "2.x" else None)
         if layout == "1.x":
             assert table.columns[0] == 0  # headerless, as Space Ranger 1.x writes it
-            table.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
-                             "pxl_col_in_fullres"]
+            table.columns = [
+                "barcode",
+                "in_tissue",
+                "array_row",
+                "array_col",
+                "pxl_row_in_fullres",
+                "pxl_col_in_fullres",
+            ]
     assert len(table) == N_SPOTS + OUT_OF_TISSUE and int(table["in_tissue"].sum()) == N_SPOTS
     listed = list(table.loc[table["in_tissue"] == 1, "barcode"])
     assert sorted(listed) == sorted(visium_adata.obs_names) and listed != list(visium_adata.obs_names)
@@ -166,8 +185,9 @@ def test_world_frame_is_micrometres(outs, factors):
     spot_px = factors["spot_diameter_fullres"]
     assert slide.world_per_coord == 55 / spot_px == 1 / PX_PER_UM
     assert slide.unit == "µm" and slide.spot_diameter == pytest.approx(55.0, rel=1e-12)
-    np.testing.assert_allclose(slide.world_yx(), slide.adata.obsm["spatial"][:, ::-1] * 55 / spot_px, rtol=0,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        slide.world_yx(), slide.adata.obsm["spatial"][:, ::-1] * 55 / spot_px, rtol=0, atol=1e-12
+    )
     assert json.loads((outs / "spatial" / "scalefactors_json.json").read_text()) == factors
 
 
@@ -180,7 +200,8 @@ def test_default_scalefactors_follow_the_spot_pitch(visium_adata):
     defaults = visium_scalefactors(coords)
     assert defaults["spot_diameter_fullres"] == pytest.approx(0.55 * pitch, rel=1e-12)
     assert defaults["fiducial_diameter_fullres"] / defaults["spot_diameter_fullres"] == pytest.approx(
-        144.45982486939 / 89.42751063343188, rel=1e-12)
+        144.45982486939 / 89.42751063343188, rel=1e-12
+    )
     extent = coords.max() + pitch
     assert defaults["tissue_hires_scalef"] == pytest.approx(2000 / extent, rel=1e-12)
     assert defaults["tissue_lowres_scalef"] == pytest.approx(600 / extent, rel=1e-12)
@@ -210,7 +231,9 @@ def test_blank_hires_placeholder_falls_back_to_lowres(outs, factors):
     from PIL import Image
 
     hires = outs / "spatial" / IMAGE_FILES["hires"]
-    Image.fromarray(np.zeros((50, 40, 4), np.uint8) + np.uint8([0, 0, 0, 255])).save(hires)  # as in scanpy's 1.0.0 slide
+    Image.fromarray(np.zeros((50, 40, 4), np.uint8) + np.uint8([0, 0, 0, 255])).save(
+        hires
+    )  # as in scanpy's 1.0.0 slide
     slide = read_slide(outs)
     [image] = slide.images
     assert image.name == "lowres" and image.scale == slide.world_per_coord / factors["tissue_lowres_scalef"]
@@ -247,13 +270,17 @@ def _hd_bins(bin_um: int, n_bins: int, seed: int) -> ad.AnnData:
     """Square bins of ``bin_um`` µm, their centres in full-resolution pixels, barcodes as Space Ranger names them."""
     from spatial_deconv_gui.simulate import simulate_dataset
 
-    spatial, _ = simulate_dataset(n_spots=n_bins, n_genes=N_GENES, n_types=3, cells_per_type=10, grid="square",
-                                  seed=seed)
+    spatial, _ = simulate_dataset(
+        n_spots=n_bins, n_genes=N_GENES, n_types=3, cells_per_type=10, grid="square", seed=seed
+    )
     grid = np.rint((spatial.obsm["spatial"] - 50.0) / 100.0).astype(int)  # simulate: 100 µm pitch from 50 µm
     centres_um = 300.0 + (grid + 0.5) * bin_um
     barcodes = [f"s_{bin_um:03d}um_{r:05d}_{c:05d}-1" for c, r in grid]
-    adata = ad.AnnData(X=spatial.X.copy(), obs=pd.DataFrame(index=barcodes),
-                       var=pd.DataFrame(index=[f"Sym{j}" for j in range(N_GENES)]))
+    adata = ad.AnnData(
+        X=spatial.X.copy(),
+        obs=pd.DataFrame(index=barcodes),
+        var=pd.DataFrame(index=[f"Sym{j}" for j in range(N_GENES)]),
+    )
     adata.obsm["spatial"] = centres_um / HD_MICRONS_PER_PIXEL
     return adata
 
@@ -267,8 +294,13 @@ def hd_bins() -> dict[int, ad.AnnData]:
 def hd_outs(tmp_path, hd_bins) -> Path:
     coords = np.vstack([a.obsm["spatial"] for a in hd_bins.values()])
     image = _image_with_red_spots(coords, HD_HIRES_SCALEF, 16 / HD_MICRONS_PER_PIXEL)
-    return write_visium_hd_folder(hd_bins, tmp_path / "hd" / "outs", image=image,
-                                  microns_per_pixel=HD_MICRONS_PER_PIXEL, hires_scalef=HD_HIRES_SCALEF)
+    return write_visium_hd_folder(
+        hd_bins,
+        tmp_path / "hd" / "outs",
+        image=image,
+        microns_per_pixel=HD_MICRONS_PER_PIXEL,
+        hires_scalef=HD_HIRES_SCALEF,
+    )
 
 
 def test_visium_hd_round_trip(hd_outs, hd_bins):
@@ -299,8 +331,9 @@ def test_visium_hd_round_trip(hd_outs, hd_bins):
 
 def test_visium_hd_images_only_in_outs_spatial(tmp_path, hd_bins):
     image = np.zeros((400, 400, 3), np.uint8)
-    outs = write_visium_hd_folder(hd_bins, tmp_path / "outs", image=image, hires_scalef=HD_HIRES_SCALEF,
-                                  images_in="outs", matrix="mex")
+    outs = write_visium_hd_folder(
+        hd_bins, tmp_path / "outs", image=image, hires_scalef=HD_HIRES_SCALEF, images_in="outs", matrix="mex"
+    )
     assert not (outs / "binned_outputs" / "square_016um" / "spatial" / IMAGE_FILES["hires"]).exists()
     slide = read_slide(outs, bin_size=16)
     assert [im.name for im in slide.images] == ["hires"] and slide.images[0].shape == (400, 400, 3)
@@ -341,6 +374,7 @@ def test_rctd_on_the_folder_equals_rctd_on_the_h5ad(small_pair, tmp_path, capsys
 
 
 # --- bad inputs ------------------------------------------------------------------------------------------------
+
 
 def _read_error(path, **options) -> InputError:
     with pytest.raises(InputError) as caught:
@@ -484,8 +518,22 @@ def test_shared_visium_as_a_space_ranger_folder(shared_data, tmp_path, capsys):
     results = {}
     for name, source in (("h5ad", h5ad), ("folder", outs.parent)):
         out = tmp_path / f"{name}_doublet.h5ad"
-        code = main(["run", str(source), str(ref), "--method", "rctd", "--mode", "doublet", "--numi-col", "none",
-                     "--output", str(out), "--quiet"])
+        code = main(
+            [
+                "run",
+                str(source),
+                str(ref),
+                "--method",
+                "rctd",
+                "--mode",
+                "doublet",
+                "--numi-col",
+                "none",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
         assert code == 0, capsys.readouterr().err
         results[name] = ad.read_h5ad(out)
     a, b = results["h5ad"], results["folder"]

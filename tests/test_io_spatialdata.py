@@ -1,6 +1,7 @@
 """SpatialData .zarr in and out: a store written by spatialdata reads back as the AnnData it came from, in the same
 world frame as its images; results are written into a new store that spatialdata reads, and the source is never
 touched."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,11 @@ from spatialdata.transformations import Affine, Scale, Sequence, Translation  # 
 
 from spatial_deconv_gui.io.errors import InputError  # noqa: E402
 from spatial_deconv_gui.io.sdata import (  # noqa: E402
-    looks_like_spatialdata, read_spatialdata, write_spatialdata_fixture, write_spatialdata_result)
+    looks_like_spatialdata,
+    read_spatialdata,
+    write_spatialdata_fixture,
+    write_spatialdata_result,
+)
 
 WORLD_PER_COORD = 2.0  # circles' scale to "global"
 IMAGE_SCALE = 5.0  # world units per image pixel
@@ -59,8 +64,15 @@ def store(slide_pair, tmp_path_factory):
     row, col = np.floor(world[0, ::-1] / IMAGE_SCALE).astype(int)
     image[row, col] = 255
     path = tmp_path_factory.mktemp("sdata") / "slide.zarr"
-    write_spatialdata_fixture(spatial, path, image=image, spot_radius=RADIUS, world_per_coord=WORLD_PER_COORD,
-                              image_scale=IMAGE_SCALE, image_scale_factors=[2, 2])
+    write_spatialdata_fixture(
+        spatial,
+        path,
+        image=image,
+        spot_radius=RADIUS,
+        world_per_coord=WORLD_PER_COORD,
+        image_scale=IMAGE_SCALE,
+        image_scale_factors=[2, 2],
+    )
     return path
 
 
@@ -77,8 +89,9 @@ def rctd_runs(slide_pair, store, tmp_path_factory):
     spatial.write_h5ad(h5ad)
     slide = read_spatialdata(store, images=False)
     with thread_cap(1):
-        from_h5ad = api.run_deconvolution(ad.read_h5ad(h5ad), reference, method="rctd", params=RCTD_PARAMS,
-                                          device="cpu")
+        from_h5ad = api.run_deconvolution(
+            ad.read_h5ad(h5ad), reference, method="rctd", params=RCTD_PARAMS, device="cpu"
+        )
         from_zarr = api.run_deconvolution(slide.adata, reference, method="rctd", params=RCTD_PARAMS, device="cpu")
     return from_h5ad, from_zarr
 
@@ -89,8 +102,10 @@ def test_looks_like_spatialdata_without_importing_it(store, tmp_path):
     (plain / "images").mkdir()  # element folders but no zarr group
     h5ad = tmp_path / "x.h5ad"
     h5ad.write_bytes(b"")
-    code = ("import sys; from spatial_deconv_gui.io.sdata import looks_like_spatialdata as f; "
-            f"print(f({str(store)!r}), f({str(plain)!r}), f({str(h5ad)!r}), 'spatialdata' in sys.modules)")
+    code = (
+        "import sys; from spatial_deconv_gui.io.sdata import looks_like_spatialdata as f; "
+        f"print(f({str(store)!r}), f({str(plain)!r}), f({str(h5ad)!r}), 'spatialdata' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False", "False", "False"]
     empty_zarr = tmp_path / "empty.zarr"
@@ -112,8 +127,7 @@ def test_store_reads_back_as_the_anndata(slide_pair, store):
     # obsm['spatial'] stays in the element's units; world = coords * the circles' scale
     np.testing.assert_array_equal(a.obsm["spatial"], spatial.obsm["spatial"])
     assert slide.world_per_coord == WORLD_PER_COORD
-    np.testing.assert_allclose(slide.world_yx(), spatial.obsm["spatial"][:, ::-1] * WORLD_PER_COORD, rtol=0,
-                               atol=1e-9)
+    np.testing.assert_allclose(slide.world_yx(), spatial.obsm["spatial"][:, ::-1] * WORLD_PER_COORD, rtol=0, atol=1e-9)
     assert slide.spot_diameter == pytest.approx(2 * RADIUS * WORLD_PER_COORD)
     assert slide.unit == "px"  # spatialdata writes the placeholder unit "unit"
     assert a.uns["spatialdata_attrs"]["region"] == "spots" and slide.notices == []
@@ -221,9 +235,11 @@ def _table(n: int, region, ids, offset: int = 0):
     import anndata as ad
 
     rng = np.random.default_rng(offset)
-    a = ad.AnnData(X=rng.poisson(3, (n, 6)).astype(np.float32),
-                   obs=pd.DataFrame(index=[f"c{offset + i}" for i in range(n)]),
-                   var=pd.DataFrame(index=[f"g{j}" for j in range(6)]))
+    a = ad.AnnData(
+        X=rng.poisson(3, (n, 6)).astype(np.float32),
+        obs=pd.DataFrame(index=[f"c{offset + i}" for i in range(n)]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(6)]),
+    )
     a.obs["region"] = pd.Categorical(region if not isinstance(region, str) else [region] * n)
     a.obs["cell"] = np.asarray(ids)
     return a
@@ -237,25 +253,33 @@ def test_translated_rotated_polygons_and_points(tmp_path):
 
     moved = Sequence([Scale([3.0, 3.0], axes=("x", "y")), Translation([100.0, -50.0], axes=("x", "y"))])
     shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=squares, index=[7, 8, 9]), transformations={"global": moved})
-    rotation = Affine(np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], float), input_axes=("x", "y"),
-                      output_axes=("x", "y"))
-    image = Image2DModel.parse(np.zeros((1, 8, 8), np.uint16), dims=("c", "y", "x"),
-                               transformations={"global": rotation})
+    rotation = Affine(
+        np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], float), input_axes=("x", "y"), output_axes=("x", "y")
+    )
+    image = Image2DModel.parse(
+        np.zeros((1, 8, 8), np.uint16), dims=("c", "y", "x"), transformations={"global": rotation}
+    )
     table = TableModel.parse(_table(3, "cells", [9, 7, 8]), region="cells", region_key="region", instance_key="cell")
-    path = _write(sd.SpatialData(shapes={"cells": shapes}, images={"tilted": image}, tables={"table": table}),
-                  tmp_path / "poly.zarr")
+    path = _write(
+        sd.SpatialData(shapes={"cells": shapes}, images={"tilted": image}, tables={"table": table}),
+        tmp_path / "poly.zarr",
+    )
     slide = read_spatialdata(path)
     centroids = np.array([[4.0, 9.0], [1.0, 1.0], [11.0, 5.0]])  # instances 9, 7, 8: table order
     np.testing.assert_allclose(slide.adata.obsm["spatial"], centroids * 3 + [100, -50])
     assert slide.world_per_coord == 1.0 and slide.spot_diameter is None
     assert slide.images == [] and "tilted" in slide.notices[0]
 
-    points = PointsModel.parse(pd.DataFrame({"x": [1.0, 2.0], "y": [5.0, 6.0]}, index=[0, 1]),
-                               transformations={"global": Scale([0.5, 0.5], axes=("x", "y"))})
+    points = PointsModel.parse(
+        pd.DataFrame({"x": [1.0, 2.0], "y": [5.0, 6.0]}, index=[0, 1]),
+        transformations={"global": Scale([0.5, 0.5], axes=("x", "y"))},
+    )
     grey = Image2DModel.parse(np.zeros((2, 4, 4), np.uint16), dims=("c", "y", "x"), c_coords=["DAPI", "PolyT"])
     table = TableModel.parse(_table(2, "dots", [1, 0]), region="dots", region_key="region", instance_key="cell")
-    path = _write(sd.SpatialData(points={"dots": points}, images={"stain": grey}, tables={"table": table}),
-                  tmp_path / "points.zarr")
+    path = _write(
+        sd.SpatialData(points={"dots": points}, images={"stain": grey}, tables={"table": table}),
+        tmp_path / "points.zarr",
+    )
     slide = read_spatialdata(path)
     np.testing.assert_array_equal(slide.adata.obsm["spatial"], [[2.0, 6.0], [1.0, 5.0]])
     assert slide.world_per_coord == 0.5
@@ -279,16 +303,22 @@ def test_table_over_two_regions(tmp_path):
 
     table = _table(5, ["left", "right", "left", "right", "right"], [0, 0, 1, 1, 2])
     table = TableModel.parse(table, region=["left", "right"], region_key="region", instance_key="cell")
-    path = _write(sd.SpatialData(shapes={"left": circles([[0, 0], [1, 1]]), "right": circles([[5, 5], [6, 6], [7, 7]])},
-                                 tables={"table": table}), tmp_path / "two_regions.zarr")
+    path = _write(
+        sd.SpatialData(
+            shapes={"left": circles([[0, 0], [1, 1]]), "right": circles([[5, 5], [6, 6], [7, 7]])},
+            tables={"table": table},
+        ),
+        tmp_path / "two_regions.zarr",
+    )
     left = read_spatialdata(path)
     assert left.region == "left" and list(left.adata.obs_names) == ["c0", "c2"] and "right" in left.notices[0]
     right = read_spatialdata(path, region="right")
     np.testing.assert_array_equal(right.adata.obsm["spatial"], [[5, 5], [6, 6], [7, 7]])
 
     result = right.adata.copy()
-    result.obsm["toy_proportions"] = pd.DataFrame([[0.1, 0.9], [0.5, 0.5], [1.0, 0.0]], index=result.obs_names,
-                                                  columns=["A", "B"])
+    result.obsm["toy_proportions"] = pd.DataFrame(
+        [[0.1, 0.9], [0.5, 0.5], [1.0, 0.0]], index=result.obs_names, columns=["A", "B"]
+    )
     result.obs["toy_dominant_type"] = pd.Categorical(["B", "A", "A"])
     result.obs["toy_converged"] = [True, False, True]
     out = write_spatialdata_result(result, path, tmp_path / "out.zarr")
@@ -297,8 +327,13 @@ def test_table_over_two_regions(tmp_path):
     props = back.obsm["toy_proportions"]
     assert list(props.columns) == ["A", "B"] and np.isnan(props.to_numpy()[[0, 2]]).all()
     np.testing.assert_array_equal(props.to_numpy()[[1, 3, 4]], [[0.1, 0.9], [0.5, 0.5], [1.0, 0.0]])
-    assert list(back.obs["toy_dominant_type"].astype(object).where(back.obs["toy_dominant_type"].notna(), None)) \
-        == [None, "B", None, "A", "A"]
+    assert list(back.obs["toy_dominant_type"].astype(object).where(back.obs["toy_dominant_type"].notna(), None)) == [
+        None,
+        "B",
+        None,
+        "A",
+        "A",
+    ]
     assert back.obs["toy_converged"].isna().tolist() == [True, False, True, False, False]
 
 

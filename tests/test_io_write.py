@@ -1,4 +1,5 @@
 """The common slot scheme and atomic writes: inputs are never modified, readers never see half a file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,17 @@ def _result(n, types, filtered=()):
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(len(types)), size=n)
     p[list(filtered)] = np.nan
-    return DeconvResult(key="toy", method="toy", mode="full", cell_types=types, proportions=p,
-                        params={"alpha": 0.5, "sigma_override": None, "genes": ("a", "b")}, device="cpu",
-                        runtime_s=1.25, obs={"toy_score": np.arange(n, dtype=float)})
+    return DeconvResult(
+        key="toy",
+        method="toy",
+        mode="full",
+        cell_types=types,
+        proportions=p,
+        params={"alpha": 0.5, "sigma_override": None, "genes": ("a", "b")},
+        device="cpu",
+        runtime_s=1.25,
+        obs={"toy_score": np.arange(n, dtype=float)},
+    )
 
 
 def test_attach_result_slots(small_pair):

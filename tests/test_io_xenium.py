@@ -1,4 +1,5 @@
 """Xenium bundles: write_xenium_bundle -> read_xenium round trips, the lazy morphology pyramid, outlines, bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,13 @@ def _cells() -> ad.AnnData:
     rng = np.random.default_rng(7)
     counts = sp.csr_matrix(rng.poisson(1.5, size=(N_CELLS, N_GENES)).astype(np.int32))
     ids = [f"cell{i:04d}{chr(97 + i % 26)}-1" for i in range(N_CELLS)]
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame({"cell_area": rng.uniform(40, 160, N_CELLS)}, index=ids),
-                       var=pd.DataFrame({"gene_ids": [f"ENSG{j:011d}" for j in range(N_GENES)]},
-                                        index=[f"Gene{j:02d}" for j in range(N_GENES)]))
+    adata = ad.AnnData(
+        X=counts,
+        obs=pd.DataFrame({"cell_area": rng.uniform(40, 160, N_CELLS)}, index=ids),
+        var=pd.DataFrame(
+            {"gene_ids": [f"ENSG{j:011d}" for j in range(N_GENES)]}, index=[f"Gene{j:02d}" for j in range(N_GENES)]
+        ),
+    )
     # inside the image, away from its edges, with sub-pixel fractions
     adata.obsm["spatial"] = np.column_stack([rng.uniform(20, 480, N_CELLS), rng.uniform(20, 430, N_CELLS)])
     return adata
@@ -56,12 +61,25 @@ def _bright_world_yx(image, level0) -> np.ndarray:
     return np.asarray(image.translate) + np.array([row, col]) * image.scale
 
 
-@pytest.mark.parametrize("cells_format, matrix_format, layout", [
-    ("parquet", "h5", "2.0"), ("csv.gz", "mex", "1.0"), ("parquet", "mex", "1.0"), ("csv.gz", "h5", "2.0"),
-])
+@pytest.mark.parametrize(
+    "cells_format, matrix_format, layout",
+    [
+        ("parquet", "h5", "2.0"),
+        ("csv.gz", "mex", "1.0"),
+        ("parquet", "mex", "1.0"),
+        ("csv.gz", "h5", "2.0"),
+    ],
+)
 def test_round_trip(tmp_path, cells, cells_format, matrix_format, layout):
-    folder = xenium.write_xenium_bundle(cells, tmp_path / "b", pixel_size=PIXEL_SIZE, image=_image(cells),
-                                        layout=layout, cells_format=cells_format, matrix_format=matrix_format)
+    folder = xenium.write_xenium_bundle(
+        cells,
+        tmp_path / "b",
+        pixel_size=PIXEL_SIZE,
+        image=_image(cells),
+        layout=layout,
+        cells_format=cells_format,
+        matrix_format=matrix_format,
+    )
     slide = xenium.read_xenium(folder)
     adata = slide.adata
     assert slide.format == "xenium" and slide.unit == "µm" and slide.world_per_coord == 1.0
@@ -80,8 +98,7 @@ def test_round_trip(tmp_path, cells, cells_format, matrix_format, layout):
     assert slide.notices == []
     [image] = slide.images
     assert image.scale == PIXEL_SIZE and image.shape == IMAGE_SHAPE
-    np.testing.assert_allclose(_bright_world_yx(image, image.levels[0]), slide.world_yx()[BRIGHT_CELL],
-                               atol=PIXEL_SIZE)
+    np.testing.assert_allclose(_bright_world_yx(image, image.levels[0]), slide.world_yx()[BRIGHT_CELL], atol=PIXEL_SIZE)
 
 
 def test_negative_controls_are_in_the_file_and_dropped_on_read(bundle):
@@ -104,8 +121,9 @@ def test_image_is_a_lazy_pyramid_in_world_um(bundle, cells):
     lo, hi = image.contrast_limits
     assert 100 <= lo < hi <= 60000
     # The bright pixel sits at the cell's centroid: within half a pixel under the corner-origin convention.
-    np.testing.assert_allclose(_bright_world_yx(image, image.levels[0]), slide.world_yx()[BRIGHT_CELL],
-                               atol=PIXEL_SIZE / 2 + 1e-12)
+    np.testing.assert_allclose(
+        _bright_world_yx(image, image.levels[0]), slide.world_yx()[BRIGHT_CELL], atol=PIXEL_SIZE / 2 + 1e-12
+    )
     kwargs = image.layer_kwargs()
     assert kwargs["multiscale"] and kwargs["scale"] == (PIXEL_SIZE, PIXEL_SIZE)
 
@@ -114,7 +132,8 @@ def test_several_stain_files_stack_into_channels(tmp_path, cells):
     stains = np.stack([_image(cells, 3), _image(cells, 40) // 2, _image(cells, BRIGHT_CELL) // 3])
     folder = xenium.write_xenium_bundle(cells, tmp_path / "b", pixel_size=PIXEL_SIZE, image=stains)
     assert sorted(p.name for p in (folder / "morphology_focus").iterdir()) == [
-        f"morphology_focus_{i:04d}.ome.tif" for i in range(3)]
+        f"morphology_focus_{i:04d}.ome.tif" for i in range(3)
+    ]
     slide = xenium.read_xenium(folder)
     [image] = slide.images
     assert image.channel_axis == 0 and image.channel_names == ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S"]
@@ -122,8 +141,9 @@ def test_several_stain_files_stack_into_channels(tmp_path, cells):
     assert [tuple(level.shape) for level in image.levels] == [(3, 900, 1000), (3, 450, 500), (3, 225, 250)]
     assert len(image.contrast_limits) == 3
     for channel, cell in enumerate((3, 40, BRIGHT_CELL)):
-        np.testing.assert_allclose(_bright_world_yx(image, image.levels[0][channel]), slide.world_yx()[cell],
-                                   atol=PIXEL_SIZE)
+        np.testing.assert_allclose(
+            _bright_world_yx(image, image.levels[0][channel]), slide.world_yx()[cell], atol=PIXEL_SIZE
+        )
     # A damaged stain file costs that channel only.
     (folder / "morphology_focus" / "morphology_focus_0001.ome.tif").write_bytes(b"II*\x00garbage")
     slide = xenium.read_xenium(folder)
@@ -154,7 +174,7 @@ def test_boundaries_follow_obs_order(bundle, cells):
         np.testing.assert_allclose(polygon.mean(axis=0), world[i], rtol=0, atol=1e-9)
         # each hexagon is the one drawn around this cell: its circumradius gives back the cell's area
         radius = np.linalg.norm(polygon[0] - world[i])
-        assert 1.5 * np.sqrt(3) * radius ** 2 == pytest.approx(area[i], rel=1e-9)
+        assert 1.5 * np.sqrt(3) * radius**2 == pytest.approx(area[i], rel=1e-9)
 
 
 def test_boundaries_file_absent_is_a_notice(bundle):

@@ -1,4 +1,5 @@
 """Past the points limit, slides and results are drawn as RGBA rasters: checked at 1M spots."""
+
 from __future__ import annotations
 
 import anndata as ad
@@ -17,10 +18,15 @@ def _grid_slide(n: int, pitch: float = 2.0) -> ad.AnnData:
     rng = np.random.default_rng(0)
     side = int(np.ceil(np.sqrt(n)))
     rows, cols = np.divmod(np.arange(n), side)
-    x = sp.random(n, 5, density=0.4, format="csr", random_state=0,
-                  data_rvs=lambda k: rng.integers(1, 9, k)).astype(np.int32)
-    a = ad.AnnData(X=x, obs=pd.DataFrame({"zone": pd.Categorical(np.where(cols < side // 2, "left", "right"))},
-                                         index=pd.RangeIndex(n).astype(str)))
+    x = sp.random(n, 5, density=0.4, format="csr", random_state=0, data_rvs=lambda k: rng.integers(1, 9, k)).astype(
+        np.int32
+    )
+    a = ad.AnnData(
+        X=x,
+        obs=pd.DataFrame(
+            {"zone": pd.Categorical(np.where(cols < side // 2, "left", "right"))}, index=pd.RangeIndex(n).astype(str)
+        ),
+    )
     a.obsm["spatial"] = np.column_stack([cols * pitch, rows * pitch]) + 10.0
     a.uns["zone_colors"] = ["#ff0000", "#0000ff"]
     return a
@@ -82,11 +88,24 @@ def test_one_million_spots_open_as_a_raster_and_take_results(make_napari_viewer)
 
     rng = np.random.default_rng(1)
     props = rng.dirichlet(np.ones(3), size=n)
-    res = DeconvResult(key="big", method="big", mode=None, cell_types=["A", "B", "C"], proportions=props,
-                       params={}, device="cpu", runtime_s=0.0)
+    res = DeconvResult(
+        key="big",
+        method="big",
+        mode=None,
+        cell_types=["A", "B", "C"],
+        proportions=props,
+        params={},
+        device="cpu",
+        runtime_s=0.0,
+    )
     wb = workbench_for(viewer)
-    rec = wb.add_run(api.RunOutput(attach_result(adata, res), res, None), adata.obsm["spatial"],
-                     meta["spot_size"], name="big", raster=raster)
+    rec = wb.add_run(
+        api.RunOutput(attach_result(adata, res), res, None),
+        adata.obsm["spatial"],
+        meta["spot_size"],
+        name="big",
+        raster=raster,
+    )
     dom = rec.layers["dominant"]
     assert type(dom).__name__ == "Image"
     expected = np.array([to_rgba(rec.palette[t]) for t in "ABC"])[props.argmax(axis=1)]

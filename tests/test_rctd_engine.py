@@ -1,5 +1,6 @@
 """RCTD end to end: recovery of simulated mixtures, fidelity to R spacexr on its Slide-seq vignette, and the
 engine contract (filters, outputs, progress, cancellation, config checks)."""
+
 from __future__ import annotations
 
 import threading
@@ -25,13 +26,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # simulation
 # ---------------------------------------------------------------------------------------------------
 
+
 def _profiles(rng, n_genes, n_types):
     base = rng.gamma(2.0, 1.0, n_genes)
     logfc = rng.normal(0, 0.8, (n_genes, n_types))
     # each type over-expresses its own block of markers, so types are identifiable
     block = n_genes // n_types
     for t in range(n_types):
-        logfc[t * block:(t + 1) * block, t] += 2.0
+        logfc[t * block : (t + 1) * block, t] += 2.0
     prof = base[:, None] * np.exp(logfc)
     return prof / prof.sum(axis=0, keepdims=True)
 
@@ -55,8 +57,13 @@ def simulate(proportions, n_genes=240, n_cells=30, seed=0, umi=(400, 1200)):
     spot_umi = rng.integers(umi[0], umi[1], n_spots).astype(float)
     mean = spot_umi[:, None] * (proportions @ prof.T) * platform[None, :]
     spot_counts = _nb(rng, mean)
-    spatial = SpatialInput(sp.csr_matrix(spot_counts), genes, np.array([f"s{i}" for i in range(n_spots)]),
-                           rng.uniform(0, 100, (n_spots, 2)), spot_counts.sum(axis=1).astype(float))
+    spatial = SpatialInput(
+        sp.csr_matrix(spot_counts),
+        genes,
+        np.array([f"s{i}" for i in range(n_spots)]),
+        rng.uniform(0, 100, (n_spots, 2)),
+        spot_counts.sum(axis=1).astype(float),
+    )
     reference = ReferenceInput(sp.csr_matrix(ref_counts), genes, labels, ref_counts.sum(axis=1).astype(float))
     return spatial, reference
 
@@ -160,10 +167,10 @@ def test_multi_mode_selects_present_types(mixtures, full_result, cache_dir):
     assert idx.shape == (truth.shape[0], 4) and sub.shape == (truth.shape[0], 4)
     assert np.all((n >= 1) & (n <= 4))
     for i in range(truth.shape[0]):
-        assert np.all(idx[i, n[i]:] == -1)
-        assert sub[i, :n[i]].sum() == pytest.approx(1.0)
+        assert np.all(idx[i, n[i] :] == -1)
+        assert sub[i, : n[i]].sum() == pytest.approx(1.0)
     # the dominant true type is among the selected ones
-    hit = [truth[i].argmax() in idx[i, :n[i]] for i in range(truth.shape[0])]
+    hit = [truth[i].argmax() in idx[i, : n[i]] for i in range(truth.shape[0])]
     assert np.mean(hit) >= 0.95
     # proportions are the sub-weights expanded to all types
     np.testing.assert_allclose(res.proportions.sum(axis=1), 1.0, atol=1e-9)
@@ -179,8 +186,9 @@ def test_filtered_spots_are_reported_not_dropped(cache_dir):
     spatial = SpatialInput(spatial.counts, spatial.genes, spatial.barcodes, spatial.coords, n_umi)
     control_events = []
     control = RunControl(callback=control_events.append, max_rate=0)
-    res = run_rctd(spatial, reference, RCTDConfig(mode="doublet", batch_size=16, sigma_override=0.6,
-                                                  cache_dir=cache_dir), control)
+    res = run_rctd(
+        spatial, reference, RCTDConfig(mode="doublet", batch_size=16, sigma_override=0.6, cache_dir=cache_dir), control
+    )
     assert res.proportions.shape == (60, 4)
     filt = np.zeros(60, dtype=bool)
     filt[[0, 7, 30]] = True
@@ -213,8 +221,12 @@ def test_cancel_between_batches(cache_dir):
             ev.set()  # cancel after the first batch
 
     with pytest.raises(Cancelled):
-        run_rctd(spatial, reference, RCTDConfig(mode="full", batch_size=10, sigma_override=0.5, cache_dir=cache_dir),
-                 RunControl(callback=cb, cancel_event=ev))
+        run_rctd(
+            spatial,
+            reference,
+            RCTDConfig(mode="full", batch_size=10, sigma_override=0.5, cache_dir=cache_dir),
+            RunControl(callback=cb, cancel_event=ev),
+        )
 
 
 def test_rare_types_dropped_or_refused(cache_dir):
@@ -236,8 +248,12 @@ def test_rare_types_dropped_or_refused(cache_dir):
 def test_too_few_shared_genes_is_a_clear_error(cache_dir):
     props = np.random.default_rng(1).dirichlet(np.ones(3), 20)
     spatial, reference = simulate(props, seed=8)
-    renamed = ReferenceInput(reference.counts, np.array([f"G{i}" for i in range(len(reference.genes))]),
-                             reference.cell_types, reference.n_umi)
+    renamed = ReferenceInput(
+        reference.counts,
+        np.array([f"G{i}" for i in range(len(reference.genes))]),
+        reference.cell_types,
+        reference.n_umi,
+    )
     with pytest.raises(ValueError, match="share no"):
         run_rctd(spatial, renamed, RCTDConfig(mode="full", sigma_override=0.5, cache_dir=cache_dir))
     genes = reference.genes.copy()
@@ -262,6 +278,7 @@ def test_config_validation():
 # fidelity to R spacexr on its Slide-seq cerebellum vignette
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cerebellum():
     spatial_path = DATA / "spacexr_slideseq_cerebellum_spatial.h5ad"
@@ -271,13 +288,22 @@ def cerebellum():
     anndata = pytest.importorskip("anndata")
     s = anndata.read_h5ad(spatial_path)
     r = anndata.read_h5ad(ref_path)
-    spatial = SpatialInput(sp.csr_matrix(s.X), np.asarray(s.var_names), np.asarray(s.obs_names),
-                           np.asarray(s.obsm["spatial"]), s.obs["nUMI"].to_numpy().astype(float))
+    spatial = SpatialInput(
+        sp.csr_matrix(s.X),
+        np.asarray(s.var_names),
+        np.asarray(s.obs_names),
+        np.asarray(s.obsm["spatial"]),
+        s.obs["nUMI"].to_numpy().astype(float),
+    )
     # The R results shipped with the puck were computed with the reference's nUMI = column sums of its
     # counts (they match ours to 1e-10 that way; with the metadata nUMI they do not): build it the same way.
     ref_counts = sp.csr_matrix(r.X)
-    reference = ReferenceInput(ref_counts, np.asarray(r.var_names), r.obs["cell_type"].astype(str).to_numpy(),
-                               np.asarray(ref_counts.sum(axis=1)).ravel().astype(float))
+    reference = ReferenceInput(
+        ref_counts,
+        np.asarray(r.var_names),
+        r.obs["cell_type"].astype(str).to_numpy(),
+        np.asarray(ref_counts.sum(axis=1)).ravel().astype(float),
+    )
     return s, spatial, reference
 
 
@@ -313,6 +339,7 @@ def test_cerebellum_full_mode_weights_match_r(cerebellum, cache_dir):
 # ---------------------------------------------------------------------------------------------------
 # device-independent paths and robustness
 # ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_doublets():
@@ -374,8 +401,11 @@ def test_class_df_identity_equals_none_and_groups_classes(small_doublets, cache_
     plain = run_rctd(spatial, reference, base)
     ident = run_rctd(spatial, reference, RCTDConfig(**{**base.__dict__, "class_df": {t: t for t in plain.cell_types}}))
     np.testing.assert_array_equal(np.asarray(plain.obs["rctd_spot_class"]), np.asarray(ident.obs["rctd_spot_class"]))
-    grouped = run_rctd(spatial, reference, RCTDConfig(**{**base.__dict__, "class_df": {
-        "type0": "A", "type1": "A", "type2": "B", "type3": "C"}}))
+    grouped = run_rctd(
+        spatial,
+        reference,
+        RCTDConfig(**{**base.__dict__, "class_df": {"type0": "A", "type1": "A", "type2": "B", "type3": "C"}}),
+    )
     # grouping can only make calls more confident: no spot becomes a reject because of it
     rejects_plain = np.asarray(plain.obs["rctd_spot_class"]) == "reject"
     rejects_grouped = np.asarray(grouped.obs["rctd_spot_class"]) == "reject"

@@ -1,4 +1,5 @@
 """RCTD numerics: likelihood tables vs direct integration, spline vs table, QP step vs a generic solver."""
+
 from __future__ import annotations
 
 import math
@@ -12,15 +13,14 @@ from spatial_deconv_gui.engines.rctd import _kernels
 from spatial_deconv_gui.engines.rctd.irwls import newton_step, newton_step_torch, nonneg_qp_torch
 from spatial_deconv_gui.engines.rctd.likelihood import (
     SIGMA_GRID,
-    _ht_constants,
     LikelihoodTable,
+    _ht_constants,
     build_tables,
     compute_log_tables,
     heavy_tail_pdf,
     lambda_grid,
     spline_second_derivatives,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,8 +47,9 @@ def test_interval_lookup_brackets_lambda(x):
 
 def test_heavy_tail_pdf_is_a_density():
     for sigma in (0.3, 1.0, 1.7):
-        total, _ = integrate.quad(lambda e: heavy_tail_pdf(np.array([e]), sigma)[0], -np.inf, np.inf,
-                                  points=None, limit=400)
+        total, _ = integrate.quad(
+            lambda e: heavy_tail_pdf(np.array([e]), sigma)[0], -np.inf, np.inf, points=None, limit=400
+        )
         assert total == pytest.approx(1.0, abs=1e-8)
 
 
@@ -61,6 +62,7 @@ def test_table_matches_direct_integration(x, sigma):
         u = abs(e) / sigma
         core = norm * math.exp(-0.5 * u * u) / math.sqrt(2 * math.pi) if u < 3 else norm * a / (u - c) ** 2
         return core / sigma
+
     for k, i in [(0, 0), (0, 250), (1, 120), (3, 200), (10, 260), (25, 330), (40, 438), (40, 10)]:
         lam = x[i]
 
@@ -119,9 +121,9 @@ def test_spline_matches_table_at_knots_and_is_smooth(x):
     # numba kernel agrees with the torch path
     d1n = np.empty((1, 400))
     d2n = np.empty((1, 400))
-    _kernels.spline_derivs(y2.numpy()[None], lam2.numpy()[None], tt.coef_np, tt.x_np, tt.mtab_np, tt.n_int,
-                           tt.x_max, tt.k_cap,
-                           d1n, d2n)
+    _kernels.spline_derivs(
+        y2.numpy()[None], lam2.numpy()[None], tt.coef_np, tt.x_np, tt.mtab_np, tt.n_int, tt.x_max, tt.k_cap, d1n, d2n
+    )
     _, d1t, d2t = tt.derivatives(y2, lam2)
     np.testing.assert_allclose(d1n[0], d1t.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(d2n[0], d2t.numpy(), rtol=1e-12, atol=1e-12)
@@ -147,9 +149,14 @@ def _reference_step(H, g, w):
     fl = np.maximum(evals, 1e-3)
     D = (V * fl) @ V.T / fl.max() + 1e-7 * np.eye(len(g))
     d = g / fl.max()
-    res = optimize.minimize(lambda v: 0.5 * v @ D @ v - d @ v, np.zeros(len(g)), jac=lambda v: D @ v - d,
-                            bounds=[(-wi, None) for wi in w], method="L-BFGS-B",
-                            options=dict(ftol=1e-16, gtol=1e-13, maxiter=20000))
+    res = optimize.minimize(
+        lambda v: 0.5 * v @ D @ v - d @ v,
+        np.zeros(len(g)),
+        jac=lambda v: D @ v - d,
+        bounds=[(-wi, None) for wi in w],
+        method="L-BFGS-B",
+        options=dict(ftol=1e-16, gtol=1e-13, maxiter=20000),
+    )
     return D, d, res.x
 
 

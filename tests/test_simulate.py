@@ -1,4 +1,5 @@
 """The simulator and the shipped sample: deterministic, known truth, spatially structured domains."""
+
 from __future__ import annotations
 
 import anndata as ad
@@ -41,6 +42,7 @@ def test_shipped_sample_equals_a_fresh_build():
     shipped_s, shipped_r = ad.read_h5ad(SAMPLE_SPATIAL), ad.read_h5ad(SAMPLE_REFERENCE)
     assert (shipped_s.X != spatial.X).nnz == 0 and (shipped_r.X != reference.X).nnz == 0
     np.testing.assert_array_equal(shipped_s.obsm["spatial"], spatial.obsm["spatial"])
-    np.testing.assert_allclose(shipped_s.obsm["true_proportions"].to_numpy(),
-                               spatial.obsm["true_proportions"].to_numpy())
+    np.testing.assert_allclose(
+        shipped_s.obsm["true_proportions"].to_numpy(), spatial.obsm["true_proportions"].to_numpy()
+    )
     assert list(shipped_r.uns["cell_type_colors"]) == list(reference.uns["cell_type_colors"])

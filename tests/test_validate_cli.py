@@ -1,4 +1,5 @@
 """`spatial-deconv validate`: every bad input exits 2 with a message naming the problem; good pairs exit 0."""
+
 from __future__ import annotations
 
 import hashlib
@@ -104,8 +105,9 @@ def test_empty_spots(pair, tmp_path, capsys):
 
 def test_unknown_cell_type_column_lists_columns(pair, tmp_path, capsys):
     s, r = pair
-    code, text = _validate(capsys, _write(s, tmp_path / "s.h5ad"), _write(r, tmp_path / "r.h5ad"),
-                           "--cell-type-col", "celltype")
+    code, text = _validate(
+        capsys, _write(s, tmp_path / "s.h5ad"), _write(r, tmp_path / "r.h5ad"), "--cell-type-col", "celltype"
+    )
     assert code == 2
     assert "no obs column 'celltype'" in text and "'cell_type'" in text and "'nUMI'" in text
 
@@ -171,8 +173,9 @@ def test_validation_never_modifies_inputs(pair, tmp_path, capsys):
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["slideseq_cerebellum", "visium_hippocampus", "visium_lymphnode_human"])
 def test_shared_pairs_are_valid(shared_data, capsys, name):
-    code, text = _validate(capsys, shared_data / f"spacexr_{name}_spatial.h5ad",
-                           shared_data / f"spacexr_{name}_reference.h5ad")
+    code, text = _validate(
+        capsys, shared_data / f"spacexr_{name}_spatial.h5ad", shared_data / f"spacexr_{name}_reference.h5ad"
+    )
     assert code == 0, text
 
 

@@ -1,4 +1,5 @@
 """`spatial-deconv`: info, validate, run and demo from the shell."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,22 @@ def _base_parser() -> argparse.ArgumentParser:
     run.add_argument("reference")
     run.add_argument("--method", required=True, help="deconvolution method")
     _add_input_options(run)
-    run.add_argument("--numi-col", default=keys.NUMI,
-                     help="spatial obs column with each spot's total UMI, used when present ('none': row sums)")
-    run.add_argument("--ref-numi-col", default=keys.NUMI,
-                     help="reference obs column with each cell's total UMI, used when present ('none': row sums)")
-    run.add_argument("--output", "-o", help="result .h5ad (default: <slide>_<method>.h5ad beside the input), or, for "
-                                            "a SpatialData input, a new .zarr holding its elements and the result")
+    run.add_argument(
+        "--numi-col",
+        default=keys.NUMI,
+        help="spatial obs column with each spot's total UMI, used when present ('none': row sums)",
+    )
+    run.add_argument(
+        "--ref-numi-col",
+        default=keys.NUMI,
+        help="reference obs column with each cell's total UMI, used when present ('none': row sums)",
+    )
+    run.add_argument(
+        "--output",
+        "-o",
+        help="result .h5ad (default: <slide>_<method>.h5ad beside the input), or, for "
+        "a SpatialData input, a new .zarr holding its elements and the result",
+    )
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -54,8 +65,10 @@ def _base_parser() -> argparse.ArgumentParser:
     return p
 
 
-SLIDE_HELP = ("the slide: an .h5ad, a Space Ranger outs/ folder (Visium, Visium HD, or one "
-              "binned_outputs/square_NNNum/ folder), a Xenium output bundle, or a SpatialData .zarr")
+SLIDE_HELP = (
+    "the slide: an .h5ad, a Space Ranger outs/ folder (Visium, Visium HD, or one "
+    "binned_outputs/square_NNNum/ folder), a Xenium output bundle, or a SpatialData .zarr"
+)
 
 
 def _add_input_options(p: argparse.ArgumentParser):
@@ -92,8 +105,13 @@ class _Progress:
         if event.stage != self.stage:
             self.close()
             self.stage = event.stage
-            self.bar = tqdm(total=100, desc=event.stage, file=sys.stderr, leave=True,
-                            bar_format="{desc:<16} {percentage:3.0f}%|{bar:30}| {elapsed}<{remaining} {postfix}")
+            self.bar = tqdm(
+                total=100,
+                desc=event.stage,
+                file=sys.stderr,
+                leave=True,
+                bar_format="{desc:<16} {percentage:3.0f}%|{bar:30}| {elapsed}<{remaining} {postfix}",
+            )
         self.bar.n = round(100 * event.fraction)
         if event.message:
             self.bar.set_postfix_str(event.message, refresh=False)
@@ -124,9 +142,16 @@ def _cmd_validate(args) -> int:
     from .io.validate import validate
     from .perturb_cli import slide_options
 
-    report = validate(args.spatial, args.reference, cell_type_col=args.cell_type_col, layer=args.layer,
-                      reference_layer=args.reference_layer, coord_key=args.coords, min_cells_per_type=args.cell_min,
-                      slide_options=slide_options(args))
+    report = validate(
+        args.spatial,
+        args.reference,
+        cell_type_col=args.cell_type_col,
+        layer=args.layer,
+        reference_layer=args.reference_layer,
+        coord_key=args.coords,
+        min_cells_per_type=args.cell_min,
+        slide_options=slide_options(args),
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -147,34 +172,48 @@ def _cmd_run(args, extra: list[str]) -> int:
     api.check_output(out_path, args.spatial, args.reference)
     progress = _Progress(args.quiet)
     try:
-        run = api.run_deconvolution(args.spatial, args.reference, args.method, params=params,
-                                    cell_type_col=args.cell_type_col, layer=args.layer,
-                                    reference_layer=args.reference_layer, coord_key=args.coords,
-                                    numi_column=None if args.numi_col.lower() == "none" else args.numi_col,
-                                    reference_numi_column=None if args.ref_numi_col.lower() == "none"
-                                    else args.ref_numi_col,
-                                    device=args.device, progress=progress, slide_options=slide_options(args))
+        run = api.run_deconvolution(
+            args.spatial,
+            args.reference,
+            args.method,
+            params=params,
+            cell_type_col=args.cell_type_col,
+            layer=args.layer,
+            reference_layer=args.reference_layer,
+            coord_key=args.coords,
+            numi_column=None if args.numi_col.lower() == "none" else args.numi_col,
+            reference_numi_column=None if args.ref_numi_col.lower() == "none" else args.ref_numi_col,
+            device=args.device,
+            progress=progress,
+            slide_options=slide_options(args),
+        )
     finally:
         progress.close()
-    api.save_result(run.adata, out_path, protect=(args.spatial, args.reference), source=args.spatial,
-                    table=args.table)
+    api.save_result(run.adata, out_path, protect=(args.spatial, args.reference), source=args.spatial, table=args.table)
     key = run.result.key
     if args.csv:
         from .io.write import write_text_atomic
 
         write_text_atomic(run.adata.obsm[keys.proportions(key)].to_csv(), args.csv)
     summary = {
-        "method": run.result.method, "mode": run.result.mode, "output": str(out_path),
-        "n_spots": int(run.adata.n_obs), "n_fitted": int(run.result.fitted.sum()),
-        "cell_types": list(run.result.cell_types), "device": run.result.device,
+        "method": run.result.method,
+        "mode": run.result.mode,
+        "output": str(out_path),
+        "n_spots": int(run.adata.n_obs),
+        "n_fitted": int(run.result.fitted.sum()),
+        "cell_types": list(run.result.cell_types),
+        "device": run.result.device,
         "runtime_s": round(run.result.runtime_s, 3),
         "dominant_type_counts": run.adata.obs[keys.dominant_type(key)].value_counts().to_dict(),
     }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     elif not args.quiet:
-        print(f"{summary['method']} ({summary['mode']}): {summary['n_fitted']}/{summary['n_spots']} spots fitted "
-              f"in {summary['runtime_s']} s on {summary['device']}; wrote {out_path}", file=sys.stderr)
+        print(
+            f"{summary['method']} ({summary['mode']}): {summary['n_fitted']}/{summary['n_spots']} spots fitted "
+            f"in {summary['runtime_s']} s on {summary['device']}; wrote {out_path}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

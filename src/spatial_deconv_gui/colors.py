@@ -1,4 +1,5 @@
 """Cell-type colours: honour the user's palette, else a fixed high-contrast one, always as RGBA arrays."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -8,10 +9,38 @@ from matplotlib.colors import to_hex, to_rgba
 
 # Distinct on white and on napari's dark canvas; ordered so neighbours in the list differ most.
 HIGH_CONTRAST = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-    "#bcbd22", "#393b79", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
-    "#9edae5", "#dbdb8d", "#637939", "#e7ba52", "#843c39", "#d6616b", "#7b4173", "#a55194",
-    "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#fd8d3c", "#74c476", "#9e9ac8",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#393b79",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#9edae5",
+    "#dbdb8d",
+    "#637939",
+    "#e7ba52",
+    "#843c39",
+    "#d6616b",
+    "#7b4173",
+    "#a55194",
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
+    "#fd8d3c",
+    "#74c476",
+    "#9e9ac8",
 )
 FILTERED_COLOR = "#808080"
 FILTERED_LABEL = "filtered"
@@ -48,6 +77,7 @@ def cell_type_palette(names: Sequence[str], known: Mapping[str, str] | None = No
             nxt = next(free, None)
             if nxt is None:  # more types than palette entries: fall back to an evenly spaced hue wheel
                 import colorsys
+
                 nxt = to_hex(colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.9))
             out[name] = nxt
     return out

@@ -1,4 +1,5 @@
 """Matplotlib pictures of results, for reports and for machines with no OpenGL (no Qt here)."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,11 @@ def result_figure(adata: ad.AnnData, key: str, path: str | os.PathLike, dpi: int
         ax.set_xticks([])
         ax.set_yticks([])
     present = set(adata.obs[col].astype(str))
-    handles = [plt.Line2D([], [], marker="o", ls="", color=pal[t], label=t) for t in types + [FILTERED_LABEL]
-               if t in present or t != FILTERED_LABEL]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=pal[t], label=t)
+        for t in types + [FILTERED_LABEL]
+        if t in present or t != FILTERED_LABEL
+    ]
     fig.legend(handles=handles, loc="center right", frameon=False, title="cell type")
     fig.subplots_adjust(right=0.8)
     with atomic_path(path, ".png") as tmp:

@@ -4,6 +4,7 @@ Results of a method with key ``<key>`` (``rctd``, ``flash``, ``c2l``, ``destvi``
 functions below; the perturbation engine writes the ``PERTURB_*`` slots. Engines, io, the CLI and the GUI
 spell none of these names themselves.
 """
+
 from __future__ import annotations
 
 # -- inputs ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ spot holds a Poisson number of cells split by those proportions; counts are nega
 cell-weighted mix of per-type expression profiles. The matching reference draws single cells from the
 same profiles. Both carry ``obs['nUMI']``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,21 @@ from scipy.ndimage import gaussian_filter
 from . import keys
 
 DEFAULT_TYPE_NAMES = (
-    "Astrocyte", "Endothelial", "Excitatory", "Inhibitory", "Microglia",
-    "Oligodendrocyte", "OPC", "Pericyte", "Fibroblast", "Ependymal",
-    "Bcell", "Tcell", "Macrophage", "Plasma", "Smooth_muscle",
+    "Astrocyte",
+    "Endothelial",
+    "Excitatory",
+    "Inhibitory",
+    "Microglia",
+    "Oligodendrocyte",
+    "OPC",
+    "Pericyte",
+    "Fibroblast",
+    "Ependymal",
+    "Bcell",
+    "Tcell",
+    "Macrophage",
+    "Plasma",
+    "Smooth_muscle",
 )
 
 
@@ -127,9 +140,7 @@ def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tup
     )
     spatial.obsm[keys.SPATIAL] = coords
     spatial.obsm[keys.TRUE_PROPORTIONS] = pd.DataFrame(true_props, index=barcodes, columns=types)
-    spatial.obs[keys.TRUE_DOMINANT_TYPE] = pd.Categorical(
-        np.array(types)[true_props.argmax(axis=1)], categories=types
-    )
+    spatial.obs[keys.TRUE_DOMINANT_TYPE] = pd.Categorical(np.array(types)[true_props.argmax(axis=1)], categories=types)
     spatial.uns["description"] = "simulated slide (spatial_deconv_gui.simulate)"
     spatial.uns["simulation"] = {k: v for k, v in cfg.__dict__.items()}
 
@@ -160,8 +171,9 @@ _EOSIN = np.array([0.91, 0.62, 0.76])
 _HAEMATOXYLIN = np.array([0.36, 0.22, 0.56])
 
 
-def tissue_image(coords_um: np.ndarray, proportions: np.ndarray, um_per_px: float = 5.0, seed: int = 0,
-                 margin_um: float = 150.0) -> tuple[np.ndarray, tuple[float, float]]:
+def tissue_image(
+    coords_um: np.ndarray, proportions: np.ndarray, um_per_px: float = 5.0, seed: int = 0, margin_um: float = 150.0
+) -> tuple[np.ndarray, tuple[float, float]]:
     """A simulated H&E image (uint8 RGB) under spots at ``coords_um`` (x, y in µm) with per-spot type
     ``proportions``; returns the image and the µm position (x, y) of its pixel (0, 0)'s centre."""
     from scipy.spatial import cKDTree
@@ -170,7 +182,7 @@ def tissue_image(coords_um: np.ndarray, proportions: np.ndarray, um_per_px: floa
     coords_um = np.asarray(coords_um, dtype=float)[:, :2]
     lo = coords_um.min(axis=0) - margin_um
     hi = coords_um.max(axis=0) + margin_um
-    w, h = (np.ceil((hi - lo) / um_per_px).astype(int) + 1)
+    w, h = np.ceil((hi - lo) / um_per_px).astype(int) + 1
     xs, ys = np.meshgrid(lo[0] + np.arange(w) * um_per_px, lo[1] + np.arange(h) * um_per_px)
     dist, nearest = cKDTree(coords_um).query(np.column_stack([xs.ravel(), ys.ravel()]))
     n_types = proportions.shape[1]
@@ -199,11 +211,16 @@ def add_tissue_image(spatial: ad.AnnData, library_id: str = "sample", um_per_px:
     props = spatial.obsm[keys.TRUE_PROPORTIONS].to_numpy()
     image, origin = tissue_image(spatial.obsm[keys.SPATIAL], props, um_per_px=um_per_px, seed=seed)
     spatial.obsm[keys.SPATIAL] = np.asarray(spatial.obsm[keys.SPATIAL], dtype=float) - np.asarray(origin)
-    spatial.uns[keys.SPATIAL_LIBRARIES] = {library_id: {
-        "images": {"hires": image},
-        # one full-resolution "pixel" per µm, so obsm['spatial'] keeps its micrometres
-        "scalefactors": {"tissue_hires_scalef": 1.0 / um_per_px, "spot_diameter_fullres": 55.0,
-                         "microns_per_pixel": 1.0},
-        "metadata": {"source": "simulated H&E (spatial_deconv_gui.simulate.tissue_image)"},
-    }}
+    spatial.uns[keys.SPATIAL_LIBRARIES] = {
+        library_id: {
+            "images": {"hires": image},
+            # one full-resolution "pixel" per µm, so obsm['spatial'] keeps its micrometres
+            "scalefactors": {
+                "tissue_hires_scalef": 1.0 / um_per_px,
+                "spot_diameter_fullres": 55.0,
+                "microns_per_pixel": 1.0,
+            },
+            "metadata": {"source": "simulated H&E (spatial_deconv_gui.simulate.tissue_image)"},
+        }
+    }
     return spatial

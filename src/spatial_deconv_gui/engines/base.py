@@ -3,13 +3,15 @@
 Engines take plain arrays (see :mod:`spatial_deconv_gui.io.inputs`), report progress through a
 :class:`RunControl`, and return a :class:`DeconvResult`. They know nothing of Qt or AnnData writing.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd

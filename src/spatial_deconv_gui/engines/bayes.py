@@ -8,6 +8,7 @@
   hand-written backward pass that only touches the non-zero counts for the ``lgamma`` terms.
 * :func:`nb_log_prob` - elementwise NB log likelihood (mean / inverse-dispersion parametrisation), autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ def inv_softplus(x: float) -> float:
 # log densities (x given through log_x and x, both already computed by the caller)
 # ---------------------------------------------------------------------------------------------------
 
+
 def gamma_lp(log_x: torch.Tensor, x: torch.Tensor, shape, rate) -> torch.Tensor:
     """Sum of Gamma(shape, rate) log densities; shape and rate broadcast against x (tensors or floats)."""
     shape = torch.as_tensor(shape, dtype=x.dtype, device=x.device)
@@ -48,6 +50,7 @@ def exponential_lp(x: torch.Tensor, rate) -> torch.Tensor:
 # mean-field log-normal family
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Site:
     name: str
@@ -63,13 +66,15 @@ class LogNormalMeanField(torch.nn.Module):
     constrained space (normal entropy + E[log z], the log-Jacobian of exp), computed in closed form.
     """
 
-    def __init__(self, init: dict[str, np.ndarray | torch.Tensor], init_scale: float = 0.1,
-                 dtype=torch.float32, device=None):
+    def __init__(
+        self, init: dict[str, np.ndarray | torch.Tensor], init_scale: float = 0.1, dtype=torch.float32, device=None
+    ):
         super().__init__()
         sites, chunks, pos = {}, [], 0
         for name, value in init.items():
-            v = torch.as_tensor(np.asarray(value, dtype=np.float64) if not torch.is_tensor(value) else value,
-                                dtype=torch.float64)
+            v = torch.as_tensor(
+                np.asarray(value, dtype=np.float64) if not torch.is_tensor(value) else value, dtype=torch.float64
+            )
             sites[name] = Site(name, tuple(v.shape), pos, v.numel())
             chunks.append(torch.log(v.clamp_min(1e-30)).reshape(-1))
             pos += v.numel()
@@ -86,7 +91,7 @@ class LogNormalMeanField(torch.nn.Module):
         return F.softplus(self.raw_scale)
 
     def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {s.name: flat[s.start:s.start + s.size].view(s.shape) for s in self.sites.values()}
+        return {s.name: flat[s.start : s.start + s.size].view(s.shape) for s in self.sites.values()}
 
     def sample(self, generator: torch.Generator | None = None):
         scale = self.scale()
@@ -114,14 +119,15 @@ class LogNormalMeanField(torch.nn.Module):
     @torch.no_grad()
     def site_mean(self, name: str) -> torch.Tensor:
         s = self.sites[name]
-        loc = self.loc[s.start:s.start + s.size]
-        sc = F.softplus(self.raw_scale[s.start:s.start + s.size])
+        loc = self.loc[s.start : s.start + s.size]
+        sc = F.softplus(self.raw_scale[s.start : s.start + s.size])
         return torch.exp(loc + 0.5 * sc * sc).view(s.shape)
 
 
 # ---------------------------------------------------------------------------------------------------
 # negative binomial likelihood
 # ---------------------------------------------------------------------------------------------------
+
 
 class CountData:
     """A counts matrix prepared for :func:`nb_loglik`.
@@ -187,15 +193,22 @@ class _NBLogLik(torch.autograd.Function):
 
 def nb_loglik(mu: torch.Tensor, alpha: torch.Tensor, data: CountData) -> torch.Tensor:
     """Total NB log likelihood of ``data`` (spots x genes) given means ``mu`` and per-gene ``alpha`` (1 x genes)."""
-    return _NBLogLik.apply(mu, alpha, data.dense, data.u_cols, data.u_values, data.u_weights,
-                           data.nnz_per_gene) - data.lgamma_x1
+    return (
+        _NBLogLik.apply(mu, alpha, data.dense, data.u_cols, data.u_values, data.u_weights, data.nnz_per_gene)
+        - data.lgamma_x1
+    )
 
 
 def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Elementwise NB log likelihood with mean ``mu`` and inverse dispersion ``theta`` (autograd)."""
     log_theta_mu = torch.log(theta + mu + eps)
-    return (theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu)
-            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0))
+    return (
+        theta * (torch.log(theta + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
 
 
 def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 torch is imported only when a device has to be looked at, so that naming a device stays cheap.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -31,8 +32,7 @@ def device_name(device: object = AUTO) -> str:
         import torch
 
         if not torch.cuda.is_available():
-            raise InputError("CUDA was requested but torch sees no GPU.", "use --device cpu (or auto).",
-                             code="no_cuda")
+            raise InputError("CUDA was requested but torch sees no GPU.", "use --device cpu (or auto).", code="no_cuda")
     return name
 
 

@@ -5,6 +5,7 @@ All builders return a symmetric binary ``scipy.sparse.csr_matrix`` adjacency wit
 distance are ranked by spot index, so the tree traversal order (which differs across platforms) never
 decides which neighbour is kept.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -52,7 +53,7 @@ def knn_indices(coords, k: int) -> np.ndarray:
         # query in slices so that the (rows x m) work arrays stay small on million-spot slides
         unresolved = []
         for s in range(0, pending.size, 262144):
-            idx = pending[s:s + 262144]
+            idx = pending[s : s + 262144]
             dist, nb = tree.query(c[idx], k=m)
             dist = np.asarray(dist).reshape(idx.size, m)
             nb = np.asarray(nb).reshape(idx.size, m).astype(np.int64, copy=False)
@@ -144,16 +145,26 @@ def dirichlet_energy(values: np.ndarray, adjacency: sp.spmatrix) -> float:
 
 def _spread2(v: np.ndarray) -> np.ndarray:
     v = v.astype(np.uint64) & np.uint64(0xFFFFFFFF)
-    for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
-                        (2, 0x3333333333333333), (1, 0x5555555555555555)):
+    for shift, mask in (
+        (16, 0x0000FFFF0000FFFF),
+        (8, 0x00FF00FF00FF00FF),
+        (4, 0x0F0F0F0F0F0F0F0F),
+        (2, 0x3333333333333333),
+        (1, 0x5555555555555555),
+    ):
         v = (v | (v << np.uint64(shift))) & np.uint64(mask)
     return v
 
 
 def _spread3(v: np.ndarray) -> np.ndarray:
     v = v.astype(np.uint64) & np.uint64(0x1FFFFF)
-    for shift, mask in ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F),
-                        (4, 0x10C30C30C30C30C3), (2, 0x1249249249249249)):
+    for shift, mask in (
+        (32, 0x1F00000000FFFF),
+        (16, 0x1F0000FF0000FF),
+        (8, 0x100F00F00F00F00F),
+        (4, 0x10C30C30C30C30C3),
+        (2, 0x1249249249249249),
+    ):
         v = (v | (v << np.uint64(shift))) & np.uint64(mask)
     return v
 

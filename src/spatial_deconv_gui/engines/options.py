@@ -4,14 +4,16 @@ Every config dataclass field carries its meaning in ``field(metadata={"help": ..
 fields into argparse flags (``umi_min`` becomes ``--umi-min``), tooltips and documentation rows, so a new
 option or a changed default shows up everywhere at once.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 DEVICE_HELP = "auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N"
 # the devices a flag offers where the engine takes no device index
@@ -90,16 +92,21 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Iterable
         # argparse %-formats help strings
         helptext = f"{opt.help} (default {opt.default})".strip().replace("%", "%%")
         if opt.type is bool:
-            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=helptext)
+            parser.add_argument(
+                opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=helptext
+            )
         else:
-            parser.add_argument(opt.flag, dest=opt.name, type=opt.type, choices=opt.choices, default=None,
-                                help=helptext)
+            parser.add_argument(
+                opt.flag, dest=opt.name, type=opt.type, choices=opt.choices, default=None, help=helptext
+            )
         dests.append(opt.name)
     return dests
 
 
 def given_options(args: argparse.Namespace, config_cls, skip: Iterable[str] = ()) -> dict[str, Any]:
     """The config options set on the command line (flags added by :func:`add_config_flags`)."""
-    return {o.name: getattr(args, o.name) for o in config_options(config_cls, skip)
-            if getattr(args, o.name, None) is not None}
+    return {
+        o.name: getattr(args, o.name)
+        for o in config_options(config_cls, skip)
+        if getattr(args, o.name, None) is not None
+    }

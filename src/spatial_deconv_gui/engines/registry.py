@@ -1,4 +1,5 @@
 """The deconvolution methods the api, CLI and GUI can offer, imported only when used (torch is slow to load)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ class MethodInfo:
         return _importable(self.module, self.runner)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _importable(module: str, attr: str) -> bool:
     # An engine whose optional dependency is missing is left out of the list rather than breaking it.
     try:
@@ -49,20 +50,51 @@ def _importable(module: str, attr: str) -> bool:
 
 
 _ALL = (
-    MethodInfo("rctd", "rctd", "Robust Cell Type Decomposition (spacexr's algorithm): full, doublet, multi",
-               "spatial_deconv_gui.engines.rctd", "run_rctd", "RCTDConfig", ("full", "doublet", "multi"),
-               gui_options=("umi_min", "cell_min", "confidence_threshold", "doublet_threshold", "max_multi_types",
-                            "dtype", "batch_size")),
-    MethodInfo("flash", "flash", "FlashDeconv's sketched, graph-regularised NNLS with spatial smoothing (fast, large slides)",
-               "spatial_deconv_gui.engines.flash", "run_flash", "FlashConfig",
-               gui_options=("lambda_spatial", "rho_sparsity", "k_neighbors", "preprocess", "gene_weighting")),
-    MethodInfo("c2l", "c2l", "cell2location's Bayesian model: cell abundances per spot (variational inference in torch)",
-               "spatial_deconv_gui.engines.c2l", "run_c2l", "C2LConfig",
-               gui_options=("n_cells_per_location", "detection_alpha", "max_epochs", "signatures",
-                            "reference_batch_col")),
-    MethodInfo("destvi", "destvi", "DestVI: cell-type proportions plus continuous cell states per spot (torch)",
-               "spatial_deconv_gui.engines.destvi", "run_destvi", "DestVIConfig",
-               gui_options=("sc_epochs", "max_epochs", "n_latent", "seed")),
+    MethodInfo(
+        "rctd",
+        "rctd",
+        "Robust Cell Type Decomposition (spacexr's algorithm): full, doublet, multi",
+        "spatial_deconv_gui.engines.rctd",
+        "run_rctd",
+        "RCTDConfig",
+        ("full", "doublet", "multi"),
+        gui_options=(
+            "umi_min",
+            "cell_min",
+            "confidence_threshold",
+            "doublet_threshold",
+            "max_multi_types",
+            "dtype",
+            "batch_size",
+        ),
+    ),
+    MethodInfo(
+        "flash",
+        "flash",
+        "FlashDeconv's sketched, graph-regularised NNLS with spatial smoothing (fast, large slides)",
+        "spatial_deconv_gui.engines.flash",
+        "run_flash",
+        "FlashConfig",
+        gui_options=("lambda_spatial", "rho_sparsity", "k_neighbors", "preprocess", "gene_weighting"),
+    ),
+    MethodInfo(
+        "c2l",
+        "c2l",
+        "cell2location's Bayesian model: cell abundances per spot (variational inference in torch)",
+        "spatial_deconv_gui.engines.c2l",
+        "run_c2l",
+        "C2LConfig",
+        gui_options=("n_cells_per_location", "detection_alpha", "max_epochs", "signatures", "reference_batch_col"),
+    ),
+    MethodInfo(
+        "destvi",
+        "destvi",
+        "DestVI: cell-type proportions plus continuous cell states per spot (torch)",
+        "spatial_deconv_gui.engines.destvi",
+        "run_destvi",
+        "DestVIConfig",
+        gui_options=("sc_epochs", "max_epochs", "n_latent", "seed"),
+    ),
 )
 
 
@@ -78,8 +110,11 @@ def available_methods() -> dict[str, MethodInfo]:
 def get_method(name: str) -> MethodInfo:
     methods = available_methods()
     if name not in methods:
-        raise InputError(f"unknown method {name!r}.", f"use one of: {', '.join(sorted(methods)) or '(none installed)'}.",
-                         code="unknown_method")
+        raise InputError(
+            f"unknown method {name!r}.",
+            f"use one of: {', '.join(sorted(methods)) or '(none installed)'}.",
+            code="unknown_method",
+        )
     return methods[name]
 
 
@@ -88,6 +123,9 @@ def build_config(config_cls, params: dict[str, Any]):
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(params) - fields)
     if unknown:
-        raise InputError(f"{config_cls.__name__} has no option(s) {unknown}.",
-                         f"valid options: {', '.join(sorted(fields))}.", code="unknown_option")
+        raise InputError(
+            f"{config_cls.__name__} has no option(s) {unknown}.",
+            f"valid options: {', '.join(sorted(fields))}.",
+            code="unknown_option",
+        )
     return config_cls(**params)

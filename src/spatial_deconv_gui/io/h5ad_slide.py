@@ -1,4 +1,5 @@
 """An ``.h5ad`` slide, with the tissue image that scanpy / squidpy keep in ``uns['spatial'][library_id]``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,9 @@ def spatial_library(adata: ad.AnnData) -> tuple[str | None, dict, list[str]]:
         # squidpy marks each spot's library in obs['library_id']; with one library in the obs, use it.
         ids = adata.obs["library_id"].astype(str).unique() if "library_id" in adata.obs else []
         chosen = ids[0] if len(ids) == 1 and ids[0] in names else names[0]
-        notices.append(f"uns['spatial'] holds {len(names)} libraries ({', '.join(names)}); showing the image of "
-                       f"{chosen}.")
+        notices.append(
+            f"uns['spatial'] holds {len(names)} libraries ({', '.join(names)}); showing the image of {chosen}."
+        )
     else:
         chosen = names[0]
     return chosen, libraries[chosen], notices
@@ -49,9 +51,17 @@ def slide_from_adata(adata: ad.AnnData, path: Path | None, images: bool = True) 
                     image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
                 shown.append(SlideImage(name=res, levels=[image], scale=world / float(factor), rgb=image.ndim == 3))
                 break
-    return Slide(adata=adata, format="h5ad", path=path, library_id=library_id, images=shown, world_per_coord=world,
-                 unit=MICRON if um else "", spot_diameter=float(diameter) * world if diameter else None,
-                 notices=notices)
+    return Slide(
+        adata=adata,
+        format="h5ad",
+        path=path,
+        library_id=library_id,
+        images=shown,
+        world_per_coord=world,
+        unit=MICRON if um else "",
+        spot_diameter=float(diameter) * world if diameter else None,
+        notices=notices,
+    )
 
 
 def read_h5ad_slide(path, images: bool = True) -> Slide:

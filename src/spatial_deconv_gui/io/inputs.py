@@ -1,4 +1,5 @@
 """Plain-array views of a spatial slide and a single-cell reference, as the engines consume them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Reading slides and references from .h5ad files, and turning AnnData into engine inputs."""
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,11 @@ def find_coordinates(adata: ad.AnnData, key: str | None = None) -> tuple[np.ndar
 def _as_coords(value) -> np.ndarray:
     arr = np.asarray(value.to_numpy() if isinstance(value, pd.DataFrame) else value, dtype=float)
     if arr.ndim != 2 or arr.shape[1] < 2:
-        raise InputError(f"coordinates have shape {arr.shape}; expected (spots, 2) or (spots, 3).",
-                         "store x/y per spot in obsm['spatial'].", code="missing_coordinates")
+        raise InputError(
+            f"coordinates have shape {arr.shape}; expected (spots, 2) or (spots, 3).",
+            "store x/y per spot in obsm['spatial'].",
+            code="missing_coordinates",
+        )
     return arr[:, :3] if arr.shape[1] > 3 else arr
 
 
@@ -90,14 +94,16 @@ def counts_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
     """The raw count matrix as CSR (a new object; the AnnData is untouched)."""
     if layer is not None:
         if layer not in adata.layers:
-            raise InputError(f"layer {layer!r} not found.", f"use one of {list(adata.layers.keys()) or ['X']}.",
-                             code="missing_layer")
+            raise InputError(
+                f"layer {layer!r} not found.", f"use one of {list(adata.layers.keys()) or ['X']}.", code="missing_layer"
+            )
         x = adata.layers[layer]
     else:
         x = adata.X
     if x is None:
-        raise InputError("the file has no expression matrix in X.", "store raw counts in X or name a layer.",
-                         code="missing_counts")
+        raise InputError(
+            "the file has no expression matrix in X.", "store raw counts in X or name a layer.", code="missing_counts"
+        )
     return sp.csr_matrix(x)
 
 
@@ -108,27 +114,44 @@ def n_umi(adata: ad.AnnData, counts: sp.csr_matrix, column: str | None = NUMI_CO
     return np.asarray(counts.sum(axis=1)).ravel().astype(float)
 
 
-def spatial_input(adata: ad.AnnData, layer: str | None = None, coord_key: str | None = None,
-                  numi_column: str | None = NUMI_COLUMN) -> SpatialInput:
+def spatial_input(
+    adata: ad.AnnData, layer: str | None = None, coord_key: str | None = None, numi_column: str | None = NUMI_COLUMN
+) -> SpatialInput:
     found = find_coordinates(adata, coord_key)
     if found is None:
-        raise InputError("the spatial file has no spot coordinates.",
-                         "store them in obsm['spatial'] (spots x 2) or name them with --coords.",
-                         code="missing_coordinates")
+        raise InputError(
+            "the spatial file has no spot coordinates.",
+            "store them in obsm['spatial'] (spots x 2) or name them with --coords.",
+            code="missing_coordinates",
+        )
     counts = counts_matrix(adata, layer)
-    return SpatialInput(counts=counts, genes=np.asarray(adata.var_names, dtype=str),
-                        barcodes=np.asarray(adata.obs_names, dtype=str), coords=found[0],
-                        n_umi=n_umi(adata, counts, numi_column))
+    return SpatialInput(
+        counts=counts,
+        genes=np.asarray(adata.var_names, dtype=str),
+        barcodes=np.asarray(adata.obs_names, dtype=str),
+        coords=found[0],
+        n_umi=n_umi(adata, counts, numi_column),
+    )
 
 
-def reference_input(adata: ad.AnnData, cell_type_col: str = keys.CELL_TYPE, layer: str | None = None,
-                    numi_column: str | None = NUMI_COLUMN) -> ReferenceInput:
+def reference_input(
+    adata: ad.AnnData,
+    cell_type_col: str = keys.CELL_TYPE,
+    layer: str | None = None,
+    numi_column: str | None = NUMI_COLUMN,
+) -> ReferenceInput:
     if cell_type_col not in adata.obs:
-        raise InputError(f"the reference has no obs column {cell_type_col!r}.",
-                         f"pass --cell-type-col with one of {list(adata.obs.columns)}.", code="unknown_cell_type_col")
+        raise InputError(
+            f"the reference has no obs column {cell_type_col!r}.",
+            f"pass --cell-type-col with one of {list(adata.obs.columns)}.",
+            code="unknown_cell_type_col",
+        )
     counts = counts_matrix(adata, layer)
     labels = adata.obs[cell_type_col]
     keep = labels.notna().to_numpy()
-    return ReferenceInput(counts=counts[keep], genes=np.asarray(adata.var_names, dtype=str),
-                          cell_types=labels.astype(str).to_numpy()[keep],
-                          n_umi=n_umi(adata, counts, numi_column)[keep])
+    return ReferenceInput(
+        counts=counts[keep],
+        genes=np.asarray(adata.var_names, dtype=str),
+        cell_types=labels.astype(str).to_numpy()[keep],
+        n_umi=n_umi(adata, counts, numi_column)[keep],
+    )

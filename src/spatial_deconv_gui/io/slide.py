@@ -9,6 +9,7 @@ Coordinates, in one place:
 * Each :class:`SlideImage` maps its pixel (row, col) to world (y, x) by ``translate + index * scale``: the
   centre of pixel (0, 0) sits at ``translate``, as in napari's image layers.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,9 @@ class SlideImage:
     rgb: bool = True
     channel_axis: int | None = None  # for multichannel stains (Xenium morphology focus)
     channel_names: list[str] | None = None
-    contrast_limits: tuple[float, float] | list[tuple[float, float]] | None = None  # a pair per channel with channel_axis
+    contrast_limits: tuple[float, float] | list[tuple[float, float]] | None = (
+        None  # a pair per channel with channel_axis
+    )
 
     @property
     def multiscale(self) -> bool:
@@ -150,8 +153,14 @@ def detect_format(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_slide(path: str | os.PathLike | ad.AnnData, *, table: str | None = None, bin_size: int = 8,
-               images: bool = True, boundaries: bool = False) -> Slide:
+def read_slide(
+    path: str | os.PathLike | ad.AnnData,
+    *,
+    table: str | None = None,
+    bin_size: int = 8,
+    images: bool = True,
+    boundaries: bool = False,
+) -> Slide:
     """Read a slide from a Space Ranger ``outs/`` (Visium, Visium HD), a Xenium bundle, a SpatialData
     ``.zarr`` or an ``.h5ad`` (with scanpy's ``uns['spatial']`` images when present).
 

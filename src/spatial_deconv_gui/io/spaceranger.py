@@ -6,6 +6,7 @@ CSV layouts only, and opening a folder then needs neither dask nor geopandas. Th
 scanpy's ``read_visium`` convention (``obsm['spatial']`` in full-resolution pixels, images and scale factors
 in ``uns['spatial'][library_id]``), so results saved from it open in scanpy and squidpy too.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,12 +86,18 @@ def read_positions(path: Path) -> pd.DataFrame:
             if not has_header:
                 table.columns = POSITION_COLUMNS[: table.shape[1]]
     except Exception as exc:  # pandas / pyarrow raise many kinds for a damaged table
-        raise InputError(f"{path.name} is not a readable positions table ({type(exc).__name__}: {exc}).",
-                         "use the tissue_positions file that Space Ranger wrote.", code="bad_positions") from exc
+        raise InputError(
+            f"{path.name} is not a readable positions table ({type(exc).__name__}: {exc}).",
+            "use the tissue_positions file that Space Ranger wrote.",
+            code="bad_positions",
+        ) from exc
     missing = [c for c in POSITION_COLUMNS if c not in table.columns]
     if missing:
-        raise InputError(f"{path.name} lacks the columns {missing} (it has {list(table.columns)}).",
-                         "use the tissue_positions file that Space Ranger wrote.", code="bad_positions")
+        raise InputError(
+            f"{path.name} lacks the columns {missing} (it has {list(table.columns)}).",
+            "use the tissue_positions file that Space Ranger wrote.",
+            code="bad_positions",
+        )
     table["barcode"] = table["barcode"].astype(str)
     return table.set_index("barcode")
 
@@ -99,8 +106,11 @@ def read_scalefactors(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path.name} is not readable JSON ({exc}).", "use the scalefactors_json.json that "
-                         "Space Ranger wrote.", code="bad_scalefactors") from exc
+        raise InputError(
+            f"{path.name} is not readable JSON ({exc}).",
+            "use the scalefactors_json.json that Space Ranger wrote.",
+            code="bad_scalefactors",
+        ) from exc
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -129,14 +139,15 @@ def _match_barcodes(matrix: ad.AnnData, positions: pd.DataFrame, matrix_file: Pa
         # Examples from the unmatched side of each, so the user sees how the two spell their barcodes.
         matrix_example = unknown[0] if len(unknown) else (held[0] if len(held) else "-")
         unmatched = in_tissue[~in_tissue.isin(held)]
-        positions_example = (unmatched[0] if len(unmatched) else
-                             positions.index[0] if len(positions) else "-")
+        positions_example = unmatched[0] if len(unmatched) else positions.index[0] if len(positions) else "-"
         raise InputError(
             f"the barcodes of {matrix_file.name} ({len(held):,}, e.g. {matrix_example}) and of "
             f"{positions_file.name} ({len(positions):,}, {len(in_tissue):,} in tissue, e.g. "
             f"{positions_example}) do not match: {len(unknown):,} barcodes of the matrix "
-            "have no position.", "use the matrix and the spatial/ folder of the same Space Ranger run.",
-            code="barcode_mismatch")
+            "have no position.",
+            "use the matrix and the spatial/ folder of the same Space Ranger run.",
+            code="barcode_mismatch",
+        )
     return np.flatnonzero(keep)
 
 
@@ -167,32 +178,40 @@ def _images(folders: list[Path], scalefactors: dict, um_per_px: float, notices: 
             # some published folders carry a blank placeholder in place of the hires image
             notices.append(f"{IMAGE_FILES[res]} is blank (one colour); showing {IMAGE_FILES['lowres']}.")
             continue
-        shown.append(SlideImage(name=res, levels=[arrays[res]], scale=um_per_px / float(factor),
-                                rgb=arrays[res].ndim == 3))
+        shown.append(
+            SlideImage(name=res, levels=[arrays[res]], scale=um_per_px / float(factor), rgb=arrays[res].ndim == 3)
+        )
         break
     if not found:  # a damaged PNG has its own notice above
-        notices.append(f"no tissue image in {folders[0]} ({', '.join(IMAGE_FILES.values())}); opened without an "
-                       "image.")
+        notices.append(f"no tissue image in {folders[0]} ({', '.join(IMAGE_FILES.values())}); opened without an image.")
     return arrays, shown
 
 
-def _read_space_ranger(outs: Path, library_id: str, images: bool, fmt: str,
-                       image_folders: tuple[Path, ...] = ()) -> Slide:
+def _read_space_ranger(
+    outs: Path, library_id: str, images: bool, fmt: str, image_folders: tuple[Path, ...] = ()
+) -> Slide:
     spatial = outs / "spatial"
     matrix_file = _find_matrix(outs)
     if matrix_file is None:
-        raise InputError(f"{outs} has no count matrix (looked for {MATRIX_H5} and the {MATRIX_MEX}/ MEX folder).",
-                         "point to the outs/ folder of a Space Ranger run (or copy the matrix into it).",
-                         code="missing_matrix")
+        raise InputError(
+            f"{outs} has no count matrix (looked for {MATRIX_H5} and the {MATRIX_MEX}/ MEX folder).",
+            "point to the outs/ folder of a Space Ranger run (or copy the matrix into it).",
+            code="missing_matrix",
+        )
     positions_file = _find_positions(spatial) if spatial.is_dir() else None
     if positions_file is None:
-        raise InputError(f"{outs} has no spot positions (looked for spatial/{', spatial/'.join(POSITION_FILES)}).",
-                         "point to the outs/ folder of a Space Ranger run, with its spatial/ folder.",
-                         code="missing_positions")
+        raise InputError(
+            f"{outs} has no spot positions (looked for spatial/{', spatial/'.join(POSITION_FILES)}).",
+            "point to the outs/ folder of a Space Ranger run, with its spatial/ folder.",
+            code="missing_positions",
+        )
     scale_hits = sorted(spatial.glob(f"*{SCALEFACTORS}"))
     if not scale_hits:
-        raise InputError(f"{outs} has no spatial/{SCALEFACTORS}.", "copy the spatial/ folder of the Space Ranger "
-                         "run whole: the scale factors place the spots on the image.", code="missing_scalefactors")
+        raise InputError(
+            f"{outs} has no spatial/{SCALEFACTORS}.",
+            "copy the spatial/ folder of the Space Ranger run whole: the scale factors place the spots on the image.",
+            code="missing_scalefactors",
+        )
     scalefactors = read_scalefactors(scale_hits[0])
     matrix = read_10x_h5(matrix_file) if matrix_file.is_file() else read_10x_mex(matrix_file)
     positions = read_positions(positions_file)
@@ -210,14 +229,25 @@ def _read_space_ranger(outs: Path, library_id: str, images: bool, fmt: str,
         um, unit = 1.0, "px"
         notices.append(f"{scale_hits[0].name} gives no pixel size; coordinates are in full-resolution pixels.")
     arrays, shown = _images([spatial, *image_folders], scalefactors, um, notices, images)
-    adata.uns[keys.SPATIAL_LIBRARIES] = {library_id: {
-        "images": arrays,
-        "scalefactors": {k: v for k, v in scalefactors.items() if isinstance(v, (int, float))},
-        "metadata": {"source": str(outs), "format": fmt},
-    }}
+    adata.uns[keys.SPATIAL_LIBRARIES] = {
+        library_id: {
+            "images": arrays,
+            "scalefactors": {k: v for k, v in scalefactors.items() if isinstance(v, (int, float))},
+            "metadata": {"source": str(outs), "format": fmt},
+        }
+    }
     diameter = scalefactors.get("spot_diameter_fullres")
-    return Slide(adata=adata, format=fmt, path=outs, library_id=library_id, images=shown, world_per_coord=um,
-                 unit=unit, spot_diameter=float(diameter) * um if diameter else None, notices=notices)
+    return Slide(
+        adata=adata,
+        format=fmt,
+        path=outs,
+        library_id=library_id,
+        images=shown,
+        world_per_coord=um,
+        unit=unit,
+        spot_diameter=float(diameter) * um if diameter else None,
+        notices=notices,
+    )
 
 
 def _library_id(path: Path) -> str:
@@ -245,15 +275,18 @@ def read_visium_hd(path, bin_size: int = 8, images: bool = True) -> Slide:
         binned = outs if outs.name == "binned_outputs" else outs / "binned_outputs"
         bins = bin_folders(binned)
         if int(bin_size) not in bins:
-            raise InputError(f"{binned} has no {int(bin_size):03d} µm bins (it has "
-                             f"{', '.join(f'{b} µm' for b in bins) or 'no square_NNNum folders'}).",
-                             f"choose one of them with --bin-size{' ' + str(min(bins)) if bins else ''}.",
-                             code="unknown_bin_size")
+            raise InputError(
+                f"{binned} has no {int(bin_size):03d} µm bins (it has "
+                f"{', '.join(f'{b} µm' for b in bins) or 'no square_NNNum folders'}).",
+                f"choose one of them with --bin-size{' ' + str(min(bins)) if bins else ''}.",
+                code="unknown_bin_size",
+            )
         folder = bins[int(bin_size)]
         run = binned.parent
     # Bin folders carry their own copies of the images; older runs keep them only in outs/spatial.
-    slide = _read_space_ranger(folder, f"{_library_id(run)}_{folder.name}", images, "visium_hd",
-                               image_folders=(run / "spatial",))
+    slide = _read_space_ranger(
+        folder, f"{_library_id(run)}_{folder.name}", images, "visium_hd", image_folders=(run / "spatial",)
+    )
     size = BIN_FOLDER.search(folder.name)
     if slide.unit == MICRON and size:
         slide.spot_diameter = float(int(size.group(1)))  # bins are squares of that side
@@ -269,8 +302,11 @@ FIDUCIAL_PER_SPOT = 144.45982486939 / 89.42751063343188
 HIRES_SIDE_PX, LOWRES_SIDE_PX = 2000, 600
 # The pixel size of Visium HD full-resolution images as Space Ranger reports it for CytAssist captures.
 HD_MICRONS_PER_PIXEL = 0.2738
-POSITION_LAYOUTS = {"1.x": "tissue_positions_list.csv", "2.x": "tissue_positions.csv",
-                    "parquet": "tissue_positions.parquet"}
+POSITION_LAYOUTS = {
+    "1.x": "tissue_positions_list.csv",
+    "2.x": "tissue_positions.csv",
+    "parquet": "tissue_positions.parquet",
+}
 
 
 def _integer_counts(adata: ad.AnnData):
@@ -295,8 +331,11 @@ def _write_matrix(adata: ad.AnnData, outs: Path, matrix: str) -> Path:
     counts = _integer_counts(adata)
     barcodes = [str(b) for b in adata.obs_names]
     names = [str(n) for n in adata.var_names]
-    ids = ([str(i) for i in adata.var["gene_ids"]] if "gene_ids" in adata.var
-           else [f"ENSG{j + 1:011d}" for j in range(adata.n_vars)])
+    ids = (
+        [str(i) for i in adata.var["gene_ids"]]
+        if "gene_ids" in adata.var
+        else [f"ENSG{j + 1:011d}" for j in range(adata.n_vars)]
+    )
     if matrix == "h5":
         return write_10x_h5(outs / MATRIX_H5, counts, barcodes, ids, names)
     mex = outs / MATRIX_MEX
@@ -359,8 +398,12 @@ def visium_scalefactors(coords: np.ndarray) -> dict:
     pitch = _spot_pitch(coords)
     spot = pitch * VISIUM_SPOT_UM / VISIUM_PITCH_UM
     extent = float(coords.max()) + pitch
-    return {"spot_diameter_fullres": spot, "fiducial_diameter_fullres": spot * FIDUCIAL_PER_SPOT,
-            "tissue_hires_scalef": HIRES_SIDE_PX / extent, "tissue_lowres_scalef": LOWRES_SIDE_PX / extent}
+    return {
+        "spot_diameter_fullres": spot,
+        "fiducial_diameter_fullres": spot * FIDUCIAL_PER_SPOT,
+        "tissue_hires_scalef": HIRES_SIDE_PX / extent,
+        "tissue_lowres_scalef": LOWRES_SIDE_PX / extent,
+    }
 
 
 def _rgb_uint8(image) -> np.ndarray:
@@ -378,8 +421,9 @@ def _write_images(image: np.ndarray, folders: list[Path], hires_scalef: float, l
 
     hires = Image.fromarray(_rgb_uint8(image))
     ratio = lowres_scalef / hires_scalef
-    lowres = hires.resize((max(1, round(hires.width * ratio)), max(1, round(hires.height * ratio))),
-                          Image.Resampling.BOX)
+    lowres = hires.resize(
+        (max(1, round(hires.width * ratio)), max(1, round(hires.height * ratio))), Image.Resampling.BOX
+    )
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         hires.save(folder / IMAGE_FILES["hires"])
@@ -395,9 +439,15 @@ def _uns_library(adata: ad.AnnData) -> dict:
     return entries[0] if len(entries) == 1 else {}
 
 
-def write_visium_folder(adata: ad.AnnData, folder, layout: str = "2.x", matrix: str = "h5",
-                        image: np.ndarray | None = None, scalefactors: dict | None = None,
-                        out_of_tissue: int = 0) -> Path:
+def write_visium_folder(
+    adata: ad.AnnData,
+    folder,
+    layout: str = "2.x",
+    matrix: str = "h5",
+    image: np.ndarray | None = None,
+    scalefactors: dict | None = None,
+    out_of_tissue: int = 0,
+) -> Path:
     """Write a Space Ranger-like Visium ``outs/`` folder from ``adata`` and return it.
 
     ``adata``: integer counts in X, barcodes as obs names, gene symbols as var names (``var['gene_ids']`` when
@@ -431,19 +481,25 @@ def write_visium_folder(adata: ad.AnnData, folder, layout: str = "2.x", matrix: 
     pitch = _spot_pitch(coords)
     extra = _off_tissue_barcodes(out_of_tissue, set(map(str, adata.obs_names)), rng)
     # Off-tissue spots lie in a row below the tissue, a pitch apart.
-    extra_xy = np.column_stack([coords[:, 0].min() + pitch * np.arange(out_of_tissue),
-                                np.full(out_of_tissue, coords[:, 1].max() + pitch)]) if out_of_tissue else \
-        np.empty((0, 2))
+    extra_xy = (
+        np.column_stack(
+            [coords[:, 0].min() + pitch * np.arange(out_of_tissue), np.full(out_of_tissue, coords[:, 1].max() + pitch)]
+        )
+        if out_of_tissue
+        else np.empty((0, 2))
+    )
     xy = np.vstack([coords, extra_xy])
-    table = pd.DataFrame({
-        "barcode": [str(b) for b in adata.obs_names] + extra,
-        "in_tissue": np.r_[np.ones(adata.n_obs, np.int64), np.zeros(out_of_tissue, np.int64)],
-        # Visium's hexagonal array: rows a pitch * sqrt(3)/2 apart, columns half a pitch apart
-        "array_row": _grid_index(xy[:, 1], pitch * np.sqrt(3) / 2),
-        "array_col": _grid_index(xy[:, 0], pitch / 2),
-        "pxl_row_in_fullres": _pixel_column(xy[:, 1]),
-        "pxl_col_in_fullres": _pixel_column(xy[:, 0]),
-    })
+    table = pd.DataFrame(
+        {
+            "barcode": [str(b) for b in adata.obs_names] + extra,
+            "in_tissue": np.r_[np.ones(adata.n_obs, np.int64), np.zeros(out_of_tissue, np.int64)],
+            # Visium's hexagonal array: rows a pitch * sqrt(3)/2 apart, columns half a pitch apart
+            "array_row": _grid_index(xy[:, 1], pitch * np.sqrt(3) / 2),
+            "array_col": _grid_index(xy[:, 0], pitch / 2),
+            "pxl_row_in_fullres": _pixel_column(xy[:, 1]),
+            "pxl_col_in_fullres": _pixel_column(xy[:, 0]),
+        }
+    )
     _write_positions(table.iloc[rng.permutation(len(table))], spatial, layout)
     (spatial / SCALEFACTORS).write_text(json.dumps(factors, indent=4))
     if image is not None:
@@ -451,9 +507,17 @@ def write_visium_folder(adata: ad.AnnData, folder, layout: str = "2.x", matrix: 
     return folder
 
 
-def write_visium_hd_folder(adata_by_bin: dict[int, ad.AnnData], outs_folder, image: np.ndarray | None = None,
-                           microns_per_pixel: float = HD_MICRONS_PER_PIXEL, *, hires_scalef: float | None = None,
-                           lowres_scalef: float | None = None, matrix: str = "h5", images_in: str = "both") -> Path:
+def write_visium_hd_folder(
+    adata_by_bin: dict[int, ad.AnnData],
+    outs_folder,
+    image: np.ndarray | None = None,
+    microns_per_pixel: float = HD_MICRONS_PER_PIXEL,
+    *,
+    hires_scalef: float | None = None,
+    lowres_scalef: float | None = None,
+    matrix: str = "h5",
+    images_in: str = "both",
+) -> Path:
     """Write a Space Ranger-like Visium HD ``outs/`` folder and return it.
 
     ``adata_by_bin`` maps a bin size (µm) to its bins: integer counts in X, barcodes as obs names, bin centres
@@ -467,8 +531,10 @@ def write_visium_hd_folder(adata_by_bin: dict[int, ad.AnnData], outs_folder, ima
     if image is not None and hires_scalef is None:
         raise ValueError("give hires_scalef with the image: its pixel size is not implied")
     outs = Path(outs_folder)
-    extent = max(float(np.asarray(a.obsm[keys.SPATIAL], dtype=float)[:, :2].max()) + size / microns_per_pixel
-                 for size, a in adata_by_bin.items())
+    extent = max(
+        float(np.asarray(a.obsm[keys.SPATIAL], dtype=float)[:, :2].max()) + size / microns_per_pixel
+        for size, a in adata_by_bin.items()
+    )
     hires = float(hires_scalef) if hires_scalef is not None else HIRES_SIDE_PX / extent
     lowres = float(lowres_scalef) if lowres_scalef is not None else hires * LOWRES_SIDE_PX / HIRES_SIDE_PX
     image_folders = [outs / "spatial"] if images_in in ("outs", "both") else []
@@ -479,15 +545,29 @@ def write_visium_hd_folder(adata_by_bin: dict[int, ad.AnnData], outs_folder, ima
         _write_matrix(adata, folder, matrix)
         xy = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
         bin_px = size / microns_per_pixel
-        table = pd.DataFrame({
-            "barcode": [str(b) for b in adata.obs_names], "in_tissue": np.ones(adata.n_obs, np.int64),
-            "array_row": _grid_index(xy[:, 1], bin_px), "array_col": _grid_index(xy[:, 0], bin_px),
-            "pxl_row_in_fullres": xy[:, 1], "pxl_col_in_fullres": xy[:, 0],
-        })
+        table = pd.DataFrame(
+            {
+                "barcode": [str(b) for b in adata.obs_names],
+                "in_tissue": np.ones(adata.n_obs, np.int64),
+                "array_row": _grid_index(xy[:, 1], bin_px),
+                "array_col": _grid_index(xy[:, 0], bin_px),
+                "pxl_row_in_fullres": xy[:, 1],
+                "pxl_col_in_fullres": xy[:, 0],
+            }
+        )
         _write_positions(table, spatial, "parquet")
-        (spatial / SCALEFACTORS).write_text(json.dumps({
-            "spot_diameter_fullres": bin_px, "bin_size_um": float(size), "microns_per_pixel": microns_per_pixel,
-            "tissue_hires_scalef": hires, "tissue_lowres_scalef": lowres}, indent=4))
+        (spatial / SCALEFACTORS).write_text(
+            json.dumps(
+                {
+                    "spot_diameter_fullres": bin_px,
+                    "bin_size_um": float(size),
+                    "microns_per_pixel": microns_per_pixel,
+                    "tissue_hires_scalef": hires,
+                    "tissue_lowres_scalef": lowres,
+                },
+                indent=4,
+            )
+        )
         if images_in in ("bins", "both"):
             image_folders.append(spatial)
     if image is not None:

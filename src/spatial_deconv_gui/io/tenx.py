@@ -3,6 +3,7 @@
 Written by hand because the format is small and stable, and reading it through scanpy would add scanpy (and its
 import time) to every slide that opens; the layouts follow 10x's documentation of the HDF5 and MEX outputs.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -32,8 +33,11 @@ def _assemble(counts: sp.csr_matrix, barcodes, gene_ids, gene_names, feature_typ
         keep[:] = True
     var = var.loc[keep].reset_index(drop=True)
     names = pd.Index(np.asarray(gene_names, dtype=object)[keep])
-    adata = ad.AnnData(X=counts[:, np.flatnonzero(keep)].tocsr(), var=var.set_axis(names.astype(str)),
-                       obs=pd.DataFrame(index=pd.Index(barcodes, dtype=str)))
+    adata = ad.AnnData(
+        X=counts[:, np.flatnonzero(keep)].tocsr(),
+        var=var.set_axis(names.astype(str)),
+        obs=pd.DataFrame(index=pd.Index(barcodes, dtype=str)),
+    )
     adata.var_names_make_unique()
     return adata
 
@@ -50,8 +54,11 @@ def read_10x_h5(path: str | os.PathLike) -> ad.AnnData:
                 feats = g["features"]
                 gene_ids = _strings(feats["id"][:])
                 names = _strings(feats["name"][:])
-                types = _strings(feats["feature_type"][:]) if "feature_type" in feats else \
-                    np.full(len(gene_ids), GENE_EXPRESSION, dtype=object)
+                types = (
+                    _strings(feats["feature_type"][:])
+                    if "feature_type" in feats
+                    else np.full(len(gene_ids), GENE_EXPRESSION, dtype=object)
+                )
             else:  # v2: one group per genome
                 genomes = list(f.keys())
                 if not genomes:
@@ -66,9 +73,11 @@ def read_10x_h5(path: str | os.PathLike) -> ad.AnnData:
             indptr = g["indptr"][:]
             barcodes = _strings(g["barcodes"][:])
     except (OSError, KeyError) as exc:
-        raise InputError(f"{path.name} is not a readable 10x feature-barcode HDF5 matrix ({type(exc).__name__}: "
-                         f"{exc}).", "use the filtered_feature_bc_matrix.h5 that Space Ranger / Xenium wrote.",
-                         code="bad_matrix") from exc
+        raise InputError(
+            f"{path.name} is not a readable 10x feature-barcode HDF5 matrix ({type(exc).__name__}: {exc}).",
+            "use the filtered_feature_bc_matrix.h5 that Space Ranger / Xenium wrote.",
+            code="bad_matrix",
+        ) from exc
     # Stored genes x cells in CSC, i.e. cells x genes in CSR with the same three arrays.
     counts = sp.csr_matrix((data.astype(np.int32, copy=False), indices, indptr), shape=(n_cells, n_genes))
     return _assemble(counts, barcodes, gene_ids, names, types)
@@ -92,12 +101,21 @@ def read_10x_mex(folder: str | os.PathLike) -> ad.AnnData:
     matrix = _first(folder, "matrix.mtx")
     barcodes_file = _first(folder, "barcodes.tsv")
     features_file = _first(folder, "features.tsv", "genes.tsv")
-    missing = [n for n, p in (("matrix.mtx[.gz]", matrix), ("barcodes.tsv[.gz]", barcodes_file),
-                              ("features.tsv[.gz] or genes.tsv[.gz]", features_file)) if p is None]
+    missing = [
+        n
+        for n, p in (
+            ("matrix.mtx[.gz]", matrix),
+            ("barcodes.tsv[.gz]", barcodes_file),
+            ("features.tsv[.gz] or genes.tsv[.gz]", features_file),
+        )
+        if p is None
+    ]
     if missing:
-        raise InputError(f"the MEX folder {folder} lacks {', '.join(missing)}.",
-                         "point to the complete filtered_feature_bc_matrix/ folder that Space Ranger wrote.",
-                         code="missing_matrix")
+        raise InputError(
+            f"the MEX folder {folder} lacks {', '.join(missing)}.",
+            "point to the complete filtered_feature_bc_matrix/ folder that Space Ranger wrote.",
+            code="missing_matrix",
+        )
     with _open_text(barcodes_file) as fh:
         barcodes = [line.rstrip("\n").split("\t")[0] for line in fh if line.strip()]
     with _open_text(features_file) as fh:
@@ -109,18 +127,25 @@ def read_10x_mex(folder: str | os.PathLike) -> ad.AnnData:
         with _open_text(matrix) if matrix.suffix != ".gz" else gzip.open(matrix, "rb") as fh:
             m = scipy.io.mmread(fh)
     except (ValueError, OSError) as exc:
-        raise InputError(f"{matrix.name} is not a readable Matrix Market file ({exc}).",
-                         "use the matrix.mtx.gz that Space Ranger wrote.", code="bad_matrix") from exc
+        raise InputError(
+            f"{matrix.name} is not a readable Matrix Market file ({exc}).",
+            "use the matrix.mtx.gz that Space Ranger wrote.",
+            code="bad_matrix",
+        ) from exc
     counts = sp.csr_matrix(m.T, dtype=np.int32)
     if counts.shape != (len(barcodes), len(gene_ids)):
-        raise InputError(f"{matrix.name} is {m.shape[0]} x {m.shape[1]} but the folder lists {len(gene_ids)} features "
-                         f"and {len(barcodes)} barcodes.", "use the three files of one Space Ranger run.",
-                         code="bad_matrix")
+        raise InputError(
+            f"{matrix.name} is {m.shape[0]} x {m.shape[1]} but the folder lists {len(gene_ids)} features "
+            f"and {len(barcodes)} barcodes.",
+            "use the three files of one Space Ranger run.",
+            code="bad_matrix",
+        )
     return _assemble(counts, barcodes, gene_ids, names, types)
 
 
-def write_10x_h5(path: str | os.PathLike, counts: sp.spmatrix, barcodes, gene_ids, gene_names,
-                 feature_types=None) -> Path:
+def write_10x_h5(
+    path: str | os.PathLike, counts: sp.spmatrix, barcodes, gene_ids, gene_names, feature_types=None
+) -> Path:
     """The v3 HDF5 layout, for fixtures and for round trips (barcodes x genes in, genes x barcodes stored)."""
     import h5py
 

@@ -3,6 +3,7 @@
 Every problem carries a stable ``code`` (for tests and scripts), the file it concerns, a message that
 names the problem with the numbers involved, and a one-line fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,9 @@ class ValidationReport:
             raise InputError(self.format(), code=first.code)
 
 
-def _load(obj, where: str, report: ValidationReport, slide: bool = False,
-          options: dict | None = None) -> ad.AnnData | None:
+def _load(
+    obj, where: str, report: ValidationReport, slide: bool = False, options: dict | None = None
+) -> ad.AnnData | None:
     if obj is None or isinstance(obj, ad.AnnData):
         return obj
     try:
@@ -84,27 +86,41 @@ def _check_counts(x: sp.csr_matrix, where: str, report: ValidationReport, layer:
     if not finite.all():
         n_nan = int(np.isnan(data).sum())
         n_inf = int((~finite).sum()) - n_nan
-        report.add("nan_counts", where, f"{src} holds {n_nan} NaN and {n_inf} infinite value(s).",
-                   "use raw integer counts; replace missing values with 0 or drop those spots/genes.")
+        report.add(
+            "nan_counts",
+            where,
+            f"{src} holds {n_nan} NaN and {n_inf} infinite value(s).",
+            "use raw integer counts; replace missing values with 0 or drop those spots/genes.",
+        )
     vals = data[finite]
     n_neg = int((vals < 0).sum())
     if n_neg:
-        report.add("negative_counts", where, f"{src} holds {n_neg} negative value(s) (min {vals.min():g}).",
-                   "use raw UMI counts (adata.raw or a 'counts' layer), not scaled or centred data.")
+        report.add(
+            "negative_counts",
+            where,
+            f"{src} holds {n_neg} negative value(s) (min {vals.min():g}).",
+            "use raw UMI counts (adata.raw or a 'counts' layer), not scaled or centred data.",
+        )
     n_frac = int((vals != np.round(vals)).sum())
     if n_frac:
-        report.add("non_integer_counts", where,
-                   f"{src} holds {n_frac} non-integer value(s); the data look normalised or log-transformed.",
-                   "use raw UMI counts (adata.raw or a 'counts' layer), or pass --layer counts.")
+        report.add(
+            "non_integer_counts",
+            where,
+            f"{src} holds {n_frac} non-integer value(s); the data look normalised or log-transformed.",
+            "use raw UMI counts (adata.raw or a 'counts' layer), or pass --layer counts.",
+        )
 
 
 def _check_names(adata: ad.AnnData, where: str, report: ValidationReport):
     for axis, names in (("obs", adata.obs_names), ("var", adata.var_names)):
         if not names.is_unique:
             dups = names[names.duplicated()].unique()
-            report.add(f"duplicated_{axis}_names", where,
-                       f"{len(dups)} duplicated {axis} name(s), e.g. {list(map(str, dups[:5]))}.",
-                       f"make them unique with adata.{axis}_names_make_unique().")
+            report.add(
+                f"duplicated_{axis}_names",
+                where,
+                f"{len(dups)} duplicated {axis} name(s), e.g. {list(map(str, dups[:5]))}.",
+                f"make them unique with adata.{axis}_names_make_unique().",
+            )
 
 
 def validate(
@@ -123,7 +139,11 @@ def validate(
     reference; never modifies either. ``slide_options`` go to :func:`..io.slide.read_slide` (table, bin_size)."""
     report = ValidationReport()
     sp_name = os.path.basename(str(spatial)) if not isinstance(spatial, ad.AnnData) else "spatial"
-    ref_name = os.path.basename(str(reference)) if reference is not None and not isinstance(reference, ad.AnnData) else "reference"
+    ref_name = (
+        os.path.basename(str(reference))
+        if reference is not None and not isinstance(reference, ad.AnnData)
+        else "reference"
+    )
     sdata = _load(spatial, sp_name, report, slide=True, options=slide_options)
     rdata = _load(reference, ref_name, report)
 
@@ -139,13 +159,21 @@ def validate(
                 msg = "has no spot coordinates but has a cell-type column: it looks like a reference, not a slide."
             else:
                 msg = "has no spot coordinates (looked in obsm 'spatial', 'X_spatial', 'spatial_loc' and obs x/y)."
-            report.add("missing_coordinates", sp_name, f"the spatial file {msg}",
-                       "store coordinates in obsm['spatial'] (spots x 2) or name them with --coords.")
+            report.add(
+                "missing_coordinates",
+                sp_name,
+                f"the spatial file {msg}",
+                "store coordinates in obsm['spatial'] (spots x 2) or name them with --coords.",
+            )
         elif found[1] is not None:
             coords = found[0]
             if not np.isfinite(coords).all():
-                report.add("nan_coordinates", sp_name, f"{int((~np.isfinite(coords)).any(axis=1).sum())} spot(s) have NaN coordinates.",
-                           "drop those spots or fix their coordinates.")
+                report.add(
+                    "nan_coordinates",
+                    sp_name,
+                    f"{int((~np.isfinite(coords)).any(axis=1).sum())} spot(s) have NaN coordinates.",
+                    "drop those spots or fix their coordinates.",
+                )
         try:
             sx = counts_matrix(sdata, layer)
         except InputError as exc:
@@ -153,35 +181,54 @@ def validate(
             sx = None
         if sx is not None:
             if sx.shape != (sdata.n_obs, sdata.n_vars):
-                report.add("shape_mismatch", sp_name, f"counts are {sx.shape} but the file has {sdata.n_obs} spots x {sdata.n_vars} genes.",
-                           "rewrite the file so X matches obs and var.")
+                report.add(
+                    "shape_mismatch",
+                    sp_name,
+                    f"counts are {sx.shape} but the file has {sdata.n_obs} spots x {sdata.n_vars} genes.",
+                    "rewrite the file so X matches obs and var.",
+                )
             _check_counts(sx, sp_name, report, layer)
             totals = np.asarray(abs(sx).sum(axis=1)).ravel()
             n_empty = int((totals == 0).sum())
             if n_empty:
-                report.add("empty_spots", sp_name, f"{n_empty} of {sdata.n_obs} spot(s) have no counts at all.",
-                           "drop them first: adata = adata[adata.X.sum(axis=1) > 0].copy().")
+                report.add(
+                    "empty_spots",
+                    sp_name,
+                    f"{n_empty} of {sdata.n_obs} spot(s) have no counts at all.",
+                    "drop them first: adata = adata[adata.X.sum(axis=1) > 0].copy().",
+                )
             report.summary["spatial"]["median_umi"] = float(np.median(totals)) if totals.size else 0.0
         _check_names(sdata, sp_name, report)
 
     if rdata is not None:
         report.summary["reference"] = {"n_cells": int(rdata.n_obs), "n_genes": int(rdata.n_vars)}
         if cell_type_col not in rdata.obs:
-            report.add("unknown_cell_type_col", ref_name,
-                       f"the reference has no obs column {cell_type_col!r}; its columns are {list(map(str, rdata.obs.columns))}.",
-                       "pass --cell-type-col with the column that holds the cell-type labels.")
+            report.add(
+                "unknown_cell_type_col",
+                ref_name,
+                f"the reference has no obs column {cell_type_col!r}; its columns are "
+                f"{list(map(str, rdata.obs.columns))}.",
+                "pass --cell-type-col with the column that holds the cell-type labels.",
+            )
         else:
             vc = rdata.obs[cell_type_col].astype(str).value_counts()
             small = vc[vc < min_cells_per_type]
             report.summary["reference"]["n_types"] = int(vc.size)
             if vc.size < 2:
-                report.add("too_few_types", ref_name, f"the reference has {vc.size} cell type(s) in {cell_type_col!r}.",
-                           "use a reference with at least two labelled cell types.")
+                report.add(
+                    "too_few_types",
+                    ref_name,
+                    f"the reference has {vc.size} cell type(s) in {cell_type_col!r}.",
+                    "use a reference with at least two labelled cell types.",
+                )
             if len(small):
                 listed = ", ".join(f"{k} ({v})" for k, v in small.items())
-                report.add("small_cell_types", ref_name,
-                           f"{len(small)} cell type(s) have fewer than {min_cells_per_type} cells: {listed}.",
-                           "merge or drop them, or lower the minimum (--cell-min); they would be dropped from the fit.")
+                report.add(
+                    "small_cell_types",
+                    ref_name,
+                    f"{len(small)} cell type(s) have fewer than {min_cells_per_type} cells: {listed}.",
+                    "merge or drop them, or lower the minimum (--cell-min); they would be dropped from the fit.",
+                )
         try:
             rx = counts_matrix(rdata, reference_layer)
             _check_counts(rx, ref_name, report, reference_layer)
@@ -194,8 +241,12 @@ def validate(
         denom = min(sdata.n_vars, rdata.n_vars) or 1
         report.summary["shared_genes"] = int(shared)
         if shared / denom < min_shared_fraction:
-            report.add("few_shared_genes", f"{sp_name} + {ref_name}",
-                       f"only {shared} gene(s) are shared ({100 * shared / denom:.1f}% of the smaller gene list: "
-                       f"{sdata.n_vars} spatial, {rdata.n_vars} reference); at least {100 * min_shared_fraction:.0f}% are needed.",
-                       "use gene symbols (or Ensembl ids) in both var_names, and the same species.")
+            report.add(
+                "few_shared_genes",
+                f"{sp_name} + {ref_name}",
+                f"only {shared} gene(s) are shared ({100 * shared / denom:.1f}% of the smaller gene list: "
+                f"{sdata.n_vars} spatial, {rdata.n_vars} reference); at least {100 * min_shared_fraction:.0f}% "
+                "are needed.",
+                "use gene symbols (or Ensembl ids) in both var_names, and the same species.",
+            )
     return report

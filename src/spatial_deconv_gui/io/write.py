@@ -1,19 +1,19 @@
 """Storing engine results in AnnData slots and writing files without ever leaving a half-written one."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .. import __version__
-from .. import keys
+from .. import __version__, keys
 from ..colors import FILTERED_COLOR, FILTERED_LABEL, cell_type_palette, palette_from_uns
-from typing import TYPE_CHECKING
 
 # uns: a categorical column's categories in colour order (keys.CELL_TYPE_NAMES for the cell-type column)
 NAMES_SUFFIX = "_names"
@@ -80,17 +80,19 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
         if isinstance(value, pd.DataFrame):
             value = value.set_axis(out.obs_names, axis=0)
         out.obsm[name] = value
-    out.uns[keys.run_info(key)] = h5_safe({
-        "method": result.method,
-        "mode": result.mode,
-        "parameters": result.params,
-        "cell_types": types,
-        "version": __version__,
-        "device": result.device,
-        "runtime_s": float(result.runtime_s),
-        "n_fitted": int(fitted.sum()),
-        "n_filtered": int((~fitted).sum()),
-    })
+    out.uns[keys.run_info(key)] = h5_safe(
+        {
+            "method": result.method,
+            "mode": result.mode,
+            "parameters": result.params,
+            "cell_types": types,
+            "version": __version__,
+            "device": result.device,
+            "runtime_s": float(result.runtime_s),
+            "n_fitted": int(fitted.sum()),
+            "n_filtered": int((~fitted).sum()),
+        }
+    )
     for name, value in result.uns.items():
         out.uns[name] = h5_safe(value)
 

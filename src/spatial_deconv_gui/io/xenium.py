@@ -16,6 +16,7 @@ world origin with pixel (0, 0) covering [0, pixel_size) µm, the convention 10x'
 (which maps µm / pixel_size straight onto its corner-origin pixel grid) follow; napari puts pixel centres at
 ``translate + index * scale``, so the images carry a half-pixel ``translate``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,19 +83,25 @@ def read_xenium(path: str | os.PathLike, images: bool = True, boundaries: bool =
     pixel_size = specs.get("pixel_size")
     pixel_size_known = isinstance(pixel_size, (int, float)) and pixel_size > 0
     pixel_size = float(pixel_size) if pixel_size_known else DEFAULT_PIXEL_SIZE_UM
-    adata.uns["xenium"] = {"pixel_size": pixel_size,
-                           "analysis_sw_version": str(specs.get("analysis_sw_version", ""))}
+    adata.uns["xenium"] = {"pixel_size": pixel_size, "analysis_sw_version": str(specs.get("analysis_sw_version", ""))}
     slide = Slide(
-        adata=adata, format="xenium", path=folder,
+        adata=adata,
+        format="xenium",
+        path=folder,
         library_id=str(specs.get("region_name") or folder.name),
-        world_per_coord=1.0, unit=MICRON, spot_diameter=_median_cell_diameter(adata.obs), notices=notices,
+        world_per_coord=1.0,
+        unit=MICRON,
+        spot_diameter=_median_cell_diameter(adata.obs),
+        notices=notices,
     )
     if images:
         slide.images = _read_morphology(folder, pixel_size, notices)
         if slide.images and not pixel_size_known:
             # Only the image depends on the pixel size; a bundle without one needs no word about it.
-            notices.append(f"{SPECS_FILE} gives no pixel_size; the morphology image is placed at the Xenium "
-                           f"default of {DEFAULT_PIXEL_SIZE_UM} µm per pixel.")
+            notices.append(
+                f"{SPECS_FILE} gives no pixel_size; the morphology image is placed at the Xenium "
+                f"default of {DEFAULT_PIXEL_SIZE_UM} µm per pixel."
+            )
     if boundaries:
         slide.boundaries = _read_boundaries(folder, adata.obs_names, notices)
     return slide
@@ -102,14 +109,17 @@ def read_xenium(path: str | os.PathLike, images: bool = True, boundaries: bool =
 
 # --- counts and cells -------------------------------------------------------------------------------------------------
 
+
 def _bundle_folder(path: Path) -> Path:
     if not path.exists():
         raise InputError(f"{path} does not exist.", "check the path.", code="missing_file")
     if path.is_file():
         if path.name != SPECS_FILE:
-            raise InputError(f"{path.name} is not a Xenium bundle.",
-                             f"open the Xenium output folder, or the {SPECS_FILE} file inside it.",
-                             code="unknown_format")
+            raise InputError(
+                f"{path.name} is not a Xenium bundle.",
+                f"open the Xenium output folder, or the {SPECS_FILE} file inside it.",
+                code="unknown_format",
+            )
         return path.parent
     return path
 
@@ -137,18 +147,22 @@ def _read_matrix(folder: Path):
         return tenx.read_10x_h5(folder / MATRIX_H5)
     if (folder / MATRIX_MEX).is_dir():
         return tenx.read_10x_mex(folder / MATRIX_MEX)
-    raise InputError(f"{folder} holds no cell-feature matrix: looked for {MATRIX_H5} and the {MATRIX_MEX}/ MEX folder.",
-                     f"open the Xenium output folder itself (the one holding {SPECS_FILE}), with its {MATRIX_H5}.",
-                     code="missing_matrix")
+    raise InputError(
+        f"{folder} holds no cell-feature matrix: looked for {MATRIX_H5} and the {MATRIX_MEX}/ MEX folder.",
+        f"open the Xenium output folder itself (the one holding {SPECS_FILE}), with its {MATRIX_H5}.",
+        code="missing_matrix",
+    )
 
 
 def _find_cells_file(folder: Path) -> Path:
     for name in CELLS_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise InputError(f"{folder} holds no cells table: looked for {' and '.join(CELLS_FILES)}.",
-                     "copy the Xenium output folder whole; the cell centroids live in cells.parquet.",
-                     code="missing_positions")
+    raise InputError(
+        f"{folder} holds no cells table: looked for {' and '.join(CELLS_FILES)}.",
+        "copy the Xenium output folder whole; the cell centroids live in cells.parquet.",
+        code="missing_positions",
+    )
 
 
 def _decoded(column: pd.Series) -> pd.Series:
@@ -165,15 +179,20 @@ def _read_cells_table(path: Path) -> pd.DataFrame:
         else:  # round_trip: the default fast float parser can be an ulp off what was written
             cells = pd.read_csv(path, dtype={CELL_ID: str}, float_precision="round_trip")
     except Exception as exc:  # pyarrow, gzip and the csv parser each raise their own kinds
-        raise InputError(f"{path.name} could not be read ({type(exc).__name__}: {exc}).",
-                         "copy the file again from the Xenium output folder.", code="bad_positions") from exc
+        raise InputError(
+            f"{path.name} could not be read ({type(exc).__name__}: {exc}).",
+            "copy the file again from the Xenium output folder.",
+            code="bad_positions",
+        ) from exc
     missing = [c for c in (CELL_ID, CELL_X, CELL_Y) if c not in cells.columns]
     if missing:
         present = ", ".join(map(str, cells.columns[:8])) + (", ..." if len(cells.columns) > 8 else "")
-        raise InputError(f"{path.name} lacks the column(s) {', '.join(missing)} (it has {present}).",
-                         "use the cells table Xenium wrote, with cell_id, x_centroid and y_centroid in µm.",
-                         code="bad_positions")
-    for column in cells.columns[cells.dtypes == object]:
+        raise InputError(
+            f"{path.name} lacks the column(s) {', '.join(missing)} (it has {present}).",
+            "use the cells table Xenium wrote, with cell_id, x_centroid and y_centroid in µm.",
+            code="bad_positions",
+        )
+    for column in cells.select_dtypes(include=object).columns:
         cells[column] = _decoded(cells[column])
     cells[CELL_ID] = cells[CELL_ID].astype(str)
     return cells
@@ -184,8 +203,11 @@ def _attach_cells(adata, cells: pd.DataFrame, cells_name: str, matrix_name: str,
     matrix_ids = adata.obs_names
     if not table_ids.is_unique:
         duplicated = table_ids[table_ids.duplicated()]
-        raise InputError(f"{cells_name} lists {duplicated.size:,} cell ids more than once (e.g. {duplicated[0]!r}).",
-                         "use the cells table Xenium wrote for this run.", code="bad_positions")
+        raise InputError(
+            f"{cells_name} lists {duplicated.size:,} cell ids more than once (e.g. {duplicated[0]!r}).",
+            "use the cells table Xenium wrote for this run.",
+            code="bad_positions",
+        )
     if len(table_ids) == len(matrix_ids) and np.array_equal(table_ids.to_numpy(), matrix_ids.to_numpy()):
         rows = None  # the usual case: same cells, same order
     else:
@@ -197,10 +219,13 @@ def _attach_cells(adata, cells: pd.DataFrame, cells_name: str, matrix_name: str,
                 f"table {len(table_ids):,}, and {int(unmatched.sum()):,} matrix cells are not in the table "
                 f"(e.g. {matrix_ids[np.flatnonzero(unmatched)[0]]!r}; the table's first id is {table_ids[0]!r}).",
                 "use the matrix and the cells table of one run (Xenium Ranger re-segmentation rewrites both).",
-                code="mismatched_cells")
+                code="mismatched_cells",
+            )
         if len(table_ids) > len(matrix_ids):
-            notices.append(f"{cells_name} lists {len(table_ids) - len(matrix_ids):,} cells that {matrix_name} has no "
-                           f"counts for; they are left out.")
+            notices.append(
+                f"{cells_name} lists {len(table_ids) - len(matrix_ids):,} cells that {matrix_name} has no "
+                f"counts for; they are left out."
+            )
         cells = cells.iloc[rows]
     adata.obsm[keys.SPATIAL] = cells[[CELL_X, CELL_Y]].to_numpy(dtype=np.float64)
     obs = cells.drop(columns=[CELL_ID, CELL_X, CELL_Y])
@@ -219,6 +244,7 @@ def _median_cell_diameter(obs: pd.DataFrame) -> float:
 
 
 # --- the morphology image ---------------------------------------------------------------------------------------------
+
 
 def _morphology_files(folder: Path) -> list[Path]:
     """The channel files of the morphology image, in channel order; [] when the bundle has none."""
@@ -303,15 +329,19 @@ def _unreadable(path: Path, folder: Path, exc: BaseException) -> str:
 def _read_morphology(folder: Path, pixel_size: float, notices: list[str]) -> list[SlideImage]:
     files = _morphology_files(folder)
     if not files:
-        notices.append(f"{folder.name} has no morphology image (looked for {FOCUS_DIR}/{FOCUS_CHANNEL_FILE.format(0)}, "
-                       f"{' and '.join(LEGACY_IMAGE_FILES)}); the slide opens without one.")
+        notices.append(
+            f"{folder.name} has no morphology image (looked for {FOCUS_DIR}/{FOCUS_CHANNEL_FILE.format(0)}, "
+            f"{' and '.join(LEGACY_IMAGE_FILES)}); the slide opens without one."
+        )
         return []
     try:
         import tifffile  # noqa: F401
         import zarr  # noqa: F401
     except ImportError as exc:
-        notices.append(f"the morphology image needs {exc.name}: pip install 'spatial-deconv-gui[spatial]'; the slide "
-                       f"opens without it.")
+        notices.append(
+            f"the morphology image needs {exc.name}: pip install 'spatial-deconv-gui[spatial]'; the slide "
+            f"opens without it."
+        )
         return []
     several = len(files) > 1
     opened: list[tuple[Path, list[Any], str, list[str]]] = []
@@ -319,8 +349,10 @@ def _read_morphology(folder: Path, pixel_size: float, notices: list[str]) -> lis
         try:
             opened.append((path, *_open_pyramid(path)))
         except Exception as exc:  # tifffile and the codecs raise many kinds; any of them means "no picture"
-            notices.append(_unreadable(path, folder, exc) + ("; that channel is left out." if several else
-                                                             "; the slide opens without an image."))
+            notices.append(
+                _unreadable(path, folder, exc)
+                + ("; that channel is left out." if several else "; the slide opens without an image.")
+            )
     if not opened:
         return []
     translate = (pixel_size / 2.0, pixel_size / 2.0)  # centre of pixel (0, 0); see the module docstring
@@ -337,17 +369,32 @@ def _read_morphology(folder: Path, pixel_size: float, notices: list[str]) -> lis
 def _single_file_image(path, levels, axes, names, pixel_size, translate) -> SlideImage:
     axes = axes.upper()
     if axes == "YX":
-        return SlideImage(name="morphology", levels=levels, scale=pixel_size, translate=translate, rgb=False,
-                          contrast_limits=_contrast_limits(levels[-1]))
+        return SlideImage(
+            name="morphology",
+            levels=levels,
+            scale=pixel_size,
+            translate=translate,
+            rgb=False,
+            contrast_limits=_contrast_limits(levels[-1]),
+        )
     if axes in ("YXS", "CYX"):
         # An RGB picture (YXS, e.g. a post-Xenium H&E) or several stains in one file (CYX).
         rgb = axes == "YXS"
         n_channels = levels[0].shape[0]
         limits = None if rgb else [_contrast_limits(levels[-1][c]) for c in range(n_channels)]
-        channel_names = None if rgb else [names[c] if c < len(names) and names[c] else f"channel {c}"
-                                          for c in range(n_channels)]
-        return SlideImage(name="morphology", levels=levels, scale=pixel_size, translate=translate, rgb=rgb,
-                          channel_axis=None if rgb else 0, channel_names=channel_names, contrast_limits=limits)
+        channel_names = (
+            None if rgb else [names[c] if c < len(names) and names[c] else f"channel {c}" for c in range(n_channels)]
+        )
+        return SlideImage(
+            name="morphology",
+            levels=levels,
+            scale=pixel_size,
+            translate=translate,
+            rgb=rgb,
+            channel_axis=None if rgb else 0,
+            channel_names=channel_names,
+            contrast_limits=limits,
+        )
     raise ValueError(f"axes {axes!r}; a 2-D image (YX, CYX or YXS) was expected")
 
 
@@ -356,9 +403,11 @@ def _multi_file_image(folder, opened, pixel_size, translate, notices) -> list[Sl
     channels = []
     for path, levels, axes, names in opened:
         if axes.upper() != "YX" or levels[0].shape != first_levels[0].shape:
-            notices.append(f"{path.relative_to(folder)} is {'x'.join(map(str, levels[0].shape))} ({axes}), not "
-                           f"{'x'.join(map(str, first_levels[0].shape))} like {first_path.name}; that channel is "
-                           "left out.")
+            notices.append(
+                f"{path.relative_to(folder)} is {'x'.join(map(str, levels[0].shape))} ({axes}), not "
+                f"{'x'.join(map(str, first_levels[0].shape))} like {first_path.name}; that channel is "
+                "left out."
+            )
             continue
         try:
             limits = _contrast_limits(levels[-1])
@@ -373,22 +422,44 @@ def _multi_file_image(folder, opened, pixel_size, translate, notices) -> list[Sl
         import dask.array as da
     except ImportError:
         if len(channels) > 1:
-            notices.append("showing the first morphology stain only: stacking several needs dask "
-                           "(pip install 'spatial-deconv-gui[spatial]').")
+            notices.append(
+                "showing the first morphology stain only: stacking several needs dask "
+                "(pip install 'spatial-deconv-gui[spatial]')."
+            )
         da = None
     if len(channels) == 1 or da is None:
         levels, limits, name = channels[0]
-        return [SlideImage(name=f"morphology {name}", levels=levels, scale=pixel_size, translate=translate,
-                           rgb=False, contrast_limits=limits)]
+        return [
+            SlideImage(
+                name=f"morphology {name}",
+                levels=levels,
+                scale=pixel_size,
+                translate=translate,
+                rgb=False,
+                contrast_limits=limits,
+            )
+        ]
     n_levels = min(len(levels) for levels, _, _ in channels)
-    stacked = [da.stack([da.from_array(levels[k], chunks=levels[k].chunks, inline_array=True)
-                         for levels, _, _ in channels]) for k in range(n_levels)]
-    return [SlideImage(name="morphology", levels=stacked, scale=pixel_size, translate=translate, rgb=False,
-                       channel_axis=0, channel_names=[name for _, _, name in channels],
-                       contrast_limits=[limits for _, limits, _ in channels])]
+    stacked = [
+        da.stack([da.from_array(levels[k], chunks=levels[k].chunks, inline_array=True) for levels, _, _ in channels])
+        for k in range(n_levels)
+    ]
+    return [
+        SlideImage(
+            name="morphology",
+            levels=stacked,
+            scale=pixel_size,
+            translate=translate,
+            rgb=False,
+            channel_axis=0,
+            channel_names=[name for _, _, name in channels],
+            contrast_limits=[limits for _, limits, _ in channels],
+        )
+    ]
 
 
 # --- cell outlines ----------------------------------------------------------------------------------------------------
+
 
 def _read_boundaries(folder: Path, obs_names: pd.Index, notices: list[str]) -> list[np.ndarray] | None:
     path = folder / BOUNDARIES_FILE
@@ -401,8 +472,9 @@ def _read_boundaries(folder: Path, obs_names: pd.Index, notices: list[str]) -> l
     try:
         table = pq.read_table(path, columns=[CELL_ID, "vertex_x", "vertex_y"])
     except Exception as exc:  # a damaged file or missing columns: both arrow errors of several kinds
-        notices.append(f"{BOUNDARIES_FILE} could not be read ({type(exc).__name__}: {exc}); cells are shown as "
-                       "circles.")
+        notices.append(
+            f"{BOUNDARIES_FILE} could not be read ({type(exc).__name__}: {exc}); cells are shown as circles."
+        )
         return None
     # Vertices of one cell are contiguous; encode the ids once (100k uniques, millions of rows) and map the uniques.
     encoded = pc.dictionary_encode(table.column(CELL_ID)).combine_chunks()
@@ -434,6 +506,7 @@ def _read_boundaries(folder: Path, obs_names: pd.Index, notices: list[str]) -> l
 
 # --- a small bundle writer, for fixtures and examples -----------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _atomic(path: Path):
     """Yield a temporary sibling of ``path`` and move it into place only when the block succeeds."""
@@ -460,33 +533,51 @@ def _write_ome_pyramid(path: Path, image: np.ndarray, pixel_size: float, descrip
     options = {"tile": (256, 256), "compression": "zlib", "compressionargs": {"level": 1}}
     with _atomic(path) as partial, tifffile.TiffWriter(partial, bigtiff=True, ome=description is None) as tif:
         if description is None:
-            tif.write(levels[0], subifds=len(levels) - 1, metadata={
-                "axes": "YX", "PhysicalSizeX": pixel_size, "PhysicalSizeY": pixel_size}, **options)
+            tif.write(
+                levels[0],
+                subifds=len(levels) - 1,
+                metadata={"axes": "YX", "PhysicalSizeX": pixel_size, "PhysicalSizeY": pixel_size},
+                **options,
+            )
         else:
             tif.write(levels[0], subifds=len(levels) - 1, description=description, metadata=None, **options)
         for level in levels[1:]:
             tif.write(np.ascontiguousarray(level), subfiletype=1, **options)
 
 
-def _multi_file_ome_xml(index: int, names: list[str], uuids: list[str], shape: tuple[int, int],
-                        pixel_size: float) -> str:
+def _multi_file_ome_xml(
+    index: int, names: list[str], uuids: list[str], shape: tuple[int, int], pixel_size: float
+) -> str:
     """OME-XML for channel file ``index`` of a set: like XOA's, every file describes every stain and where it lives."""
     from xml.sax.saxutils import quoteattr
 
-    channels = "".join(f'<Channel ID="Channel:{c}" SamplesPerPixel="1" Name={quoteattr(FOCUS_STAINS[c % 4])}/>'
-                       for c in range(len(names)))
-    tiff_data = "".join(f'<TiffData FirstC="{c}" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1">'
-                        f'<UUID FileName="{name}">{uuids[c]}</UUID></TiffData>' for c, name in enumerate(names))
-    return ('<?xml version="1.0" encoding="UTF-8"?>'
-            f'<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" UUID="{uuids[index]}">'
-            '<Image ID="Image:0" Name="morphology_focus"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint16" '
-            f'SizeX="{shape[1]}" SizeY="{shape[0]}" SizeC="{len(names)}" SizeZ="1" SizeT="1" '
-            f'PhysicalSizeX="{pixel_size}" PhysicalSizeY="{pixel_size}">{channels}{tiff_data}</Pixels></Image></OME>')
+    channels = "".join(
+        f'<Channel ID="Channel:{c}" SamplesPerPixel="1" Name={quoteattr(FOCUS_STAINS[c % 4])}/>'
+        for c in range(len(names))
+    )
+    tiff_data = "".join(
+        f'<TiffData FirstC="{c}" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1">'
+        f'<UUID FileName="{name}">{uuids[c]}</UUID></TiffData>'
+        for c, name in enumerate(names)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" UUID="{uuids[index]}">'
+        '<Image ID="Image:0" Name="morphology_focus"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint16" '
+        f'SizeX="{shape[1]}" SizeY="{shape[0]}" SizeC="{len(names)}" SizeZ="1" SizeT="1" '
+        f'PhysicalSizeX="{pixel_size}" PhysicalSizeY="{pixel_size}">{channels}{tiff_data}</Pixels></Image></OME>'
+    )
 
 
-def write_xenium_bundle(adata, folder: str | os.PathLike, pixel_size: float = DEFAULT_PIXEL_SIZE_UM,
-                        image: np.ndarray | None = None, layout: str = "2.0", cells_format: str = "parquet",
-                        matrix_format: str = "h5") -> Path:
+def write_xenium_bundle(
+    adata,
+    folder: str | os.PathLike,
+    pixel_size: float = DEFAULT_PIXEL_SIZE_UM,
+    image: np.ndarray | None = None,
+    layout: str = "2.0",
+    cells_format: str = "parquet",
+    matrix_format: str = "h5",
+) -> Path:
     """Write a small Xenium-like bundle from ``adata`` (integer counts in X, centroids (x, y) in µm in
     ``obsm['spatial']``; optional ``obs['cell_area']`` in µm²) and return the folder.
 
@@ -501,8 +592,10 @@ def write_xenium_bundle(adata, folder: str | os.PathLike, pixel_size: float = DE
     from . import tenx
 
     if layout not in ("1.0", "2.0") or cells_format not in ("parquet", "csv.gz") or matrix_format not in ("h5", "mex"):
-        raise ValueError(f"layout {layout!r}, cells_format {cells_format!r}, matrix_format {matrix_format!r}: use "
-                         "layout '1.0' or '2.0', cells_format 'parquet' or 'csv.gz', matrix_format 'h5' or 'mex'")
+        raise ValueError(
+            f"layout {layout!r}, cells_format {cells_format!r}, matrix_format {matrix_format!r}: use "
+            "layout '1.0' or '2.0', cells_format 'parquet' or 'csv.gz', matrix_format 'h5' or 'mex'"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     counts = sp.csr_matrix(adata.X)
@@ -537,15 +630,22 @@ def write_xenium_bundle(adata, folder: str | os.PathLike, pixel_size: float = DE
             with _atomic(mex / name) as partial, gzip.open(partial, "wt") as fh:
                 fh.write("".join(f"{line}\n" for line in lines))
 
-    cell_area = (np.asarray(adata.obs["cell_area"], dtype=np.float64) if "cell_area" in adata.obs
-                 else np.full(n_cells, 65.0))
+    cell_area = (
+        np.asarray(adata.obs["cell_area"], dtype=np.float64) if "cell_area" in adata.obs else np.full(n_cells, 65.0)
+    )
     transcripts = np.asarray(counts.sum(axis=1)).ravel()
-    cells = pd.DataFrame({
-        CELL_ID: cell_ids, CELL_X: xy[:, 0], CELL_Y: xy[:, 1], "transcript_counts": transcripts,
-        "control_probe_counts": np.asarray(controls.sum(axis=1)).ravel(),
-        "total_counts": transcripts + np.asarray(controls.sum(axis=1)).ravel(),
-        "cell_area": cell_area, "nucleus_area": 0.35 * cell_area,
-    })
+    cells = pd.DataFrame(
+        {
+            CELL_ID: cell_ids,
+            CELL_X: xy[:, 0],
+            CELL_Y: xy[:, 1],
+            "transcript_counts": transcripts,
+            "control_probe_counts": np.asarray(controls.sum(axis=1)).ravel(),
+            "total_counts": transcripts + np.asarray(controls.sum(axis=1)).ravel(),
+            "cell_area": cell_area,
+            "nucleus_area": 0.35 * cell_area,
+        }
+    )
     cells_path = folder / f"cells.{cells_format}"
     with _atomic(cells_path) as partial:
         if cells_format == "parquet":
@@ -557,12 +657,14 @@ def write_xenium_bundle(adata, folder: str | os.PathLike, pixel_size: float = DE
     # A regular hexagon of circumradius r has area (3 sqrt(3) / 2) r^2; its six corners average to the centroid.
     radius = np.sqrt(2.0 * cell_area / (3.0 * np.sqrt(3.0)))
     angles = np.deg2rad(np.r_[np.arange(0, 360, 60), 0])  # closed, as Xenium writes them
-    boundaries = pd.DataFrame({
-        CELL_ID: np.repeat(cell_ids, angles.size),
-        "vertex_x": (xy[:, :1] + radius[:, None] * np.cos(angles)).ravel(),
-        "vertex_y": (xy[:, 1:] + radius[:, None] * np.sin(angles)).ravel(),
-        "label_id": np.repeat(np.arange(1, n_cells + 1, dtype=np.uint32), angles.size),
-    })
+    boundaries = pd.DataFrame(
+        {
+            CELL_ID: np.repeat(cell_ids, angles.size),
+            "vertex_x": (xy[:, :1] + radius[:, None] * np.cos(angles)).ravel(),
+            "vertex_y": (xy[:, 1:] + radius[:, None] * np.sin(angles)).ravel(),
+            "label_id": np.repeat(np.arange(1, n_cells + 1, dtype=np.uint32), angles.size),
+        }
+    )
     with _atomic(folder / BOUNDARIES_FILE) as partial:
         boundaries.to_parquet(partial, index=False)
 
@@ -585,15 +687,23 @@ def write_xenium_bundle(adata, folder: str | os.PathLike, pixel_size: float = DE
             names = [FOCUS_CHANNEL_FILE.format(c) for c in range(len(stains))]
             uuids = [f"urn:uuid:{uuid.uuid4()}" for _ in names]
             for c, stain in enumerate(stains):
-                _write_ome_pyramid(folder / FOCUS_DIR / names[c], stain, pixel_size,
-                                   _multi_file_ome_xml(c, names, uuids, stain.shape, pixel_size))
+                _write_ome_pyramid(
+                    folder / FOCUS_DIR / names[c],
+                    stain,
+                    pixel_size,
+                    _multi_file_ome_xml(c, names, uuids, stain.shape, pixel_size),
+                )
             image_files = [f"{FOCUS_DIR}/{name}" for name in names]
 
     specs = {
-        "major_version": 5 if layout == "2.0" else 4, "minor_version": 0, "patch_version": 0,
-        "run_name": "simulated", "region_name": folder.name,
+        "major_version": 5 if layout == "2.0" else 4,
+        "minor_version": 0,
+        "patch_version": 0,
+        "run_name": "simulated",
+        "region_name": folder.name,
         "analysis_sw_version": "xenium-2.0.0.10" if layout == "2.0" else "xenium-1.9.0.0",
-        "pixel_size": pixel_size, "num_cells": int(n_cells),
+        "pixel_size": pixel_size,
+        "num_cells": int(n_cells),
         "images": {"morphology_focus_filepath": image_files[0] if image_files else ""},
         "xenium_explorer_files": {"cells_zarr_filepath": "cells.zarr.zip"},
     }

@@ -3,10 +3,11 @@
 Names follow cell2location's arguments (lower-cased) with the package's defaults, so runs can be compared with
 ``cell2location.models.RegressionModel`` / ``Cell2location`` one to one.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from ..options import DEVICE_HELP
 
@@ -26,26 +27,63 @@ class C2LConfig:
     """
 
     # spatial model (Cell2location)
-    n_cells_per_location: float = field(default=8.0, metadata={"help": "expected cells per spot, from histology (cell2location N_cells_per_location)"})
-    detection_alpha: float = field(default=20.0, metadata={"help": "prior strength of per-spot detection: 20 lets it vary within a slide, 200 keeps it near constant"})
-    n_groups: int = field(default=50, metadata={"help": "groups of co-located cell types in the abundance prior (cell2location n_groups)"})
-    max_epochs: int = field(default=30000, metadata={"help": "spatial model epochs (cell2location default 30000); the map streams as it trains"})
+    n_cells_per_location: float = field(
+        default=8.0, metadata={"help": "expected cells per spot, from histology (cell2location N_cells_per_location)"}
+    )
+    detection_alpha: float = field(
+        default=20.0,
+        metadata={
+            "help": "prior strength of per-spot detection: 20 lets it vary within a slide, 200 keeps it near constant"
+        },
+    )
+    n_groups: int = field(
+        default=50, metadata={"help": "groups of co-located cell types in the abundance prior (cell2location n_groups)"}
+    )
+    max_epochs: int = field(
+        default=30000,
+        metadata={"help": "spatial model epochs (cell2location default 30000); the map streams as it trains"},
+    )
     lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the spatial model"})
     # reference signatures (RegressionModel)
-    signatures: Literal["regression", "means"] = field(default="regression", metadata={"help": "regression: NB regression over the reference; means: per-type mean counts (quick)"})
-    reference_epochs: int = field(default=0, metadata={"help": "reference regression epochs; 0 = package heuristic min(20000/n_cells*1000, 1000)"})
-    reference_batch_size: int = field(default=2500, metadata={"help": "cells per reference regression step (cell2location default 2500)"})
+    signatures: Literal["regression", "means"] = field(
+        default="regression",
+        metadata={"help": "regression: NB regression over the reference; means: per-type mean counts (quick)"},
+    )
+    reference_epochs: int = field(
+        default=0, metadata={"help": "reference regression epochs; 0 = package heuristic min(20000/n_cells*1000, 1000)"}
+    )
+    reference_batch_size: int = field(
+        default=2500, metadata={"help": "cells per reference regression step (cell2location default 2500)"}
+    )
     reference_lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the reference regression"})
-    reference_batch_col: Optional[str] = field(default=None, metadata={"help": "reference obs column naming each cell's batch (sample, donor, technology): the regression then fits a detection efficiency and a background per batch (cell2location batch_key); empty or none: one batch"})
+    reference_batch_col: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "reference obs column naming each cell's batch (sample, donor, technology): the regression then fits a "
+                "detection efficiency and a background per batch (cell2location batch_key); empty or none: one batch"
+            )
+        },
+    )
     # genes
-    gene_filter: bool = field(default=True, metadata={"help": "cell2location's reference gene filter before intersecting genes"})
-    cell_count_cutoff: int = field(default=5, metadata={"help": "gene filter: genes in fewer cells are dropped unless frequent enough"})
-    cell_percentage_cutoff2: float = field(default=0.03, metadata={"help": "gene filter: genes in more than this fraction of cells are always kept"})
-    nonz_mean_cutoff: float = field(default=1.12, metadata={"help": "gene filter: minimum mean over non-zero cells for rarer genes"})
+    gene_filter: bool = field(
+        default=True, metadata={"help": "cell2location's reference gene filter before intersecting genes"}
+    )
+    cell_count_cutoff: int = field(
+        default=5, metadata={"help": "gene filter: genes in fewer cells are dropped unless frequent enough"}
+    )
+    cell_percentage_cutoff2: float = field(
+        default=0.03, metadata={"help": "gene filter: genes in more than this fraction of cells are always kept"}
+    )
+    nonz_mean_cutoff: float = field(
+        default=1.12, metadata={"help": "gene filter: minimum mean over non-zero cells for rarer genes"}
+    )
     # execution
     report_every: int = field(default=500, metadata={"help": "stream the current abundance map every this many epochs"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    n_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"})
+    n_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"}
+    )
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +116,7 @@ def validate_config(config: C2LConfig) -> list[str]:
     return problems
 
 
-def batch_column(config: C2LConfig) -> Optional[str]:
+def batch_column(config: C2LConfig) -> str | None:
     """The reference batch column, or None; "", "none" (any case) also mean none (a cleared GUI field)."""
     col = config.reference_batch_col
     if col is None or not str(col).strip() or str(col).strip().lower() == "none":

@@ -1,4 +1,5 @@
 """cell2location's models end to end: gene selection -> reference signatures -> spatial model -> abundances."""
+
 from __future__ import annotations
 
 import time
@@ -10,8 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
+from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..bayes import CountData
 from ..devices import torch_device
 from .config import C2LConfig, batch_column, check_config
@@ -24,8 +25,12 @@ ABUNDANCES_Q05 = f"{KEY}_abundances_q05"  # obsm: its 5 % quantile
 TRAINING = f"{KEY}_training"  # uns: loss curves, timings, genes, signatures
 
 
-def filter_genes(counts: sp.spmatrix, cell_count_cutoff: float = 15, cell_percentage_cutoff2: float = 0.05,
-                 nonz_mean_cutoff: float = 1.12) -> np.ndarray:
+def filter_genes(
+    counts: sp.spmatrix,
+    cell_count_cutoff: float = 15,
+    cell_percentage_cutoff2: float = 0.05,
+    nonz_mean_cutoff: float = 1.12,
+) -> np.ndarray:
     """cell2location's reference gene filter, as a boolean mask over genes.
 
     A gene is kept when it is detected in more than ``cell_percentage_cutoff2`` of the cells, or in more than
@@ -57,14 +62,20 @@ def select_genes(spatial: SpatialInput, reference: ReferenceInput, config: C2LCo
     ref_genes = np.asarray(reference.genes).astype(str)
     keep_ref = np.ones(len(ref_genes), bool)
     if config.gene_filter:
-        keep_ref = filter_genes(sp.csr_matrix(reference.counts), config.cell_count_cutoff,
-                                config.cell_percentage_cutoff2, config.nonz_mean_cutoff)
+        keep_ref = filter_genes(
+            sp.csr_matrix(reference.counts),
+            config.cell_count_cutoff,
+            config.cell_percentage_cutoff2,
+            config.nonz_mean_cutoff,
+        )
     s_genes = np.asarray(spatial.genes).astype(str)
     ref_pos = {g: i for i, g in enumerate(ref_genes) if keep_ref[i]}
     shared = [i for i, g in enumerate(s_genes) if g in ref_pos]
     if len(shared) < 10:
-        raise ValueError(f"cell2location: only {len(shared)} genes shared by the slide and the reference "
-                         f"(after the reference gene filter: {int(keep_ref.sum())} kept); need at least 10")
+        raise ValueError(
+            f"cell2location: only {len(shared)} genes shared by the slide and the reference "
+            f"(after the reference gene filter: {int(keep_ref.sum())} kept); need at least 10"
+        )
     s_cols = np.array(shared)
     r_cols = np.array([ref_pos[s_genes[i]] for i in shared])
     return s_cols, r_cols, s_genes[s_cols], int(keep_ref.sum())
@@ -100,14 +111,20 @@ class MinibatchCounts:
 
         lens = self.row_nnz[idx]
         offsets = torch.cumsum(lens, 0) - lens  # where each row's entries start in the gathered list
-        pos = torch.arange(int(lens.sum()), device=idx.device) + torch.repeat_interleave(self.indptr[idx] - offsets,
-                                                                                          lens)
+        pos = torch.arange(int(lens.sum()), device=idx.device) + torch.repeat_interleave(
+            self.indptr[idx] - offsets, lens
+        )
         weights = torch.bincount(self.pair_of_entry[pos], minlength=self.u_cols.numel()).to(self.u_values.dtype)
         dense = self.dense[idx]
         return SimpleNamespace(
-            dense=dense, shape=tuple(dense.shape), u_cols=self.u_cols, u_values=self.u_values, u_weights=weights,
+            dense=dense,
+            shape=tuple(dense.shape),
+            u_cols=self.u_cols,
+            u_values=self.u_values,
+            u_weights=weights,
             nnz_per_gene=torch.bincount(self.u_cols, weights=weights, minlength=self.n_genes).view(1, -1),
-            lgamma_x1=(self.lgamma_pairs * weights.double()).sum().to(self.u_values.dtype))
+            lgamma_x1=(self.lgamma_pairs * weights.double()).sum().to(self.u_values.dtype),
+        )
 
 
 def batch_codes(batches, n_cells: int) -> tuple[np.ndarray, list[str]]:
@@ -120,31 +137,48 @@ def batch_codes(batches, n_cells: int) -> tuple[np.ndarray, list[str]]:
 
     arr = pd.Series(np.asarray(batches, dtype=object).ravel())
     if len(arr) != n_cells:
-        raise InputError(f"cell2location: {len(arr)} reference batch labels for {n_cells} reference cells.",
-                         "pass one batch label per reference cell (after dropping cells without a cell type).",
-                         code="reference_batch_length")
+        raise InputError(
+            f"cell2location: {len(arr)} reference batch labels for {n_cells} reference cells.",
+            "pass one batch label per reference cell (after dropping cells without a cell type).",
+            code="reference_batch_length",
+        )
     missing = arr.isna().to_numpy()
     if missing.any():
-        raise InputError(f"cell2location: {int(missing.sum())} reference cells have no batch label "
-                         f"(first: cell {int(np.flatnonzero(missing)[0])}).",
-                         "fill the batch column for every cell, or drop those cells.", code="reference_batch_missing")
+        raise InputError(
+            f"cell2location: {int(missing.sum())} reference cells have no batch label "
+            f"(first: cell {int(np.flatnonzero(missing)[0])}).",
+            "fill the batch column for every cell, or drop those cells.",
+            code="reference_batch_missing",
+        )
     names = arr.astype(str).to_numpy()
     order = sorted(set(names))
     codes = np.array(pd.Categorical(names, categories=order).codes, dtype=np.int64)
     sizes = np.bincount(codes, minlength=len(order))
     lonely = [b for b, n in zip(order, sizes) if n < 2]
     if lonely:
-        warnings.warn(f"cell2location: reference batch(es) {lonely[:10]} have a single cell, so their detection "
-                      "efficiency and background are barely identified; merge them into a larger batch or drop "
-                      "those cells.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"cell2location: reference batch(es) {lonely[:10]} have a single cell, so their detection "
+            "efficiency and background are barely identified; merge them into a larger batch or drop "
+            "those cells.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return codes, order
 
 
-def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: list[str], epochs: int,
-                             batch_size: int = 2500, lr: float = 0.002, seed: int = 0,
-                             device: torch.device | str = "cpu", control: RunControl | None = None,
-                             batches: np.ndarray | None = None, details: dict | None = None,
-                             ) -> tuple[np.ndarray, np.ndarray]:
+def fit_reference_signatures(
+    counts: sp.spmatrix,
+    labels: np.ndarray,
+    types: list[str],
+    epochs: int,
+    batch_size: int = 2500,
+    lr: float = 0.002,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    control: RunControl | None = None,
+    batches: np.ndarray | None = None,
+    details: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """NB regression signatures (types x genes, posterior means) and the loss per epoch.
 
     ``batches`` (one label per cell, optional) fits cell2location's per-batch detection efficiency and
@@ -190,10 +224,15 @@ def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: lis
             perm = torch.randperm(n_cells, generator=gen, device=device)
             total = torch.zeros((), device=device)
             for start in range(0, n_cells, batch_size):
-                idx = perm[start:start + batch_size]
+                idx = perm[start : start + batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = model.negative_elbo(minibatches.batch(idx), labels_t[idx], n_cells / len(idx), gen,
-                                           None if batches_t is None else batches_t[idx])
+                loss = model.negative_elbo(
+                    minibatches.batch(idx),
+                    labels_t[idx],
+                    n_cells / len(idx),
+                    gen,
+                    None if batches_t is None else batches_t[idx],
+                )
                 loss.backward()
                 opt.step()
                 total += loss.detach()
@@ -203,16 +242,27 @@ def fit_reference_signatures(counts: sp.spmatrix, labels: np.ndarray, types: lis
             control.report("reference", (epoch + 1) / epochs, f"reference epoch {epoch + 1}/{epochs}")
     if details is not None:
         effects = model.batch_effects()
-        details.update(batches=list(names), batch_sizes=np.bincount(codes, minlength=len(names)).tolist(),
-                       detection=effects["detection"], background=effects["background"],
-                       seconds_per_epoch=(marks[epochs - 1] - marks[1]) / (epochs - 2) if epochs > 2
-                       else float("nan"))
+        details.update(
+            batches=list(names),
+            batch_sizes=np.bincount(codes, minlength=len(names)).tolist(),
+            detection=effects["detection"],
+            background=effects["background"],
+            seconds_per_epoch=(marks[epochs - 1] - marks[1]) / (epochs - 2) if epochs > 2 else float("nan"),
+        )
     return model.signatures(), history.cpu().numpy()
 
 
-def train_spatial(model: SpatialModel, data: CountData, epochs: int, lr: float, seed: int,
-                  control: RunControl, report_every: int, spot_index: np.ndarray, types: list[str],
-                  ) -> tuple[np.ndarray, tuple[float, float]]:
+def train_spatial(
+    model: SpatialModel,
+    data: CountData,
+    epochs: int,
+    lr: float,
+    seed: int,
+    control: RunControl,
+    report_every: int,
+    spot_index: np.ndarray,
+    types: list[str],
+) -> tuple[np.ndarray, tuple[float, float]]:
     """Full-batch training; returns the loss per epoch and the steady-state (wall, CPU) seconds per epoch."""
     device = model.cell_state.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -237,21 +287,31 @@ def train_spatial(model: SpatialModel, data: CountData, epochs: int, lr: float, 
             ab = model.abundance_mean().double().cpu().numpy()
             props = ab / ab.sum(1, keepdims=True)
             rate = done / max(time.perf_counter() - t0, 1e-9)
-            control.report("spatial", done / epochs,
-                           f"epoch {done}/{epochs}, -ELBO {float(loss.detach()):.4g}, {rate:.1f} epochs/s",
-                           partial=PartialResult(spot_index, props, list(types)))
+            control.report(
+                "spatial",
+                done / epochs,
+                f"epoch {done}/{epochs}, -ELBO {float(loss.detach()):.4g}, {rate:.1f} epochs/s",
+                partial=PartialResult(spot_index, props, list(types)),
+            )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if epochs > 2:  # steady-state wall and CPU seconds per epoch (epochs 2 .. n-1), the first one excluded
-        per_epoch = ((marks[epochs - 1][0] - marks[1][0]) / (epochs - 2),
-                     (marks[epochs - 1][1] - marks[1][1]) / (epochs - 2))
+        per_epoch = (
+            (marks[epochs - 1][0] - marks[1][0]) / (epochs - 2),
+            (marks[epochs - 1][1] - marks[1][1]) / (epochs - 2),
+        )
     else:
         per_epoch = ((time.perf_counter() - t0) / max(epochs, 1), float("nan"))
     return history.cpu().numpy(), per_epoch
 
 
-def run_c2l(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig = C2LConfig(),
-            control: RunControl | None = None, reference_batches: np.ndarray | None = None) -> DeconvResult:
+def run_c2l(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: C2LConfig = C2LConfig(),
+    control: RunControl | None = None,
+    reference_batches: np.ndarray | None = None,
+) -> DeconvResult:
     """Fit cell2location's reference regression and spatial model on ``spatial`` and ``reference``.
 
     ``reference_batches``: one batch label per reference cell (``api.reference_batch_labels`` reads them from
@@ -263,20 +323,31 @@ def run_c2l(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig 
     if col is not None and reference_batches is None:
         from ...io.errors import InputError
 
-        raise InputError(f"cell2location: reference_batch_col={col!r} is set but no batch labels were passed.",
-                         "pass reference_batches=api.reference_batch_labels(reference_adata, "
-                         f"{col!r}, cell_type_col) to run_c2l.", code="reference_batch_labels")
+        raise InputError(
+            f"cell2location: reference_batch_col={col!r} is set but no batch labels were passed.",
+            f"pass reference_batches=api.reference_batch_labels(reference_adata, {col!r}, cell_type_col) to run_c2l.",
+            code="reference_batch_labels",
+        )
     if col is None:
         reference_batches = None
     elif config.signatures != "regression":
-        warnings.warn(f"cell2location: reference_batch_col={col!r} is ignored with signatures={config.signatures!r}; "
-                      "use signatures='regression' to model the batches.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"cell2location: reference_batch_col={col!r} is ignored with signatures={config.signatures!r}; "
+            "use signatures='regression' to model the batches.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control, reference_batches)
 
 
-def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
-         control: RunControl | None, reference_batches: np.ndarray | None = None) -> DeconvResult:
+def _run(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: C2LConfig,
+    control: RunControl | None,
+    reference_batches: np.ndarray | None = None,
+) -> DeconvResult:
     t_start = time.perf_counter()
     control = control or RunControl()
     device = torch_device(config.device)
@@ -300,8 +371,18 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
         n_b = "" if reference_batches is None else f", {len(set(map(str, reference_batches)))} batches"
         control.report("reference", 0.0, f"NB regression over {ref_sub.shape[0]} cells{n_b}, {epochs_ref} epochs")
         signatures, ref_history = fit_reference_signatures(
-            ref_sub, labels, types, epochs_ref, config.reference_batch_size, config.reference_lr, config.seed,
-            device, control, batches=reference_batches, details=ref_details)
+            ref_sub,
+            labels,
+            types,
+            epochs_ref,
+            config.reference_batch_size,
+            config.reference_lr,
+            config.seed,
+            device,
+            control,
+            batches=reference_batches,
+            details=ref_details,
+        )
     else:
         epochs_ref = 0
         signatures = type_means(ref_sub, labels, types)
@@ -312,16 +393,20 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
     counts = sp.csr_matrix(spatial.counts)[:, s_cols]
     totals = np.asarray(counts.sum(axis=1)).ravel()
     det_mean = detection_mean_for(totals, signatures, config.n_cells_per_location)
-    priors = SpatialPriors(n_cells_per_location=float(config.n_cells_per_location),
-                           detection_alpha=float(config.detection_alpha), detection_mean=det_mean,
-                           n_groups=int(config.n_groups))
+    priors = SpatialPriors(
+        n_cells_per_location=float(config.n_cells_per_location),
+        detection_alpha=float(config.detection_alpha),
+        detection_mean=det_mean,
+        n_groups=int(config.n_groups),
+    )
     data = CountData(counts, device)
     model = SpatialModel(signatures, counts.shape[0], priors, device=device)
     n_spots = counts.shape[0]
     control.report("spatial", 0.0, f"{n_spots} spots x {len(genes)} genes, {config.max_epochs} epochs")
     t_sp = time.perf_counter()
-    history, epoch_seconds = train_spatial(model, data, config.max_epochs, config.lr, config.seed, control,
-                            config.report_every, np.arange(n_spots), types)
+    history, epoch_seconds = train_spatial(
+        model, data, config.max_epochs, config.lr, config.seed, control, config.report_every, np.arange(n_spots), types
+    )
     spatial_s = time.perf_counter() - t_sp
 
     abundances = model.abundance_mean().double().cpu().numpy()
@@ -331,29 +416,46 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: C2LConfig,
     control.report("spatial", 1.0, "done")
 
     params: dict[str, Any] = config.to_dict()
-    params.update(device=str(device), detection_mean=float(det_mean), n_genes=int(len(genes)),
-                  reference_epochs_run=int(epochs_ref))
+    params.update(
+        device=str(device),
+        detection_mean=float(det_mean),
+        n_genes=int(len(genes)),
+        reference_epochs_run=int(epochs_ref),
+    )
     return DeconvResult(
-        key=KEY, method="cell2location", mode=None, cell_types=list(types), proportions=props,
-        params=params, device=str(device), runtime_s=time.perf_counter() - t_start,
+        key=KEY,
+        method="cell2location",
+        mode=None,
+        cell_types=list(types),
+        proportions=props,
+        params=params,
+        device=str(device),
+        runtime_s=time.perf_counter() - t_start,
         obsm={
             ABUNDANCES: pd.DataFrame(abundances, index=barcodes, columns=list(types)),
             ABUNDANCES_Q05: pd.DataFrame(q05, index=barcodes, columns=list(types)),
         },
-        uns={TRAINING: {
-            "loss": history.astype(np.float64),
-            "reference_loss": ref_history.astype(np.float64),
-            "loss_definition": "negative ELBO per epoch (full batch, summed over spots and genes)",
-            "spatial_seconds": float(spatial_s),
-            "seconds_per_epoch": float(epoch_seconds[0]),
-            "cpu_seconds_per_epoch": float(epoch_seconds[1]),
-            "genes": [str(g) for g in genes],
-            "signatures": signatures.astype(np.float64),
-            **({"reference_batches": [str(b) for b in ref_details["batches"]],
-                "reference_batch_sizes": [int(n) for n in ref_details["batch_sizes"]],
-                "reference_detection": np.asarray(ref_details["detection"], np.float64),
-                "reference_background": np.asarray(ref_details["background"], np.float64),
-                "reference_seconds_per_epoch": float(ref_details["seconds_per_epoch"])}
-               if ref_details else {}),
-        }},
+        uns={
+            TRAINING: {
+                "loss": history.astype(np.float64),
+                "reference_loss": ref_history.astype(np.float64),
+                "loss_definition": "negative ELBO per epoch (full batch, summed over spots and genes)",
+                "spatial_seconds": float(spatial_s),
+                "seconds_per_epoch": float(epoch_seconds[0]),
+                "cpu_seconds_per_epoch": float(epoch_seconds[1]),
+                "genes": [str(g) for g in genes],
+                "signatures": signatures.astype(np.float64),
+                **(
+                    {
+                        "reference_batches": [str(b) for b in ref_details["batches"]],
+                        "reference_batch_sizes": [int(n) for n in ref_details["batch_sizes"]],
+                        "reference_detection": np.asarray(ref_details["detection"], np.float64),
+                        "reference_background": np.asarray(ref_details["background"], np.float64),
+                        "reference_seconds_per_epoch": float(ref_details["seconds_per_epoch"]),
+                    }
+                    if ref_details
+                    else {}
+                ),
+            }
+        },
     )

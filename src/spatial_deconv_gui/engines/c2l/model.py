@@ -25,6 +25,7 @@ Spatial model::
 Both are fitted by maximising the ELBO under a mean-field log-normal posterior (one normal per element on
 the log scale, initialised at the prior means, scale 0.1), full batch, Adam.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,17 +35,18 @@ import torch
 
 from ..bayes import CountData, LogNormalMeanField, exponential_lp, gamma_lp, nb_loglik
 
-
 # ---------------------------------------------------------------------------------------------------
 # reference regression
 # ---------------------------------------------------------------------------------------------------
+
 
 class ReferenceRegression(torch.nn.Module):
     """cell2location's reference NB regression; ``n_batches`` > 1 gives each batch its own detection efficiency
     ``y_e`` and background ``s_eg`` (with per-batch hyperparameters), as the package does with ``batch_key``."""
 
-    def __init__(self, n_types: int, n_genes: int, init_mu_fg: np.ndarray, n_batches: int = 1,
-                 dtype=torch.float32, device=None):
+    def __init__(
+        self, n_types: int, n_genes: int, init_mu_fg: np.ndarray, n_batches: int = 1, dtype=torch.float32, device=None
+    ):
         super().__init__()
         E = int(n_batches)
         if E < 1:
@@ -63,9 +65,14 @@ class ReferenceRegression(torch.nn.Module):
         }
         self.guide = LogNormalMeanField(init, dtype=dtype, device=device)
 
-    def negative_elbo(self, data: CountData, labels: torch.Tensor, scale: float = 1.0,
-                      generator: torch.Generator | None = None, batches: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+    def negative_elbo(
+        self,
+        data: CountData,
+        labels: torch.Tensor,
+        scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        batches: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """-ELBO with the likelihood of the (mini)batch in ``data`` multiplied by ``scale`` (= n_cells / batch).
 
         ``labels`` and ``batches`` hold each cell's type and batch index (``batches`` may be None with one batch).
@@ -80,10 +87,16 @@ class ReferenceRegression(torch.nn.Module):
         lah, a_h = z["alpha_g_phi_hyp"]
         _, a_inv = z["alpha_g_inverse"]
         s_a = 1.0 / s_ei.pow(2)
-        lp = (gamma_lp(lmu, mu_fg, 1.0, 1.0) + gamma_lp(lye, y_e, 1.0, 1.0)
-              + gamma_lp(lsah, s_ah, 9.0, 3.0) + gamma_lp(lsm, s_m, 1.0, 100.0)
-              + exponential_lp(s_ei, s_ah) + gamma_lp(ls, s_g, s_a, s_a / s_m)
-              + gamma_lp(lah, a_h, 9.0, 3.0) + exponential_lp(a_inv, a_h))
+        lp = (
+            gamma_lp(lmu, mu_fg, 1.0, 1.0)
+            + gamma_lp(lye, y_e, 1.0, 1.0)
+            + gamma_lp(lsah, s_ah, 9.0, 3.0)
+            + gamma_lp(lsm, s_m, 1.0, 100.0)
+            + exponential_lp(s_ei, s_ah)
+            + gamma_lp(ls, s_g, s_a, s_a / s_m)
+            + gamma_lp(lah, a_h, 9.0, 3.0)
+            + exponential_lp(a_inv, a_h)
+        )
         if self.n_batches == 1:
             mu = (mu_fg[labels] + s_g) * y_e
         else:
@@ -99,13 +112,16 @@ class ReferenceRegression(torch.nn.Module):
 
     def batch_effects(self) -> dict[str, np.ndarray]:
         """Posterior means of the per-batch detection efficiency (E) and background (E x genes)."""
-        return {"detection": self.guide.site_mean("detection_mean_y_e").double().cpu().numpy().ravel(),
-                "background": self.guide.site_mean("s_g_gene_add").double().cpu().numpy()}
+        return {
+            "detection": self.guide.site_mean("detection_mean_y_e").double().cpu().numpy().ravel(),
+            "background": self.guide.site_mean("s_g_gene_add").double().cpu().numpy(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
 # spatial model
 # ---------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SpatialPriors:
@@ -126,8 +142,7 @@ class SpatialPriors:
 class SpatialModel(torch.nn.Module):
     """The cell2location spatial model for one batch; ``signatures`` is types x genes (expected counts per cell)."""
 
-    def __init__(self, signatures: np.ndarray, n_spots: int, priors: SpatialPriors,
-                 dtype=torch.float32, device=None):
+    def __init__(self, signatures: np.ndarray, n_spots: int, priors: SpatialPriors, dtype=torch.float32, device=None):
         super().__init__()
         F_, G = signatures.shape
         R, S = priors.n_groups, n_spots
@@ -184,20 +199,25 @@ class SpatialModel(torch.nn.Module):
         s_a = 1.0 / s_ei.pow(2)
         w_mu = z_sr @ x_fr
         vr = p.w_sf_mean_var_ratio
-        lp = (gamma_lp(l_mm, mm, p.m_g_mean_var_ratio * p.m_g_mean, p.m_g_mean_var_ratio)
-              + exponential_lp(m_ei, p.m_g_alpha_mean)
-              + gamma_lp(l_mg, m_g, m_a, m_a / mm)
-              + gamma_lp(l_n, n_s, p.n_cells_per_location * p.n_cells_mean_var_ratio, p.n_cells_mean_var_ratio)
-              + gamma_lp(l_b, b_s, p.b_groups_per_location, 1.0)
-              + gamma_lp(l_z, z_sr, b_s / R, b_s / n_s)
-              + gamma_lp(l_k, k_r, p.a_factors_per_location / p.b_groups_per_location, 1.0)
-              + gamma_lp(l_x, x_fr, k_r / F_, k_r)
-              + gamma_lp(l_w, w_sf, w_mu * vr, vr)
-              + gamma_lp(l_ye, y_e, p.detection_mean_alpha, p.detection_mean_alpha / p.detection_mean)
-              + gamma_lp(l_ys, y_s, p.detection_alpha, p.detection_alpha / y_e)
-              + gamma_lp(l_sah, s_ah, 9.0, 3.0) + gamma_lp(l_sm, s_m, 1.0, 100.0)
-              + exponential_lp(s_ei, s_ah) + gamma_lp(l_s, s_g, s_a, s_a / s_m)
-              + gamma_lp(l_ah, a_h, 9.0, 3.0) + exponential_lp(a_inv, a_h))
+        lp = (
+            gamma_lp(l_mm, mm, p.m_g_mean_var_ratio * p.m_g_mean, p.m_g_mean_var_ratio)
+            + exponential_lp(m_ei, p.m_g_alpha_mean)
+            + gamma_lp(l_mg, m_g, m_a, m_a / mm)
+            + gamma_lp(l_n, n_s, p.n_cells_per_location * p.n_cells_mean_var_ratio, p.n_cells_mean_var_ratio)
+            + gamma_lp(l_b, b_s, p.b_groups_per_location, 1.0)
+            + gamma_lp(l_z, z_sr, b_s / R, b_s / n_s)
+            + gamma_lp(l_k, k_r, p.a_factors_per_location / p.b_groups_per_location, 1.0)
+            + gamma_lp(l_x, x_fr, k_r / F_, k_r)
+            + gamma_lp(l_w, w_sf, w_mu * vr, vr)
+            + gamma_lp(l_ye, y_e, p.detection_mean_alpha, p.detection_mean_alpha / p.detection_mean)
+            + gamma_lp(l_ys, y_s, p.detection_alpha, p.detection_alpha / y_e)
+            + gamma_lp(l_sah, s_ah, 9.0, 3.0)
+            + gamma_lp(l_sm, s_m, 1.0, 100.0)
+            + exponential_lp(s_ei, s_ah)
+            + gamma_lp(l_s, s_g, s_a, s_a / s_m)
+            + gamma_lp(l_ah, a_h, 9.0, 3.0)
+            + exponential_lp(a_inv, a_h)
+        )
         mu = torch.addmm(s_g, w_sf, self.cell_state * m_g) * y_s
         ll = nb_loglik(mu, 1.0 / a_inv.pow(2), data)
         return -(lp + ll + entropy)
@@ -209,8 +229,8 @@ class SpatialModel(torch.nn.Module):
     @torch.no_grad()
     def abundance_quantile(self, q: float) -> torch.Tensor:
         s = self.guide.sites["w_sf"]
-        loc = self.guide.loc[s.start:s.start + s.size]
-        sc = torch.nn.functional.softplus(self.guide.raw_scale[s.start:s.start + s.size])
+        loc = self.guide.loc[s.start : s.start + s.size]
+        sc = torch.nn.functional.softplus(self.guide.raw_scale[s.start : s.start + s.size])
         zq = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q)))
         return torch.exp(loc + zq * sc).view(s.shape)
 

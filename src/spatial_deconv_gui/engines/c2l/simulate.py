@@ -9,6 +9,7 @@ mix type expression with batch effects. Counts follow the regression model itsel
 ``mu_fg`` (expected counts per cell of each type at detection 1) is the truth signatures are scored against;
 a cell2location-style fit recovers it up to one global scale (detection and expression trade off).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,21 +24,29 @@ from ... import keys
 
 @dataclass(frozen=True)
 class BatchedReferenceTruth:
-    profiles: np.ndarray      # types x genes, expected counts per cell at detection 1
-    detection: np.ndarray     # batches
-    background: np.ndarray    # batches x genes, expected background counts per cell at detection 1
+    profiles: np.ndarray  # types x genes, expected counts per cell at detection 1
+    detection: np.ndarray  # batches
+    background: np.ndarray  # batches x genes, expected background counts per cell at detection 1
     cell_types: list[str]
     batches: list[str]
     genes: list[str]
 
 
-def simulate_batched_reference(n_genes: int = 300, n_types: int = 6, n_batches: int = 3,
-                               cells_per_type: int = 150, umi_per_cell: float = 1000.0,
-                               detection: tuple[float, ...] | None = None,
-                               background_per_cell: tuple[float, ...] | None = None,
-                               home_fraction: float = 0.7, dispersion: float = 8.0, cell_sd: float = 0.2,
-                               markers_per_type: int = 20, marker_fold: float = 8.0, seed: int = 0,
-                               ) -> tuple[ad.AnnData, BatchedReferenceTruth]:
+def simulate_batched_reference(
+    n_genes: int = 300,
+    n_types: int = 6,
+    n_batches: int = 3,
+    cells_per_type: int = 150,
+    umi_per_cell: float = 1000.0,
+    detection: tuple[float, ...] | None = None,
+    background_per_cell: tuple[float, ...] | None = None,
+    home_fraction: float = 0.7,
+    dispersion: float = 8.0,
+    cell_sd: float = 0.2,
+    markers_per_type: int = 20,
+    marker_fold: float = 8.0,
+    seed: int = 0,
+) -> tuple[ad.AnnData, BatchedReferenceTruth]:
     """A reference AnnData (counts in ``X``, ``obs['cell_type']``, ``obs['batch']``) and its truth.
 
     Type ``f`` draws ``home_fraction`` of its cells from batch ``f mod n_batches`` and the rest evenly from the
@@ -49,8 +58,10 @@ def simulate_batched_reference(n_genes: int = 300, n_types: int = 6, n_batches: 
     if E < 1 or F_ < 2:
         raise ValueError("need at least one batch and two cell types")
     det = np.asarray(detection if detection is not None else np.geomspace(0.35, 2.5, E), dtype=float)
-    bg = np.asarray(background_per_cell if background_per_cell is not None
-                    else [(150.0, 5.0, 50.0)[e % 3] for e in range(E)], dtype=float)
+    bg = np.asarray(
+        background_per_cell if background_per_cell is not None else [(150.0, 5.0, 50.0)[e % 3] for e in range(E)],
+        dtype=float,
+    )
     if det.shape != (E,) or bg.shape != (E,):
         raise ValueError("detection and background_per_cell need one value per batch")
 
@@ -82,9 +93,14 @@ def simulate_batched_reference(n_genes: int = 300, n_types: int = 6, n_batches: 
     genes = [f"Gene{g:04d}" for g in range(G)]
     adata = ad.AnnData(
         X=sp.csr_matrix(counts),
-        obs=pd.DataFrame({keys.CELL_TYPE: pd.Categorical(np.array(types)[lab], categories=types),
-                          "batch": pd.Categorical(np.array(batch_names)[bat], categories=batch_names),
-                          keys.NUMI: counts.sum(1)}, index=names),
+        obs=pd.DataFrame(
+            {
+                keys.CELL_TYPE: pd.Categorical(np.array(types)[lab], categories=types),
+                "batch": pd.Categorical(np.array(batch_names)[bat], categories=batch_names),
+                keys.NUMI: counts.sum(1),
+            },
+            index=names,
+        ),
         var=pd.DataFrame(index=genes),
     )
     adata.uns["description"] = "simulated multi-batch single-cell reference (engines.c2l.simulate)"
@@ -106,7 +122,9 @@ def signature_error(signatures: np.ndarray, truth: np.ndarray, min_truth: float 
     scaled = sig / np.exp(c)
     lr2 = (lr - c) / np.log(2)
     per_type = np.array([np.median(lr2[f][ok[f]]) for f in range(sig.shape[0])])
-    return {"log1p_r": float(np.corrcoef(np.log1p(scaled).ravel(), np.log1p(tru).ravel())[0, 1]),
-            "mean_abs_log2": float(np.mean(np.abs(lr2[ok]))),
-            "type_scale_spread": float(per_type.max() - per_type.min()),
-            "global_scale": float(np.exp(c))}
+    return {
+        "log1p_r": float(np.corrcoef(np.log1p(scaled).ravel(), np.log1p(tru).ravel())[0, 1]),
+        "mean_abs_log2": float(np.mean(np.abs(lr2[ok]))),
+        "type_scale_spread": float(per_type.max() - per_type.min()),
+        "global_scale": float(np.exp(c)),
+    }

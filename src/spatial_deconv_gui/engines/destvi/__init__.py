@@ -5,6 +5,7 @@ amortised spatial model with per-spot, per-type latent gamma and a dummy noise t
     result = run_destvi(spatial, reference, DestVIConfig())
     expr = impute_expression(result, "Astrocyte", genes=["Gfap"])   # spots x genes, within that type
 """
+
 from .config import DestVIConfig, check_config, validate_config
 from .engine import impute_expression, run_destvi, shared_genes
 

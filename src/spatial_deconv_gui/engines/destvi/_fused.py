@@ -18,6 +18,7 @@ For rows r = (sample, spot, state, type) with the type fastest (type = r mod L):
 
 Used for float32 tensors on the CPU when oneDNN is available; everything else takes the plain torch path.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -33,7 +34,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
 _LN_EPS = 1e-5
 _LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)      # ln 2 = _LN2_HI + _LN2_LO, the high part exact in few bits
+_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, the high part exact in few bits
 _LN2_LO = np.float32(-2.12194440e-4)
 
 
@@ -47,7 +48,7 @@ def linear_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def keep_threshold(p: float) -> np.uint64:
-    return np.uint64(min(int(round(p * 2.0 ** 32)), 2 ** 32))
+    return np.uint64(min(int(round(p * 2.0**32)), 2**32))
 
 
 @njit(inline="always")
@@ -198,9 +199,22 @@ def _softmax_mix(p, bias, w, n_types, n_chunks, out):
                     x = max(p[r, j] - mx, np.float32(-87.0))
                     nf = np.floor(x * _LOG2E + np.float32(0.5))
                     y = x - nf * _LN2_HI - nf * _LN2_LO
-                    q = one + y * (one + y * (np.float32(0.5) + y * (np.float32(1 / 6) + y * (
-                        np.float32(1 / 24) + y * (np.float32(1 / 120) + y * (np.float32(1 / 720)
-                                                                           + y * np.float32(1 / 5040)))))))
+                    q = one + y * (
+                        one
+                        + y
+                        * (
+                            np.float32(0.5)
+                            + y
+                            * (
+                                np.float32(1 / 6)
+                                + y
+                                * (
+                                    np.float32(1 / 24)
+                                    + y * (np.float32(1 / 120) + y * (np.float32(1 / 720) + y * np.float32(1 / 5040)))
+                                )
+                            )
+                        )
+                    )
                     p[r, j] = q
                     eb[j] = (np.int32(nf) + np.int32(127)) << np.int32(23)
                 s = zero
@@ -257,16 +271,20 @@ class FrozenDecoder:
         with torch.no_grad():
             W1 = lins[0].weight.detach().float()
             a0 = sizes[0][0]
-            self.w1t = W1[:, :n_latent].t().contiguous()            # D, H
-            self.w1e = W1[:, n_latent:a0].contiguous()              # H, batch_dim
+            self.w1t = W1[:, :n_latent].t().contiguous()  # D, H
+            self.w1e = W1[:, n_latent:a0].contiguous()  # H, batch_dim
             self.b1 = lins[0].bias.detach().float().clone()
-            self.c1 = (W1[:, a0:].t().contiguous() if n_cat else torch.zeros(n_types, W1.shape[0]))
+            self.c1 = W1[:, a0:].t().contiguous() if n_cat else torch.zeros(n_types, W1.shape[0])
             self.w = [lin.weight.detach().float()[:, :a].contiguous() for (a, _), lin in zip(sizes[1:], lins[1:])]
             self.w_t = [x.t().contiguous() for x in self.w]
-            self.b = [(lin.bias.detach().float() + (lin.weight.detach().float()[:, a:].t() if n_cat else 0.0)
-                       ).expand(n_types, -1).contiguous() for (a, _), lin in zip(sizes[1:], lins[1:])]
-            self.wp = px_decoder.weight.detach().float().contiguous()   # G, H
-            self.wp_t = self.wp.t().contiguous()                        # H, G
+            self.b = [
+                (lin.bias.detach().float() + (lin.weight.detach().float()[:, a:].t() if n_cat else 0.0))
+                .expand(n_types, -1)
+                .contiguous()
+                for (a, _), lin in zip(sizes[1:], lins[1:])
+            ]
+            self.wp = px_decoder.weight.detach().float().contiguous()  # G, H
+            self.wp_t = self.wp.t().contiguous()  # H, G
         self.n_types = n_types
         self.dropout = float(decoder.dropout)
         self.workspace = _Workspace()
@@ -316,8 +334,11 @@ class _DecoderMix(torch.autograd.Function):
         thr = keep_threshold(p)
         scale = np.float32(1.0 / (1.0 - p)) if p < 1 else np.float32(0.0)
         save = grad and any(ctx.needs_input_grad[:4])
-        keys = ([np.uint64(int(k)) for k in torch.randint(0, 2 ** 62, (1 + len(dec.w),)).tolist()] if train
-                else [np.uint64(0)] * (1 + len(dec.w)))
+        keys = (
+            [np.uint64(int(k)) for k in torch.randint(0, 2**62, (1 + len(dec.w),)).tolist()]
+            if train
+            else [np.uint64(0)] * (1 + len(dec.w))
+        )
         H = dec.w1t.shape[1]
         gamma = gamma.detach().contiguous()
         bias1 = bias1.detach().contiguous()
@@ -325,17 +346,43 @@ class _DecoderMix(torch.autograd.Function):
         nrms, rstds = [], []
         nrm = ws.get("nrm0", R, H) if save else None
         rstd = ws.get("rstd0", R, 1).view(-1) if save else None
-        _ln_fwd(_EMPTY2, _np(gamma), _np(dec.w1t), _np(bias1), L, keys[0], thr, scale, train, save,
-                _np(nrm) if save else _EMPTY2, _np(rstd) if save else _EMPTY1, _np(a))
+        _ln_fwd(
+            _EMPTY2,
+            _np(gamma),
+            _np(dec.w1t),
+            _np(bias1),
+            L,
+            keys[0],
+            thr,
+            scale,
+            train,
+            save,
+            _np(nrm) if save else _EMPTY2,
+            _np(rstd) if save else _EMPTY1,
+            _np(a),
+        )
         nrms.append(nrm), rstds.append(rstd)
         for i, (W, b) in enumerate(zip(dec.w, dec.b)):
             z = linear_nt(a, W)
             a = ws.get("a" if i % 2 else "a2", R, W.shape[0])
             rstd = ws.get(f"rstd{i + 1}", R, 1).view(-1) if save else None
-            _ln_fwd(_np(z), _EMPTY2, _EMPTY2, _np(b), L, keys[i + 1], thr, scale, train, save,
-                    _np(z) if save else _EMPTY2, _np(rstd) if save else _EMPTY1, _np(a))
+            _ln_fwd(
+                _np(z),
+                _EMPTY2,
+                _EMPTY2,
+                _np(b),
+                L,
+                keys[i + 1],
+                thr,
+                scale,
+                train,
+                save,
+                _np(z) if save else _EMPTY2,
+                _np(rstd) if save else _EMPTY1,
+                _np(a),
+            )
             nrms.append(z if save else None), rstds.append(rstd)
-        prob = linear_nt(a, dec.wp)                         # logits, turned into probabilities in place
+        prob = linear_nt(a, dec.wp)  # logits, turned into probabilities in place
         G = prob.shape[1]
         out = torch.empty(B, G)
         n_chunks = max(1, min(B, torch.get_num_threads()))
@@ -366,22 +413,37 @@ class _DecoderMix(torch.autograd.Function):
         parts = torch.empty(n_chunks, L, G)
         _mix_bwd(_np(prob), _np(w), _np(g_out.contiguous()), L, n_chunks, _np(g_w), _np(parts))
         g_bias_out = parts.sum(0)
-        g = linear_nt(prob, dec.wp_t)          # R, H
+        g = linear_nt(prob, dec.wp_t)  # R, H
         del prob
         for i in range(len(dec.w) - 1, -1, -1):
-            _ln_bwd(_np(g), _np(nrms[i + 1]), _np(rstds[i + 1]), ctx.keys[i + 1], ctx.thr, ctx.scale, ctx.train,
-                    _EMPTY2, _EMPTY2)
+            _ln_bwd(
+                _np(g),
+                _np(nrms[i + 1]),
+                _np(rstds[i + 1]),
+                ctx.keys[i + 1],
+                ctx.thr,
+                ctx.scale,
+                ctx.train,
+                _EMPTY2,
+                _EMPTY2,
+            )
             g = linear_nt(g, dec.w_t[i])
         g_gamma = torch.empty(R, dec.w1t.shape[0])
-        _ln_bwd(_np(g), _np(nrms[0]), _np(rstds[0]), ctx.keys[0], ctx.thr, ctx.scale, ctx.train,
-                _np(dec.w1t), _np(g_gamma))
+        _ln_bwd(
+            _np(g), _np(nrms[0]), _np(rstds[0]), ctx.keys[0], ctx.thr, ctx.scale, ctx.train, _np(dec.w1t), _np(g_gamma)
+        )
         g_bias1 = g.view(-1, L, g.shape[1]).sum(0) if ctx.needs_input_grad[1] else None
         ctx.used = True
         return g_gamma, g_bias1, g_bias_out, g_w, None, None, None
 
 
-def decoder_mix(gamma: torch.Tensor, bias1: torch.Tensor, out_bias: torch.Tensor, w: torch.Tensor,
-                dec: FrozenDecoder, training: bool) -> torch.Tensor:
+def decoder_mix(
+    gamma: torch.Tensor,
+    bias1: torch.Tensor,
+    out_bias: torch.Tensor,
+    w: torch.Tensor,
+    dec: FrozenDecoder,
+    training: bool,
+) -> torch.Tensor:
     """out (B, G) = sum_k w[b, k] softmax(decoder(gamma_(b, k)) W_p^T + out_bias[k mod L]) for gamma (B * K, D)."""
     return _DecoderMix.apply(gamma, bias1, out_bias, w, dec, training, torch.is_grad_enabled())
-

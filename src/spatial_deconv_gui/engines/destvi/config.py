@@ -1,8 +1,9 @@
 """Configuration of the DestVI engine: scvi-tools' defaults (CondSCVI, DestVI.from_rna_model, DestVI.train)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from ..options import DEVICE_HELP
 
@@ -17,28 +18,51 @@ class DestVIConfig:
     sc_epochs: int = field(default=300, metadata={"help": "single-cell model (CondSCVI) epochs"})
     sc_lr: float = field(default=0.001, metadata={"help": "single-cell model learning rate"})
     sc_batch_size: int = field(default=128, metadata={"help": "cells per single-cell training step"})
-    sc_kl_warmup_epochs: int = field(default=400, metadata={"help": "epochs over which the single-cell KL weight rises to 1"})
-    vamp_prior_p: int = field(default=15, metadata={"help": "components per cell type in the empirical prior over gamma"})
+    sc_kl_warmup_epochs: int = field(
+        default=400, metadata={"help": "epochs over which the single-cell KL weight rises to 1"}
+    )
+    vamp_prior_p: int = field(
+        default=15, metadata={"help": "components per cell type in the empirical prior over gamma"}
+    )
     # spatial model (DestVI)
     max_epochs: int = field(default=2000, metadata={"help": "spatial model (DestVI) epochs"})
     lr: float = field(default=0.003, metadata={"help": "spatial model learning rate"})
     batch_size: int = field(default=128, metadata={"help": "spots per spatial training step"})
-    kl_warmup_epochs: int = field(default=200, metadata={"help": "epochs over which the spatial prior weight rises to 1"})
-    prior_mode: Literal["mog", "normal"] = field(default="mog", metadata={"help": "mog: 3 states per type mixed by the encoder (scvi-tools default); normal: one state"})
+    kl_warmup_epochs: int = field(
+        default=200, metadata={"help": "epochs over which the spatial prior weight rises to 1"}
+    )
+    prior_mode: Literal["mog", "normal"] = field(
+        default="mog",
+        metadata={"help": "mog: 3 states per type mixed by the encoder (scvi-tools default); normal: one state"},
+    )
     n_states_per_label: int = field(default=3, metadata={"help": "states per cell type in mog mode"})
     augmentation: bool = field(default=True, metadata={"help": "train on simulated spots too (scvi-tools default)"})
     n_samples_augmentation: int = field(default=2, metadata={"help": "simulated spot variants per real spot"})
     eps_v: float = field(default=2e-3, metadata={"help": "floor added to abundances during training"})
     dropout_amortization: float = field(default=0.03, metadata={"help": "dropout of the gamma encoder"})
-    ct_sparsity_weight: float = field(default=2.0, metadata={"help": "weight of the entropy penalty on per-spot proportions"})
-    weighting_augmentation: float = field(default=100.0, metadata={"help": "weight of the proportion loss on simulated spots"})
+    ct_sparsity_weight: float = field(
+        default=2.0, metadata={"help": "weight of the entropy penalty on per-spot proportions"}
+    )
+    weighting_augmentation: float = field(
+        default=100.0, metadata={"help": "weight of the proportion loss on simulated spots"}
+    )
     eta_reg: float = field(default=1.0, metadata={"help": "penalty on the dummy noise type"})
     beta_reg: float = field(default=1.0, metadata={"help": "N(0, 1) prior weight on the gene correction beta"})
     reconst_weight: float = field(default=3.0, metadata={"help": "weight of the reconstruction term"})
     # execution
     report_every: int = field(default=100, metadata={"help": "stream the current proportions every this many epochs"})
-    seed: int = field(default=0, metadata={"help": "random seed; with few reference cells per type the proportions change with it (scvi-tools' too): run two seeds and compare them in the Results dock"})
-    n_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "random seed; with few reference cells per type the proportions change with it (scvi-tools' too): run "
+                "two seeds and compare them in the Results dock"
+            )
+        },
+    )
+    n_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"}
+    )
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,8 +71,17 @@ class DestVIConfig:
 
 def validate_config(config: DestVIConfig) -> list[str]:
     problems: list[str] = []
-    for name in ("n_latent", "n_hidden", "n_layers", "sc_epochs", "sc_batch_size", "max_epochs", "batch_size",
-                 "n_states_per_label", "report_every"):
+    for name in (
+        "n_latent",
+        "n_hidden",
+        "n_layers",
+        "sc_epochs",
+        "sc_batch_size",
+        "max_epochs",
+        "batch_size",
+        "n_states_per_label",
+        "report_every",
+    ):
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             problems.append(f"{name} must be a positive integer, got {v!r}")

@@ -1,5 +1,6 @@
 """DestVI end to end: shared genes -> single-cell model -> empirical prior -> spatial model -> proportions, gamma,
 and cell-type-specific expression imputation from the stored model."""
+
 from __future__ import annotations
 
 import time
@@ -10,8 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ...io.inputs import ReferenceInput, SpatialInput
+from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..devices import torch_device
 from .config import DestVIConfig, check_config
 from .model import CondVAE, FCStack, SpatialDeconv, vamp_prior
@@ -26,6 +27,7 @@ MODEL_STATE = f"{KEY}_model"  # uns: decoder weights and per-spot gammas, what i
 def gamma_slot(cell_type: str) -> str:
     """obsm: the cell-state latent gamma of ``cell_type`` at each spot."""
     return f"{KEY}_gamma_{cell_type}"
+
 
 DUMMY = "additional_0"
 
@@ -47,13 +49,15 @@ def _adam(params, lr):
 
 def _batches(n: int, size: int, gen: torch.Generator, device):
     perm = torch.randperm(n, generator=gen).to(device)
-    return [perm[i:i + size] for i in range(0, n, size)]
+    return [perm[i : i + size] for i in range(0, n, size)]
 
 
-def fit_single_cell(x: torch.Tensor, y: torch.Tensor, n_labels: int, config: DestVIConfig, control: RunControl,
-                    gen: torch.Generator) -> tuple[CondVAE, np.ndarray]:
-    model = CondVAE(x.shape[1], n_labels, config.n_hidden, config.n_latent,
-                    config.n_layers, config.dropout_rate).to(x.device)
+def fit_single_cell(
+    x: torch.Tensor, y: torch.Tensor, n_labels: int, config: DestVIConfig, control: RunControl, gen: torch.Generator
+) -> tuple[CondVAE, np.ndarray]:
+    model = CondVAE(x.shape[1], n_labels, config.n_hidden, config.n_latent, config.n_layers, config.dropout_rate).to(
+        x.device
+    )
     opt = _adam(model.parameters(), config.sc_lr)
     history = np.zeros(config.sc_epochs)
     model.epoch_seconds = np.zeros(config.sc_epochs)
@@ -75,8 +79,11 @@ def fit_single_cell(x: torch.Tensor, y: torch.Tensor, n_labels: int, config: Des
         model.epoch_cpu_seconds[epoch] = time.process_time() - c_ep
         if epoch % 10 == 0 or epoch == config.sc_epochs - 1:
             control.check_cancel()
-            control.report("single-cell model", (epoch + 1) / config.sc_epochs,
-                           f"epoch {epoch + 1}/{config.sc_epochs}, loss {history[epoch]:.4g}")
+            control.report(
+                "single-cell model",
+                (epoch + 1) / config.sc_epochs,
+                f"epoch {epoch + 1}/{config.sc_epochs}, loss {history[epoch]:.4g}",
+            )
     model.eval()
     return model, history
 
@@ -85,23 +92,26 @@ def fit_single_cell(x: torch.Tensor, y: torch.Tensor, n_labels: int, config: Des
 def _infer_all(model: SpatialDeconv, x: torch.Tensor, chunk: int = 1024):
     vs, gs, ms = [], [], []
     for i in range(0, len(x), chunk):
-        v, g, m = model.infer(x[i:i + chunk])
+        v, g, m = model.infer(x[i : i + chunk])
         vs.append(v)
         gs.append(g)
         ms.append(m)
     return torch.cat(vs), torch.cat(gs), torch.cat(ms)
 
 
-def run_destvi(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig = DestVIConfig(),
-               control: RunControl | None = None) -> DeconvResult:
+def run_destvi(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: DestVIConfig = DestVIConfig(),
+    control: RunControl | None = None,
+) -> DeconvResult:
     """Fit DestVI's single-cell and spatial models; proportions drop the dummy type."""
     check_config(config)
     with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control or RunControl())
 
 
-def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
-         control: RunControl) -> DeconvResult:
+def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig, control: RunControl) -> DeconvResult:
     t_start = time.perf_counter()
     device = torch_device(config.device)
     torch.manual_seed(config.seed)
@@ -125,17 +135,29 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
 
     xs = torch.as_tensor(sp.csr_matrix(spatial.counts)[:, s_cols].toarray(), dtype=torch.float32, device=device)
     n_spots = xs.shape[0]
-    model = SpatialDeconv(sc, vamp, n_states=config.n_states_per_label, prior_mode=config.prior_mode,
-                          dropout_amortization=config.dropout_amortization, augmentation=config.augmentation,
-                          n_samples_augmentation=config.n_samples_augmentation, eps_v=config.eps_v)
+    model = SpatialDeconv(
+        sc,
+        vamp,
+        n_states=config.n_states_per_label,
+        prior_mode=config.prior_mode,
+        dropout_amortization=config.dropout_amortization,
+        augmentation=config.augmentation,
+        n_samples_augmentation=config.n_samples_augmentation,
+        eps_v=config.eps_v,
+    )
     opt = _adam(model.parameters(), config.lr)
     history = np.zeros(config.max_epochs)
     epoch_s = np.zeros(config.max_epochs)
     epoch_cpu = np.zeros(config.max_epochs)
     control.report("spatial", 0.0, f"{n_spots} spots, {config.max_epochs} epochs")
     t_sp = time.perf_counter()
-    loss_kw = dict(ct_sparsity_weight=config.ct_sparsity_weight, weighting_augmentation=config.weighting_augmentation,
-                   eta_reg=config.eta_reg, beta_reg=config.beta_reg, reconst_weight=config.reconst_weight)
+    loss_kw = dict(
+        ct_sparsity_weight=config.ct_sparsity_weight,
+        weighting_augmentation=config.weighting_augmentation,
+        eta_reg=config.eta_reg,
+        beta_reg=config.beta_reg,
+        reconst_weight=config.reconst_weight,
+    )
     for epoch in range(config.max_epochs):
         t_ep, c_ep = time.perf_counter(), time.process_time()
         model.train()
@@ -153,12 +175,18 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         epoch_cpu[epoch] = time.process_time() - c_ep
         done = epoch + 1
         control.check_cancel()
-        control.report("spatial", done / config.max_epochs, f"epoch {done}/{config.max_epochs}, loss {history[epoch]:.4g}")
+        control.report(
+            "spatial", done / config.max_epochs, f"epoch {done}/{config.max_epochs}, loss {history[epoch]:.4g}"
+        )
         if done % config.report_every == 0 and done < config.max_epochs:
             v, _, _ = _infer_all(model, xs)
             p = v[:, :-1].double().cpu().numpy()
-            control.report("spatial", done / config.max_epochs, f"epoch {done}/{config.max_epochs}",
-                           partial=PartialResult(np.arange(n_spots), p / p.sum(1, keepdims=True), list(types)))
+            control.report(
+                "spatial",
+                done / config.max_epochs,
+                f"epoch {done}/{config.max_epochs}",
+                partial=PartialResult(np.arange(n_spots), p / p.sum(1, keepdims=True), list(types)),
+            )
     spatial_s = time.perf_counter() - t_sp
 
     v, gamma_modes, modes = _infer_all(model, xs)
@@ -167,21 +195,38 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
     gamma = (modes.unsqueeze(-1) * gamma_modes).sum(1).double().cpu().numpy()  # spots, L, D
     barcodes = np.asarray(spatial.barcodes).astype(str)
     cols = [f"gamma_{d}" for d in range(config.n_latent)]
-    obsm: dict[str, Any] = {gamma_slot(t): pd.DataFrame(gamma[:, i], index=barcodes, columns=cols)
-                            for i, t in enumerate(types)}
+    obsm: dict[str, Any] = {
+        gamma_slot(t): pd.DataFrame(gamma[:, i], index=barcodes, columns=cols) for i, t in enumerate(types)
+    }
     obsm[DUMMY_FRACTION] = pd.DataFrame({DUMMY: v[:, -1]}, index=barcodes)
     control.report("spatial", 1.0, "done")
     params = config.to_dict()
     params.update(device=str(device), n_genes=int(len(genes)))
     state = export_state(model, gamma_modes, modes, genes, types, barcodes)
     return DeconvResult(
-        key=KEY, method="DestVI", mode=None, cell_types=list(types), proportions=props, params=params,
-        device=str(device), runtime_s=time.perf_counter() - t_start, obsm=obsm,
-        uns={TRAINING: {"loss": history, "sc_loss": sc_history, "spatial_seconds": float(spatial_s),
-                                 "epoch_seconds": epoch_s, "epoch_cpu_seconds": epoch_cpu, "genes": [str(g) for g in genes],
-                                 "sc_seconds": float(sc_s), "sc_epoch_seconds": sc.epoch_seconds,
-                                 "sc_epoch_cpu_seconds": sc.epoch_cpu_seconds},
-             MODEL_STATE: state},
+        key=KEY,
+        method="DestVI",
+        mode=None,
+        cell_types=list(types),
+        proportions=props,
+        params=params,
+        device=str(device),
+        runtime_s=time.perf_counter() - t_start,
+        obsm=obsm,
+        uns={
+            TRAINING: {
+                "loss": history,
+                "sc_loss": sc_history,
+                "spatial_seconds": float(spatial_s),
+                "epoch_seconds": epoch_s,
+                "epoch_cpu_seconds": epoch_cpu,
+                "genes": [str(g) for g in genes],
+                "sc_seconds": float(sc_s),
+                "sc_epoch_seconds": sc.epoch_seconds,
+                "sc_epoch_cpu_seconds": sc.epoch_cpu_seconds,
+            },
+            MODEL_STATE: state,
+        },
     )
 
 
@@ -189,23 +234,28 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
 # imputation
 # ---------------------------------------------------------------------------------------------------
 
+
 def export_state(model: SpatialDeconv, gamma_modes: torch.Tensor, modes: torch.Tensor, genes, types, barcodes):
     """What imputation needs, as plain arrays (storable in ``uns``)."""
-    st = {f"decoder_{k.replace('.', '_')}": v.detach().double().cpu().numpy()
-          for k, v in model.decoder.state_dict().items()}
-    st.update({
-        "px_decoder_weight": model.px_decoder.weight.detach().double().cpu().numpy(),
-        "px_decoder_bias": model.px_decoder.bias.detach().double().cpu().numpy(),
-        "per_ct_bias": model.per_ct_bias.detach().double().cpu().numpy(),
-        "beta": model.beta.detach().double().cpu().numpy(),
-        "batch_embedding": model.batch_embedding.detach().double().cpu().numpy(),
-        "gamma_modes": gamma_modes.detach().float().cpu().numpy(),   # spots, states, types, latent
-        "mode_weights": modes.detach().float().cpu().numpy(),        # spots, states, types
-        "genes": np.asarray(genes).astype(str),
-        "cell_types": np.asarray(types).astype(str),
-        "barcodes": np.asarray(barcodes).astype(str),
-        "n_layers": len(model.decoder.linears),
-    })
+    st = {
+        f"decoder_{k.replace('.', '_')}": v.detach().double().cpu().numpy()
+        for k, v in model.decoder.state_dict().items()
+    }
+    st.update(
+        {
+            "px_decoder_weight": model.px_decoder.weight.detach().double().cpu().numpy(),
+            "px_decoder_bias": model.px_decoder.bias.detach().double().cpu().numpy(),
+            "per_ct_bias": model.per_ct_bias.detach().double().cpu().numpy(),
+            "beta": model.beta.detach().double().cpu().numpy(),
+            "batch_embedding": model.batch_embedding.detach().double().cpu().numpy(),
+            "gamma_modes": gamma_modes.detach().float().cpu().numpy(),  # spots, states, types, latent
+            "mode_weights": modes.detach().float().cpu().numpy(),  # spots, states, types
+            "genes": np.asarray(genes).astype(str),
+            "cell_types": np.asarray(types).astype(str),
+            "barcodes": np.asarray(barcodes).astype(str),
+            "n_layers": len(model.decoder.linears),
+        }
+    )
     return st
 
 
@@ -249,7 +299,7 @@ def impute_expression(source, cell_type: str, genes=None, spots=None) -> pd.Data
             bpos = {b: i for i, b in enumerate(barcodes)}
             s_idx = np.array([bpos[str(b)] for b in spots])
     gm = torch.as_tensor(np.asarray(st["gamma_modes"])[s_idx][:, :, c], dtype=torch.float64)  # spots, S, D
-    w = torch.as_tensor(np.asarray(st["mode_weights"])[s_idx][:, :, c], dtype=torch.float64)   # spots, S
+    w = torch.as_tensor(np.asarray(st["mode_weights"])[s_idx][:, :, c], dtype=torch.float64)  # spots, S
     n_layers = int(st["n_layers"])
     n_types = len(types)
     emb = torch.as_tensor(np.asarray(st["batch_embedding"]), dtype=torch.float64)
@@ -262,8 +312,7 @@ def impute_expression(source, cell_type: str, genes=None, spots=None) -> pd.Data
         x = torch.relu(torch.nn.functional.layer_norm(x, (x.shape[-1],)))
     Wp = torch.as_tensor(np.asarray(st["px_decoder_weight"]), dtype=torch.float64)
     bp = torch.as_tensor(np.asarray(st["px_decoder_bias"]), dtype=torch.float64)
-    logits = x @ Wp.T + bp + torch.as_tensor(np.asarray(st["per_ct_bias"])[c]) + torch.as_tensor(
-        np.asarray(st["beta"]))
+    logits = x @ Wp.T + bp + torch.as_tensor(np.asarray(st["per_ct_bias"])[c]) + torch.as_tensor(np.asarray(st["beta"]))
     scale = (w.unsqueeze(-1) * torch.softmax(logits, -1)).sum(1).numpy()
     return pd.DataFrame(scale[:, g_idx], index=barcodes[s_idx], columns=all_genes[g_idx])
 

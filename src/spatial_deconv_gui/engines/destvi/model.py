@@ -17,6 +17,7 @@ VampPrior-style empirical mixture (k-means of the single-cell posterior, 15 comp
 simulated spots made from prior draws (augmentation) with a supervised proportion term, and the published
 sparsity / dummy-type / beta penalties and weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,7 +30,6 @@ from torch import nn
 
 from ..bayes import nb_log_prob
 from . import _fused
-
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -51,8 +51,8 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     1/65536), which costs a quarter of torch's Bernoulli sampler on CPU."""
     if not training or p <= 0:
         return F.relu(x)
-    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device)
-    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= (-32768 + int(round(p * 65536)))
+    bits = torch.randint(-(2**31), 2**31 - 1, ((x.numel() + 1) // 2,), dtype=torch.int32, device=x.device)
+    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= (-32768 + int(round(p * 65536)))
     mask = (keep & (x > 0)).to(x.dtype).mul_(1.0 / (1.0 - p))
     return x * mask
 
@@ -60,12 +60,12 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def _mixture_lp(g: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(g | mean_lj, diag scale_lj^2) for g (..., L, D) against components (L, p, D) -> (..., L, p),
     as a quadratic form so the component axis goes through a matrix product."""
-    a = 1.0 / (scale * scale)                     # L, p, D
+    a = 1.0 / (scale * scale)  # L, p, D
     b = mean * a
     c = (mean * b).sum(-1) + 2 * torch.log(scale).sum(-1) + mean.shape[-1] * LOG_2PI  # L, p
     lead = g.shape[:-2]
     L, D = g.shape[-2:]
-    gl = g.reshape(-1, L, D).transpose(0, 1)      # L, rows, D
+    gl = g.reshape(-1, L, D).transpose(0, 1)  # L, rows, D
     quad = torch.bmm(gl * gl, a.transpose(1, 2)) - 2 * torch.bmm(gl, b.transpose(1, 2))  # L, rows, p
     return (-0.5 * (quad + c.unsqueeze(1))).transpose(0, 1).reshape(lead + (L, mean.shape[1]))
 
@@ -77,8 +77,12 @@ class _NBSum(torch.autograd.Function):
     def forward(ctx, x, mu, theta):
         eps = 1e-8
         log_tm = torch.log(theta + mu + eps)
-        res = (theta * (torch.log(theta + eps) - log_tm) + x * (torch.log(mu + eps) - log_tm)
-               + torch.lgamma(x + theta) - torch.lgamma(theta))
+        res = (
+            theta * (torch.log(theta + eps) - log_tm)
+            + x * (torch.log(mu + eps) - log_tm)
+            + torch.lgamma(x + theta)
+            - torch.lgamma(theta)
+        )
         ctx.save_for_backward(x, mu, theta)
         return res.sum()
 
@@ -91,8 +95,13 @@ class _NBSum(torch.autograd.Function):
         g_mu = (x / (mu + eps) - r) * grad if ctx.needs_input_grad[1] else None
         g_theta = None
         if ctx.needs_input_grad[2]:
-            per = (torch.log(theta + eps) + theta / (theta + eps) - torch.log(theta + mu + eps) - r
-                   + torch.digamma(x + theta))
+            per = (
+                torch.log(theta + eps)
+                + theta / (theta + eps)
+                - torch.log(theta + mu + eps)
+                - r
+                + torch.digamma(x + theta)
+            )
             lead = per.reshape(-1, per.shape[-1])
             g_theta = (lead.sum(0) - lead.shape[0] * torch.digamma(theta)) * grad
         return None, g_mu, g_theta
@@ -134,8 +143,9 @@ class FCStack(nn.Module):
     """Fully connected layers (Linear -> LayerNorm without affine -> ReLU -> Dropout), optionally with a
     categorical covariate injected as a one-hot input of every layer (added as a column lookup)."""
 
-    def __init__(self, n_in: int, n_out: int, n_cat: int = 0, n_layers: int = 2, n_hidden: int = 128,
-                 dropout: float = 0.1):
+    def __init__(
+        self, n_in: int, n_out: int, n_cat: int = 0, n_layers: int = 2, n_hidden: int = 128, dropout: float = 0.1
+    ):
         super().__init__()
         self.n_cat = n_cat if n_cat > 1 else 0
         dims = [n_in] + (n_layers - 1) * [n_hidden] + [n_out]
@@ -157,9 +167,18 @@ class FCStack(nn.Module):
 # single-cell model
 # ---------------------------------------------------------------------------------------------------
 
+
 class CondVAE(nn.Module):
-    def __init__(self, n_genes: int, n_labels: int, n_hidden: int = 128, n_latent: int = 5, n_layers: int = 2,
-                 dropout: float = 0.05, batch_dim: int = 5):
+    def __init__(
+        self,
+        n_genes: int,
+        n_labels: int,
+        n_hidden: int = 128,
+        n_latent: int = 5,
+        n_layers: int = 2,
+        dropout: float = 0.05,
+        batch_dim: int = 5,
+    ):
         super().__init__()
         self.n_genes, self.n_labels, self.n_latent = n_genes, n_labels, n_latent
         self.n_hidden, self.n_layers, self.dropout, self.batch_dim = n_hidden, n_layers, dropout, batch_dim
@@ -244,7 +263,7 @@ def vamp_prior(model: CondVAE, x: torch.Tensor, y: np.ndarray, p: int = 15, seed
             sel = idx[labels == key]
             var[c, j] = v[sel].mean(0) + m[sel].var(0)
             mean[c, j] = m[sel].mean(0)
-        w[c, :len(keys)] = counts / counts.sum()
+        w[c, : len(keys)] = counts / counts.sum()
     return mean, var, w
 
 
@@ -252,10 +271,19 @@ def vamp_prior(model: CondVAE, x: torch.Tensor, y: np.ndarray, p: int = 15, seed
 # spatial model
 # ---------------------------------------------------------------------------------------------------
 
+
 class SpatialDeconv(nn.Module):
-    def __init__(self, sc: CondVAE, vamp: tuple[np.ndarray, np.ndarray, np.ndarray], n_states: int = 3,
-                 prior_mode: str = "mog", dropout_amortization: float = 0.03, augmentation: bool = True,
-                 n_samples_augmentation: int = 2, eps_v: float = 2e-3):
+    def __init__(
+        self,
+        sc: CondVAE,
+        vamp: tuple[np.ndarray, np.ndarray, np.ndarray],
+        n_states: int = 3,
+        prior_mode: str = "mog",
+        dropout_amortization: float = 0.03,
+        augmentation: bool = True,
+        n_samples_augmentation: int = 2,
+        eps_v: float = 2e-3,
+    ):
         super().__init__()
         G, L, D, H = sc.n_genes, sc.n_labels, sc.n_latent, sc.n_hidden
         self.n_genes, self.n_labels, self.n_latent = G, L, D
@@ -300,8 +328,9 @@ class SpatialDeconv(nn.Module):
         B, K, D = gamma.shape
         dec = self.frozen_decoder(gamma)
         if dec is not None:
-            return _fused.decoder_mix(gamma.reshape(B * K, D), dec.bias1(self.batch_embedding), self.out_bias(),
-                                      w, dec, self.training)
+            return _fused.decoder_mix(
+                gamma.reshape(B * K, D), dec.bias1(self.batch_embedding), self.out_bias(), w, dec, self.training
+            )
         L = self.n_labels
         h = self.decoder_hidden(gamma.reshape(B, K // L, L, D)).reshape(B, K, -1)
         return _PxMix.apply(h, self.px_decoder.weight, self.out_bias(), w)
@@ -346,8 +375,8 @@ class SpatialDeconv(nn.Module):
         L, D, S = self.n_labels, self.n_latent, self.n_states
         g = self.gamma_encoder(z)
         if self.prior_mode == "mog":
-            modes = torch.softmax(g[..., S * L * D:].reshape(n, m, S, L), dim=2)
-            gamma = g[..., :S * L * D].reshape(n, m, S, D, L).transpose(-1, -2)
+            modes = torch.softmax(g[..., S * L * D :].reshape(n, m, S, L), dim=2)
+            gamma = g[..., : S * L * D].reshape(n, m, S, D, L).transpose(-1, -2)
         else:
             gamma = g.reshape(n, m, 1, D, L).transpose(-1, -2)
             modes = torch.ones(n, m, 1, L, device=z.device)
@@ -357,7 +386,7 @@ class SpatialDeconv(nn.Module):
     def _rng(self) -> np.random.Generator:
         """numpy generator of the CPU augmentation draws, seeded from torch's generator on first use."""
         if getattr(self, "_np_rng", None) is None:
-            self._np_rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,))))
+            self._np_rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
         return self._np_rng
 
     def _prior_draws_numpy(self, n: int, m: int):
@@ -378,8 +407,9 @@ class SpatialDeconv(nn.Module):
         ratios = np.maximum(rng.dirichlet(np.full(L, 0.03), (n, m)), np.finfo(np.float32).tiny)
         ratios = torch.from_numpy((ratios / ratios.sum(-1, keepdims=True)).astype(np.float32))
         mix = rng.beta(0.4, 0.5, (self.n_aug - 1, m, 1)).astype(np.float32)
-        ratio = torch.from_numpy(np.concatenate([np.zeros((1, m, 1), np.float32), np.ones((1, m, 1), np.float32),
-                                                 mix], 0))
+        ratio = torch.from_numpy(
+            np.concatenate([np.zeros((1, m, 1), np.float32), np.ones((1, m, 1), np.float32), mix], 0)
+        )
         return prior_sampled, ratios, ratio
 
     def _prior_draws_torch(self, n: int, m: int, dev):
@@ -391,8 +421,11 @@ class SpatialDeconv(nn.Module):
         prior_sampled = mu + sd * torch.randn_like(mu)  # n, m, L, D
         ratios = torch.distributions.Dirichlet(torch.full((L,), 0.03, device=dev)).sample((n, m))
         ratios = torch.nan_to_num(ratios, nan=1.0 / L)
-        mix = torch.distributions.Beta(torch.tensor(0.4, device=dev), torch.tensor(0.5, device=dev)
-                                       ).sample((self.n_aug - 1, m)).unsqueeze(-1)
+        mix = (
+            torch.distributions.Beta(torch.tensor(0.4, device=dev), torch.tensor(0.5, device=dev))
+            .sample((self.n_aug - 1, m))
+            .unsqueeze(-1)
+        )
         ratio = torch.cat([torch.zeros(1, m, 1, device=dev), torch.ones(1, m, 1, device=dev), mix], 0)
         return prior_sampled, ratios, ratio
 
@@ -410,8 +443,12 @@ class SpatialDeconv(nn.Module):
             prior_sampled, ratios, ratio = self._prior_draws_torch(n, m, dev)
         library = x.sum(-1).view(1, m, 1).repeat(n - 1, 1, 1)
         library[0] = library[0] + 50
-        aug_rate = self.decode_mix(prior_sampled[1:].reshape((n - 1) * m, L, -1),
-                                   ratios[1:].reshape((n - 1) * m, L)).reshape(n - 1, m, -1) * library
+        aug_rate = (
+            self.decode_mix(prior_sampled[1:].reshape((n - 1) * m, L, -1), ratios[1:].reshape((n - 1) * m, L)).reshape(
+                n - 1, m, -1
+            )
+            * library
+        )
         theta = torch.exp(self.px_r)
         if dev.type == "cpu":
             # NB(mean aug_rate, inverse dispersion theta) as a gamma-Poisson mixture, numpy's samplers
@@ -436,10 +473,16 @@ class SpatialDeconv(nn.Module):
         px_scale = px_scale + (v[..., -1:] + eps_v) * torch.softmax(self.eta, -1)
         return library * px_scale, gamma, modes, v
 
-    def loss(self, x: torch.Tensor, kl_weight: float, ct_sparsity_weight: float = 2.0,
-             weighting_augmentation: float = 100.0, eta_reg: float = 1.0, beta_reg: float = 1.0,
-             reconst_weight: float = 3.0) -> torch.Tensor:
-        L, D = self.n_labels, self.n_latent
+    def loss(
+        self,
+        x: torch.Tensor,
+        kl_weight: float,
+        ct_sparsity_weight: float = 2.0,
+        weighting_augmentation: float = 100.0,
+        eta_reg: float = 1.0,
+        beta_reg: float = 1.0,
+        reconst_weight: float = 3.0,
+    ) -> torch.Tensor:
         if self.augmentation:
             x_aug, prior_sampled, ratios, ratio = self._augment(x)
         else:
@@ -458,8 +501,13 @@ class SpatialDeconv(nn.Module):
             true = true / true.sum(-1, keepdim=True)
             pred = v[1] / v[1].sum(-1, keepdim=True)
             loss_aug = weighting_augmentation * (true * (torch.log(true) - torch.log(pred))).sum() / m
-            mp_vp = torch.cat([(1 - ratio.unsqueeze(-1)) * self.mp_vprior.expand(n, m, -1, -1),
-                               ratio.unsqueeze(-1) * ratios.unsqueeze(-1)], -1)  # n, m, L, p + 1
+            mp_vp = torch.cat(
+                [
+                    (1 - ratio.unsqueeze(-1)) * self.mp_vprior.expand(n, m, -1, -1),
+                    ratio.unsqueeze(-1) * ratios.unsqueeze(-1),
+                ],
+                -1,
+            )  # n, m, L, p + 1
         else:
             mp_vp = self.mp_vprior.expand(n, m, -1, -1)
         # gamma (n, m, S, L, D): log density under the per-type mixture prior (the empirical components, plus
@@ -475,7 +523,9 @@ class SpatialDeconv(nn.Module):
             logw = torch.log(1e-3 + mp_vp)
         comp = _mixture_lp(gamma, self.mean_vprior, sc_v)  # n, m, S, L, p
         if self.augmentation:
-            sc_e = sc_v.min(-2).values if self.prior_mode == "mog" else torch.sqrt(self.var_vprior.min(-2).values) + 1e-4
+            sc_e = (
+                sc_v.min(-2).values if self.prior_mode == "mog" else torch.sqrt(self.var_vprior.min(-2).values) + 1e-4
+            )
             extra = _normal_lp(gamma, prior_sampled.unsqueeze(2), sc_e)  # n, m, S, L
             comp = torch.cat([comp, extra.unsqueeze(-1)], -1)
         pre = torch.logsumexp(comp + logw.unsqueeze(2), -1)  # n, m, S, L
@@ -489,8 +539,9 @@ class SpatialDeconv(nn.Module):
         sparsity = ct_sparsity_weight * -(v0 * torch.log(_clamp_probs(v0))).sum(-1)  # m
         sparsity = sparsity - eta_reg * (-v0[:, -1:]).sum()
         # = mean over (samples, spots) of reconst_weight * reconst + kl_weight * (prior + sparsity) + glo + aug
-        return (reconst_weight * reconst_total / (n * m) + kl_weight * (neg_prior.mean() + sparsity.mean())
-                + glo + loss_aug)
+        return (
+            reconst_weight * reconst_total / (n * m) + kl_weight * (neg_prior.mean() + sparsity.mean()) + glo + loss_aug
+        )
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor):

@@ -8,6 +8,7 @@ with L the Laplacian of a kNN (or radius / grid) spot graph, by block coordinate
 
 ``fit_arrays`` is the array-level entry (counts, signatures, coordinates) used by the benchmarks.
 """
+
 from .config import FlashConfig, validate_config
 from .core import FlashFit, fit_arrays
 from .engine import run_flash

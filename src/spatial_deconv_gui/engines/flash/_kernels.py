@@ -3,6 +3,7 @@
 Every parallel loop runs over fixed-size chunks of spots, and every reduction adds per-chunk partials in
 chunk order, so results do not depend on the number of threads.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -143,16 +144,17 @@ BLOCK = 32  # spots updated in lockstep inside a chunk (the innermost loops run 
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def bcd_sweep(H, G, yty, beta_in, beta_out, R, refresh, nbr_ptr, nbr_idx, lam, rho, chunk_diff, chunk_abs,
-              chunk_obj, want_obj):
+def bcd_sweep(
+    H, G, yty, beta_in, beta_out, R, refresh, nbr_ptr, nbr_idx, lam, rho, chunk_diff, chunk_abs, chunk_obj, want_obj
+):
     """One Jacobi-across-spots sweep; within a spot one Gauss–Seidel pass over the cell types.
 
     For spot i and type k, with r = G β_i maintained incrementally and s the neighbours' sum (previous
     iterate):  β_ik ← max(0, H_ik − r_k + G_kk β_ik + λ s_k − ρ) / (G_kk + λ deg_i).
     Spots are processed in blocks of ``BLOCK`` held type-major, so every inner loop is a branch-free
     loop over the block's spots. ``R`` carries r = G β_i from one sweep to the next (it is exact up to
-    rounding); with ``refresh`` it is recomputed from β. Writes per-chunk max |Δβ| and max |β_old| (convergence test) and, when
-    ``want_obj``, the objective terms of the *input* iterate (fit, Tr(βᵀLβ), Σβ) at little extra cost.
+    rounding); with ``refresh`` it is recomputed from β. Writes per-chunk max |Δβ| and max |β_old| (convergence
+    test) and, when ``want_obj``, the objective terms of the *input* iterate (fit, Tr(βᵀLβ), Σβ) at little extra cost.
     """
     n, K = beta_in.shape
     nc = (n + CHUNK - 1) // CHUNK

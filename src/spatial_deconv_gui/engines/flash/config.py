@@ -3,10 +3,11 @@
 Names and defaults follow FlashDeconv 0.2.0 (``FlashDeconv(...)``/``tl.deconvolve``) so runs compare one to
 one; ``seed`` is its ``random_state``. Fields are plain scalars so the CLI can generate flags from them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from ..options import DEVICE_HELP
 
@@ -17,26 +18,39 @@ SPATIAL_METHODS = ("knn", "radius", "grid")
 
 @dataclass(frozen=True)
 class FlashConfig:
-    sketch_dim: int = field(default=512, metadata={"help": "CountSketch buckets d (sets the expected gene "
-                                                          "weights, or the sketch dimension)"})
+    sketch_dim: int = field(
+        default=512,
+        metadata={"help": "CountSketch buckets d (sets the expected gene weights, or the sketch dimension)"},
+    )
     gene_weighting: Literal["expected", "countsketch"] = field(
-        default="expected", metadata={"help": "leverage weighting of genes: deterministic expected sketch weights, or a seeded random CountSketch"})
-    lambda_spatial: str = field(default="auto", metadata={"help": "spatial smoothing strength: 'auto' (FlashDeconv's rule) or a number >= 0"})
-    rho_sparsity: float = field(default=0.01, metadata={"help": "L1 penalty pushing small proportions to zero, as a fraction of mean diag(XXᵀ)"})
+        default="expected",
+        metadata={
+            "help": "leverage weighting of genes: deterministic expected sketch weights, or a seeded random CountSketch"
+        },
+    )
+    lambda_spatial: str = field(
+        default="auto", metadata={"help": "spatial smoothing strength: 'auto' (FlashDeconv's rule) or a number >= 0"}
+    )
+    rho_sparsity: float = field(
+        default=0.01, metadata={"help": "L1 penalty pushing small proportions to zero, as a fraction of mean diag(XXᵀ)"}
+    )
     n_hvg: int = field(default=2000, metadata={"help": "highly variable genes taken from the slide"})
     n_markers_per_type: int = field(default=50, metadata={"help": "marker genes per cell type from the reference"})
     preprocess: Literal["log_cpm", "pearson", "raw"] = field(
-        default="log_cpm", metadata={"help": "transform of counts and signatures: log-CPM, Pearson residuals or raw counts"})
+        default="log_cpm",
+        metadata={"help": "transform of counts and signatures: log-CPM, Pearson residuals or raw counts"},
+    )
     spatial_method: Literal["knn", "radius", "grid"] = field(default="knn", metadata={"help": "spatial graph"})
     k_neighbors: int = field(default=6, metadata={"help": "neighbours per spot for the kNN graph"})
-    radius: Optional[float] = field(default=None, metadata={"help": "radius for the radius graph (coordinate units)"})
+    radius: float | None = field(default=None, metadata={"help": "radius for the radius graph (coordinate units)"})
     max_iter: int = field(default=1000, metadata={"help": "maximum BCD iterations"})
     tol: float = field(default=1e-4, metadata={"help": "stop when max |Δβ| / max |β| falls below this"})
     min_counts: int = field(default=0, metadata={"help": "spots with fewer counts (shared genes) are not fitted"})
     seed: int = field(default=0, metadata={"help": "seed of the random CountSketch"})
-    objective_every: int = field(default=10, metadata={"help": "record the objective every N iterations "
-                                                                "(0: final value only)"})
-    n_threads: Optional[int] = field(default=None, metadata={"help": "numba threads (default: all)"})
+    objective_every: int = field(
+        default=10, metadata={"help": "record the objective every N iterations (0: final value only)"}
+    )
+    n_threads: int | None = field(default=None, metadata={"help": "numba threads (default: all)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def lambda_value(self) -> float | None:

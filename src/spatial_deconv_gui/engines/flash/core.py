@@ -4,6 +4,7 @@ The spatial counts stay in their CSR form throughout: the selected genes, the tr
 weights are applied inside one streaming pass that produces only H = Ỹ X̃ᵀ (spots × types) and the
 per-spot ‖ỹ_i‖², so memory is linear in the number of spots and the matrix is never copied.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,10 +28,10 @@ PERMUTE_MIN_SPOTS = 4 * K.CHUNK  # below this the whole problem sits in cache: n
 
 @dataclass
 class FlashFit:
-    beta: np.ndarray                 # fitted spots x types, raw abundances
-    proportions: np.ndarray          # rows normalised to one
-    rows: np.ndarray                 # which input spots were fitted
-    gene_idx: np.ndarray             # selected genes (columns of X)
+    beta: np.ndarray  # fitted spots x types, raw abundances
+    proportions: np.ndarray  # rows normalised to one
+    rows: np.ndarray  # which input spots were fitted
+    gene_idx: np.ndarray  # selected genes (columns of X)
     gene_weights: np.ndarray | None  # expected weights (None for the random CountSketch)
     leverage: np.ndarray
     lambda_used: float
@@ -45,10 +46,15 @@ class FlashFit:
     def summary(self) -> dict[str, Any]:
         i = self.info
         return {
-            "lambda_used": self.lambda_used, "rho_used": self.rho_used, "n_iter": i.n_iter,
-            "converged": bool(i.converged), "final_change": i.final_change, "objective": i.objective,
+            "lambda_used": self.lambda_used,
+            "rho_used": self.rho_used,
+            "n_iter": i.n_iter,
+            "converged": bool(i.converged),
+            "final_change": i.final_change,
+            "objective": i.objective,
             "objective_history": np.array(i.objective_history, dtype=np.float64).reshape(-1, 2),  # (iteration, value)
-            "n_genes_used": int(self.gene_idx.size), "n_spots_fitted": int(self.rows.size),
+            "n_genes_used": int(self.gene_idx.size),
+            "n_spots_fitted": int(self.rows.size),
             "mean_neighbors": float(np.diff(self.adjacency.indptr).mean()) if self.rows.size else 0.0,
             "timings_s": dict(self.timings),
         }
@@ -73,8 +79,11 @@ def _check_values(name: str, values: np.ndarray):
 
 def _select_genes(Y, colmap, rows, X, cfg: FlashConfig) -> np.ndarray:
     n_cols = X.shape[1]
-    hvg = spatial_hvg(Y.indptr, Y.indices, Y.data, colmap, rows, n_cols, cfg.n_hvg) if cfg.n_hvg > 0 \
+    hvg = (
+        spatial_hvg(Y.indptr, Y.indices, Y.data, colmap, rows, n_cols, cfg.n_hvg)
+        if cfg.n_hvg > 0
         else np.empty(0, dtype=np.intp)
+    )
     markers = reference_markers(X, cfg.n_markers_per_type)
     idx = np.union1d(hvg, markers).astype(np.intp)
     if idx.size == 0:
@@ -82,10 +91,22 @@ def _select_genes(Y, colmap, rows, X, cfg: FlashConfig) -> np.ndarray:
     return idx
 
 
-def fit_arrays(Y, X: np.ndarray, coords, config: FlashConfig = FlashConfig(), *, colmap: np.ndarray | None = None,
-               rows: np.ndarray | None = None, gene_idx: np.ndarray | None = None,
-               gene_weights: np.ndarray | None = None, lambda_: float | None = None, adjacency=None,
-               control=None, cell_types: list[str] | None = None, spot_index: np.ndarray | None = None) -> FlashFit:
+def fit_arrays(
+    Y,
+    X: np.ndarray,
+    coords,
+    config: FlashConfig = FlashConfig(),
+    *,
+    colmap: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+    gene_idx: np.ndarray | None = None,
+    gene_weights: np.ndarray | None = None,
+    lambda_: float | None = None,
+    adjacency=None,
+    control=None,
+    cell_types: list[str] | None = None,
+    spot_index: np.ndarray | None = None,
+) -> FlashFit:
     """Fit spots ``rows`` of ``Y`` (spots × genes, CSR or dense; default all) on signatures ``X`` (types × genes).
 
     ``colmap[j]`` is the column of ``X`` that column j of ``Y`` holds (−1: not shared); by default the
@@ -156,15 +177,27 @@ def fit_arrays(Y, X: np.ndarray, coords, config: FlashConfig = FlashConfig(), *,
         w = np.asarray(gene_weights, dtype=np.float64)
         Xrep = Xt * w[None, :]
         B = np.ascontiguousarray(Xrep.T)
-        H, yty = K.project(Y.indptr, Y.indices, Y.data, selmap, rows, mode, lib, col_scale, w, B,
-                           empty_i, empty_f, 0)
+        H, yty = K.project(Y.indptr, Y.indices, Y.data, selmap, rows, mode, lib, col_scale, w, B, empty_i, empty_f, 0)
     else:
         bucket, value = countsketch(lev, P, config.sketch_dim, config.seed)
         Xrep = np.zeros((X.shape[0], config.sketch_dim))
         np.add.at(Xrep.T, bucket, (Xt * value[None, :]).T)  # X̃ Ω
         B = np.ascontiguousarray(value[:, None] * Xrep.T[bucket])  # Ω (X̃ Ω)ᵀ
-        H, yty = K.project(Y.indptr, Y.indices, Y.data, selmap, rows, mode, lib, col_scale, np.ones(P), B,
-                           bucket, value, config.sketch_dim)
+        H, yty = K.project(
+            Y.indptr,
+            Y.indices,
+            Y.data,
+            selmap,
+            rows,
+            mode,
+            lib,
+            col_scale,
+            np.ones(P),
+            B,
+            bucket,
+            value,
+            config.sketch_dim,
+        )
         gene_weights = None
     G = Xrep @ Xrep.T
     timings["transform"] = time.perf_counter() - t1
@@ -188,8 +221,9 @@ def fit_arrays(Y, X: np.ndarray, coords, config: FlashConfig = FlashConfig(), *,
     on_iter = None
     if control is not None:
         types = list(cell_types) if cell_types is not None else [str(k) for k in range(X.shape[0])]
-        on_iter = IterationReporter(control, config.max_iter, config.tol,
-                                    rows if spot_index is None else spot_index, types)
+        on_iter = IterationReporter(
+            control, config.max_iter, config.tol, rows if spot_index is None else spot_index, types
+        )
     report("solve", 0.0, f"λ = {lam:.4g}, ρ = {rho_abs:.4g}")
     # The Jacobi sweep is order independent: run it on spots laid out in raster strips so that neighbours
     # are near in memory (slides often list spots in an order with no locality at all). The graph itself is
@@ -198,16 +232,37 @@ def fit_arrays(Y, X: np.ndarray, coords, config: FlashConfig = FlashConfig(), *,
     if perm is not None:
         if on_iter is not None:
             on_iter.spot_index = np.asarray(on_iter.spot_index)[perm]
-        beta_p, info = bcd_solve(H[perm], G, yty[perm], adjacency[perm][:, perm], lam, rho_abs, config.max_iter,
-                                 config.tol, objective_every=config.objective_every, on_iter=on_iter)
+        beta_p, info = bcd_solve(
+            H[perm],
+            G,
+            yty[perm],
+            adjacency[perm][:, perm],
+            lam,
+            rho_abs,
+            config.max_iter,
+            config.tol,
+            objective_every=config.objective_every,
+            on_iter=on_iter,
+        )
         beta = np.empty_like(beta_p)
         beta[perm] = beta_p
         del beta_p
     else:
-        beta, info = bcd_solve(H, G, yty, adjacency, lam, rho_abs, config.max_iter, config.tol,
-                               objective_every=config.objective_every, on_iter=on_iter)
+        beta, info = bcd_solve(
+            H,
+            G,
+            yty,
+            adjacency,
+            lam,
+            rho_abs,
+            config.max_iter,
+            config.tol,
+            objective_every=config.objective_every,
+            on_iter=on_iter,
+        )
     timings["solve"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     report("solve", 1.0, f"{'converged' if info.converged else 'stopped'} after {info.n_iter} iterations")
-    return FlashFit(beta, normalize(beta), rows, gene_idx, gene_weights, lev, lam, rho_abs, info, adjacency,
-                    H, G, yty, timings)
+    return FlashFit(
+        beta, normalize(beta), rows, gene_idx, gene_weights, lev, lam, rho_abs, info, adjacency, H, G, yty, timings
+    )

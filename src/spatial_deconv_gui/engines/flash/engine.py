@@ -1,4 +1,5 @@
 """run_flash: the engine entry point (SpatialInput + ReferenceInput → DeconvResult)."""
+
 from __future__ import annotations
 
 import time
@@ -45,8 +46,12 @@ def align(spatial: SpatialInput, reference: ReferenceInput):
     return common, colmap, X, types
 
 
-def run_flash(spatial: SpatialInput, reference: ReferenceInput, config: FlashConfig = FlashConfig(),
-              control: RunControl | None = None) -> DeconvResult:
+def run_flash(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: FlashConfig = FlashConfig(),
+    control: RunControl | None = None,
+) -> DeconvResult:
     """Deconvolve ``spatial`` with FlashDeconv's method; see :mod:`spatial_deconv_gui.engines.flash`."""
     problems = validate_config(config)
     if problems:
@@ -69,8 +74,7 @@ def run_flash(spatial: SpatialInput, reference: ReferenceInput, config: FlashCon
             if rows.size == 0:
                 raise ValueError(f"no spot has at least min_counts={config.min_counts} counts on shared genes")
         control.check_cancel()
-        fit = fit_arrays(Y, X, spatial.coords, config, colmap=colmap, rows=rows, control=control,
-                         cell_types=types)
+        fit = fit_arrays(Y, X, spatial.coords, config, colmap=colmap, rows=rows, control=control, cell_types=types)
 
     props = np.full((n_all, len(types)), np.nan)
     props[fit.rows] = fit.proportions
@@ -78,16 +82,34 @@ def run_flash(spatial: SpatialInput, reference: ReferenceInput, config: FlashCon
     abund[fit.rows] = fit.beta
     summary = fit.summary()
     params = config.to_dict()
-    params.update({k: summary[k] for k in ("lambda_used", "rho_used", "n_iter", "converged", "final_change",
-                                           "objective", "n_genes_used", "n_spots_fitted")})
+    params.update(
+        {
+            k: summary[k]
+            for k in (
+                "lambda_used",
+                "rho_used",
+                "n_iter",
+                "converged",
+                "final_change",
+                "objective",
+                "n_genes_used",
+                "n_spots_fitted",
+            )
+        }
+    )
     fit_uns = dict(summary)
     fit_uns["genes_used"] = [str(g) for g in common[fit.gene_idx]]
     if fit.gene_weights is not None:
         fit_uns["gene_weights"] = np.asarray(fit.gene_weights, dtype=np.float64)
     return DeconvResult(
-        key=KEY, method="flash", mode=None, cell_types=list(types), proportions=props, params=params,
-        device="cpu", runtime_s=time.perf_counter() - t0,
-        obsm={ABUNDANCES: pd.DataFrame(abund, index=np.asarray(spatial.barcodes, dtype=str),
-                                               columns=list(types))},
+        key=KEY,
+        method="flash",
+        mode=None,
+        cell_types=list(types),
+        proportions=props,
+        params=params,
+        device="cpu",
+        runtime_s=time.perf_counter() - t0,
+        obsm={ABUNDANCES: pd.DataFrame(abund, index=np.asarray(spatial.barcodes, dtype=str), columns=list(types))},
         uns={FIT_INFO: fit_uns},
     )

@@ -13,6 +13,7 @@ The rules are FlashDeconv's (v0.2.0) so that the same genes are chosen:
 
 Ties are always broken by ascending gene index (stable sorts), so the choice is platform independent.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,14 @@ def _desc(values: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
 
 
-def hvg_from_moments(mean: np.ndarray, var: np.ndarray, n_top: int, min_mean: float = 0.0125,
-                     max_mean: float = 3.0, min_disp: float = 0.5) -> np.ndarray:
+def hvg_from_moments(
+    mean: np.ndarray,
+    var: np.ndarray,
+    n_top: int,
+    min_mean: float = 0.0125,
+    max_mean: float = 3.0,
+    min_disp: float = 0.5,
+) -> np.ndarray:
     """Sorted indices of the ``n_top`` most variable genes given log-normalised means and variances."""
     n_genes = mean.size
     disp = np.zeros(n_genes)
@@ -54,7 +61,7 @@ def spatial_hvg(indptr, indices, data, colmap, rows, n_cols: int, n_top: int) ->
     s1, s2 = K.lognorm_column_moments(indptr, indices, data, colmap, rows, lib, n_cols)
     mean = s1 / n
     if n >= 2:
-        var = np.maximum(n / (n - 1) * (s2 / n - mean ** 2), 0.0)
+        var = np.maximum(n / (n - 1) * (s2 / n - mean**2), 0.0)
     else:
         var = np.zeros(n_cols)
     return hvg_from_moments(mean, var, n_top)

@@ -12,6 +12,7 @@ that weight over the random hashing, which has the closed form
 with the trapezoid rule in log t on 3000 nodes in [1e-7, 1e5]. The constant √(g/d) is left out; it does not
 change the solution under automatic λ.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ def amplitudes(leverage: np.ndarray | None, n_genes: int) -> np.ndarray:
     return np.clip(np.sqrt(p * n_genes + 1e-10), 0.1, 10.0)
 
 
-def expected_weights(leverage: np.ndarray | None, n_genes: int, sketch_dim: int = 512,
-                     n_quad: int = N_QUAD, block_elems: int = 1 << 23) -> np.ndarray:
+def expected_weights(
+    leverage: np.ndarray | None, n_genes: int, sketch_dim: int = 512, n_quad: int = N_QUAD, block_elems: int = 1 << 23
+) -> np.ndarray:
     """Exact expected absolute CountSketch weight of each gene (deterministic, positive)."""
     if sketch_dim <= 0:
         raise ValueError(f"sketch_dim must be positive, got {sketch_dim}")
@@ -51,12 +53,12 @@ def expected_weights(leverage: np.ndarray | None, n_genes: int, sketch_dim: int 
     total = np.zeros(n_genes)
     step = max(2, block_elems // n_genes)
     for s in range(0, n_quad, step):
-        t = np.exp(logt[s:s + step])
-        e = -np.outer(a2, t)                          # genes x nodes: −t a_i²
-        logf = np.log1p(np.expm1(e) * inv_d)          # log(1 − (1 − e^{−t a_i²})/d)
-        others = logf.sum(axis=0)[None, :] - logf     # Σ_{i≠j}
+        t = np.exp(logt[s : s + step])
+        e = -np.outer(a2, t)  # genes x nodes: −t a_i²
+        logf = np.log1p(np.expm1(e) * inv_d)  # log(1 − (1 − e^{−t a_i²})/d)
+        others = logf.sum(axis=0)[None, :] - logf  # Σ_{i≠j}
         # t^{-1/2} dt = t^{1/2} d(log t)
-        total += np.exp(e + others) @ (np.sqrt(t) * tw[s:s + step])
+        total += np.exp(e + others) @ (np.sqrt(t) * tw[s : s + step])
     return a * total / np.sqrt(np.pi)
 
 

@@ -9,18 +9,18 @@ result does not depend on the thread schedule) with one Gauss–Seidel pass over
 The splitting satisfies M + Mᵀ − Q = diag(G) ⊗ I + λ (D + A) ⊗ I ⪰ 0 (D + A is the signless Laplacian), so
 the objective never increases. The run stops when max |Δβ| / max |β_old| < tol.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
 from . import _kernels as K
-
 
 REFRESH_EVERY = 25  # recompute G β from scratch this often (bounds rounding drift of the carried products)
 
@@ -67,9 +67,19 @@ def normalize(beta: np.ndarray) -> np.ndarray:
     return out
 
 
-def bcd_solve(H: np.ndarray, G: np.ndarray, yty: np.ndarray, adjacency: sp.spmatrix, lam: float, rho_abs: float,
-              max_iter: int = 1000, tol: float = 1e-4, beta0: np.ndarray | None = None, objective_every: int = 10,
-              on_iter: Callable[[int, float, np.ndarray], None] | None = None) -> tuple[np.ndarray, SolveInfo]:
+def bcd_solve(
+    H: np.ndarray,
+    G: np.ndarray,
+    yty: np.ndarray,
+    adjacency: sp.spmatrix,
+    lam: float,
+    rho_abs: float,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    beta0: np.ndarray | None = None,
+    objective_every: int = 10,
+    on_iter: Callable[[int, float, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, SolveInfo]:
     """Solve from uniform 1/K (or ``beta0``); ``on_iter(it, rel_change, beta)`` runs between iterations
     (progress, cancellation: it may raise). The objective history holds every ``objective_every``-th iterate
     and the last (0: no history; the final value is always in ``SolveInfo.objective``)."""
@@ -123,8 +133,15 @@ def bcd_solve(H: np.ndarray, G: np.ndarray, yty: np.ndarray, adjacency: sp.spmat
 class IterationReporter:
     """Progress (log-scale distance to ``tol``), cancellation and throttled partial maps for a RunControl."""
 
-    def __init__(self, control, max_iter: int, tol: float, spot_index: np.ndarray, cell_types: list[str],
-                 partial_every_s: float = 2.0):
+    def __init__(
+        self,
+        control,
+        max_iter: int,
+        tol: float,
+        spot_index: np.ndarray,
+        cell_types: list[str],
+        partial_every_s: float = 2.0,
+    ):
         from ..base import PartialResult  # local: keep this module free of engine contracts
 
         self._partial_cls = PartialResult

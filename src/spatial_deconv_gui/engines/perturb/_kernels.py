@@ -16,6 +16,7 @@ become free, and an idle thread sleeps instead of spinning, so a busy machine sl
 ``propagation_hop`` is one propagation hop of the knockout simulation (``perturb.Propagator.hop``), cell by cell
 over the non-zero coefficients. All kernels release the GIL.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,9 @@ import numpy as np
 from numba import njit
 
 _LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01   # ln 2 split so that k * _LN2_HI is exact for |k| < 2^11
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k * _LN2_HI is exact for |k| < 2^11
 _LN2_LO = 1.90821492927058770002e-10
-_ARG_MIN = -708.39                      # exp(_ARG_MIN) ~ 2.2e-308
+_ARG_MIN = -708.39  # exp(_ARG_MIN) ~ 2.2e-308
 _C = [1.0 / math.factorial(k) for k in range(14)]
 _C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12, _C13 = _C
 
@@ -35,13 +36,13 @@ _C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12, _C13 = _C
 def _sqdist_row(T, i, S, j0, n, c, arg):
     """arg[j] = c * |T[:, i] - S[:, j0 + j]|^2 for j < n."""
     t = T[0, i]
-    s = S[0, j0:j0 + n]
+    s = S[0, j0 : j0 + n]
     for j in range(n):
         x = t - s[j]
         arg[j] = x * x
     for d in range(1, T.shape[0]):
         t = T[d, i]
-        s = S[d, j0:j0 + n]
+        s = S[d, j0 : j0 + n]
         for j in range(n):
             x = t - s[j]
             arg[j] += x * x
@@ -80,11 +81,11 @@ def _exp_row(arg, p, bits, n):
 def _accumulate_row(i, j0, n, p, f, V, out_t, out_s, both):
     """out_t[:, i] += sum_j e_j V[:, j0+j]; if ``both``, out_s[:, j0+j] += e_j V[:, i] (e = p * f)."""
     for l in range(V.shape[0]):
-        vr = V[l, j0:j0 + n]
+        vr = V[l, j0 : j0 + n]
         acc = 0.0
         if both:
             vi = V[l, i]
-            orow = out_s[l, j0:j0 + n]
+            orow = out_s[l, j0 : j0 + n]
             for j in range(n):
                 e = p[j] * f[j]
                 acc += e * vr[j]
@@ -131,7 +132,7 @@ def gauss_sum_sym_chunk(C, V, c, tile, ch, nchunk, out):
             if q % nchunk == ch:
                 j1 = min(n_all, J * tile + tile)
                 for i in range(i0, i1):
-                    js = i + 1 if I == J else J * tile   # strictly above the diagonal
+                    js = i + 1 if I == J else J * tile  # strictly above the diagonal
                     n = j1 - js
                     if n > 0:
                         _sqdist_row(C, i, C, js, n, c, arg)
@@ -139,7 +140,7 @@ def gauss_sum_sym_chunk(C, V, c, tile, ch, nchunk, out):
                         _accumulate_row(i, js, n, p, f, V, out, out, True)
                     if I == J:
                         for l in range(L):
-                            out[l, i] += V[l, i]          # exp(0) = 1
+                            out[l, i] += V[l, i]  # exp(0) = 1
             q += 1
 
 
@@ -160,8 +161,10 @@ def gauss_sum(T, S, V, c, tile, n_threads=1):
     nt = T.shape[1]
     out = np.zeros((V.shape[0], nt))
     step = max(32, -(-nt // (4 * max(1, n_threads))))
-    _run([lambda r0=r0: gauss_sum_rows(T, S, V, c, tile, r0, min(nt, r0 + step), out)
-          for r0 in range(0, nt, step)], n_threads)
+    _run(
+        [lambda r0=r0: gauss_sum_rows(T, S, V, c, tile, r0, min(nt, r0 + step), out) for r0 in range(0, nt, step)],
+        n_threads,
+    )
     return out
 
 
@@ -170,14 +173,32 @@ def gauss_sum_sym(C, V, c, tile, n_threads=1):
     each into its own buffer (summed at the end)."""
     nchunk = 1 if n_threads <= 1 else 4 * n_threads
     bufs = np.zeros((nchunk, V.shape[0], C.shape[1]))
-    _run([lambda ch=ch: gauss_sum_sym_chunk(C, V, c, tile, ch, nchunk, bufs[ch]) for ch in range(nchunk)],
-         n_threads)
+    _run([lambda ch=ch: gauss_sum_sym_chunk(C, V, c, tile, ch, nchunk, bufs[ch]) for ch in range(nchunk)], n_threads)
     return bufs.sum(axis=0) if nchunk > 1 else bufs[0]
 
 
 @njit(nogil=True, cache=True)
-def propagation_hop(cl, D, dW, F, W, tf_ptr, tf_idx, tf_val, lr_ptr, lr_idx, lr_val, lr_r, lr_ch,
-                    tfl_ptr, tfl_idx, tfl_val, tfl_t, tfl_ch, out):
+def propagation_hop(
+    cl,
+    D,
+    dW,
+    F,
+    W,
+    tf_ptr,
+    tf_idx,
+    tf_val,
+    lr_ptr,
+    lr_idx,
+    lr_val,
+    lr_r,
+    lr_ch,
+    tfl_ptr,
+    tfl_idx,
+    tfl_val,
+    tfl_t,
+    tfl_ch,
+    out,
+):
     """One propagation hop, cell by cell (serial: a few multiply-adds per coefficient and cell).
 
     Cell ``i`` of cluster ``k = cl[i]`` (``-1``: no model) gets, for every coefficient ``b`` of modulator ``m``

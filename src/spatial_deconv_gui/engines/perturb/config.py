@@ -3,6 +3,7 @@
 
 Kept free of torch and numpy so the command line can build its flags from them without loading the engine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,23 +18,72 @@ from ..options import DEVICE_CHOICES, DEVICE_CHOICES_HELP
 class TrainConfig:
     """The settings of one training run; a model folder resumes only with the same settings."""
 
-    radius: float | None = field(default=None, metadata={"help": "secreted signalling radius in coordinate units: ligands reach neighbours with weight exp(-d²/2r²) (default: 5x the median nearest-neighbour distance)"})
-    contact_radius: float | None = field(default=None, metadata={"help": "radius of contact-dependent (Cell-Cell Contact) pairs (default: radius / 4)"})
+    radius: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "secreted signalling radius in coordinate units: ligands reach neighbours with weight exp(-d²/2r²) "
+                "(default: 5x the median nearest-neighbour distance)"
+            )
+        },
+    )
+    contact_radius: float | None = field(
+        default=None, metadata={"help": "radius of contact-dependent (Cell-Cell Contact) pairs (default: radius / 4)"}
+    )
     scale_factor: float = field(default=1.0, metadata={"help": "s in the received ligand r_iL = s/N Σ_j k_ij x_jL"})
     l1_reg: float = field(default=0.05, metadata={"help": "lasso penalty on each coefficient"})
-    group_reg: float = field(default=0.05, metadata={"help": "group-lasso penalty on each modulator group (TFs, LR pairs, TF-ligand pairs)"})
-    scale_reg: Literal["inverse_group_size", "group_size", "none"] = field(default="inverse_group_size", metadata={"help": "how the group penalty scales with group size: divided by √size, multiplied by √size, or not at all"})
-    standardize: bool = field(default=True, metadata={"help": "penalise unit-variance features (coefficients are stored unscaled)"})
-    r2_threshold: float = field(default=0.15, metadata={"help": "cluster models with a lower R² are zeroed (the gene then does not respond in that cluster)"})
-    receptor_thresh: float = field(default=0.01, metadata={"help": "LR pairs are used only when the receptor's highest cluster mean expression exceeds this"})
-    tf_ligand_cutoff: float = field(default=0.01, metadata={"help": "ligand -> TF table: pairs with a lower weight are left out"})
+    group_reg: float = field(
+        default=0.05, metadata={"help": "group-lasso penalty on each modulator group (TFs, LR pairs, TF-ligand pairs)"}
+    )
+    scale_reg: Literal["inverse_group_size", "group_size", "none"] = field(
+        default="inverse_group_size",
+        metadata={
+            "help": "how the group penalty scales with group size: divided by √size, multiplied by √size, or not at all"
+        },
+    )
+    standardize: bool = field(
+        default=True, metadata={"help": "penalise unit-variance features (coefficients are stored unscaled)"}
+    )
+    r2_threshold: float = field(
+        default=0.15,
+        metadata={"help": "cluster models with a lower R² are zeroed (the gene then does not respond in that cluster)"},
+    )
+    receptor_thresh: float = field(
+        default=0.01,
+        metadata={"help": "LR pairs are used only when the receptor's highest cluster mean expression exceeds this"},
+    )
+    tf_ligand_cutoff: float = field(
+        default=0.01, metadata={"help": "ligand -> TF table: pairs with a lower weight are left out"}
+    )
     min_cells: int = field(default=10, metadata={"help": "clusters with fewer cells get no model for the gene"})
     max_iter: int = field(default=2000, metadata={"help": "most iterations of each sparse group lasso fit"})
-    tol: float = field(default=1e-06, metadata={"help": "the lasso stops when its largest coefficient change falls below tol x max(|coef|, 1)"})
-    ligand_mode: Literal["auto", "exact", "grid"] = field(default="auto", metadata={"help": "received ligands: exact pairwise sums, a grid approximation (large slides), or auto (grid from 20,000 cells)"})
-    radius_rule: Literal["pair", "ligand"] = field(default="pair", metadata={"help": "pair: each ligand-receptor pair at its own secreted / contact radius; ligand: SpaceTravLR's rule, the ligand's first pair decides"})
+    tol: float = field(
+        default=1e-06,
+        metadata={"help": "the lasso stops when its largest coefficient change falls below tol x max(|coef|, 1)"},
+    )
+    ligand_mode: Literal["auto", "exact", "grid"] = field(
+        default="auto",
+        metadata={
+            "help": (
+                "received ligands: exact pairwise sums, a grid approximation (large slides), or auto (grid from 20,000 "
+                "cells)"
+            )
+        },
+    )
+    radius_rule: Literal["pair", "ligand"] = field(
+        default="pair",
+        metadata={
+            "help": (
+                "pair: each ligand-receptor pair at its own secreted / contact radius; ligand: SpaceTravLR's rule, the "
+                "ligand's first pair decides"
+            )
+        },
+    )
     device: str = field(default="auto", metadata={"help": DEVICE_CHOICES_HELP, "choices": DEVICE_CHOICES})
-    problems_per_batch: int = field(default=512, metadata={"help": "lasso problems (cluster x target) solved together; more is faster and uses more memory"})
+    problems_per_batch: int = field(
+        default=512,
+        metadata={"help": "lasso problems (cluster x target) solved together; more is faster and uses more memory"},
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,10 +94,34 @@ class PerturbRunConfig:
     """The settings of one knockout / overexpression run: propagation, then the transition vector field."""
 
     steps: int = field(default=4, metadata={"help": "propagation steps through the GRN and the tissue"})
-    ligand_mode: Literal["auto", "exact", "grid"] = field(default="exact", metadata={"help": "received ligands: exact pairwise sums, a grid approximation (large slides), or auto (grid from 20,000 cells)"})
-    embedding: str = field(default=keys.SPATIAL, metadata={"help": "where the vector field is drawn: 'spatial' or an obsm key such as X_umap"})
-    k: int = field(default=30, metadata={"help": "neighbours of each cell on the embedding that its transition probabilities spread over"})
-    temperature: float = field(default=0.05, metadata={"help": "softmax temperature of the transition probabilities: lower sharpens them"})
-    null: Literal["uniform", "permuted"] = field(default="uniform", metadata={"help": "null transition subtracted from each cell's: uniform over its neighbours, or from the shift with its genes shuffled"})
+    ligand_mode: Literal["auto", "exact", "grid"] = field(
+        default="exact",
+        metadata={
+            "help": (
+                "received ligands: exact pairwise sums, a grid approximation (large slides), or auto (grid from 20,000 "
+                "cells)"
+            )
+        },
+    )
+    embedding: str = field(
+        default=keys.SPATIAL,
+        metadata={"help": "where the vector field is drawn: 'spatial' or an obsm key such as X_umap"},
+    )
+    k: int = field(
+        default=30,
+        metadata={"help": "neighbours of each cell on the embedding that its transition probabilities spread over"},
+    )
+    temperature: float = field(
+        default=0.05, metadata={"help": "softmax temperature of the transition probabilities: lower sharpens them"}
+    )
+    null: Literal["uniform", "permuted"] = field(
+        default="uniform",
+        metadata={
+            "help": (
+                "null transition subtracted from each cell's: uniform over its neighbours, or from the shift with its "
+                "genes shuffled"
+            )
+        },
+    )
     n_grid: int = field(default=40, metadata={"help": "arrows per side of the grid the vector field is smoothed on"})
     device: str = field(default="auto", metadata={"help": DEVICE_CHOICES_HELP, "choices": DEVICE_CHOICES})

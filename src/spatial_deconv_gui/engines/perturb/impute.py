@@ -4,6 +4,7 @@ Per cluster: PCA of the (log-normalised) expression, k nearest neighbours in PC 
 affinity (bandwidth = distance to the ``ka``-th neighbour, MAGIC's alpha-decay simplified to a Gaussian),
 symmetrised and row-normalised into a Markov matrix M, and the smoothed expression ``M^t X``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def markov_matrix(points: np.ndarray, k: int = 15, ka: int = 5) -> sp.csr_matrix
     nb = np.hstack([np.arange(n)[:, None], knn_indices(points, k)])  # self first, then k neighbours
     d = np.linalg.norm(points[nb] - points[:, None, :], axis=2)
     sigma = np.maximum(d[:, min(ka, k)], 1e-12)
-    w = np.exp(-(d / sigma[:, None]) ** 2)
+    w = np.exp(-((d / sigma[:, None]) ** 2))
     rows = np.repeat(np.arange(n), k + 1)
     A = sp.csr_matrix((w.ravel(), (rows, nb.ravel())), shape=(n, n))
     A = A + A.T
@@ -39,8 +40,9 @@ def markov_matrix(points: np.ndarray, k: int = 15, ka: int = 5) -> sp.csr_matrix
     return sp.diags(1.0 / np.maximum(deg, 1e-300)) @ A
 
 
-def impute_clusterwise(X, clusters, k: int = 15, ka: int = 5, t: int = 3, n_pcs: int = 20,
-                       control: RunControl | None = None) -> np.ndarray:
+def impute_clusterwise(
+    X, clusters, k: int = 15, ka: int = 5, t: int = 3, n_pcs: int = 20, control: RunControl | None = None
+) -> np.ndarray:
     """Smoothed copy of ``X`` (cells x genes, dense or sparse), diffusing only within each cluster."""
     control = control or RunControl()
     Xd = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)

@@ -12,6 +12,7 @@ together with batched matrix-vector products; padding columns have zero Gram row
 With ``standardize=True`` the penalties apply to coefficients of unit-variance features and the solution is
 mapped back to the original units.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ _CPU_CHUNK_ELEMENTS = 32_000  # problems x width per CPU chunk (torch parallelis
 
 @dataclass
 class SGLResult:
-    coef: np.ndarray        # (B, p) in original feature units
-    n_iter: np.ndarray      # (B,)
-    converged: np.ndarray   # (B,)
-    objective: np.ndarray   # (B,) objective reached (in the solved, possibly standardised, space)
+    coef: np.ndarray  # (B, p) in original feature units
+    n_iter: np.ndarray  # (B,)
+    converged: np.ndarray  # (B,)
+    objective: np.ndarray  # (B,) objective reached (in the solved, possibly standardised, space)
 
 
 def group_weights(groups: np.ndarray, group_reg: float, scale_reg: str = "inverse_group_size") -> np.ndarray:
@@ -49,8 +50,16 @@ def group_weights(groups: np.ndarray, group_reg: float, scale_reg: str = "invers
     return w.astype(np.float64)
 
 
-def sgl_objective(X: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: float, groups: np.ndarray,
-                  l1_reg: float, group_reg: float, scale_reg: str = "inverse_group_size") -> float:
+def sgl_objective(
+    X: np.ndarray,
+    y: np.ndarray,
+    coef: np.ndarray,
+    intercept: float,
+    groups: np.ndarray,
+    l1_reg: float,
+    group_reg: float,
+    scale_reg: str = "inverse_group_size",
+) -> float:
     """The objective above for one problem with raw (uncentred) data and an explicit intercept."""
     r = X @ coef + intercept - y
     val = 0.5 * float(np.sum(r * r)) / X.shape[0]
@@ -60,10 +69,21 @@ def sgl_objective(X: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: flo
     return val + l1_reg * float(np.abs(coef).sum())
 
 
-def fit_sgl_batch(G: np.ndarray | None, c: np.ndarray, n: np.ndarray, groups: np.ndarray, l1_reg: float,
-                  group_reg: float, scale_reg: str = "inverse_group_size", standardize: bool = True,
-                  max_iter: int = 3000, tol: float = 1e-7, device=None, check_every: int = 10,
-                  X: np.ndarray | None = None) -> SGLResult:
+def fit_sgl_batch(
+    G: np.ndarray | None,
+    c: np.ndarray,
+    n: np.ndarray,
+    groups: np.ndarray,
+    l1_reg: float,
+    group_reg: float,
+    scale_reg: str = "inverse_group_size",
+    standardize: bool = True,
+    max_iter: int = 3000,
+    tol: float = 1e-7,
+    device=None,
+    check_every: int = 10,
+    X: np.ndarray | None = None,
+) -> SGLResult:
     """Solve B sparse-group-lasso problems given centred Gram matrices ``G`` (B,p,p) and ``c`` (B,p).
 
     With ``X`` (B, n_max, p: centred data, zero rows as padding) instead of ``G``, products use the data
@@ -80,12 +100,30 @@ def fit_sgl_batch(G: np.ndarray | None, c: np.ndarray, n: np.ndarray, groups: np
     if dev.type == "cpu" and B > chunk:
         # keep each chunk's vectors below torch's intra-op parallel grain: on a busy CPU its thread pool costs
         # far more than it saves for these small element-wise steps
-        parts = [fit_sgl_batch(None if G is None else G[i:i + chunk], c[i:i + chunk], n[i:i + chunk],
-                               groups[i:i + chunk], l1_reg, group_reg, scale_reg, standardize, max_iter, tol,
-                               device, check_every, None if X is None else X[i:i + chunk])
-                 for i in range(0, B, chunk)]
-        return SGLResult(np.concatenate([r.coef for r in parts]), np.concatenate([r.n_iter for r in parts]),
-                         np.concatenate([r.converged for r in parts]), np.concatenate([r.objective for r in parts]))
+        parts = [
+            fit_sgl_batch(
+                None if G is None else G[i : i + chunk],
+                c[i : i + chunk],
+                n[i : i + chunk],
+                groups[i : i + chunk],
+                l1_reg,
+                group_reg,
+                scale_reg,
+                standardize,
+                max_iter,
+                tol,
+                device,
+                check_every,
+                None if X is None else X[i : i + chunk],
+            )
+            for i in range(0, B, chunk)
+        ]
+        return SGLResult(
+            np.concatenate([r.coef for r in parts]),
+            np.concatenate([r.n_iter for r in parts]),
+            np.concatenate([r.converged for r in parts]),
+            np.concatenate([r.objective for r in parts]),
+        )
     ct = torch.as_tensor(c, dtype=dt, device=dev)
     nt = torch.as_tensor(np.asarray(n, dtype=np.float64), dtype=dt, device=dev)
     grp = torch.as_tensor(groups, dtype=torch.long, device=dev)
@@ -114,6 +152,7 @@ def fit_sgl_batch(G: np.ndarray | None, c: np.ndarray, n: np.ndarray, groups: np
             def Amul(w):  # (X^T X / n) w
                 return torch.from_numpy(np.matmul(XsT_np, np.matmul(Xs_np, w.numpy()[:, :, None]))[:, :, 0])
         else:
+
             def Amul(w):
                 return torch.bmm(XsT, torch.bmm(Xs, w[:, :, None]))[:, :, 0]
     else:
@@ -124,6 +163,7 @@ def fit_sgl_batch(G: np.ndarray | None, c: np.ndarray, n: np.ndarray, groups: np
             def Amul(w):
                 return torch.from_numpy(np.matmul(A_np, w.numpy()[:, :, None])[:, :, 0])
         else:
+
             def Amul(w):
                 return torch.bmm(A, w[:, :, None])[:, :, 0]
 
@@ -165,7 +205,7 @@ def fit_sgl_batch(G: np.ndarray | None, c: np.ndarray, n: np.ndarray, groups: np
 
     x = torch.zeros((B, p), dtype=dt, device=dev)
     y = x.clone()
-    Ax = torch.zeros_like(x)   # A x and A y are carried along (A is linear): one product per iteration
+    Ax = torch.zeros_like(x)  # A x and A y are carried along (A is linear): one product per iteration
     Ay = torch.zeros_like(x)
     t = torch.ones(B, dtype=dt, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -18,6 +18,7 @@ compute it:
   With the default ``h = r / 4`` that is ``s * mean|x_L| / 64``. Cost is ``G x N`` for G anchors instead of
   ``N x N``; a radius group whose grid would not be smaller than N/2 anchors is computed exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,13 +31,21 @@ from ..devices import torch_device
 DEFAULT_GRID_FACTOR = 4.0  # grid spacing = radius / DEFAULT_GRID_FACTOR
 AUTO_GRID_MIN_CELLS = 20_000
 _BLOCK_ELEMENTS = 4_000_000  # kernel entries per block (32 MB in float64; torch path)
-_TILE = 512                  # sources per tile (numba path)
+_TILE = 512  # sources per tile (numba path)
 _SYM_BUFFER_BYTES = 256 * 2**20
 
 
-def kernel_sum(targets: np.ndarray, sources: np.ndarray, values: np.ndarray, radius: float,
-               device=None, dtype=torch.float64, block: int | None = None, symmetric: bool = False,
-               backend: str = "auto") -> np.ndarray:
+def kernel_sum(
+    targets: np.ndarray,
+    sources: np.ndarray,
+    values: np.ndarray,
+    radius: float,
+    device=None,
+    dtype=torch.float64,
+    block: int | None = None,
+    symmetric: bool = False,
+    backend: str = "auto",
+) -> np.ndarray:
     """``out[i, l] = sum_j exp(-|t_i - s_j|^2 / 2r^2) * values[j, l]`` in blocks (no T x S matrix).
 
     ``symmetric=True`` (targets are the sources) evaluates each off-diagonal kernel entry once and uses it
@@ -75,17 +84,17 @@ def kernel_sum(targets: np.ndarray, sources: np.ndarray, values: np.ndarray, rad
             for j0 in range(i0, n_s, bs):
                 j1 = min(n_s, j0 + bs)
                 e = torch.addmm(ss[None, j0:j1], t[i0:i1], sT[:, j0:j1], alpha=-2.0 * inv)
-                e.add_(ts[i0:i1, None]).exp_()   # rounding can leave ~1e-13 > 0 at d = 0: harmless
+                e.add_(ts[i0:i1, None]).exp_()  # rounding can leave ~1e-13 > 0 at d = 0: harmless
                 out[i0:i1] += e @ v[j0:j1]
                 if j0 != i0:
                     out[j0:j1] += e.T @ v[i0:i1]
         return out.cpu().numpy()
     for start in range(0, n_t, b):
-        tb = t[start:start + b]
-        e = ts[start:start + b, None] + ss[None, :]
+        tb = t[start : start + b]
+        e = ts[start : start + b, None] + ss[None, :]
         e.addmm_(tb, sT, alpha=-2.0 * inv)
         e.clamp_(max=0.0).exp_()
-        out[start:start + b] = e @ v
+        out[start : start + b] = e @ v
     return out.cpu().numpy()
 
 
@@ -101,7 +110,7 @@ def _kernel_sum_numba(targets, sources, values, radius, block, symmetric) -> np.
         return np.zeros((n_t, n_l))
     c = -1.0 / (2.0 * float(radius) ** 2)
     tile = int(block or _TILE)
-    n_threads = max(1, numba.get_num_threads())   # honours thread_cap / NUMBA_NUM_THREADS
+    n_threads = max(1, numba.get_num_threads())  # honours thread_cap / NUMBA_NUM_THREADS
     # the symmetric kernel keeps one output buffer per piece of work; with many columns on many cells the
     # plain kernel (no extra buffers, each exponential shared by all columns anyway) is used instead
     if symmetric and n_t == n_s and 4 * n_threads * n_l * n_t * 8 <= _SYM_BUFFER_BYTES:
@@ -116,8 +125,9 @@ def grid_spacing(radius: float, grid_factor: float = DEFAULT_GRID_FACTOR) -> flo
     return float(radius) / float(grid_factor)
 
 
-def grid_error_bound(values: np.ndarray, radius: float, scale: float = 1.0, spacing: float | None = None,
-                     n_total: int | None = None) -> np.ndarray:
+def grid_error_bound(
+    values: np.ndarray, radius: float, scale: float = 1.0, spacing: float | None = None, n_total: int | None = None
+) -> np.ndarray:
     """Per-ligand bound on ``|grid - exact|`` (see the module docstring)."""
     h = grid_spacing(radius) if spacing is None else float(spacing)
     v = np.abs(np.asarray(values, dtype=np.float64))
@@ -137,8 +147,9 @@ def n_grid_anchors(coords: np.ndarray, radius: float, grid_factor: float = DEFAU
     return int(np.prod(n))
 
 
-def grid_kernel_sum(coords: np.ndarray, sources: np.ndarray, values: np.ndarray, radius: float,
-                    spacing: float, device=None) -> np.ndarray:
+def grid_kernel_sum(
+    coords: np.ndarray, sources: np.ndarray, values: np.ndarray, radius: float, spacing: float, device=None
+) -> np.ndarray:
     """Kernel sums at ``coords`` by exact evaluation on an anchor grid + bilinear (2-D) / trilinear (3-D)."""
     coords = np.asarray(coords, dtype=np.float64)
     allc = np.vstack([coords, np.asarray(sources, dtype=np.float64)])
@@ -152,7 +163,7 @@ def grid_kernel_sum(coords: np.ndarray, sources: np.ndarray, values: np.ndarray,
     frac = rel - idx
     out = np.zeros((coords.shape[0], values.shape[1]))
     dims = coords.shape[1]
-    for corner in range(2 ** dims):
+    for corner in range(2**dims):
         bits = [(corner >> k) & 1 for k in range(dims)]
         w = np.ones(coords.shape[0])
         ii = []
@@ -171,9 +182,17 @@ def choose_mode(n_cells: int, mode: str = "auto") -> str:
     return mode
 
 
-def received_ligands(coords: np.ndarray, values: np.ndarray, radii, scale: float = 1.0, mode: str = "exact",
-                     device=None, grid_factor: float = DEFAULT_GRID_FACTOR, source_index: np.ndarray | None = None,
-                     n_total: int | None = None) -> np.ndarray:
+def received_ligands(
+    coords: np.ndarray,
+    values: np.ndarray,
+    radii,
+    scale: float = 1.0,
+    mode: str = "exact",
+    device=None,
+    grid_factor: float = DEFAULT_GRID_FACTOR,
+    source_index: np.ndarray | None = None,
+    n_total: int | None = None,
+) -> np.ndarray:
     """Received amount of each ligand column of ``values`` at every cell of ``coords``.
 
     ``radii`` gives one radius per column. With ``source_index`` only those rows emit (``values`` then has one

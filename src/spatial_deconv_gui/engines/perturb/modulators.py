@@ -1,4 +1,5 @@
 """Which modulators each target gene gets: its TFs, ligand-receptor pairs, and TF-ligand pairs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from .priors import SECRETED
 
 TF, LR, TFL = 0, 1, 2
 GROUP_NAMES = ("tf", "lr", "tfl")
-PAIR_SEP_LR = "$"   # same spelling as SpaceTravLR's beta columns: ligand$receptor, ligand#tf
+PAIR_SEP_LR = "$"  # same spelling as SpaceTravLR's beta columns: ligand$receptor, ligand#tf
 PAIR_SEP_TFL = "#"
 
 
@@ -19,12 +20,15 @@ class TargetModulators:
     target: str
     tfs: list[str] = field(default_factory=list)
     lr: list[tuple[str, str]] = field(default_factory=list)
-    tfl: list[tuple[str, str]] = field(default_factory=list)   # (ligand, tf)
+    tfl: list[tuple[str, str]] = field(default_factory=list)  # (ligand, tf)
 
     @property
     def names(self) -> list[str]:
-        return (list(self.tfs) + [f"{a}{PAIR_SEP_LR}{b}" for a, b in self.lr]
-                + [f"{a}{PAIR_SEP_TFL}{b}" for a, b in self.tfl])
+        return (
+            list(self.tfs)
+            + [f"{a}{PAIR_SEP_LR}{b}" for a, b in self.lr]
+            + [f"{a}{PAIR_SEP_TFL}{b}" for a, b in self.tfl]
+        )
 
     @property
     def groups(self) -> np.ndarray:
@@ -66,20 +70,25 @@ RADIUS_RULES = ("pair", "ligand")
 def ligand_radii(lr_usable: pd.DataFrame, radius: float, contact_radius: float) -> dict[str, float]:
     """One radius per ligand: that of its first pair in the table (SpaceTravLR's rule)."""
     first = lr_usable.drop_duplicates(subset="ligand", keep="first")
-    return {lig: (float(radius) if sig == SECRETED else float(contact_radius))
-            for lig, sig in zip(first.ligand, first.signaling)}
+    return {
+        lig: (float(radius) if sig == SECRETED else float(contact_radius))
+        for lig, sig in zip(first.ligand, first.signaling)
+    }
 
 
 def pair_radii(lr_usable: pd.DataFrame, radius: float, contact_radius: float) -> dict[tuple[str, str], float]:
     """One radius per ligand-receptor pair from its own annotation (secreted: ``radius``, contact:
     ``contact_radius``); a pair listed twice with different annotations keeps its first row's."""
     first = lr_usable.drop_duplicates(subset=["ligand", "receptor"], keep="first")
-    return {(a, b): (float(radius) if sig == SECRETED else float(contact_radius))
-            for a, b, sig in zip(first.ligand, first.receptor, first.signaling)}
+    return {
+        (a, b): (float(radius) if sig == SECRETED else float(contact_radius))
+        for a, b, sig in zip(first.ligand, first.receptor, first.signaling)
+    }
 
 
-def feature_radii(lr_usable: pd.DataFrame | None, lr_pairs, tfl_pairs, radius: float, contact_radius: float,
-                  rule: str = "pair") -> tuple[list[float], list[float]]:
+def feature_radii(
+    lr_usable: pd.DataFrame | None, lr_pairs, tfl_pairs, radius: float, contact_radius: float, rule: str = "pair"
+) -> tuple[list[float], list[float]]:
     """The radius of the received ligand each LR and TF-ligand feature uses.
 
     ``rule='pair'``: an LR pair uses its own annotation's radius, so a ligand with secreted and contact pairs is
@@ -118,9 +127,18 @@ def receptor_levels(expr: np.ndarray, var_names, clusters: np.ndarray, genes) ->
     return dict(zip(genes, out))
 
 
-def select_modulators(var_names, targets, grn: pd.DataFrame, lr: pd.DataFrame | None, expr: np.ndarray,
-                      clusters: np.ndarray, tfl: pd.DataFrame | None = None, receptor_thresh: float = 0.01,
-                      tf_ligand_cutoff: float = 0.01, tfl_top: int = 5) -> tuple[dict[str, TargetModulators], list[str]]:
+def select_modulators(
+    var_names,
+    targets,
+    grn: pd.DataFrame,
+    lr: pd.DataFrame | None,
+    expr: np.ndarray,
+    clusters: np.ndarray,
+    tfl: pd.DataFrame | None = None,
+    receptor_thresh: float = 0.01,
+    tf_ligand_cutoff: float = 0.01,
+    tfl_top: int = 5,
+) -> tuple[dict[str, TargetModulators], list[str]]:
     """Modulators of every target, and the orphans (targets with none).
 
     TFs: GRN regulators of the target that are measured. LR pairs: both genes measured, the receptor's highest

@@ -5,6 +5,7 @@ Users bring their own files (parquet, CSV or TSV). Column names are recognised f
 ``source_genesymbol, target_genesymbol``; SpaceTravLR ``ligand, receptor, signaling``) and can be named
 explicitly. Multi-subunit complexes written as ``A_B`` are expanded into every ligand x receptor subunit pair.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,7 @@ from ...io.errors import InputError
 GRN_TF_COLUMNS = ("tf", "source", "regulator", "tf_gene", "source_genesymbol", "from")
 GRN_TARGET_COLUMNS = ("target", "target_gene", "target_genesymbol", "to", "gene")
 LR_LIGAND_COLUMNS = ("ligand_genes", "source_genesymbol", "ligand", "ligand_gene", "ligand_symbol", "source")
-LR_RECEPTOR_COLUMNS = ("receptor_genes", "target_genesymbol", "receptor", "receptor_gene", "receptor_symbol",
-                       "target")
+LR_RECEPTOR_COLUMNS = ("receptor_genes", "target_genesymbol", "receptor", "receptor_gene", "receptor_symbol", "target")
 LR_ANNOTATION_COLUMNS = ("annotation", "signaling", "signalling", "interaction_type", "type")
 TFL_LIGAND_COLUMNS = ("ligand", "source", "ligand_gene")
 TFL_TF_COLUMNS = ("tf", "target", "regulator", "tf_gene")
@@ -58,19 +58,32 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"could not read the table {p.name} ({type(exc).__name__}: {exc}).",
-                         "give a parquet, CSV or TSV file.", code="bad_table") from exc
+        raise InputError(
+            f"could not read the table {p.name} ({type(exc).__name__}: {exc}).",
+            "give a parquet, CSV or TSV file.",
+            code="bad_table",
+        ) from exc
 
 
-def _pick(df: pd.DataFrame, explicit: str | None, candidates, what: str, path_name: str,
-          exclude: tuple[str, ...] = (), required: bool = True) -> str | None:
+def _pick(
+    df: pd.DataFrame,
+    explicit: str | None,
+    candidates,
+    what: str,
+    path_name: str,
+    exclude: tuple[str, ...] = (),
+    required: bool = True,
+) -> str | None:
     """The column named ``explicit`` (which must exist), else the first of ``candidates`` present (any case);
     when none is, an error naming the columns found, or None for an optional column."""
     cols = list(df.columns)
     if explicit is not None:
         if explicit not in df.columns:
-            raise InputError(f"{path_name} has no column {explicit!r} for the {what}; columns found: {cols}.",
-                             f"name one of {cols}.", code="bad_table_columns")
+            raise InputError(
+                f"{path_name} has no column {explicit!r} for the {what}; columns found: {cols}.",
+                f"name one of {cols}.",
+                code="bad_table_columns",
+            )
         return explicit
     lower = {str(c).lower(): c for c in cols}
     for cand in candidates:
@@ -78,8 +91,11 @@ def _pick(df: pd.DataFrame, explicit: str | None, candidates, what: str, path_na
             return lower[cand]
     if not required:
         return None
-    raise InputError(f"{path_name}: cannot tell which column holds the {what}; columns found: {cols}.",
-                     f"name it explicitly (one of {cols}).", code="bad_table_columns")
+    raise InputError(
+        f"{path_name}: cannot tell which column holds the {what}; columns found: {cols}.",
+        f"name it explicitly (one of {cols}).",
+        code="bad_table_columns",
+    )
 
 
 def _as_frame(src, path_name: str = "table") -> tuple[pd.DataFrame, str, str | None]:
@@ -107,9 +123,14 @@ def load_grn(src, tf_col: str | None = None, target_col: str | None = None) -> t
     return out, checksum
 
 
-def load_lr(src, ligand_col: str | None = None, receptor_col: str | None = None,
-            annotation_col: str | None = None, resource: str | None = None,
-            secreted_pattern: str = "secreted") -> tuple[pd.DataFrame, str | None]:
+def load_lr(
+    src,
+    ligand_col: str | None = None,
+    receptor_col: str | None = None,
+    annotation_col: str | None = None,
+    resource: str | None = None,
+    secreted_pattern: str = "secreted",
+) -> tuple[pd.DataFrame, str | None]:
     """Ligand-receptor table as ``DataFrame[ligand, receptor, signaling]`` with complexes expanded.
 
     ``signaling`` is ``'secreted'`` when the annotation column contains ``secreted_pattern`` (CellChat's
@@ -120,12 +141,16 @@ def load_lr(src, ligand_col: str | None = None, receptor_col: str | None = None,
     df, name, checksum = _as_frame(src, "ligand-receptor table")
     if resource is not None:
         if "resource" not in df.columns:
-            raise InputError(f"{name} has no 'resource' column to filter on; columns found: {list(df.columns)}.",
-                             "drop the resource option.", code="bad_table_columns")
+            raise InputError(
+                f"{name} has no 'resource' column to filter on; columns found: {list(df.columns)}.",
+                "drop the resource option.",
+                code="bad_table_columns",
+            )
         df = df[df["resource"].astype(str) == resource]
         if df.empty:
-            raise InputError(f"{name} has no rows for resource {resource!r}.", "pick another resource.",
-                             code="empty_table")
+            raise InputError(
+                f"{name} has no rows for resource {resource!r}.", "pick another resource.", code="empty_table"
+            )
     lig = _pick(df, ligand_col, LR_LIGAND_COLUMNS, "ligands", name)
     rec = _pick(df, receptor_col, LR_RECEPTOR_COLUMNS, "receptors", name, exclude=(lig,))
     ann = _pick(df, annotation_col, LR_ANNOTATION_COLUMNS, "annotation", name, required=False)
@@ -145,14 +170,14 @@ def load_lr(src, ligand_col: str | None = None, receptor_col: str | None = None,
     return out, checksum
 
 
-def load_tfl(src, ligand_col: str | None = None, tf_col: str | None = None,
-             weight_col: str | None = None) -> tuple[pd.DataFrame, str | None]:
+def load_tfl(
+    src, ligand_col: str | None = None, tf_col: str | None = None, weight_col: str | None = None
+) -> tuple[pd.DataFrame, str | None]:
     """Ligand -> TF links as ``DataFrame[ligand, tf, weight]`` (long form; weight 1 when absent)."""
     df, name, checksum = _as_frame(src, "ligand-TF table")
     lig = _pick(df, ligand_col, TFL_LIGAND_COLUMNS, "ligands", name)
     tf = _pick(df, tf_col, TFL_TF_COLUMNS, "transcription factors", name, exclude=(lig,))
     wcol = _pick(df, weight_col, TFL_WEIGHT_COLUMNS, "weights", name, required=False)
     w = df[wcol].astype(float).to_numpy() if wcol is not None else np.ones(len(df))
-    out = pd.DataFrame({"ligand": df[lig].astype(str).to_numpy(), "tf": df[tf].astype(str).to_numpy(),
-                        "weight": w})
+    out = pd.DataFrame({"ligand": df[lig].astype(str).to_numpy(), "tf": df[tf].astype(str).to_numpy(), "weight": w})
     return out.drop_duplicates(subset=["ligand", "tf"]).reset_index(drop=True), checksum

@@ -8,6 +8,7 @@ The priors list every true link plus decoys (TFs and LR pairs with no effect), s
 
 Everything is deterministic in ``seed``; the default (1,500 cells x 60 genes) trains in seconds.
 """
+
 from __future__ import annotations
 
 import anndata as ad
@@ -19,10 +20,21 @@ from .ligands import received_ligands
 from .model_dir import CLUSTER_OBS
 
 
-def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n_clusters: int = 3,
-                        n_tfs: int = 10, n_ligands: int = 4, n_receptors: int = 4, radius: float = 80.0,
-                        contact_radius: float = 30.0, side: float = 1000.0, noise: float = 0.15,
-                        n_decoy_tfs: int = 3, upstream_targets: int = 8) -> ad.AnnData:
+def simulate_grn_tissue(
+    n_cells: int = 1500,
+    n_genes: int = 60,
+    seed: int = 0,
+    n_clusters: int = 3,
+    n_tfs: int = 10,
+    n_ligands: int = 4,
+    n_receptors: int = 4,
+    radius: float = 80.0,
+    contact_radius: float = 30.0,
+    side: float = 1000.0,
+    noise: float = 0.15,
+    n_decoy_tfs: int = 3,
+    upstream_targets: int = 8,
+) -> ad.AnnData:
     """Simulated spatial AnnData with a known sparse GRN + ligand signalling.
 
     Returns an AnnData with ``X`` (= ``layers['lognorm']``, non-negative log-scale expression),
@@ -52,7 +64,7 @@ def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n
 
     def exo(n_cl_means_lo=0.8, hi=2.5, spread=0.45):
         means = rng.uniform(n_cl_means_lo, hi, size=n_clusters)
-        return means[cl] * np.exp(spread * rng.standard_normal(n_cells) - spread ** 2 / 2)
+        return means[cl] * np.exp(spread * rng.standard_normal(n_cells) - spread**2 / 2)
 
     truth = []
     upstream, cascade, lig_driver = tfs[0], tfs[1], tfs[2]
@@ -78,14 +90,17 @@ def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n
         ann = "Cell-Cell Contact" if i == n_ligands - 1 else "Secreted Signaling"
         lr_rows.append((lg, recs[i % n_receptors], ann))
         lr_rows.append((lg, recs[(i + 1) % n_receptors], ann))  # decoy pair
-    lr_prior = pd.DataFrame(lr_rows, columns=["ligand", "receptor", "annotation"]).drop_duplicates(
-        subset=["ligand", "receptor"]).reset_index(drop=True)
+    lr_prior = (
+        pd.DataFrame(lr_rows, columns=["ligand", "receptor", "annotation"])
+        .drop_duplicates(subset=["ligand", "receptor"])
+        .reset_index(drop=True)
+    )
     lig_radius = {}
     for lg, ann in zip(lr_prior.ligand, lr_prior.annotation):
         lig_radius.setdefault(lg, radius if ann.startswith("Secreted") else contact_radius)
 
     # scale so that received ligand ~ local expression level: s = N / (expected kernel mass)
-    density = n_cells / side ** 2
+    density = n_cells / side**2
     scale = 1.0
     lig_vals = X[:, [gi[lg] for lg in ligs]]
     radii = np.array([lig_radius[lg] for lg in ligs])
@@ -121,7 +136,7 @@ def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n
             yk = b0 + noise * rng.standard_normal(m.sum())
             for tf in true_tfs:
                 if tf in (upstream, cascade):
-                    b = rng.uniform(0.5, 1.0)       # positive: the knockout test relies on the sign
+                    b = rng.uniform(0.5, 1.0)  # positive: the knockout test relies on the sign
                 else:
                     b = rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.9)
                     if b < 0:  # keep the target positive (no clipping, the model stays linear)
@@ -138,17 +153,24 @@ def simulate_grn_tissue(n_cells: int = 1500, n_genes: int = 60, seed: int = 0, n
 
     grn_prior = pd.DataFrame(grn_rows, columns=["tf", "target"]).drop_duplicates().reset_index(drop=True)
     truth_df = pd.DataFrame(truth, columns=["target", "cluster", "modulator", "kind", "coef"])
-    obs = pd.DataFrame({CLUSTER_OBS: pd.Categorical(cluster_names[cl], categories=list(cluster_names))},
-                       index=[f"cell_{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {CLUSTER_OBS: pd.Categorical(cluster_names[cl], categories=list(cluster_names))},
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
     adata = ad.AnnData(X=X.copy(), obs=obs, var=pd.DataFrame(index=genes))
     adata.layers["lognorm"] = X.copy()
     adata.obsm[keys.SPATIAL] = xy
-    adata.var["role"] = (["tf"] * n_tfs + ["ligand"] * n_ligands + ["receptor"] * n_receptors
-                         + ["target"] * len(tgts))
+    adata.var["role"] = ["tf"] * n_tfs + ["ligand"] * n_ligands + ["receptor"] * n_receptors + ["target"] * len(tgts)
     adata.uns[keys.PERTURB_SIM] = {
-        "true_modulators": truth_df, "grn_prior": grn_prior, "lr_prior": lr_prior,
-        "radius": float(radius), "contact_radius": float(contact_radius), "scale_factor": scale,
-        "upstream_tf": upstream, "cascade_tf": cascade, "seed": int(seed),
+        "true_modulators": truth_df,
+        "grn_prior": grn_prior,
+        "lr_prior": lr_prior,
+        "radius": float(radius),
+        "contact_radius": float(contact_radius),
+        "scale_factor": scale,
+        "upstream_tf": upstream,
+        "cascade_tf": cascade,
+        "seed": int(seed),
         "note": "contact-signalling LR features in the truth use the secreted scale factor",
     }
     # contact ligands were simulated with the secreted scale: W of the contact ligand is scaled by `scale` too,

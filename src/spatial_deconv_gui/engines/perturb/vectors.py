@@ -10,6 +10,7 @@ where Q is the null model: uniform (``1/k``, the transition with no information)
 ``null='permuted'``, the transition computed from the shift with its genes shuffled. Vectors are then
 smoothed on a regular grid (Gaussian weights) and the grid field is also sampled back at each cell.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,9 +35,9 @@ def _knn(points: np.ndarray, k: int) -> np.ndarray:
 
 def _corr_rows(X: np.ndarray, nb: np.ndarray, D: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """rho[r, j] = corr(D[r], X[nb[r, j]] - X[rows[r]]) for a block of cells."""
-    diff = X[nb[rows]] - X[rows][:, None, :]            # b x k x g
+    diff = X[nb[rows]] - X[rows][:, None, :]  # b x k x g
     diff = diff - diff.mean(axis=2, keepdims=True)
-    d = D[rows] - D[rows].mean(axis=1, keepdims=True)   # b x g
+    d = D[rows] - D[rows].mean(axis=1, keepdims=True)  # b x g
     num = np.einsum("bkg,bg->bk", diff, d)
     den = np.sqrt(np.einsum("bkg,bkg->bk", diff, diff) * np.einsum("bg,bg->b", d, d)[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -46,16 +47,23 @@ def _corr_rows(X: np.ndarray, nb: np.ndarray, D: np.ndarray, rows: np.ndarray) -
 
 @dataclass
 class VectorField:
-    cell_vectors: np.ndarray      # n x 2
-    grid_points: np.ndarray       # G x 2
-    grid_vectors: np.ndarray      # G x 2 (NaN where too few cells)
+    cell_vectors: np.ndarray  # n x 2
+    grid_points: np.ndarray  # G x 2
+    grid_vectors: np.ndarray  # G x 2 (NaN where too few cells)
     cell_grid_vectors: np.ndarray  # n x 2, the smoothed field sampled at each cell
     params: dict
 
 
-def transition_vectors(X: np.ndarray, delta: np.ndarray, embedding: np.ndarray, k: int = 30,
-                       temperature: float = 0.05, null: str = "uniform", seed: int = 0,
-                       control: RunControl | None = None) -> np.ndarray:
+def transition_vectors(
+    X: np.ndarray,
+    delta: np.ndarray,
+    embedding: np.ndarray,
+    k: int = 30,
+    temperature: float = 0.05,
+    null: str = "uniform",
+    seed: int = 0,
+    control: RunControl | None = None,
+) -> np.ndarray:
     control = control or RunControl()
     if null not in ("uniform", "permuted"):
         raise ValueError("null must be 'uniform' or 'permuted'")
@@ -93,8 +101,9 @@ def transition_vectors(X: np.ndarray, delta: np.ndarray, embedding: np.ndarray, 
     return out
 
 
-def grid_smooth(embedding: np.ndarray, vectors: np.ndarray, n_grid: int = 40, smooth: float = 0.8,
-                min_mass: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def grid_smooth(
+    embedding: np.ndarray, vectors: np.ndarray, n_grid: int = 40, smooth: float = 0.8, min_mass: float = 0.05
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid points, grid vectors with NaN where the cell mass is low, smoothed field at each cell)."""
     E = np.asarray(embedding, dtype=np.float64)[:, :2]
     lo, hi = E.min(0), E.max(0)
@@ -116,19 +125,30 @@ def grid_smooth(embedding: np.ndarray, vectors: np.ndarray, n_grid: int = 40, sm
     rel = (E - lo) / step
     i0 = np.clip(np.floor(rel).astype(int), 0, nx - 2)
     f = rel - i0
-    accc = ((1 - f[:, :1]) * (1 - f[:, 1:]) * acc3[i0[:, 0], i0[:, 1]]
-            + f[:, :1] * (1 - f[:, 1:]) * acc3[i0[:, 0] + 1, i0[:, 1]]
-            + (1 - f[:, :1]) * f[:, 1:] * acc3[i0[:, 0], i0[:, 1] + 1]
-            + f[:, :1] * f[:, 1:] * acc3[i0[:, 0] + 1, i0[:, 1] + 1])
+    accc = (
+        (1 - f[:, :1]) * (1 - f[:, 1:]) * acc3[i0[:, 0], i0[:, 1]]
+        + f[:, :1] * (1 - f[:, 1:]) * acc3[i0[:, 0] + 1, i0[:, 1]]
+        + (1 - f[:, :1]) * f[:, 1:] * acc3[i0[:, 0], i0[:, 1] + 1]
+        + f[:, :1] * f[:, 1:] * acc3[i0[:, 0] + 1, i0[:, 1] + 1]
+    )
     cv = accc[:, :2] / np.maximum(accc[:, 2:3], 1e-300)
     return G, gv, cv
 
 
-def vector_field(X, delta, embedding, k: int = 30, temperature: float = 0.05, null: str = "uniform",
-                 n_grid: int = 40, smooth: float = 0.8, seed: int = 0,
-                 control: RunControl | None = None) -> VectorField:
-    v = transition_vectors(X, delta, embedding, k=k, temperature=temperature, null=null, seed=seed,
-                           control=control)
+def vector_field(
+    X,
+    delta,
+    embedding,
+    k: int = 30,
+    temperature: float = 0.05,
+    null: str = "uniform",
+    n_grid: int = 40,
+    smooth: float = 0.8,
+    seed: int = 0,
+    control: RunControl | None = None,
+) -> VectorField:
+    v = transition_vectors(X, delta, embedding, k=k, temperature=temperature, null=null, seed=seed, control=control)
     G, gv, cv = grid_smooth(embedding, v, n_grid=n_grid, smooth=smooth)
-    return VectorField(v, G, gv, cv, {"k": k, "temperature": temperature, "null": null, "n_grid": n_grid,
-                                      "smooth": smooth})
+    return VectorField(
+        v, G, gv, cv, {"k": k, "temperature": temperature, "null": null, "n_grid": n_grid, "smooth": smooth}
+    )

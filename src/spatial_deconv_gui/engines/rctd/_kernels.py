@@ -4,6 +4,7 @@ the fused per-problem derivative assembly for small type subsets (doublet / mult
 Every kernel releases the GIL and parallelises over independent problems (pixels), so a GUI thread
 stays responsive while they run.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """RCTD end to end: reference profiles -> gene lists -> pixel filters -> platform effect -> sigma -> pixels."""
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ import scipy.sparse as sp
 import torch
 
 from ... import keys
+from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..devices import torch_device
-from ...io.inputs import ReferenceInput, SpatialInput
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
 from .likelihood import build_tables
@@ -64,8 +65,12 @@ def _categorical(values: list[str] | np.ndarray, categories: list[str]) -> pd.Ca
     return pd.Categorical(values, categories=list(categories))
 
 
-def run_rctd(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig = RCTDConfig(),
-             control: RunControl | None = None) -> DeconvResult:
+def run_rctd(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: RCTDConfig = RCTDConfig(),
+    control: RunControl | None = None,
+) -> DeconvResult:
     """Run RCTD on ``spatial`` with cell-type profiles learned from ``reference``."""
     t_start = time.perf_counter()
     check_config(config)
@@ -76,13 +81,29 @@ def run_rctd(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfi
         return _run(spatial, reference, config, control, device, dtype, t_start)
 
 
-def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, control: RunControl,
-         device: torch.device, dtype: torch.dtype, t_start: float) -> DeconvResult:
+def _run(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: RCTDConfig,
+    control: RunControl,
+    device: torch.device,
+    dtype: torch.dtype,
+    t_start: float,
+) -> DeconvResult:
     # ---- reference ---------------------------------------------------------------------------------
     control.report("reference", 0.0, "building cell type profiles")
-    ref = build_profiles(reference.counts, reference.genes, reference.cell_types, reference.n_umi,
-                         type_order=reference.type_names, cell_min=config.cell_min, n_max_cells=config.n_max_cells,
-                         umi_min=config.ref_umi_min, strict=config.strict, seed=config.seed)
+    ref = build_profiles(
+        reference.counts,
+        reference.genes,
+        reference.cell_types,
+        reference.n_umi,
+        type_order=reference.type_names,
+        cell_min=config.cell_min,
+        n_max_cells=config.n_max_cells,
+        umi_min=config.ref_umi_min,
+        strict=config.strict,
+        seed=config.seed,
+    )
     types = ref.cell_types
     K = len(types)
     control.report("reference", 1.0, f"{K} cell types")
@@ -98,13 +119,31 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
     total_counts = np.asarray(counts.sum(axis=1)).ravel()
     first_pass = umi_ok & (total_counts >= config.counts_min)
     if not first_pass.any():
-        raise ValueError(f"RCTD: no spot passes the filters (nUMI in [{config.umi_min}, {config.umi_max}], "
-                         f">= {config.counts_min} counts)")
+        raise ValueError(
+            f"RCTD: no spot passes the filters (nUMI in [{config.umi_min}, {config.umi_max}], "
+            f">= {config.counts_min} counts)"
+        )
     bulk_first = np.asarray(counts[np.flatnonzero(first_pass)].sum(axis=0)).ravel()
-    genes_reg = select_de_genes(ref.profiles, ref.genes, s_genes, bulk_first, config.fc_cutoff_reg,
-                                config.gene_cutoff_reg, config.min_obs, label="regression")
-    genes_bulk = select_de_genes(ref.profiles, ref.genes, s_genes, bulk_first, config.fc_cutoff,
-                                 config.gene_cutoff, config.min_obs, label="platform-effect")
+    genes_reg = select_de_genes(
+        ref.profiles,
+        ref.genes,
+        s_genes,
+        bulk_first,
+        config.fc_cutoff_reg,
+        config.gene_cutoff_reg,
+        config.min_obs,
+        label="regression",
+    )
+    genes_bulk = select_de_genes(
+        ref.profiles,
+        ref.genes,
+        s_genes,
+        bulk_first,
+        config.fc_cutoff,
+        config.gene_cutoff,
+        config.min_obs,
+        label="platform-effect",
+    )
     s_pos = {g: i for i, g in enumerate(s_genes)}
     r_pos = {g: i for i, g in enumerate(ref.genes)}
     bulk_cols = np.array([s_pos[g] for g in genes_bulk])
@@ -112,10 +151,14 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
     fitted = first_pass & (bulk_counts_per_spot >= config.counts_min)
     fit_idx = np.flatnonzero(fitted)
     if len(fit_idx) == 0:
-        raise ValueError(f"RCTD: no spot has >= {config.counts_min} counts on the {len(genes_bulk)} "
-                         "platform-effect genes")
-    control.report("genes", 1.0, f"{len(genes_reg)} regression / {len(genes_bulk)} platform genes, "
-                                 f"{len(fit_idx)} of {n_spots} spots kept")
+        raise ValueError(
+            f"RCTD: no spot has >= {config.counts_min} counts on the {len(genes_bulk)} platform-effect genes"
+        )
+    control.report(
+        "genes",
+        1.0,
+        f"{len(genes_reg)} regression / {len(genes_bulk)} platform genes, {len(fit_idx)} of {n_spots} spots kept",
+    )
     control.check_cancel()
 
     # ---- platform effect ---------------------------------------------------------------------------
@@ -123,13 +166,21 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
     numi = numi_all[fit_idx]
     bulk_vec = np.asarray(counts[fit_idx][:, bulk_cols].sum(axis=0)).ravel().astype(np.float64)
     prof_bulk = ref.profiles[[r_pos[g] for g in genes_bulk]]
-    bulk = fit_bulk(prof_bulk, bulk_vec, float(numi.sum()), n_iter=config.n_iter_bulk,
-                    min_change=config.min_change_bulk, step=config.step_size)
+    bulk = fit_bulk(
+        prof_bulk,
+        bulk_vec,
+        float(numi.sum()),
+        n_iter=config.n_iter_bulk,
+        min_change=config.min_change_bulk,
+        step=config.step_size,
+    )
     bulk_index = {g: i for i, g in enumerate(genes_bulk)}
     missing_reg = [g for g in genes_reg if g not in bulk_index]
     if missing_reg:  # cannot happen with spacexr's nested cutoffs; guard custom ones
-        raise ValueError("RCTD: regression cutoffs must be at least as strict as the platform-effect cutoffs "
-                         f"({len(missing_reg)} regression genes are not platform-effect genes)")
+        raise ValueError(
+            "RCTD: regression cutoffs must be at least as strict as the platform-effect cutoffs "
+            f"({len(missing_reg)} regression genes are not platform-effect genes)"
+        )
     P_reg = bulk.profiles[[bulk_index[g] for g in genes_reg]]
     reg_cols = np.array([s_pos[g] for g in genes_reg])
     control.report("platform effect", 1.0, "done")
@@ -147,8 +198,10 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
         cand = np.flatnonzero(numi > config.umi_min_sigma)
         n_fit = min(config.n_fit, len(cand))
         if n_fit == 0:
-            raise ValueError(f"RCTD: no kept spot has nUMI > umi_min_sigma={config.umi_min_sigma}, so sigma cannot "
-                             "be estimated. Lower umi_min_sigma or give sigma_override.")
+            raise ValueError(
+                f"RCTD: no kept spot has nUMI > umi_min_sigma={config.umi_min_sigma}, so sigma cannot "
+                "be estimated. Lower umi_min_sigma or give sigma_override."
+            )
         rng = np.random.default_rng(config.seed)
         pick = np.sort(rng.choice(cand, n_fit, replace=False)) if n_fit < len(cand) else cand
         y_fit = _rows_dense(counts, fit_idx[pick], reg_cols)
@@ -158,9 +211,20 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
             return build_tables([s / 100.0 for s in sig_list], max_count, **table_kw)
 
         sigma_int, sigma_path = estimate_sigma(
-            P_reg, y_fit, numi[pick], get_tables, n_epoch=config.n_epoch, n_iter=config.n_iter,
-            min_change=config.min_change, step=config.step_size, seed=config.seed, device=device, dtype=dtype,
-            progress=lambda f, m: control.report("sigma", f, m), check_cancel=control.check_cancel)
+            P_reg,
+            y_fit,
+            numi[pick],
+            get_tables,
+            n_epoch=config.n_epoch,
+            n_iter=config.n_iter,
+            min_change=config.min_change,
+            step=config.step_size,
+            seed=config.seed,
+            device=device,
+            dtype=dtype,
+            progress=lambda f, m: control.report("sigma", f, m),
+            check_cancel=control.check_cancel,
+        )
         sigma = sigma_int / 100.0
         control.report("sigma", 1.0, f"sigma {sigma:.2f}")
     control.check_cancel()
@@ -186,15 +250,26 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
         "conv": np.zeros(n_fit_px, dtype=bool),
     }
     if mode == "doublet":
-        out.update(spot_class=np.zeros(n_fit_px, dtype=np.int64), first=np.zeros(n_fit_px, dtype=np.int64),
-                   second=np.zeros(n_fit_px, dtype=np.int64), first_cls=np.zeros(n_fit_px, dtype=bool),
-                   second_cls=np.zeros(n_fit_px, dtype=bool), wd=np.zeros((n_fit_px, 2)),
-                   min_score=np.zeros(n_fit_px), singlet_score=np.zeros(n_fit_px),
-                   conv_full=np.zeros(n_fit_px, dtype=bool))
+        out.update(
+            spot_class=np.zeros(n_fit_px, dtype=np.int64),
+            first=np.zeros(n_fit_px, dtype=np.int64),
+            second=np.zeros(n_fit_px, dtype=np.int64),
+            first_cls=np.zeros(n_fit_px, dtype=bool),
+            second_cls=np.zeros(n_fit_px, dtype=bool),
+            wd=np.zeros((n_fit_px, 2)),
+            min_score=np.zeros(n_fit_px),
+            singlet_score=np.zeros(n_fit_px),
+            conv_full=np.zeros(n_fit_px, dtype=bool),
+        )
     elif mode == "multi":
-        out.update(type_idx=np.full((n_fit_px, max_types), -1, dtype=np.int64), sub_w=np.zeros((n_fit_px, max_types)),
-                   conf=np.zeros((n_fit_px, max_types), dtype=bool), n_types=np.zeros(n_fit_px, dtype=np.int64),
-                   min_score=np.zeros(n_fit_px), conv_full=np.zeros(n_fit_px, dtype=bool))
+        out.update(
+            type_idx=np.full((n_fit_px, max_types), -1, dtype=np.int64),
+            sub_w=np.zeros((n_fit_px, max_types)),
+            conf=np.zeros((n_fit_px, max_types), dtype=bool),
+            n_types=np.zeros(n_fit_px, dtype=np.int64),
+            min_score=np.zeros(n_fit_px),
+            conv_full=np.zeros(n_fit_px, dtype=bool),
+        )
     props_fit = np.zeros((n_fit_px, K))
 
     def run_batch(lo: int, hi: int) -> None:
@@ -207,15 +282,22 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
             s = w.sum(axis=1, keepdims=True)
             props_fit[lo:hi] = np.divide(w, s, out=np.full_like(w, 1.0 / K), where=s > 0)
         elif mode == "doublet":
-            r = fit_doublet(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold,
-                            type_class)
+            r = fit_doublet(
+                P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, type_class
+            )
             out["weights"][lo:hi] = r.weights
             out["conv"][lo:hi] = r.converged_doublet
             out["conv_full"][lo:hi] = r.converged_full
-            for key, val in (("spot_class", r.spot_class), ("first", r.first_type), ("second", r.second_type),
-                             ("first_cls", r.first_class), ("second_cls", r.second_class),
-                             ("wd", r.weights_doublet), ("min_score", r.min_score),
-                             ("singlet_score", r.singlet_score)):
+            for key, val in (
+                ("spot_class", r.spot_class),
+                ("first", r.first_type),
+                ("second", r.second_type),
+                ("first_cls", r.first_class),
+                ("second_cls", r.second_class),
+                ("wd", r.weights_doublet),
+                ("min_score", r.min_score),
+                ("singlet_score", r.singlet_score),
+            ):
                 out[key][lo:hi] = val
             p = np.zeros((hi - lo, K))
             rows = np.arange(hi - lo)
@@ -225,8 +307,7 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
             p[rows[~singlet], r.second_type[~singlet]] += r.weights_doublet[~singlet, 1]
             props_fit[lo:hi] = p
         else:
-            r = fit_multi(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold,
-                          max_types)
+            r = fit_multi(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, max_types)
             out["weights"][lo:hi] = r.weights
             out["conv"][lo:hi] = r.converged_sub
             out["conv_full"][lo:hi] = r.converged_full
@@ -253,11 +334,14 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
                 raise
             torch.cuda.empty_cache()
             batch = max(1, batch // 2)
-            warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning, stacklevel=2)
             continue
-        control.report("pixels", hi / n_fit_px, f"{hi}/{n_fit_px} spots",
-                       partial=PartialResult(fit_idx[lo:hi].copy(), props_fit[lo:hi].copy(), list(types)))
+        control.report(
+            "pixels",
+            hi / n_fit_px,
+            f"{hi}/{n_fit_px} spots",
+            partial=PartialResult(fit_idx[lo:hi].copy(), props_fit[lo:hi].copy(), list(types)),
+        )
         lo = hi
 
     # ---- assemble ----------------------------------------------------------------------------------
@@ -282,8 +366,11 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
         obs[keys.spot_class(KEY)] = _categorical(sc, list(SPOT_CLASSES) + [FILTERED])
         obs[_slot("first_type")] = _categorical(ft, type_cats)
         obs[_slot("second_type")] = _categorical(st, type_cats)
-        for key, src in ((_slot("first_class"), "first_cls"), (_slot("second_class"), "second_cls"),
-                         (_slot("converged_full"), "conv_full")):
+        for key, src in (
+            (_slot("first_class"), "first_cls"),
+            (_slot("second_class"), "second_cls"),
+            (_slot("converged_full"), "conv_full"),
+        ):
             v = np.zeros(n_spots, dtype=bool)
             v[fit_idx] = out[src]
             obs[key] = v
@@ -347,5 +434,16 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: RCTDConfig, c
         _slot("dropped_cell_types"): dict(ref.dropped_types),
     }
     control.report("pixels", 1.0, f"done in {runtime:.1f} s")
-    return DeconvResult(key=KEY, method="RCTD", mode=mode, cell_types=list(types), proportions=proportions,
-                        params=params, device=str(device), runtime_s=runtime, obs=obs, obsm=obsm, uns=uns)
+    return DeconvResult(
+        key=KEY,
+        method="RCTD",
+        mode=mode,
+        cell_types=list(types),
+        proportions=proportions,
+        params=params,
+        device=str(device),
+        runtime_s=runtime,
+        obs=obs,
+        obsm=obsm,
+        uns=uns,
+    )

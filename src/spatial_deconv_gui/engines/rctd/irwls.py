@@ -11,6 +11,7 @@ Two problem layouts share the loop: :class:`SharedDesign` (every problem uses th
 e.g. full mode: the Hessian is one GEMM against the pairwise products of profile columns) and
 :class:`SubsetDesign` (each problem has its own few types, e.g. doublet pairs and multi-mode lists).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ def _use_numba(t: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # PSD projection + QP step
 # ---------------------------------------------------------------------------------------------------
+
 
 def newton_step_torch(hess: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Batched PSD projection + ``min 0.5 x'Dx - g'x s.t. x >= -w`` (exact active-set), on any device."""
@@ -79,8 +81,11 @@ def nonneg_qp_torch(D: torch.Tensor, c: torch.Tensor, max_outer: int | None = No
             s = _masked_solve(D, c, free)
             blocking = free & (s <= 0.0)
             den = y - s
-            ratio = torch.where(blocking & (den > 0), y / torch.where(den > 0, den, torch.ones_like(den)),
-                                torch.where(blocking, torch.zeros_like(y), torch.full_like(y, 2.0)))
+            ratio = torch.where(
+                blocking & (den > 0),
+                y / torch.where(den > 0, den, torch.ones_like(den)),
+                torch.where(blocking, torch.zeros_like(y), torch.full_like(y, 2.0)),
+            )
             alpha = ratio.min(dim=-1).values
             ok = inner_active & (alpha >= 1.0)
             y = torch.where(ok[:, None], s, y)
@@ -101,8 +106,12 @@ def nonneg_qp_torch(D: torch.Tensor, c: torch.Tensor, max_outer: int | None = No
 def newton_step(hess: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _use_numba(hess):
         out = np.empty(tuple(grad.shape), dtype=np.float64)
-        _kernels.psd_qp_batch(np.ascontiguousarray(hess.detach().numpy()), np.ascontiguousarray(grad.numpy()),
-                              np.ascontiguousarray(w.numpy()), out)
+        _kernels.psd_qp_batch(
+            np.ascontiguousarray(hess.detach().numpy()),
+            np.ascontiguousarray(grad.numpy()),
+            np.ascontiguousarray(w.numpy()),
+            out,
+        )
         return torch.from_numpy(out).to(grad.dtype)
     return newton_step_torch(hess, grad, w)
 
@@ -110,6 +119,7 @@ def newton_step(hess: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------------------
 # problem layouts
 # ---------------------------------------------------------------------------------------------------
+
 
 class SharedDesign:
     """Problems that all use the profile matrix ``P`` (genes x K); problem b scales it by ``numi[b]``."""
@@ -135,12 +145,12 @@ class SharedDesign:
         if _use_numba(w):
             # fused prediction + spline on CPU; only the two GEMMs below stay in torch
             t = self.table
-            B = w.shape[0]
             mix = (torch.clamp(w, min=0.0) @ self.P.T).numpy()
             a = np.empty_like(mix)
             b = np.empty_like(mix)
-            _kernels.shared_weights(mix, self._y_np, idx.numpy(), self._u_np, t.coef_np, t.x_np, t.mtab_np, t.n_int, t.x_max,
-                                    t.k_cap, a, b)
+            _kernels.shared_weights(
+                mix, self._y_np, idx.numpy(), self._u_np, t.coef_np, t.x_np, t.mtab_np, t.n_int, t.x_max, t.k_cap, a, b
+            )
             grad = torch.from_numpy(a) @ self.P
             htri = torch.from_numpy(b) @ self.PP
         else:
@@ -165,8 +175,17 @@ class SharedDesign:
 def _nll(table: TorchTable, y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     if _use_numba(pred):
         out = np.empty(pred.shape[0], dtype=np.float64)
-        _kernels.spline_nll(y.numpy(), pred.numpy(), table.coef_np, table.x_np, table.mtab_np, table.n_int, table.x_max,
-                            table.k_cap, out)
+        _kernels.spline_nll(
+            y.numpy(),
+            pred.numpy(),
+            table.coef_np,
+            table.x_np,
+            table.mtab_np,
+            table.n_int,
+            table.x_max,
+            table.k_cap,
+            out,
+        )
         return torch.from_numpy(out).to(pred.dtype)
     return table.neg_log_lik(y, pred)
 
@@ -174,8 +193,15 @@ def _nll(table: TorchTable, y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor
 class SubsetDesign:
     """Problem b fits pixel ``rows[b]`` (a row of ``y``) with the type columns ``types[b]`` of ``P``."""
 
-    def __init__(self, P: torch.Tensor, y: torch.Tensor, numi: torch.Tensor, rows: torch.Tensor,
-                 types: torch.Tensor, table: TorchTable):
+    def __init__(
+        self,
+        P: torch.Tensor,
+        y: torch.Tensor,
+        numi: torch.Tensor,
+        rows: torch.Tensor,
+        types: torch.Tensor,
+        table: TorchTable,
+    ):
         self.P = P
         self.y = y
         self.numi_pix = numi
@@ -198,8 +224,22 @@ class SubsetDesign:
             B = w.shape[0]
             grad = np.empty((B, self.k))
             hess = np.empty((B, self.k, self.k))
-            _kernels.subset_derivs(self.P.numpy(), self.types[idx].numpy(), w.numpy(), u.numpy(), self.y.numpy(),
-                                   self.rows[idx].numpy(), t.coef_np, t.x_np, t.mtab_np, t.n_int, t.x_max, t.k_cap, grad, hess)
+            _kernels.subset_derivs(
+                self.P.numpy(),
+                self.types[idx].numpy(),
+                w.numpy(),
+                u.numpy(),
+                self.y.numpy(),
+                self.rows[idx].numpy(),
+                t.coef_np,
+                t.x_np,
+                t.mtab_np,
+                t.n_int,
+                t.x_max,
+                t.k_cap,
+                grad,
+                hess,
+            )
             return torch.from_numpy(grad).to(w.dtype), torch.from_numpy(hess).to(w.dtype)
         S = self._gathered(idx)
         y = self.y[self.rows[idx]]
@@ -216,8 +256,21 @@ class SubsetDesign:
         if _use_numba(w):
             t = self.table
             out = np.empty(w.shape[0])
-            _kernels.subset_nll(self.P.numpy(), self.types[idx].numpy(), w.numpy(), u.numpy(), self.y.numpy(),
-                                self.rows[idx].numpy(), t.coef_np, t.x_np, t.mtab_np, t.n_int, t.x_max, t.k_cap, out)
+            _kernels.subset_nll(
+                self.P.numpy(),
+                self.types[idx].numpy(),
+                w.numpy(),
+                u.numpy(),
+                self.y.numpy(),
+                self.rows[idx].numpy(),
+                t.coef_np,
+                t.x_np,
+                t.mtab_np,
+                t.n_int,
+                t.x_max,
+                t.k_cap,
+                out,
+            )
             return torch.from_numpy(out).to(w.dtype)
         S = self._gathered(idx)
         pred = torch.einsum("bgk,bk->bg", S, w) * u[:, None]
@@ -228,6 +281,7 @@ class SubsetDesign:
 # the loop
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class IRWLSResult:
     weights: torch.Tensor  # (B, K), not normalised
@@ -235,8 +289,15 @@ class IRWLSResult:
     n_iter: torch.Tensor  # (B,) iterations used
 
 
-def solve_irwls(design, n_problems: int, n_iter: int = 50, min_change: float = 1e-3, step: float = 0.3,
-                dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> IRWLSResult:
+def solve_irwls(
+    design,
+    n_problems: int,
+    n_iter: int = 50,
+    min_change: float = 1e-3,
+    step: float = 0.3,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> IRWLSResult:
     """Run the damped Newton iterations from uniform weights ``1/K`` until each problem converges."""
     k = design.n_types()
     w = torch.full((n_problems, k), 1.0 / k, dtype=dtype, device=device)

@@ -10,15 +10,16 @@ spacexr ships these tables as a ~400 MB download. We instead evaluate the defini
 same quadrature (a Riemann sum with step 4e-3 over ``eps`` in [-20, 20]) for only the sigmas and count
 rows a run needs, and cache the result on disk.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.linalg
@@ -50,6 +51,7 @@ _UNDERFLOW = -300.0
 # the lambda grid and its closed-form interval lookup
 # ---------------------------------------------------------------------------------------------------
 
+
 def _interval_from_root(r: np.ndarray) -> np.ndarray:
     """1-based left-knot index of the grid interval for ``r = floor(sqrt(lam / 1e-6))``.
 
@@ -74,6 +76,7 @@ def lambda_grid() -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # the noise density and the tables
 # ---------------------------------------------------------------------------------------------------
+
 
 def _ht_constants() -> tuple[float, float, float]:
     a = 4.0 / 9.0 * math.exp(-4.5) / math.sqrt(2.0 * math.pi)
@@ -115,8 +118,13 @@ def _row_chunks(n_rows: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def compute_log_tables(sigmas: Sequence[float], n_rows: int, x: np.ndarray | None = None,
-                       device: torch.device | str = "cpu", backend: str | None = None) -> np.ndarray:
+def compute_log_tables(
+    sigmas: Sequence[float],
+    n_rows: int,
+    x: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+) -> np.ndarray:
     """``log P(k | lam_i)`` for ``k < n_rows`` at every grid knot, for each sigma: shape (S, n_rows, N_X).
 
     The sum over the noise grid ``e_j`` of ``Pois(k; lam e^{e_j}) pdf(e_j) step`` is a product of a
@@ -239,6 +247,7 @@ def spline_second_derivatives(values: np.ndarray, x: np.ndarray) -> np.ndarray:
 # disk cache
 # ---------------------------------------------------------------------------------------------------
 
+
 def default_cache_dir() -> Path:
     import platformdirs
 
@@ -291,6 +300,7 @@ def _round_rows(n_rows: int, cap: int) -> int:
 # the evaluated likelihood
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class LikelihoodTable:
     """Tabulated ``log P(k | lam)`` for one sigma with its spline second derivatives.
@@ -309,7 +319,7 @@ class LikelihoodTable:
     def n_rows(self) -> int:
         return self.logq.shape[0]
 
-    def to_torch(self, device, dtype) -> "TorchTable":
+    def to_torch(self, device, dtype) -> TorchTable:
         return TorchTable(self, device, dtype)
 
 
@@ -396,16 +406,27 @@ class TorchTable:
         return -d0.sum(dim=-1)
 
 
-def build_table(sigma: float, max_count: int, k_val: int = 1000, cache: bool = True,
-                cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> LikelihoodTable:
+def build_table(
+    sigma: float,
+    max_count: int,
+    k_val: int = 1000,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> LikelihoodTable:
     """Likelihood table for ``sigma`` covering counts up to ``min(max_count, k_val)``."""
     tables = build_tables([sigma], max_count, k_val=k_val, cache=cache, cache_dir=cache_dir, device=device)
     return tables[0]
 
 
-def build_tables(sigmas: Sequence[float], max_count: int, k_val: int = 1000, cache: bool = True,
-                 cache_dir: str | Path | None = None,
-                 device: str | torch.device = "cpu") -> list[LikelihoodTable]:
+def build_tables(
+    sigmas: Sequence[float],
+    max_count: int,
+    k_val: int = 1000,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> list[LikelihoodTable]:
     x = lambda_grid()
     need = min(int(max_count), k_val) + 1
     n_rows = _round_rows(need, k_val + 1)

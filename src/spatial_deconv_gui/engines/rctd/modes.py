@@ -9,6 +9,7 @@
 
 All sub-fits of a batch are pooled into a few large batched solves.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,13 +37,13 @@ class SolverSettings:
 
 def fit_full(P: torch.Tensor, y: torch.Tensor, numi: torch.Tensor, table: TorchTable, s: SolverSettings):
     design = SharedDesign(P, y, numi, table)
-    res = solve_irwls(design, y.shape[0], n_iter=s.n_iter, min_change=s.min_change, step=s.step, dtype=s.dtype,
-                      device=s.device)
+    res = solve_irwls(
+        design, y.shape[0], n_iter=s.n_iter, min_change=s.min_change, step=s.step, dtype=s.dtype, device=s.device
+    )
     return res.weights.cpu().numpy().astype(np.float64), res.converged.cpu().numpy()
 
 
-def _fit_subsets(P, y, numi, table, rows: np.ndarray, types: np.ndarray, n_iter: int, s: SolverSettings,
-                 score: bool):
+def _fit_subsets(P, y, numi, table, rows: np.ndarray, types: np.ndarray, n_iter: int, s: SolverSettings, score: bool):
     """Fit each (pixel row, type list) problem; return weights, converged flags and (optionally) scores."""
     if len(rows) == 0:
         k = types.shape[1] if types.ndim == 2 else 0
@@ -50,8 +51,9 @@ def _fit_subsets(P, y, numi, table, rows: np.ndarray, types: np.ndarray, n_iter:
     r = torch.as_tensor(rows, dtype=torch.long, device=s.device)
     t = torch.as_tensor(types, dtype=torch.long, device=s.device)
     design = SubsetDesign(P, y, numi, r, t, table)
-    res = solve_irwls(design, len(rows), n_iter=n_iter, min_change=s.min_change, step=s.step, dtype=s.dtype,
-                      device=s.device)
+    res = solve_irwls(
+        design, len(rows), n_iter=n_iter, min_change=s.min_change, step=s.step, dtype=s.dtype, device=s.device
+    )
     sc = None
     if score:
         sc = design.score(res.weights, torch.arange(len(rows), device=s.device)).cpu().numpy().astype(np.float64)
@@ -113,8 +115,9 @@ def _pair_check(cands, pair_score, singlet_scores, min_score, my_type, type_clas
     return all_pairs, all_pairs_class, s
 
 
-def fit_doublet(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr: float,
-                type_class: list[str] | None = None) -> DoubletBatch:
+def fit_doublet(
+    P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr: float, type_class: list[str] | None = None
+) -> DoubletBatch:
     B = y.shape[0]
     K = P.shape[1]
     weights, conv_full = fit_full(P, y, numi, table, s)
@@ -180,11 +183,11 @@ def fit_doublet(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_t
         spot_class[i], first[i], second[i] = cls, t1, t2
         first_cls[i], second_cls[i] = fc, sc2
         min_scores[i], singlet_out[i] = min_score, singlet_score
-    dw, dconv, _ = _fit_subsets(P, y, numi, table, np.arange(B), np.stack([first, second], 1), s.n_iter, s,
-                                score=False)
+    dw, dconv, _ = _fit_subsets(P, y, numi, table, np.arange(B), np.stack([first, second], 1), s.n_iter, s, score=False)
     dw = dw / dw.sum(axis=1, keepdims=True)
-    return DoubletBatch(weights, conv_full, spot_class, first, second, first_cls, second_cls, dw, dconv,
-                        min_scores, singlet_out)
+    return DoubletBatch(
+        weights, conv_full, spot_class, first, second, first_cls, second_cls, dw, dconv, min_scores, singlet_out
+    )
 
 
 @dataclass
@@ -199,10 +202,8 @@ class MultiBatch:
     converged_sub: np.ndarray
 
 
-def fit_multi(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr: float,
-              max_types: int) -> MultiBatch:
+def fit_multi(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr: float, max_types: int) -> MultiBatch:
     B = y.shape[0]
-    K = P.shape[1]
     weights, conv_full = fit_full(P, y, numi, table, s)
     remaining = []
     for i in range(B):
@@ -220,8 +221,17 @@ def fit_multi(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr
                 types.append(chosen[i] + [c])
         if not rows:
             break
-        _, _, sc = _fit_subsets(P, y, numi, table, np.array(rows), np.array(types, dtype=np.int64).reshape(-1, n),
-                                s.n_iter_score, s, score=True)
+        _, _, sc = _fit_subsets(
+            P,
+            y,
+            numi,
+            table,
+            np.array(rows),
+            np.array(types, dtype=np.int64).reshape(-1, n),
+            s.n_iter_score,
+            s,
+            score=True,
+        )
         best_score = {}
         best_type = {}
         for r_, t_, v in zip(rows, types, sc):
@@ -248,14 +258,22 @@ def fit_multi(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr
                 owner.append((i, j))
     confident = np.zeros((B, max_types), dtype=bool)
     for i in range(B):
-        confident[i, :len(chosen[i])] = True
+        confident[i, : len(chosen[i])] = True
     by_size: dict[int, list[int]] = {}
     for q, tl in enumerate(types):
         by_size.setdefault(len(tl), []).append(q)
     for size, qs in by_size.items():
-        _, _, sc = _fit_subsets(P, y, numi, table, np.array([rows[q] for q in qs]),
-                                np.array([types[q] for q in qs], dtype=np.int64).reshape(-1, size),
-                                s.n_iter_score, s, score=True)
+        _, _, sc = _fit_subsets(
+            P,
+            y,
+            numi,
+            table,
+            np.array([rows[q] for q in qs]),
+            np.array([types[q] for q in qs], dtype=np.int64).reshape(-1, size),
+            s.n_iter_score,
+            s,
+            score=True,
+        )
         for q, v in zip(qs, sc):
             i, j = owner[q]
             if v < cur[i] + conf_thr:
@@ -268,8 +286,9 @@ def fit_multi(P, y, numi, table, s: SolverSettings, conf_thr: float, doublet_thr
         if size == 0:
             continue
         idx = np.flatnonzero(n_types == size)
-        w, cv, _ = _fit_subsets(P, y, numi, table, idx, np.array([chosen[i] for i in idx], dtype=np.int64), s.n_iter,
-                                s, score=False)
+        w, cv, _ = _fit_subsets(
+            P, y, numi, table, idx, np.array([chosen[i] for i in idx], dtype=np.int64), s.n_iter, s, score=False
+        )
         w = w / w.sum(axis=1, keepdims=True)
         type_idx[idx, :size] = np.array([chosen[i] for i in idx])
         sub_w[idx, :size] = w

@@ -1,4 +1,5 @@
 """Cell-type expression profiles from a labelled single-cell reference."""
+
 from __future__ import annotations
 
 import warnings
@@ -20,9 +21,18 @@ class ReferenceProfiles:
     n_cells_removed_low_umi: int = 0
 
 
-def build_profiles(counts: sp.spmatrix, genes: np.ndarray, cell_types: np.ndarray, n_umi: np.ndarray,
-                   type_order: list[str] | None = None, cell_min: int = 25, n_max_cells: int = 10000,
-                   umi_min: float = 100, strict: bool = False, seed: int = 0) -> ReferenceProfiles:
+def build_profiles(
+    counts: sp.spmatrix,
+    genes: np.ndarray,
+    cell_types: np.ndarray,
+    n_umi: np.ndarray,
+    type_order: list[str] | None = None,
+    cell_min: int = 25,
+    n_max_cells: int = 10000,
+    umi_min: float = 100,
+    strict: bool = False,
+    seed: int = 0,
+) -> ReferenceProfiles:
     """Filter cells, check/drop rare types, downsample large types, and average normalised expression.
 
     Normalising by ``n_umi`` (the whole-transcriptome library size when the reference carries it) rather
@@ -44,10 +54,15 @@ def build_profiles(counts: sp.spmatrix, genes: np.ndarray, cell_types: np.ndarra
     if rare:
         listing = ", ".join(f"{t} ({n})" for t, n in rare.items())
         if strict:
-            raise ValueError(f"cell types with fewer than cell_min={cell_min} cells: {listing}. "
-                             "Lower cell_min, merge or remove these types, or set strict=False to drop them.")
-        warnings.warn(f"RCTD: dropping cell types with fewer than cell_min={cell_min} cells: {listing}",
-                      RuntimeWarning, stacklevel=3)
+            raise ValueError(
+                f"cell types with fewer than cell_min={cell_min} cells: {listing}. "
+                "Lower cell_min, merge or remove these types, or set strict=False to drop them."
+            )
+        warnings.warn(
+            f"RCTD: dropping cell types with fewer than cell_min={cell_min} cells: {listing}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     types = [t for t in order if t not in rare]
     if len(types) < 2:
         raise ValueError(f"RCTD needs at least 2 cell types with >= {cell_min} cells; found {len(types)}")

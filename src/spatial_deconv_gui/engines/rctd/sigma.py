@@ -1,8 +1,9 @@
 """Platform-effect normalisation (bulk fit) and estimation of the noise scale sigma_c."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,8 +25,14 @@ class BulkFit:
     converged: bool
 
 
-def fit_bulk(profiles_bulk: np.ndarray, bulk_counts: np.ndarray, total_umi: float, n_iter: int = 100,
-             min_change: float = 1e-4, step: float = 0.3) -> BulkFit:
+def fit_bulk(
+    profiles_bulk: np.ndarray,
+    bulk_counts: np.ndarray,
+    total_umi: float,
+    n_iter: int = 100,
+    min_change: float = 1e-4,
+    step: float = 0.3,
+) -> BulkFit:
     """Fit the summed slide as one pixel, then rescale each gene so the fitted mixture matches the slide.
 
     The reference and slide differ by a per-gene capture efficiency (platform effect). Fitting the
@@ -97,9 +104,14 @@ def _cell_moments(table: TorchTable, y: np.ndarray, lam: np.ndarray):
     key = np.minimum(y, table.k_cap).astype(np.int64) * table.n_int + m
     cells, inv = np.unique(key, return_inverse=True)
     a2 = a * a
-    moments = np.stack([np.bincount(inv, minlength=len(cells)).astype(np.float64),
-                        np.bincount(inv, a, len(cells)), np.bincount(inv, a2, len(cells)),
-                        np.bincount(inv, a2 * a, len(cells))])
+    moments = np.stack(
+        [
+            np.bincount(inv, minlength=len(cells)).astype(np.float64),
+            np.bincount(inv, a, len(cells)),
+            np.bincount(inv, a2, len(cells)),
+            np.bincount(inv, a2 * a, len(cells)),
+        ]
+    )
     return cells, moments
 
 
@@ -109,12 +121,21 @@ def _score_from_moments(table: TorchTable, cells: np.ndarray, mom: np.ndarray) -
     return -float(np.einsum("ij,ji->", c, mom))
 
 
-def estimate_sigma(profiles: np.ndarray, counts: np.ndarray, numi: np.ndarray,
-                   get_tables: Callable[[list[int]], list[LikelihoodTable]], n_epoch: int = 8,
-                   n_iter: int = 50, min_change: float = 1e-3, step: float = 0.3, seed: int = 0,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                   progress: Callable[[float, str], None] | None = None,
-                   check_cancel: Callable[[], None] | None = None) -> tuple[int, list[int]]:
+def estimate_sigma(
+    profiles: np.ndarray,
+    counts: np.ndarray,
+    numi: np.ndarray,
+    get_tables: Callable[[list[int]], list[LikelihoodTable]],
+    n_epoch: int = 8,
+    n_iter: int = 50,
+    min_change: float = 1e-3,
+    step: float = 0.3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    progress: Callable[[float, str], None] | None = None,
+    check_cancel: Callable[[], None] | None = None,
+) -> tuple[int, list[int]]:
     """spacexr's alternating search: fit weights at the current sigma, then pick the sigma in a +-8 grid
     window that best explains those fits; repeat until sigma stops moving (at most ``n_epoch`` times).
 
@@ -146,11 +167,10 @@ def estimate_sigma(profiles: np.ndarray, counts: np.ndarray, numi: np.ndarray,
             check_cancel()
         table = torch_tables([sigma], dtype)[0]
         design = SharedDesign(P, y, u, table)
-        res = solve_irwls(design, y.shape[0], n_iter=n_iter, min_change=min_change, step=step, dtype=dtype,
-                          device=dev)
+        res = solve_irwls(design, y.shape[0], n_iter=n_iter, min_change=min_change, step=step, dtype=dtype, device=dev)
         pred = (res.weights @ P.T) * u[:, None]
         pos = SIGMA_GRID.index(sigma)
-        window = list(SIGMA_GRID[max(0, pos - SIGMA_WINDOW): pos + SIGMA_WINDOW + 1])
+        window = list(SIGMA_GRID[max(0, pos - SIGMA_WINDOW) : pos + SIGMA_WINDOW + 1])
         tables = torch_tables(window, torch.float64)
         flat_pred, flat_y = pred.reshape(-1).double(), y.reshape(-1).double()
         if sample is not None:
