@@ -23,11 +23,12 @@ def sim():
     return simulate_grn_tissue(seed=0)
 
 
-def _train(sim, out, **kw):
+def _train(sim, out, problems_per_batch=512, **kw):
     s = sim.uns["perturb_sim"]
     grn, _ = priors.load_grn(s["grn_prior"])
     lr, _ = priors.load_lr(s["lr_prior"])
-    cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
+    cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"],
+                      problems_per_batch=problems_per_batch)
     return train(sim.X, sim.var_names, sim.obsm["spatial"], sim.obs["cluster"].astype(str).to_numpy(), grn, lr,
                  out, config=cfg, **kw)
 
@@ -161,13 +162,13 @@ def test_knockout_of_upstream_tf_moves_targets_down(sim, trained):
 
 def test_resume_skips_finished_genes_and_reports_progress(sim, tmp_path):
     out = tmp_path / "m"
-    man = _train(sim, out)
+    man = _train(sim, out, problems_per_batch=3)  # 3 clusters: one target per batch, so one store shard each
     targets = man["targets"]
     before = {t: md.coef_path(out, t).stat().st_mtime_ns for t in targets}
     victim = targets[3]
     md.coef_path(out, victim).unlink()
     events = []
-    man2 = _train(sim, out, control=RunControl(events.append, max_rate=0))
+    man2 = _train(sim, out, problems_per_batch=3, control=RunControl(events.append, max_rate=0))
     trained_now = [e.message for e in events if e.stage == "training" and e.message not in ("", "done")]
     assert trained_now == [victim]
     assert man2["status"] == "complete"

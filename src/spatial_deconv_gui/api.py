@@ -12,6 +12,7 @@ from typing import Any
 import anndata as ad
 
 from . import __version__
+from .engines.base import Cancelled  # noqa: F401  (re-exported: the GUI catches it without reaching into engines)
 from .engines.base import DeconvResult, ProgressCallback, RunControl
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
@@ -204,3 +205,11 @@ def reference_batch_labels(reference, batch_col: str, cell_type_col: str = "cell
                          code="unknown_reference_batch_col")
     keep = rdata.obs[cell_type_col].notna().to_numpy() if cell_type_col in rdata.obs else slice(None)
     return np.asarray(rdata.obs[batch_col].to_numpy(), dtype=object)[keep]
+
+
+def destvi_imputed_expression(source, cell_type: str, genes=None, spots=None):
+    """DestVI's expression of ``genes`` within ``cell_type`` at ``spots`` (fractions of a cell's library), from a
+    DestVI result or the ``uns['destvi_model']`` state it carries (DestVI's ``get_scale_for_ct``)."""
+    from .engines.destvi.engine import impute_expression  # DestVI's module pulls in torch: only when imputing
+
+    return impute_expression(source, cell_type, genes=genes, spots=spots)

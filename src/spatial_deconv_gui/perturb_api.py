@@ -27,15 +27,17 @@ from .engines.perturb.impute import impute_clusterwise
 from .engines.perturb.perturb import (PerturbModel, PerturbStep, Propagator, iter_perturbation,
                                       load_model as _load_model)
 from .engines.perturb.train import TrainConfig, train as _train
+from .engines.perturb.regrid import regrid as regrid_vectors
 from .engines.perturb.vectors import vector_field
 from .io.errors import InputError
+from .io.perturbed import attach_perturbation, model_cells_adata
 from .io.read import find_coordinates
 from .io.slide import read_slide_adata
 
 IMPUTED_LAYERS = ("imputed_count", "imputed", "magic", "smoothed")
 
 __all__ = ["TrainConfig", "PerturbModel", "PerturbStep", "impute_expression", "train_model", "load_model",
-           "run_perturbation", "perturbation_steps"]
+           "run_perturbation", "perturbation_steps", "regrid_vectors"]
 
 
 def _control(control: RunControl | None, progress: Callable | None) -> RunControl:
@@ -180,19 +182,6 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
     return _load_model(out)
 
 
-def train_model_for_gui(*args, **kwargs) -> PerturbModel:
-    """:func:`train_model`, then one propagation step of a knockout of one gene in two cells, so that the
-    knockout's numba kernels are compiled here (in the GUI's training process) and read from numba's disk cache
-    by the GUI process, whose canvas would otherwise freeze while they compile at the first Run. (The vector
-    field has no compiled kernels, so it is not run.)"""
-    model = train_model(*args, **kwargs)
-    if model.targets:
-        for _ in perturbation_steps(model, [model.targets[0]], 0.0, cells=[0, min(1, model.expr.shape[0] - 1)],
-                                    steps=1):
-            pass
-    return model
-
-
 def load_model(path: str | os.PathLike) -> PerturbModel:
     """Read a model directory written by :func:`train_model`."""
     return _load_model(path)
@@ -295,23 +284,11 @@ def run_perturbation(model, genes, values=0.0, *, cells=None, cell_type=None, ce
     vf = vector_field(model.expr, delta, emb, k=k, temperature=temperature, null=null, n_grid=n_grid,
                       control=ctl)
     if adata is None:
-        out = ad.AnnData(X=model.expr.copy(), obs=pd.DataFrame(
-            {"cluster": pd.Categorical(model.clusters, categories=model.cluster_names)},
-            index=model.obs_names), var=pd.DataFrame(index=model.genes))
-        out.obsm["spatial"] = model.coords.copy()
-        for key, v in model.obsm.items():
-            if key != "spatial":
-                out.obsm[key] = v.copy()
+        out = model_cells_adata(model.expr, model.clusters, model.cluster_names, model.obs_names, model.genes,
+                                model.coords, model.obsm)
     else:
         out = adata.copy()
-    col = out.var_names.get_indexer(model.genes)
-    have = col >= 0
-    nz = np.nonzero(delta[:, have])
-    mapped = col[have]
-    D = sp.csr_matrix((delta[:, have][nz].astype(np.float64), (nz[0], mapped[nz[1]])), shape=(n, out.n_vars))
-    out.layers["perturb_delta"] = D
-    out.obsm["perturb_vectors"] = vf.cell_vectors
-    out.obsm["perturb_grid_vectors"] = vf.cell_grid_vectors
+    missing = attach_perturbation(out, model.genes, delta, vf.cell_vectors, vf.cell_grid_vectors)
     out.uns["perturb"] = {
         "genes": genes_l, "values": vals, "scope": scope, "steps": int(steps),
         "parameters": {"ligand_mode": prop.mode, "embedding": embedding, "k": int(k),
@@ -323,7 +300,7 @@ def run_perturbation(model, genes, values=0.0, *, cells=None, cell_type=None, ce
                        "scale_factor": float(model.scale_factor),
                        "model_dir": str(model.path) if model.path else ""},
         "grid_points": vf.grid_points, "grid_vectors": vf.grid_vectors,
-        "model_genes_missing_from_output": [g for g, h in zip(model.genes, have) if not h],
+        "model_genes_missing_from_output": missing,
         "runtime_s": round(time.perf_counter() - t0, 3),
     }
     ctl.report("vectors", 1.0, "done")

@@ -1,4 +1,4 @@
-"""`spatial-deconv perturb train|run`: the perturbation engine from the shell.
+"""`spatial-deconv perturb train|run|upgrade`: the perturbation engine from the shell.
 
 Hooked into :mod:`spatial_deconv_gui.cli` with ``add_perturb_parser(sub)`` and
 ``run_perturb_command(args)``.
@@ -63,6 +63,12 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     add_config_flags(rn, PerturbRunConfig)
     rn.add_argument("--json", action="store_true")
     rn.add_argument("--quiet", "-q", action="store_true")
+
+    up = sub.add_parser("upgrade", help="rewrite an older model folder (one CSV per target) in place as the "
+                                        "current format (one coefficient store, fast to load)")
+    up.add_argument("model_dir")
+    up.add_argument("--json", action="store_true")
+    up.add_argument("--quiet", "-q", action="store_true")
     return p
 
 
@@ -170,10 +176,28 @@ def _cmd_run(args) -> int:
     return EXIT_OK
 
 
+def _cmd_upgrade(args) -> int:
+    from .engines.perturb import model_dir as md
+
+    summary = md.upgrade(args.model_dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        if summary["upgraded"]:
+            print(f"upgraded {args.model_dir} from format {summary['from_format']} to {summary['format_version']}: "
+                  f"{summary['n_targets']} targets in {summary['store']} ({summary['store_bytes']} bytes)",
+                  file=sys.stderr)
+        else:
+            print(f"{args.model_dir} is already format {summary['format_version']}; nothing to do", file=sys.stderr)
+    return EXIT_OK
+
+
 def run_perturb_command(args) -> int:
     """Dispatch ``spatial-deconv perturb ...`` (InputError propagates to the main CLI's handler)."""
     if args.perturb_command == "train":
         return _cmd_train(args)
+    if args.perturb_command == "upgrade":
+        return _cmd_upgrade(args)
     return _cmd_run(args)
 
 

@@ -7,11 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+from .. import keys
+
 PLUGIN = "spatial-deconv-gui"
 
 
 def _default_method(method: str | None) -> str | None:
-    from ..engines.registry import available_methods
+    from ..api import available_methods  # the demo's CLI entry imports napari and the API only once it runs
 
     methods = available_methods()
     if method is not None:
@@ -45,7 +47,7 @@ def _inspect_a_mixed_spot(viewer, run):
 
     from .workbench import workbench_for
 
-    props = run.adata.obsm[f"{run.result.key}_proportions"].to_numpy()
+    props = run.adata.obsm[keys.proportions(run.result.key)].to_numpy()
     purity = np.where(np.isnan(props).any(axis=1), np.inf, np.nanmax(props, axis=1))
     idx = int(np.argmin(purity))
     wb = workbench_for(viewer)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,11 +20,13 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ..engines.base import Cancelled, RunControl
+from .. import keys
+from ..api import Cancelled, RunControl
 from ..isolated import run_isolated
 from .colorbar import add_colorbar, draw_colorbar
 from .layers import PLUGIN_KEY, refresh_slide_picker, slide_layer_choices
 from .notify import notify_error, notify_info, status_label
+from .session import session_for
 from .views import colormap_rgba
 
 SPECIES = ("mouse", "human", "other")
@@ -92,21 +93,6 @@ def grid_vectors_yx(points_xy: np.ndarray, vectors_xy: np.ndarray, length: float
     return np.stack([pos, vec], axis=1)
 
 
-def regrid(points_xy: np.ndarray, cell_vectors: np.ndarray, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Average per-cell vectors over an n_grid x n_grid lattice (the density control)."""
-    pts = np.asarray(points_xy, dtype=float)
-    lo, hi = pts.min(axis=0), pts.max(axis=0)
-    step = (hi - lo) / max(n_grid, 1)
-    ij = np.clip(((pts - lo) / np.where(step > 0, step, 1)).astype(int), 0, n_grid - 1)
-    flat = ij[:, 0] * n_grid + ij[:, 1]
-    counts = np.bincount(flat, minlength=n_grid * n_grid)
-    sums = np.stack([np.bincount(flat, weights=cell_vectors[:, d], minlength=n_grid * n_grid) for d in (0, 1)], 1)
-    keep = counts >= 3  # a grid arrow needs a few cells behind it
-    gi, gj = np.divmod(np.arange(n_grid * n_grid), n_grid)
-    centres = lo + (np.stack([gi, gj], 1) + 0.5) * step
-    return centres[keep], sums[keep] / counts[keep, None]
-
-
 class _Relay(QObject):
     progressed = Signal(object)
     stepped = Signal(object)
@@ -122,12 +108,12 @@ class Perturbation:
 
     def delta(self, gene: str) -> np.ndarray:
         col = list(self.adata.var_names).index(gene)
-        return np.asarray(self.adata.layers["perturb_delta"][:, col].todense()).ravel()
+        return np.asarray(self.adata.layers[keys.PERTURB_DELTA][:, col].todense()).ravel()
 
     @cached_property
     def moved(self) -> pd.Series:
         """Mean |Δ| per gene over all cells, largest first (computed once: the run never changes)."""
-        d = self.adata.layers["perturb_delta"]
+        d = self.adata.layers[keys.PERTURB_DELTA]
         mean_abs = np.asarray(abs(d).mean(axis=0)).ravel()
         return pd.Series(mean_abs, index=list(self.adata.var_names)).sort_values(ascending=False)
 
@@ -149,14 +135,11 @@ class PerturbState:
         return np.asarray(self.model.coords, dtype=float)[:, :2][:, ::-1] * self.world_per_coord
 
 
-_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def perturb_state(viewer) -> PerturbState:
-    st = _STATES.get(viewer)
-    if st is None:
-        st = _STATES[viewer] = PerturbState(viewer)
-    return st
+    session = session_for(viewer)
+    if session.perturb is None:
+        session.perturb = PerturbState(session.viewer)
+    return session.perturb
 
 
 # -- Train -----------------------------------------------------------------------------------------------
@@ -240,7 +223,7 @@ class TrainWidget(Container):
         # a deconvolution's dominant type can serve as the cluster column
         for name, rec in workbench_for(self.viewer).runs.items():
             if rec.adata.n_obs == meta.get("n_spots"):
-                self._obs_columns.append(f"{rec.key}_dominant_type ({name})")
+                self._obs_columns.append(f"{keys.dominant_type(rec.key)} ({name})")
         self.expression.reset_choices()
         self.cluster_col.reset_choices()
         for guess in ("cluster", "cell_type", "celltype", "leiden", "louvain"):
@@ -309,7 +292,7 @@ class TrainWidget(Container):
         def job():
             # a child process, so no numba compile or GIL-holding step of training can freeze the canvas
             kwargs = dict(spatial=adata, grn=grn, lr=lr, cluster_col=col, out=out, layer=layer_name, **params)
-            return run_isolated("spatial_deconv_gui.perturb_api:train_model_for_gui", kwargs, control,
+            return run_isolated("spatial_deconv_gui.gui.warmup:train_model_for_gui", kwargs, control,
                                 threads=max(1, (os.cpu_count() or 2) - 1))
 
         self._worker = create_worker(job, _start_thread=False, _connect={
@@ -349,8 +332,7 @@ class TrainWidget(Container):
         self.progress.value = 1000
         self.status.value = f"ready: {len(model.targets)} targets, {len(model.cluster_names)} clusters"
         notify_info(f"perturbation model ready ({len(model.targets)} targets)")
-        for w in knockout_widgets(self.viewer):
-            w.on_model(model)
+        session_for(self.viewer).model_changed.emit(model)
 
     def _on_error(self, exc):
         if isinstance(exc, Cancelled):
@@ -365,13 +347,6 @@ class TrainWidget(Container):
 
 
 # -- Knockout --------------------------------------------------------------------------------------------
-_KNOCKOUTS: "weakref.WeakSet" = weakref.WeakSet()
-
-
-def knockout_widgets(viewer):
-    return [w for w in list(_KNOCKOUTS) if w.viewer == viewer]  # napari may hand widgets a proxy
-
-
 SCOPES = ("all cells", "inside shapes", "selected points", "cluster")
 
 
@@ -382,7 +357,9 @@ class KnockoutWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.state = perturb_state(napari_viewer)
-        _KNOCKOUTS.add(self)
+        session = session_for(napari_viewer)
+        session.knockout_docks.add(self)
+        session.model_changed.connect(self.on_model)
         self._worker = None
         self._finishing = False
         self._cancel = None
@@ -660,7 +637,7 @@ class KnockoutWidget(Container):
         if run is None:
             return
         pts = self.state.cells_yx()[:, ::-1]
-        cell_vec = np.asarray(run.adata.obsm["perturb_vectors"])
+        cell_vec = np.asarray(run.adata.obsm[keys.PERTURB_VECTORS])
         # arrows scaled so the longest grid arrow spans about one grid cell, times the length slider
         if self.per_cell.value:
             data_pts, data_vec = pts, cell_vec
@@ -671,7 +648,9 @@ class KnockoutWidget(Container):
                 data_pts = np.asarray(uns["grid_points"]) * self.state.world_per_coord
                 data_vec = np.asarray(uns["grid_vectors"])
             else:
-                data_pts, data_vec = regrid(pts, cell_vec, int(self.arrow_density.value))
+                from ..perturb_api import regrid_vectors  # perturb_api pulls in torch: not on opening the dock
+
+                data_pts, data_vec = regrid_vectors(pts, cell_vec, int(self.arrow_density.value))
             n_side = self.arrow_density.value
         span = np.ptp(pts, axis=0).max() / max(n_side, 1)
         lengths = np.linalg.norm(np.nan_to_num(data_vec), axis=1)
@@ -757,7 +736,7 @@ class SummaryWidget(Container):
 
     def show(self, run: Perturbation, moved: pd.Series, model):
         top = moved.head(10)
-        mean = np.asarray(run.adata.layers["perturb_delta"].mean(axis=0)).ravel()
+        mean = np.asarray(run.adata.layers[keys.PERTURB_DELTA].mean(axis=0)).ravel()
         signs = pd.Series(mean, index=list(run.adata.var_names))[top.index]
         self.top = signs
         self.figure.clear()
@@ -769,7 +748,7 @@ class SummaryWidget(Container):
         ax.set_title(run.name, fontsize=9)
         ax.tick_params(labelsize=8)
         self.canvas.draw_idle()
-        d = run.adata.layers["perturb_delta"]
+        d = run.adata.layers[keys.PERTURB_DELTA]
         per_cell = np.asarray(abs(d).sum(axis=1)).ravel()
         self.per_cluster = pd.Series(per_cell).groupby(np.asarray(model.clusters)).mean().sort_values(ascending=False)
         self.table.value = "mean |Δ| per cell, by cluster:\n" + "\n".join(

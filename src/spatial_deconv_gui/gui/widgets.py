@@ -10,8 +10,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
                               SpinBox)
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ..engines.base import Cancelled
-from ..engines.registry import available_methods
+from ..api import Cancelled, available_methods
 from .layers import (PLUGIN_KEY, refresh_slide_picker, set_spot_colors, slide_coords_yx, slide_layer_choices,
                      spot_colors)
 from .notify import notify_error, notify_info, status_label

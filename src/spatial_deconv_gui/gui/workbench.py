@@ -7,7 +7,6 @@ computed as RGBA by :mod:`.views` or :mod:`..colors` so what is drawn is what th
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +20,14 @@ from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
+from .. import keys
+from ..api import destvi_imputed_expression
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
 from .colorbar import add_colorbar, draw_colorbar
 from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors
 from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba, nearest_spot
 from .notify import status_label
+from .session import session_for
 
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
 IMPUTE_CHUNK_VALUES = 4_000_000  # spots x states x genes per imputation step (~32 MB of float64)
@@ -53,7 +55,7 @@ class RunRecord:
 
     @property
     def proportions(self) -> pd.DataFrame:
-        return self.adata.obsm[f"{self.key}_proportions"]
+        return self.adata.obsm[keys.proportions(self.key)]
 
     @property
     def cell_types(self) -> list[str]:
@@ -61,7 +63,7 @@ class RunRecord:
 
     @property
     def dominant(self) -> np.ndarray:
-        return self.adata.obs[f"{self.key}_dominant_type"].astype(str).to_numpy()
+        return self.adata.obs[keys.dominant_type(self.key)].astype(str).to_numpy()
 
 
 def destvi_state(rec: RunRecord) -> dict | None:
@@ -76,10 +78,8 @@ def impute_gene_steps(state: dict, cell_type: str, gene: str, chunk: int | None 
     """DestVI's imputed expression of ``gene`` within ``cell_type`` at every spot, a chunk of spots at a time.
 
     A generator for a worker: yields the fraction of spots done after each chunk and returns the values
-    (one per spot, fractions of a cell's library, as :func:`engines.destvi.engine.impute_expression`).
+    (one per spot, fractions of a cell's library, as :func:`spatial_deconv_gui.api.destvi_imputed_expression`).
     """
-    from ..engines.destvi.engine import impute_expression
-
     n_spots = len(state["barcodes"])
     n_states = int(np.asarray(state["mode_weights"]).shape[1])
     if chunk is None:
@@ -87,20 +87,16 @@ def impute_gene_steps(state: dict, cell_type: str, gene: str, chunk: int | None 
     out = np.empty(n_spots, dtype=np.float64)
     for start in range(0, n_spots, chunk):
         idx = np.arange(start, min(n_spots, start + chunk))
-        out[idx] = impute_expression(state, cell_type, genes=[gene], spots=idx).to_numpy()[:, 0]
+        out[idx] = destvi_imputed_expression(state, cell_type, genes=[gene], spots=idx).to_numpy()[:, 0]
         yield float(idx[-1] + 1) / n_spots
     return out
 
 
-_WORKBENCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def workbench_for(viewer) -> "Workbench":
-    wb = _WORKBENCHES.get(viewer)
-    if wb is None:
-        wb = Workbench(viewer)
-        _WORKBENCHES[viewer] = wb
-    return wb
+    session = session_for(viewer)
+    if session.workbench is None:
+        session.workbench = Workbench(session.viewer)
+    return session.workbench
 
 
 class Workbench:
@@ -176,7 +172,7 @@ class Workbench:
             metadata={**self._meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"},
             features=feats, visible=False, **common)
         yield
-        cls_col = f"{rec.key}_spot_class"
+        cls_col = keys.spot_class(rec.key)
         if cls_col in rec.adata.obs:
             classes = rec.adata.obs[cls_col].astype(str).to_numpy()
             rec.layers["spot_class"] = add_spot_layer(
@@ -425,10 +421,10 @@ class InspectorWidget(QWidget):
         ax.set_title(barcode, fontsize=9)
         self.canvas.draw_idle()
         obs = rec.adata.obs.iloc[idx]
-        keys = [c for c in obs.index if c.startswith(f"{rec.key}_") and c != f"{rec.key}_dominant_type"]
-        keys += [c for c in ("nUMI",) if c in obs.index]
+        score_columns = [c for c in obs.index if c.startswith(f"{rec.key}_") and c != keys.dominant_type(rec.key)]
+        score_columns += [c for c in (keys.NUMI,) if c in obs.index]
         parts = [f"<b>{barcode}</b> ({rec.name})", f"dominant: {rec.dominant[idx]}"]
-        parts += [f"{k.removeprefix(rec.key + '_')}: {_fmt(obs[k])}" for k in keys]
+        parts += [f"{k.removeprefix(rec.key + '_')}: {_fmt(obs[k])}" for k in score_columns]
         self.text.setText("<br>".join(parts))
 
 

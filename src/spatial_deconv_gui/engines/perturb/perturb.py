@@ -25,9 +25,9 @@ one radius in one pass.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -154,10 +154,95 @@ def build_coefficients(genes, cluster_names, coef_tables: dict) -> tuple:
             list(tfl_pairs))
 
 
+class StoreTables(Mapping):
+    """``{target: coefficient table}`` over a coefficient store, each table built when asked for (the same
+    DataFrame the format 1-2 CSV gives); loading never builds them."""
+
+    def __init__(self, store: md.CoefStore, targets: list[str]):
+        self.store = store
+        row = {t: i for i, t in enumerate(store.targets.tolist())}
+        self._row = {t: row[t] for t in targets}
+
+    def __getitem__(self, target):
+        return self.store.table(self._row[target])
+
+    def __iter__(self):
+        return iter(self._row)
+
+    def __len__(self):
+        return len(self._row)
+
+
+def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) -> tuple:
+    """What :func:`build_coefficients` gives from the tables, computed on the store's columns.
+
+    The entries go in the same order as there (per cluster: targets in ``targets`` order, then each target's
+    modulator order) and the pairs are numbered by first appearance in that order, so the matrices are
+    identical, not just equal up to rounding.
+    """
+    gi = {g: i for i, g in enumerate(genes)}
+    C = len(cluster_names)
+    row_of = {t: i for i, t in enumerate(store.targets.tolist())}
+    rows = np.array([row_of[t] for t in targets], dtype=np.int64)            # store row of each target, in order
+    lengths = np.diff(store.mod_ptr)[rows]
+    new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    total = int(new_ptr[-1])
+    take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)   # ordered modulator slots
+    codes = store.mod_code[take]
+    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    parsed = [parse_modulator(str(u)) for u in store.mod_vocab[uniq]]
+    kind = np.array([k for k, _ in parsed], dtype=np.int64)
+    row_index = np.zeros(len(uniq), dtype=np.int64)
+    pairs = {}
+    for kd in (LR, TFL):   # pairs numbered by first appearance
+        sel = np.flatnonzero(kind == kd)
+        sel = sel[np.argsort(first[sel], kind="stable")]
+        row_index[sel] = np.arange(sel.size)
+        pairs[kd] = [parsed[u][1] for u in sel]
+    for u in np.flatnonzero(kind == TF):
+        row_index[u] = gi[parsed[u][1][0]]
+    # non-zeros of the kept targets, in (cluster, target order, modulator) order
+    order_of_row = np.full(len(store.targets), -1, dtype=np.int64)
+    order_of_row[rows] = np.arange(rows.size)
+    nz_order = order_of_row[store.nz_target]
+    keep = nz_order >= 0
+    nz_order, nz_cluster = nz_order[keep], store.nz_cluster[keep].astype(np.int64)
+    nz_mod, nz_value = store.nz_mod[keep].astype(np.int64), store.nz_value[keep]
+    sort = np.lexsort((nz_mod, nz_order, nz_cluster))
+    nz_order, nz_cluster, nz_mod, nz_value = nz_order[sort], nz_cluster[sort], nz_mod[sort], nz_value[sort]
+    slot = inverse.reshape(-1)[new_ptr[nz_order] + nz_mod]
+    nz_kind, nz_row = kind[slot], row_index[slot]
+    target_col = np.array([gi[t] for t in targets], dtype=np.int64)[nz_order]
+    nonzero = nz_value != 0.0
+
+    def mats(kd, nrows):
+        out = []
+        for k in range(C):
+            sel = nonzero & (nz_kind == kd) & (nz_cluster == k)
+            if sel.any():
+                m = sp.coo_matrix((nz_value[sel].astype(np.float64), (nz_row[sel], target_col[sel])),
+                                  shape=(nrows, len(genes))).tocsr()
+                m.sum_duplicates()
+            else:
+                m = sp.csr_matrix((nrows, len(genes)))
+            out.append(m)
+        return out
+
+    return (mats(TF, len(genes)), mats(LR, len(pairs[LR])), mats(TFL, len(pairs[TFL])), pairs[LR], pairs[TFL])
+
+
 def model_from_tables(manifest: dict, genes, expr, coords, clusters, coef_tables: dict, path=None,
                       obsm=None, obs_names=None) -> PerturbModel:
     cluster_names = [str(c) for c in manifest["clusters"]]
-    B_tf, B_lr, B_tfl, lr_pairs, tfl_pairs = build_coefficients(genes, cluster_names, coef_tables)
+    coefficients = build_coefficients(genes, cluster_names, coef_tables)
+    return model_from_coefficients(manifest, genes, expr, coords, clusters, coefficients, coef_tables, path=path,
+                                   obsm=obsm, obs_names=obs_names)
+
+
+def model_from_coefficients(manifest: dict, genes, expr, coords, clusters, coefficients: tuple, coef_tables,
+                            path=None, obsm=None, obs_names=None) -> PerturbModel:
+    cluster_names = [str(c) for c in manifest["clusters"]]
+    B_tf, B_lr, B_tfl, lr_pairs, tfl_pairs = coefficients
     ligs = list(dict.fromkeys([a for a, _ in lr_pairs] + [a for a, _ in tfl_pairs]))
     version = int(manifest.get("format_version", 1))
     if version > md.FORMAT_VERSION:
@@ -197,25 +282,41 @@ def model_from_tables(manifest: dict, genes, expr, coords, clusters, coef_tables
 
 
 def load_model(path) -> PerturbModel:
-    """Read a model directory written by :func:`train.train`."""
+    """Read a model directory written by :func:`train.train` (format 3 store; formats 1-2 with a notice)."""
     from ...io.read import read_h5ad
 
     path = Path(path)
     manifest = md.read_manifest(path)
+    md.check_loadable(path, manifest)   # newer format or half-trained: say so before reading anything big
     data = read_h5ad(path / manifest.get("data_file", md.DATA))
     genes = list(map(str, data.var_names))
     if genes != list(manifest["genes"]):
         raise InputError(f"{path}: {md.DATA} does not match the manifest's genes.", "train the model again.",
                          code="bad_model_dir")
-    done = md.finished_genes(path, manifest["targets"])
-    tables = {t: md.read_coefs(path, t) for t in manifest["targets"] if t in done}
-    if not tables:
-        raise InputError(f"{path} has no trained genes yet.", "finish training first (it resumes).",
-                         code="model_incomplete")
+    targets = [str(t) for t in manifest["targets"]]
+    cluster_names = [str(c) for c in manifest["clusters"]]
+    if md.uses_store(manifest):
+        store = md.read_store(path, manifest)
+        if store.clusters.tolist() != cluster_names:
+            raise InputError(f"{path}: the coefficient store's clusters do not match the manifest's.",
+                             "train the model again.", code="bad_model_dir")
+        tables = StoreTables(store, targets)
+        coefficients = coefficients_from_store(genes, cluster_names, targets, store)
+    else:
+        md.notice_old_layout(path, int(manifest.get("format_version", 1)))
+        done = md.finished_genes(path, targets)
+        tables = {t: md.read_coefs_csv(path, t) for t in targets if t in done}
+        if len(tables) < len(targets):
+            raise InputError(f"{path} lacks the coefficient tables of {len(targets) - len(tables)} of its "
+                             f"{len(targets)} targets.", "run the same 'spatial-deconv perturb train' command "
+                             "again: it resumes the folder and fits only the missing targets.",
+                             code="model_incomplete")
+        coefficients = build_coefficients(genes, cluster_names, tables)
     X = data.X.toarray() if sp.issparse(data.X) else np.asarray(data.X)
     obsm = {k: np.asarray(v) for k, v in data.obsm.items()}
-    model = model_from_tables(manifest, genes, X, obsm[keys.SPATIAL], data.obs[md.CLUSTER_OBS].astype(str).to_numpy(),
-                              tables, path=path, obsm=obsm, obs_names=list(map(str, data.obs_names)))
+    model = model_from_coefficients(manifest, genes, X, obsm[keys.SPATIAL],
+                                    data.obs[md.CLUSTER_OBS].astype(str).to_numpy(), coefficients, tables, path=path,
+                                    obsm=obsm, obs_names=list(map(str, data.obs_names)))
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
         W = np.load(rpath)

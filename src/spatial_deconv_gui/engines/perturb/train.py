@@ -74,6 +74,28 @@ def build_features(expr_m: np.ndarray, genes: list[str], coords: np.ndarray, lr_
     return np.hstack([lr, tfl]), W
 
 
+def _resume_store(out_dir, targets: list[str], manifest: dict) -> dict:
+    """Store checksums of what a resumed folder already holds: format 1-2 CSV tables become one shard, a shard
+    whose checksum disagrees with the old manifest is dropped (its targets are refitted), a whole shard the old
+    manifest does not name yet (killed between the shard's rename and the manifest write) is adopted."""
+    from pathlib import Path
+
+    old = md.read_manifest(out_dir) if (Path(out_dir) / md.MANIFEST).exists() else {}
+    known = dict(old.get(md.STORE_CHECKSUMS, {})) if md.uses_store(old) else {}
+    if md.csv_genes(out_dir, targets):
+        migrated = md.migrate_csv_tables(out_dir, {**manifest, "targets": targets})
+        if migrated is not None:
+            known[migrated[0]] = migrated[1]
+    sums = {}
+    for key in md.scan_shards(out_dir):
+        sha = md.file_sha256(Path(out_dir) / key)
+        if key in known and known[key] != sha:
+            (Path(out_dir) / key).unlink()
+            continue
+        sums[key] = sha
+    return sums
+
+
 def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.DataFrame, lr: pd.DataFrame | None,
           out_dir, targets=None, tfl: pd.DataFrame | None = None, config: TrainConfig | None = None,
           control: RunControl | None = None, checksums: dict | None = None, extra: dict | None = None,
@@ -178,7 +200,9 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
             if k != keys.SPATIAL:
                 data.obsm[k] = np.asarray(v, dtype=np.float64)
         write_h5ad_atomic(data, out_dir / md.DATA, compression=None)
+    manifest[md.STORE_CHECKSUMS] = _resume_store(out_dir, trained_targets, manifest)
     md.write_manifest(out_dir, manifest)
+    md.remove_csv_tables(out_dir, trained_targets)   # migrated into a shard the manifest now names
 
     done = md.finished_genes(out_dir, trained_targets)
     todo = [t for t in trained_targets if t not in done]
@@ -264,6 +288,7 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
             res = fit_sgl_batch(None if use_data else G, cv, nn, groups, cfg.l1_reg, cfg.group_reg, cfg.scale_reg,
                                 cfg.standardize, cfg.max_iter, cfg.tol, cfg.device if cfg.device != "auto" else None,
                                 X=Xf)
+            fits = []
             for i, t in enumerate(batch):
                 cols = cols_of_target[t]
                 p = cols.size
@@ -294,7 +319,13 @@ def train(expr: np.ndarray, var_names, coords: np.ndarray, clusters, grn: pd.Dat
                         w = np.zeros(p)
                     coef[k] = w
                     icpt[k] = gr["ym"][yk] - gr["pm"][cols] @ w
-                md.write_coefs(out_dir, t, cluster_names, ncell, r2, gated, icpt, coef, mods[t].names)
+                fits.append((t, ncell, r2, gated, icpt, coef, mods[t].names))
+            # one store shard per batch, then the manifest naming it: a kill in between leaves a whole shard
+            # that the next run's scan adopts (see _resume_store)
+            key, sha = md.write_shard(out_dir, md.store_from_fits(cluster_names, fits))
+            manifest[md.STORE_CHECKSUMS][key] = sha
+            md.write_manifest(out_dir, manifest)
+            for t, *_ in fits:
                 n_done += 1
                 control.report("training", n_done / total, t)
         timings["lasso_s"] = time.perf_counter() - t0
