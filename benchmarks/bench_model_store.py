@@ -10,6 +10,7 @@ coefficients and knockout, then times in fresh processes (median of ``--repeats`
 
     python benchmarks/bench_model_store.py --model /tmp/ob/bench/model300 --work /tmp/ob/bench
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-N_FULL = 4266   # GRN (confidence A-C) targets measured on the slide
+N_FULL = 4266  # GRN (confidence A-C) targets measured on the slide
 
 LOAD_SNIPPET = """
 import json, sys, time, warnings
@@ -53,8 +54,17 @@ def write_old_layout(new_dir: Path, old_dir: Path) -> None:
         p.unlink()
     for t, df in model.coef_tables.items():
         bcols = [c for c in df.columns if c.startswith("beta_")]
-        md.write_coefs_csv(old_dir, t, df["cluster"], df["n_cells"], df["r2"], df["gated"], df["intercept"],
-                           df[bcols].to_numpy(), [c[5:] for c in bcols])
+        md.write_coefs_csv(
+            old_dir,
+            t,
+            df["cluster"],
+            df["n_cells"],
+            df["r2"],
+            df["gated"],
+            df["intercept"],
+            df[bcols].to_numpy(),
+            [c[5:] for c in bcols],
+        )
     man = md.read_manifest(old_dir)
     man.pop(md.STORE_CHECKSUMS)
     man["format_version"] = 2
@@ -73,8 +83,9 @@ def check_same(new_dir: Path, old_dir: Path, gene: str) -> float:
     for xs, ys in ((a.B_tf, b.B_tf), (a.B_lr, b.B_lr), (a.B_tfl, b.B_tfl)):
         for x, y in zip(xs, ys):
             assert (x != y).nnz == 0
-    return float(np.abs(simulate_perturbation(a, gene, 0.0, n_steps=4)
-                        - simulate_perturbation(b, gene, 0.0, n_steps=4)).max())
+    return float(
+        np.abs(simulate_perturbation(a, gene, 0.0, n_steps=4) - simulate_perturbation(b, gene, 0.0, n_steps=4)).max()
+    )
 
 
 def most_used_tf(model_dir: Path) -> str:
@@ -97,8 +108,14 @@ def timed(cmd: list[str], repeats: int) -> list[float]:
 
 
 def load_runs(model_dir: Path, repeats: int) -> list[dict]:
-    return [json.loads(subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(model_dir)], check=True,
-                                      capture_output=True, text=True).stdout) for _ in range(repeats)]
+    return [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", LOAD_SNIPPET, str(model_dir)], check=True, capture_output=True, text=True
+            ).stdout
+        )
+        for _ in range(repeats)
+    ]
 
 
 def main() -> int:
@@ -111,33 +128,63 @@ def main() -> int:
     new_dir, work = Path(args.model), Path(args.work)
     cli = str(Path(sys.executable).parent / "spatial-deconv")
     if not (new_dir / "manifest.json").exists():
-        subprocess.run([cli, "perturb", "train", "/tmp/ob/ob_lognorm.h5ad", "--grn", "/tmp/ob/grn_abc.parquet",
-                        "--lr", str(SHARED / "lr_cellchatdb_mouse.parquet"), "--cluster-col", "layer",
-                        "--out", str(new_dir), "--targets", args.targets, "--quiet"], check=True)
+        subprocess.run(
+            [
+                cli,
+                "perturb",
+                "train",
+                "/tmp/ob/ob_lognorm.h5ad",
+                "--grn",
+                "/tmp/ob/grn_abc.parquet",
+                "--lr",
+                str(SHARED / "lr_cellchatdb_mouse.parquet"),
+                "--cluster-col",
+                "layer",
+                "--out",
+                str(new_dir),
+                "--targets",
+                args.targets,
+                "--quiet",
+            ],
+            check=True,
+        )
     old_dir = work / (new_dir.name + "_csv")
     write_old_layout(new_dir, old_dir)
     tf = most_used_tf(new_dir)
     max_diff = check_same(new_dir, old_dir, tf)
-    size = {name: sum(p.stat().st_size for p in (d / "coefs").iterdir() if p.is_file())
-            for name, d in (("csv", old_dir), ("store", new_dir))}
-    n_files = {name: sum(1 for p in (d / "coefs").iterdir() if p.is_file())
-               for name, d in (("csv", old_dir), ("store", new_dir))}
+    size = {
+        name: sum(p.stat().st_size for p in (d / "coefs").iterdir() if p.is_file())
+        for name, d in (("csv", old_dir), ("store", new_dir))
+    }
+    n_files = {
+        name: sum(1 for p in (d / "coefs").iterdir() if p.is_file())
+        for name, d in (("csv", old_dir), ("store", new_dir))
+    }
     loads = {name: load_runs(d, args.repeats) for name, d in (("csv", old_dir), ("store", new_dir))}
-    runs = {name: timed([cli, "perturb", "run", str(d), "--gene", tf, "--output", str(work / f"ko_{name}.h5ad"),
-                         "--quiet"], args.repeats) for name, d in (("csv", old_dir), ("store", new_dir))}
+    runs = {
+        name: timed(
+            [cli, "perturb", "run", str(d), "--gene", tf, "--output", str(work / f"ko_{name}.h5ad"), "--quiet"],
+            args.repeats,
+        )
+        for name, d in (("csv", old_dir), ("store", new_dir))
+    }
     n = loads["store"][0]["n_targets"]
     res = {"n_targets": n, "tf": tf, "max_abs_delta_diff": max_diff, "coef_bytes": size, "coef_files": n_files}
     for name in ("csv", "store"):
         load = statistics.median(r["load_s"] for r in loads[name])
         fixed = statistics.median(r["data_s"] for r in loads[name])
         per_target = max(load - fixed, 0.0) / n
-        res[name] = {"load_s": [round(r["load_s"], 3) for r in loads[name]], "load_median_s": round(load, 3),
-                     "data_part_s": round(fixed, 3), "coef_per_target_ms": round(1e3 * per_target, 3),
-                     f"coef_part_at_{N_FULL}_s": round(per_target * N_FULL, 1),
-                     "coef_bytes_per_target": round(size[name] / n),
-                     f"coef_bytes_at_{N_FULL}_MB": round(size[name] / n * N_FULL / 1e6, 1),
-                     "perturb_run_s": [round(t, 2) for t in runs[name]],
-                     "perturb_run_median_s": round(statistics.median(runs[name]), 2)}
+        res[name] = {
+            "load_s": [round(r["load_s"], 3) for r in loads[name]],
+            "load_median_s": round(load, 3),
+            "data_part_s": round(fixed, 3),
+            "coef_per_target_ms": round(1e3 * per_target, 3),
+            f"coef_part_at_{N_FULL}_s": round(per_target * N_FULL, 1),
+            "coef_bytes_per_target": round(size[name] / n),
+            f"coef_bytes_at_{N_FULL}_MB": round(size[name] / n * N_FULL / 1e6, 1),
+            "perturb_run_s": [round(t, 2) for t in runs[name]],
+            "perturb_run_median_s": round(statistics.median(runs[name]), 2),
+        }
     print(json.dumps(res, indent=1))
     return 0
 

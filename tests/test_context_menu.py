@@ -1,4 +1,5 @@
 """The layer context-menu entry "Deconvolve this slide" opens the Deconvolution dock set to that layer."""
+
 from __future__ import annotations
 
 from npe2 import PluginManifest
@@ -11,8 +12,7 @@ COMMAND = "spatial-deconv-gui.deconvolve_layer"
 
 
 def _slide_layer(viewer):
-    return next(layer for layer in viewer.layers
-                if type(layer).__name__ == "Points" and PLUGIN_KEY in layer.metadata)
+    return next(layer for layer in viewer.layers if type(layer).__name__ == "Points" and PLUGIN_KEY in layer.metadata)
 
 
 def test_the_manifest_puts_the_command_in_the_layer_context_menu():

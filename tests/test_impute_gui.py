@@ -1,5 +1,6 @@
 """Expression within a cell type, driven like a user: a small DestVI run from the Deconvolution widget, then pick a
 gene (through the search), a cell type and Paint; the painted values and colours are DestVI's imputation."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -106,8 +107,10 @@ def test_paint_expression_within_a_cell_type(destvi_run, qtbot, monkeypatch):
     # a failure inside the worker becomes a notification
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
-    monkeypatch.setattr("spatial_deconv_gui.engines.destvi.engine.impute_expression",
-                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("imputation exploded")))
+    monkeypatch.setattr(
+        "spatial_deconv_gui.engines.destvi.engine.impute_expression",
+        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("imputation exploded")),
+    )
     imp.search.value = ""
     imp.gene.value = genes[2]
     imp.paint_btn.native.click()
@@ -125,12 +128,20 @@ def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, 
     viewer = make_napari_viewer()
     spatial, reference = small_pair
     types = list(reference.obs["cell_type"].cat.categories)
-    res = DeconvResult(key="sim", method="sim", mode=None, cell_types=types,
-                       proportions=spatial.obsm["true_proportions"].to_numpy(), params={}, device="cpu",
-                       runtime_s=0.0)
+    res = DeconvResult(
+        key="sim",
+        method="sim",
+        mode=None,
+        cell_types=types,
+        proportions=spatial.obsm["true_proportions"].to_numpy(),
+        params={},
+        device="cpu",
+        runtime_s=0.0,
+    )
     wb = workbench_for(viewer)
-    rec = wb.add_run(api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0,
-                     name="truth")
+    rec = wb.add_run(
+        api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name="truth"
+    )
     assert not wb.results.impute.available and not wb.results.impute.native.isVisibleTo(wb.results.native)
     with pytest.raises(ValueError, match="needs a DestVI result"):
         wb.impute_values(rec, "Gene0001", types[0])
@@ -140,13 +151,21 @@ def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, 
 
     rng = np.random.default_rng(0)
     S, K, T, D, H, G = 37, 3, 2, 4, 6, 9
-    st = {"decoder_linears_0_weight": rng.normal(size=(H, D + 1 + T)), "decoder_linears_0_bias": rng.normal(size=H),
-          "px_decoder_weight": rng.normal(size=(G, H)), "px_decoder_bias": rng.normal(size=G),
-          "per_ct_bias": rng.normal(size=(T, G)), "beta": rng.normal(size=G), "batch_embedding": rng.normal(size=1),
-          "gamma_modes": rng.normal(size=(S, K, T, D)).astype(np.float32),
-          "mode_weights": rng.dirichlet(np.ones(K), size=(S, T)).transpose(0, 2, 1).astype(np.float32),
-          "genes": np.array([f"g{i}" for i in range(G)]), "cell_types": np.array(["A", "B"]),
-          "barcodes": np.array([f"s{i}" for i in range(S)]), "n_layers": 1}
+    st = {
+        "decoder_linears_0_weight": rng.normal(size=(H, D + 1 + T)),
+        "decoder_linears_0_bias": rng.normal(size=H),
+        "px_decoder_weight": rng.normal(size=(G, H)),
+        "px_decoder_bias": rng.normal(size=G),
+        "per_ct_bias": rng.normal(size=(T, G)),
+        "beta": rng.normal(size=G),
+        "batch_embedding": rng.normal(size=1),
+        "gamma_modes": rng.normal(size=(S, K, T, D)).astype(np.float32),
+        "mode_weights": rng.dirichlet(np.ones(K), size=(S, T)).transpose(0, 2, 1).astype(np.float32),
+        "genes": np.array([f"g{i}" for i in range(G)]),
+        "cell_types": np.array(["A", "B"]),
+        "barcodes": np.array([f"s{i}" for i in range(S)]),
+        "n_layers": 1,
+    }
     steps = impute_gene_steps(st, "B", "g4", chunk=10)
     fractions = []
     while True:
@@ -162,7 +181,8 @@ def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, 
     from types import SimpleNamespace
 
     obs = ["extra"] + [f"s{i}" for i in range(S - 1, -1, -1)]
-    fake = SimpleNamespace(result=SimpleNamespace(uns={"destvi_model": st}),
-                           adata=SimpleNamespace(uns={}, obs_names=obs))
+    fake = SimpleNamespace(
+        result=SimpleNamespace(uns={"destvi_model": st}), adata=SimpleNamespace(uns={}, obs_names=obs)
+    )
     aligned = wb.to_slide_order(fake, values)
     assert np.isnan(aligned[0]) and np.array_equal(aligned[1:], values[::-1])

@@ -1,4 +1,5 @@
 """Jobs run in a child process (how the GUI trains): same results, progress, errors and cancellation."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import threading
 import pandas as pd
 import pytest
 
+from spatial_deconv_gui import perturb_api
 from spatial_deconv_gui.engines.base import Cancelled, RunControl
 from spatial_deconv_gui.engines.perturb.model_dir import finished_genes
 from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
 from spatial_deconv_gui.io.errors import InputError
 from spatial_deconv_gui.isolated import run_isolated
-from spatial_deconv_gui import perturb_api
 
 TRAIN = "spatial_deconv_gui.perturb_api:train_model"
 
@@ -24,8 +25,15 @@ def tissue(tmp_path_factory):
     a.write_h5ad(d / "sim.h5ad")
     pr = write_simulated_priors(a, d)
     s = a.uns["perturb_sim"]
-    kw = dict(spatial=str(d / "sim.h5ad"), grn=str(pr["grn_prior"]), lr=str(pr["lr_prior"]), cluster_col="cluster",
-              radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
+    kw = dict(
+        spatial=str(d / "sim.h5ad"),
+        grn=str(pr["grn_prior"]),
+        lr=str(pr["lr_prior"]),
+        cluster_col="cluster",
+        radius=s["radius"],
+        contact_radius=s["contact_radius"],
+        scale_factor=s["scale_factor"],
+    )
     return d, kw
 
 
@@ -36,8 +44,9 @@ def test_child_training_equals_in_process_training(tissue):
     here = perturb_api.train_model(**{**kw, "out": str(d / "here")})
     assert child.targets == here.targets and len(child.targets) > 10
     for gene in here.targets:
-        pd.testing.assert_frame_equal(child.coef_tables[gene], here.coef_tables[gene], check_exact=False,
-                                      rtol=0, atol=1e-9)
+        pd.testing.assert_frame_equal(
+            child.coef_tables[gene], here.coef_tables[gene], check_exact=False, rtol=0, atol=1e-9
+        )
     # the child's progress arrives in the parent, per gene, ending at 100 %
     per_gene = [e for e in events if e.stage == events[-1].stage]
     assert len(per_gene) >= 2 and per_gene[-1].fraction == 1.0

@@ -1,4 +1,5 @@
 """In-silico knockouts driven like a user on the simulated tissue with a known GRN."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,7 +52,6 @@ def test_event_loop_stays_responsive_while_training(make_napari_viewer, qtbot, t
     Training runs in a child process, so the canvas only pays for the progress messages. As in the
     workbench's test, a second attempt is allowed when the first is disturbed by other jobs on the machine.
     """
-    import time
 
     stalls = []
     for attempt in range(2):
@@ -66,7 +66,6 @@ def test_event_loop_stays_responsive_while_training(make_napari_viewer, qtbot, t
 
 
 def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, stall_meter):
-    import time
 
     viewer, train = _train(make_napari_viewer, qtbot, tmp_path / "model", show=True)
     train.train_btn.native.click()
@@ -91,16 +90,19 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     assert 0.4 < len(cells) / len(xy) < 0.6 and np.all(xy[cells, 0] <= x1)
     clicked, returned = _click_and_wait(qtbot, ko, ko.run_btn, stall_meter)
     running = stall_meter.longest(clicked, returned)
-    print(f"longest event-loop stall while the knockout ran: {1000 * running:.0f} ms;"
-          f" while its layers were added: {1000 * stall_meter.longest(returned):.0f} ms")
+    print(
+        f"longest event-loop stall while the knockout ran: {1000 * running:.0f} ms;"
+        f" while its layers were added: {1000 * stall_meter.longest(returned):.0f} ms"
+    )
     assert running <= 0.150
     run = ko.current
     assert run is not None, ko.status.value
 
     # the engine's own answer for the same cells
     ref = perturb_api.run_perturbation(model, [tf], 0.0, cells=cells, steps=4)
-    np.testing.assert_allclose(run.adata.layers["perturb_delta"].toarray(), ref.layers["perturb_delta"].toarray(),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        run.adata.layers["perturb_delta"].toarray(), ref.layers["perturb_delta"].toarray(), atol=1e-12
+    )
     gene = ko.show_gene.value
     np.testing.assert_allclose(run.layers["delta"].face_color, diverging_rgba(run.delta(gene))[0], atol=1e-6)
 
@@ -119,8 +121,9 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     np.testing.assert_allclose(vec_layer.data, expected)
     assert len(vec_layer.data) > 10
     ko.per_cell.value = True
-    per_cell = grid_vectors_yx(np.asarray(model.coords)[:, :2], run.adata.obsm["perturb_vectors"],
-                               vec_layer.metadata["scale"])
+    per_cell = grid_vectors_yx(
+        np.asarray(model.coords)[:, :2], run.adata.obsm["perturb_vectors"], vec_layer.metadata["scale"]
+    )
     np.testing.assert_allclose(vec_layer.data, per_cell)
     assert len(per_cell) > 100
     # the summary lists the moved genes, the knocked-out TF first

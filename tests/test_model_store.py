@@ -1,5 +1,6 @@
 """The coefficient store (model format 3): same answers as the CSV layout, upgrade in place, resume by shard,
 and one InputError for each kind of bad folder."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,17 @@ def _train(sim, out, targets_per_batch=None, control=None):
     n_clusters = sim.obs["cluster"].nunique()
     extra = {"problems_per_batch": targets_per_batch * n_clusters} if targets_per_batch else {}
     cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"], **extra)
-    return train(sim.X, sim.var_names, sim.obsm["spatial"], sim.obs["cluster"].astype(str).to_numpy(), grn, lr,
-                 out, config=cfg, control=control)
+    return train(
+        sim.X,
+        sim.var_names,
+        sim.obsm["spatial"],
+        sim.obs["cluster"].astype(str).to_numpy(),
+        grn,
+        lr,
+        out,
+        config=cfg,
+        control=control,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,17 @@ def _write_old_layout(new_dir, old_dir, version=2):
         p.unlink()
     for t, df in model.coef_tables.items():
         bcols = [c for c in df.columns if c.startswith("beta_")]
-        md.write_coefs_csv(old_dir, t, df["cluster"], df["n_cells"], df["r2"], df["gated"], df["intercept"],
-                           df[bcols].to_numpy(), [c[5:] for c in bcols])
+        md.write_coefs_csv(
+            old_dir,
+            t,
+            df["cluster"],
+            df["n_cells"],
+            df["r2"],
+            df["gated"],
+            df["intercept"],
+            df[bcols].to_numpy(),
+            [c[5:] for c in bcols],
+        )
     man = json.loads((old_dir / md.MANIFEST).read_text())
     man.pop(md.STORE_CHECKSUMS)
     man["format_version"] = version
@@ -70,7 +89,7 @@ def _assert_same_model(a, b, atol=0.0):
             assert x.shape == y.shape
             np.testing.assert_array_equal(x.indptr, y.indptr)
             np.testing.assert_array_equal(x.indices, y.indices)
-            np.testing.assert_allclose(x.data, y.data, rtol=0, atol=atol)   # atol 0: the CSVs have 17 digits
+            np.testing.assert_allclose(x.data, y.data, rtol=0, atol=atol)  # atol 0: the CSVs have 17 digits
 
 
 def test_store_layout_and_manifest(trained):
@@ -78,7 +97,7 @@ def test_store_layout_and_manifest(trained):
     assert man["format_version"] == md.FORMAT_VERSION == 3 and man["status"] == "complete"
     shards = md.shard_paths(trained)
     n_targets = len(man["targets"])
-    assert len(shards) == -(-n_targets // 5)        # one shard per batch of 5 targets
+    assert len(shards) == -(-n_targets // 5)  # one shard per batch of 5 targets
     assert sorted(man[md.STORE_CHECKSUMS]) == [md.shard_key(trained, p) for p in shards]
     for p in shards:
         assert man[md.STORE_CHECKSUMS][md.shard_key(trained, p)] == md.file_sha256(p)
@@ -86,7 +105,7 @@ def test_store_layout_and_manifest(trained):
     store = md.concat_stores([md.read_shard(p) for p in shards])
     assert sorted(store.targets.tolist()) == sorted(man["targets"])
     assert store.n_cells.shape == (n_targets, len(man["clusters"]))
-    assert np.all(store.nz_value != 0)                       # only non-zeros are stored
+    assert np.all(store.nz_value != 0)  # only non-zeros are stored
     assert np.array_equal(np.diff(store.mod_ptr), [man["n_modulators"][t] for t in store.targets])
 
 
@@ -98,9 +117,8 @@ def test_old_layout_gives_the_same_model_and_knockout_then_upgrades(trained, tmp
     with pytest.warns(UserWarning, match="perturb upgrade"):
         old_m = load_model(old)
     _assert_same_model(new_m, old_m)
-    for t in new_m.targets:   # (the CSV reader gives an all-zero beta column as integers: values, not dtypes)
-        pd.testing.assert_frame_equal(new_m.coef_tables[t], old_m.coef_tables[t], check_dtype=False,
-                                      check_exact=True)
+    for t in new_m.targets:  # (the CSV reader gives an all-zero beta column as integers: values, not dtypes)
+        pd.testing.assert_frame_equal(new_m.coef_tables[t], old_m.coef_tables[t], check_dtype=False, check_exact=True)
     d_new = simulate_perturbation(new_m, "Tf0", 0.0, n_steps=4)
     d_old = simulate_perturbation(old_m, "Tf0", 0.0, n_steps=4)
     assert np.abs(d_new).max() > 0.1
@@ -113,7 +131,7 @@ def test_old_layout_gives_the_same_model_and_knockout_then_upgrades(trained, tmp
     assert man["format_version"] == 3 and len(man[md.STORE_CHECKSUMS]) == 1
     assert not list((old / md.COEFS).glob("*.csv")) and not list((old / md.COEFS).glob(".*"))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")           # no old-layout notice any more
+        warnings.simplefilter("error")  # no old-layout notice any more
         up_m = load_model(old)
     _assert_same_model(new_m, up_m)
     np.testing.assert_allclose(simulate_perturbation(up_m, "Tf0", 0.0, n_steps=4), d_new, rtol=0, atol=1e-12)
@@ -130,7 +148,7 @@ def test_resume_refits_only_the_targets_of_a_lost_shard(sim, trained, tmp_path):
     victim = shards[1]
     lost = md.read_shard(victim).targets.tolist()
     victim.unlink()
-    with pytest.raises(InputError) as info:          # the manifest names it: the folder does not load
+    with pytest.raises(InputError) as info:  # the manifest names it: the folder does not load
         load_model(out)
     assert info.value.code == "bad_model_dir" and "missing" in info.value.problem
     assert "perturb train" in info.value.fix and "resumes" in info.value.fix
@@ -161,7 +179,7 @@ def test_half_trained_folder_is_refused_and_resumable(sim, trained, tmp_path):
     events = []
     _train(sim, out, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
     assert [e.message for e in events if e.stage == "training" and e.message not in ("", "done")] == []
-    assert last in md.read_manifest(out)[md.STORE_CHECKSUMS]      # the whole shard was adopted
+    assert last in md.read_manifest(out)[md.STORE_CHECKSUMS]  # the whole shard was adopted
     _assert_same_model(load_model(trained), load_model(out))
 
 
@@ -184,7 +202,7 @@ def test_store_not_matching_the_manifest_is_refused_then_repaired_by_resume(sim,
     shutil.copytree(trained, out)
     shard = md.shard_paths(out)[0]
     raw = bytearray(shard.read_bytes())
-    raw[-30] ^= 0xFF                                   # one flipped byte
+    raw[-30] ^= 0xFF  # one flipped byte
     shard.write_bytes(bytes(raw))
     with pytest.raises(InputError) as info:
         load_model(out)

@@ -1,4 +1,5 @@
 """Perturbation API, CLI handler and prior-table reading (simulated tissue; real priors when shared data exist)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,19 +30,43 @@ def sim_files(tmp_path_factory):
 def model(sim_files, tmp_path_factory):
     a, path, pr = sim_files
     s = a.uns["perturb_sim"]
-    return api.train_model(path, pr["grn_prior"], pr["lr_prior"], "cluster", tmp_path_factory.mktemp("m") / "model",
-                           radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
+    return api.train_model(
+        path,
+        pr["grn_prior"],
+        pr["lr_prior"],
+        "cluster",
+        tmp_path_factory.mktemp("m") / "model",
+        radius=s["radius"],
+        contact_radius=s["contact_radius"],
+        scale_factor=s["scale_factor"],
+    )
 
 
 def test_prior_columns_recognised():
-    cc = pd.DataFrame({"interaction_name": ["x", "y"], "ligand": ["TGFb", "Cd"], "receptor": ["R", "Q"],
-                       "ligand_genes": ["Tgfb1", "Cdh1"], "receptor_genes": ["Tgfbr1_Tgfbr2", "Cdh1"],
-                       "annotation": ["Secreted Signaling", "Cell-Cell Contact"]})
+    cc = pd.DataFrame(
+        {
+            "interaction_name": ["x", "y"],
+            "ligand": ["TGFb", "Cd"],
+            "receptor": ["R", "Q"],
+            "ligand_genes": ["Tgfb1", "Cdh1"],
+            "receptor_genes": ["Tgfbr1_Tgfbr2", "Cdh1"],
+            "annotation": ["Secreted Signaling", "Cell-Cell Contact"],
+        }
+    )
     lr, _ = priors.load_lr(cc)
     assert list(map(tuple, lr[["ligand", "receptor", "signaling"]].to_numpy())) == [
-        ("Tgfb1", "Tgfbr1", "secreted"), ("Tgfb1", "Tgfbr2", "secreted")]  # Cdh1-Cdh1 self pair dropped
-    li = pd.DataFrame({"source": ["P1"], "target": ["P2"], "source_genesymbol": ["A"],
-                       "target_genesymbol": ["B_C"], "resource": ["mouseconsensus"]})
+        ("Tgfb1", "Tgfbr1", "secreted"),
+        ("Tgfb1", "Tgfbr2", "secreted"),
+    ]  # Cdh1-Cdh1 self pair dropped
+    li = pd.DataFrame(
+        {
+            "source": ["P1"],
+            "target": ["P2"],
+            "source_genesymbol": ["A"],
+            "target_genesymbol": ["B_C"],
+            "resource": ["mouseconsensus"],
+        }
+    )
     lr2, _ = priors.load_lr(li, resource="mouseconsensus")
     assert set(zip(lr2.ligand, lr2.receptor)) == {("A", "B"), ("A", "C")}
     assert set(lr2.signaling) == {"secreted"}
@@ -129,15 +154,53 @@ def test_cli_train_and_run(sim_files, tmp_path, capsys):
     a, path, pr = sim_files
     s = a.uns["perturb_sim"]
     out = tmp_path / "model"
-    rc = _cli(["perturb", "train", str(path), "--grn", pr["grn_prior"], "--lr", pr["lr_prior"], "--cluster-col",
-               "cluster", "--out", str(out), "--radius", str(s["radius"]), "--contact-radius",
-               str(s["contact_radius"]), "--scale-factor", str(s["scale_factor"]), "--quiet", "--json"])
+    rc = _cli(
+        [
+            "perturb",
+            "train",
+            str(path),
+            "--grn",
+            pr["grn_prior"],
+            "--lr",
+            pr["lr_prior"],
+            "--cluster-col",
+            "cluster",
+            "--out",
+            str(out),
+            "--radius",
+            str(s["radius"]),
+            "--contact-radius",
+            str(s["contact_radius"]),
+            "--scale-factor",
+            str(s["scale_factor"]),
+            "--quiet",
+            "--json",
+        ]
+    )
     assert rc == 0
     cells = tmp_path / "cells.txt"
     cells.write_text("\n".join(a.obs_names[:50]))
     res = tmp_path / "ko.h5ad"
-    rc = _cli(["perturb", "run", str(out), "--gene", "Tf0", "--gene", "Tf2", "--value", "0", "--cells",
-               str(cells), "--steps", "2", "--output", str(res), "--quiet"])
+    rc = _cli(
+        [
+            "perturb",
+            "run",
+            str(out),
+            "--gene",
+            "Tf0",
+            "--gene",
+            "Tf2",
+            "--value",
+            "0",
+            "--cells",
+            str(cells),
+            "--steps",
+            "2",
+            "--output",
+            str(res),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     r = ad.read_h5ad(res)
     assert list(r.uns["perturb"]["genes"]) == ["Tf0", "Tf2"] and r.uns["perturb"]["scope"]["n_cells"] == 50
@@ -181,9 +244,18 @@ def test_impute_expression_and_train_with_imputation(sim_files, tmp_path):
     api.impute_expression(b, "cluster", key="imputed", k=10, t=2)
     assert b.layers["imputed"].shape == b.shape and "imputed" in b.layers
     s = a.uns["perturb_sim"]
-    m = api.train_model(b, pr["grn_prior"], pr["lr_prior"], "cluster", tmp_path / "mi", targets=["Gene0", "Gene1"],
-                        radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
-    assert m.manifest["expression"] == "layers['imputed']"   # an imputed layer is preferred when present
+    m = api.train_model(
+        b,
+        pr["grn_prior"],
+        pr["lr_prior"],
+        "cluster",
+        tmp_path / "mi",
+        targets=["Gene0", "Gene1"],
+        radius=s["radius"],
+        contact_radius=s["contact_radius"],
+        scale_factor=s["scale_factor"],
+    )
+    assert m.manifest["expression"] == "layers['imputed']"  # an imputed layer is preferred when present
     assert set(m.manifest["targets"]) == {"Gene0", "Gene1"}
 
 
@@ -192,10 +264,16 @@ def test_radius_rule_through_api_and_cli(sim_files, tmp_path):
     s = a.uns["perturb_sim"]
     # a ligand with a secreted and a contact pair: received at two radii by default, at one with 'ligand'
     lr = pd.read_csv(pr["lr_prior"])
-    lr = pd.concat([lr, pd.DataFrame({"ligand": ["Lig1"], "receptor": ["Rec3"],
-                                      "annotation": ["Cell-Cell Contact"]})], ignore_index=True)
-    kw = dict(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"],
-              targets=["Gene2", "Gene5", "Gene8"])
+    lr = pd.concat(
+        [lr, pd.DataFrame({"ligand": ["Lig1"], "receptor": ["Rec3"], "annotation": ["Cell-Cell Contact"]})],
+        ignore_index=True,
+    )
+    kw = dict(
+        radius=s["radius"],
+        contact_radius=s["contact_radius"],
+        scale_factor=s["scale_factor"],
+        targets=["Gene2", "Gene5", "Gene8"],
+    )
     m = api.train_model(path, pr["grn_prior"], lr, "cluster", tmp_path / "pair", **kw)
     assert m.radius_rule == "pair" and m.manifest["lr_radius"]["Lig1$Rec3"] == s["contact_radius"]
     assert {("Lig1", s["radius"]), ("Lig1", s["contact_radius"])} <= set(m.channels)
@@ -203,10 +281,30 @@ def test_radius_rule_through_api_and_cli(sim_files, tmp_path):
     assert out.uns["perturb"]["parameters"]["radius_rule"] == "pair"
     lr_csv = tmp_path / "lr.csv"
     lr.to_csv(lr_csv, index=False)
-    rc = _cli(["perturb", "train", str(path), "--grn", pr["grn_prior"], "--lr", str(lr_csv), "--cluster-col",
-               "cluster", "--out", str(tmp_path / "lig"), "--radius", str(s["radius"]), "--contact-radius",
-               str(s["contact_radius"]), "--scale-factor", str(s["scale_factor"]), "--radius-rule", "ligand",
-               "--quiet"])
+    rc = _cli(
+        [
+            "perturb",
+            "train",
+            str(path),
+            "--grn",
+            pr["grn_prior"],
+            "--lr",
+            str(lr_csv),
+            "--cluster-col",
+            "cluster",
+            "--out",
+            str(tmp_path / "lig"),
+            "--radius",
+            str(s["radius"]),
+            "--contact-radius",
+            str(s["contact_radius"]),
+            "--scale-factor",
+            str(s["scale_factor"]),
+            "--radius-rule",
+            "ligand",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     m2 = api.load_model(tmp_path / "lig")
     assert m2.radius_rule == "ligand" and m2.manifest["lr_radius"]["Lig1$Rec3"] == s["radius"]

@@ -1,4 +1,5 @@
 """Perturbation engine: received ligands, lasso, known-truth recovery, knockout direction, resume, cancel."""
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,7 @@ from spatial_deconv_gui.engines.base import Cancelled, RunControl
 from spatial_deconv_gui.engines.perturb import model_dir as md
 from spatial_deconv_gui.engines.perturb import priors
 from spatial_deconv_gui.engines.perturb.lasso import fit_sgl_batch, group_weights, sgl_objective
-from spatial_deconv_gui.engines.perturb.ligands import (grid_error_bound, grid_spacing, kernel_sum,
-                                                        received_ligands)
+from spatial_deconv_gui.engines.perturb.ligands import grid_error_bound, grid_spacing, kernel_sum, received_ligands
 from spatial_deconv_gui.engines.perturb.perturb import load_model, simulate_perturbation
 from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue
 from spatial_deconv_gui.engines.perturb.train import TrainConfig, train
@@ -27,10 +27,23 @@ def _train(sim, out, problems_per_batch=512, **kw):
     s = sim.uns["perturb_sim"]
     grn, _ = priors.load_grn(s["grn_prior"])
     lr, _ = priors.load_lr(s["lr_prior"])
-    cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"],
-                      problems_per_batch=problems_per_batch)
-    return train(sim.X, sim.var_names, sim.obsm["spatial"], sim.obs["cluster"].astype(str).to_numpy(), grn, lr,
-                 out, config=cfg, **kw)
+    cfg = TrainConfig(
+        radius=s["radius"],
+        contact_radius=s["contact_radius"],
+        scale_factor=s["scale_factor"],
+        problems_per_batch=problems_per_batch,
+    )
+    return train(
+        sim.X,
+        sim.var_names,
+        sim.obsm["spatial"],
+        sim.obs["cluster"].astype(str).to_numpy(),
+        grn,
+        lr,
+        out,
+        config=cfg,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +116,9 @@ def test_batched_lasso_matches_reference_solver():
         p = X.shape[1]
         G[i, :p, :p], c[i, :p], gr[i, :p] = Xc.T @ Xc, Xc.T @ yc, g
     l1, gl = 0.02, 0.05
-    res = fit_sgl_batch(G, c, [X.shape[0] for X, _, _ in probs], gr, l1, gl, standardize=False, tol=1e-10,
-                        max_iter=20000)
+    res = fit_sgl_batch(
+        G, c, [X.shape[0] for X, _, _ in probs], gr, l1, gl, standardize=False, tol=1e-10, max_iter=20000
+    )
     for i, (X, y, g) in enumerate(probs):
         p = X.shape[1]
         # reference: plain proximal gradient, many iterations, numpy only
@@ -122,8 +136,10 @@ def test_batched_lasso_matches_reference_solver():
         ours = res.coef[i, :p]
         np.testing.assert_allclose(ours, w, atol=1e-6)
         b = y.mean() - X.mean(0) @ ours
-        assert sgl_objective(X, y, ours, b, g, l1, gl) <= sgl_objective(X, y, w, y.mean() - X.mean(0) @ w, g, l1,
-                                                                        gl) + 1e-10
+        assert (
+            sgl_objective(X, y, ours, b, g, l1, gl)
+            <= sgl_objective(X, y, w, y.mean() - X.mean(0) @ w, g, l1, gl) + 1e-10
+        )
 
 
 def test_known_truth_recovery(sim, trained):
@@ -181,8 +197,16 @@ def test_resume_skips_finished_genes_and_reports_progress(sim, tmp_path):
     s = sim.uns["perturb_sim"]
     grn, _ = priors.load_grn(s["grn_prior"])
     with pytest.raises(InputError):
-        train(sim.X, sim.var_names, sim.obsm["spatial"], sim.obs["cluster"].astype(str).to_numpy(), grn, None,
-              out, config=TrainConfig(radius=50.0))
+        train(
+            sim.X,
+            sim.var_names,
+            sim.obsm["spatial"],
+            sim.obs["cluster"].astype(str).to_numpy(),
+            grn,
+            None,
+            out,
+            config=TrainConfig(radius=50.0),
+        )
 
 
 def test_cancel_then_resume(sim, tmp_path):
@@ -199,10 +223,23 @@ def test_cancel_then_resume(sim, tmp_path):
         s = sim.uns["perturb_sim"]
         grn, _ = priors.load_grn(s["grn_prior"])
         lr, _ = priors.load_lr(s["lr_prior"])
-        cfg = TrainConfig(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"],
-                          problems_per_batch=3 * 4)
-        train(sim.X, sim.var_names, sim.obsm["spatial"], sim.obs["cluster"].astype(str).to_numpy(), grn, lr,
-              out, config=cfg, control=RunControl(cb, cancel_event=ev, max_rate=0))
+        cfg = TrainConfig(
+            radius=s["radius"],
+            contact_radius=s["contact_radius"],
+            scale_factor=s["scale_factor"],
+            problems_per_batch=3 * 4,
+        )
+        train(
+            sim.X,
+            sim.var_names,
+            sim.obsm["spatial"],
+            sim.obs["cluster"].astype(str).to_numpy(),
+            grn,
+            lr,
+            out,
+            config=cfg,
+            control=RunControl(cb, cancel_event=ev, max_rate=0),
+        )
     assert 0 < len(seen) < 44
     assert md.read_manifest(out)["status"] == "training"
     done = md.finished_genes(out, md.read_manifest(out)["targets"])
@@ -249,6 +286,7 @@ def test_clusterwise_imputation_smooths_within_clusters_only():
 
 # ---- per-pair radius: a ligand in a secreted and a contact pair is received at both radii ----------------------
 
+
 def _dense_received(xy, x, r, s):
     d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
     return s * (np.exp(-d2 / (2.0 * r * r)) @ x) / len(x)
@@ -261,8 +299,15 @@ def _two_kind_tissue(n=80, seed=7):
     X = rng.gamma(3.0, 1.0, (n, len(genes))) + 0.1
     X[:, 4] = 1.0 + 0.8 * X[:, 3] + 0.1 * rng.standard_normal(n) + 5.0
     grn = priors.load_grn(pd.DataFrame({"tf": ["Tfx"], "target": ["Tg"]}))[0]
-    lr = priors.load_lr(pd.DataFrame({"ligand": ["Lg", "Lg"], "receptor": ["Ra", "Rb"],
-                                      "annotation": ["Secreted Signaling", "Cell-Cell Contact"]}))[0]
+    lr = priors.load_lr(
+        pd.DataFrame(
+            {
+                "ligand": ["Lg", "Lg"],
+                "receptor": ["Ra", "Rb"],
+                "annotation": ["Secreted Signaling", "Cell-Cell Contact"],
+            }
+        )
+    )[0]
     return xy, genes, X, grn, lr
 
 
@@ -270,21 +315,28 @@ def _two_kind_tissue(n=80, seed=7):
 def test_per_pair_radius_training_receives_ligand_at_each_radius(tmp_path, rule):
     xy, genes, X, grn, lr = _two_kind_tissue()
     r_s, r_c, s = 30.0, 8.0, 2.5
-    cfg = TrainConfig(radius=r_s, contact_radius=r_c, scale_factor=s, receptor_thresh=0.0, r2_threshold=0.0,
-                      ligand_mode="exact", radius_rule=rule)
+    cfg = TrainConfig(
+        radius=r_s,
+        contact_radius=r_c,
+        scale_factor=s,
+        receptor_thresh=0.0,
+        r2_threshold=0.0,
+        ligand_mode="exact",
+        radius_rule=rule,
+    )
     man = train(X, genes, xy, np.array(["c0"] * len(X)), grn, lr, tmp_path / "m", config=cfg)
     assert man["radius_rule"] == rule
     if rule == "pair":
         assert man["lr_radius"] == {"Lg$Ra": r_s, "Lg$Rb": r_c}
         assert man["received_channels"] == [["Lg", r_s], ["Lg", r_c]]
-    else:   # SpaceTravLR's rule: the ligand's first pair (secreted) decides for both
+    else:  # SpaceTravLR's rule: the ligand's first pair (secreted) decides for both
         assert man["lr_radius"] == {"Lg$Ra": r_s, "Lg$Rb": r_s}
         assert man["received_channels"] == [["Lg", r_s]]
     W = np.load(tmp_path / "m" / md.RECEIVED)
     want = np.column_stack([_dense_received(xy, X[:, 0], r, s) for _, r in man["received_channels"]])
     np.testing.assert_allclose(W, want, rtol=1e-12, atol=0)
     if rule == "pair":
-        assert np.abs(W[:, 0] - W[:, 1]).min() > 1e-3       # two distinct received values per cell
+        assert np.abs(W[:, 0] - W[:, 1]).min() > 1e-3  # two distinct received values per cell
     model = load_model(tmp_path / "m")
     assert model.channels == [tuple(c) for c in man["received_channels"]]
     tab = model.modulator_table()
@@ -297,13 +349,21 @@ def _hand_model(manifest_extra: dict, b_a=0.7, b_b=-0.4):
     from spatial_deconv_gui.engines.perturb.perturb import model_from_tables
 
     genes = ["Lg", "Ra", "Rb", "Tg"]
-    X = np.array([[2.0, 1.5, 3.0, 20.0],
-                  [4.0, 0.5, 2.0, 10.0]])   # Tg below its max in cell 1: no clipping
+    X = np.array([[2.0, 1.5, 3.0, 20.0], [4.0, 0.5, 2.0, 10.0]])  # Tg below its max in cell 1: no clipping
     xy = np.array([[0.0, 0.0], [3.0, 4.0]])
     man = {"clusters": ["c0"], "targets": ["Tg"], "scale_factor": 1.0, "ligand_radius": {"Lg": 5.0}}
     man.update(manifest_extra)
-    tab = pd.DataFrame({"cluster": ["c0"], "n_cells": [2], "r2": [1.0], "gated": [False], "intercept": [0.0],
-                        "beta_Lg$Ra": [b_a], "beta_Lg$Rb": [b_b]})
+    tab = pd.DataFrame(
+        {
+            "cluster": ["c0"],
+            "n_cells": [2],
+            "r2": [1.0],
+            "gated": [False],
+            "intercept": [0.0],
+            "beta_Lg$Ra": [b_a],
+            "beta_Lg$Rb": [b_b],
+        }
+    )
     return model_from_tables(man, genes, X, xy, np.array(["c0", "c0"]), {"Tg": tab}), X
 
 
@@ -320,7 +380,7 @@ def test_per_pair_radius_hand_derived_received_values_and_knockout():
     np.testing.assert_allclose(prop.W0, np.column_stack([w_sec, w_con]), rtol=1e-14)
     # knock Lg out everywhere: every received value drops to 0, so one hop gives
     # delta_Tg = b_a * Ra * (-w_sec) + b_b * Rb * (-w_con)
-    d = simulate_perturbation(model, "Lg", 0.0, n_steps=1, clip=False)   # no cap at the observed max
+    d = simulate_perturbation(model, "Lg", 0.0, n_steps=1, clip=False)  # no cap at the observed max
     want = 0.7 * X[:, 1] * (-w_sec) + (-0.4) * X[:, 2] * (-w_con)
     np.testing.assert_allclose(d[:, 3], want, rtol=1e-13)
     # a format-1 folder (one radius per ligand) loads with SpaceTravLR's rule: both pairs at r = 5
@@ -380,8 +440,12 @@ def test_format1_model_folder_loads_with_one_radius_per_ligand(trained, tmp_path
     assert old_m.channels == new_m.channels == [(g, man["ligand_radius"][g]) for g in man["ligands"]]
     assert old_m.received_cache is not None
     np.testing.assert_array_equal(Propagator(old_m).W0, Propagator(new_m).W0)
-    np.testing.assert_allclose(simulate_perturbation(old_m, "Tf2", 0.0, n_steps=3),
-                               simulate_perturbation(new_m, "Tf2", 0.0, n_steps=3), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        simulate_perturbation(old_m, "Tf2", 0.0, n_steps=3),
+        simulate_perturbation(new_m, "Tf2", 0.0, n_steps=3),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_numba_hop_matches_sparse_products(sim, tmp_path):
@@ -396,7 +460,7 @@ def test_numba_hop_matches_sparse_products(sim, tmp_path):
     n, g = model.expr.shape
     dmod = rng.standard_normal((n, g)) * (rng.random((n, g)) < 0.5)
     dW = rng.standard_normal((n, len(model.channels)))
-    F = np.where(rng.random((n, g)) < 0.2, 0.0, prop.F0)      # some receptors absent
+    F = np.where(rng.random((n, g)) < 0.2, 0.0, prop.F0)  # some receptors absent
     W = prop.W0 + dW
     got = prop.hop(F, model.expr, W, dmod, dW)
     want = prop._hop_numpy(F, model.expr, W, dmod, dW)
@@ -413,20 +477,25 @@ def test_received_change_updated_from_previous_state(trained, monkeypatch):
     gi = {g: i for i, g in enumerate(model.genes)}
     rng = np.random.default_rng(8)
     X1 = model.expr.copy()
-    X1[:, gi["Lig0"]] *= 0.5                                  # every cell: a full pass
+    X1[:, gi["Lig0"]] *= 0.5  # every cell: a full pass
     F1 = filtered(X1)
     dW1 = prop.delta_received(F1)
     X2 = X1.copy()
     few = rng.choice(len(X2), 30, replace=False)
-    X2[few, gi["Lig3"]] += 1.0                                # 30 cells of another ligand (other radius)
+    X2[few, gi["Lig3"]] += 1.0  # 30 cells of another ligand (other radius)
     F2 = filtered(X2)
     calls = []
     real = prop._received
-    monkeypatch.setattr(prop, "_received", lambda v, r, source_index=None: calls.append(
-        (v.shape, None if source_index is None else len(source_index))) or real(v, r, source_index))
+    monkeypatch.setattr(
+        prop,
+        "_received",
+        lambda v, r, source_index=None: (
+            calls.append((v.shape, None if source_index is None else len(source_index))) or real(v, r, source_index)
+        ),
+    )
     inc = prop.delta_received(F2, (F1[:, prop.lig_idx], dW1))
-    assert calls == [((30, 1), 30)]                           # only the 30 changed cells emit, one channel
+    assert calls == [((30, 1), 30)]  # only the 30 changed cells emit, one channel
     np.testing.assert_allclose(inc, prop.delta_received(F2), rtol=1e-12, atol=1e-14)
     calls.clear()
     same = prop.delta_received(F2, (F2[:, prop.lig_idx], inc))
-    assert calls == [] and np.array_equal(same, inc)          # nothing moved: no kernel pass
+    assert calls == [] and np.array_equal(same, inc)  # nothing moved: no kernel pass

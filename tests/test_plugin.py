@@ -1,4 +1,5 @@
 """The napari plugin: manifest, reader, sample data, dock widget, notifications and rendering."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,10 @@ def test_manifest_is_valid_and_discovered():
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     assert {c.id for c in manifest.contributions.commands} >= {
-        f"{PLUGIN}.get_reader", f"{PLUGIN}.sample_slide", f"{PLUGIN}.deconvolution_widget"}
+        f"{PLUGIN}.get_reader",
+        f"{PLUGIN}.sample_slide",
+        f"{PLUGIN}.deconvolution_widget",
+    }
     pm = PluginManager.instance()
     pm.discover()
     assert PLUGIN in pm._manifests
@@ -143,7 +147,7 @@ def test_screenshot_draws_the_tissue(make_napari_viewer):
     with_layer = viewer.screenshot(canvas_only=True, flash=False)
     layer.visible = False
     without = viewer.screenshot(canvas_only=True, flash=False)
-    drawn = (np.abs(with_layer[..., :3].astype(int) - without[..., :3].astype(int)).sum(axis=-1) > 30)
+    drawn = np.abs(with_layer[..., :3].astype(int) - without[..., :3].astype(int)).sum(axis=-1) > 30
     rows, cols = np.nonzero(drawn)
     assert rows.size > 0, "nothing drawn"
     # Pixels per world unit from the drawn extent; every spot is then a 55 µm disc (no holes, no spill).

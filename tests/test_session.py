@@ -1,4 +1,5 @@
 """The per-viewer Session: one per viewer, held by the viewer itself, and the docks talk through its signals."""
+
 from __future__ import annotations
 
 import gc

@@ -1,4 +1,5 @@
 """Every format opens in napari with its spots on their image pixels, in one µm world frame."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,8 +67,9 @@ def test_spatialdata_spots_sit_on_their_image_pixels(make_napari_viewer, cells, 
     image[rows, cols] = (255, 0, 0)
     spatial = cells.copy()
     spatial.obsm["spatial"] = xy
-    store = write_spatialdata_fixture(spatial, tmp_path / "slide.zarr", image=image, spot_radius=27.5,
-                                      image_scale=image_scale)
+    store = write_spatialdata_fixture(
+        spatial, tmp_path / "slide.zarr", image=image, spot_radius=27.5, image_scale=image_scale
+    )
     viewer = make_napari_viewer()
     viewer.open(str(store), plugin=PLUGIN)
     kinds = _layers_by_kind(viewer)
@@ -117,7 +119,12 @@ def test_a_big_single_level_image_is_drawn_from_a_lazy_pyramid():
     big = da.zeros((9000, 3000, 3), dtype=np.uint8, chunks=(1024, 1024, 3))
     kwargs = SlideImage("he", [big], scale=0.5).layer_kwargs()
     assert kwargs["multiscale"] and [lv.shape for lv in kwargs["data"]] == [
-        (9000, 3000, 3), (4500, 1500, 3), (2250, 750, 3), (1125, 375, 3), (563, 188, 3)]
+        (9000, 3000, 3),
+        (4500, 1500, 3),
+        (2250, 750, 3),
+        (1125, 375, 3),
+        (563, 188, 3),
+    ]
     assert kwargs["scale"] == (0.5, 0.5)  # level 0's pixel size; napari derives the others from the shapes
     stains = SlideImage("dapi", [np.zeros((2, 10000, 200), np.uint16)], rgb=False, channel_axis=0)
     assert [lv.shape for lv in stains.display_levels()][:2] == [(2, 10000, 200), (2, 5000, 100)]

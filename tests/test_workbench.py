@@ -1,4 +1,5 @@
 """The deconvolution workbench driven like a user: run RCTD on the sample, watch, explore, compare, save."""
+
 from __future__ import annotations
 
 import time
@@ -27,10 +28,10 @@ class FakeMouse:
 @pytest.fixture(scope="module", autouse=True)
 def warm_engine():
     """Compile (and cache) the numba kernels once: a first-ever JIT compile is not what the stall test measures."""
+    import anndata as ad
+
     from spatial_deconv_gui import api
     from spatial_deconv_gui.sample_data import sample_paths
-
-    import anndata as ad
 
     s, r = sample_paths()
     spatial = ad.read_h5ad(s)[:200].copy()
@@ -68,8 +69,10 @@ def _timed_run(qtbot, widget, meter):
     stall = meter.longest(clicked, returned[0])
     worst = max(((b - a, a) for a, b in meter.gaps if a >= clicked and b <= returned[0]), default=(0, 0))
     during = ([st for t, st in stages if t <= worst[1] + worst[0]][-1:] or ["start"])[0]
-    print(f"longest event-loop stall while the engine ran: {1000 * stall:.0f} ms (during {during}); "
-          f"while the result layers were added: {1000 * meter.longest(returned[0]):.0f} ms")
+    print(
+        f"longest event-loop stall while the engine ran: {1000 * stall:.0f} ms (during {during}); "
+        f"while the result layers were added: {1000 * meter.longest(returned[0]):.0f} ms"
+    )
     return widget.last_run, seen_partial, stall
 
 
@@ -227,8 +230,16 @@ def test_compare_two_runs(make_napari_viewer, small_pair):
     noisy /= noisy.sum(axis=1, keepdims=True)
     wb = workbench_for(viewer)
     for name, props in (("truth", truth), ("noisy", noisy)):
-        res = DeconvResult(key="sim", method="sim", mode=None, cell_types=types, proportions=props, params={},
-                           device="cpu", runtime_s=0.0)
+        res = DeconvResult(
+            key="sim",
+            method="sim",
+            mode=None,
+            cell_types=types,
+            proportions=props,
+            params={},
+            device="cpu",
+            runtime_s=0.0,
+        )
         wb.add_run(api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name=name)
     wb.results.run.value, wb.results.run_b.value = "truth", "noisy"
     wb.results.compare_btn.native.click()

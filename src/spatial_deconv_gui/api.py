@@ -1,4 +1,5 @@
 """One function per job, shared by the CLI, the napari widgets and user scripts."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -12,8 +13,12 @@ from typing import Any
 import anndata as ad
 
 from . import __version__
-from .engines.base import Cancelled  # noqa: F401  (re-exported: the GUI catches it without reaching into engines)
-from .engines.base import DeconvResult, ProgressCallback, RunControl
+from .engines.base import (
+    Cancelled,  # noqa: F401  (re-exported: the GUI catches it without reaching into engines)
+    DeconvResult,
+    ProgressCallback,
+    RunControl,
+)
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
 from .io.slide import Slide, detect_format
@@ -79,7 +84,8 @@ def system_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": bool(torch.cuda.is_available()),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available() else [],
+        if torch.cuda.is_available()
+        else [],
         "default_device": "cuda" if torch.cuda.is_available() else "cpu",
         "methods": sorted(available_methods()),
     }
@@ -127,8 +133,15 @@ def run_deconvolution(
     report = None
     if check:
         min_cells = int(params.get("cell_min", 25))
-        report = validate(sdata, rdata, cell_type_col=cell_type_col, layer=layer, reference_layer=reference_layer,
-                          coord_key=coord_key, min_cells_per_type=min_cells)
+        report = validate(
+            sdata,
+            rdata,
+            cell_type_col=cell_type_col,
+            layer=layer,
+            reference_layer=reference_layer,
+            coord_key=coord_key,
+            min_cells_per_type=min_cells,
+        )
         # Types below the minimum are the engine's call (drop with a warning, or refuse when strict).
         blocking = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
         if blocking:
@@ -144,9 +157,13 @@ def run_deconvolution(
         batch_col = batch_column(config)
     if batch_col is not None:
         extra["reference_batches"] = reference_batch_labels(rdata, batch_col, cell_type_col)
-    result = runner(spatial_input(sdata, layer, coord_key, numi_column),
-                    reference_input(rdata, cell_type_col, reference_layer, reference_numi_column), config, control,
-                    **extra)
+    result = runner(
+        spatial_input(sdata, layer, coord_key, numi_column),
+        reference_input(rdata, cell_type_col, reference_layer, reference_numi_column),
+        config,
+        control,
+        **extra,
+    )
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
     return RunOutput(out, result, report)
 
@@ -159,22 +176,31 @@ def check_output(path: str | os.PathLike, *inputs) -> Path:
             continue
         p = Path(p).resolve()
         if p == path.resolve() or p in path.resolve().parents and path.suffix == ".zarr":
-            raise InputError(f"the output {path} is (inside) one of the inputs.",
-                             "choose another output path; inputs are never overwritten.", code="output_is_input")
+            raise InputError(
+                f"the output {path} is (inside) one of the inputs.",
+                "choose another output path; inputs are never overwritten.",
+                code="output_is_input",
+            )
     if path.suffix == ".zarr":
         source = inputs[0] if inputs else None
         if isinstance(source, (ad.AnnData, Slide)) or source is None or detect_format(source) != "spatialdata":
-            raise InputError(f"a .zarr output ({path.name}) is written for a SpatialData .zarr input only.",
-                             "write an .h5ad (the default), or open the slide from its SpatialData .zarr.",
-                             code="zarr_output_needs_zarr_input")
+            raise InputError(
+                f"a .zarr output ({path.name}) is written for a SpatialData .zarr input only.",
+                "write an .h5ad (the default), or open the slide from its SpatialData .zarr.",
+                code="zarr_output_needs_zarr_input",
+            )
     elif path.suffix != ".h5ad":
-        raise InputError(f"the output {path.name} is neither an .h5ad nor a .zarr.", "name it OUT.h5ad (or OUT.zarr "
-                         "for a SpatialData input).", code="bad_output")
+        raise InputError(
+            f"the output {path.name} is neither an .h5ad nor a .zarr.",
+            "name it OUT.h5ad (or OUT.zarr for a SpatialData input).",
+            code="bad_output",
+        )
     return path
 
 
-def save_result(adata: ad.AnnData, path: str | os.PathLike, protect: tuple = (), source=None,
-                table: str | None = None) -> Path:
+def save_result(
+    adata: ad.AnnData, path: str | os.PathLike, protect: tuple = (), source=None, table: str | None = None
+) -> Path:
     """Write atomically; refuses to overwrite any of the ``protect`` paths (the inputs).
 
     A ``.zarr`` path writes a new SpatialData object holding the elements of ``source`` (a SpatialData
@@ -183,8 +209,11 @@ def save_result(adata: ad.AnnData, path: str | os.PathLike, protect: tuple = (),
     path = Path(path)
     for p in protect:
         if p is not None and not isinstance(p, (ad.AnnData, Slide)) and Path(p).resolve() == path.resolve():
-            raise InputError(f"the output {path} is one of the input files.",
-                             "choose another output path; inputs are never overwritten.", code="output_is_input")
+            raise InputError(
+                f"the output {path} is one of the input files.",
+                "choose another output path; inputs are never overwritten.",
+                code="output_is_input",
+            )
     if path.suffix == ".zarr":
         from .io.sdata import write_spatialdata_result
 
@@ -200,9 +229,11 @@ def reference_batch_labels(reference, batch_col: str, cell_type_col: str = "cell
 
     rdata = _as_adata(reference)
     if batch_col not in rdata.obs:
-        raise InputError(f"the reference has no obs column {batch_col!r} for the batches.",
-                         f"pass --reference-batch-col with one of {list(rdata.obs.columns)}.",
-                         code="unknown_reference_batch_col")
+        raise InputError(
+            f"the reference has no obs column {batch_col!r} for the batches.",
+            f"pass --reference-batch-col with one of {list(rdata.obs.columns)}.",
+            code="unknown_reference_batch_col",
+        )
     keep = rdata.obs[cell_type_col].notna().to_numpy() if cell_type_col in rdata.obs else slice(None)
     return np.asarray(rdata.obs[batch_col].to_numpy(), dtype=object)[keep]
 

@@ -10,6 +10,7 @@ are re-reported on the caller's :class:`RunControl`, the caller's cancel event i
 return value or exception is handed back (an exception that cannot be pickled comes back as a RuntimeError
 with its type, message and traceback text).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -67,8 +68,9 @@ def _context():
     return ctx
 
 
-def run_isolated(target: str, kwargs: dict[str, Any], control: RunControl | None = None,
-                 threads: int | None = None) -> Any:
+def run_isolated(
+    target: str, kwargs: dict[str, Any], control: RunControl | None = None, threads: int | None = None
+) -> Any:
     """Run ``target`` (``"package.module:function"``) in a fresh child process and return its result.
 
     ``threads`` caps the child's torch/numba/OpenMP threads (e.g. one fewer than the cores, so the GUI keeps
@@ -92,8 +94,10 @@ def run_isolated(target: str, kwargs: dict[str, Any], control: RunControl | None
                     try:  # the last message may have landed between the timeout and the liveness check
                         item = events.get(timeout=1.0)
                     except queue.Empty:
-                        raise RuntimeError(f"the {target.split(':')[-1]} process ended unexpectedly (exit code "
-                                           f"{proc.exitcode}); it may have run out of memory") from None
+                        raise RuntimeError(
+                            f"the {target.split(':')[-1]} process ended unexpectedly (exit code "
+                            f"{proc.exitcode}); it may have run out of memory"
+                        ) from None
                 else:
                     continue
             if item[0] == "progress":

@@ -8,13 +8,14 @@
   ``layers['perturb_delta']``, ``obsm['perturb_vectors']``, ``obsm['perturb_grid_vectors']`` and
   ``uns['perturb']``. :func:`perturbation_steps` yields each propagation step for streaming.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import anndata as ad
 import numpy as np
@@ -24,10 +25,11 @@ import scipy.sparse as sp
 from .engines.base import RunControl
 from .engines.perturb import priors as _priors
 from .engines.perturb.impute import impute_clusterwise
-from .engines.perturb.perturb import (PerturbModel, PerturbStep, Propagator, iter_perturbation,
-                                      load_model as _load_model)
-from .engines.perturb.train import TrainConfig, train as _train
+from .engines.perturb.perturb import PerturbModel, PerturbStep, Propagator, iter_perturbation
+from .engines.perturb.perturb import load_model as _load_model
 from .engines.perturb.regrid import regrid as regrid_vectors
+from .engines.perturb.train import TrainConfig
+from .engines.perturb.train import train as _train
 from .engines.perturb.vectors import vector_field
 from .io.errors import InputError
 from .io.perturbed import attach_perturbation, model_cells_adata
@@ -36,8 +38,17 @@ from .io.slide import read_slide_adata
 
 IMPUTED_LAYERS = ("imputed_count", "imputed", "magic", "smoothed")
 
-__all__ = ["TrainConfig", "PerturbModel", "PerturbStep", "impute_expression", "train_model", "load_model",
-           "run_perturbation", "perturbation_steps", "regrid_vectors"]
+__all__ = [
+    "TrainConfig",
+    "PerturbModel",
+    "PerturbStep",
+    "impute_expression",
+    "train_model",
+    "load_model",
+    "run_perturbation",
+    "perturbation_steps",
+    "regrid_vectors",
+]
 
 
 def _control(control: RunControl | None, progress: Callable | None) -> RunControl:
@@ -52,12 +63,18 @@ def _adata(spatial, slide_options: dict | None = None) -> ad.AnnData:
 
 def _clusters(adata: ad.AnnData, cluster_col: str) -> np.ndarray:
     if cluster_col not in adata.obs:
-        raise InputError(f"obs has no column {cluster_col!r}; columns found: {list(adata.obs.columns)}.",
-                         "pass the cluster / cell-type column with --cluster-col.", code="missing_column")
+        raise InputError(
+            f"obs has no column {cluster_col!r}; columns found: {list(adata.obs.columns)}.",
+            "pass the cluster / cell-type column with --cluster-col.",
+            code="missing_column",
+        )
     s = adata.obs[cluster_col]
     if s.isna().any():
-        raise InputError(f"{int(s.isna().sum())} cells have no {cluster_col!r} label.",
-                         "drop them (adata[~adata.obs[col].isna()]) or label them.", code="missing_labels")
+        raise InputError(
+            f"{int(s.isna().sum())} cells have no {cluster_col!r} label.",
+            "drop them (adata[~adata.obs[col].isna()]) or label them.",
+            code="missing_labels",
+        )
     return s.astype(str).to_numpy()
 
 
@@ -74,14 +91,18 @@ def expression_matrix(adata: ad.AnnData, layer: str | None = None, genes=None) -
     if layer is None:
         layer = next((k for k in IMPUTED_LAYERS if k in adata.layers), None)
     if layer is not None and layer not in adata.layers:
-        raise InputError(f"layer {layer!r} not found; layers: {list(adata.layers.keys())}.",
-                         "name an existing layer or leave it out to use X.", code="missing_layer")
+        raise InputError(
+            f"layer {layer!r} not found; layers: {list(adata.layers.keys())}.",
+            "name an existing layer or leave it out to use X.",
+            code="missing_layer",
+        )
     src = adata.layers[layer] if layer is not None else adata.X
     cols = None if genes is None else adata.var_names.get_indexer(list(genes))
     M = src if cols is None else src[:, cols]
     sample = src.data[:200000] if sp.issparse(src) else np.asarray(src).ravel()[:200000]
-    counts_like = bool(sample.size) and (np.asarray(sample).dtype.kind in "iu" or (
-        bool(np.all(np.mod(sample, 1) == 0)) and float(np.max(sample)) > 30))
+    counts_like = bool(sample.size) and (
+        np.asarray(sample).dtype.kind in "iu" or (bool(np.all(np.mod(sample, 1) == 0)) and float(np.max(sample)) > 30)
+    )
     where = f"layers['{layer}']" if layer is not None else "X"
     if counts_like:
         full = src.toarray() if sp.issparse(src) else np.asarray(src, dtype=np.float64)
@@ -92,8 +113,17 @@ def expression_matrix(adata: ad.AnnData, layer: str | None = None, genes=None) -
     return np.asarray(_dense(M), dtype=np.float64), where
 
 
-def impute_expression(adata: ad.AnnData, cluster_col: str, layer: str | None = None, key: str = "imputed",
-                      k: int = 15, t: int = 3, n_pcs: int = 20, progress=None, control=None) -> ad.AnnData:
+def impute_expression(
+    adata: ad.AnnData,
+    cluster_col: str,
+    layer: str | None = None,
+    key: str = "imputed",
+    k: int = 15,
+    t: int = 3,
+    n_pcs: int = 20,
+    progress=None,
+    control=None,
+) -> ad.AnnData:
     """Cluster-wise diffusion imputation written to ``adata.layers[key]`` (in place; returns ``adata``)."""
     ctl = _control(control, progress)
     X, _ = expression_matrix(adata, layer=layer if layer is not None else None)
@@ -119,11 +149,29 @@ def _priors_frames(grn, lr, tfl, grn_columns, lr_columns, lr_resource, tfl_colum
     return grn_df, lr_df, tfl_df, sums
 
 
-def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, tfl=None, layer: str | None = None,
-                coord_key: str | None = None, targets=None, impute: bool = False, config: TrainConfig | None = None,
-                grn_columns: tuple | None = None, lr_columns: tuple | None = None, lr_resource: str | None = None,
-                tfl_columns: tuple | None = None, overwrite: bool = False, progress=None,
-                control: RunControl | None = None, slide_options: dict | None = None, **params) -> PerturbModel:
+def train_model(
+    spatial,
+    grn,
+    lr,
+    cluster_col: str,
+    out: str | os.PathLike,
+    *,
+    tfl=None,
+    layer: str | None = None,
+    coord_key: str | None = None,
+    targets=None,
+    impute: bool = False,
+    config: TrainConfig | None = None,
+    grn_columns: tuple | None = None,
+    lr_columns: tuple | None = None,
+    lr_resource: str | None = None,
+    tfl_columns: tuple | None = None,
+    overwrite: bool = False,
+    progress=None,
+    control: RunControl | None = None,
+    slide_options: dict | None = None,
+    **params,
+) -> PerturbModel:
     """Train the perturbation model of ``spatial`` (AnnData, or a slide in any format that
     :func:`..io.slide.read_slide` opens, with ``slide_options``) into the folder ``out``.
 
@@ -144,8 +192,11 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
     clusters = _clusters(adata, cluster_col)
     found = find_coordinates(adata, coord_key)
     if found is None:
-        raise InputError("the slide has no coordinates.", "store them in obsm['spatial'] or name them with "
-                         "--coords.", code="missing_coordinates")
+        raise InputError(
+            "the slide has no coordinates.",
+            "store them in obsm['spatial'] or name them with --coords.",
+            code="missing_coordinates",
+        )
     coords = found[0]
     grn_df, lr_df, tfl_df, sums = _priors_frames(grn, lr, tfl, grn_columns, lr_columns, lr_resource, tfl_columns)
     var = list(map(str, adata.var_names))
@@ -159,8 +210,11 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
         needed |= set(tfl_df.ligand) | set(tfl_df.tf)
     genes = [g for g in var if g in needed]
     if not genes:
-        raise InputError("none of the priors' genes are measured in the slide.",
-                         "check the species and the gene symbols of the prior tables.", code="no_overlap")
+        raise InputError(
+            "none of the priors' genes are measured in the slide.",
+            "check the species and the gene symbols of the prior tables.",
+            code="no_overlap",
+        )
     if impute:
         X_all, where = expression_matrix(adata, layer=layer)
         keep = adata.var_names.get_indexer(genes)
@@ -171,14 +225,38 @@ def train_model(spatial, grn, lr, cluster_col: str, out: str | os.PathLike, *, t
         X, where = expression_matrix(adata, layer=layer, genes=genes)
     if targets is None:
         targets = [g for g in dict.fromkeys(grn_df.target) if g in vset]
-    obsm = {k: np.asarray(v)[:, :2] for k, v in adata.obsm.items()
-            if k != "spatial" and getattr(v, "ndim", 0) == 2 and np.asarray(v).shape[1] >= 2
-            and np.issubdtype(np.asarray(v).dtype, np.number) and k.lower().startswith(("x_umap", "umap", "x_tsne"))}
-    _train(X, genes, coords, clusters, grn_df, lr_df, out, targets=targets, tfl=tfl_df, config=cfg, control=ctl,
-           checksums=sums, extra={"expression": where, "cluster_col": cluster_col,
-                                  "coordinates": found[1],
-                                  "obs_names_sha1": hashlib.sha1("\x00".join(map(str, adata.obs_names)).encode()).hexdigest()},
-           obsm=obsm, obs_names=list(map(str, adata.obs_names)), overwrite=overwrite)
+    obsm = {
+        k: np.asarray(v)[:, :2]
+        for k, v in adata.obsm.items()
+        if k != "spatial"
+        and getattr(v, "ndim", 0) == 2
+        and np.asarray(v).shape[1] >= 2
+        and np.issubdtype(np.asarray(v).dtype, np.number)
+        and k.lower().startswith(("x_umap", "umap", "x_tsne"))
+    }
+    _train(
+        X,
+        genes,
+        coords,
+        clusters,
+        grn_df,
+        lr_df,
+        out,
+        targets=targets,
+        tfl=tfl_df,
+        config=cfg,
+        control=ctl,
+        checksums=sums,
+        extra={
+            "expression": where,
+            "cluster_col": cluster_col,
+            "coordinates": found[1],
+            "obs_names_sha1": hashlib.sha1("\x00".join(map(str, adata.obs_names)).encode()).hexdigest(),
+        },
+        obsm=obsm,
+        obs_names=list(map(str, adata.obs_names)),
+        overwrite=overwrite,
+    )
     return _load_model(out)
 
 
@@ -204,8 +282,9 @@ def _scope(model: PerturbModel, adata: ad.AnnData | None, cells, cell_type, cell
             pos = pd.Index(model.obs_names).get_indexer([str(c) for c in arr])
             if (pos < 0).any():
                 bad = [str(c) for c, p in zip(arr, pos) if p < 0][:5]
-                raise InputError(f"cells {bad} are not in the model's data.", "use obs names or indices.",
-                                 code="bad_cells")
+                raise InputError(
+                    f"cells {bad} are not in the model's data.", "use obs names or indices.", code="bad_cells"
+                )
             idx = pos
         return idx, {"kind": "cells", "n_cells": int(len(idx))}
     if cluster is not None or cell_type is not None:
@@ -214,14 +293,15 @@ def _scope(model: PerturbModel, adata: ad.AnnData | None, cells, cell_type, cell
             labels, col = model.clusters, model.manifest.get("cluster_col", "cluster")
         else:
             if adata is None or cell_type_col not in adata.obs:
-                raise InputError(f"no obs column {cell_type_col!r} to select cells from.",
-                                 "pass the slide (adata) that has it, or use the model's clusters.",
-                                 code="missing_column")
+                raise InputError(
+                    f"no obs column {cell_type_col!r} to select cells from.",
+                    "pass the slide (adata) that has it, or use the model's clusters.",
+                    code="missing_column",
+                )
             labels, col = adata.obs[cell_type_col].astype(str).to_numpy(), cell_type_col
         idx = np.flatnonzero(labels == value)
         if idx.size == 0:
-            raise InputError(f"no cells with {col} == {value!r}; values: {sorted(set(labels))[:20]}.",
-                             code="bad_scope")
+            raise InputError(f"no cells with {col} == {value!r}; values: {sorted(set(labels))[:20]}.", code="bad_scope")
         return idx, {"kind": "cell_type", "column": col, "value": value, "n_cells": int(idx.size)}
     return None, {"kind": "all", "n_cells": int(n)}
 
@@ -232,26 +312,58 @@ def _embedding(model: PerturbModel, adata: ad.AnnData | None, embedding: str) ->
     for src in (adata.obsm if adata is not None else {}, model.obsm):
         if embedding in src:
             return np.asarray(src[embedding], dtype=np.float64)[:, :2]
-    raise InputError(f"no embedding {embedding!r}.", "use 'spatial' or an obsm key such as 'X_umap'.",
-                     code="missing_embedding")
+    raise InputError(
+        f"no embedding {embedding!r}.", "use 'spatial' or an obsm key such as 'X_umap'.", code="missing_embedding"
+    )
 
 
-def perturbation_steps(model, genes, values=0.0, *, cells=None, cell_type=None, cell_type_col=None, cluster=None,
-                       steps: int = 4, ligand_mode: str = "exact", device=None, adata=None,
-                       control: RunControl | None = None, progress=None) -> Iterator[PerturbStep]:
+def perturbation_steps(
+    model,
+    genes,
+    values=0.0,
+    *,
+    cells=None,
+    cell_type=None,
+    cell_type_col=None,
+    cluster=None,
+    steps: int = 4,
+    ligand_mode: str = "exact",
+    device=None,
+    adata=None,
+    control: RunControl | None = None,
+    progress=None,
+) -> Iterator[PerturbStep]:
     """Yield each propagation step (``PerturbStep.delta``: cells x ``model.genes``) for streaming."""
     if not isinstance(model, PerturbModel):
         model = load_model(model)
     idx, _ = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
-    yield from iter_perturbation(model, genes, values, idx, steps, ligand_mode, device,
-                                 control=_control(control, progress))
+    yield from iter_perturbation(
+        model, genes, values, idx, steps, ligand_mode, device, control=_control(control, progress)
+    )
 
 
-def run_perturbation(model, genes, values=0.0, *, cells=None, cell_type=None, cell_type_col: str | None = None,
-                     cluster=None, steps: int = 4, ligand_mode: str = "exact", embedding: str = "spatial",
-                     k: int = 30, temperature: float = 0.05, null: str = "uniform", n_grid: int = 40,
-                     adata: ad.AnnData | None = None, device=None, on_step: Callable | None = None,
-                     progress=None, control: RunControl | None = None) -> ad.AnnData:
+def run_perturbation(
+    model,
+    genes,
+    values=0.0,
+    *,
+    cells=None,
+    cell_type=None,
+    cell_type_col: str | None = None,
+    cluster=None,
+    steps: int = 4,
+    ligand_mode: str = "exact",
+    embedding: str = "spatial",
+    k: int = 30,
+    temperature: float = 0.05,
+    null: str = "uniform",
+    n_grid: int = 40,
+    adata: ad.AnnData | None = None,
+    device=None,
+    on_step: Callable | None = None,
+    progress=None,
+    control: RunControl | None = None,
+) -> ad.AnnData:
     """Simulate the perturbation and return an AnnData copy carrying the result.
 
     ``model`` is a :class:`PerturbModel` or a model folder; ``genes`` one gene or a list, ``values`` the
@@ -266,40 +378,52 @@ def run_perturbation(model, genes, values=0.0, *, cells=None, cell_type=None, ce
         model = load_model(model)
     n = model.expr.shape[0]
     if adata is not None and adata.n_obs != n:
-        raise InputError(f"the slide has {adata.n_obs} cells but the model {n}.",
-                         "pass the slide the model was trained on.", code="shape_mismatch")
+        raise InputError(
+            f"the slide has {adata.n_obs} cells but the model {n}.",
+            "pass the slide the model was trained on.",
+            code="shape_mismatch",
+        )
     idx, scope = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
     genes_l = [genes] if isinstance(genes, str) else list(genes)
     vals = [float(values)] * len(genes_l) if np.isscalar(values) else [float(v) for v in values]
     prop = Propagator(model, ligand_mode=ligand_mode, device=device)
     last = None
-    for st in iter_perturbation(model, genes_l, vals, idx, steps, ligand_mode, device, control=ctl,
-                                propagator=prop):
+    for st in iter_perturbation(model, genes_l, vals, idx, steps, ligand_mode, device, control=ctl, propagator=prop):
         last = st
         if on_step is not None:
             on_step(st)
     delta = last.delta
     emb = _embedding(model, adata, embedding)
     ctl.report("vectors", 0.0, "")
-    vf = vector_field(model.expr, delta, emb, k=k, temperature=temperature, null=null, n_grid=n_grid,
-                      control=ctl)
+    vf = vector_field(model.expr, delta, emb, k=k, temperature=temperature, null=null, n_grid=n_grid, control=ctl)
     if adata is None:
-        out = model_cells_adata(model.expr, model.clusters, model.cluster_names, model.obs_names, model.genes,
-                                model.coords, model.obsm)
+        out = model_cells_adata(
+            model.expr, model.clusters, model.cluster_names, model.obs_names, model.genes, model.coords, model.obsm
+        )
     else:
         out = adata.copy()
     missing = attach_perturbation(out, model.genes, delta, vf.cell_vectors, vf.cell_grid_vectors)
     out.uns["perturb"] = {
-        "genes": genes_l, "values": vals, "scope": scope, "steps": int(steps),
-        "parameters": {"ligand_mode": prop.mode, "embedding": embedding, "k": int(k),
-                       "temperature": float(temperature), "null": null, "n_grid": int(n_grid),
-                       "radius": float(model.manifest.get("radius", np.nan)),
-                       "contact_radius": float(model.manifest.get("contact_radius", np.nan)),
-                       "radius_rule": model.radius_rule,
-                       "received_channels": [f"{g}@{r:g}" for g, r in model.channels],
-                       "scale_factor": float(model.scale_factor),
-                       "model_dir": str(model.path) if model.path else ""},
-        "grid_points": vf.grid_points, "grid_vectors": vf.grid_vectors,
+        "genes": genes_l,
+        "values": vals,
+        "scope": scope,
+        "steps": int(steps),
+        "parameters": {
+            "ligand_mode": prop.mode,
+            "embedding": embedding,
+            "k": int(k),
+            "temperature": float(temperature),
+            "null": null,
+            "n_grid": int(n_grid),
+            "radius": float(model.manifest.get("radius", np.nan)),
+            "contact_radius": float(model.manifest.get("contact_radius", np.nan)),
+            "radius_rule": model.radius_rule,
+            "received_channels": [f"{g}@{r:g}" for g, r in model.channels],
+            "scale_factor": float(model.scale_factor),
+            "model_dir": str(model.path) if model.path else "",
+        },
+        "grid_points": vf.grid_points,
+        "grid_vectors": vf.grid_vectors,
         "model_genes_missing_from_output": missing,
         "runtime_s": round(time.perf_counter() - t0, 3),
     }

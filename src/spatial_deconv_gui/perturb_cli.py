@@ -3,6 +3,7 @@
 Hooked into :mod:`spatial_deconv_gui.cli` with ``add_perturb_parser(sub)`` and
 ``run_perturb_command(args)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,11 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="perturb_command", required=True)
 
     tr = sub.add_parser("train", help="train per-cluster TF / ligand models of each gene into MODEL_DIR")
-    tr.add_argument("spatial", help=f"slide: .h5ad (coordinates in obsm['{keys.SPATIAL}'] or --coords), Space "
-                                    "Ranger / Visium HD / Xenium folder, or SpatialData .zarr")
+    tr.add_argument(
+        "spatial",
+        help=f"slide: .h5ad (coordinates in obsm['{keys.SPATIAL}'] or --coords), Space "
+        "Ranger / Visium HD / Xenium folder, or SpatialData .zarr",
+    )
     add_slide_options(tr)
     tr.add_argument("--grn", required=True, help="TF -> target table (parquet/CSV/TSV)")
     tr.add_argument("--lr", default=None, help="ligand-receptor table (CellChat / LIANA / SpaceTravLR style)")
@@ -50,8 +54,13 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     rn = sub.add_parser("run", help="simulate a knockout / overexpression with a trained model")
     rn.add_argument("model_dir")
     rn.add_argument("--gene", action="append", required=True, help="gene to perturb (repeat for several)")
-    rn.add_argument("--value", action="append", type=float, default=None,
-                    help="expression to set (default 0 = knockout); one, or one per --gene")
+    rn.add_argument(
+        "--value",
+        action="append",
+        type=float,
+        default=None,
+        help="expression to set (default 0 = knockout); one, or one per --gene",
+    )
     scope = rn.add_mutually_exclusive_group()
     scope.add_argument("--cells", default=None, help="text file: one obs name or 0-based index per line")
     scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
@@ -64,8 +73,11 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     rn.add_argument("--json", action="store_true")
     rn.add_argument("--quiet", "-q", action="store_true")
 
-    up = sub.add_parser("upgrade", help="rewrite an older model folder (one CSV per target) in place as the "
-                                        "current format (one coefficient store, fast to load)")
+    up = sub.add_parser(
+        "upgrade",
+        help="rewrite an older model folder (one CSV per target) in place as the "
+        "current format (one coefficient store, fast to load)",
+    )
     up.add_argument("model_dir")
     up.add_argument("--json", action="store_true")
     up.add_argument("--quiet", "-q", action="store_true")
@@ -92,10 +104,15 @@ def _progress(quiet: bool):
         return None
 
     def cb(event):
-        print(f"\r{event.stage:<18} {100 * event.fraction:5.1f}% {event.message[:40]:<40}", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"\r{event.stage:<18} {100 * event.fraction:5.1f}% {event.message[:40]:<40}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         if event.fraction >= 1.0:
             print(file=sys.stderr)
+
     return cb
 
 
@@ -114,23 +131,45 @@ def _cmd_train(args) -> int:
     params = given_options(args, TrainConfig)
     targets = _read_lines(args.targets) if args.targets else None
     model = api.train_model(
-        args.spatial, args.grn, args.lr, args.cluster_col, args.out, tfl=args.tfl, layer=args.layer,
-        coord_key=args.coords, targets=targets, impute=args.impute,
+        args.spatial,
+        args.grn,
+        args.lr,
+        args.cluster_col,
+        args.out,
+        tfl=args.tfl,
+        layer=args.layer,
+        coord_key=args.coords,
+        targets=targets,
+        impute=args.impute,
         grn_columns=(args.grn_tf_col, args.grn_target_col),
         lr_columns=(args.lr_ligand_col, args.lr_receptor_col, args.lr_annotation_col),
-        lr_resource=args.lr_resource, overwrite=args.overwrite, progress=_progress(args.quiet),
-        slide_options=slide_options(args), **params)
+        lr_resource=args.lr_resource,
+        overwrite=args.overwrite,
+        progress=_progress(args.quiet),
+        slide_options=slide_options(args),
+        **params,
+    )
     man = model.manifest
-    summary = {"model_dir": str(args.out), "n_cells": man["n_cells"], "n_targets": len(man["targets"]),
-               "n_orphans": len(man["orphans"]), "clusters": man["clusters"], "radius": man["radius"],
-               "contact_radius": man["contact_radius"], "radius_rule": man.get("radius_rule", "ligand"),
-               "n_received_channels": len(man.get("received_channels", man.get("ligands", []))),
-               "train_time_s": man.get("train_time_s")}
+    summary = {
+        "model_dir": str(args.out),
+        "n_cells": man["n_cells"],
+        "n_targets": len(man["targets"]),
+        "n_orphans": len(man["orphans"]),
+        "clusters": man["clusters"],
+        "radius": man["radius"],
+        "contact_radius": man["contact_radius"],
+        "radius_rule": man.get("radius_rule", "ligand"),
+        "n_received_channels": len(man.get("received_channels", man.get("ligands", []))),
+        "train_time_s": man.get("train_time_s"),
+    }
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
-        print(f"trained {summary['n_targets']} genes ({summary['n_orphans']} orphans without modulators) on "
-              f"{summary['n_cells']} cells in {summary['train_time_s']} s; wrote {args.out}", file=sys.stderr)
+        print(
+            f"trained {summary['n_targets']} genes ({summary['n_orphans']} orphans without modulators) on "
+            f"{summary['n_cells']} cells in {summary['train_time_s']} s; wrote {args.out}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -144,8 +183,11 @@ def _cmd_run(args) -> int:
     if len(values) == 1:
         values = values * len(args.gene)
     if len(values) != len(args.gene):
-        raise InputError(f"{len(args.gene)} --gene but {len(values)} --value.", "give one value or one per gene.",
-                         code="bad_perturbation")
+        raise InputError(
+            f"{len(args.gene)} --gene but {len(values)} --value.",
+            "give one value or one per gene.",
+            code="bad_perturbation",
+        )
     adata = read_slide_adata(args.spatial, **slide_options(args)) if args.spatial else None
     cells = None
     if args.cells:
@@ -154,25 +196,43 @@ def _cmd_run(args) -> int:
     out_path = Path(args.output)
     for src in (args.spatial,):
         if src and Path(src).resolve() == out_path.resolve():
-            raise InputError("the output would overwrite the input slide.", "choose another --output.",
-                             code="output_is_input")
+            raise InputError(
+                "the output would overwrite the input slide.", "choose another --output.", code="output_is_input"
+            )
     run_options = {**dataclasses.asdict(PerturbRunConfig()), **given_options(args, PerturbRunConfig)}
     device = run_options.pop("device")
-    res = api.run_perturbation(args.model_dir, args.gene, values, cells=cells, cell_type=args.cell_type,
-                               cell_type_col=args.cell_type_col, adata=adata,
-                               device=None if device == "auto" else device,
-                               progress=_progress(args.quiet), **run_options)
+    res = api.run_perturbation(
+        args.model_dir,
+        args.gene,
+        values,
+        cells=cells,
+        cell_type=args.cell_type,
+        cell_type_col=args.cell_type_col,
+        adata=adata,
+        device=None if device == "auto" else device,
+        progress=_progress(args.quiet),
+        **run_options,
+    )
     write_h5ad_atomic(res, out_path)
     u = res.uns[keys.PERTURB]
     delta = res.layers[keys.PERTURB_DELTA]
-    summary = {"output": str(out_path), "genes": u["genes"], "values": u["values"], "scope": u["scope"],
-               "steps": u["steps"], "runtime_s": u["runtime_s"],
-               "max_abs_delta": float(abs(delta).max()) if delta.nnz else 0.0}
+    summary = {
+        "output": str(out_path),
+        "genes": u["genes"],
+        "values": u["values"],
+        "scope": u["scope"],
+        "steps": u["steps"],
+        "runtime_s": u["runtime_s"],
+        "max_abs_delta": float(abs(delta).max()) if delta.nnz else 0.0,
+    }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     elif not args.quiet:
-        print(f"perturbed {', '.join(u['genes'])} in {u['scope']['n_cells']} cells, {u['steps']} steps, "
-              f"{u['runtime_s']} s; wrote {out_path}", file=sys.stderr)
+        print(
+            f"perturbed {', '.join(u['genes'])} in {u['scope']['n_cells']} cells, {u['steps']} steps, "
+            f"{u['runtime_s']} s; wrote {out_path}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -184,9 +244,11 @@ def _cmd_upgrade(args) -> int:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
         if summary["upgraded"]:
-            print(f"upgraded {args.model_dir} from format {summary['from_format']} to {summary['format_version']}: "
-                  f"{summary['n_targets']} targets in {summary['store']} ({summary['store_bytes']} bytes)",
-                  file=sys.stderr)
+            print(
+                f"upgraded {args.model_dir} from format {summary['from_format']} to {summary['format_version']}: "
+                f"{summary['n_targets']} targets in {summary['store']} ({summary['store_bytes']} bytes)",
+                file=sys.stderr,
+            )
         else:
             print(f"{args.model_dir} is already format {summary['format_version']}; nothing to do", file=sys.stderr)
     return EXIT_OK

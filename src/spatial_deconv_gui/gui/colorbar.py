@@ -1,5 +1,6 @@
 """The titled horizontal colorbar under a dock's controls (matplotlib on a Qt canvas), for every dock that
 colours the tissue by a value."""
+
 from __future__ import annotations
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -15,8 +16,9 @@ def add_colorbar(container) -> tuple[Figure, FigureCanvasQTAgg]:
     return figure, canvas
 
 
-def draw_colorbar(figure: Figure, canvas: FigureCanvasQTAgg, label: str, cmap: str, vmin: float = 0.0,
-                  vmax: float = 1.0):
+def draw_colorbar(
+    figure: Figure, canvas: FigureCanvasQTAgg, label: str, cmap: str, vmin: float = 0.0, vmax: float = 1.0
+):
     import matplotlib
     from matplotlib.colorbar import ColorbarBase
     from matplotlib.colors import Normalize

@@ -1,4 +1,5 @@
 """Commands the manifest puts in napari's menus (the layer list's context menu)."""
+
 from __future__ import annotations
 
 from napari.layers import Layer

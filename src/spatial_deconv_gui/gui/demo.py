@@ -1,4 +1,5 @@
 """`spatial-deconv demo`: napari with the sample slide and the plugin's widgets; `--headless` writes files."""
+
 from __future__ import annotations
 
 import json
@@ -104,11 +105,17 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
             widget._run_slide = widget.slide.value
             widget._on_done(run, staged=False)
             _inspect_a_mixed_spot(viewer, run)
-            result_path = api.save_result(run.adata, outdir / f"sample_{method}.h5ad",
-                                          protect=(spatial_path, reference_path))
+            result_path = api.save_result(
+                run.adata, outdir / f"sample_{method}.h5ad", protect=(spatial_path, reference_path)
+            )
             fig_path = result_figure(run.adata, run.result.key, outdir / f"sample_{method}_map.png")
-            summary.update(method=method, mode=run.result.mode, runtime_s=round(time.perf_counter() - t0, 2),
-                           n_spots=int(run.adata.n_obs), n_fitted=int(run.result.fitted.sum()))
+            summary.update(
+                method=method,
+                mode=run.result.mode,
+                runtime_s=round(time.perf_counter() - t0, 2),
+                n_spots=int(run.adata.n_obs),
+                n_fitted=int(run.result.fitted.sum()),
+            )
             summary["outputs"] += [str(result_path), str(fig_path)]
         app = QApplication.instance()
         for _ in range(5):

@@ -1,4 +1,5 @@
 """A private Xvfb display for headless rendering, when the machine has Xvfb and no display."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,11 @@ def virtual_display(width: int = 1600, height: int = 1000):
         yield False
         return
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", f"{width}x{height}x24",
-                             "-nolisten", "tcp"], pass_fds=(write_fd,), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [xvfb, "-displayfd", str(write_fd), "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"],
+        pass_fds=(write_fd,),
+        stderr=subprocess.DEVNULL,
+    )
     os.close(write_fd)
     with os.fdopen(read_fd) as fh:
         number = fh.readline().strip()  # Xvfb writes the display number once it accepts connections

@@ -1,4 +1,5 @@
 """Pure functions that turn AnnData into napari layer data (no Qt here, so they are tested directly)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -96,42 +97,66 @@ def boundaries_layer_data(slide: Slide, slide_name: str) -> tuple | None:
     if not outlines:
         return None
     if len(outlines) > SHAPES_LIMIT:
-        slide.notices.append(f"{len(outlines):,} cell outlines are more than a Shapes layer draws smoothly "
-                             f"({SHAPES_LIMIT:,}); the cells are shown as disks.")
+        slide.notices.append(
+            f"{len(outlines):,} cell outlines are more than a Shapes layer draws smoothly "
+            f"({SHAPES_LIMIT:,}); the cells are shown as disks."
+        )
         return None
-    kwargs = {"name": f"{slide_name}: cell boundaries", "shape_type": "polygon", "edge_color": "#ffffff",
-              "face_color": "transparent", "edge_width": 0.3, "visible": False, **layer_units(slide),
-              "metadata": {PLUGIN_KEY: {"kind": "cell_boundaries", "slide": slide_name}}}
+    kwargs = {
+        "name": f"{slide_name}: cell boundaries",
+        "shape_type": "polygon",
+        "edge_color": "#ffffff",
+        "face_color": "transparent",
+        "edge_width": 0.3,
+        "visible": False,
+        **layer_units(slide),
+        "metadata": {PLUGIN_KEY: {"kind": "cell_boundaries", "slide": slide_name}},
+    }
     return outlines, kwargs, "shapes"
 
 
-def slide_layer_data(slide: Slide, name: str | None = None, coord_key: str | None = None,
-                     read_options: dict | None = None) -> list[tuple]:
+def slide_layer_data(
+    slide: Slide, name: str | None = None, coord_key: str | None = None, read_options: dict | None = None
+) -> list[tuple]:
     """Layer-data tuples for a slide: its tissue images first (drawn beneath), then cell outlines, then the spots."""
     layer_name = name or (Path(slide.path).stem if slide.path else "slide")
     layers = [image_layer_data(im, slide, layer_name) for im in slide.images]
     outlines = boundaries_layer_data(slide, layer_name)
     if outlines is not None:
         layers.append(outlines)
-    layers.append(spatial_layer_data(slide.adata, path=slide.path, name=layer_name, coord_key=coord_key,
-                                     slide=slide, read_options=read_options))
+    layers.append(
+        spatial_layer_data(
+            slide.adata, path=slide.path, name=layer_name, coord_key=coord_key, slide=slide, read_options=read_options
+        )
+    )
     return layers
 
 
-def spatial_layer_data(adata: ad.AnnData, path: str | Path | None = None, name: str | None = None,
-                       coord_key: str | None = None, slide: Slide | None = None,
-                       read_options: dict | None = None) -> tuple[np.ndarray, dict, str]:
+def spatial_layer_data(
+    adata: ad.AnnData,
+    path: str | Path | None = None,
+    name: str | None = None,
+    coord_key: str | None = None,
+    slide: Slide | None = None,
+    read_options: dict | None = None,
+) -> tuple[np.ndarray, dict, str]:
     """A napari layer-data tuple ``(data, kwargs, "points")`` for a slide; refuses references."""
     found = find_coordinates(adata, coord_key)
     if found is None:
         looks_ref = any(c in adata.obs for c in ("cell_type", "celltype", "cell_types", "CellType", "cluster"))
         label = Path(path).name if path else "this file"
         if looks_ref:
-            raise InputError(f"{label} has no spot coordinates and has cell-type labels: it is a single-cell reference, "
-                             "not a slide.", "open a spatial file here, and pick this file as the reference in the "
-                             "Deconvolution widget.", code="reference_not_slide")
-        raise InputError(f"{label} has no spot coordinates (obsm 'spatial', 'X_spatial', 'spatial_loc' or obs x/y).",
-                         "store coordinates in obsm['spatial'].", code="missing_coordinates")
+            raise InputError(
+                f"{label} has no spot coordinates and has cell-type labels: it is a single-cell reference, "
+                "not a slide.",
+                "open a spatial file here, and pick this file as the reference in the Deconvolution widget.",
+                code="reference_not_slide",
+            )
+        raise InputError(
+            f"{label} has no spot coordinates (obsm 'spatial', 'X_spatial', 'spatial_loc' or obs x/y).",
+            "store coordinates in obsm['spatial'].",
+            code="missing_coordinates",
+        )
     coords, source = found
     world = float(slide.world_per_coord) if slide is not None else 1.0
     coords = coords * world
@@ -194,15 +219,40 @@ def overlay_kwargs(viewer) -> dict:
     return kwargs
 
 
-def add_spot_layer(viewer, coords_yx: np.ndarray, size: float, rgba: np.ndarray, name: str, metadata: dict,
-                   raster=None, features=None, visible: bool = True):
+def add_spot_layer(
+    viewer,
+    coords_yx: np.ndarray,
+    size: float,
+    rgba: np.ndarray,
+    name: str,
+    metadata: dict,
+    raster=None,
+    features=None,
+    visible: bool = True,
+):
     """A layer with one colour per spot: Points normally, an RGBA image past the points limit."""
     over = overlay_kwargs(viewer)
     if raster is not None:
-        return viewer.add_image(paint(raster, rgba), name=name, rgb=True, visible=visible,
-                                metadata={**metadata, "raster": raster}, **raster.layer_kwargs, **over)
-    return viewer.add_points(coords_yx, name=name, size=size, border_width=0, face_color=rgba,
-                             features=features, visible=visible, metadata=metadata, **over)
+        return viewer.add_image(
+            paint(raster, rgba),
+            name=name,
+            rgb=True,
+            visible=visible,
+            metadata={**metadata, "raster": raster},
+            **raster.layer_kwargs,
+            **over,
+        )
+    return viewer.add_points(
+        coords_yx,
+        name=name,
+        size=size,
+        border_width=0,
+        face_color=rgba,
+        features=features,
+        visible=visible,
+        metadata=metadata,
+        **over,
+    )
 
 
 def spot_colors(layer) -> np.ndarray:
@@ -228,8 +278,9 @@ def set_spot_colors(layer, rgba: np.ndarray, index: np.ndarray | None = None):
 
 def slide_layer_choices(viewer) -> list[tuple[str, object]]:
     """(name, layer) of every slide opened through this plugin, for layer pickers."""
-    return [(layer.name, layer) for layer in viewer.layers
-            if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "spatial"]
+    return [
+        (layer.name, layer) for layer in viewer.layers if layer.metadata.get(PLUGIN_KEY, {}).get("kind") == "spatial"
+    ]
 
 
 def refresh_slide_picker(combo) -> object | None:

@@ -1,4 +1,5 @@
 """What the user is told: errors as napari notifications (never a silent dead worker), progress in status lines."""
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Thin widgets over :mod:`spatial_deconv_gui.perturb_api`; training and propagation run in workers and stream
 their progress (per gene, per step) back; every colour and arrow drawn is the engine's numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, LineEdit,
-                              ProgressBar, PushButton, Select, SpinBox)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    Select,
+    SpinBox,
+)
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import QObject, QTimer, Signal
@@ -158,33 +171,76 @@ class TrainWidget(Container):
         self._layers: list[str] = []
         self.train_options: dict = {}  # further TrainConfig fields, for scripting (e.g. l1_reg)
         self.slide = ComboBox(label="slide layer", choices=self._slides, nullable=True)
-        self.expression = ComboBox(label="expression", choices=lambda _w: self._layers,
-                                   tooltip="Smoothed (imputed) expression works best; else log-normalised counts.")
-        self.cluster_col = ComboBox(label="cluster column", choices=lambda _w: self._obs_columns,
-                                    tooltip="One model per cluster: a cell-type annotation or a deconvolution's "
-                                            "dominant type.")
-        self.species = ComboBox(label="species", choices=SPECIES, value="mouse",
-                                tooltip="Prior files are remembered per species.")
-        self.grn = FileEdit(label="TF → target prior", mode="r", filter="*.csv *.tsv *.parquet",
-                            tooltip="Table with tf/source/regulator and target columns (DoRothEA, CellOracle...).")
-        self.lr = FileEdit(label="ligand–receptor prior", mode="r", filter="*.csv *.tsv *.parquet",
-                           tooltip="ligand/receptor table (CellChat, LIANA...); complexes as A_B.")
-        self.radius = FloatSpinBox(label="radius (µm)", value=0.0, min=0.0, max=1e5, step=10.0,
-                                   tooltip="Secreted ligands reach neighbours with weight exp(-d²/2r²): most signal "
-                                           "comes from within ~2r. 0 = five times the median cell spacing.")
-        self.contact = FloatSpinBox(label="contact distance (µm)", value=0.0, min=0.0, max=1e5, step=5.0,
-                                    tooltip="Contact-dependent pairs (Cell-Cell Contact) act only between cells this "
-                                            "close. 0 = radius / 4.")
-        self.model_dir = FileEdit(label="model folder", mode="d",
-                                  tooltip="Where the model is written; training resumes here, skipping finished genes.")
+        self.expression = ComboBox(
+            label="expression",
+            choices=lambda _w: self._layers,
+            tooltip="Smoothed (imputed) expression works best; else log-normalised counts.",
+        )
+        self.cluster_col = ComboBox(
+            label="cluster column",
+            choices=lambda _w: self._obs_columns,
+            tooltip="One model per cluster: a cell-type annotation or a deconvolution's dominant type.",
+        )
+        self.species = ComboBox(
+            label="species", choices=SPECIES, value="mouse", tooltip="Prior files are remembered per species."
+        )
+        self.grn = FileEdit(
+            label="TF → target prior",
+            mode="r",
+            filter="*.csv *.tsv *.parquet",
+            tooltip="Table with tf/source/regulator and target columns (DoRothEA, CellOracle...).",
+        )
+        self.lr = FileEdit(
+            label="ligand–receptor prior",
+            mode="r",
+            filter="*.csv *.tsv *.parquet",
+            tooltip="ligand/receptor table (CellChat, LIANA...); complexes as A_B.",
+        )
+        self.radius = FloatSpinBox(
+            label="radius (µm)",
+            value=0.0,
+            min=0.0,
+            max=1e5,
+            step=10.0,
+            tooltip="Secreted ligands reach neighbours with weight exp(-d²/2r²): most signal "
+            "comes from within ~2r. 0 = five times the median cell spacing.",
+        )
+        self.contact = FloatSpinBox(
+            label="contact distance (µm)",
+            value=0.0,
+            min=0.0,
+            max=1e5,
+            step=5.0,
+            tooltip="Contact-dependent pairs (Cell-Cell Contact) act only between cells this close. 0 = radius / 4.",
+        )
+        self.model_dir = FileEdit(
+            label="model folder",
+            mode="d",
+            tooltip="Where the model is written; training resumes here, skipping finished genes.",
+        )
         self.train_btn = PushButton(text="Train")
         self.load_btn = PushButton(text="Load model")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = status_label("pick a slide, priors and a model folder")
-        self.extend([self.slide, self.expression, self.cluster_col, self.species, self.grn, self.lr, self.radius,
-                     self.contact, self.model_dir, self.train_btn, self.load_btn, self.cancel_btn, self.progress,
-                     self.status])
+        self.extend(
+            [
+                self.slide,
+                self.expression,
+                self.cluster_col,
+                self.species,
+                self.grn,
+                self.lr,
+                self.radius,
+                self.contact,
+                self.model_dir,
+                self.train_btn,
+                self.load_btn,
+                self.cancel_btn,
+                self.progress,
+                self.status,
+            ]
+        )
         self.slide.changed.connect(self._on_slide)
         self.species.changed.connect(self._on_species)
         self.train_btn.clicked.connect(self.train)
@@ -292,11 +348,18 @@ class TrainWidget(Container):
         def job():
             # a child process, so no numba compile or GIL-holding step of training can freeze the canvas
             kwargs = dict(spatial=adata, grn=grn, lr=lr, cluster_col=col, out=out, layer=layer_name, **params)
-            return run_isolated("spatial_deconv_gui.gui.warmup:train_model_for_gui", kwargs, control,
-                                threads=max(1, (os.cpu_count() or 2) - 1))
+            return run_isolated(
+                "spatial_deconv_gui.gui.warmup:train_model_for_gui",
+                kwargs,
+                control,
+                threads=max(1, (os.cpu_count() or 2) - 1),
+            )
 
-        self._worker = create_worker(job, _start_thread=False, _connect={
-            "returned": self._on_model, "errored": self._on_error, "finished": self._on_finished})
+        self._worker = create_worker(
+            job,
+            _start_thread=False,
+            _connect={"returned": self._on_model, "errored": self._on_error, "finished": self._on_finished},
+        )
         self.state.slide_layer = self.slide.value
         self.train_btn.enabled, self.cancel_btn.enabled = False, True
         self.status.value = "training..."
@@ -325,7 +388,9 @@ class TrainWidget(Container):
 
     def _on_progress(self, event):
         self.progress.value = int(1000 * event.fraction)
-        self.status.value = f"{event.stage}: {100 * event.fraction:.0f}%" + (f" - {event.message}" if event.message else "")
+        self.status.value = f"{event.stage}: {100 * event.fraction:.0f}%" + (
+            f" - {event.message}" if event.message else ""
+        )
 
     def _on_model(self, model):
         self.state.model = model
@@ -372,13 +437,27 @@ class KnockoutWidget(Container):
         self._timer.timeout.connect(self._flush)
         self._gene_items: list[str] = []
         self.search = LineEdit(label="search genes", tooltip="Type to filter the gene list.")
-        self.genes = Select(label="genes", choices=lambda _w: self._filtered_genes(), allow_multiple=True,
-                            tooltip="Genes to perturb; '(model)' marks genes with a trained model of their own.")
-        self.value = FloatSpinBox(label="set to", value=0.0, min=0.0, max=1e6, step=0.5,
-                                  tooltip="0 knocks the genes out; a positive value overexpresses them.")
+        self.genes = Select(
+            label="genes",
+            choices=lambda _w: self._filtered_genes(),
+            allow_multiple=True,
+            tooltip="Genes to perturb; '(model)' marks genes with a trained model of their own.",
+        )
+        self.value = FloatSpinBox(
+            label="set to",
+            value=0.0,
+            min=0.0,
+            max=1e6,
+            step=0.5,
+            tooltip="0 knocks the genes out; a positive value overexpresses them.",
+        )
         self.scope = ComboBox(label="cells", choices=SCOPES, value="all cells")
-        self.shapes = ComboBox(label="shapes layer", choices=self._shapes_layers, nullable=True,
-                               tooltip="Cells inside any shape of this layer (draw one with the lasso).")
+        self.shapes = ComboBox(
+            label="shapes layer",
+            choices=self._shapes_layers,
+            nullable=True,
+            tooltip="Cells inside any shape of this layer (draw one with the lasso).",
+        )
         self.cluster = ComboBox(label="cluster", choices=lambda _w: self._clusters(), nullable=True)
         self.steps = SpinBox(label="propagation steps", value=4, min=1, max=20)
         self.run_btn = PushButton(text="Run knockout")
@@ -386,20 +465,42 @@ class KnockoutWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = status_label("train or load a model first")
         # results
-        self.showing = ComboBox(label="perturbation", choices=lambda _w: list(self.state.runs),
-                                tooltip="Each run keeps its own group of layers (Δ map, vector field); the one "
-                                        "picked here is shown and drives the controls below.")
+        self.showing = ComboBox(
+            label="perturbation",
+            choices=lambda _w: list(self.state.runs),
+            tooltip="Each run keeps its own group of layers (Δ map, vector field); the one "
+            "picked here is shown and drives the controls below.",
+        )
         self.show_gene = ComboBox(label="Δ of gene", choices=lambda _w: self._model_genes())
         self.arrow_length = FloatSlider(label="arrow length", value=1.0, min=0.1, max=10.0)
-        self.arrow_density = SpinBox(label="arrow grid", value=40, min=5, max=200,
-                                     tooltip="Arrows per side of the smoothing grid.")
+        self.arrow_density = SpinBox(
+            label="arrow grid", value=40, min=5, max=200, tooltip="Arrows per side of the smoothing grid."
+        )
         self.per_cell = CheckBox(label="per-cell arrows", value=False)
         self.compare_with = ComboBox(label="difference with", choices=lambda _w: list(self.state.runs), nullable=True)
         self.save_btn = PushButton(text="Save perturbed data (.h5ad) + PNG...")
-        self.extend([self.search, self.genes, self.value, self.scope, self.shapes, self.cluster, self.steps,
-                     self.run_btn, self.cancel_btn, self.progress, self.status, self.showing, self.show_gene,
-                     self.arrow_length,
-                     self.arrow_density, self.per_cell, self.compare_with, self.save_btn])
+        self.extend(
+            [
+                self.search,
+                self.genes,
+                self.value,
+                self.scope,
+                self.shapes,
+                self.cluster,
+                self.steps,
+                self.run_btn,
+                self.cancel_btn,
+                self.progress,
+                self.status,
+                self.showing,
+                self.show_gene,
+                self.arrow_length,
+                self.arrow_density,
+                self.per_cell,
+                self.compare_with,
+                self.save_btn,
+            ]
+        )
         self.colorbar_fig, self.colorbar = add_colorbar(self)
         self.summary = SummaryWidget()
         self.search.changed.connect(lambda _v: self.genes.reset_choices())
@@ -500,13 +601,17 @@ class KnockoutWidget(Container):
         relay = self._relay
 
         def job():
-            return perturb_api.run_perturbation(model, genes, value, cells=cells, steps=steps, adata=adata,
-                                                on_step=relay.stepped.emit, control=control)
+            return perturb_api.run_perturbation(
+                model, genes, value, cells=cells, steps=steps, adata=adata, on_step=relay.stepped.emit, control=control
+            )
 
         self._run_genes = genes
         self._delta_layer("knockout (running)")  # created now, so streaming only recolours it
-        self._worker = create_worker(job, _start_thread=False, _connect={
-            "returned": self._on_done, "errored": self._on_error, "finished": self._on_finished})
+        self._worker = create_worker(
+            job,
+            _start_thread=False,
+            _connect={"returned": self._on_done, "errored": self._on_error, "finished": self._on_finished},
+        )
         self.run_btn.enabled, self.cancel_btn.enabled = False, True
         self.status.value = "propagating..."
         self._timer.start()
@@ -542,10 +647,14 @@ class KnockoutWidget(Container):
         layer = getattr(self, "_stream_layer", None)
         if layer is None or layer not in self.viewer.layers:
             coords = self.state.cells_yx()
-            size = (self.state.slide_layer.metadata.get(PLUGIN_KEY, {}).get("spot_size", 10.0)
-                    if self.state.slide_layer is not None else 10.0)
-            layer = self.viewer.add_points(coords, name=name, size=size, border_width=0,
-                                           metadata={PLUGIN_KEY: {"kind": "perturb_stream"}})
+            size = (
+                self.state.slide_layer.metadata.get(PLUGIN_KEY, {}).get("spot_size", 10.0)
+                if self.state.slide_layer is not None
+                else 10.0
+            )
+            layer = self.viewer.add_points(
+                coords, name=name, size=size, border_width=0, metadata={PLUGIN_KEY: {"kind": "perturb_stream"}}
+            )
             self._stream_layer = layer
         layer.name = name
         return layer
@@ -568,9 +677,13 @@ class KnockoutWidget(Container):
         QTimer.singleShot(0, lambda: self._add_vectors_layer(run))
 
     def _add_vectors_layer(self, run: Perturbation):
-        run.layers["vectors"] = self.viewer.add_vectors(np.zeros((0, 2, 2)), name=f"{run.name}: vector field",
-                                                        edge_width=2.5, edge_color="#39ff14",
-                                                        metadata={PLUGIN_KEY: {"kind": "perturb_vectors"}})
+        run.layers["vectors"] = self.viewer.add_vectors(
+            np.zeros((0, 2, 2)),
+            name=f"{run.name}: vector field",
+            edge_width=2.5,
+            edge_color="#39ff14",
+            metadata={PLUGIN_KEY: {"kind": "perturb_vectors"}},
+        )
         QTimer.singleShot(0, lambda: self._show_finished_run(run))
 
     def _show_finished_run(self, run: Perturbation):
@@ -671,8 +784,14 @@ class KnockoutWidget(Container):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         coords = self.state.cells_yx()
-        self.viewer.add_points(coords, name=name, size=run.layers["delta"].size, border_width=0, face_color=rgba,
-                               metadata={PLUGIN_KEY: {"kind": "perturb_difference"}, "values": diff})
+        self.viewer.add_points(
+            coords,
+            name=name,
+            size=run.layers["delta"].size,
+            border_width=0,
+            face_color=rgba,
+            metadata={PLUGIN_KEY: {"kind": "perturb_difference"}, "values": diff},
+        )
         self._draw_colorbar(f"difference of Δ {gene}", vmax)
 
     def save(self, path) -> tuple[Path, Path]:
@@ -694,8 +813,9 @@ class KnockoutWidget(Container):
 
         if self.current is None:
             return
-        path, _ = QFileDialog.getSaveFileName(self.native, "Save", self.current.name.replace(" ", "_").replace("#", ""),
-                                              "*.h5ad")
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Save", self.current.name.replace(" ", "_").replace("#", ""), "*.h5ad"
+        )
         if path:
             try:
                 out, png = self.save(path)
@@ -741,8 +861,11 @@ class SummaryWidget(Container):
         self.top = signs
         self.figure.clear()
         ax = self.figure.add_subplot(111)
-        ax.barh(list(top.index)[::-1], signs.to_numpy()[::-1],
-                color=["#d6604d" if v > 0 else "#4393c3" for v in signs.to_numpy()[::-1]])
+        ax.barh(
+            list(top.index)[::-1],
+            signs.to_numpy()[::-1],
+            color=["#d6604d" if v > 0 else "#4393c3" for v in signs.to_numpy()[::-1]],
+        )
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xlabel("mean Δ expression")
         ax.set_title(run.name, fontsize=9)
@@ -752,4 +875,5 @@ class SummaryWidget(Container):
         per_cell = np.asarray(abs(d).sum(axis=1)).ravel()
         self.per_cluster = pd.Series(per_cell).groupby(np.asarray(model.clusters)).mean().sort_values(ascending=False)
         self.table.value = "mean |Δ| per cell, by cluster:\n" + "\n".join(
-            f"  {k}: {v:.3g}" for k, v in self.per_cluster.items())
+            f"  {k}: {v:.3g}" for k, v in self.per_cluster.items()
+        )

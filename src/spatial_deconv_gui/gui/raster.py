@@ -8,6 +8,7 @@ halved until fewer than 1% of spots share a pixel (:func:`choose_pitch`), and ea
 square one spacing wide, its own centre pixel painted last so that every spot stays visible. The spot ->
 pixel map is kept so that results are painted into the same frame.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,8 +64,9 @@ def to_uint8(rgba: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(rgba, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
 
 
-def paint(raster: Raster, rgba: np.ndarray, image: np.ndarray | None = None,
-          index: np.ndarray | None = None) -> np.ndarray:
+def paint(
+    raster: Raster, rgba: np.ndarray, image: np.ndarray | None = None, index: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 RGBA image (transparent background) with each spot's colour; ``index`` repaints a subset."""
     if image is None:
         image = np.zeros((*raster.shape, 4), dtype=np.uint8)

@@ -1,5 +1,6 @@
 """npe2 reader: a slide (an .h5ad, a Space Ranger / Visium HD / Xenium folder, a SpatialData .zarr) opens as its
 tissue image(s) with the spots above them; a single-cell reference is refused with a clear message."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,9 @@ def choose_table(path: Path, names: list[str]) -> str | None:
     """Ask which table of a SpatialData store to open (None when the user cancels)."""
     from qtpy.QtWidgets import QInputDialog
 
-    name, ok = QInputDialog.getItem(None, "Open SpatialData", f"{path.name} holds several tables; open which?",
-                                    names, 0, False)
+    name, ok = QInputDialog.getItem(
+        None, "Open SpatialData", f"{path.name} holds several tables; open which?", names, 0, False
+    )
     return str(name) if ok else None
 
 

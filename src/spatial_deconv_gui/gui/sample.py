@@ -1,4 +1,5 @@
 """npe2 sample-data contribution: the bundled simulated slide, with its simulated H&E under the spots."""
+
 from __future__ import annotations
 
 from ..io.read import read_h5ad
@@ -25,6 +26,10 @@ def grn_sample_slide():
     data, kwargs, kind = spatial_layer_data(adata, path=paths["spatial"], name="GRN sample tissue")
     sim = adata.uns.get("perturb_sim", {})
     kwargs["metadata"][PLUGIN_KEY].update(
-        grn_path=str(paths["grn"]), lr_path=str(paths["lr"]), truth_path=str(paths["truth"]),
-        radius=float(sim.get("radius", 0.0)), contact_radius=float(sim.get("contact_radius", 0.0)))
+        grn_path=str(paths["grn"]),
+        lr_path=str(paths["lr"]),
+        truth_path=str(paths["truth"]),
+        radius=float(sim.get("radius", 0.0)),
+        contact_radius=float(sim.get("contact_radius", 0.0)),
+    )
     return [(data, kwargs, kind)]

@@ -3,6 +3,7 @@
 The session hangs off the viewer as an attribute (not in a module-level table keyed by viewer), so it lives
 exactly as long as its viewer and a second viewer in the same process gets a session of its own.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -29,14 +30,14 @@ class Session:
     connected to it, update themselves.
     """
 
-    model_changed = Signal(object)      # a perturbation model was trained or loaded
-    result_added = Signal(str)          # a deconvolution run's name, once its layers are on the canvas
-    perturbation_added = Signal(str)    # a knockout run's name, once its layers are on the canvas
+    model_changed = Signal(object)  # a perturbation model was trained or loaded
+    result_added = Signal(str)  # a deconvolution run's name, once its layers are on the canvas
+    perturbation_added = Signal(str)  # a knockout run's name, once its layers are on the canvas
 
     def __init__(self, viewer):
         self.viewer = viewer
-        self.workbench = None     # the deconvolution results (gui.workbench.Workbench), made on first use
-        self.perturb = None       # the perturbation model and its runs (gui.perturb.PerturbState)
+        self.workbench = None  # the deconvolution results (gui.workbench.Workbench), made on first use
+        self.perturb = None  # the perturbation model and its runs (gui.perturb.PerturbState)
         self.knockout_docks: weakref.WeakSet = weakref.WeakSet()
 
 

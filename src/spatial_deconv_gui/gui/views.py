@@ -1,4 +1,5 @@
 """Colours and comparisons for result layers, as plain numpy (the widgets only assign them)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

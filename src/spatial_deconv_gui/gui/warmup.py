@@ -1,4 +1,5 @@
 """The Train dock's job in its child process: no Qt here, so the child starts without a GUI stack."""
+
 from __future__ import annotations
 
 from ..perturb_api import PerturbModel, perturbation_steps, train_model
@@ -11,7 +12,8 @@ def train_model_for_gui(*args, **kwargs) -> PerturbModel:
     field has no compiled kernels, so it is not run.)"""
     model = train_model(*args, **kwargs)
     if model.targets:
-        for _ in perturbation_steps(model, [model.targets[0]], 0.0, cells=[0, min(1, model.expr.shape[0] - 1)],
-                                    steps=1):
+        for _ in perturbation_steps(
+            model, [model.targets[0]], 0.0, cells=[0, min(1, model.expr.shape[0] - 1)], steps=1
+        ):
             pass
     return model

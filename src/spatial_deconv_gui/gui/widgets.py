@@ -1,4 +1,5 @@
 """The Deconvolution dock widget: pick a slide and a reference, check them, run a method in a worker."""
+
 from __future__ import annotations
 
 import threading
@@ -6,13 +7,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
-                              SpinBox)
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..api import Cancelled, available_methods
-from .layers import (PLUGIN_KEY, refresh_slide_picker, set_spot_colors, slide_coords_yx, slide_layer_choices,
-                     spot_colors)
+from .layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, slide_coords_yx, slide_layer_choices, spot_colors
 from .notify import notify_error, notify_info, status_label
 from .views import PENDING_RGBA
 
@@ -61,20 +70,32 @@ class DeconvolutionWidget(Container):
         self._relay.progressed.connect(self._on_progress)
         self.last_run = None
 
-        self.slide = ComboBox(label="slide layer", choices=self._slide_layers, nullable=True,
-                              tooltip="A Points layer opened from a spatial .h5ad (File > Open, or the sample).")
-        self.reference = FileEdit(label="reference", mode="r", filter="*.h5ad",
-                                  tooltip="Single-cell reference .h5ad with raw counts and a cell-type column.")
+        self.slide = ComboBox(
+            label="slide layer",
+            choices=self._slide_layers,
+            nullable=True,
+            tooltip="A Points layer opened from a spatial .h5ad (File > Open, or the sample).",
+        )
+        self.reference = FileEdit(
+            label="reference",
+            mode="r",
+            filter="*.h5ad",
+            tooltip="Single-cell reference .h5ad with raw counts and a cell-type column.",
+        )
         # Choices are callables: napari calls reset_choices() on docked containers, which would restore
         # static lists to their initial (empty) values.
         self._ref_columns: list[str] = []
-        self.cell_type_col = ComboBox(label="cell-type column", choices=lambda _w: self._ref_columns,
-                                      tooltip="The reference obs column that holds the cell-type labels.")
+        self.cell_type_col = ComboBox(
+            label="cell-type column",
+            choices=lambda _w: self._ref_columns,
+            tooltip="The reference obs column that holds the cell-type labels.",
+        )
         methods = list(available_methods()) or [NO_METHOD]  # registry order: the first is the default
         self.method = ComboBox(label="method", choices=methods, value=methods[0])
         self.mode = ComboBox(label="mode", choices=lambda _w: self._modes(), tooltip="RCTD: full, doublet or multi.")
-        self.device = ComboBox(label="device", choices=device_choices(), value="auto",
-                               tooltip="auto uses CUDA when torch sees a GPU.")
+        self.device = ComboBox(
+            label="device", choices=device_choices(), value="auto", tooltip="auto uses CUDA when torch sees a GPU."
+        )
         self.params_box = Container(labels=True, layout="vertical")
         self.params_box.margins = (0, 0, 0, 0)
         self.validate_btn = PushButton(text="Check inputs")
@@ -83,8 +104,23 @@ class DeconvolutionWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = status_label("pick a slide layer and a reference")
         self.problems = Label(label="", value="")
-        self.extend([self.slide, self.reference, self.cell_type_col, self.method, self.mode, self.device,
-                     self.params_box, self.validate_btn, self.run_btn, self.cancel_btn, self.progress, self.status, self.problems])
+        self.extend(
+            [
+                self.slide,
+                self.reference,
+                self.cell_type_col,
+                self.method,
+                self.mode,
+                self.device,
+                self.params_box,
+                self.validate_btn,
+                self.run_btn,
+                self.cancel_btn,
+                self.progress,
+                self.status,
+                self.problems,
+            ]
+        )
 
         self.slide.changed.connect(self._on_slide)
         self.reference.changed.connect(self._on_reference)
@@ -209,8 +245,11 @@ class DeconvolutionWidget(Container):
         if not paths:
             return
         self.status.value = "checking inputs..."
-        create_worker(self._validate, *paths, _connect={
-            "returned": self._show_report, "errored": lambda exc: notify_error(exc, "Check inputs")})
+        create_worker(
+            self._validate,
+            *paths,
+            _connect={"returned": self._show_report, "errored": lambda exc: notify_error(exc, "Check inputs")},
+        )
 
     def _input_paths(self):
         spatial, reference = self._slide_path(), self._reference_path()
@@ -261,13 +300,25 @@ class DeconvolutionWidget(Container):
             # Leave a core for the event loop: compute threads would otherwise starve it on small machines.
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))
             numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS - 1))
-            return api.run_deconvolution(spatial, reference, method, params=params, cell_type_col=cell_type_col,
-                                         device=device, progress=relay.progressed.emit,
-                                         cancel_event=self._cancel_event, check=True, slide_options=slide_options)
+            return api.run_deconvolution(
+                spatial,
+                reference,
+                method,
+                params=params,
+                cell_type_col=cell_type_col,
+                device=device,
+                progress=relay.progressed.emit,
+                cancel_event=self._cancel_event,
+                check=True,
+                slide_options=slide_options,
+            )
 
         # Handlers go in at creation: without an "errored" handler there, superqt re-raises in the event loop.
-        worker = create_worker(job, _start_thread=False, _connect={
-            "returned": self._on_done, "errored": self._on_error, "finished": self._on_finished})
+        worker = create_worker(
+            job,
+            _start_thread=False,
+            _connect={"returned": self._on_done, "errored": self._on_error, "finished": self._on_finished},
+        )
         self._worker = worker
         self._started = time.monotonic()
         self._set_running(True)
@@ -296,9 +347,12 @@ class DeconvolutionWidget(Container):
     def _on_progress(self, event):
         self.progress.value = int(1000 * event.fraction)
         elapsed = time.monotonic() - self._stage_started(event.stage)
-        eta = f", about {elapsed / event.fraction * (1 - event.fraction):.0f} s left" if 0.02 < event.fraction < 1 else ""
+        eta = (
+            f", about {elapsed / event.fraction * (1 - event.fraction):.0f} s left" if 0.02 < event.fraction < 1 else ""
+        )
         self.status.value = f"{event.stage}: {100 * event.fraction:.0f}%{eta}" + (
-            f" - {event.message}" if event.message else "")
+            f" - {event.message}" if event.message else ""
+        )
         if event.partial is not None:
             self._pending.append(event.partial)
 
@@ -348,9 +402,15 @@ class DeconvolutionWidget(Container):
         meta = layer.metadata.get(PLUGIN_KEY, {})
         coords_xy = slide_coords_yx(layer)[:, ::-1]
         steps = workbench_for(self.viewer).add_run_steps(
-            run, coords_xy, meta.get("spot_size", 1.0), source={"inputs": getattr(self, "_run_inputs", ()),
-                                                           "slide_options": getattr(self, "_run_slide_options", {})},
-            raster=meta.get("raster"))
+            run,
+            coords_xy,
+            meta.get("spot_size", 1.0),
+            source={
+                "inputs": getattr(self, "_run_inputs", ()),
+                "slide_options": getattr(self, "_run_slide_options", {}),
+            },
+            raster=meta.get("raster"),
+        )
 
         def finish():
             # The dominant-type layer covers the same spots: drawing the slide beneath it is wasted time.

@@ -4,6 +4,7 @@ for DestVI results the expression of a chosen gene within a chosen cell type.
 One :class:`Workbench` per viewer keeps the runs; the docks are thin views over it, and every colour is
 computed as RGBA by :mod:`.views` or :mod:`..colors` so what is drawn is what the engine returned.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,9 @@ from ..api import destvi_imputed_expression
 from ..colors import FILTERED_LABEL, cell_type_palette, palette_from_uns, rgba_for_labels
 from .colorbar import add_colorbar, draw_colorbar
 from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors
-from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba, nearest_spot
 from .notify import status_label
 from .session import session_for
+from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba, nearest_spot
 
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
 IMPUTE_CHUNK_VALUES = 4_000_000  # spots x states x genes per imputation step (~32 MB of float64)
@@ -92,7 +93,7 @@ def impute_gene_steps(state: dict, cell_type: str, gene: str, chunk: int | None 
     return out
 
 
-def workbench_for(viewer) -> "Workbench":
+def workbench_for(viewer) -> Workbench:
     session = session_for(viewer)
     if session.workbench is None:
         session.workbench = Workbench(session.viewer)
@@ -129,24 +130,28 @@ class Workbench:
             n += 1
         return f"{base} #{n}"
 
-    def add_run(self, run, coords_xy: np.ndarray, size: float, name: str | None = None,
-                source: dict | None = None, raster=None) -> RunRecord:
+    def add_run(
+        self, run, coords_xy: np.ndarray, size: float, name: str | None = None, source: dict | None = None, raster=None
+    ) -> RunRecord:
         """Add a finished run's layers and docks in one go (scripts, headless use)."""
         steps = self.add_run_steps(run, coords_xy, size, name, source, raster)
         for _ in steps:
             pass
         return self.runs[self._last_added]
 
-    def add_run_steps(self, run, coords_xy: np.ndarray, size: float, name: str | None = None,
-                      source: dict | None = None, raster=None):
+    def add_run_steps(
+        self, run, coords_xy: np.ndarray, size: float, name: str | None = None, source: dict | None = None, raster=None
+    ):
         """The same work as :meth:`add_run` cut into short steps, so a GUI can yield to the event loop between them."""
         result = run.result
         name = name or self.unique_name(f"{result.method} {result.mode or ''}".strip())
         types = [str(t) for t in result.cell_types]
-        palette = cell_type_palette(types + [FILTERED_LABEL],
-                                    palette_from_uns(types, run.adata.uns.get("cell_type_colors")))
-        rec = RunRecord(name, result.key, run.adata, result, napari_points(coords_xy), size, palette, source or {},
-                        raster=raster)
+        palette = cell_type_palette(
+            types + [FILTERED_LABEL], palette_from_uns(types, run.adata.uns.get("cell_type_colors"))
+        )
+        rec = RunRecord(
+            name, result.key, run.adata, result, napari_points(coords_xy), size, palette, source or {}, raster=raster
+        )
         self.runs[name] = rec
         self._last_added = name
         yield from self._add_layers(rec)
@@ -168,22 +173,39 @@ class Workbench:
         first = rec.cell_types[0]
         common = dict(size=rec.size, raster=rec.raster)
         rec.layers["proportions"] = add_spot_layer(
-            self.viewer, rec.coords_yx, rgba=colormap_rgba(props[first].to_numpy()), name=f"{rec.name}: proportion",
+            self.viewer,
+            rec.coords_yx,
+            rgba=colormap_rgba(props[first].to_numpy()),
+            name=f"{rec.name}: proportion",
             metadata={**self._meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"},
-            features=feats, visible=False, **common)
+            features=feats,
+            visible=False,
+            **common,
+        )
         yield
         cls_col = keys.spot_class(rec.key)
         if cls_col in rec.adata.obs:
             classes = rec.adata.obs[cls_col].astype(str).to_numpy()
             rec.layers["spot_class"] = add_spot_layer(
-                self.viewer, rec.coords_yx, rgba=rgba_for_labels(classes, SPOT_CLASS_COLORS),
-                name=f"{rec.name}: spot class", metadata={**self._meta(rec, "spot_class"), "palette": SPOT_CLASS_COLORS},
-                features=None if feats is None else pd.DataFrame({"spot_class": classes}), visible=False, **common)
+                self.viewer,
+                rec.coords_yx,
+                rgba=rgba_for_labels(classes, SPOT_CLASS_COLORS),
+                name=f"{rec.name}: spot class",
+                metadata={**self._meta(rec, "spot_class"), "palette": SPOT_CLASS_COLORS},
+                features=None if feats is None else pd.DataFrame({"spot_class": classes}),
+                visible=False,
+                **common,
+            )
             yield
         rec.layers["dominant"] = add_spot_layer(
-            self.viewer, rec.coords_yx, rgba=rgba_for_labels(rec.dominant, rec.palette),
-            name=f"{rec.name}: dominant type", metadata={**self._meta(rec, "dominant_type"), "palette": rec.palette},
-            features=feats, **common)
+            self.viewer,
+            rec.coords_yx,
+            rgba=rgba_for_labels(rec.dominant, rec.palette),
+            name=f"{rec.name}: dominant type",
+            metadata={**self._meta(rec, "dominant_type"), "palette": rec.palette},
+            features=feats,
+            **common,
+        )
         self.viewer.layers.selection.active = rec.layers["dominant"]
 
     def set_hidden(self, rec: RunRecord, hidden: set[str]):
@@ -201,8 +223,9 @@ class Workbench:
         """Imputed expression of ``gene`` within ``cell_type`` per spot, computed here (scripts, tests)."""
         state = destvi_state(rec)
         if state is None:
-            raise ValueError(f"{rec.name!r} is a {rec.result.method} result; expression within a cell type needs "
-                             "a DestVI result.")
+            raise ValueError(
+                f"{rec.name!r} is a {rec.result.method} result; expression within a cell type needs a DestVI result."
+            )
         steps = impute_gene_steps(state, cell_type, gene)
         while True:
             try:
@@ -220,14 +243,20 @@ class Workbench:
             return np.asarray(values, dtype=np.float64)
         return pd.Series(np.asarray(values, dtype=np.float64), index=barcodes).reindex(obs).to_numpy()
 
-    def show_expression(self, rec: RunRecord, gene: str, cell_type: str, values: np.ndarray,
-                        cmap: str = "viridis"):
+    def show_expression(self, rec: RunRecord, gene: str, cell_type: str, values: np.ndarray, cmap: str = "viridis"):
         """Colour one layer per run by ``values`` (imputed expression of ``gene`` within ``cell_type``)."""
         values = np.asarray(values, dtype=np.float64)
         rgba, vmin, vmax = expression_rgba(values, cmap)
         name = f"{rec.name}: {gene} in {cell_type}"
-        meta = {**self._meta(rec, "imputed_expression"), "gene": gene, "cell_type": cell_type, "values": values,
-                "vmin": vmin, "vmax": vmax, "colormap": cmap}
+        meta = {
+            **self._meta(rec, "imputed_expression"),
+            "gene": gene,
+            "cell_type": cell_type,
+            "values": values,
+            "vmin": vmin,
+            "vmax": vmax,
+            "colormap": cmap,
+        }
         layer = rec.layers.get("expression")
         if layer is not None and layer in self.viewer.layers:
             set_spot_colors(layer, rgba)
@@ -237,9 +266,16 @@ class Workbench:
             layer.name = name
             layer.visible = True
         else:
-            layer = add_spot_layer(self.viewer, rec.coords_yx, rec.size, rgba, name, metadata=meta,
-                                   raster=rec.raster,
-                                   features=None if rec.raster is not None else pd.DataFrame({"expression": values}))
+            layer = add_spot_layer(
+                self.viewer,
+                rec.coords_yx,
+                rec.size,
+                rgba,
+                name,
+                metadata=meta,
+                raster=rec.raster,
+                features=None if rec.raster is not None else pd.DataFrame({"expression": values}),
+            )
             rec.layers["expression"] = layer
         self.viewer.layers.selection.active = layer
         return layer
@@ -251,15 +287,32 @@ class Workbench:
             raise ValueError(f"{name_a!r} and {name_b!r} are on different slides; compare runs on one slide.")
         cmp = compare_proportions(a.proportions.to_numpy(), a.cell_types, b.proportions.to_numpy(), b.cell_types)
         rgba = colormap_rgba(cmp.js, cmap, 0.0, 1.0)
-        feats = pd.DataFrame({"same_dominant_type": cmp.same_dominant, "js_distance": cmp.js,
-                              f"dominant ({name_a})": a.dominant, f"dominant ({name_b})": b.dominant})
+        feats = pd.DataFrame(
+            {
+                "same_dominant_type": cmp.same_dominant,
+                "js_distance": cmp.js,
+                f"dominant ({name_a})": a.dominant,
+                f"dominant ({name_b})": b.dominant,
+            }
+        )
         name = f"compare: {name_a} vs {name_b}"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        layer = add_spot_layer(self.viewer, a.coords_yx, a.size, rgba, name, raster=a.raster,
-                               features=None if a.raster is not None else feats,
-                               metadata={PLUGIN_KEY: {"kind": "comparison"}, "summary": cmp.summary(),
-                                         "colormap": cmap, "js_distance": cmp.js})
+        layer = add_spot_layer(
+            self.viewer,
+            a.coords_yx,
+            a.size,
+            rgba,
+            name,
+            raster=a.raster,
+            features=None if a.raster is not None else feats,
+            metadata={
+                PLUGIN_KEY: {"kind": "comparison"},
+                "summary": cmp.summary(),
+                "colormap": cmap,
+                "js_distance": cmp.js,
+            },
+        )
         self.comparison = (layer, cmp)
         return layer, cmp
 
@@ -303,8 +356,13 @@ class Workbench:
         from .. import api
 
         inputs = tuple(rec.source.get("inputs", ()))
-        return api.save_result(rec.adata, path, protect=inputs, source=inputs[0] if inputs else None,
-                               table=rec.source.get("slide_options", {}).get("table"))
+        return api.save_result(
+            rec.adata,
+            path,
+            protect=inputs,
+            source=inputs[0] if inputs else None,
+            table=rec.source.get("slide_options", {}).get("table"),
+        )
 
     def result_suffix(self, rec: RunRecord) -> str:
         """The save format that keeps the result where the user's data lives: .zarr for a SpatialData slide."""
@@ -377,8 +435,11 @@ class LegendWidget(QWidget):
     def _on_item(self, _item):
         if self.run is None:
             return
-        hidden = {self.list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.list.count())
-                  if self.list.item(i).checkState() != Qt.CheckState.Checked}
+        hidden = {
+            self.list.item(i).data(Qt.ItemDataRole.UserRole)
+            for i in range(self.list.count())
+            if self.list.item(i).checkState() != Qt.CheckState.Checked
+        }
         self.workbench.set_hidden(self.run, hidden)
 
 
@@ -442,14 +503,22 @@ class ImputeWidget(Container):
         self._worker = None
         self.title = Label(label="", value="<b>Expression within a cell type</b>")
         self.search = LineEdit(label="search genes", tooltip="Type to filter the gene list.")
-        self.gene = ComboBox(label="gene", choices=self._genes,
-                             tooltip="A gene of the DestVI model (genes shared by the slide and the reference).")
-        self.cell_type = ComboBox(label="within type", choices=self._types,
-                                  tooltip="The cell type whose expression of the gene is imputed at every spot.")
+        self.gene = ComboBox(
+            label="gene",
+            choices=self._genes,
+            tooltip="A gene of the DestVI model (genes shared by the slide and the reference).",
+        )
+        self.cell_type = ComboBox(
+            label="within type",
+            choices=self._types,
+            tooltip="The cell type whose expression of the gene is imputed at every spot.",
+        )
         self.cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
         self.paint_btn = PushButton(text="Paint")
-        self.paint_btn.tooltip = ("Colour the tissue by DestVI's imputed expression of the gene in a cell of that "
-                                  "type at each spot (fraction of the cell's counts), from the spot's cell state.")
+        self.paint_btn.tooltip = (
+            "Colour the tissue by DestVI's imputed expression of the gene in a cell of that "
+            "type at each spot (fraction of the cell's counts), from the spot's cell state."
+        )
         self.status = status_label(label="")
         self.extend([self.title, self.search, self.gene, self.cell_type, self.cmap, self.paint_btn, self.status])
         self.colorbar_fig, self.colorbar = add_colorbar(self)
@@ -507,6 +576,7 @@ class ImputeWidget(Container):
         rec = self.rec
         self.status.value = f"imputing {gene} in {cell_type}..."
         self.paint_btn.enabled = False
+
         def job():
             # superqt only warns about a RuntimeError (torch's errors) raised in a worker, and never reports it:
             # every failure comes back as a value instead, to become a notification here.
@@ -517,10 +587,16 @@ class ImputeWidget(Container):
             return values, None
 
         # Handlers go in at creation: without an "errored" handler there, superqt re-raises in the event loop.
-        self._worker = create_worker(job, _start_thread=False, _connect={
-            "yielded": lambda f: setattr(self.status, "value", f"imputing {gene} in {cell_type}: {100 * f:.0f}%"),
-            "returned": functools.partial(self._on_returned, rec, gene, cell_type),
-            "errored": self._on_error, "finished": self._on_finished})
+        self._worker = create_worker(
+            job,
+            _start_thread=False,
+            _connect={
+                "yielded": lambda f: setattr(self.status, "value", f"imputing {gene} in {cell_type}: {100 * f:.0f}%"),
+                "returned": functools.partial(self._on_returned, rec, gene, cell_type),
+                "errored": self._on_error,
+                "finished": self._on_finished,
+            },
+        )
         self._worker.start()
 
     def _on_returned(self, rec: RunRecord, gene: str, cell_type: str, out):
@@ -535,8 +611,9 @@ class ImputeWidget(Container):
             values = self.workbench.to_slide_order(rec, values)
         layer = self.workbench.show_expression(rec, gene, cell_type, values, self.cmap.value)
         meta = layer.metadata
-        self._draw_colorbar(f"{gene} in {cell_type} (fraction of a cell's counts)", meta["colormap"],
-                            meta["vmin"], meta["vmax"])
+        self._draw_colorbar(
+            f"{gene} in {cell_type} (fraction of a cell's counts)", meta["colormap"], meta["vmin"], meta["vmax"]
+        )
         self.status.value = f"shown: {gene} in {cell_type}, 0 to {meta['vmax']:.3g}"
 
     def _recolour(self, _v=None):
@@ -568,8 +645,9 @@ class ResultsWidget(Container):
         super().__init__(labels=True)
         self.workbench = workbench
         self.run = ComboBox(label="result", choices=lambda _w: list(workbench.runs))
-        self.cell_type = ComboBox(label="proportion of", choices=self._types,
-                                  tooltip="Colour the proportion layer by this cell type.")
+        self.cell_type = ComboBox(
+            label="proportion of", choices=self._types, tooltip="Colour the proportion layer by this cell type."
+        )
         self.cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
         self.run_b = ComboBox(label="compare with", choices=lambda _w: list(workbench.runs))
         self.compare_btn = PushButton(text="Compare")
@@ -577,8 +655,19 @@ class ResultsWidget(Container):
         self.save_btn = PushButton(text="Save result (.h5ad / .zarr)...")
         self.csv_btn = PushButton(text="Export proportions (.csv)...")
         self.fig_btn = PushButton(text="Save figure (.png)...")
-        self.extend([self.run, self.cell_type, self.cmap, self.run_b, self.compare_btn, self.summary,
-                     self.save_btn, self.csv_btn, self.fig_btn])
+        self.extend(
+            [
+                self.run,
+                self.cell_type,
+                self.cmap,
+                self.run_b,
+                self.compare_btn,
+                self.summary,
+                self.save_btn,
+                self.csv_btn,
+                self.fig_btn,
+            ]
+        )
         self.colorbar_fig, self.colorbar = add_colorbar(self)
         self.impute = ImputeWidget(workbench)
         self.native.layout().addWidget(self.impute.native)
@@ -632,8 +721,10 @@ class ResultsWidget(Container):
             notify_error(exc, "Compare")
             return
         s = cmp.summary()
-        self.summary.value = (f"{s['spots_compared']} spots: dominant type agrees on "
-                              f"{100 * s['dominant_type_agreement']:.1f}%; median JS distance {s['median_js_distance']:.3f}")
+        self.summary.value = (
+            f"{s['spots_compared']} spots: dominant type agrees on "
+            f"{100 * s['dominant_type_agreement']:.1f}%; median JS distance {s['median_js_distance']:.3f}"
+        )
         self._draw_colorbar("Jensen-Shannon distance", "magma")
 
     def _save_result(self):
@@ -649,8 +740,9 @@ class ResultsWidget(Container):
         rec = self.workbench.runs.get(self.run.value)
         if rec is None:
             return
-        path, _ = QFileDialog.getSaveFileName(self.native, "Save", f"{rec.name.replace(' ', '_').replace('#', '')}{suffix}",
-                                              f"*{suffix}")
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Save", f"{rec.name.replace(' ', '_').replace('#', '')}{suffix}", f"*{suffix}"
+        )
         if not path:
             return
         try:

@@ -2,6 +2,7 @@
 
 Plain arrays in, so io stays upstream of the perturbation engine that computes them.
 """
+
 from __future__ import annotations
 
 import anndata as ad
@@ -12,12 +13,15 @@ import scipy.sparse as sp
 from .. import keys
 
 
-def model_cells_adata(expr: np.ndarray, clusters, cluster_names, obs_names, genes, coords: np.ndarray,
-                      obsm: dict) -> ad.AnnData:
+def model_cells_adata(
+    expr: np.ndarray, clusters, cluster_names, obs_names, genes, coords: np.ndarray, obsm: dict
+) -> ad.AnnData:
     """An AnnData of a model's own training cells, for runs given no slide."""
-    out = ad.AnnData(X=np.array(expr, copy=True), obs=pd.DataFrame(
-        {"cluster": pd.Categorical(clusters, categories=cluster_names)}, index=obs_names),
-        var=pd.DataFrame(index=genes))
+    out = ad.AnnData(
+        X=np.array(expr, copy=True),
+        obs=pd.DataFrame({"cluster": pd.Categorical(clusters, categories=cluster_names)}, index=obs_names),
+        var=pd.DataFrame(index=genes),
+    )
     out.obsm[keys.SPATIAL] = np.array(coords, copy=True)
     for key, v in obsm.items():
         if key != keys.SPATIAL:
@@ -25,8 +29,9 @@ def model_cells_adata(expr: np.ndarray, clusters, cluster_names, obs_names, gene
     return out
 
 
-def attach_perturbation(out: ad.AnnData, model_genes, delta: np.ndarray, cell_vectors: np.ndarray,
-                        cell_grid_vectors: np.ndarray) -> list[str]:
+def attach_perturbation(
+    out: ad.AnnData, model_genes, delta: np.ndarray, cell_vectors: np.ndarray, cell_grid_vectors: np.ndarray
+) -> list[str]:
     """Write Δ expression (sparse, on ``out``'s genes), the per-cell and grid-sampled vectors into ``out``;
     returns the model genes ``out`` lacks (their Δ is dropped)."""
     col = out.var_names.get_indexer(model_genes)
@@ -34,7 +39,8 @@ def attach_perturbation(out: ad.AnnData, model_genes, delta: np.ndarray, cell_ve
     nz = np.nonzero(delta[:, have])
     mapped = col[have]
     out.layers[keys.PERTURB_DELTA] = sp.csr_matrix(
-        (delta[:, have][nz].astype(np.float64), (nz[0], mapped[nz[1]])), shape=(out.n_obs, out.n_vars))
+        (delta[:, have][nz].astype(np.float64), (nz[0], mapped[nz[1]])), shape=(out.n_obs, out.n_vars)
+    )
     out.obsm[keys.PERTURB_VECTORS] = cell_vectors
     out.obsm["perturb_grid_vectors"] = cell_grid_vectors
     return [g for g, h in zip(model_genes, have) if not h]

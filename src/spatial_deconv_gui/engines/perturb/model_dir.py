@@ -18,6 +18,7 @@ received values, the column order of ``received_ligands.npy``) and ``ligand_radi
 radius). Format 1 folders have only ``ligand_radius``: every feature of a ligand used that radius (the 'ligand'
 rule), and they load as such.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ DATA = "data.h5ad"
 COEFS = "coefs"
 RECEIVED = "received_ligands.npy"  # cells x manifest["received_channels"] (format 1: x manifest["ligands"])
 FORMAT_VERSION = 3
-STORE_VERSION = 3        # first format with the coefficient store
+STORE_VERSION = 3  # first format with the coefficient store
 STORE_CHECKSUMS = "store_checksums"
 SHARD_PATTERN = "part-*.npz"
 # obs column of data.h5ad (and of the simulated GRN tissue) holding each cell's cluster; not in keys.py yet
@@ -70,22 +71,33 @@ def _json_default(o):
 def read_manifest(model_dir) -> dict:
     p = Path(model_dir) / MANIFEST
     if not p.exists():
-        raise InputError(f"{model_dir} is not a perturbation model folder (no {MANIFEST}).",
-                         "train one with 'spatial-deconv perturb train'.", code="not_model_dir")
+        raise InputError(
+            f"{model_dir} is not a perturbation model folder (no {MANIFEST}).",
+            "train one with 'spatial-deconv perturb train'.",
+            code="not_model_dir",
+        )
     try:
         return json.loads(p.read_text())
     except Exception as exc:
         raise InputError(f"{p} is damaged ({exc}).", "train the model again.", code="bad_model_dir") from exc
 
 
-def write_coefs_csv(model_dir, gene: str, clusters, n_cells, r2, gated, intercept, coef: np.ndarray,
-                    modulators: list[str]) -> Path:
+def write_coefs_csv(
+    model_dir, gene: str, clusters, n_cells, r2, gated, intercept, coef: np.ndarray, modulators: list[str]
+) -> Path:
     """One target's table in the format 1-2 layout (tests and upgrade checks; training writes the store)."""
-    df = pd.DataFrame({"cluster": list(map(str, clusters)), "n_cells": np.asarray(n_cells, dtype=int),
-                       "r2": np.asarray(r2, dtype=float), "gated": np.asarray(gated, dtype=bool),
-                       "intercept": np.asarray(intercept, dtype=float)})
-    betas = pd.DataFrame(np.asarray(coef, dtype=float).reshape(len(df), len(modulators)),
-                         columns=[f"beta_{m}" for m in modulators])
+    df = pd.DataFrame(
+        {
+            "cluster": list(map(str, clusters)),
+            "n_cells": np.asarray(n_cells, dtype=int),
+            "r2": np.asarray(r2, dtype=float),
+            "gated": np.asarray(gated, dtype=bool),
+            "intercept": np.asarray(intercept, dtype=float),
+        }
+    )
+    betas = pd.DataFrame(
+        np.asarray(coef, dtype=float).reshape(len(df), len(modulators)), columns=[f"beta_{m}" for m in modulators]
+    )
     df = pd.concat([df, betas], axis=1)
     return write_text_atomic(df.to_csv(index=False, float_format="%.17g"), coef_path(model_dir, gene))
 
@@ -123,26 +135,40 @@ def finished_genes(model_dir, genes) -> set[str]:
 
 # ---------------------------------------------------------------------------------------------- the store
 
-_SHARD_KEYS = ("targets", "clusters", "mod_vocab", "mod_ptr", "mod_code", "n_cells", "r2", "gated", "intercept",
-               "nz_target", "nz_cluster", "nz_mod", "nz_value")
+_SHARD_KEYS = (
+    "targets",
+    "clusters",
+    "mod_vocab",
+    "mod_ptr",
+    "mod_code",
+    "n_cells",
+    "r2",
+    "gated",
+    "intercept",
+    "nz_target",
+    "nz_cluster",
+    "nz_mod",
+    "nz_value",
+)
 
 
 @dataclass
 class CoefStore:
     """The coefficients of many targets in columns (one shard, or several concatenated)."""
-    targets: np.ndarray      # (T,) str
-    clusters: np.ndarray     # (C,) str, the manifest's cluster order
-    mod_vocab: np.ndarray    # (V,) str, sorted: the distinct modulator names (a name repeats over many targets)
-    mod_ptr: np.ndarray      # (T+1,) int64: target t's modulators are mod_vocab[mod_code[mod_ptr[t]:mod_ptr[t+1]]]
-    mod_code: np.ndarray     # (M,) int32
-    n_cells: np.ndarray      # (T, C) int64
-    r2: np.ndarray           # (T, C) float64
-    gated: np.ndarray        # (T, C) bool
-    intercept: np.ndarray    # (T, C) float64
-    nz_target: np.ndarray    # (K,) row in targets, non-decreasing
-    nz_cluster: np.ndarray   # (K,) int32
-    nz_mod: np.ndarray       # (K,) int32 position within the target's modulators
-    nz_value: np.ndarray     # (K,) float64
+
+    targets: np.ndarray  # (T,) str
+    clusters: np.ndarray  # (C,) str, the manifest's cluster order
+    mod_vocab: np.ndarray  # (V,) str, sorted: the distinct modulator names (a name repeats over many targets)
+    mod_ptr: np.ndarray  # (T+1,) int64: target t's modulators are mod_vocab[mod_code[mod_ptr[t]:mod_ptr[t+1]]]
+    mod_code: np.ndarray  # (M,) int32
+    n_cells: np.ndarray  # (T, C) int64
+    r2: np.ndarray  # (T, C) float64
+    gated: np.ndarray  # (T, C) bool
+    intercept: np.ndarray  # (T, C) float64
+    nz_target: np.ndarray  # (K,) row in targets, non-decreasing
+    nz_cluster: np.ndarray  # (K,) int32
+    nz_mod: np.ndarray  # (K,) int32 position within the target's modulators
+    nz_value: np.ndarray  # (K,) float64
 
     def arrays(self) -> dict:
         return {k: getattr(self, k) for k in _SHARD_KEYS}
@@ -153,15 +179,21 @@ class CoefStore:
 
     def table(self, row: int) -> pd.DataFrame:
         """Target ``row`` as the format 1-2 table (``cluster, n_cells, r2, gated, intercept, beta_...``)."""
-        names = self.mod_vocab[self.mod_code[self.mod_ptr[row]:self.mod_ptr[row + 1]]]
+        names = self.mod_vocab[self.mod_code[self.mod_ptr[row] : self.mod_ptr[row + 1]]]
         coef = np.zeros((len(self.clusters), len(names)))
         # non-zeros are grouped by target row (written so, concatenation keeps it): the row's range by bisection
         lo, hi = np.searchsorted(self.nz_target, [row, row + 1])
         sel = slice(int(lo), int(hi))
         coef[self.nz_cluster[sel], self.nz_mod[sel]] = self.nz_value[sel]
-        df = pd.DataFrame({"cluster": [str(c) for c in self.clusters], "n_cells": self.n_cells[row].astype(np.int64),
-                           "r2": self.r2[row].astype(np.float64), "gated": self.gated[row].astype(bool),
-                           "intercept": self.intercept[row].astype(np.float64)})
+        df = pd.DataFrame(
+            {
+                "cluster": [str(c) for c in self.clusters],
+                "n_cells": self.n_cells[row].astype(np.int64),
+                "r2": self.r2[row].astype(np.float64),
+                "gated": self.gated[row].astype(bool),
+                "intercept": self.intercept[row].astype(np.float64),
+            }
+        )
         betas = pd.DataFrame(coef, columns=[f"beta_{m}" for m in names])
         return pd.concat([df, betas], axis=1)
 
@@ -188,9 +220,21 @@ def store_from_fits(clusters, fits) -> CoefStore:
         nzv.append(coef[kc, km])
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
     vocab, code = np.unique(np.array(names, dtype=str), return_inverse=True)
-    return CoefStore(np.array([str(f[0]) for f in fits], dtype=str), np.array(list(map(str, clusters)), dtype=str),
-                     vocab, ptr, code.reshape(-1).astype(np.int32), n_cells, r2, gated, icpt, cat(nzt, np.int32),
-                     cat(nzc, np.int32), cat(nzm, np.int32), cat(nzv, np.float64))
+    return CoefStore(
+        np.array([str(f[0]) for f in fits], dtype=str),
+        np.array(list(map(str, clusters)), dtype=str),
+        vocab,
+        ptr,
+        code.reshape(-1).astype(np.int32),
+        n_cells,
+        r2,
+        gated,
+        icpt,
+        cat(nzt, np.int32),
+        cat(nzc, np.int32),
+        cat(nzm, np.int32),
+        cat(nzv, np.float64),
+    )
 
 
 def file_sha256(path) -> str:
@@ -222,7 +266,7 @@ def write_shard(model_dir, store: CoefStore, path=None) -> tuple[str, str]:
     path = Path(path) if path is not None else next_shard_path(model_dir)
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **store.arrays())   # the index columns compress ~5x
+            np.savez_compressed(f, **store.arrays())  # the index columns compress ~5x
     return shard_key(model_dir, path), file_sha256(path)
 
 
@@ -239,7 +283,7 @@ def scan_shards(model_dir) -> dict[str, list[str]]:
         try:
             with np.load(p, allow_pickle=False) as z:
                 out[shard_key(model_dir, p)] = [str(t) for t in z["targets"]]
-        except Exception:   # unreadable: its targets count as not trained, training refits them
+        except Exception:  # unreadable: its targets count as not trained, training refits them
             continue
     return out
 
@@ -253,12 +297,21 @@ def concat_stores(stores: list[CoefStore]) -> CoefStore:
     cat = lambda k: np.concatenate([getattr(s, k) for s in stores])  # noqa: E731
     vocab = np.unique(np.concatenate([s.mod_vocab for s in stores]))
     code = np.concatenate([np.searchsorted(vocab, s.mod_vocab).astype(np.int32)[s.mod_code] for s in stores])
-    return CoefStore(cat("targets"), stores[0].clusters, vocab, ptr, code,
-                     np.vstack([s.n_cells for s in stores]), np.vstack([s.r2 for s in stores]),
-                     np.vstack([s.gated for s in stores]), np.vstack([s.intercept for s in stores]),
-                     np.concatenate([s.nz_target.astype(np.int64) + o for s, o in zip(stores, offs)]),
-                     cat("nz_cluster"),
-                     cat("nz_mod"), cat("nz_value"))
+    return CoefStore(
+        cat("targets"),
+        stores[0].clusters,
+        vocab,
+        ptr,
+        code,
+        np.vstack([s.n_cells for s in stores]),
+        np.vstack([s.r2 for s in stores]),
+        np.vstack([s.gated for s in stores]),
+        np.vstack([s.intercept for s in stores]),
+        np.concatenate([s.nz_target.astype(np.int64) + o for s, o in zip(stores, offs)]),
+        cat("nz_cluster"),
+        cat("nz_mod"),
+        cat("nz_value"),
+    )
 
 
 def uses_store(manifest: dict) -> bool:
@@ -271,55 +324,77 @@ def check_loadable(model_dir, manifest: dict) -> None:
     """One InputError for a folder this version cannot load: newer format, or training not finished."""
     version = int(manifest.get("format_version", 1))
     if version > FORMAT_VERSION:
-        raise InputError(f"{model_dir} has model format {version}; this version of spatial-deconv-gui reads up to "
-                         f"{FORMAT_VERSION}.", "update spatial-deconv-gui (retraining with this version also "
-                         "works; 'perturb train' cannot resume a newer folder).", code="model_too_new")
+        raise InputError(
+            f"{model_dir} has model format {version}; this version of spatial-deconv-gui reads up to {FORMAT_VERSION}.",
+            "update spatial-deconv-gui (retraining with this version also "
+            "works; 'perturb train' cannot resume a newer folder).",
+            code="model_too_new",
+        )
     status = manifest.get("status", "complete")
     if status != "complete":
         targets = manifest.get("targets", [])
         n_done = len(finished_genes(model_dir, targets))
-        raise InputError(f"{model_dir} is a half-trained model (status {status!r}: {n_done} of {len(targets)} "
-                         "targets written; training was stopped or killed).",
-                         "run the same 'spatial-deconv perturb train' command again: it resumes the folder and fits "
-                         "only the missing targets.", code="model_incomplete")
+        raise InputError(
+            f"{model_dir} is a half-trained model (status {status!r}: {n_done} of {len(targets)} "
+            "targets written; training was stopped or killed).",
+            "run the same 'spatial-deconv perturb train' command again: it resumes the folder and fits "
+            "only the missing targets.",
+            code="model_incomplete",
+        )
 
 
 def read_store(model_dir, manifest: dict) -> CoefStore:
     """The concatenated store of a format 3 folder, checked against the manifest's checksums."""
     sums = manifest.get(STORE_CHECKSUMS)
-    resume = ("run the same 'spatial-deconv perturb train' command again: it resumes the folder and refits the "
-              "targets of the missing or damaged part.")
+    resume = (
+        "run the same 'spatial-deconv perturb train' command again: it resumes the folder and refits the "
+        "targets of the missing or damaged part."
+    )
     if not sums:
-        raise InputError(f"{model_dir}: the manifest lists no coefficient store ({STORE_CHECKSUMS}).", resume,
-                         code="bad_model_dir")
+        raise InputError(
+            f"{model_dir}: the manifest lists no coefficient store ({STORE_CHECKSUMS}).", resume, code="bad_model_dir"
+        )
     stores = []
     for key, want in sums.items():
         p = Path(model_dir) / key
         if not p.exists():
-            raise InputError(f"{model_dir}: the coefficient store part {key} named in the manifest is missing.",
-                             resume, code="bad_model_dir")
+            raise InputError(
+                f"{model_dir}: the coefficient store part {key} named in the manifest is missing.",
+                resume,
+                code="bad_model_dir",
+            )
         got = file_sha256(p)
         if got != want:
-            raise InputError(f"{model_dir}: the coefficient store part {key} does not match the manifest's "
-                             f"checksum (sha256 {got[:12]}..., manifest {str(want)[:12]}...).", resume,
-                             code="bad_model_dir")
+            raise InputError(
+                f"{model_dir}: the coefficient store part {key} does not match the manifest's "
+                f"checksum (sha256 {got[:12]}..., manifest {str(want)[:12]}...).",
+                resume,
+                code="bad_model_dir",
+            )
         try:
             stores.append(read_shard(p))
         except Exception as exc:
-            raise InputError(f"{model_dir}: the coefficient store part {key} cannot be read ({exc}).", resume,
-                             code="bad_model_dir") from exc
+            raise InputError(
+                f"{model_dir}: the coefficient store part {key} cannot be read ({exc}).", resume, code="bad_model_dir"
+            ) from exc
     store = concat_stores(stores)
     missing = sorted(set(map(str, manifest.get("targets", []))) - set(store.targets.tolist()))
     if missing:
-        raise InputError(f"{model_dir}: the coefficient store lacks {len(missing)} of the manifest's targets "
-                         f"({missing[:5]}).", resume, code="bad_model_dir")
+        raise InputError(
+            f"{model_dir}: the coefficient store lacks {len(missing)} of the manifest's targets ({missing[:5]}).",
+            resume,
+            code="bad_model_dir",
+        )
     return store
 
 
 def notice_old_layout(model_dir, version: int) -> None:
-    warnings.warn(f"{model_dir} is a format {version} model folder (one CSV per target, slow to load); "
-                  f"'spatial-deconv perturb upgrade {model_dir}' rewrites it as a format {FORMAT_VERSION} store.",
-                  UserWarning, stacklevel=3)
+    warnings.warn(
+        f"{model_dir} is a format {version} model folder (one CSV per target, slow to load); "
+        f"'spatial-deconv perturb upgrade {model_dir}' rewrites it as a format {FORMAT_VERSION} store.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def migrate_csv_tables(model_dir, manifest: dict) -> tuple[str, str] | None:
@@ -367,22 +442,35 @@ def upgrade(model_dir) -> dict:
     if version > FORMAT_VERSION:
         check_loadable(model_dir, manifest)
     if uses_store(manifest):
-        return {"model_dir": str(model_dir), "upgraded": False, "format_version": version,
-                "n_targets": len(manifest.get("targets", []))}
+        return {
+            "model_dir": str(model_dir),
+            "upgraded": False,
+            "format_version": version,
+            "n_targets": len(manifest.get("targets", [])),
+        }
     targets = [str(t) for t in manifest.get("targets", [])]
     written = migrate_csv_tables(model_dir, manifest)
     if written is None:
-        raise InputError(f"{model_dir} has no coefficient tables to upgrade.",
-                         "train the model with 'spatial-deconv perturb train' (it resumes the folder).",
-                         code="model_incomplete")
+        raise InputError(
+            f"{model_dir} has no coefficient tables to upgrade.",
+            "train the model with 'spatial-deconv perturb train' (it resumes the folder).",
+            code="model_incomplete",
+        )
     key, sha = written
     manifest[STORE_CHECKSUMS] = {key: sha}
     manifest["format_version"] = FORMAT_VERSION
     manifest["upgraded_from_format"] = version
     write_manifest(model_dir, manifest)
     n_removed = remove_csv_tables(model_dir, targets)
-    return {"model_dir": str(model_dir), "upgraded": True, "from_format": version, "format_version": FORMAT_VERSION,
-            "n_targets": n_removed, "store": key, "store_bytes": (model_dir / key).stat().st_size}
+    return {
+        "model_dir": str(model_dir),
+        "upgraded": True,
+        "from_format": version,
+        "format_version": FORMAT_VERSION,
+        "n_targets": n_removed,
+        "store": key,
+        "store_bytes": (model_dir / key).stat().st_size,
+    }
 
 
 def coef_path(model_dir, gene: str) -> Path:

@@ -23,6 +23,7 @@ The derivative products are evaluated as sparse matrix products per cluster over
 received changes are kernel sums over the cells whose ligand expression changed only, all changed ligands of
 one radius in one pass.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -45,12 +46,13 @@ from .train import filtered
 @dataclass
 class PerturbModel:
     """A trained model: manifest, training expression and per-cluster coefficient matrices."""
+
     path: Path | None
     manifest: dict
     genes: list[str]
-    expr: np.ndarray            # cells x model genes (the training expression)
+    expr: np.ndarray  # cells x model genes (the training expression)
     coords: np.ndarray
-    clusters: np.ndarray        # cluster label per cell
+    clusters: np.ndarray  # cluster label per cell
     cluster_names: list[str]
     ligands: list[str]
     ligand_radius: np.ndarray
@@ -64,11 +66,11 @@ class PerturbModel:
     coef_tables: dict = field(default_factory=dict)
     obsm: dict = field(default_factory=dict)
     obs_names: list[str] = field(default_factory=list)
-    received_cache: tuple | None = None   # (channels, cells x channels, mode) saved at training
-    lr_radius: np.ndarray | None = None   # radius of each LR pair's received ligand (None: its ligand's radius)
+    received_cache: tuple | None = None  # (channels, cells x channels, mode) saved at training
+    lr_radius: np.ndarray | None = None  # radius of each LR pair's received ligand (None: its ligand's radius)
     tfl_radius: np.ndarray | None = None  # same for TF-ligand pairs
-    radius_rule: str = "ligand"           # 'pair' or 'ligand' (how the model was trained; format 1: 'ligand')
-    channels: list = field(default_factory=list)   # distinct (ligand, radius) received values, set on init
+    radius_rule: str = "ligand"  # 'pair' or 'ligand' (how the model was trained; format 1: 'ligand')
+    channels: list = field(default_factory=list)  # distinct (ligand, radius) received values, set on init
     lr_channel: np.ndarray | None = None  # channel index of each LR pair / TF-ligand pair
     tfl_channel: np.ndarray | None = None
 
@@ -80,8 +82,9 @@ class PerturbModel:
             self.tfl_radius = np.array([lrad[a] for a, _ in self.tfl_pairs], dtype=np.float64)
         self.lr_radius = np.asarray(self.lr_radius, dtype=np.float64).reshape(-1)
         self.tfl_radius = np.asarray(self.tfl_radius, dtype=np.float64).reshape(-1)
-        chans, lr_ch, tfl_ch = received_channels(self.lr_pairs, self.tfl_pairs, self.lr_radius.tolist(),
-                                                 self.tfl_radius.tolist())
+        chans, lr_ch, tfl_ch = received_channels(
+            self.lr_pairs, self.tfl_pairs, self.lr_radius.tolist(), self.tfl_radius.tolist()
+        )
         self.channels = chans
         self.lr_channel = np.asarray(lr_ch, dtype=np.int64)
         self.tfl_channel = np.asarray(tfl_ch, dtype=np.int64)
@@ -103,8 +106,16 @@ class PerturbModel:
                     v = float(r[c])
                     if abs(v) > min_abs:
                         name = c[5:]
-                        rows.append((t, str(r["cluster"]), name, kinds[parse_modulator(name)[0]], v,
-                                     float(rad.get(name, np.nan))))
+                        rows.append(
+                            (
+                                t,
+                                str(r["cluster"]),
+                                name,
+                                kinds[parse_modulator(name)[0]],
+                                v,
+                                float(rad.get(name, np.nan)),
+                            )
+                        )
         return pd.DataFrame(rows, columns=["target", "cluster", "modulator", "kind", "coef", "radius"])
 
 
@@ -150,8 +161,7 @@ def build_coefficients(genes, cluster_names, coef_tables: dict) -> tuple:
             out.append(m)
         return out
 
-    return (mats(TF, len(genes)), mats(LR, len(lr_pairs)), mats(TFL, len(tfl_pairs)), list(lr_pairs),
-            list(tfl_pairs))
+    return (mats(TF, len(genes)), mats(LR, len(lr_pairs)), mats(TFL, len(tfl_pairs)), list(lr_pairs), list(tfl_pairs))
 
 
 class StoreTables(Mapping):
@@ -183,18 +193,18 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     gi = {g: i for i, g in enumerate(genes)}
     C = len(cluster_names)
     row_of = {t: i for i, t in enumerate(store.targets.tolist())}
-    rows = np.array([row_of[t] for t in targets], dtype=np.int64)            # store row of each target, in order
+    rows = np.array([row_of[t] for t in targets], dtype=np.int64)  # store row of each target, in order
     lengths = np.diff(store.mod_ptr)[rows]
     new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     total = int(new_ptr[-1])
-    take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)   # ordered modulator slots
+    take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)  # ordered modulator slots
     codes = store.mod_code[take]
     uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
     parsed = [parse_modulator(str(u)) for u in store.mod_vocab[uniq]]
     kind = np.array([k for k, _ in parsed], dtype=np.int64)
     row_index = np.zeros(len(uniq), dtype=np.int64)
     pairs = {}
-    for kd in (LR, TFL):   # pairs numbered by first appearance
+    for kd in (LR, TFL):  # pairs numbered by first appearance
         sel = np.flatnonzero(kind == kd)
         sel = sel[np.argsort(first[sel], kind="stable")]
         row_index[sel] = np.arange(sel.size)
@@ -220,8 +230,9 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
         for k in range(C):
             sel = nonzero & (nz_kind == kd) & (nz_cluster == k)
             if sel.any():
-                m = sp.coo_matrix((nz_value[sel].astype(np.float64), (nz_row[sel], target_col[sel])),
-                                  shape=(nrows, len(genes))).tocsr()
+                m = sp.coo_matrix(
+                    (nz_value[sel].astype(np.float64), (nz_row[sel], target_col[sel])), shape=(nrows, len(genes))
+                ).tocsr()
                 m.sum_duplicates()
             else:
                 m = sp.csr_matrix((nrows, len(genes)))
@@ -231,54 +242,85 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     return (mats(TF, len(genes)), mats(LR, len(pairs[LR])), mats(TFL, len(pairs[TFL])), pairs[LR], pairs[TFL])
 
 
-def model_from_tables(manifest: dict, genes, expr, coords, clusters, coef_tables: dict, path=None,
-                      obsm=None, obs_names=None) -> PerturbModel:
+def model_from_tables(
+    manifest: dict, genes, expr, coords, clusters, coef_tables: dict, path=None, obsm=None, obs_names=None
+) -> PerturbModel:
     cluster_names = [str(c) for c in manifest["clusters"]]
     coefficients = build_coefficients(genes, cluster_names, coef_tables)
-    return model_from_coefficients(manifest, genes, expr, coords, clusters, coefficients, coef_tables, path=path,
-                                   obsm=obsm, obs_names=obs_names)
+    return model_from_coefficients(
+        manifest, genes, expr, coords, clusters, coefficients, coef_tables, path=path, obsm=obsm, obs_names=obs_names
+    )
 
 
-def model_from_coefficients(manifest: dict, genes, expr, coords, clusters, coefficients: tuple, coef_tables,
-                            path=None, obsm=None, obs_names=None) -> PerturbModel:
+def model_from_coefficients(
+    manifest: dict,
+    genes,
+    expr,
+    coords,
+    clusters,
+    coefficients: tuple,
+    coef_tables,
+    path=None,
+    obsm=None,
+    obs_names=None,
+) -> PerturbModel:
     cluster_names = [str(c) for c in manifest["clusters"]]
     B_tf, B_lr, B_tfl, lr_pairs, tfl_pairs = coefficients
     ligs = list(dict.fromkeys([a for a, _ in lr_pairs] + [a for a, _ in tfl_pairs]))
     version = int(manifest.get("format_version", 1))
     if version > md.FORMAT_VERSION:
-        raise InputError(f"the model folder has format {version}; this version reads up to {md.FORMAT_VERSION}.",
-                         "update spatial-deconv-gui, or train the model again with this version.",
-                         code="bad_model_dir")
+        raise InputError(
+            f"the model folder has format {version}; this version reads up to {md.FORMAT_VERSION}.",
+            "update spatial-deconv-gui, or train the model again with this version.",
+            code="bad_model_dir",
+        )
     lrad = manifest.get("ligand_radius", {})
     missing = [g for g in ligs if g not in lrad]
     if missing:
-        raise InputError(f"the model has no radius for ligands {missing[:5]}.", "train the model again.",
-                         code="bad_model_dir")
-    rule = manifest.get("radius_rule", "ligand")   # format 1: one radius per ligand
+        raise InputError(
+            f"the model has no radius for ligands {missing[:5]}.", "train the model again.", code="bad_model_dir"
+        )
+    rule = manifest.get("radius_rule", "ligand")  # format 1: one radius per ligand
     if rule not in RADIUS_RULES:
-        raise InputError(f"unknown radius_rule {rule!r} in the manifest.", "train the model again.",
-                         code="bad_model_dir")
+        raise InputError(
+            f"unknown radius_rule {rule!r} in the manifest.", "train the model again.", code="bad_model_dir"
+        )
 
     def radii(pairs, key, sep):
-        if key not in manifest:          # format 1: every pair of a ligand at the ligand's radius
+        if key not in manifest:  # format 1: every pair of a ligand at the ligand's radius
             return np.array([lrad[a] for a, _ in pairs], np.float64)
         per = manifest[key]
         names = [f"{a}{sep}{b}" for a, b in pairs]
         lack = [n for n in names if n not in per]
         if lack:
-            raise InputError(f"the manifest's {key} has no radius for {lack[:5]}.", "train the model again.",
-                             code="bad_model_dir")
+            raise InputError(
+                f"the manifest's {key} has no radius for {lack[:5]}.", "train the model again.", code="bad_model_dir"
+            )
         return np.array([per[n] for n in names], np.float64)
 
     return PerturbModel(
-        path=Path(path) if path else None, manifest=manifest, genes=list(genes), expr=np.asarray(expr, np.float64),
-        coords=np.asarray(coords, np.float64), clusters=np.asarray(clusters).astype(str),
-        cluster_names=cluster_names, ligands=ligs, ligand_radius=np.array([lrad[g] for g in ligs], np.float64),
-        scale_factor=float(manifest.get("scale_factor", 1.0)), lr_pairs=lr_pairs, tfl_pairs=tfl_pairs,
-        B_tf=B_tf, B_lr=B_lr, B_tfl=B_tfl, coef_tables=coef_tables, obsm=dict(obsm or {}),
+        path=Path(path) if path else None,
+        manifest=manifest,
+        genes=list(genes),
+        expr=np.asarray(expr, np.float64),
+        coords=np.asarray(coords, np.float64),
+        clusters=np.asarray(clusters).astype(str),
+        cluster_names=cluster_names,
+        ligands=ligs,
+        ligand_radius=np.array([lrad[g] for g in ligs], np.float64),
+        scale_factor=float(manifest.get("scale_factor", 1.0)),
+        lr_pairs=lr_pairs,
+        tfl_pairs=tfl_pairs,
+        B_tf=B_tf,
+        B_lr=B_lr,
+        B_tfl=B_tfl,
+        coef_tables=coef_tables,
+        obsm=dict(obsm or {}),
         obs_names=list(obs_names) if obs_names is not None else [str(i) for i in range(len(expr))],
-        lr_radius=radii(lr_pairs, "lr_radius", PAIR_SEP_LR), tfl_radius=radii(tfl_pairs, "tfl_radius", PAIR_SEP_TFL),
-        radius_rule=rule)
+        lr_radius=radii(lr_pairs, "lr_radius", PAIR_SEP_LR),
+        tfl_radius=radii(tfl_pairs, "tfl_radius", PAIR_SEP_TFL),
+        radius_rule=rule,
+    )
 
 
 def load_model(path) -> PerturbModel:
@@ -287,19 +329,23 @@ def load_model(path) -> PerturbModel:
 
     path = Path(path)
     manifest = md.read_manifest(path)
-    md.check_loadable(path, manifest)   # newer format or half-trained: say so before reading anything big
+    md.check_loadable(path, manifest)  # newer format or half-trained: say so before reading anything big
     data = read_h5ad(path / manifest.get("data_file", md.DATA))
     genes = list(map(str, data.var_names))
     if genes != list(manifest["genes"]):
-        raise InputError(f"{path}: {md.DATA} does not match the manifest's genes.", "train the model again.",
-                         code="bad_model_dir")
+        raise InputError(
+            f"{path}: {md.DATA} does not match the manifest's genes.", "train the model again.", code="bad_model_dir"
+        )
     targets = [str(t) for t in manifest["targets"]]
     cluster_names = [str(c) for c in manifest["clusters"]]
     if md.uses_store(manifest):
         store = md.read_store(path, manifest)
         if store.clusters.tolist() != cluster_names:
-            raise InputError(f"{path}: the coefficient store's clusters do not match the manifest's.",
-                             "train the model again.", code="bad_model_dir")
+            raise InputError(
+                f"{path}: the coefficient store's clusters do not match the manifest's.",
+                "train the model again.",
+                code="bad_model_dir",
+            )
         tables = StoreTables(store, targets)
         coefficients = coefficients_from_store(genes, cluster_names, targets, store)
     else:
@@ -307,22 +353,33 @@ def load_model(path) -> PerturbModel:
         done = md.finished_genes(path, targets)
         tables = {t: md.read_coefs_csv(path, t) for t in targets if t in done}
         if len(tables) < len(targets):
-            raise InputError(f"{path} lacks the coefficient tables of {len(targets) - len(tables)} of its "
-                             f"{len(targets)} targets.", "run the same 'spatial-deconv perturb train' command "
-                             "again: it resumes the folder and fits only the missing targets.",
-                             code="model_incomplete")
+            raise InputError(
+                f"{path} lacks the coefficient tables of {len(targets) - len(tables)} of its {len(targets)} targets.",
+                "run the same 'spatial-deconv perturb train' command "
+                "again: it resumes the folder and fits only the missing targets.",
+                code="model_incomplete",
+            )
         coefficients = build_coefficients(genes, cluster_names, tables)
     X = data.X.toarray() if sp.issparse(data.X) else np.asarray(data.X)
     obsm = {k: np.asarray(v) for k, v in data.obsm.items()}
-    model = model_from_coefficients(manifest, genes, X, obsm[keys.SPATIAL],
-                                    data.obs[md.CLUSTER_OBS].astype(str).to_numpy(), coefficients, tables, path=path,
-                                    obsm=obsm, obs_names=list(map(str, data.obs_names)))
+    model = model_from_coefficients(
+        manifest,
+        genes,
+        X,
+        obsm[keys.SPATIAL],
+        data.obs[md.CLUSTER_OBS].astype(str).to_numpy(),
+        coefficients,
+        tables,
+        path=path,
+        obsm=obsm,
+        obs_names=list(map(str, data.obs_names)),
+    )
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
         W = np.load(rpath)
         if "received_channels" in manifest:
             names = [(str(a), float(r)) for a, r in manifest["received_channels"]]
-        else:   # format 1: one column per ligand, at its radius
+        else:  # format 1: one column per ligand, at its radius
             lrad = manifest.get("ligand_radius", {})
             names = [(g, float(lrad[g])) for g in manifest["ligands"] if g in lrad]
         if W.shape == (X.shape[0], len(names)):
@@ -334,8 +391,7 @@ def load_model(path) -> PerturbModel:
 class PerturbStep:
     step: int
     n_steps: int
-    delta: np.ndarray          # cells x model genes, after this step (before the final pin)
-
+    delta: np.ndarray  # cells x model genes, after this step (before the final pin)
 
 
 class Propagator:
@@ -348,9 +404,9 @@ class Propagator:
         self.rule = model.radius_rule
         gi = {g: i for i, g in enumerate(model.genes)}
         self.gi = gi
-        self.lig_idx = np.array([gi[g] for g in model.ligands], dtype=np.int64)        # ligand gene columns
+        self.lig_idx = np.array([gi[g] for g in model.ligands], dtype=np.int64)  # ligand gene columns
         li = {g: i for i, g in enumerate(model.ligands)}
-        self.chan_lig = np.array([li[a] for a, _ in model.channels], dtype=np.int64)   # channel -> ligand
+        self.chan_lig = np.array([li[a] for a, _ in model.channels], dtype=np.int64)  # channel -> ligand
         self.chan_radius = np.array([r for _, r in model.channels], dtype=np.float64)
         self.lr_ch = np.asarray(model.lr_channel, dtype=np.int64)
         self.lr_lg = np.array([gi[a] for a, _ in model.lr_pairs], dtype=np.int64)
@@ -358,7 +414,7 @@ class Propagator:
         self.tfl_ch = np.asarray(model.tfl_channel, dtype=np.int64)
         self.tfl_lg = np.array([gi[a] for a, _ in model.tfl_pairs], dtype=np.int64)
         self.tfl_t = np.array([gi[b] for _, b in model.tfl_pairs], dtype=np.int64)
-        self.lr_l, self.tfl_l = self.lr_ch, self.tfl_ch   # older names
+        self.lr_l, self.tfl_l = self.lr_ch, self.tfl_ch  # older names
         # 'ligand' rule: each ligand has one channel, and the ligand's column of the delta is replaced by it
         self.lig_chan = None
         if self.rule == "ligand" and len(self.lig_idx):
@@ -371,12 +427,19 @@ class Propagator:
         self.L0 = self.F0[:, self.lig_idx]
         self.max0 = self.X0.max(axis=0) if clip else np.full(self.X0.shape[1], np.inf)
         self.cluster_rows = [np.flatnonzero(model.clusters == c) for c in model.cluster_names]
-        self.cell_cluster = np.asarray(pd.Categorical(model.clusters, categories=model.cluster_names).codes,
-                                       dtype=np.int64)   # -1: a cell of no modelled cluster
+        self.cell_cluster = np.asarray(
+            pd.Categorical(model.clusters, categories=model.cluster_names).codes, dtype=np.int64
+        )  # -1: a cell of no modelled cluster
         # per cluster CSR (modulator -> targets) of the coefficients, stacked for the numba hop
-        self._csr = tuple(x for mats, nrows in ((model.B_tf, len(model.genes)), (model.B_lr, len(model.lr_pairs)),
-                                                (model.B_tfl, len(model.tfl_pairs)))
-                          for x in _stack_csr(mats, nrows, len(model.cluster_names)))
+        self._csr = tuple(
+            x
+            for mats, nrows in (
+                (model.B_tf, len(model.genes)),
+                (model.B_lr, len(model.lr_pairs)),
+                (model.B_tfl, len(model.tfl_pairs)),
+            )
+            for x in _stack_csr(mats, nrows, len(model.cluster_names))
+        )
         self.W0 = None
         nch = len(model.channels)
         cache = model.received_cache
@@ -385,12 +448,21 @@ class Propagator:
             pos = {c: i for i, c in enumerate(cache[0])}
             self.W0 = np.ascontiguousarray(cache[1][:, [pos[c] for c in model.channels]], dtype=np.float64)
         if self.W0 is None:
-            self.W0 = self._received(self.L0[:, self.chan_lig], self.chan_radius) if nch \
-                else np.zeros((len(self.X0), 0))
+            self.W0 = (
+                self._received(self.L0[:, self.chan_lig], self.chan_radius) if nch else np.zeros((len(self.X0), 0))
+            )
 
     def _received(self, values, radii, source_index=None):
-        return received_ligands(self.m.coords, values, radii, scale=self.m.scale_factor, mode=self.mode,
-                                device=self.device, source_index=source_index, n_total=self.X0.shape[0])
+        return received_ligands(
+            self.m.coords,
+            values,
+            radii,
+            scale=self.m.scale_factor,
+            mode=self.mode,
+            device=self.device,
+            source_index=source_index,
+            n_total=self.X0.shape[0],
+        )
 
     def _plan(self, d: np.ndarray):
         """Cells whose ligand values changed (rows of ``d``), the channels to update, and the cost of the kernel
@@ -421,7 +493,7 @@ class Propagator:
         d = L - self.L0
         rows, chs, cost = self._plan(d)
         base = None
-        if prev is not None:   # (the grid approximation is linear in the values too: same anchors, same weights)
+        if prev is not None:  # (the grid approximation is linear in the values too: same anchors, same weights)
             d1 = L - prev[0]
             rows1, chs1, cost1 = self._plan(d1)
             if cost1 < cost:
@@ -437,8 +509,9 @@ class Propagator:
         out[:, chs] += sub
         return out
 
-    def hop(self, F_s: np.ndarray, X_s: np.ndarray, W_s: np.ndarray, dmod: np.ndarray,
-            dW: np.ndarray | None = None) -> np.ndarray:
+    def hop(
+        self, F_s: np.ndarray, X_s: np.ndarray, W_s: np.ndarray, dmod: np.ndarray, dW: np.ndarray | None = None
+    ) -> np.ndarray:
         """One propagation hop: sum over modulators of derivative (at state S) x delta.
 
         ``dmod`` is the delta each TF term sees; ``dW`` the change of each received channel (default: read
@@ -452,8 +525,27 @@ class Propagator:
         c64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
         (tf_p, tf_i, tf_v, lr_p, lr_i, lr_v, tfl_p, tfl_i, tfl_v) = self._csr
         out = np.zeros(dmod.shape)
-        propagation_hop(self.cell_cluster, c64(dmod), c64(dW), c64(F_s), c64(W_s), tf_p, tf_i, tf_v,
-                        lr_p, lr_i, lr_v, self.lr_r, self.lr_ch, tfl_p, tfl_i, tfl_v, self.tfl_t, self.tfl_ch, out)
+        propagation_hop(
+            self.cell_cluster,
+            c64(dmod),
+            c64(dW),
+            c64(F_s),
+            c64(W_s),
+            tf_p,
+            tf_i,
+            tf_v,
+            lr_p,
+            lr_i,
+            lr_v,
+            self.lr_r,
+            self.lr_ch,
+            tfl_p,
+            tfl_i,
+            tfl_v,
+            self.tfl_t,
+            self.tfl_ch,
+            out,
+        )
         return out
 
     def _hop_numpy(self, F_s, X_s, W_s, dmod, dW):
@@ -467,12 +559,16 @@ class Propagator:
             acc = np.asarray(m.B_tf[k].T @ D.T)
             if len(m.lr_pairs):
                 Fr = F_s[np.ix_(rows, self.lr_r)]
-                q = (np.where(Fr > 0, W_s[np.ix_(rows, self.lr_ch)], 0.0) * D[:, self.lr_r]
-                     + Fr * dW[np.ix_(rows, self.lr_ch)])
+                q = (
+                    np.where(Fr > 0, W_s[np.ix_(rows, self.lr_ch)], 0.0) * D[:, self.lr_r]
+                    + Fr * dW[np.ix_(rows, self.lr_ch)]
+                )
                 acc = acc + m.B_lr[k].T @ q.T
             if len(m.tfl_pairs):
-                q = (F_s[np.ix_(rows, self.tfl_t)] * dW[np.ix_(rows, self.tfl_ch)]
-                     + W_s[np.ix_(rows, self.tfl_ch)] * D[:, self.tfl_t])
+                q = (
+                    F_s[np.ix_(rows, self.tfl_t)] * dW[np.ix_(rows, self.tfl_ch)]
+                    + W_s[np.ix_(rows, self.tfl_ch)] * D[:, self.tfl_t]
+                )
                 acc = acc + m.B_tfl[k].T @ q.T
             out[rows] = np.asarray(acc).T
         return out
@@ -502,12 +598,16 @@ def perturbation_input(model: PerturbModel, genes, values, cells=None) -> tuple[
         values = [float(values)] * len(genes)
     values = [float(v) for v in values]
     if len(values) != len(genes):
-        raise InputError(f"{len(genes)} genes but {len(values)} values.", "give one value, or one per gene.",
-                         code="bad_perturbation")
+        raise InputError(
+            f"{len(genes)} genes but {len(values)} values.", "give one value, or one per gene.", code="bad_perturbation"
+        )
     unknown = [g for g in genes if g not in set(model.genes)]
     if unknown:
-        raise InputError(f"genes {unknown} are not in the model (not a target or modulator).",
-                         "perturb one of the model's genes (see its manifest 'genes').", code="unknown_gene")
+        raise InputError(
+            f"genes {unknown} are not in the model (not a target or modulator).",
+            "perturb one of the model's genes (see its manifest 'genes').",
+            code="unknown_gene",
+        )
     if any(v < 0 for v in values):
         raise InputError("perturbation values must be >= 0.", "use 0 for a knockout.", code="bad_perturbation")
     n = model.expr.shape[0]
@@ -521,10 +621,18 @@ def perturbation_input(model: PerturbModel, genes, values, cells=None) -> tuple[
     return sim - model.expr, dict(zip(genes, values))
 
 
-def iter_perturbation(model: PerturbModel, genes, values=0.0, cells=None, n_steps: int = 4,
-                      ligand_mode: str = "exact", device=None, clip: bool = True,
-                      control: RunControl | None = None, propagator: Propagator | None = None
-                      ) -> Iterator[PerturbStep]:
+def iter_perturbation(
+    model: PerturbModel,
+    genes,
+    values=0.0,
+    cells=None,
+    n_steps: int = 4,
+    ligand_mode: str = "exact",
+    device=None,
+    clip: bool = True,
+    control: RunControl | None = None,
+    propagator: Propagator | None = None,
+) -> Iterator[PerturbStep]:
     """Yield the simulated delta after each propagation step (the last one has the perturbed genes pinned)."""
     control = control or RunControl()
     delta_in, payload = perturbation_input(model, genes, values, cells)
@@ -534,7 +642,7 @@ def iter_perturbation(model: PerturbModel, genes, values=0.0, cells=None, n_step
     pin_v = delta_in[pin_r, pin_c]
     delta = delta_in.copy()
     F_s, X_s, W_s = prop.F0, X0, prop.W0
-    prev = (prop.L0, np.zeros_like(prop.W0))   # ligand values and received change of the last state
+    prev = (prop.L0, np.zeros_like(prop.W0))  # ligand values and received change of the last state
     for step in range(n_steps):
         control.check_cancel()
         control.report("propagation", step / max(n_steps, 1), f"step {step + 1}/{n_steps}")
@@ -545,11 +653,11 @@ def iter_perturbation(model: PerturbModel, genes, values=0.0, cells=None, n_step
         dmod = delta
         if prop.lig_chan is not None:
             dmod = delta.copy()
-            dmod[:, prop.lig_idx] = dW[:, prop.lig_chan]   # delta + (W(E) - W0) - (E - X0) on ligand columns
+            dmod[:, prop.lig_idx] = dW[:, prop.lig_chan]  # delta + (W(E) - W0) - (E - X0) on ligand columns
         new = prop.hop(F_s, X_s, W_s, dmod, dW)
         new[pin_r, pin_c] = pin_v
         new += X0
-        np.clip(new, 0.0, prop.max0, out=new)        # X0 + delta clipped to [0, observed max]
+        np.clip(new, 0.0, prop.max0, out=new)  # X0 + delta clipped to [0, observed max]
         delta = np.subtract(new, X0, out=new)
         F_s, X_s, W_s = F_e, E, prop.W0 + dW
         out = delta
@@ -565,11 +673,19 @@ def iter_perturbation(model: PerturbModel, genes, values=0.0, cells=None, n_step
     control.report("propagation", 1.0, "done")
 
 
-def simulate_perturbation(model: PerturbModel, genes, values=0.0, cells=None, n_steps: int = 4,
-                          ligand_mode: str = "exact", device=None, clip: bool = True,
-                          control: RunControl | None = None) -> np.ndarray:
+def simulate_perturbation(
+    model: PerturbModel,
+    genes,
+    values=0.0,
+    cells=None,
+    n_steps: int = 4,
+    ligand_mode: str = "exact",
+    device=None,
+    clip: bool = True,
+    control: RunControl | None = None,
+) -> np.ndarray:
     """Final delta (cells x model genes) after ``n_steps`` propagation steps."""
     last = None
-    for last in iter_perturbation(model, genes, values, cells, n_steps, ligand_mode, device, clip, control):
+    for last in iter_perturbation(model, genes, values, cells, n_steps, ligand_mode, device, clip, control):  # noqa: B007 (the last step is the answer)
         pass
     return last.delta

@@ -1,4 +1,5 @@
 """Per-cell transition vectors averaged on a coarser lattice: the arrow density the Knockout dock shows."""
+
 from __future__ import annotations
 
 import numpy as np
