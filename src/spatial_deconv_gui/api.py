@@ -6,11 +6,12 @@ import importlib.metadata
 import os
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import numpy as np
 
 from . import __version__
 from .engines.base import (
@@ -19,11 +20,15 @@ from .engines.base import (
     ProgressCallback,
     RunControl,
 )
+from .engines.devices import DeviceOutOfMemory, device_name, is_out_of_memory
+from .engines.devices import resolve as _resolve_device
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
+from .io.read import labelled
 from .io.slide import Slide, detect_format
 from .io.slide import read_slide as _read_slide
-from .io.write import known_colors, write_h5ad_atomic
+from .io.validate import empty_spots
+from .io.write import check_writable, known_colors, restore_dropped_spots, write_h5ad_atomic
 
 
 @dataclass
@@ -31,6 +36,7 @@ class RunOutput:
     adata: ad.AnnData
     result: DeconvResult
     report: ValidationReport | None
+    notices: list[str] = field(default_factory=list)  # what the user should hear of (spots left out, CPU fallback)
 
 
 def _as_adata(obj) -> ad.AnnData:
@@ -53,15 +59,7 @@ def _slide_adata(obj, options: dict | None) -> ad.AnnData:
 
 def resolve_device(device: str = "auto") -> str:
     """'auto' picks CUDA when torch sees a GPU; asking for CUDA without one is a clear error."""
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"unknown device {device!r}.", "use auto, cpu or cuda.", code="unknown_device")
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but torch sees no GPU.", "use --device cpu (or auto).", code="no_cuda")
-    return device
+    return device_name(device)
 
 
 def system_info() -> dict[str, Any]:
@@ -128,8 +126,12 @@ def run_deconvolution(
     """
     info = get_method(method)
     runner, config_cls = info.load()
-    sdata, rdata = _slide_adata(spatial, slide_options), _as_adata(reference)
     params = dict(params or {})
+    notices: list[str] = []
+    params["device"], device_notice = _resolve_device(device)  # before reading anything: a bad device is quick
+    if device_notice:
+        notices.append(device_notice)
+    sdata, rdata = _slide_adata(spatial, slide_options), _as_adata(reference)
     report = None
     if check:
         min_cells = int(params.get("cell_min", 25))
@@ -141,14 +143,24 @@ def run_deconvolution(
             reference_layer=reference_layer,
             coord_key=coord_key,
             min_cells_per_type=min_cells,
+            numi_column=numi_column,
+            reference_numi_column=reference_numi_column,
         )
         # Types below the minimum are the engine's call (drop with a warning, or refuse when strict).
         blocking = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
         if blocking:
             raise InputError(ValidationReport(blocking).format(), code=blocking[0].code)
-    params["device"] = resolve_device(device)
+        notices += [p.message for p in report.problems if p.severity == "warning"]
     config = build_config(config_cls, params)
-    control = RunControl(progress, cancel_event)
+    # Spots without a single count carry no information for any method: fit the others, NaN rows for these.
+    empty = empty_spots(sdata, layer)
+    kept = np.flatnonzero(~empty)
+    if not kept.size:
+        raise InputError(
+            "every spot of the slide has no counts.", "check that X (or --layer) holds the counts.", code="no_counts"
+        )
+    fit_data = sdata[kept] if empty.any() else sdata
+    control = RunControl(_remapped(progress, kept) if empty.any() else progress, cancel_event)
     extra = {}
     batch_col = None
     if hasattr(config, "reference_batch_col"):
@@ -157,19 +169,44 @@ def run_deconvolution(
         batch_col = batch_column(config)
     if batch_col is not None:
         extra["reference_batches"] = reference_batch_labels(rdata, batch_col, cell_type_col)
-    result = runner(
-        spatial_input(sdata, layer, coord_key, numi_column),
-        reference_input(rdata, cell_type_col, reference_layer, reference_numi_column),
-        config,
-        control,
-        **extra,
-    )
+    try:
+        result = runner(
+            spatial_input(fit_data, layer, coord_key, numi_column),
+            reference_input(rdata, cell_type_col, reference_layer, reference_numi_column),
+            config,
+            control,
+            **extra,
+        )
+    except DeviceOutOfMemory:
+        raise
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise DeviceOutOfMemory.after(info.name, params["device"]) from exc
+    if empty.any():
+        result = restore_dropped_spots(result, kept, np.asarray(sdata.obs_names, dtype=str))
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
-    return RunOutput(out, result, report)
+    return RunOutput(out, result, report, notices)
 
 
-def check_output(path: str | os.PathLike, *inputs) -> Path:
-    """Refuse, before any work, an output that would overwrite an input or that cannot be written as asked."""
+def _remapped(progress: ProgressCallback | None, kept: np.ndarray) -> ProgressCallback | None:
+    """Partial results index the spots that were fitted; the GUI colours spots of the whole slide."""
+    if progress is None:
+        return None
+
+    def forward(event):
+        if event.partial is not None:
+            event = replace(event, partial=replace(event.partial, spot_index=kept[event.partial.spot_index]))
+        progress(event)
+
+    return forward
+
+
+def check_output(path: str | os.PathLike, *inputs, kind: str | None = None) -> Path:
+    """Refuse, before any work, an output that would overwrite an input or that cannot be written as asked.
+
+    ``kind`` (".csv", ".png") checks a side file of that suffix; by default the result itself (.h5ad / .zarr).
+    """
     path = Path(path)
     for p in inputs:
         if p is None or isinstance(p, (ad.AnnData, Slide)):
@@ -181,7 +218,10 @@ def check_output(path: str | os.PathLike, *inputs) -> Path:
                 "choose another output path; inputs are never overwritten.",
                 code="output_is_input",
             )
-    if path.suffix == ".zarr":
+    if kind is not None:
+        if path.suffix.lower() != kind:
+            raise InputError(f"the file {path.name} does not end in {kind}.", f"name it NAME{kind}.", code="bad_output")
+    elif path.suffix == ".zarr":
         source = inputs[0] if inputs else None
         if isinstance(source, (ad.AnnData, Slide)) or source is None or detect_format(source) != "spatialdata":
             raise InputError(
@@ -195,6 +235,7 @@ def check_output(path: str | os.PathLike, *inputs) -> Path:
             "name it OUT.h5ad (or OUT.zarr for a SpatialData input).",
             code="bad_output",
         )
+    check_writable(path)
     return path
 
 
@@ -219,6 +260,7 @@ def save_result(
 
         check_output(path, source, *protect)
         return write_spatialdata_result(adata, source, path, table=table)
+    check_writable(path)
     return write_h5ad_atomic(adata, path)
 
 
@@ -234,7 +276,7 @@ def reference_batch_labels(reference, batch_col: str, cell_type_col: str = "cell
             f"pass --reference-batch-col with one of {list(rdata.obs.columns)}.",
             code="unknown_reference_batch_col",
         )
-    keep = rdata.obs[cell_type_col].notna().to_numpy() if cell_type_col in rdata.obs else slice(None)
+    keep = labelled(rdata.obs[cell_type_col]) if cell_type_col in rdata.obs else slice(None)
     return np.asarray(rdata.obs[batch_col].to_numpy(), dtype=object)[keep]
 
 

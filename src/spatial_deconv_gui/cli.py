@@ -170,6 +170,8 @@ def _cmd_run(args, extra: list[str]) -> int:
     params = given_options(margs, config_cls, skip=("device",))
     out_path = Path(args.output) if args.output else default_output(Path(args.spatial), args.method)
     api.check_output(out_path, args.spatial, args.reference)
+    if args.csv:
+        api.check_output(Path(args.csv), args.spatial, args.reference, kind=".csv")
     progress = _Progress(args.quiet)
     try:
         run = api.run_deconvolution(
@@ -189,6 +191,9 @@ def _cmd_run(args, extra: list[str]) -> int:
         )
     finally:
         progress.close()
+    if not args.quiet:
+        for notice in run.notices:
+            print(f"notice: {notice}", file=sys.stderr)
     api.save_result(run.adata, out_path, protect=(args.spatial, args.reference), source=args.spatial, table=args.table)
     key = run.result.key
     if args.csv:
@@ -203,6 +208,7 @@ def _cmd_run(args, extra: list[str]) -> int:
         "n_fitted": int(run.result.fitted.sum()),
         "cell_types": list(run.result.cell_types),
         "device": run.result.device,
+        "notices": run.notices,
         "runtime_s": round(run.result.runtime_s, 3),
         "dominant_type_counts": run.adata.obs[keys.dominant_type(key)].value_counts().to_dict(),
     }

@@ -35,6 +35,7 @@ from .io.errors import InputError
 from .io.perturbed import attach_perturbation, model_cells_adata
 from .io.read import find_coordinates
 from .io.slide import read_slide_adata
+from .io.validate import validate
 
 IMPUTED_LAYERS = ("imputed_count", "imputed", "magic", "smoothed")
 
@@ -183,6 +184,9 @@ def train_model(
     """
     ctl = _control(control, progress)
     adata = _adata(spatial, slide_options)
+    # the one input check of every entry point; the model takes normalised expression, so counts need not be raw
+    check_layer = layer if layer is not None and layer in adata.layers else None
+    validate(adata, layer=check_layer, coord_key=coord_key, numi_column=None, counts=False).raise_if_failed()
     cfg = config or TrainConfig()
     if params:
         unknown = set(params) - set(TrainConfig.__dataclass_fields__)

@@ -43,3 +43,43 @@ def torch_device(device: object = AUTO) -> torch.device:
     if isinstance(device, torch.device):
         device = str(device)
     return torch.device(device_name(device))
+
+
+def resolve(device: object = AUTO) -> tuple[str, str | None]:
+    """:func:`device_name`, with the notice to show when ``auto`` fell back to the CPU (else None)."""
+    name = device_name(device)
+    if (device is None or str(device) in ("", AUTO)) and name == "cpu":
+        import torch
+
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        return name, f"--device auto: {why}; running on the CPU."
+    return name, None
+
+
+class DeviceOutOfMemory(InputError):
+    """The GPU ran out of memory even at the smallest batch; names the sizes tried and the way out."""
+
+    def __init__(self, problem: str, fix: str | None = None, code: str = "cuda_out_of_memory", tried=()):
+        super().__init__(problem, fix, code)
+        self.tried = [int(t) for t in tried]
+
+    @classmethod
+    def after(cls, what: str, device: object, tried=(), unit: str = "spots") -> DeviceOutOfMemory:
+        sizes = f" with batches of {', '.join(map(str, tried))} {unit}" if tried else ""
+        return cls(
+            f"{what} ran out of GPU memory on {device}{sizes}.",
+            "run on the CPU (--device cpu), free GPU memory used by other processes, or use a smaller input.",
+            tried=tried,
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.problem, self.fix, self.code, self.tried))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error (also when raised as a plain RuntimeError by older code paths)."""
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    )

@@ -134,6 +134,12 @@ def spatial_input(
     )
 
 
+def labelled(labels) -> np.ndarray:
+    """Which cells carry a cell type: not missing and not blank (the others are left out of the reference)."""
+    series = pd.Series(np.asarray(labels, dtype=object))
+    return (series.notna() & (series.astype(str).str.strip() != "")).to_numpy()
+
+
 def reference_input(
     adata: ad.AnnData,
     cell_type_col: str = keys.CELL_TYPE,
@@ -148,7 +154,7 @@ def reference_input(
         )
     counts = counts_matrix(adata, layer)
     labels = adata.obs[cell_type_col]
-    keep = labels.notna().to_numpy()
+    keep = labelled(labels)
     return ReferenceInput(
         counts=counts[keep],
         genes=np.asarray(adata.var_names, dtype=str),

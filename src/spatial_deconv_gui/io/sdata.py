@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pandas as pd
 from .. import keys
 from .errors import InputError
 from .slide import MICRON, VISIUM_SPOT_UM, Slide, SlideImage
+from .write import ASIDE_SUFFIX, sweep_litter, temp_name
 
 ELEMENT_GROUPS = ("tables", "images", "shapes", "points", "labels")
 ATTRS_KEY = "spatialdata_attrs"  # spatialdata.models.TableModel.ATTRS_KEY, without importing spatialdata
@@ -529,7 +529,7 @@ def _replace_folder(built: Path, target: Path) -> None:
     if not (target.exists() or target.is_symlink()):
         os.replace(built, target)
         return
-    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    aside = temp_name(target, ASIDE_SUFFIX)
     os.replace(target, aside)
     try:
         os.replace(built, target)
@@ -546,7 +546,8 @@ def _replace_folder(built: Path, target: Path) -> None:
 def _building(out_path: Path):
     """A fresh temporary folder beside ``out_path``; on success it replaces ``out_path``, on failure it goes."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    built = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    sweep_litter(out_path)
+    built = temp_name(out_path)
     try:
         yield built
         _replace_folder(built, out_path)

@@ -15,11 +15,14 @@ import scipy.sparse as sp
 
 from .. import keys
 from .errors import InputError
-from .read import counts_matrix, find_coordinates, read_h5ad
+from .read import counts_matrix, find_coordinates, labelled, read_h5ad
 from .slide import read_slide_adata
 
 MIN_SHARED_FRACTION = 0.10
 MIN_CELLS_PER_TYPE = 25
+# The torch engines hold counts in float32, whose integers are exact up to 2**24; a single gene in a single spot
+# never reaches that many UMIs, so a larger value is a summed or corrupt matrix, not counts.
+MAX_COUNT = 2**24
 
 
 @dataclass
@@ -77,10 +80,19 @@ def _load(
         return None
 
 
-def _check_counts(x: sp.csr_matrix, where: str, report: ValidationReport, layer: str | None):
+def _check_counts(x: sp.csr_matrix, where: str, report: ValidationReport, layer: str | None, counts: bool = True):
+    """Values every method refuses (NaN, infinite) and, when ``counts`` is needed, what raw UMI counts cannot be."""
     src = f"layers['{layer}']" if layer else "X"
     data = x.data
     if data.size == 0:
+        return
+    if data.dtype.kind not in "biuf":
+        report.add(
+            "non_numeric_counts",
+            where,
+            f"{src} holds {data.dtype} values, not numbers.",
+            "store raw integer counts in X (or name a counts layer).",
+        )
         return
     finite = np.isfinite(data)
     if not finite.all():
@@ -92,6 +104,8 @@ def _check_counts(x: sp.csr_matrix, where: str, report: ValidationReport, layer:
             f"{src} holds {n_nan} NaN and {n_inf} infinite value(s).",
             "use raw integer counts; replace missing values with 0 or drop those spots/genes.",
         )
+    if not counts:
+        return
     vals = data[finite]
     n_neg = int((vals < 0).sum())
     if n_neg:
@@ -109,6 +123,46 @@ def _check_counts(x: sp.csr_matrix, where: str, report: ValidationReport, layer:
             f"{src} holds {n_frac} non-integer value(s); the data look normalised or log-transformed.",
             "use raw UMI counts (adata.raw or a 'counts' layer), or pass --layer counts.",
         )
+    n_huge = int((vals > MAX_COUNT).sum())
+    if n_huge:
+        report.add(
+            "huge_counts",
+            where,
+            f"{src} holds {n_huge} value(s) above {MAX_COUNT:,} (largest {vals.max():.4g}): no gene reaches that "
+            "many UMIs in one spot or cell.",
+            "check that the matrix holds raw UMI counts per spot and gene, not sums over samples or a damaged value.",
+        )
+
+
+def _check_numi(adata: ad.AnnData, column: str | None, totals: np.ndarray, where: str, report: ValidationReport):
+    """The library-size column the engines divide by, when the file has one: finite and positive where counted."""
+    if not column or column not in adata.obs:
+        return
+    try:
+        values = np.asarray(adata.obs[column], dtype=float)
+    except (TypeError, ValueError):
+        report.add(
+            "bad_numi",
+            where,
+            f"obs[{column!r}] (the total UMI per observation) is not numeric.",
+            "fix or drop the column, or pass --numi-col none to use the row sums (--ref-numi-col for the reference).",
+        )
+        return
+    bad = ~np.isfinite(values) | ((values <= 0) & (totals > 0))
+    if bad.any():
+        report.add(
+            "bad_numi",
+            where,
+            f"obs[{column!r}] (the total UMI per observation) is missing, infinite or not positive for "
+            f"{int(bad.sum())} observation(s) that have counts.",
+            "fix or drop the column, or pass --numi-col none to use the row sums (--ref-numi-col for the reference).",
+        )
+
+
+def empty_spots(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
+    """Spots whose counts are all zero: every method leaves them out, and they come back as NaN rows."""
+    x = counts_matrix(adata, layer)
+    return np.asarray(abs(x).sum(axis=1)).ravel() == 0
 
 
 def _check_names(adata: ad.AnnData, where: str, report: ValidationReport):
@@ -134,9 +188,18 @@ def validate(
     min_cells_per_type: int = MIN_CELLS_PER_TYPE,
     min_shared_fraction: float = MIN_SHARED_FRACTION,
     slide_options: dict | None = None,
+    numi_column: str | None = keys.NUMI,
+    reference_numi_column: str | None = keys.NUMI,
+    counts: bool = True,
 ) -> ValidationReport:
     """Check a slide (AnnData, .h5ad, Space Ranger / Xenium folder, SpatialData .zarr) and optionally its
-    reference; never modifies either. ``slide_options`` go to :func:`..io.slide.read_slide` (table, bin_size)."""
+    reference; never modifies either. ``slide_options`` go to :func:`..io.slide.read_slide` (table, bin_size).
+
+    This is the one check that ``validate``, ``run``, ``perturb train``, the widgets and the API go through.
+    ``counts=False`` (perturbation training, which takes normalised expression) skips the checks that only raw
+    counts must pass (negative, non-integer, huge values) and the warning about spots without counts. Spots with
+    no counts at all are a warning: the runs leave them out and keep them in the output as NaN rows.
+    """
     report = ValidationReport()
     sp_name = os.path.basename(str(spatial)) if not isinstance(spatial, ad.AnnData) else "spatial"
     ref_name = (
@@ -148,97 +211,15 @@ def validate(
     rdata = _load(reference, ref_name, report)
 
     if sdata is not None:
-        report.summary["spatial"] = {"n_spots": int(sdata.n_obs), "n_genes": int(sdata.n_vars)}
-        try:
-            found = find_coordinates(sdata, coord_key)
-        except InputError as exc:
-            report.add("shape_mismatch" if "shape" in exc.problem else exc.code, sp_name, exc.problem, exc.fix or "")
-            found = ("bad", None)
-        if found is None:
-            if rdata is None and cell_type_col in sdata.obs:
-                msg = "has no spot coordinates but has a cell-type column: it looks like a reference, not a slide."
-            else:
-                msg = "has no spot coordinates (looked in obsm 'spatial', 'X_spatial', 'spatial_loc' and obs x/y)."
-            report.add(
-                "missing_coordinates",
-                sp_name,
-                f"the spatial file {msg}",
-                "store coordinates in obsm['spatial'] (spots x 2) or name them with --coords.",
-            )
-        elif found[1] is not None:
-            coords = found[0]
-            if not np.isfinite(coords).all():
-                report.add(
-                    "nan_coordinates",
-                    sp_name,
-                    f"{int((~np.isfinite(coords)).any(axis=1).sum())} spot(s) have NaN coordinates.",
-                    "drop those spots or fix their coordinates.",
-                )
-        try:
-            sx = counts_matrix(sdata, layer)
-        except InputError as exc:
-            report.add(exc.code, sp_name, exc.problem, exc.fix or "")
-            sx = None
-        if sx is not None:
-            if sx.shape != (sdata.n_obs, sdata.n_vars):
-                report.add(
-                    "shape_mismatch",
-                    sp_name,
-                    f"counts are {sx.shape} but the file has {sdata.n_obs} spots x {sdata.n_vars} genes.",
-                    "rewrite the file so X matches obs and var.",
-                )
-            _check_counts(sx, sp_name, report, layer)
-            totals = np.asarray(abs(sx).sum(axis=1)).ravel()
-            n_empty = int((totals == 0).sum())
-            if n_empty:
-                report.add(
-                    "empty_spots",
-                    sp_name,
-                    f"{n_empty} of {sdata.n_obs} spot(s) have no counts at all.",
-                    "drop them first: adata = adata[adata.X.sum(axis=1) > 0].copy().",
-                )
-            report.summary["spatial"]["median_umi"] = float(np.median(totals)) if totals.size else 0.0
-        _check_names(sdata, sp_name, report)
-
+        _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts)
     if rdata is not None:
-        report.summary["reference"] = {"n_cells": int(rdata.n_obs), "n_genes": int(rdata.n_vars)}
-        if cell_type_col not in rdata.obs:
-            report.add(
-                "unknown_cell_type_col",
-                ref_name,
-                f"the reference has no obs column {cell_type_col!r}; its columns are "
-                f"{list(map(str, rdata.obs.columns))}.",
-                "pass --cell-type-col with the column that holds the cell-type labels.",
-            )
-        else:
-            vc = rdata.obs[cell_type_col].astype(str).value_counts()
-            small = vc[vc < min_cells_per_type]
-            report.summary["reference"]["n_types"] = int(vc.size)
-            if vc.size < 2:
-                report.add(
-                    "too_few_types",
-                    ref_name,
-                    f"the reference has {vc.size} cell type(s) in {cell_type_col!r}.",
-                    "use a reference with at least two labelled cell types.",
-                )
-            if len(small):
-                listed = ", ".join(f"{k} ({v})" for k, v in small.items())
-                report.add(
-                    "small_cell_types",
-                    ref_name,
-                    f"{len(small)} cell type(s) have fewer than {min_cells_per_type} cells: {listed}.",
-                    "merge or drop them, or lower the minimum (--cell-min); they would be dropped from the fit.",
-                )
-        try:
-            rx = counts_matrix(rdata, reference_layer)
-            _check_counts(rx, ref_name, report, reference_layer)
-        except InputError as exc:
-            report.add(exc.code, ref_name, exc.problem, exc.fix or "")
-        _check_names(rdata, ref_name, report)
+        _check_reference(
+            rdata, ref_name, report, cell_type_col, reference_layer, reference_numi_column, min_cells_per_type
+        )
 
-    if sdata is not None and rdata is not None:
+    if sdata is not None and rdata is not None and sdata.n_vars and rdata.n_vars:
         shared = np.intersect1d(np.asarray(sdata.var_names, dtype=str), np.asarray(rdata.var_names, dtype=str)).size
-        denom = min(sdata.n_vars, rdata.n_vars) or 1
+        denom = min(sdata.n_vars, rdata.n_vars)
         report.summary["shared_genes"] = int(shared)
         if shared / denom < min_shared_fraction:
             report.add(
@@ -250,3 +231,152 @@ def validate(
                 "use gene symbols (or Ensembl ids) in both var_names, and the same species.",
             )
     return report
+
+
+def _check_shape(adata: ad.AnnData, where: str, report: ValidationReport, rows: str) -> bool:
+    """Zero rows or zero genes: nothing else can be checked or fitted."""
+    if adata.n_obs == 0:
+        report.add(
+            f"no_{rows}",
+            where,
+            f"the file has no {rows} (0 x {adata.n_vars}).",
+            f"check that the right file was given and that a filter did not remove every {rows[:-1]}.",
+        )
+    if adata.n_vars == 0:
+        report.add(
+            "no_genes",
+            where,
+            f"the file has no genes ({adata.n_obs} x 0).",
+            "check that the right file was given and that a filter did not remove every gene.",
+        )
+    return adata.n_obs > 0 and adata.n_vars > 0
+
+
+def _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts):
+    report.summary["spatial"] = {"n_spots": int(sdata.n_obs), "n_genes": int(sdata.n_vars)}
+    try:
+        found = find_coordinates(sdata, coord_key)
+    except InputError as exc:
+        report.add("shape_mismatch" if "shape" in exc.problem else exc.code, sp_name, exc.problem, exc.fix or "")
+        found = ("bad", None)
+    if found is None:
+        if rdata is None and cell_type_col in sdata.obs:
+            msg = "has no spot coordinates but has a cell-type column: it looks like a reference, not a slide."
+        else:
+            msg = "has no spot coordinates (looked in obsm 'spatial', 'X_spatial', 'spatial_loc' and obs x/y)."
+        report.add(
+            "missing_coordinates",
+            sp_name,
+            f"the spatial file {msg}",
+            "store coordinates in obsm['spatial'] (spots x 2) or name them with --coords.",
+        )
+    elif found[1] is not None:
+        coords = found[0]
+        if not np.isfinite(coords).all():
+            report.add(
+                "nan_coordinates",
+                sp_name,
+                f"{int((~np.isfinite(coords)).any(axis=1).sum())} spot(s) have NaN or infinite coordinates "
+                f"(in {found[1]}).",
+                "drop those spots or fix their coordinates.",
+            )
+    if not _check_shape(sdata, sp_name, report, "spots"):
+        _check_names(sdata, sp_name, report)
+        return
+    try:
+        sx = counts_matrix(sdata, layer)
+    except InputError as exc:
+        report.add(exc.code, sp_name, exc.problem, exc.fix or "")
+        sx = None
+    if sx is not None:
+        if sx.shape != (sdata.n_obs, sdata.n_vars):
+            report.add(
+                "shape_mismatch",
+                sp_name,
+                f"counts are {sx.shape} but the file has {sdata.n_obs} spots x {sdata.n_vars} genes.",
+                "rewrite the file so X matches obs and var.",
+            )
+        _check_counts(sx, sp_name, report, layer, counts)
+        if sx.data.dtype.kind in "biuf":
+            totals = np.asarray(abs(sx).sum(axis=1), dtype=float).ravel()
+            n_empty = int((totals == 0).sum())
+            if n_empty == sdata.n_obs:
+                report.add(
+                    "no_counts",
+                    sp_name,
+                    f"all {n_empty} spot(s) have no counts at all.",
+                    "check that X (or --layer) holds the counts.",
+                )
+            elif n_empty and counts:
+                report.add(
+                    "empty_spots",
+                    sp_name,
+                    f"{n_empty} of {sdata.n_obs} spot(s) have no counts at all; they are left out of the fit "
+                    "and kept in the result as NaN rows.",
+                    "nothing to do, or drop them first: adata = adata[adata.X.sum(axis=1) > 0].copy().",
+                    severity="warning",
+                )
+            report.summary["spatial"]["median_umi"] = float(np.median(totals))
+            if counts:
+                _check_numi(sdata, numi_column, totals, sp_name, report)
+    _check_names(sdata, sp_name, report)
+
+
+def _check_reference(rdata, ref_name, report, cell_type_col, reference_layer, numi_column, min_cells_per_type):
+    report.summary["reference"] = {"n_cells": int(rdata.n_obs), "n_genes": int(rdata.n_vars)}
+    has_shape = _check_shape(rdata, ref_name, report, "cells")
+    if cell_type_col not in rdata.obs:
+        report.add(
+            "unknown_cell_type_col",
+            ref_name,
+            f"the reference has no obs column {cell_type_col!r}; its columns are {list(map(str, rdata.obs.columns))}.",
+            "pass --cell-type-col with the column that holds the cell-type labels.",
+        )
+    elif has_shape:
+        labels = rdata.obs[cell_type_col]
+        ok = labelled(labels)
+        vc = labels[ok].astype(str).value_counts()
+        report.summary["reference"]["n_types"] = int(vc.size)
+        if not ok.any():
+            report.add(
+                "no_cell_types",
+                ref_name,
+                f"the column {cell_type_col!r} holds no cell types: all {rdata.n_obs} value(s) are missing or blank.",
+                "pass --cell-type-col with the column that holds the cell-type labels, or label the cells.",
+            )
+        else:
+            if not ok.all():
+                report.add(
+                    "unlabelled_cells",
+                    ref_name,
+                    f"{int((~ok).sum())} of {rdata.n_obs} cell(s) have a missing or blank {cell_type_col!r}; they "
+                    "are left out of the reference.",
+                    "nothing to do, or label them.",
+                    severity="warning",
+                )
+            if vc.size < 2:
+                report.add(
+                    "too_few_types",
+                    ref_name,
+                    f"the reference has {vc.size} cell type(s) in {cell_type_col!r}.",
+                    "use a reference with at least two labelled cell types.",
+                )
+            small = vc[vc < min_cells_per_type]
+            if len(small):
+                listed = ", ".join(f"{k} ({v})" for k, v in small.items())
+                report.add(
+                    "small_cell_types",
+                    ref_name,
+                    f"{len(small)} cell type(s) have fewer than {min_cells_per_type} cells: {listed}.",
+                    "merge or drop them, or lower the minimum (--cell-min); they would be dropped from the fit.",
+                )
+    if has_shape:
+        try:
+            rx = counts_matrix(rdata, reference_layer)
+            _check_counts(rx, ref_name, report, reference_layer)
+            if rx.data.dtype.kind in "biuf":
+                totals = np.asarray(abs(rx).sum(axis=1), dtype=float).ravel()
+                _check_numi(rdata, numi_column, totals, ref_name, report)
+        except InputError as exc:
+            report.add(exc.code, ref_name, exc.problem, exc.fix or "")
+    _check_names(rdata, ref_name, report)

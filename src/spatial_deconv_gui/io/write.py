@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import shutil
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,13 @@ import pandas as pd
 
 from .. import __version__, keys
 from ..colors import FILTERED_COLOR, FILTERED_LABEL, cell_type_palette, palette_from_uns
+from .errors import InputError
 
 # uns: a categorical column's categories in colour order (keys.CELL_TYPE_NAMES for the cell-type column)
 NAMES_SUFFIX = "_names"
+
+# Entries of a model state in uns (DestVI's) with one row per spot; the state's other arrays are weights.
+PER_SPOT_STATE = ("gamma_modes", "mode_weights")
 
 if TYPE_CHECKING:  # io stays upstream of engines: results are duck-typed here
     from ..engines.base import DeconvResult
@@ -103,24 +108,167 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
     return out
 
 
+def _full_rows(value, kept: np.ndarray, barcodes: np.ndarray):
+    """``value`` (one row per fitted spot) with a row for every spot; the others filled as RCTD fills the spots it
+    filters out: NaN, False, 0 (-1 in a 2-D integer table of indices), "filtered" for labels."""
+    n = len(barcodes)
+    if isinstance(value, pd.DataFrame):
+        return value.set_axis(barcodes[kept], axis=0).reindex(barcodes)
+    if isinstance(value, pd.Series):
+        value = value.to_numpy()
+    if isinstance(value, pd.Categorical):
+        cats = list(value.categories) + ([FILTERED_LABEL] if FILTERED_LABEL not in value.categories else [])
+        full = np.full(n, FILTERED_LABEL, dtype=object)
+        full[kept] = np.asarray(value, dtype=object)
+        return pd.Categorical(full, categories=cats)
+    arr = np.asarray(value)
+    if arr.ndim == 0 or arr.shape[0] != len(kept):
+        return value
+    kind = arr.dtype.kind
+    if kind == "f":
+        fill = np.nan
+    elif kind == "b":
+        fill = False
+    elif kind in "iu":
+        fill = -1 if arr.ndim == 2 and kind == "i" else 0
+    elif kind == "c":
+        fill = np.nan
+    else:
+        arr = arr.astype(object)
+        fill = FILTERED_LABEL
+    full = np.full((n, *arr.shape[1:]), fill, dtype=arr.dtype)
+    full[kept] = arr
+    return full
+
+
+def restore_dropped_spots(result: DeconvResult, kept: np.ndarray, barcodes) -> DeconvResult:
+    """A result fitted on the spots ``kept`` (indices into ``barcodes``, the whole slide) with a row for every spot;
+    the left-out spots get NaN proportions, so they read as filtered. A model state in ``uns`` (a dict holding
+    ``barcodes``, as DestVI's) gets every spot's barcode and NaN rows in its per-spot entries, so its spot
+    positions match the slide's."""
+    import dataclasses
+
+    barcodes = np.asarray(barcodes, dtype=str)
+    kept = np.asarray(kept)
+    props = np.full((len(barcodes), result.proportions.shape[1]), np.nan)
+    props[kept] = result.proportions
+    uns = {}
+    for name, value in result.uns.items():
+        if isinstance(value, dict) and "barcodes" in value:
+            value = {
+                k: barcodes if k == "barcodes" else _full_rows(v, kept, barcodes) if k in PER_SPOT_STATE else v
+                for k, v in value.items()
+            }
+        uns[name] = value
+    return dataclasses.replace(
+        result,
+        proportions=props,
+        obs={k: _full_rows(v, kept, barcodes) for k, v in result.obs.items()},
+        obsm={k: _full_rows(v, kept, barcodes) for k, v in result.obsm.items()},
+        uns=uns,
+    )
+
+
+# Temporary names beside a target: ".<name>.<pid>-<random><suffix>"; the pid tells a later run whether the writer
+# is gone (killed mid-write), so that its litter can be swept without touching a live concurrent writer's file.
+_TEMP_MARK = ".sdgtmp"
+# a previous output renamed aside while its replacement moves in (folders: .zarr); put back if the writer died
+ASIDE_SUFFIX = ".old"
+
+
+def temp_name(path: Path, suffix: str = "") -> Path:
+    """A fresh temporary sibling of ``path``, named after this process so :func:`sweep_litter` can judge it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TEMP_MARK}{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_litter(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that writers of ``path`` left when they were killed (their process is gone); a
+    previous output that a killed writer had renamed aside comes back when nothing took its place."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(prefix) or _TEMP_MARK not in name:
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            if name.endswith(_TEMP_MARK + ASIDE_SUFFIX) and not os.path.lexists(path):
+                os.replace(entry.path, path)
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output whose folder cannot be created or written, or that is a folder."""
+    path = Path(path)
+    if path.is_dir() and path.suffix != ".zarr":
+        raise InputError(f"the output {path} is a folder.", "name a file, e.g. OUT.h5ad.", code="bad_output")
+    folder = path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(
+            f"the output folder {folder} cannot be created: {existing} is not a folder.",
+            "choose an output in a folder you can write to.",
+            code="output_not_writable",
+        )
+    # try it: permission bits do not tell (root, read-only mounts, ACLs, network file systems)
+    probe = existing / f".sdg-write-probe.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as exc:
+        raise InputError(
+            f"the output folder {existing} is not writable ({exc.strerror or type(exc).__name__}).",
+            "choose an output in a folder you can write to (or fix its permissions).",
+            code="output_not_writable",
+        ) from exc
+    probe.unlink(missing_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temp path beside ``path``; on success it replaces ``path`` in one rename, on failure it goes.
 
-    The temp file gets the permissions a plain ``open()`` would give (mkstemp's are owner-only).
+    A writer killed outright (SIGKILL, power loss) cannot clean up: its temporary is swept by the next writer of
+    ``path``. The writer creates the temporary itself, so it gets the permissions a plain ``open()`` gives.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    sweep_litter(path)
+    tmp = temp_name(path, suffix)
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
             os.unlink(tmp)
 
 

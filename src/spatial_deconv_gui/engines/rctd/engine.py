@@ -15,7 +15,7 @@ import torch
 from ... import keys
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
-from ..devices import torch_device
+from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
 from .likelihood import build_tables
@@ -324,16 +324,20 @@ def _run(
 
     control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
     lo = 0
+    tried = [min(batch, n_fit_px)]
     while lo < n_fit_px:
         control.check_cancel()
         hi = min(lo + batch, n_fit_px)
         try:
             run_batch(lo, hi)
-        except torch.cuda.OutOfMemoryError:
-            if batch <= 1:
+        except Exception as exc:
+            if not is_out_of_memory(exc):
                 raise
             torch.cuda.empty_cache()
-            batch = max(1, batch // 2)
+            if hi - lo <= 1:
+                raise DeviceOutOfMemory.after("RCTD", device, tried) from exc
+            batch = max(1, (hi - lo) // 2)
+            tried.append(batch)
             warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning, stacklevel=2)
             continue
         control.report(

@@ -13,10 +13,12 @@ rows a run needs, and cache the result on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,18 +262,47 @@ def _sigma_key(sigma: float) -> str:
 
 def _cache_path(cache_dir: Path, sigma: float) -> Path:
     tag = hashlib.sha1(f"{_TABLE_VERSION}:{_sigma_key(sigma)}".encode()).hexdigest()[:10]
-    return cache_dir / f"{_TABLE_VERSION}_sigma{_sigma_key(sigma)}_{tag}.npy"
+    return cache_dir / f"{_TABLE_VERSION}_sigma{_sigma_key(sigma)}_{tag}.npz"
+
+
+def _digest(table: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(table, dtype=np.float64).tobytes()).hexdigest()
 
 
 def _load_cached(cache_dir: Path, sigma: float, n_rows: int) -> np.ndarray | None:
+    """The cached table when it is whole and ours: read without pickles, its checksum, sigma and shape checked.
+
+    A truncated, altered or foreign file is named in a warning, removed and computed again (it is only a cache).
+    """
     p = _cache_path(cache_dir, sigma)
     if not p.exists():
         return None
     try:
-        arr = np.load(p, mmap_mode=None)
-    except Exception:  # a torn or foreign file is just a cache miss
+        with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            arr = np.asarray(z["table"])
+            ok = (
+                str(z["version"]) == _TABLE_VERSION
+                and _sigma_key(float(z["sigma"])) == _sigma_key(sigma)
+                and arr.dtype == np.float64
+                and arr.ndim == 2
+                and arr.shape[1] == len(lambda_grid())
+                and str(z["sha256"]) == _digest(arr)
+            )
+    except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise many types for a torn or foreign file
+        ok, arr = False, None
+        why = f"unreadable: {type(exc).__name__}"
+    else:
+        why = "its checksum, sigma or shape do not match its content"
+    if not ok:
+        warnings.warn(
+            f"RCTD: the cached likelihood table {p} is damaged ({why}); computing it again.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        with contextlib.suppress(OSError):
+            p.unlink()
         return None
-    if arr.ndim != 2 or arr.shape[0] < n_rows or arr.shape[1] != len(lambda_grid()):
+    if arr.shape[0] < n_rows:
         return None
     return arr[:n_rows]
 
@@ -280,10 +311,21 @@ def _store_cached(cache_dir: Path, sigma: float, table: np.ndarray) -> None:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         p = _cache_path(cache_dir, sigma)
+        table = np.ascontiguousarray(table, dtype=np.float64)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, table)
-        os.replace(tmp, p)  # atomic, so concurrent runs never read half a file
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    table=table,
+                    sha256=np.str_(_digest(table)),
+                    sigma=np.float64(sigma),
+                    version=np.str_(_TABLE_VERSION),
+                )
+            os.replace(tmp, p)  # atomic, so concurrent runs never read half a file
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     except OSError:
         pass  # caching is an optimisation only
 

@@ -1,0 +1,258 @@
+"""Outputs are whole or absent (issue #20, items 2 and 6): a `spatial-deconv run` killed with SIGKILL at any point
+leaves nothing at the output path and no litter a rerun trips over; two runs writing one output leave one whole
+file; an output that is an input, or in a folder that cannot be written, is refused before any work.
+
+The kills are real SIGKILLs of a child process, sent by the child itself at chosen points (after reading the
+inputs, inside the engine, after the temporary file is written but before its rename, half-way through writing
+it), so each point is hit every time rather than by timing luck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from test_input_faults import make_pair
+
+from spatial_deconv_gui import api
+from spatial_deconv_gui.cli import main
+from spatial_deconv_gui.figures import result_figure
+from spatial_deconv_gui.io import InputError
+from spatial_deconv_gui.io.write import sweep_litter, temp_name, write_h5ad_atomic, write_text_atomic
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Runs the CLI in a child that SIGKILLs itself at POINT: "validated" (inputs read and checked), "engine" (first
+# progress event of the fit), "written" (temporary file complete, rename not yet done), "half" (temporary file
+# half written), "csv" (the .h5ad is in place, the CSV's temporary is written). "sleep-written" waits 1.5 s
+# between writing the temporary and renaming it (for two runs to overlap), "none" runs normally.
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    point, argv = sys.argv[1], sys.argv[2:]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    import anndata as ad
+    from spatial_deconv_gui import api
+    from spatial_deconv_gui.engines import base
+    from spatial_deconv_gui.io import write
+
+    if point == "validated":
+        real_validate = api.validate
+        def validate(*a, **k):
+            report = real_validate(*a, **k)
+            die()
+        api.validate = validate
+    if point == "engine":
+        real_report = base.RunControl.report
+        def report(self, stage, fraction, *a, **k):
+            die()
+        base.RunControl.report = report
+    real_write = ad.AnnData.write_h5ad
+    def write_h5ad(self, path, *a, **k):
+        real_write(self, path, *a, **k)
+        if point == "written":
+            die()
+        if point == "half":
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) // 2)
+            die()
+        if point == "sleep-written":
+            time.sleep(1.5)
+    ad.AnnData.write_h5ad = write_h5ad
+    if point == "csv":
+        real_text = write.write_text_atomic
+        def write_text_atomic(text, path):
+            with write.atomic_path(path) as tmp:
+                tmp.write_text(text)
+                die()
+        write.write_text_atomic = write_text_atomic
+
+    from spatial_deconv_gui.cli import main
+    sys.exit(main(argv))
+    """
+)
+
+
+def run_child(point: str, *argv, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, point, *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def run_args(spatial, reference, out, *extra):
+    return ["run", spatial, reference, "--method", "flash", "--output", out, "--quiet", "--n-threads", "1", *extra]
+
+
+def litter(folder: Path, out: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.mark.parametrize("point", ["validated", "engine", "written", "half"])
+def test_sigkill_leaves_nothing_at_the_output_and_a_rerun_succeeds(small_pair_files, tmp_path, point):
+    s, r = small_pair_files
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (s, r)]
+    out = tmp_path / "res" / "out.h5ad"
+    code, _, err = run_child(point, *run_args(s, r, out))
+    assert code == -signal.SIGKILL, err
+    assert not out.exists()
+    if point in ("written", "half"):  # a killed writer cannot clean up after itself ...
+        assert len(litter(out.parent, out)) == 1
+    code, _, err = run_child("none", *run_args(s, r, out))
+    assert code == 0, err
+    back = ad.read_h5ad(out)
+    props = back.obsm["flash_proportions"].to_numpy()
+    np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)
+    assert litter(out.parent, out) == []  # ... the next writer of the same output sweeps its temporary
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in (s, r)] == digests  # inputs untouched
+
+
+def test_sigkill_while_writing_the_csv_keeps_the_previous_csv(small_pair_files, tmp_path):
+    s, r = small_pair_files
+    out, csv = tmp_path / "out.h5ad", tmp_path / "props.csv"
+    csv.write_text("previous\n")
+    code, _, err = run_child("csv", *run_args(s, r, out, "--csv", csv))
+    assert code == -signal.SIGKILL, err
+    assert csv.read_text() == "previous\n" and len(litter(tmp_path, csv)) == 1
+    code, _, err = run_child("none", *run_args(s, r, out, "--csv", csv))
+    assert code == 0, err
+    assert csv.read_text().startswith(",") and litter(tmp_path, csv) == []
+
+
+def test_two_runs_writing_one_output_leave_one_whole_file(small_pair_files, tmp_path):
+    s, r = small_pair_files
+    out = tmp_path / "out.h5ad"
+    # two different answers, so the file shows whose it is; both hold their temporary for 1.5 s before renaming
+    runs = [
+        run_child("sleep-written", *run_args(s, r, out, "--rho-sparsity", rho), wait=False) for rho in ("0.01", "0.2")
+    ]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(litter(tmp_path, out)) < 2 and all(p.poll() is None for p in runs):
+        time.sleep(0.05)
+    overlapped = len(litter(tmp_path, out)) == 2  # both temporaries were there at once (and neither was swept)
+    results = [p.communicate(timeout=600) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], [e for _, e in results]
+    assert overlapped
+    back = ad.read_h5ad(out)
+    assert float(back.uns["flash"]["parameters"]["rho_sparsity"]) in (0.01, 0.2)
+    np.testing.assert_allclose(back.obsm["flash_proportions"].to_numpy().sum(axis=1), 1.0, atol=1e-9)
+    assert litter(tmp_path, out) == []
+
+
+def test_sweep_spares_a_live_writer_and_restores_an_output_set_aside(tmp_path):
+    out = tmp_path / "store.zarr"
+    live = temp_name(out)  # ours: this process is alive
+    live.mkdir()
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead_pid.stdout)
+    dead = tmp_path / f".{out.name}.{pid}-deadbeef.sdgtmp"
+    dead.mkdir()
+    aside = tmp_path / f".{out.name}.{pid}-cafecafe.sdgtmp.old"  # a killed writer had moved the old output aside
+    aside.mkdir()
+    (aside / "marker").write_text("previous output")
+    removed = sweep_litter(out)
+    assert removed == [dead] and live.exists()
+    assert (out / "marker").read_text() == "previous output" and not aside.exists()
+
+
+def test_output_equal_to_an_input_is_refused_before_any_work(small_pair_files, capsys, monkeypatch):
+    s, r = small_pair_files
+    digest = hashlib.sha256(s.read_bytes()).hexdigest()
+
+    def no_work(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(api, "run_deconvolution", no_work)
+    for target in (s, r):
+        assert main(["run", str(s), str(r), "--method", "flash", "--output", str(target)]) == 2
+        assert "is (inside) one of the inputs" in capsys.readouterr().err
+    assert main(["run", str(s), str(r), "--method", "flash", "-o", str(s.with_suffix(".x.h5ad")), "--csv", str(r)]) == 2
+    assert "is (inside) one of the inputs" in capsys.readouterr().err
+    assert hashlib.sha256(s.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("where", ["unwritable", "under_a_file", "a_folder"])
+def test_output_that_cannot_be_written_is_refused_before_any_work(
+    small_pair_files, tmp_path, capsys, monkeypatch, where
+):
+    s, r = small_pair_files
+    if where == "unwritable":
+        target = Path("/sys/result.h5ad")  # refuses new files even to root, unlike a chmod-ed folder
+        if os.access("/sys", os.W_OK) and not Path("/sys/kernel").exists():
+            pytest.skip("no read-only /sys here")
+        phrase = "is not writable"
+    elif where == "under_a_file":
+        target = s / "result.h5ad"
+        phrase = "is not a folder"
+    else:
+        target = tmp_path / "folder.h5ad"
+        target.mkdir()
+        phrase = "is a folder"
+
+    def no_work(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(api, "run_deconvolution", no_work)
+    assert main(["run", str(s), str(r), "--method", "flash", "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Fix:" in err and "Traceback" not in err
+
+
+def test_save_result_into_an_unwritable_folder_is_an_input_error(small_pair):
+    slide, _ = small_pair
+    with pytest.raises(InputError) as err:
+        api.save_result(slide, "/sys/result.h5ad")
+    assert err.value.code == "output_not_writable"
+
+
+def test_a_failed_write_removes_its_temporary(small_pair, tmp_path, monkeypatch):
+    slide, _ = small_pair
+
+    def boom(self, path, **kw):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_h5ad_atomic(slide, tmp_path / "out.h5ad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_names_with_slashes_dots_spaces_and_unicode_stay_inside_the_files(tmp_path):
+    # cell types and genes are written as data inside the .h5ad, CSV and PNG, never as file names
+    slide, reference = make_pair(3, 20, 24, 3, 10)
+    names = {"T0": "../evil", "T1": "a/b", "T2": "T cell ü"}
+    reference.obs["cell_type"] = pd.Categorical(reference.obs["cell_type"].map(names))
+    genes = ["../g0", "g/1", "ü gene", *slide.var_names[3:]]
+    slide.var_names, reference.var_names = genes, genes
+    run = api.run_deconvolution(slide, reference, "flash", params={"n_threads": 1})
+    folder = tmp_path / "results"
+    api.save_result(run.adata, folder / "out.h5ad")
+    write_text_atomic(run.adata.obsm["flash_proportions"].to_csv(), folder / "out.csv")
+    result_figure(run.adata, "flash", folder / "out.png")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out.csv", "out.h5ad", "out.png", "results"]
+    back = ad.read_h5ad(folder / "out.h5ad")
+    assert sorted(back.obsm["flash_proportions"].columns) == sorted(names.values())
+    assert list(back.var_names[:3]) == genes[:3]
+    assert sorted(pd.read_csv(folder / "out.csv", index_col=0).columns) == sorted(names.values())
