@@ -322,3 +322,80 @@ def test_huge_count_is_refused_by_every_entry_point(small_pair, tmp_path, capsys
     err_text = capsys.readouterr().err
     assert code == 2 and "above 16,777,216" in err_text and "Traceback" not in err_text
     assert not (tmp_path / "s_flash.h5ad").exists()
+
+
+# ---- one validation path: run, perturb train and the API all go through io.validate -----------------------
+
+
+@pytest.fixture(scope="module")
+def grn_tissue(tmp_path_factory):
+    from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
+
+    folder = tmp_path_factory.mktemp("grn")
+    tissue = simulate_grn_tissue(n_cells=120, seed=2)
+    return tissue, write_simulated_priors(tissue, folder)
+
+
+@pytest.mark.parametrize(
+    "fault, code",
+    [
+        ("nan_count", "nan_counts"),
+        ("no_cells", "no_spots"),
+        ("duplicated_cell", "duplicated_obs_names"),
+        ("nan_coordinate", "nan_coordinates"),
+    ],
+)
+def test_perturb_train_refuses_through_the_same_validation(grn_tissue, tmp_path, monkeypatch, capsys, fault, code):
+    from spatial_deconv_gui import perturb_api
+    from spatial_deconv_gui.perturb_cli import main as perturb_main
+
+    tissue, priors = grn_tissue
+    bad = tissue.copy()
+    if fault == "nan_count":
+        x = np.asarray(bad.X.toarray() if sp.issparse(bad.X) else bad.X, dtype=float)
+        x[3, 2] = np.nan
+        bad.X = x
+    elif fault == "no_cells":
+        bad = bad[:0].copy()
+    elif fault == "duplicated_cell":
+        bad.obs_names = [bad.obs_names[1], *bad.obs_names[1:]]
+    else:
+        bad.obsm[keys.SPATIAL] = np.asarray(bad.obsm[keys.SPATIAL], dtype=float)
+        bad.obsm[keys.SPATIAL][4, 0] = np.nan
+    calls = []
+    real_validate = perturb_api.validate
+    monkeypatch.setattr(perturb_api, "validate", lambda *a, **k: calls.append(k) or real_validate(*a, **k))
+    with pytest.raises(InputError) as err:
+        perturb_api.train_model(bad, priors["grn_prior"], priors["lr_prior"], "cluster", tmp_path / "model")
+    assert err.value.code == code and calls and calls[0]["counts"] is False
+    assert not (tmp_path / "model").exists()  # refused before any work
+    path = tmp_path / "bad.h5ad"
+    bad.write_h5ad(path)
+    argv = ["perturb", "train", str(path), "--grn", priors["grn_prior"], "--lr", priors["lr_prior"]]
+    rc = perturb_main([*argv, "--cluster-col", "cluster", "--out", str(tmp_path / "model2"), "--quiet"])
+    text = capsys.readouterr().err
+    assert rc == 2 and "Fix:" in text and "Traceback" not in text
+    assert not (tmp_path / "model2").exists()
+
+
+def test_run_goes_through_the_same_validation(small_pair, monkeypatch):
+    calls = []
+    real_validate = api.validate
+    monkeypatch.setattr(api, "validate", lambda *a, **k: calls.append(a) or real_validate(*a, **k))
+    slide, reference = small_pair
+    api.run_deconvolution(slide, reference, "flash", params={"n_threads": 1})
+    assert len(calls) == 1 and calls[0][0] is slide and calls[0][1] is reference
+
+
+def test_a_truncated_reference_is_one_clear_error_in_run(small_pair_files, tmp_path, capsys):
+    from spatial_deconv_gui.cli import main
+
+    s, r = small_pair_files
+    cut = tmp_path / "cut.h5ad"
+    data = r.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out.h5ad"
+    code = main(["run", str(s), str(cut), "--method", "flash", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cut.h5ad is an HDF5 file but not a readable AnnData" in err
+    assert "Traceback" not in err and not out.exists()
