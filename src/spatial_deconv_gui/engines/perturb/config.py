@@ -65,9 +65,9 @@ class TrainConfig:
         default=0.0,
         metadata={
             "help": (
-                "a modulator is left out of a cluster's model when its TF (TF terms) or receptor (LR terms) is "
-                "expressed in fewer than this fraction of the cluster's cells (0: only never-expressed ones, "
-                "which cannot enter a model anyway)"
+                "a modulator is left out of a cluster's model when its term (TF expression; received ligand x "
+                "receptor; received ligand x TF) is non-zero in fewer than this fraction of the cluster's cells (0: "
+                "only terms that are zero throughout, which cannot enter a model anyway)"
             )
         },
     )

@@ -158,22 +158,17 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
 
 
-def expressed_features(
-    expr_m: np.ndarray, gi: dict, clusters: np.ndarray, cluster_names, tf_genes, lr_pairs, tfl_pairs, min_fraction
-) -> np.ndarray:
-    """(C, F) whether each feature counts as expressed in each cluster: a TF / TF-ligand feature when its TF,
-    an LR feature when its receptor, is above ``FILTER_MIN`` in at least ``min_fraction`` of the cluster's cells
-    (the ligand is received from the neighbourhood, so its own expression in the cluster does not decide)."""
-    genes = list(tf_genes) + [b for _, b in lr_pairs] + [b for _, b in tfl_pairs]
-    cols = np.array([gi[g] for g in genes], dtype=np.int64)
-    out = np.ones((len(cluster_names), cols.size), dtype=bool)
-    if min_fraction <= 0 or cols.size == 0:
+def expressed_features(Phi: np.ndarray, clusters: np.ndarray, cluster_names, min_fraction: float) -> np.ndarray:
+    """(C, F) whether each feature counts as expressed in each cluster: non-zero (above ``FILTER_MIN``) in at
+    least ``min_fraction`` of the cluster's cells. A TF term is its TF's expression, an LR term the received
+    ligand times the receptor, so an LR pair whose receptor is off in the cluster is not expressed there."""
+    out = np.ones((len(cluster_names), Phi.shape[1]), dtype=bool)
+    if min_fraction <= 0 or Phi.shape[1] == 0:
         return out
-    on = expr_m[:, cols] > FILTER_MIN
     for k, c in enumerate(cluster_names):
         m = clusters == c
         if m.any():
-            out[k] = on[m].mean(axis=0) >= min_fraction
+            out[k] = (np.abs(Phi[m]) > FILTER_MIN).mean(axis=0) >= min_fraction
     return out
 
 
@@ -273,9 +268,7 @@ def _fit_targets(
         for t in todo
     }
     Phi = np.hstack([expr_m[:, [gi[g] for g in tf_genes]], phi_pairs])
-    expressed = expressed_features(
-        expr_m, gi, clusters, cluster_names, tf_genes, lr_pairs, tfl_pairs, cfg.min_expressed_fraction
-    )
+    expressed = expressed_features(Phi, clusters, cluster_names, cfg.min_expressed_fraction)
     C = len(cluster_names)
     masks = [clusters == c for c in cluster_names]
     n_cells = np.array([int(m.sum()) for m in masks], dtype=np.int64)
