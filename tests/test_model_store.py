@@ -154,7 +154,7 @@ def test_resume_refits_only_the_targets_of_a_lost_shard(sim, trained, tmp_path):
     assert "perturb train" in info.value.fix and "resumes" in info.value.fix
     events = []
     _train(sim, out, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
-    refit = [e.message for e in events if e.stage == "training" and e.message not in ("", "done")]
+    refit = [e.message.split(" (")[0] for e in events if e.stage == "training" and e.message not in ("", "done")]
     assert refit == lost and len(lost) == 5
     for p in shards:
         if p != victim:
@@ -178,7 +178,7 @@ def test_half_trained_folder_is_refused_and_resumable(sim, trained, tmp_path):
     assert f"{n} of {n} targets written" in info.value.problem and "resumes" in info.value.fix
     events = []
     _train(sim, out, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
-    assert [e.message for e in events if e.stage == "training" and e.message not in ("", "done")] == []
+    assert [e.message.split(" (")[0] for e in events if e.stage == "training" and e.message not in ("", "done")] == []
     assert last in md.read_manifest(out)[md.STORE_CHECKSUMS]  # the whole shard was adopted
     _assert_same_model(load_model(trained), load_model(out))
 
@@ -210,7 +210,7 @@ def test_store_not_matching_the_manifest_is_refused_then_repaired_by_resume(sim,
     assert shard.name in info.value.problem and "perturb train" in info.value.fix
     events = []
     _train(sim, out, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
-    refit = [e.message for e in events if e.stage == "training" and e.message not in ("", "done")]
+    refit = [e.message.split(" (")[0] for e in events if e.stage == "training" and e.message not in ("", "done")]
     assert len(refit) == 5
     _assert_same_model(load_model(trained), load_model(out), atol=1e-12)
 
@@ -226,6 +226,6 @@ def test_old_layout_half_trained_folder_resumes_into_the_store(sim, trained, tmp
     md.write_manifest(old, man)
     events = []
     _train(sim, old, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
-    assert [e.message for e in events if e.stage == "training" and e.message not in ("", "done")] == gone
+    assert [e.message.split(" (")[0] for e in events if e.stage == "training" and e.message not in ("", "done")] == gone
     assert md.read_manifest(old)["format_version"] == 3 and not list((old / md.COEFS).glob("*.csv"))
     _assert_same_model(load_model(trained), load_model(old), atol=1e-12)

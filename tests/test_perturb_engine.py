@@ -185,7 +185,7 @@ def test_resume_skips_finished_genes_and_reports_progress(sim, tmp_path):
     md.coef_path(out, victim).unlink()
     events = []
     man2 = _train(sim, out, problems_per_batch=3, control=RunControl(events.append, max_rate=0))
-    trained_now = [e.message for e in events if e.stage == "training" and e.message not in ("", "done")]
+    trained_now = [e.message.split(" (")[0] for e in events if e.stage == "training" and e.message not in ("", "done")]
     assert trained_now == [victim]
     assert man2["status"] == "complete"
     for t in targets:

@@ -45,6 +45,7 @@ __all__ = [
     "PerturbStep",
     "impute_expression",
     "train_model",
+    "train_model_dir",
     "load_model",
     "run_perturbation",
     "perturbation_steps",
@@ -177,11 +178,114 @@ def train_model(
     :func:`..io.slide.read_slide` opens, with ``slide_options``) into the folder ``out``.
 
     ``grn``/``lr``/``tfl`` are prior tables (paths or DataFrames). ``params`` override :class:`TrainConfig`
-    fields (``radius``, ``contact_radius``, ``radius_rule``, ``l1_reg``, ...). ``radius_rule='pair'`` (default)
-    receives each ligand-receptor pair's ligand at that pair's radius (secreted or contact), ``'ligand'`` at the
-    radius of the ligand's first pair (SpaceTravLR's rule). Training resumes in an existing folder trained on
-    the same data and settings (finished genes are skipped). Returns the loaded model.
+    fields (``radius``, ``contact_radius``, ``radius_rule``, ``l1_reg``, ``max_ligands``, ...).
+    ``radius_rule='pair'`` (default) receives each ligand-receptor pair's ligand at that pair's radius
+    (secreted or contact), ``'ligand'`` at the radius of the ligand's first pair (SpaceTravLR's rule). Training
+    resumes in an existing folder trained on the same data and settings (finished genes are skipped).
+    Returns the model, built from what training computed (the folder is not read back).
     """
+    built: dict = {}
+    manifest = train_model_dir(
+        spatial,
+        grn,
+        lr,
+        cluster_col,
+        out,
+        tfl=tfl,
+        layer=layer,
+        coord_key=coord_key,
+        targets=targets,
+        impute=impute,
+        config=config,
+        grn_columns=grn_columns,
+        lr_columns=lr_columns,
+        lr_resource=lr_resource,
+        tfl_columns=tfl_columns,
+        overwrite=overwrite,
+        progress=progress,
+        control=control,
+        slide_options=slide_options,
+        built=built,
+        **params,
+    )
+    return model_from_training(out, manifest, built)
+
+
+def model_from_training(out, manifest: dict, built: dict) -> PerturbModel:
+    """The model a training run just wrote, from the arrays it kept (``train(..., built=...)``): the same
+    object :func:`load_model` would read from the folder. Only store shards of an earlier, resumed run are
+    read from disk."""
+    from .engines.perturb import model_dir as md
+    from .engines.perturb.perturb import StoreTables, coefficients_from_store, model_from_coefficients
+
+    out = Path(out)
+    kept = built.get("stores", {})
+    parts = []
+    for key, want in manifest[md.STORE_CHECKSUMS].items():
+        if key in kept:
+            parts.append(kept[key])
+            continue
+        got = md.file_sha256(out / key)
+        if got != want:
+            raise InputError(
+                f"{out}: the coefficient store part {key} changed during training.",
+                "run the same training command again.",
+                code="bad_model_dir",
+            )
+        parts.append(md.read_shard(out / key))
+    store = md.concat_stores(parts)
+    targets = [str(t) for t in manifest["targets"]]
+    genes = list(built["genes"])
+    cluster_names = [str(c) for c in manifest["clusters"]]
+    coefficients = coefficients_from_store(genes, cluster_names, targets, store)
+    model = model_from_coefficients(
+        manifest,
+        genes,
+        built["expr"],
+        built["coords"],
+        built["clusters"],
+        coefficients,
+        StoreTables(store, targets),
+        path=out,
+        obsm=built.get("obsm"),
+        obs_names=built.get("obs_names"),
+    )
+    W = built.get("received")
+    if W is None and (out / md.RECEIVED).exists():
+        W = np.load(out / md.RECEIVED)
+    if W is not None and "received_ligands_mode" in manifest:
+        names = [(str(a), float(r)) for a, r in manifest["received_channels"]]
+        if W.shape == (len(built["expr"]), len(names)):
+            model.received_cache = (names, W, manifest["received_ligands_mode"])
+    return model
+
+
+def train_model_dir(
+    spatial,
+    grn,
+    lr,
+    cluster_col: str,
+    out: str | os.PathLike,
+    *,
+    tfl=None,
+    layer: str | None = None,
+    coord_key: str | None = None,
+    targets=None,
+    impute: bool = False,
+    config: TrainConfig | None = None,
+    grn_columns: tuple | None = None,
+    lr_columns: tuple | None = None,
+    lr_resource: str | None = None,
+    tfl_columns: tuple | None = None,
+    overwrite: bool = False,
+    progress=None,
+    control: RunControl | None = None,
+    slide_options: dict | None = None,
+    built: dict | None = None,
+    **params,
+) -> dict:
+    """:func:`train_model` without building the model: writes the folder and returns its manifest (what the
+    command line needs). ``built`` receives the arrays of the run (see ``engines.perturb.train.train``)."""
     ctl = _control(control, progress)
     adata = _adata(spatial, slide_options)
     # the one input check of every entry point; the model takes normalised expression, so counts need not be raw
@@ -205,8 +309,15 @@ def train_model(
     grn_df, lr_df, tfl_df, sums = _priors_frames(grn, lr, tfl, grn_columns, lr_columns, lr_resource, tfl_columns)
     var = list(map(str, adata.var_names))
     vset = set(var)
+    prior_genes = {"GRN": set(map(str, grn_df.tf)) | set(map(str, grn_df.target))}
+    if lr_df is not None:
+        prior_genes["ligand-receptor table"] = set(map(str, lr_df.ligand)) | set(map(str, lr_df.receptor))
+    if tfl_df is not None:
+        prior_genes["ligand-TF table"] = set(map(str, tfl_df.ligand)) | set(map(str, tfl_df.tf))
+    _priors.check_prior_overlap(var, prior_genes)
     if targets is not None:
         targets = [str(t) for t in targets]
+        _check_targets(targets, var, grn_df)
     needed = set(grn_df.tf) | set(grn_df.target if targets is None else targets)
     if lr_df is not None:
         needed |= set(lr_df.ligand) | set(lr_df.receptor)
@@ -219,6 +330,7 @@ def train_model(
             "check the species and the gene symbols of the prior tables.",
             code="no_overlap",
         )
+    _check_cluster_sizes(clusters, cluster_col, cfg.min_cells)
     if impute:
         X_all, where = expression_matrix(adata, layer=layer)
         keep = adata.var_names.get_indexer(genes)
@@ -238,7 +350,7 @@ def train_model(
         and np.issubdtype(np.asarray(v).dtype, np.number)
         and k.lower().startswith(("x_umap", "umap", "x_tsne"))
     }
-    _train(
+    return _train(
         X,
         genes,
         coords,
@@ -260,8 +372,46 @@ def train_model(
         obsm=obsm,
         obs_names=list(map(str, adata.obs_names)),
         overwrite=overwrite,
+        built=built,
     )
-    return _load_model(out)
+
+
+def _listing(names, limit: int = 30) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_targets(targets: list[str], var: list[str], grn_df: pd.DataFrame) -> None:
+    """A targets list naming genes the slide does not measure: every one of them, with the spelling the slide
+    uses when only the case differs."""
+    vset = set(var)
+    unknown = [t for t in dict.fromkeys(targets) if t not in vset]
+    if not unknown:
+        return
+    by_upper = {}
+    for v in var:
+        by_upper.setdefault(v.upper(), v)
+    hints = [f"{t} (the slide has {by_upper[t.upper()]})" for t in unknown if t.upper() in by_upper]
+    raise InputError(
+        f"{len(unknown)} of the {len(set(targets))} target genes are not measured on the slide: "
+        f"{_listing(unknown)}." + (f" Spelled differently on the slide: {_listing(hints, 10)}." if hints else ""),
+        "remove them from the targets file, or fix their spelling (gene symbols are case-sensitive).",
+        code="unknown_gene",
+    )
+
+
+def _check_cluster_sizes(clusters: np.ndarray, cluster_col: str, min_cells: int) -> None:
+    """Every cluster too small for its lasso: refuse (a model of nothing). Some: training names them (see
+    ``engines.perturb.train``)."""
+    names, counts = np.unique(clusters, return_counts=True)
+    if len(names) and (counts < min_cells).all():
+        raise InputError(
+            f"every {cluster_col!r} cluster has fewer than min_cells = {min_cells} cells "
+            f"({', '.join(f'{n}: {c}' for n, c in zip(names, counts))}): no gene can get a model.",
+            "use a coarser cluster column, or lower --min-cells.",
+            code="clusters_too_small",
+        )
 
 
 def load_model(path: str | os.PathLike) -> PerturbModel:

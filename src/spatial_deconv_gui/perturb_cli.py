@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import keys
@@ -105,7 +106,7 @@ def _progress(quiet: bool):
 
     def cb(event):
         print(
-            f"\r{event.stage:<18} {100 * event.fraction:5.1f}% {event.message[:40]:<40}",
+            f"\r{event.stage:<18} {100 * event.fraction:5.1f}% {event.message[:60]:<60}",
             end="",
             file=sys.stderr,
             flush=True,
@@ -125,12 +126,9 @@ def _read_lines(path) -> list[str]:
     return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
 
 
-def _cmd_train(args) -> int:
-    from . import perturb_api as api
-
-    params = given_options(args, TrainConfig)
-    targets = _read_lines(args.targets) if args.targets else None
-    model = api.train_model(
+def _train_folder(api, args, targets, params) -> dict:
+    # the command prints a summary only: the model is not built (nor read back) after training
+    return api.train_model_dir(
         args.spatial,
         args.grn,
         args.lr,
@@ -149,7 +147,21 @@ def _cmd_train(args) -> int:
         slide_options=slide_options(args),
         **params,
     )
-    man = model.manifest
+
+
+def _cmd_train(args) -> int:
+    from . import perturb_api as api
+
+    params = given_options(args, TrainConfig)
+    targets = _read_lines(args.targets) if args.targets else None
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", UserWarning)
+        man = _train_folder(api, args, targets, params)
+    for note in notes:
+        if "spatial_deconv_gui" in str(note.filename):
+            print(f"note: {note.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(note.message, note.category, note.filename, note.lineno)
     summary = {
         "model_dir": str(args.out),
         "n_cells": man["n_cells"],
@@ -161,6 +173,7 @@ def _cmd_train(args) -> int:
         "radius_rule": man.get("radius_rule", "ligand"),
         "n_received_channels": len(man.get("received_channels", man.get("ligands", []))),
         "train_time_s": man.get("train_time_s"),
+        "small_clusters": man.get("small_clusters", {}),
     }
     if args.json:
         print(json.dumps(summary, indent=2))

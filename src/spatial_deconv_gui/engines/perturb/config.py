@@ -52,6 +52,25 @@ class TrainConfig:
         default=0.01,
         metadata={"help": "LR pairs are used only when the receptor's highest cluster mean expression exceeds this"},
     )
+    max_ligands: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "keep only the ligands of highest mean expression (SpaceTravLR's screen; default: every ligand): "
+                "bounds the design of each gene on slides measured genome-wide"
+            )
+        },
+    )
+    min_expressed_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "a modulator is left out of a cluster's model when its term (TF expression; received ligand x "
+                "receptor; received ligand x TF) is non-zero in fewer than this fraction of the cluster's cells (0: "
+                "only terms that are zero throughout, which cannot enter a model anyway)"
+            )
+        },
+    )
     tf_ligand_cutoff: float = field(
         default=0.01, metadata={"help": "ligand -> TF table: pairs with a lower weight are left out"}
     )

@@ -17,10 +17,25 @@ PAIR_SEP_TFL = "#"
 
 @dataclass
 class TargetModulators:
+    """A target's modulators: its TFs, LR pairs and TF-ligand pairs.
+
+    The LR pairs are held as indices into ``pairs``, the list shared by every target of a run (a target gets
+    all usable pairs but those involving itself: on a whole-transcriptome slide ~1,800 of them, so per-target
+    lists of tuples would cost seconds per run)."""
+
     target: str
     tfs: list[str] = field(default_factory=list)
-    lr: list[tuple[str, str]] = field(default_factory=list)
+    lr_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     tfl: list[tuple[str, str]] = field(default_factory=list)  # (ligand, tf)
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # shared: the run's LR pairs
+
+    @classmethod
+    def from_lists(cls, target, tfs, lr, tfl) -> TargetModulators:
+        return cls(target, list(tfs), np.arange(len(lr), dtype=np.int64), list(tfl), list(lr))
+
+    @property
+    def lr(self) -> list[tuple[str, str]]:
+        return [self.pairs[i] for i in self.lr_index]
 
     @property
     def names(self) -> list[str]:
@@ -32,10 +47,10 @@ class TargetModulators:
 
     @property
     def groups(self) -> np.ndarray:
-        return np.array([TF] * len(self.tfs) + [LR] * len(self.lr) + [TFL] * len(self.tfl), dtype=np.int64)
+        return np.array([TF] * len(self.tfs) + [LR] * len(self.lr_index) + [TFL] * len(self.tfl), dtype=np.int64)
 
     def __len__(self):
-        return len(self.tfs) + len(self.lr) + len(self.tfl)
+        return len(self.tfs) + len(self.lr_index) + len(self.tfl)
 
     @property
     def genes(self) -> set[str]:
@@ -127,6 +142,14 @@ def receptor_levels(expr: np.ndarray, var_names, clusters: np.ndarray, genes) ->
     return dict(zip(genes, out))
 
 
+def ligand_expression_rank(expr: np.ndarray, var_names, ligands) -> list[str]:
+    """``ligands`` by mean expression over all cells, highest first (ties in the given order)."""
+    idx = {g: i for i, g in enumerate(map(str, var_names))}
+    means = np.asarray(expr[:, [idx[g] for g in ligands]].mean(axis=0)).ravel() if len(ligands) else np.zeros(0)
+    order = np.argsort(-means, kind="stable")
+    return [ligands[i] for i in order]
+
+
 def select_modulators(
     var_names,
     targets,
@@ -138,12 +161,15 @@ def select_modulators(
     receptor_thresh: float = 0.01,
     tf_ligand_cutoff: float = 0.01,
     tfl_top: int = 5,
+    max_ligands: int | None = None,
 ) -> tuple[dict[str, TargetModulators], list[str]]:
     """Modulators of every target, and the orphans (targets with none).
 
     TFs: GRN regulators of the target that are measured. LR pairs: both genes measured, the receptor's highest
-    cluster mean above ``receptor_thresh``, neither gene the target itself. TF-ligand pairs (with a ligand->TF
-    table): for each of the target's TFs, its ``tfl_top`` strongest LR ligands with weight > ``tf_ligand_cutoff``.
+    cluster mean above ``receptor_thresh``, neither gene the target itself; with ``max_ligands``, only the pairs
+    of the ``max_ligands`` ligands of highest mean expression (SpaceTravLR's screen of ligands by expression).
+    TF-ligand pairs (with a ligand->TF table): for each of the target's TFs, its ``tfl_top`` strongest LR
+    ligands with weight > ``tf_ligand_cutoff``.
     """
     vs = list(map(str, var_names))
     vset = set(vs)
@@ -155,6 +181,9 @@ def select_modulators(
         if len(lu):
             lev = receptor_levels(expr, vs, clusters, sorted(set(lu.receptor)))
             lu = lu[lu.receptor.map(lambda r: lev[r] > receptor_thresh)]
+            if max_ligands is not None:
+                keep = set(ligand_expression_rank(expr, vs, list(dict.fromkeys(lu.ligand)))[: int(max_ligands)])
+                lu = lu[lu.ligand.isin(keep)]
             pairs = list(dict.fromkeys(zip(lu.ligand, lu.receptor)))
     lr_ligands = list(dict.fromkeys(a for a, _ in pairs))
     tfl_by_tf: dict[str, list[str]] = {}
@@ -162,14 +191,21 @@ def select_modulators(
         t2 = tfl[tfl.ligand.isin(set(lr_ligands)) & tfl.tf.isin(vset) & (tfl.weight > tf_ligand_cutoff)]
         for tf, sub in t2.groupby("tf", sort=False):
             tfl_by_tf[tf] = list(sub.sort_values("weight", ascending=False, kind="stable").ligand[:tfl_top])
+    # pairs involving each gene: a target gets every pair but those
+    involving: dict[str, list[int]] = {}
+    for k, (a, b) in enumerate(pairs):
+        involving.setdefault(a, []).append(k)
+        if b != a:
+            involving.setdefault(b, []).append(k)
+    all_pairs = np.arange(len(pairs), dtype=np.int64)
     out: dict[str, TargetModulators] = {}
     orphans: list[str] = []
     for t in targets:
         t = str(t)
         tfs = [x for x in regs.get(t, []) if x != t]
-        lrp = [(a, b) for a, b in pairs if a != t and b != t]
+        lr_index = np.delete(all_pairs, involving[t]) if t in involving else all_pairs
         tflp = [(lig, tf) for tf in tfs for lig in tfl_by_tf.get(tf, []) if lig != t]
-        m = TargetModulators(t, tfs, lrp, tflp)
+        m = TargetModulators(t, tfs, lr_index, tflp, pairs)
         if len(m) == 0:
             orphans.append(t)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,83 @@ def load_tfl(
     w = df[wcol].astype(float).to_numpy() if wcol is not None else np.ones(len(df))
     out = pd.DataFrame({"ligand": df[lig].astype(str).to_numpy(), "tf": df[tf].astype(str).to_numpy(), "weight": w})
     return out.drop_duplicates(subset=["ligand", "tf"]).reset_index(drop=True), checksum
+
+
+# Below this share of the genes in common (of the smaller gene list: the prior's, or the slide's), training refuses
+# to start: the priors and the slide name genes differently (another species, Ensembl ids against symbols).
+MIN_PRIOR_OVERLAP = 0.05
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def _kind_of_names(names) -> str:
+    """'ensembl', 'upper' (human-style symbols), 'title' (mouse-style symbols) or 'mixed', by majority."""
+    names = [str(n) for n in names][:5000]
+    if not names:
+        return "mixed"
+    n = len(names)
+    if sum(bool(_ENSEMBL.match(x)) for x in names) > 0.5 * n:
+        return "ensembl"
+    letters = [x for x in names if any(c.isalpha() for c in x)]
+    if not letters:
+        return "mixed"
+    if sum(x == x.upper() for x in letters) > 0.8 * len(letters):
+        return "upper"
+    if sum(x[:1].isupper() and x[1:] != x[1:].upper() for x in letters) > 0.6 * len(letters):
+        return "title"
+    return "mixed"
+
+
+def prior_overlap(var_names, tables: dict[str, set[str]]) -> dict[str, tuple[int, int]]:
+    """{prior name: (its genes measured on the slide, its genes)}."""
+    vs = set(map(str, var_names))
+    return {k: (len(g & vs), len(g)) for k, g in tables.items() if g}
+
+
+def check_prior_overlap(var_names, tables: dict[str, set[str]], min_fraction: float = MIN_PRIOR_OVERLAP) -> dict:
+    """Refuse priors that barely name the slide's genes, with the counts and the likely cause; returns the
+    overlap counts (for the run record)."""
+    counts = prior_overlap(var_names, tables)
+    n_var = len(set(map(str, var_names)))
+    # relative to the smaller side: a 300-gene panel names few of a genome-wide prior's genes, and that is fine
+    bad = {k: c for k, c in counts.items() if c[0] < max(1, min_fraction * min(c[1], n_var))}
+    if not bad:
+        return counts
+    var_kind = _kind_of_names(var_names)
+    prior_genes = set().union(*[tables[k] for k in bad])
+    prior_kind = _kind_of_names(sorted(prior_genes))
+    vs_upper = {str(v).upper() for v in var_names}
+    case_hits = sum(g.upper() in vs_upper for g in prior_genes)
+    if var_kind == "ensembl" and prior_kind != "ensembl":
+        cause = (
+            f"the slide's genes are Ensembl ids (e.g. {next(iter(var_names))}) while the priors use gene symbols",
+            "name the slide's genes by symbol (for a Space Ranger slide they are in var['gene_symbols'] or the "
+            "features file), or convert the priors to Ensembl ids.",
+        )
+    elif prior_kind == "ensembl" and var_kind != "ensembl":
+        cause = (
+            "the priors name genes by Ensembl id while the slide uses gene symbols",
+            "use prior tables with gene symbols.",
+        )
+    elif {var_kind, prior_kind} == {"upper", "title"} or case_hits > 2 * max(1, sum(c[0] for c in bad.values())):
+        species = {"upper": "human", "title": "mouse"}
+        cause = (
+            f"the slide's symbols look {species.get(var_kind, 'other')}-style and the priors' "
+            f"{species.get(prior_kind, 'other')}-style ({case_hits} of the priors' genes match when case is "
+            "ignored): the priors are probably for another species",
+            "use the priors of the slide's species (e.g. grn_dorothea_mouse / lr_cellchatdb_mouse for a mouse slide).",
+        )
+    else:
+        cause = (
+            "the priors and the slide name few genes in common",
+            "check that the priors are for this species and use the same gene naming as the slide.",
+        )
+    detail = "; ".join(
+        f"{k}: {c[0]:,} of its {c[1]:,} genes are measured on the slide ({100 * c[0] / c[1]:.1f} %)"
+        for k, c in bad.items()
+    )
+    raise InputError(
+        f"the priors barely match the slide's {len(set(map(str, var_names))):,} genes ({detail}); likely cause: "
+        f"{cause[0]}.",
+        cause[1],
+        code="prior_overlap",
+    )

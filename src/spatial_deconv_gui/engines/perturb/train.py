@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ... import keys
 from ..base import RunControl
 from . import model_dir as md
 from .config import TrainConfig
-from .lasso import fit_sgl_batch
 from .ligands import auto_radius, received_ligands
 from .modulators import (
     PAIR_SEP_LR,
@@ -34,12 +33,24 @@ from .modulators import (
     usable_lr,
 )
 
-_BATCH_ELEMENTS = 24_000_000  # doubles per lasso batch (~200 MB)
 FILTER_MIN = 1e-9  # expression at or below this counts as absent (SpaceTravLR's get_filtered_df)
 
 
 def filtered(x: np.ndarray) -> np.ndarray:
     return np.where(x > FILTER_MIN, x, 0.0)
+
+
+# settings added after models were first written: left out of the settings hash at their defaults, so that a
+# folder trained before they existed still resumes
+_LATER_SETTINGS = {"max_ligands": None, "min_expressed_fraction": 0.0}
+
+
+def settings_config(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    for k, default in _LATER_SETTINGS.items():
+        if d.get(k) == default:
+            d.pop(k, None)
+    return d
 
 
 def data_fingerprint(expr: np.ndarray, var_names, coords: np.ndarray, clusters: np.ndarray) -> str:
@@ -127,6 +138,212 @@ def _resume_store(out_dir, targets: list[str], manifest: dict) -> dict:
     return sums
 
 
+def small_cluster_notice(small: dict, min_cells: int) -> str:
+    listed = ", ".join(f"{c!r} ({k} cells)" for c, k in small.items())
+    return (
+        f"{len(small)} cluster(s) have fewer than min_cells = {min_cells} cells, too few for the lasso: {listed}. "
+        "No gene gets a model there: each keeps its cluster mean and does not respond to a perturbation in those "
+        "cells (lower --min-cells to fit them anyway)."
+    )
+
+
+def _eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+
+
+def expressed_features(Phi: np.ndarray, clusters: np.ndarray, cluster_names, min_fraction: float) -> np.ndarray:
+    """(C, F) whether each feature counts as expressed in each cluster: non-zero (above ``FILTER_MIN``) in at
+    least ``min_fraction`` of the cluster's cells. A TF term is its TF's expression, an LR term the received
+    ligand times the receptor, so an LR pair whose receptor is off in the cluster is not expressed there."""
+    out = np.ones((len(cluster_names), Phi.shape[1]), dtype=bool)
+    if min_fraction <= 0 or Phi.shape[1] == 0:
+        return out
+    for k, c in enumerate(cluster_names):
+        m = clusters == c
+        if m.any():
+            out[k] = (np.abs(Phi[m]) > FILTER_MIN).mean(axis=0) >= min_fraction
+    return out
+
+
+def _store_of_batch(batch, cols_of, names_of_col, cluster_names, n_cells, r2, gated, icpt, coefs) -> md.CoefStore:
+    """The store shard of a batch from its arrays (what ``model_dir.store_from_fits`` builds from per-target
+    tables, without them). ``coefs`` is one (targets x features) matrix per cluster."""
+    lengths = np.array([c.size for c in cols_of], dtype=np.int64)
+    ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate(cols_of) if cols_of else np.zeros(0, np.int64)
+    used = np.unique(flat)
+    vocab, inv = np.unique(names_of_col[used].astype(str), return_inverse=True)
+    code_of_col = np.zeros(names_of_col.size, dtype=np.int32)
+    code_of_col[used] = inv.reshape(-1)
+    T, F = len(batch), names_of_col.size
+    pos = np.full((T, F), -1, dtype=np.int32)
+    rows = np.repeat(np.arange(T), lengths)
+    pos[rows, flat] = (np.arange(flat.size) - ptr[rows]).astype(np.int32)
+    nzt, nzc, nzm, nzv = [], [], [], []
+    for k, coef in enumerate(coefs):
+        r, f = np.nonzero(coef)
+        nzt.append(r)
+        nzc.append(np.full(r.size, k))
+        nzm.append(pos[r, f])
+        nzv.append(coef[r, f])
+    nzt, nzc, nzm, nzv = (np.concatenate(x) if x else np.zeros(0) for x in (nzt, nzc, nzm, nzv))
+    order = np.lexsort((nzm, nzc, nzt))  # grouped by target, then cluster, then modulator position
+    return md.CoefStore(
+        np.array([str(t) for t in batch], dtype=str),
+        np.array([str(c) for c in cluster_names], dtype=str),
+        vocab,
+        ptr,
+        code_of_col[flat].astype(np.int32),
+        n_cells,
+        r2,
+        gated,
+        icpt,
+        nzt[order].astype(np.int32),
+        nzc[order].astype(np.int32),
+        nzm[order].astype(np.int32),
+        nzv[order].astype(np.float64),
+    )
+
+
+def _fit_targets(
+    todo,
+    mods,
+    expr_m,
+    gi,
+    clusters,
+    cluster_names,
+    phi_pairs,
+    lr_pairs,
+    tfl_pairs,
+    cfg,
+    control,
+    out_dir,
+    manifest,
+    n_done,
+    total,
+    stores,
+) -> tuple[float, float]:
+    """Fit the ``todo`` targets batch by batch (one store shard each); returns (fit seconds, design seconds).
+
+    Per cluster the shared design and its Gram matrix are built once for all targets; each batch of targets
+    is then solved by working sets (:func:`solve.fit_cluster_targets`)."""
+    import numba
+
+    from .solve import cluster_design, fit_cluster_targets
+
+    t0 = time.perf_counter()
+    # global modulator columns: genes used as TFs (any target), then the LR pairs, then the TF-ligand pairs
+    tf_genes = sorted({g for t in todo for g in mods[t].tfs}, key=gi.get)
+    tf_col = {g: k for k, g in enumerate(tf_genes)}
+    n_tf, n_lr = len(tf_genes), len(lr_pairs)
+    shared = next(iter(mods.values())).pairs
+    lr_col_of_shared = np.full(len(shared), -1, dtype=np.int64)
+    pair_pos = {p: k for k, p in enumerate(lr_pairs)}
+    for k, p in enumerate(shared):
+        if p in pair_pos:
+            lr_col_of_shared[k] = n_tf + pair_pos[p]
+    tfl_col = {p: n_tf + n_lr + k for k, p in enumerate(tfl_pairs)}
+    names_of_col = np.array(
+        list(tf_genes)
+        + [f"{a}{PAIR_SEP_LR}{b}" for a, b in lr_pairs]
+        + [f"{a}{PAIR_SEP_TFL}{b}" for a, b in tfl_pairs],
+        dtype=object,
+    )
+    col_group = np.array([0] * n_tf + [1] * n_lr + [2] * len(tfl_pairs), dtype=np.int64)
+    cols_of_target = {
+        t: np.concatenate(
+            [
+                np.array([tf_col[g] for g in mods[t].tfs], dtype=np.int64),
+                lr_col_of_shared[mods[t].lr_index],
+                np.array([tfl_col[p] for p in mods[t].tfl], dtype=np.int64),
+            ]
+        )
+        for t in todo
+    }
+    Phi = np.hstack([expr_m[:, [gi[g] for g in tf_genes]], phi_pairs])
+    expressed = expressed_features(Phi, clusters, cluster_names, cfg.min_expressed_fraction)
+    C = len(cluster_names)
+    masks = [clusters == c for c in cluster_names]
+    n_cells = np.array([int(m.sum()) for m in masks], dtype=np.int64)
+    designs = [
+        cluster_design(Phi[m], cfg.standardize) if n_cells[k] >= cfg.min_cells else None for k, m in enumerate(masks)
+    ]
+    gram_s = time.perf_counter() - t0
+    n_threads = max(1, numba.get_num_threads())
+    per_batch = max(1, int(cfg.problems_per_batch) // max(C, 1))
+    t_fit = time.perf_counter()
+    done_now = 0
+    for b0 in range(0, len(todo), per_batch):
+        control.check_cancel()
+        batch = todo[b0 : b0 + per_batch]
+        T = len(batch)
+        cols_of = [cols_of_target[t] for t in batch]
+        allowed = np.zeros((T, Phi.shape[1]), dtype=bool)
+        allowed[np.repeat(np.arange(T), [c.size for c in cols_of]), np.concatenate(cols_of)] = True
+        Y = expr_m[:, [gi[t] for t in batch]]
+        r2 = np.full((T, C), np.nan)
+        gated = np.zeros((T, C), dtype=bool)
+        icpt = np.zeros((T, C))
+        coefs = []
+        for k in range(C):
+            Yk = Y[masks[k]]
+            ym = Yk.mean(axis=0) if n_cells[k] else np.zeros(T)
+            d = designs[k]
+            if d is None:  # too few cells: no model, the gene keeps its cluster mean
+                gated[:, k] = True
+                icpt[:, k] = ym
+                coefs.append(np.zeros((T, Phi.shape[1])))
+                continue
+            Yc = Yk - ym
+            fit = fit_cluster_targets(
+                d,
+                Yc,
+                allowed & expressed[k][None, :],
+                col_group,
+                cfg.l1_reg,
+                cfg.group_reg,
+                cfg.scale_reg,
+                cfg.max_iter,
+                cfg.tol,
+                n_threads=n_threads,
+            )
+            coef = fit.coef
+            resid = Yc - d.P @ coef.T
+            ss_res = (resid * resid).sum(axis=0)
+            ss_tot = (Yc * Yc).sum(axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r2[:, k] = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), 0.0)
+            gate = ~(r2[:, k] >= cfg.r2_threshold)
+            gated[:, k] = gate
+            coef[gate] = 0.0
+            icpt[:, k] = ym - coef @ d.pm
+            coefs.append(coef)
+        store = _store_of_batch(
+            batch, cols_of, names_of_col, cluster_names, np.broadcast_to(n_cells, (T, C)).copy(), r2, gated, icpt, coefs
+        )
+        # one store shard per batch, then the manifest naming it: a kill in between leaves a whole shard
+        # that the next run's scan adopts (see _resume_store)
+        key, sha = md.write_shard(out_dir, store)
+        if stores is not None:
+            stores[key] = store
+        manifest[md.STORE_CHECKSUMS][key] = sha
+        md.write_manifest(out_dir, manifest)
+        # the batch's targets finish together: the time per target so far gives the rest
+        done_now += T
+        eta = _eta((time.perf_counter() - t_fit) / done_now * (len(todo) - done_now))
+        for t in batch:
+            n_done += 1
+            control.report("training", n_done / total, f"{t} ({n_done}/{total} targets, ETA {eta})")
+    return time.perf_counter() - t_fit, gram_s
+
+
 def train(
     expr: np.ndarray,
     var_names,
@@ -144,11 +361,16 @@ def train(
     obsm: dict | None = None,
     obs_names=None,
     overwrite: bool = False,
+    built: dict | None = None,
 ) -> dict:
     """Fit every target and write the model directory; returns the manifest.
 
     ``expr`` is cells x genes (dense, the expression the model should use), ``clusters`` one label per cell.
-    Finished genes of an existing directory trained on the same data and settings are skipped.
+    Finished genes of an existing directory trained on the same data and settings are skipped. ``built``, a
+    dict, receives what the run built so that a caller need not read the folder back: ``stores`` (store
+    shard key -> :class:`model_dir.CoefStore` of the shards written now), ``received`` (cells x channels, or
+    None when nothing was trained now), ``expr`` / ``genes`` / ``coords`` / ``clusters`` / ``obs_names`` /
+    ``obsm`` (what ``data.h5ad`` holds).
     """
     from pathlib import Path
 
@@ -195,18 +417,25 @@ def train(
         tfl=tfl,
         receptor_thresh=cfg.receptor_thresh,
         tf_ligand_cutoff=cfg.tf_ligand_cutoff,
+        max_ligands=cfg.max_ligands,
     )
     trained_targets = [t for t in targets if t in mods]
+    shared_pairs = next(iter(mods.values())).pairs if mods else []
+    used = np.zeros(len(shared_pairs), dtype=bool)
+    for t in trained_targets:
+        used[mods[t].lr_index] = True
+    lr_pairs = [shared_pairs[k] for k in np.flatnonzero(used)]  # first appearance over targets = shared order
+    tfl_pairs = list(dict.fromkeys(p for t in trained_targets for p in mods[t].tfl))
     # model genes: every target and every modulator gene (kept in data.h5ad, the perturbation's gene space)
     gene_set = set(trained_targets)
-    for m in mods.values():
-        gene_set |= m.genes
+    for t in trained_targets:
+        gene_set.update(mods[t].tfs)
+    for a, b in lr_pairs + tfl_pairs:
+        gene_set.update((a, b))
     genes = [g for g in var_names if g in gene_set]
     gi_all = {g: i for i, g in enumerate(var_names)}
     expr_m = np.asarray(expr[:, [gi_all[g] for g in genes]], dtype=np.float64)
     gi = {g: i for i, g in enumerate(genes)}
-    lr_pairs = list(dict.fromkeys(p for m in mods.values() for p in m.lr))
-    tfl_pairs = list(dict.fromkeys(p for m in mods.values() for p in m.tfl))
     ligands = list(dict.fromkeys([a for a, _ in lr_pairs] + [a for a, _ in tfl_pairs]))
     lr_use = usable_lr(lr, var_names) if lr is not None else None
     lrad = ligand_radii(lr_use, radius, contact) if lr is not None else {}
@@ -215,10 +444,14 @@ def train(
     channels, _, _ = received_channels(lr_pairs, tfl_pairs, lr_r, tfl_r)
     cluster_names = list(pd.unique(pd.Series(clusters)))
     cluster_names = sorted(cluster_names)
+    sizes = {c: int((clusters == c).sum()) for c in cluster_names}
+    small = {c: k for c, k in sizes.items() if k < cfg.min_cells}
+    if small:
+        warnings.warn(small_cluster_notice(small, cfg.min_cells), UserWarning, stacklevel=2)
 
     fingerprint = data_fingerprint(expr_m, genes, coords, clusters)
     settings = {
-        "config": cfg.to_dict(),
+        "config": settings_config(cfg),
         "radius": radius,
         "contact_radius": contact,
         "checksums": checksums or {},
@@ -274,6 +507,7 @@ def train(
         "data_fingerprint": fingerprint,
         "data_file": md.DATA,
         "n_modulators": {t: len(mods[t]) for t in trained_targets},
+        "small_clusters": small,
     }
     manifest.update(extra or {})
     if write_data:
@@ -293,6 +527,7 @@ def train(
 
     done = md.finished_genes(out_dir, trained_targets)
     todo = [t for t in trained_targets if t not in done]
+    stores: dict = {}
     total = max(len(trained_targets), 1)
     control.report("received ligands", 0.0, f"{len(ligands)} ligands")
     control.check_cancel()
@@ -321,137 +556,37 @@ def train(
             np.save(tmp, _W)
         manifest["received_ligands_mode"] = choose_mode(n, cfg.ligand_mode)
         control.check_cancel()
-        # global modulator columns: genes used as TFs (any group), then the pair features
-        tf_genes = sorted({g for t in todo for g in mods[t].tfs}, key=gi.get)
-        col_of = {("tf", g): k for k, g in enumerate(tf_genes)}
-        off = len(tf_genes)
-        for k, p in enumerate(lr_pairs):
-            col_of[("lr", p)] = off + k
-        off += len(lr_pairs)
-        for k, p in enumerate(tfl_pairs):
-            col_of[("tfl", p)] = off + k
-        Phi = np.hstack([expr_m[:, [gi[g] for g in tf_genes]], phi_pairs])
-        Y = expr_m[:, [gi[t] for t in todo]]
-        t0 = time.perf_counter()
-        grams = []
-        for c in cluster_names:
-            m = clusters == c
-            nc = int(m.sum())
-            P = torch.as_tensor(Phi[m])
-            Yc = torch.as_tensor(Y[m])
-            pm, ym = P.mean(0), Yc.mean(0)
-            Pc, Ycc = P - pm, Yc - ym
-            grams.append(
-                {
-                    "n": nc,
-                    "A": (Pc.T @ Pc).numpy(),
-                    "C": (Pc.T @ Ycc).numpy(),
-                    "P": Pc.numpy(),
-                    "yy": (Ycc * Ycc).sum(0).numpy(),
-                    "pm": pm.numpy(),
-                    "ym": ym.numpy(),
-                }
-            )
-        timings["gram_s"] = time.perf_counter() - t0
-        cols_of_target = {}
-        for t in todo:
-            mt = mods[t]
-            cols_of_target[t] = np.array(
-                [col_of[("tf", g)] for g in mt.tfs]
-                + [col_of[("lr", p)] for p in mt.lr]
-                + [col_of[("tfl", p)] for p in mt.tfl],
-                dtype=np.int64,
-            )
-        C = len(cluster_names)
-        n_max = max(gr["n"] for gr in grams)
-        p_all = max(len(v) for v in cols_of_target.values())
-        use_data = 2 * n_max < p_all  # fewer cells than modulators: products through the data are cheaper
-        per_problem = (n_max if use_data else p_all) * p_all
-        per_batch = max(1, min(cfg.problems_per_batch, max(1, _BATCH_ELEMENTS // max(per_problem, 1))) // max(C, 1))
-        n_done = len(done)
-        t0 = time.perf_counter()
-        for b0 in range(0, len(todo), per_batch):
-            control.check_cancel()
-            batch = todo[b0 : b0 + per_batch]
-            pmax = max(len(cols_of_target[t]) for t in batch)
-            nb = len(batch) * C
-            Xf = np.zeros((nb, n_max, pmax)) if use_data else None
-            G = None if use_data else np.zeros((nb, pmax, pmax))
-            cv = np.zeros((nb, pmax))
-            nn = np.ones(nb)
-            groups = np.full((nb, pmax), -1, dtype=np.int64)
-            skip = np.zeros(nb, dtype=bool)
-            for i, t in enumerate(batch):
-                cols = cols_of_target[t]
-                p = cols.size
-                yk = b0 + i
-                for k, gr in enumerate(grams):
-                    j = i * C + k
-                    if gr["n"] < cfg.min_cells:
-                        skip[j] = True
-                        continue
-                    if use_data:
-                        Xf[j, : gr["n"], :p] = gr["P"][:, cols]
-                    else:
-                        G[j, :p, :p] = gr["A"][np.ix_(cols, cols)]
-                    cv[j, :p] = gr["C"][cols, yk]
-                    nn[j] = gr["n"]
-                    groups[j, :p] = mods[t].groups
-            res = fit_sgl_batch(
-                None if use_data else G,
-                cv,
-                nn,
-                groups,
-                cfg.l1_reg,
-                cfg.group_reg,
-                cfg.scale_reg,
-                cfg.standardize,
-                cfg.max_iter,
-                cfg.tol,
-                cfg.device if cfg.device != "auto" else None,
-                X=Xf,
-            )
-            fits = []
-            for i, t in enumerate(batch):
-                cols = cols_of_target[t]
-                p = cols.size
-                yk = b0 + i
-                coef = np.zeros((C, p))
-                r2 = np.full(C, np.nan)
-                icpt = np.zeros(C)
-                gated = np.zeros(C, dtype=bool)
-                ncell = np.zeros(C, dtype=int)
-                for k, gr in enumerate(grams):
-                    j = i * C + k
-                    ncell[k] = gr["n"]
-                    if skip[j]:
-                        gated[k] = True
-                        icpt[k] = gr["ym"][yk] if gr["n"] else 0.0
-                        continue
-                    w = res.coef[j, :p]
-                    if use_data:
-                        xw = Xf[j, : gr["n"], :p] @ w
-                        quad = float(xw @ xw)
-                    else:
-                        quad = float(w @ G[j, :p, :p] @ w)
-                    ss_res = gr["yy"][yk] - 2 * cv[j, :p] @ w + quad
-                    ss_tot = gr["yy"][yk]
-                    r2[k] = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-                    if not (r2[k] >= cfg.r2_threshold):
-                        gated[k] = True
-                        w = np.zeros(p)
-                    coef[k] = w
-                    icpt[k] = gr["ym"][yk] - gr["pm"][cols] @ w
-                fits.append((t, ncell, r2, gated, icpt, coef, mods[t].names))
-            # one store shard per batch, then the manifest naming it: a kill in between leaves a whole shard
-            # that the next run's scan adopts (see _resume_store)
-            key, sha = md.write_shard(out_dir, md.store_from_fits(cluster_names, fits))
-            manifest[md.STORE_CHECKSUMS][key] = sha
-            md.write_manifest(out_dir, manifest)
-            for t, *_ in fits:
-                n_done += 1
-                control.report("training", n_done / total, t)
-        timings["lasso_s"] = time.perf_counter() - t0
+        fit_s, gram_s = _fit_targets(
+            todo,
+            mods,
+            expr_m,
+            gi,
+            clusters,
+            cluster_names,
+            phi_pairs,
+            lr_pairs,
+            tfl_pairs,
+            cfg,
+            control,
+            out_dir,
+            manifest,
+            n_done=len(done),
+            total=total,
+            stores=stores,
+        )
+        timings["gram_s"] = gram_s
+        timings["lasso_s"] = fit_s
+    if built is not None:
+        built.update(
+            stores=stores,
+            received=_W if todo else None,
+            expr=expr_m,
+            genes=genes,
+            coords=coords,
+            clusters=clusters,
+            obs_names=[str(o) for o in (obs_names if obs_names is not None else range(n))],
+            obsm={keys.SPATIAL: coords, **{k: np.asarray(v, dtype=np.float64) for k, v in (obsm or {}).items()}},
+        )
     manifest["status"] = "complete"
     manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
     manifest["train_time_s"] = round(time.perf_counter() - t_start, 3)
