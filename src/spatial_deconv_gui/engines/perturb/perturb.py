@@ -73,6 +73,9 @@ class PerturbModel:
     channels: list = field(default_factory=list)  # distinct (ligand, radius) received values, set on init
     lr_channel: np.ndarray | None = None  # channel index of each LR pair / TF-ligand pair
     tfl_channel: np.ndarray | None = None
+    store: md.CoefStore | None = None  # the coefficient store it was loaded from (format 3), else None
+    # Propagators built for this model, by (ligand mode, device, clip): their set-up is paid once per model
+    propagators: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         lrad = dict(zip(self.ligands, np.asarray(self.ligand_radius, dtype=np.float64).tolist()))
@@ -166,15 +169,23 @@ def build_coefficients(genes, cluster_names, coef_tables: dict) -> tuple:
 
 class StoreTables(Mapping):
     """``{target: coefficient table}`` over a coefficient store, each table built when asked for (the same
-    DataFrame the format 1-2 CSV gives); loading never builds them."""
+    DataFrame the format 1-2 CSV gives); loading never builds them. ``read_full`` gives the store with the
+    columns the tables need beyond propagation's (read on the first table asked for)."""
 
-    def __init__(self, store: md.CoefStore, targets: list[str]):
+    def __init__(self, store: md.CoefStore, targets: list[str], read_full=None):
         self.store = store
+        self._read_full = read_full
         row = {t: i for i, t in enumerate(store.targets.tolist())}
         self._row = {t: row[t] for t in targets}
 
     def __getitem__(self, target):
-        return self.store.table(self._row[target])
+        row = self._row[target]
+        if self.store.n_cells is None:
+            full = self._read_full()
+            if full.targets.tolist() != self.store.targets.tolist():
+                raise InputError("the coefficient store changed on disk since the model was loaded.", "load it again.")
+            self.store = full
+        return self.store.table(row)
 
     def __iter__(self):
         return iter(self._row)
@@ -330,7 +341,17 @@ def load_model(path) -> PerturbModel:
     path = Path(path)
     manifest = md.read_manifest(path)
     md.check_loadable(path, manifest)  # newer format or half-trained: say so before reading anything big
-    data = read_h5ad(path / manifest.get("data_file", md.DATA))
+    md.check_files(path, manifest)
+    data_path = path / manifest.get("data_file", md.DATA)
+    try:
+        data = read_h5ad(data_path)
+    except InputError as exc:
+        raise InputError(
+            f"{path}: {data_path.name} cannot be read ({exc.problem})",
+            f"delete {data_path} and run the same 'spatial-deconv perturb train' command again: it rewrites it "
+            "and keeps the fitted targets (training resumes the folder).",
+            code="bad_model_dir",
+        ) from exc
     genes = list(map(str, data.var_names))
     if genes != list(manifest["genes"]):
         raise InputError(
@@ -338,15 +359,17 @@ def load_model(path) -> PerturbModel:
         )
     targets = [str(t) for t in manifest["targets"]]
     cluster_names = [str(c) for c in manifest["clusters"]]
+    store = None
     if md.uses_store(manifest):
-        store = md.read_store(path, manifest)
+        # only the columns propagation needs: the per-target fit statistics are read when a table is asked for
+        store = md.read_store(path, manifest, md.PROPAGATION_COLUMNS)
         if store.clusters.tolist() != cluster_names:
             raise InputError(
                 f"{path}: the coefficient store's clusters do not match the manifest's.",
                 "train the model again.",
                 code="bad_model_dir",
             )
-        tables = StoreTables(store, targets)
+        tables = StoreTables(store, targets, lambda: md.read_store(path, manifest, md.TABLE_COLUMNS))
         coefficients = coefficients_from_store(genes, cluster_names, targets, store)
     else:
         md.notice_old_layout(path, int(manifest.get("format_version", 1)))
@@ -374,6 +397,7 @@ def load_model(path) -> PerturbModel:
         obsm=obsm,
         obs_names=list(map(str, data.obs_names)),
     )
+    model.store = store
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
         W = np.load(rpath)
@@ -574,6 +598,16 @@ class Propagator:
         return out
 
 
+def model_propagator(model: PerturbModel, ligand_mode: str = "exact", device=None, clip: bool = True) -> Propagator:
+    """The model's :class:`Propagator` for these settings, built on first use and kept on the model (a
+    further knockout on the same model then starts propagating at once)."""
+    key = (choose_mode(model.expr.shape[0], ligand_mode), None if device is None else str(device), bool(clip))
+    prop = model.propagators.get(key)
+    if prop is None:
+        prop = model.propagators[key] = Propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
+    return prop
+
+
 def _stack_csr(mats, nrows: int, n_clusters: int):
     """(ptr[k, row], targets, coefficients) of per-cluster CSR matrices stacked into flat arrays."""
     ptr = np.zeros((n_clusters, nrows + 1), dtype=np.int64)
@@ -636,7 +670,7 @@ def iter_perturbation(
     """Yield the simulated delta after each propagation step (the last one has the perturbed genes pinned)."""
     control = control or RunControl()
     delta_in, payload = perturbation_input(model, genes, values, cells)
-    prop = propagator or Propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
+    prop = propagator or model_propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
     X0 = prop.X0
     pin_r, pin_c = np.nonzero(delta_in)
     pin_v = delta_in[pin_r, pin_c]
@@ -689,3 +723,122 @@ def simulate_perturbation(
     for last in iter_perturbation(model, genes, values, cells, n_steps, ligand_mode, device, clip, control):  # noqa: B007 (the last step is the answer)
         pass
     return last.delta
+
+
+USAGE_COLUMNS = (
+    "gene",
+    "in_model",
+    "n_targets",
+    "total_abs_beta",
+    "n_targets_as_tf",
+    "n_targets_as_ligand",
+    "n_targets_as_receptor",
+    "n_candidate_targets",
+)
+
+
+def _modulator_lists(model: PerturbModel) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, slot -> name index, slot -> target index in ``model.targets``) over every target's modulators
+    (those left after the modulator screen, zero coefficients included)."""
+    targets = model.targets
+    store = model.store
+    if store is not None:
+        row_of = {t: i for i, t in enumerate(store.targets.tolist())}
+        rows = np.array([row_of[t] for t in targets], dtype=np.int64)
+        lengths = np.diff(store.mod_ptr)[rows]
+        take = np.repeat(store.mod_ptr[rows] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        take = take + np.arange(int(lengths.sum()))
+        return store.mod_vocab.tolist(), store.mod_code[take].astype(np.int64), np.repeat(np.arange(len(rows)), lengths)
+    names: dict[str, int] = {}
+    code, owner = [], []
+    for i, t in enumerate(targets):
+        for c in model.coef_tables[t].columns:
+            if c.startswith("beta_"):
+                code.append(names.setdefault(c[5:], len(names)))
+                owner.append(i)
+    return list(names), np.asarray(code, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+
+
+def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
+    """How much the model's targets use each of ``genes``, one row per gene (``USAGE_COLUMNS``).
+
+    ``n_targets``: targets with a non-zero coefficient (in any cluster) on a modulator that involves the gene - as a
+    TF, as the ligand or the receptor of a ligand-receptor pair, as the ligand or the TF of a TF-ligand pair;
+    ``total_abs_beta`` sums |coefficient| over those (target, cluster, modulator) entries; ``n_targets_as_*`` split
+    ``n_targets`` by role (a target can count under several); ``n_candidate_targets``: targets that had such a
+    modulator after the modulator screen, zero or not (candidates - n_targets is what the lasso zeroed). A gene
+    with ``n_targets == 0`` moves nothing but itself when knocked out.
+    """
+    genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    gi = {g: i for i, g in enumerate(model.genes)}
+    targets = model.targets
+    tcol = np.array([gi[t] for t in targets], dtype=np.int64)
+    col_to_target = np.full(len(model.genes), -1, dtype=np.int64)
+    col_to_target[tcol] = np.arange(len(targets))
+    # role -> (stacked per-cluster matrices, row of each gene); rows of a gene in pair matrices: pairs it is part of
+    lr_by_gene = {0: {}, 1: {}}
+    for p, pair in enumerate(model.lr_pairs):
+        for side in (0, 1):
+            lr_by_gene[side].setdefault(pair[side], []).append(p)
+    tfl_by_gene = {0: {}, 1: {}}
+    for p, pair in enumerate(model.tfl_pairs):
+        for side in (0, 1):
+            tfl_by_gene[side].setdefault(pair[side], []).append(p)
+    names, slot_code, slot_owner = _modulator_lists(model)
+    involved = [set(parse_modulator(n)[1]) for n in names]
+    rows = []
+    for g in genes:
+        roles = {"tf": set(), "ligand": set(), "receptor": set()}
+        total = 0.0
+
+        def add(mats, sel, role):
+            nonlocal total
+            if not sel:
+                return
+            for m in mats:
+                sub = m[sel]
+                nz = sub.data != 0
+                roles[role].update(col_to_target[sub.indices[nz]].tolist())
+                total += float(np.abs(sub.data[nz]).sum())
+
+        if g in gi:
+            add(model.B_tf, [gi[g]], "tf")
+        add(model.B_lr, lr_by_gene[0].get(g, []), "ligand")
+        add(model.B_lr, lr_by_gene[1].get(g, []), "receptor")
+        add(model.B_tfl, tfl_by_gene[0].get(g, []), "ligand")
+        add(model.B_tfl, tfl_by_gene[1].get(g, []), "tf")
+        used = set().union(*roles.values())
+        used.discard(-1)
+        codes = np.array([k for k, inv in enumerate(involved) if g in inv], dtype=np.int64)
+        n_cand = int(np.unique(slot_owner[np.isin(slot_code, codes)]).size) if codes.size else 0
+        rows.append(
+            (
+                g,
+                g in gi,
+                len(used),
+                total,
+                len(roles["tf"] - {-1}),
+                len(roles["ligand"] - {-1}),
+                len(roles["receptor"] - {-1}),
+                n_cand,
+            )
+        )
+    return pd.DataFrame(rows, columns=list(USAGE_COLUMNS))
+
+
+def usage_notice(row) -> str:
+    """One line saying what a knockout of ``row['gene']`` (a row of :func:`gene_usage`) can move."""
+    g = row["gene"]
+    if not row["in_model"]:
+        return f"{g} is not in the model (not a target or modulator of any target)."
+    if row["n_targets"] == 0:
+        if row["n_candidate_targets"]:
+            return (
+                f"{g} is used by no target's model: it was a candidate modulator of {row['n_candidate_targets']} "
+                "targets and the lasso set all its coefficients to 0; a knockout moves only its own expression."
+            )
+        return f"{g} is used by no target's model (no target has it as a modulator); a knockout moves only itself."
+    return (
+        f"{g} is used by {row['n_targets']} of the model's targets (total |beta| {row['total_abs_beta']:.3g}; "
+        f"candidate modulator of {row['n_candidate_targets']})."
+    )
