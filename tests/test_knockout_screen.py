@@ -198,3 +198,21 @@ def test_cli_separately_writes_the_ranked_table_and_tells_usage_first(trained, t
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert len(summary["notices"]) == 2 and list(ad.read_h5ad(joint).uns["perturb"]["genes"]) == ["Tf0", "Tf2"]
+
+
+def test_a_cpu_knockout_process_does_not_import_torch(trained):
+    """torch costs 1-2 s of a cold `perturb run` and a knockout does not need it on the CPU."""
+    import subprocess
+    import sys
+
+    from spatial_deconv_gui.engines.devices import gpu_driver_visible
+
+    if gpu_driver_visible():
+        pytest.skip("a GPU driver is present: auto asks torch for the device")
+    code = (
+        "import sys; from spatial_deconv_gui import perturb_api as api; "
+        f"r = api.run_perturbation({str(trained)!r}, ['Tf0'], 0.0, steps=2); "
+        "assert abs(r.layers['perturb_delta']).max() > 0; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

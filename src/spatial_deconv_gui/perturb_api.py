@@ -28,13 +28,12 @@ import scipy.sparse as sp
 
 from .engines.base import RunControl
 from .engines.perturb import priors as _priors
+from .engines.perturb.config import TrainConfig
 from .engines.perturb.impute import impute_clusterwise
 from .engines.perturb.perturb import PerturbModel, PerturbStep, iter_perturbation, model_propagator, usage_notice
 from .engines.perturb.perturb import gene_usage as _gene_usage
 from .engines.perturb.perturb import load_model as _load_model
 from .engines.perturb.regrid import regrid as regrid_vectors
-from .engines.perturb.train import TrainConfig
-from .engines.perturb.train import train as _train
 from .engines.perturb.vectors import vector_field
 from .io.errors import InputError
 from .io.perturbed import attach_perturbation, model_cells_adata
@@ -243,6 +242,8 @@ def train_model(
         and np.issubdtype(np.asarray(v).dtype, np.number)
         and k.lower().startswith(("x_umap", "umap", "x_tsne"))
     }
+    from .engines.perturb.train import train as _train  # torch and the lasso: not needed for a knockout
+
     _train(
         X,
         genes,

@@ -331,6 +331,12 @@ def _cmd_upgrade(args) -> int:
                 f"{summary['n_targets']} targets in {summary['store']} ({summary['store_bytes']} bytes)",
                 file=sys.stderr,
             )
+        elif summary.get("file_checksums_recorded"):
+            print(
+                f"{args.model_dir} is already format {summary['format_version']}; recorded the checksums of its "
+                "data files in the manifest",
+                file=sys.stderr,
+            )
         else:
             print(f"{args.model_dir} is already format {summary['format_version']}; nothing to do", file=sys.stderr)
     return EXIT_OK

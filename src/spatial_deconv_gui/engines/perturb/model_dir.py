@@ -518,9 +518,15 @@ def upgrade(model_dir) -> dict:
     if version > FORMAT_VERSION:
         check_loadable(model_dir, manifest)
     if uses_store(manifest):
+        recorded = False
+        if FILE_CHECKSUMS not in manifest and manifest.get("status", "complete") == "complete":
+            check_loadable(model_dir, manifest)
+            write_manifest(model_dir, manifest)  # a store written before file checksums: record them
+            recorded = True
         return {
             "model_dir": str(model_dir),
             "upgraded": False,
+            "file_checksums_recorded": recorded,
             "format_version": version,
             "n_targets": len(manifest.get("targets", [])),
         }

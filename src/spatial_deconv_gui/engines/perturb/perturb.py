@@ -38,9 +38,9 @@ from ... import keys
 from ...io.errors import InputError
 from ..base import RunControl
 from . import model_dir as md
+from .expression import filtered
 from .ligands import choose_mode, received_ligands
 from .modulators import LR, PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, TF, TFL, parse_modulator, received_channels
-from .train import filtered
 
 
 @dataclass
@@ -208,9 +208,19 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     lengths = np.diff(store.mod_ptr)[rows]
     new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     total = int(new_ptr[-1])
-    take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)  # ordered modulator slots
-    codes = store.mod_code[take]
-    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    if rows.size == len(store.targets) and np.array_equal(rows, np.arange(rows.size)):
+        codes = store.mod_code  # the store's order is the targets' (the usual case): no gather
+    else:
+        take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)  # ordered slots
+        codes = store.mod_code[take]
+    # every target lists ~all LR pairs (millions of slots on a whole slide): the vocabulary entries present and
+    # their first slot in O(slots), not by sorting the slots
+    first_all = np.full(len(store.mod_vocab), total, dtype=np.int64)
+    np.minimum.at(first_all, codes, np.arange(total, dtype=np.int64))
+    uniq = np.flatnonzero(first_all < total)
+    first = first_all[uniq]
+    rank = np.full(len(store.mod_vocab), -1, dtype=np.int64)
+    rank[uniq] = np.arange(uniq.size)
     parsed = [parse_modulator(str(u)) for u in store.mod_vocab[uniq]]
     kind = np.array([k for k, _ in parsed], dtype=np.int64)
     row_index = np.zeros(len(uniq), dtype=np.int64)
@@ -231,7 +241,7 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     nz_mod, nz_value = store.nz_mod[keep].astype(np.int64), store.nz_value[keep]
     sort = np.lexsort((nz_mod, nz_order, nz_cluster))
     nz_order, nz_cluster, nz_mod, nz_value = nz_order[sort], nz_cluster[sort], nz_mod[sort], nz_value[sort]
-    slot = inverse.reshape(-1)[new_ptr[nz_order] + nz_mod]
+    slot = rank[codes[new_ptr[nz_order] + nz_mod]]
     nz_kind, nz_row = kind[slot], row_index[slot]
     target_col = np.array([gi[t] for t in targets], dtype=np.int64)[nz_order]
     nonzero = nz_value != 0.0
@@ -737,26 +747,36 @@ USAGE_COLUMNS = (
 )
 
 
-def _modulator_lists(model: PerturbModel) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, slot -> name index, slot -> target index in ``model.targets``) over every target's modulators
-    (those left after the modulator screen, zero coefficients included)."""
+def _candidate_counter(model: PerturbModel):
+    """A function: vocabulary mask -> how many of ``model.targets`` list a modulator in it (after the modulator
+    screen, zero coefficients included), and the vocabulary (names). O(slots) per call, no per-slot index."""
     targets = model.targets
     store = model.store
     if store is not None:
         row_of = {t: i for i, t in enumerate(store.targets.tolist())}
         rows = np.array([row_of[t] for t in targets], dtype=np.int64)
-        lengths = np.diff(store.mod_ptr)[rows]
-        take = np.repeat(store.mod_ptr[rows] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        take = take + np.arange(int(lengths.sum()))
-        return store.mod_vocab.tolist(), store.mod_code[take].astype(np.int64), np.repeat(np.arange(len(rows)), lengths)
-    names: dict[str, int] = {}
-    code, owner = [], []
-    for i, t in enumerate(targets):
-        for c in model.coef_tables[t].columns:
-            if c.startswith("beta_"):
-                code.append(names.setdefault(c[5:], len(names)))
-                owner.append(i)
-    return list(names), np.asarray(code, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+        codes, ptr = store.mod_code, store.mod_ptr
+        names = store.mod_vocab.tolist()
+    else:
+        vocab: dict[str, int] = {}
+        code, lengths = [], []
+        for t in targets:
+            cols = [c[5:] for c in model.coef_tables[t].columns if c.startswith("beta_")]
+            code.extend(vocab.setdefault(c, len(vocab)) for c in cols)
+            lengths.append(len(cols))
+        codes = np.asarray(code, dtype=np.int64)
+        ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        rows = np.arange(len(targets))
+        names = list(vocab)
+
+    def count(mask: np.ndarray) -> int:
+        if not mask.any():
+            return 0
+        hits = np.concatenate([[0], np.cumsum(mask[codes], dtype=np.int64)])
+        per_row = hits[ptr[1:]] - hits[ptr[:-1]]
+        return int((per_row[rows] > 0).sum())
+
+    return names, count
 
 
 def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
@@ -784,7 +804,7 @@ def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
     for p, pair in enumerate(model.tfl_pairs):
         for side in (0, 1):
             tfl_by_gene[side].setdefault(pair[side], []).append(p)
-    names, slot_code, slot_owner = _modulator_lists(model)
+    names, count_candidates = _candidate_counter(model)
     involved = [set(parse_modulator(n)[1]) for n in names]
     rows = []
     for g in genes:
@@ -809,8 +829,7 @@ def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
         add(model.B_tfl, tfl_by_gene[1].get(g, []), "tf")
         used = set().union(*roles.values())
         used.discard(-1)
-        codes = np.array([k for k, inv in enumerate(involved) if g in inv], dtype=np.int64)
-        n_cand = int(np.unique(slot_owner[np.isin(slot_code, codes)]).size) if codes.size else 0
+        n_cand = count_candidates(np.array([g in inv for inv in involved], dtype=bool))
         rows.append(
             (
                 g,
