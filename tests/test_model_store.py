@@ -229,3 +229,102 @@ def test_old_layout_half_trained_folder_resumes_into_the_store(sim, trained, tmp
     assert [e.message.split(" (")[0] for e in events if e.stage == "training" and e.message not in ("", "done")] == gone
     assert md.read_manifest(old)["format_version"] == 3 and not list((old / md.COEFS).glob("*.csv"))
     _assert_same_model(load_model(trained), load_model(old), atol=1e-12)
+
+
+def test_complete_manifest_records_file_checksums_and_a_changed_file_is_named(sim, trained, tmp_path):
+    man = md.read_manifest(trained)
+    assert set(man[md.FILE_CHECKSUMS]) == {md.DATA, md.RECEIVED}
+    for name, sha in man[md.FILE_CHECKSUMS].items():
+        assert sha == md.file_sha256(trained / name)
+    want = simulate_perturbation(load_model(trained), "Tf0", 0.0, n_steps=2)
+    # the received-ligand cache changed: named, and deleting it is enough (knockouts recompute it)
+    out = tmp_path / "m"
+    shutil.copytree(trained, out)
+    W = np.load(out / md.RECEIVED)
+    np.save(out / md.RECEIVED, W * 1.5)
+    with pytest.raises(InputError) as info:
+        load_model(out)
+    assert info.value.code == "bad_model_dir" and md.RECEIVED in info.value.problem
+    assert "checksum" in info.value.problem and f"delete {out / md.RECEIVED}" in info.value.fix
+    (out / md.RECEIVED).unlink()
+    m = load_model(out)
+    assert m.received_cache is None
+    np.testing.assert_allclose(simulate_perturbation(m, "Tf0", 0.0, n_steps=2), want, rtol=0, atol=1e-12)
+    # data.h5ad changed after training: named; the fix (delete it, train again) resumes without refitting
+    out2 = tmp_path / "m2"
+    shutil.copytree(trained, out2)
+    with open(out2 / md.DATA, "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    with pytest.raises(InputError) as info:
+        load_model(out2)
+    assert md.DATA in info.value.problem and "checksum" in info.value.problem
+    assert f"delete {out2 / md.DATA}" in info.value.fix and "keeps the fitted targets" in info.value.fix
+    (out2 / md.DATA).unlink()
+    with pytest.raises(InputError) as info:  # missing altogether
+        load_model(out2)
+    assert f"no {md.DATA}" in info.value.problem and "resumes" in info.value.fix
+    events = []
+    _train(sim, out2, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
+    assert [e.message for e in events if e.stage == "training" and e.message not in ("", "done")] == []
+    np.testing.assert_array_equal(simulate_perturbation(load_model(out2), "Tf0", 0.0, n_steps=2), want)
+
+
+def test_folder_killed_before_its_manifest_is_named_half_written_and_resumes(sim, trained, tmp_path, capsys):
+    out = tmp_path / "m"
+    shutil.copytree(trained, out)
+    kept = md.shard_paths(out)[:2]
+    for p in md.shard_paths(out)[2:]:
+        p.unlink()
+    (out / md.MANIFEST).unlink()
+    with pytest.raises(InputError) as info:
+        load_model(out)
+    assert info.value.code == "model_incomplete" and "half-written" in info.value.problem
+    assert "no manifest.json" in info.value.problem and "resumes" in info.value.fix
+    # through the CLI: exit 2 and the same words
+    assert perturb_main(["perturb", "run", str(out), "--gene", "Tf0", "-o", str(tmp_path / "x.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "half-written" in err and "perturb train" in err
+    n_kept = sum(len(md.read_shard(p).targets) for p in kept)
+    events = []
+    _train(sim, out, targets_per_batch=5, control=RunControl(events.append, max_rate=0))
+    refit = [e.message for e in events if e.stage == "training" and e.message not in ("", "done")]
+    assert len(refit) == len(md.read_manifest(trained)["targets"]) - n_kept
+    _assert_same_model(load_model(trained), load_model(out), atol=1e-12)
+
+
+def test_cli_reports_each_bad_folder_with_exit_2(trained, tmp_path, capsys):
+    newer = tmp_path / "newer"
+    shutil.copytree(trained, newer)
+    man = md.read_manifest(newer)
+    man["format_version"] = md.FORMAT_VERSION + 1
+    md.write_manifest(newer, man)
+    half = tmp_path / "half"
+    shutil.copytree(trained, half)
+    man = md.read_manifest(half)
+    man["status"] = "training"
+    md.write_manifest(half, man)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    md.shard_paths(bad)[0].write_bytes(b"not a shard")
+    for folder, words in (
+        (newer, ["model format 4", "cannot resume"]),
+        (half, ["half-trained model", "resumes the folder"]),
+        (bad, ["does not match the manifest's checksum", "resumes the folder"]),
+    ):
+        assert perturb_main(["perturb", "run", str(folder), "--gene", "Tf0", "-o", str(tmp_path / "x.h5ad")]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (folder.name, err)
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_cli_old_layout_notice_is_one_line(trained, tmp_path, capsys):
+    old = tmp_path / "old"
+    _write_old_layout(trained, old)
+    assert (
+        perturb_main(["perturb", "run", str(old), "--gene", "Tf0", "--steps", "1", "-o", str(tmp_path / "x.h5ad")]) == 0
+    )
+    err = capsys.readouterr().err
+    notice = [ln for ln in err.splitlines() if "perturb upgrade" in ln]
+    assert len(notice) == 1 and notice[0].startswith("notice: ") and "format 2 model folder" in notice[0]
+    assert "UserWarning" not in err

@@ -7,6 +7,10 @@
 * :func:`run_perturbation` - knock out / overexpress genes, propagate, and return an AnnData copy with
   ``layers['perturb_delta']``, ``obsm['perturb_vectors']``, ``obsm['perturb_grid_vectors']`` and
   ``uns['perturb']``. :func:`perturbation_steps` yields each propagation step for streaming.
+* :func:`gene_usage` - how many targets use each gene, with what total |coefficient| (before a knockout:
+  a gene no target uses moves nothing but itself); :func:`usage_notices` says it in one line per gene.
+* :func:`knockout_screen` - each gene knocked out on its own with one loaded model, one row per gene of a
+  Δ summary ranked by effect.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ import scipy.sparse as sp
 
 from .engines.base import RunControl
 from .engines.perturb import priors as _priors
+from .engines.perturb.config import TrainConfig
 from .engines.perturb.impute import impute_clusterwise
-from .engines.perturb.perturb import PerturbModel, PerturbStep, Propagator, iter_perturbation
+from .engines.perturb.perturb import PerturbModel, PerturbStep, iter_perturbation, model_propagator, usage_notice
+from .engines.perturb.perturb import gene_usage as _gene_usage
 from .engines.perturb.perturb import load_model as _load_model
 from .engines.perturb.regrid import regrid as regrid_vectors
-from .engines.perturb.train import TrainConfig
-from .engines.perturb.train import train as _train
 from .engines.perturb.vectors import vector_field
 from .io.errors import InputError
 from .io.perturbed import attach_perturbation, model_cells_adata
@@ -49,6 +53,10 @@ __all__ = [
     "load_model",
     "run_perturbation",
     "perturbation_steps",
+    "gene_usage",
+    "usage_notices",
+    "knockout_screen",
+    "SCREEN_COLUMNS",
     "regrid_vectors",
 ]
 
@@ -350,6 +358,8 @@ def train_model_dir(
         and np.issubdtype(np.asarray(v).dtype, np.number)
         and k.lower().startswith(("x_umap", "umap", "x_tsne"))
     }
+    from .engines.perturb.train import train as _train  # torch and the lasso: not needed for a knockout
+
     return _train(
         X,
         genes,
@@ -492,7 +502,15 @@ def perturbation_steps(
         model = load_model(model)
     idx, _ = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
     yield from iter_perturbation(
-        model, genes, values, idx, steps, ligand_mode, device, control=_control(control, progress)
+        model,
+        genes,
+        values,
+        idx,
+        steps,
+        ligand_mode,
+        device,
+        control=_control(control, progress),
+        propagator=model_propagator(model, ligand_mode=ligand_mode, device=device),
     )
 
 
@@ -540,7 +558,7 @@ def run_perturbation(
     idx, scope = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
     genes_l = [genes] if isinstance(genes, str) else list(genes)
     vals = [float(values)] * len(genes_l) if np.isscalar(values) else [float(v) for v in values]
-    prop = Propagator(model, ligand_mode=ligand_mode, device=device)
+    prop = model_propagator(model, ligand_mode=ligand_mode, device=device)
     last = None
     for st in iter_perturbation(model, genes_l, vals, idx, steps, ligand_mode, device, control=ctl, propagator=prop):
         last = st
@@ -583,3 +601,126 @@ def run_perturbation(
     }
     ctl.report("vectors", 1.0, "done")
     return out
+
+
+def gene_usage(model, genes) -> pd.DataFrame:
+    """How much the model uses each of ``genes`` (one row per gene), to tell before a knockout whether it can
+    move anything: ``in_model``, ``n_targets`` (targets with a non-zero coefficient on a modulator involving the
+    gene: as a TF, a ligand or a receptor), ``total_abs_beta`` (sum of those |coefficients| over targets,
+    clusters and modulators), ``n_targets_as_tf`` / ``_as_ligand`` / ``_as_receptor``, and
+    ``n_candidate_targets`` (targets that had it as a modulator after the modulator screen, before the lasso).
+    ``model`` is a :class:`PerturbModel` or a model folder."""
+    if not isinstance(model, PerturbModel):
+        model = load_model(model)
+    return _gene_usage(model, genes)
+
+
+def usage_notices(model, genes) -> list[str]:
+    """One line per gene saying how many targets use it (and when none does, why a knockout moves nothing)."""
+    return [usage_notice(r) for _, r in gene_usage(model, genes).iterrows()]
+
+
+SCREEN_COLUMNS = (
+    "rank",
+    "gene",
+    "value",
+    "n_cells",
+    "total_abs_delta",
+    "mean_abs_delta_per_cell",
+    "max_abs_delta",
+    "n_genes_moved",
+    "top_genes",
+    "n_targets",
+    "total_abs_beta",
+    "runtime_s",
+)
+
+
+def screen_row(model: PerturbModel, gene: str, value: float, delta: np.ndarray, moved_tol: float, top: int = 5):
+    """The summary of one knockout's final Δ (cells x model genes), the perturbed gene's own column left out:
+    total / per-cell mean / max |Δ|, genes whose |Δ| exceeds ``moved_tol`` in some cell, the ``top`` genes by
+    summed |Δ| (``GENE:sum`` joined by ';')."""
+    other = np.ones(len(model.genes), dtype=bool)
+    other[model.genes.index(gene)] = False
+    a = np.abs(delta[:, other])
+    per_gene = a.sum(axis=0)
+    names = np.asarray(model.genes)[other]
+    order = np.argsort(-per_gene, kind="stable")[:top]
+    return {
+        "gene": gene,
+        "value": float(value),
+        "total_abs_delta": float(per_gene.sum()),
+        "mean_abs_delta_per_cell": float(per_gene.sum() / max(delta.shape[0], 1)),
+        "max_abs_delta": float(a.max()) if a.size else 0.0,
+        "n_genes_moved": int((a.max(axis=0) > moved_tol).sum()) if a.size else 0,
+        "top_genes": ";".join(f"{names[j]}:{per_gene[j]:.4g}" for j in order if per_gene[j] > moved_tol),
+    }
+
+
+def knockout_screen(
+    model,
+    genes,
+    values=0.0,
+    *,
+    cells=None,
+    cell_type=None,
+    cell_type_col: str | None = None,
+    cluster=None,
+    steps: int = 4,
+    ligand_mode: str = "exact",
+    device=None,
+    adata: ad.AnnData | None = None,
+    moved_tol: float = 1e-6,
+    on_result: Callable | None = None,
+    progress=None,
+    control: RunControl | None = None,
+) -> pd.DataFrame:
+    """Knock out (or set to ``values``) each of ``genes`` on its own - separate runs, not one joint
+    perturbation - with the model loaded once, and return one row per gene (``SCREEN_COLUMNS``) ranked by
+    ``total_abs_delta`` (sum of |Δ| over cells and genes after ``steps`` steps, the perturbed gene's own column
+    left out; ``n_genes_moved`` counts genes with |Δ| > ``moved_tol`` in some cell; ``n_targets`` /
+    ``total_abs_beta`` come from :func:`gene_usage`). The scope options are those of :func:`run_perturbation`.
+    ``on_result(gene, delta)`` sees each gene's final Δ (cells x ``model.genes``)."""
+    ctl = _control(control, progress)
+    if not isinstance(model, PerturbModel):
+        model = load_model(model)
+    genes_l = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    if len(set(genes_l)) != len(genes_l):
+        raise InputError("a gene is listed twice.", "list each gene once.", code="bad_perturbation")
+    vals = [float(values)] * len(genes_l) if np.isscalar(values) else [float(v) for v in values]
+    if len(vals) != len(genes_l):
+        raise InputError(
+            f"{len(genes_l)} genes but {len(vals)} values.", "give one value, or one per gene.", code="bad_perturbation"
+        )
+    idx, scope = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
+    usage = _gene_usage(model, genes_l).set_index("gene")
+    unknown = usage.index[~usage["in_model"].to_numpy(bool)].tolist()
+    if unknown:
+        raise InputError(
+            f"genes {unknown} are not in the model (not a target or modulator).",
+            "perturb the model's genes (see its manifest 'genes').",
+            code="unknown_gene",
+        )
+    prop = model_propagator(model, ligand_mode=ligand_mode, device=device)
+    rows = []
+    for i, (g, v) in enumerate(zip(genes_l, vals)):
+        t0 = time.perf_counter()
+        ctl.report("screen", i / len(genes_l), g)
+        last = None
+        for last in iter_perturbation(model, [g], [v], idx, steps, ligand_mode, device, control=ctl, propagator=prop):  # noqa: B007
+            pass
+        row = screen_row(model, g, v, last.delta, moved_tol)
+        row.update(
+            n_cells=scope["n_cells"],
+            n_targets=int(usage.loc[g, "n_targets"]),
+            total_abs_beta=float(usage.loc[g, "total_abs_beta"]),
+            runtime_s=round(time.perf_counter() - t0, 3),
+        )
+        rows.append(row)
+        if on_result is not None:
+            on_result(g, last.delta)
+    ctl.report("screen", 1.0, "done")
+    table = pd.DataFrame(rows)
+    table = table.sort_values("total_abs_delta", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table[list(SCREEN_COLUMNS)]

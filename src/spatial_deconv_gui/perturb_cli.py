@@ -68,7 +68,20 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     rn.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
     rn.add_argument("--spatial", default=None, help="slide to copy the result onto (default: the model's data)")
     add_slide_options(rn)
-    rn.add_argument("--output", "-o", required=True)
+    rn.add_argument(
+        "--separately",
+        action="store_true",
+        help="knock out each --gene on its own (one run per gene, the model loaded once) and write a Δ summary "
+        "table ranked by effect to --output (.csv or .tsv); without it (the default) all --gene are perturbed "
+        "together in one run and --output is the perturbed .h5ad",
+    )
+    rn.add_argument(
+        "--moved-tol",
+        type=float,
+        default=1e-6,
+        help="with --separately: a gene counts as moved when its |Δ| exceeds this in some cell (default 1e-6)",
+    )
+    rn.add_argument("--output", "-o", required=True, help="the perturbed .h5ad; with --separately the summary table")
     # --steps, --ligand-mode, --embedding, --device...: one flag per PerturbRunConfig field
     add_config_flags(rn, PerturbRunConfig)
     rn.add_argument("--json", action="store_true")
@@ -214,8 +227,27 @@ def _cmd_run(args) -> int:
             )
     run_options = {**dataclasses.asdict(PerturbRunConfig()), **given_options(args, PerturbRunConfig)}
     device = run_options.pop("device")
+    if args.separately and out_path.suffix.lower() not in (".csv", ".tsv"):
+        raise InputError(
+            f"--separately writes a summary table, but --output is {out_path.name}.",
+            "name a .csv or .tsv file.",
+            code="bad_output",
+        )
+    if not args.separately and out_path.suffix.lower() in (".csv", ".tsv"):
+        raise InputError(
+            f"--output {out_path.name} is a table, but one perturbation run writes an .h5ad.",
+            "name an .h5ad, or add --separately for a summary table of one knockout per gene.",
+            code="bad_output",
+        )
+    model = _load_with_notice(api, args.model_dir, args.quiet)  # once, for the notices and every run
+    notices = api.usage_notices(model, args.gene)
+    if not args.quiet and not args.json:
+        for line in notices:
+            print(line, file=sys.stderr)
+    if args.separately:
+        return _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices)
     res = api.run_perturbation(
-        args.model_dir,
+        model,
         args.gene,
         values,
         cells=cells,
@@ -237,6 +269,7 @@ def _cmd_run(args) -> int:
         "steps": u["steps"],
         "runtime_s": u["runtime_s"],
         "max_abs_delta": float(abs(delta).max()) if delta.nnz else 0.0,
+        "notices": notices,
     }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -244,6 +277,55 @@ def _cmd_run(args) -> int:
         print(
             f"perturbed {', '.join(u['genes'])} in {u['scope']['n_cells']} cells, {u['steps']} steps, "
             f"{u['runtime_s']} s; wrote {out_path}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _load_with_notice(api, model_dir, quiet: bool):
+    """Load the model; an older folder's notice becomes one line on stderr (not a Python warning's two)."""
+    import warnings
+
+    from .engines.perturb.model_dir import OldFormatNotice
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OldFormatNotice)
+        model = api.load_model(model_dir)
+    for w in caught:
+        if issubclass(w.category, OldFormatNotice):
+            if not quiet:
+                print(f"notice: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+def _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices) -> int:
+    from .io.write import write_text_atomic
+
+    table = api.knockout_screen(
+        model,
+        args.gene,
+        values,
+        cells=cells,
+        cell_type=args.cell_type,
+        cell_type_col=args.cell_type_col,
+        steps=run_options["steps"],
+        ligand_mode=run_options["ligand_mode"],
+        device=None if device == "auto" else device,
+        adata=adata,
+        moved_tol=args.moved_tol,
+        progress=_progress(args.quiet),
+    )
+    sep = "\t" if out_path.suffix.lower() == ".tsv" else ","
+    write_text_atomic(table.to_csv(index=False, sep=sep, float_format="%.17g"), out_path)
+    if args.json:
+        print(json.dumps({"output": str(out_path), "notices": notices, "table": table.to_dict("records")}, indent=2))
+    elif not args.quiet:
+        print(
+            f"{len(table)} separate knockouts, {run_options['steps']} steps each; ranked by total |Δ|: "
+            + ", ".join(f"{r.gene} {r.total_abs_delta:.3g}" for r in table.itertuples())
+            + f"; wrote {out_path}",
             file=sys.stderr,
         )
     return EXIT_OK
@@ -260,6 +342,12 @@ def _cmd_upgrade(args) -> int:
             print(
                 f"upgraded {args.model_dir} from format {summary['from_format']} to {summary['format_version']}: "
                 f"{summary['n_targets']} targets in {summary['store']} ({summary['store_bytes']} bytes)",
+                file=sys.stderr,
+            )
+        elif summary.get("file_checksums_recorded"):
+            print(
+                f"{args.model_dir} is already format {summary['format_version']}; recorded the checksums of its "
+                "data files in the manifest",
                 file=sys.stderr,
             )
         else:

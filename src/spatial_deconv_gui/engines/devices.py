@@ -5,6 +5,8 @@ torch is imported only when a device has to be looked at, so that naming a devic
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from ..io.errors import InputError
@@ -22,6 +24,8 @@ def device_name(device: object = AUTO) -> str:
     is an :class:`InputError` naming the fix.
     """
     if device is None or str(device) in ("", AUTO):
+        if "torch" not in sys.modules and not gpu_driver_visible():
+            return "cpu"
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,6 +38,15 @@ def device_name(device: object = AUTO) -> str:
         if not torch.cuda.is_available():
             raise InputError("CUDA was requested but torch sees no GPU.", "use --device cpu (or auto).", code="no_cuda")
     return name
+
+
+def gpu_driver_visible() -> bool:
+    """Whether torch could see a GPU here, told without importing torch (~1-2 s): on Linux a GPU needs its
+    kernel driver (NVIDIA's /proc/driver/nvidia or /dev/nvidiactl, WSL's /dev/dxg, ROCm's /dev/kfd); elsewhere
+    True (torch is asked). ``auto`` asks torch only when this is True or torch is imported already."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
 
 
 def torch_device(device: object = AUTO) -> torch.device:

@@ -24,9 +24,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
-from ..devices import torch_device
+from ..devices import device_name, torch_device
 
 DEFAULT_GRID_FACTOR = 4.0  # grid spacing = radius / DEFAULT_GRID_FACTOR
 AUTO_GRID_MIN_CELLS = 20_000
@@ -41,7 +40,7 @@ def kernel_sum(
     values: np.ndarray,
     radius: float,
     device=None,
-    dtype=torch.float64,
+    dtype=None,
     block: int | None = None,
     symmetric: bool = False,
     backend: str = "auto",
@@ -51,15 +50,21 @@ def kernel_sum(
     ``symmetric=True`` (targets are the sources) evaluates each off-diagonal kernel entry once and uses it
     for both directions, halving the exponentials. ``backend``: ``'numba'`` (CPU, float64), ``'torch'``, or
     ``'auto'`` (numba for float64 on the CPU, torch otherwise). ``block``: source tile (numba) or row block
-    (torch) size.
+    (torch) size. ``dtype``: a torch dtype, default float64. torch is imported only for the torch backend (a
+    CPU knockout's process then starts without it).
     """
-    dev = torch_device(device)
+    float64 = dtype is None or str(dtype) == "torch.float64"
     if backend == "auto":
-        backend = "numba" if dev.type == "cpu" and dtype == torch.float64 else "torch"
+        on_cpu = device_name(None if device is None else str(device)) == "cpu"
+        backend = "numba" if on_cpu and float64 else "torch"
     if backend == "numba":
         return _kernel_sum_numba(targets, sources, values, radius, block, symmetric)
     if backend != "torch":
         raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    import torch
+
+    dev = torch_device(device)
+    dtype = torch.float64 if dtype is None else dtype
     t = torch.as_tensor(np.ascontiguousarray(targets, dtype=np.float64), dtype=dtype, device=dev)
     s = torch.as_tensor(np.ascontiguousarray(sources, dtype=np.float64), dtype=dtype, device=dev)
     v = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float64), dtype=dtype, device=dev)

@@ -41,6 +41,7 @@ RECEIVED = "received_ligands.npy"  # cells x manifest["received_channels"] (form
 FORMAT_VERSION = 3
 STORE_VERSION = 3  # first format with the coefficient store
 STORE_CHECKSUMS = "store_checksums"
+FILE_CHECKSUMS = "file_checksums"  # sha256 of data.h5ad and received_ligands.npy, recorded when training finishes
 SHARD_PATTERN = "part-*.npz"
 # obs column of data.h5ad (and of the simulated GRN tissue) holding each cell's cluster; not in keys.py yet
 CLUSTER_OBS = "cluster"
@@ -55,7 +56,53 @@ def gene_filename(gene: str) -> str:
 
 
 def write_manifest(model_dir, manifest: dict) -> Path:
+    """Write the manifest atomically. A complete one (``status`` 'complete') also records the sha256 of the
+    folder's other files (``data.h5ad``, ``received_ligands.npy``) in ``manifest['file_checksums']``, checked on
+    loading like the store's; a manifest of a folder still training records none (they may still change)."""
+    if manifest.get("status", "complete") == "complete":
+        manifest[FILE_CHECKSUMS] = {
+            name: file_sha256(Path(model_dir) / name)
+            for name in (manifest.get("data_file", DATA), RECEIVED)
+            if (Path(model_dir) / name).exists()
+        }
     return write_text_atomic(json.dumps(manifest, indent=1, default=_json_default), Path(model_dir) / MANIFEST)
+
+
+def check_files(model_dir, manifest: dict) -> None:
+    """One InputError when ``data.h5ad`` or ``received_ligands.npy`` is missing or differs from the checksum
+    the manifest recorded when training finished (folders written before checksums were recorded: skipped)."""
+    sums = manifest.get(FILE_CHECKSUMS) or {}
+    data_name = manifest.get("data_file", DATA)
+    fixes = {
+        data_name: f"delete {Path(model_dir) / data_name} and run the same 'spatial-deconv perturb train' command "
+        "again: it rewrites it from the slide and keeps the fitted targets (training resumes the folder).",
+        RECEIVED: f"delete {Path(model_dir) / RECEIVED} (a cache of the received ligands: knockouts then compute "
+        "them), or run the same 'spatial-deconv perturb train' command again.",
+    }
+    if not (Path(model_dir) / data_name).exists():
+        raise InputError(
+            f"{model_dir} has no {data_name} (the expression the model was trained on): the folder was not "
+            "written whole.",
+            "run the same 'spatial-deconv perturb train' command again: it rewrites it and keeps the fitted "
+            "targets (training resumes the folder).",
+            code="bad_model_dir",
+        )
+    for name, want in sums.items():
+        p = Path(model_dir) / name
+        if not p.exists():
+            if name == RECEIVED:
+                continue  # the cache is optional
+            raise InputError(
+                f"{model_dir}: {name} named in the manifest is missing.", fixes.get(name, ""), code="bad_model_dir"
+            )
+        got = file_sha256(p)
+        if got != want:
+            raise InputError(
+                f"{model_dir}: {name} does not match the manifest's checksum (sha256 {got[:12]}..., manifest "
+                f"{str(want)[:12]}...): it changed or was damaged after training.",
+                fixes.get(name, "train the model again."),
+                code="bad_model_dir",
+            )
 
 
 def _json_default(o):
@@ -70,6 +117,14 @@ def _json_default(o):
 
 def read_manifest(model_dir) -> dict:
     p = Path(model_dir) / MANIFEST
+    if not p.exists() and ((Path(model_dir) / DATA).exists() or shard_paths(model_dir)):
+        raise InputError(
+            f"{model_dir} is a half-written model folder: it has {DATA} or coefficient parts but no {MANIFEST} "
+            "(training was killed before writing it).",
+            "run the same 'spatial-deconv perturb train' command again with --out pointing here: it resumes the "
+            "folder (whole coefficient parts are kept).",
+            code="model_incomplete",
+        )
     if not p.exists():
         raise InputError(
             f"{model_dir} is not a perturbation model folder (no {MANIFEST}).",
@@ -152,6 +207,21 @@ _SHARD_KEYS = (
 )
 
 
+# what a knockout needs (the sparse coefficients and whose they are) and what only the per-target tables need
+PROPAGATION_COLUMNS = (
+    "targets",
+    "clusters",
+    "mod_vocab",
+    "mod_ptr",
+    "mod_code",
+    "nz_target",
+    "nz_cluster",
+    "nz_mod",
+    "nz_value",
+)
+TABLE_COLUMNS = _SHARD_KEYS
+
+
 @dataclass
 class CoefStore:
     """The coefficients of many targets in columns (one shard, or several concatenated)."""
@@ -161,10 +231,10 @@ class CoefStore:
     mod_vocab: np.ndarray  # (V,) str, sorted: the distinct modulator names (a name repeats over many targets)
     mod_ptr: np.ndarray  # (T+1,) int64: target t's modulators are mod_vocab[mod_code[mod_ptr[t]:mod_ptr[t+1]]]
     mod_code: np.ndarray  # (M,) int32
-    n_cells: np.ndarray  # (T, C) int64
-    r2: np.ndarray  # (T, C) float64
-    gated: np.ndarray  # (T, C) bool
-    intercept: np.ndarray  # (T, C) float64
+    n_cells: np.ndarray | None  # (T, C) int64; None when read for propagation only (PROPAGATION_COLUMNS)
+    r2: np.ndarray | None  # (T, C) float64
+    gated: np.ndarray | None  # (T, C) bool
+    intercept: np.ndarray | None  # (T, C) float64
     nz_target: np.ndarray  # (K,) row in targets, non-decreasing
     nz_cluster: np.ndarray  # (K,) int32
     nz_mod: np.ndarray  # (K,) int32 position within the target's modulators
@@ -270,9 +340,10 @@ def write_shard(model_dir, store: CoefStore, path=None) -> tuple[str, str]:
     return shard_key(model_dir, path), file_sha256(path)
 
 
-def read_shard(path) -> CoefStore:
+def read_shard(path, columns=_SHARD_KEYS) -> CoefStore:
+    """A shard's columns (an .npz member is decompressed only when read: the others are skipped)."""
     with np.load(path, allow_pickle=False) as z:
-        return CoefStore(**{k: z[k] for k in _SHARD_KEYS})
+        return CoefStore(**{k: (z[k] if k in columns else None) for k in _SHARD_KEYS})
 
 
 def scan_shards(model_dir) -> dict[str, list[str]]:
@@ -286,6 +357,9 @@ def scan_shards(model_dir) -> dict[str, list[str]]:
         except Exception:  # unreadable: its targets count as not trained, training refits them
             continue
     return out
+
+
+_FIT_KEYS = ("n_cells", "r2", "gated", "intercept")
 
 
 def concat_stores(stores: list[CoefStore]) -> CoefStore:
@@ -303,10 +377,7 @@ def concat_stores(stores: list[CoefStore]) -> CoefStore:
         vocab,
         ptr,
         code,
-        np.vstack([s.n_cells for s in stores]),
-        np.vstack([s.r2 for s in stores]),
-        np.vstack([s.gated for s in stores]),
-        np.vstack([s.intercept for s in stores]),
+        *(None if stores[0].n_cells is None else np.vstack([getattr(s, k) for s in stores]) for k in _FIT_KEYS),
         np.concatenate([s.nz_target.astype(np.int64) + o for s, o in zip(stores, offs)]),
         cat("nz_cluster"),
         cat("nz_mod"),
@@ -343,8 +414,9 @@ def check_loadable(model_dir, manifest: dict) -> None:
         )
 
 
-def read_store(model_dir, manifest: dict) -> CoefStore:
-    """The concatenated store of a format 3 folder, checked against the manifest's checksums."""
+def read_store(model_dir, manifest: dict, columns=_SHARD_KEYS) -> CoefStore:
+    """The concatenated store of a format 3 folder, checked against the manifest's checksums; ``columns``
+    (default all) are the ones decompressed (``PROPAGATION_COLUMNS``: what a knockout needs)."""
     sums = manifest.get(STORE_CHECKSUMS)
     resume = (
         "run the same 'spatial-deconv perturb train' command again: it resumes the folder and refits the "
@@ -372,7 +444,7 @@ def read_store(model_dir, manifest: dict) -> CoefStore:
                 code="bad_model_dir",
             )
         try:
-            stores.append(read_shard(p))
+            stores.append(read_shard(p, columns))
         except Exception as exc:
             raise InputError(
                 f"{model_dir}: the coefficient store part {key} cannot be read ({exc}).", resume, code="bad_model_dir"
@@ -388,11 +460,15 @@ def read_store(model_dir, manifest: dict) -> CoefStore:
     return store
 
 
+class OldFormatNotice(UserWarning):
+    """An older model folder was loaded (it works, slowly); ``perturb upgrade`` rewrites it."""
+
+
 def notice_old_layout(model_dir, version: int) -> None:
     warnings.warn(
         f"{model_dir} is a format {version} model folder (one CSV per target, slow to load); "
         f"'spatial-deconv perturb upgrade {model_dir}' rewrites it as a format {FORMAT_VERSION} store.",
-        UserWarning,
+        OldFormatNotice,
         stacklevel=3,
     )
 
@@ -442,9 +518,15 @@ def upgrade(model_dir) -> dict:
     if version > FORMAT_VERSION:
         check_loadable(model_dir, manifest)
     if uses_store(manifest):
+        recorded = False
+        if FILE_CHECKSUMS not in manifest and manifest.get("status", "complete") == "complete":
+            check_loadable(model_dir, manifest)
+            write_manifest(model_dir, manifest)  # a store written before file checksums: record them
+            recorded = True
         return {
             "model_dir": str(model_dir),
             "upgraded": False,
+            "file_checksums_recorded": recorded,
             "format_version": version,
             "n_targets": len(manifest.get("targets", [])),
         }

@@ -38,9 +38,9 @@ from ... import keys
 from ...io.errors import InputError
 from ..base import RunControl
 from . import model_dir as md
+from .expression import filtered
 from .ligands import choose_mode, received_ligands
 from .modulators import LR, PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, TF, TFL, parse_modulator, received_channels
-from .train import filtered
 
 
 @dataclass
@@ -73,6 +73,9 @@ class PerturbModel:
     channels: list = field(default_factory=list)  # distinct (ligand, radius) received values, set on init
     lr_channel: np.ndarray | None = None  # channel index of each LR pair / TF-ligand pair
     tfl_channel: np.ndarray | None = None
+    store: md.CoefStore | None = None  # the coefficient store it was loaded from (format 3), else None
+    # Propagators built for this model, by (ligand mode, device, clip): their set-up is paid once per model
+    propagators: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         lrad = dict(zip(self.ligands, np.asarray(self.ligand_radius, dtype=np.float64).tolist()))
@@ -166,15 +169,23 @@ def build_coefficients(genes, cluster_names, coef_tables: dict) -> tuple:
 
 class StoreTables(Mapping):
     """``{target: coefficient table}`` over a coefficient store, each table built when asked for (the same
-    DataFrame the format 1-2 CSV gives); loading never builds them."""
+    DataFrame the format 1-2 CSV gives); loading never builds them. ``read_full`` gives the store with the
+    columns the tables need beyond propagation's (read on the first table asked for)."""
 
-    def __init__(self, store: md.CoefStore, targets: list[str]):
+    def __init__(self, store: md.CoefStore, targets: list[str], read_full=None):
         self.store = store
+        self._read_full = read_full
         row = {t: i for i, t in enumerate(store.targets.tolist())}
         self._row = {t: row[t] for t in targets}
 
     def __getitem__(self, target):
-        return self.store.table(self._row[target])
+        row = self._row[target]
+        if self.store.n_cells is None:
+            full = self._read_full()
+            if full.targets.tolist() != self.store.targets.tolist():
+                raise InputError("the coefficient store changed on disk since the model was loaded.", "load it again.")
+            self.store = full
+        return self.store.table(row)
 
     def __iter__(self):
         return iter(self._row)
@@ -197,9 +208,19 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     lengths = np.diff(store.mod_ptr)[rows]
     new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     total = int(new_ptr[-1])
-    take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)  # ordered modulator slots
-    codes = store.mod_code[take]
-    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    if rows.size == len(store.targets) and np.array_equal(rows, np.arange(rows.size)):
+        codes = store.mod_code  # the store's order is the targets' (the usual case): no gather
+    else:
+        take = np.repeat(store.mod_ptr[rows] - new_ptr[:-1], lengths) + np.arange(total)  # ordered slots
+        codes = store.mod_code[take]
+    # every target lists ~all LR pairs (millions of slots on a whole slide): the vocabulary entries present and
+    # their first slot in O(slots), not by sorting the slots
+    first_all = np.full(len(store.mod_vocab), total, dtype=np.int64)
+    np.minimum.at(first_all, codes, np.arange(total, dtype=np.int64))
+    uniq = np.flatnonzero(first_all < total)
+    first = first_all[uniq]
+    rank = np.full(len(store.mod_vocab), -1, dtype=np.int64)
+    rank[uniq] = np.arange(uniq.size)
     parsed = [parse_modulator(str(u)) for u in store.mod_vocab[uniq]]
     kind = np.array([k for k, _ in parsed], dtype=np.int64)
     row_index = np.zeros(len(uniq), dtype=np.int64)
@@ -220,7 +241,7 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     nz_mod, nz_value = store.nz_mod[keep].astype(np.int64), store.nz_value[keep]
     sort = np.lexsort((nz_mod, nz_order, nz_cluster))
     nz_order, nz_cluster, nz_mod, nz_value = nz_order[sort], nz_cluster[sort], nz_mod[sort], nz_value[sort]
-    slot = inverse.reshape(-1)[new_ptr[nz_order] + nz_mod]
+    slot = rank[codes[new_ptr[nz_order] + nz_mod]]
     nz_kind, nz_row = kind[slot], row_index[slot]
     target_col = np.array([gi[t] for t in targets], dtype=np.int64)[nz_order]
     nonzero = nz_value != 0.0
@@ -330,7 +351,17 @@ def load_model(path) -> PerturbModel:
     path = Path(path)
     manifest = md.read_manifest(path)
     md.check_loadable(path, manifest)  # newer format or half-trained: say so before reading anything big
-    data = read_h5ad(path / manifest.get("data_file", md.DATA))
+    md.check_files(path, manifest)
+    data_path = path / manifest.get("data_file", md.DATA)
+    try:
+        data = read_h5ad(data_path)
+    except InputError as exc:
+        raise InputError(
+            f"{path}: {data_path.name} cannot be read ({exc.problem})",
+            f"delete {data_path} and run the same 'spatial-deconv perturb train' command again: it rewrites it "
+            "and keeps the fitted targets (training resumes the folder).",
+            code="bad_model_dir",
+        ) from exc
     genes = list(map(str, data.var_names))
     if genes != list(manifest["genes"]):
         raise InputError(
@@ -338,15 +369,17 @@ def load_model(path) -> PerturbModel:
         )
     targets = [str(t) for t in manifest["targets"]]
     cluster_names = [str(c) for c in manifest["clusters"]]
+    store = None
     if md.uses_store(manifest):
-        store = md.read_store(path, manifest)
+        # only the columns propagation needs: the per-target fit statistics are read when a table is asked for
+        store = md.read_store(path, manifest, md.PROPAGATION_COLUMNS)
         if store.clusters.tolist() != cluster_names:
             raise InputError(
                 f"{path}: the coefficient store's clusters do not match the manifest's.",
                 "train the model again.",
                 code="bad_model_dir",
             )
-        tables = StoreTables(store, targets)
+        tables = StoreTables(store, targets, lambda: md.read_store(path, manifest, md.TABLE_COLUMNS))
         coefficients = coefficients_from_store(genes, cluster_names, targets, store)
     else:
         md.notice_old_layout(path, int(manifest.get("format_version", 1)))
@@ -374,6 +407,7 @@ def load_model(path) -> PerturbModel:
         obsm=obsm,
         obs_names=list(map(str, data.obs_names)),
     )
+    model.store = store
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
         W = np.load(rpath)
@@ -574,6 +608,16 @@ class Propagator:
         return out
 
 
+def model_propagator(model: PerturbModel, ligand_mode: str = "exact", device=None, clip: bool = True) -> Propagator:
+    """The model's :class:`Propagator` for these settings, built on first use and kept on the model (a
+    further knockout on the same model then starts propagating at once)."""
+    key = (choose_mode(model.expr.shape[0], ligand_mode), None if device is None else str(device), bool(clip))
+    prop = model.propagators.get(key)
+    if prop is None:
+        prop = model.propagators[key] = Propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
+    return prop
+
+
 def _stack_csr(mats, nrows: int, n_clusters: int):
     """(ptr[k, row], targets, coefficients) of per-cluster CSR matrices stacked into flat arrays."""
     ptr = np.zeros((n_clusters, nrows + 1), dtype=np.int64)
@@ -636,7 +680,7 @@ def iter_perturbation(
     """Yield the simulated delta after each propagation step (the last one has the perturbed genes pinned)."""
     control = control or RunControl()
     delta_in, payload = perturbation_input(model, genes, values, cells)
-    prop = propagator or Propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
+    prop = propagator or model_propagator(model, ligand_mode=ligand_mode, device=device, clip=clip)
     X0 = prop.X0
     pin_r, pin_c = np.nonzero(delta_in)
     pin_v = delta_in[pin_r, pin_c]
@@ -689,3 +733,131 @@ def simulate_perturbation(
     for last in iter_perturbation(model, genes, values, cells, n_steps, ligand_mode, device, clip, control):  # noqa: B007 (the last step is the answer)
         pass
     return last.delta
+
+
+USAGE_COLUMNS = (
+    "gene",
+    "in_model",
+    "n_targets",
+    "total_abs_beta",
+    "n_targets_as_tf",
+    "n_targets_as_ligand",
+    "n_targets_as_receptor",
+    "n_candidate_targets",
+)
+
+
+def _candidate_counter(model: PerturbModel):
+    """A function: vocabulary mask -> how many of ``model.targets`` list a modulator in it (after the modulator
+    screen, zero coefficients included), and the vocabulary (names). O(slots) per call, no per-slot index."""
+    targets = model.targets
+    store = model.store
+    if store is not None:
+        row_of = {t: i for i, t in enumerate(store.targets.tolist())}
+        rows = np.array([row_of[t] for t in targets], dtype=np.int64)
+        codes, ptr = store.mod_code, store.mod_ptr
+        names = store.mod_vocab.tolist()
+    else:
+        vocab: dict[str, int] = {}
+        code, lengths = [], []
+        for t in targets:
+            cols = [c[5:] for c in model.coef_tables[t].columns if c.startswith("beta_")]
+            code.extend(vocab.setdefault(c, len(vocab)) for c in cols)
+            lengths.append(len(cols))
+        codes = np.asarray(code, dtype=np.int64)
+        ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        rows = np.arange(len(targets))
+        names = list(vocab)
+
+    def count(mask: np.ndarray) -> int:
+        if not mask.any():
+            return 0
+        hits = np.concatenate([[0], np.cumsum(mask[codes], dtype=np.int64)])
+        per_row = hits[ptr[1:]] - hits[ptr[:-1]]
+        return int((per_row[rows] > 0).sum())
+
+    return names, count
+
+
+def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
+    """How much the model's targets use each of ``genes``, one row per gene (``USAGE_COLUMNS``).
+
+    ``n_targets``: targets with a non-zero coefficient (in any cluster) on a modulator that involves the gene - as a
+    TF, as the ligand or the receptor of a ligand-receptor pair, as the ligand or the TF of a TF-ligand pair;
+    ``total_abs_beta`` sums |coefficient| over those (target, cluster, modulator) entries; ``n_targets_as_*`` split
+    ``n_targets`` by role (a target can count under several); ``n_candidate_targets``: targets that had such a
+    modulator after the modulator screen, zero or not (candidates - n_targets is what the lasso zeroed). A gene
+    with ``n_targets == 0`` moves nothing but itself when knocked out.
+    """
+    genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    gi = {g: i for i, g in enumerate(model.genes)}
+    targets = model.targets
+    tcol = np.array([gi[t] for t in targets], dtype=np.int64)
+    col_to_target = np.full(len(model.genes), -1, dtype=np.int64)
+    col_to_target[tcol] = np.arange(len(targets))
+    # role -> (stacked per-cluster matrices, row of each gene); rows of a gene in pair matrices: pairs it is part of
+    lr_by_gene = {0: {}, 1: {}}
+    for p, pair in enumerate(model.lr_pairs):
+        for side in (0, 1):
+            lr_by_gene[side].setdefault(pair[side], []).append(p)
+    tfl_by_gene = {0: {}, 1: {}}
+    for p, pair in enumerate(model.tfl_pairs):
+        for side in (0, 1):
+            tfl_by_gene[side].setdefault(pair[side], []).append(p)
+    names, count_candidates = _candidate_counter(model)
+    involved = [set(parse_modulator(n)[1]) for n in names]
+    rows = []
+    for g in genes:
+        roles = {"tf": set(), "ligand": set(), "receptor": set()}
+        total = 0.0
+
+        def add(mats, sel, role):
+            nonlocal total
+            if not sel:
+                return
+            for m in mats:
+                sub = m[sel]
+                nz = sub.data != 0
+                roles[role].update(col_to_target[sub.indices[nz]].tolist())
+                total += float(np.abs(sub.data[nz]).sum())
+
+        if g in gi:
+            add(model.B_tf, [gi[g]], "tf")
+        add(model.B_lr, lr_by_gene[0].get(g, []), "ligand")
+        add(model.B_lr, lr_by_gene[1].get(g, []), "receptor")
+        add(model.B_tfl, tfl_by_gene[0].get(g, []), "ligand")
+        add(model.B_tfl, tfl_by_gene[1].get(g, []), "tf")
+        used = set().union(*roles.values())
+        used.discard(-1)
+        n_cand = count_candidates(np.array([g in inv for inv in involved], dtype=bool))
+        rows.append(
+            (
+                g,
+                g in gi,
+                len(used),
+                total,
+                len(roles["tf"] - {-1}),
+                len(roles["ligand"] - {-1}),
+                len(roles["receptor"] - {-1}),
+                n_cand,
+            )
+        )
+    return pd.DataFrame(rows, columns=list(USAGE_COLUMNS))
+
+
+def usage_notice(row) -> str:
+    """One line saying what a knockout of ``row['gene']`` (a row of :func:`gene_usage`) can move."""
+    g = row["gene"]
+    if not row["in_model"]:
+        return f"{g} is not in the model (not a target or modulator of any target)."
+    if row["n_targets"] == 0:
+        if row["n_candidate_targets"]:
+            return (
+                f"{g} is used by no target's model: it was a candidate modulator of {row['n_candidate_targets']} "
+                "targets and the lasso set all its coefficients to 0; a knockout moves only its own expression."
+            )
+        return f"{g} is used by no target's model (no target has it as a modulator); a knockout moves only itself."
+    return (
+        f"{g} is used by {row['n_targets']} of the model's targets (total |beta| {row['total_abs_beta']:.3g}; "
+        f"candidate modulator of {row['n_candidate_targets']})."
+    )
