@@ -39,6 +39,17 @@ def progress_text(stage: str, fraction: float, message: str = "", elapsed_s: flo
     return f"{stage}: {100 * fraction:.0f}%{eta}" + (f" - {message}" if message else "")
 
 
+def leave_a_core():
+    """Run this thread's torch and numba work on one core fewer than they would take: compute threads on every
+    core would starve the event loop on small machines."""
+    # imported here, in the worker: torch takes seconds to import, which opening a dock should not pay
+    import numba
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS - 1))
+
+
 class JobRunner(QObject):
     """Runs a dock's jobs, one at a time, and relays what they report to the dock.
 
