@@ -5,6 +5,7 @@ from __future__ import annotations
 from npe2 import PluginManifest
 
 from spatial_deconv_gui.gui.commands import deconvolve_layer
+from spatial_deconv_gui.gui.docks import find_dock
 from spatial_deconv_gui.gui.layers import PLUGIN_KEY
 
 PLUGIN = "spatial-deconv-gui"
@@ -40,5 +41,5 @@ def test_the_menu_command_runs_through_napari_with_the_active_layer(make_napari_
     slide = _slide_layer(viewer)
     viewer.layers.selection.active = slide
     get_app_model().commands.execute_command(COMMAND).result()
-    dock = viewer.window.dock_widgets[f"Deconvolution ({PLUGIN})"]
-    assert dock.slide.value is slide
+    dock = find_dock(viewer, "Deconvolution")
+    assert dock is not None and dock.slide.value is slide

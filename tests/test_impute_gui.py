@@ -7,8 +7,11 @@ import matplotlib
 import numpy as np
 import pytest
 
+from spatial_deconv_gui import api
+from spatial_deconv_gui.gui.docks import find_dock
+from spatial_deconv_gui.gui.result_layers import add_result, impute_values
+from spatial_deconv_gui.gui.session import session_for
 from spatial_deconv_gui.gui.views import colormap_rgba
-from spatial_deconv_gui.gui.workbench import impute_gene_steps, workbench_for
 
 PLUGIN = "spatial-deconv-gui"
 pytest.importorskip("spatial_deconv_gui.engines.destvi")
@@ -48,11 +51,11 @@ def test_paint_expression_within_a_cell_type(destvi_run, qtbot, monkeypatch):
     from spatial_deconv_gui.engines.destvi.engine import impute_expression
 
     viewer, run = destvi_run
-    wb = workbench_for(viewer)
-    rec = wb.runs[wb.results.run.value]
-    imp = wb.results.impute
+    results = find_dock(viewer, "Results")
+    rec = session_for(viewer).results[results.run.value]
+    imp = results.impute
     # the control appears for the DestVI result
-    assert imp.available and imp.native.isVisibleTo(wb.results.native)
+    assert imp.available and imp.native.isVisibleTo(results.native)
     types = list(run.result.cell_types)
     genes = [str(g) for g in run.adata.uns["destvi_model"]["genes"]]
     assert list(imp.cell_type.choices) == types and len(imp.gene.choices) == len(genes)
@@ -121,7 +124,6 @@ def test_paint_expression_within_a_cell_type(destvi_run, qtbot, monkeypatch):
 
 def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, small_pair):
     """Not shown for a result without a DestVI model; the chunked imputation equals one call over all spots."""
-    from spatial_deconv_gui import api
     from spatial_deconv_gui.engines.base import DeconvResult
     from spatial_deconv_gui.io import attach_result
 
@@ -138,13 +140,13 @@ def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, 
         device="cpu",
         runtime_s=0.0,
     )
-    wb = workbench_for(viewer)
-    rec = wb.add_run(
-        api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name="truth"
+    rec = add_result(
+        viewer, api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name="truth"
     )
-    assert not wb.results.impute.available and not wb.results.impute.native.isVisibleTo(wb.results.native)
+    results = find_dock(viewer, "Results")
+    assert not results.impute.available and not results.impute.native.isVisibleTo(results.native)
     with pytest.raises(ValueError, match="needs a DestVI result"):
-        wb.impute_values(rec, "Gene0001", types[0])
+        impute_values(rec, "Gene0001", types[0])
 
     # a fake DestVI state (random decoder) to check the chunking against impute_expression directly
     from spatial_deconv_gui.engines.destvi.engine import impute_expression
@@ -166,7 +168,7 @@ def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, 
         "barcodes": np.array([f"s{i}" for i in range(S)]),
         "n_layers": 1,
     }
-    steps = impute_gene_steps(st, "B", "g4", chunk=10)
+    steps = api.destvi_imputation_steps(st, "B", "g4", chunk=10)
     fractions = []
     while True:
         try:
@@ -178,11 +180,6 @@ def test_control_hidden_for_other_methods_and_chunks_add_up(make_napari_viewer, 
     np.testing.assert_allclose(values, impute_expression(st, "B", genes=["g4"]).to_numpy()[:, 0], rtol=1e-12)
 
     # values reach the slide's spots by barcode (a slide in another order, with a spot the model lacks)
-    from types import SimpleNamespace
-
     obs = ["extra"] + [f"s{i}" for i in range(S - 1, -1, -1)]
-    fake = SimpleNamespace(
-        result=SimpleNamespace(uns={"destvi_model": st}), adata=SimpleNamespace(uns={}, obs_names=obs)
-    )
-    aligned = wb.to_slide_order(fake, values)
+    aligned = api.in_slide_order(st, obs, values)
     assert np.isnan(aligned[0]) and np.array_equal(aligned[1:], values[::-1])

@@ -9,14 +9,16 @@ import pytest
 pytest.importorskip("spatial_deconv_gui.perturb_api")
 
 from spatial_deconv_gui import perturb_api  # noqa: E402
-from spatial_deconv_gui.gui.perturb import diverging_rgba, grid_vectors_yx, perturb_state  # noqa: E402
+from spatial_deconv_gui.gui.docks import find_dock  # noqa: E402
+from spatial_deconv_gui.gui.perturb_layers import diverging_rgba, grid_vectors_yx  # noqa: E402
+from spatial_deconv_gui.gui.session import session_for  # noqa: E402
 
 PLUGIN = "spatial-deconv-gui"
 
 
 @pytest.fixture(autouse=True)
 def private_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr("spatial_deconv_gui.gui.perturb._settings_path", lambda: tmp_path / "settings.json")
+    monkeypatch.setattr("spatial_deconv_gui.gui.docks.train._settings_path", lambda: tmp_path / "settings.json")
 
 
 def _train(make_napari_viewer, qtbot, model_dir, show=False, **options):
@@ -40,7 +42,7 @@ def _click_and_wait(qtbot, widget, button, meter) -> tuple[float, float]:
     button.native.click()
     clicked = time.perf_counter()
     returned = []
-    widget._worker.returned.connect(lambda _r: returned.append(time.perf_counter()))
+    widget.jobs.worker.returned.connect(lambda _r: returned.append(time.perf_counter()))
     qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
     assert returned, widget.status.value
     return clicked, returned[0]
@@ -57,7 +59,7 @@ def test_event_loop_stays_responsive_while_training(make_napari_viewer, qtbot, t
     for attempt in range(2):
         viewer, train = _train(make_napari_viewer, qtbot, tmp_path / f"model{attempt}", show=True)
         clicked, done = _click_and_wait(qtbot, train, train.train_btn, stall_meter)
-        assert perturb_state(viewer).model is not None, train.status.value
+        assert session_for(viewer).model is not None, train.status.value
         stalls.append(stall_meter.longest(clicked, done))
         if stalls[-1] <= 0.150:
             break
@@ -70,7 +72,7 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     viewer, train = _train(make_napari_viewer, qtbot, tmp_path / "model", show=True)
     train.train_btn.native.click()
     qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
-    model = perturb_state(viewer).model
+    model = session_for(viewer).model
     assert model is not None, train.status.value
 
     _, ko = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
@@ -127,7 +129,9 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     np.testing.assert_allclose(vec_layer.data, per_cell)
     assert len(per_cell) > 100
     # the summary lists the moved genes, the knocked-out TF first
-    assert ko.summary.top.index[0] == tf and ko.summary.top[tf] < 0
+    summary = find_dock(viewer, "Knockout summary")
+    qtbot.waitUntil(lambda: summary.top is not None, timeout=5_000)  # the summary draws in the next turn
+    assert summary.top.index[0] == tf and summary.top[tf] < 0
 
     out, png = ko.save(tmp_path / "ko_tf0")
     import anndata as ad
@@ -148,11 +152,11 @@ def test_cancel_mid_training_leaves_a_resumable_model(make_napari_viewer, qtbot,
             cancel_once.append(event)
             train.cancel()
 
-    train._relay.progressed.connect(cancel_early)
+    train.jobs.progressed.connect(cancel_early)
     train.train_btn.native.click()
     qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
     assert train.status.value.startswith("cancelled")
-    assert perturb_state(viewer).model is None
+    assert session_for(viewer).model is None
     import json
 
     targets = json.loads((folder / "manifest.json").read_text())["targets"]
@@ -163,7 +167,7 @@ def test_cancel_mid_training_leaves_a_resumable_model(make_napari_viewer, qtbot,
     before = {g: coef_path(folder, g).stat().st_mtime_ns for g in done}
     train.train_btn.native.click()
     qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
-    assert perturb_state(viewer).model is not None, train.status.value
+    assert session_for(viewer).model is not None, train.status.value
     assert finished_genes(folder, targets) == set(targets)
     assert all(coef_path(folder, g).stat().st_mtime_ns == t for g, t in before.items())  # not refitted
 
@@ -191,7 +195,8 @@ def test_two_knockouts_side_by_side_and_their_difference(make_napari_viewer, qtb
     assert ko.showing.value == b.name and list(ko.showing.choices) == [a.name, b.name]
     ko.showing.value = a.name
     assert ko.current is a
-    qtbot.waitUntil(lambda: ko.summary.top.index[0] == "Tf0", timeout=5_000)  # the summary redraws next turn
+    summary = find_dock(viewer, "Knockout summary")
+    qtbot.waitUntil(lambda: summary.top.index[0] == "Tf0", timeout=5_000)  # the summary redraws next turn
     assert all(layer.visible for layer in a.layers.values())
     assert not any(layer.visible for layer in b.layers.values())
     np.testing.assert_allclose(a.layers["delta"].face_color, diverging_rgba(a.delta("Gene0"))[0], atol=1e-6)

@@ -64,7 +64,8 @@ def test_irregular_spots_get_a_finer_pitch_and_stay_visible():
 def test_one_million_spots_open_as_a_raster_and_take_results(make_napari_viewer):
     from spatial_deconv_gui import api
     from spatial_deconv_gui.engines.base import DeconvResult
-    from spatial_deconv_gui.gui.workbench import workbench_for
+    from spatial_deconv_gui.gui.docks import find_dock
+    from spatial_deconv_gui.gui.result_layers import add_result, set_hidden
     from spatial_deconv_gui.io import attach_result
 
     n = 1_000_000
@@ -98,8 +99,8 @@ def test_one_million_spots_open_as_a_raster_and_take_results(make_napari_viewer)
         device="cpu",
         runtime_s=0.0,
     )
-    wb = workbench_for(viewer)
-    rec = wb.add_run(
+    rec = add_result(
+        viewer,
         api.RunOutput(attach_result(adata, res), res, None),
         adata.obsm["spatial"],
         meta["spot_size"],
@@ -110,7 +111,8 @@ def test_one_million_spots_open_as_a_raster_and_take_results(make_napari_viewer)
     assert type(dom).__name__ == "Image"
     expected = np.array([to_rgba(rec.palette[t]) for t in "ABC"])[props.argmax(axis=1)]
     np.testing.assert_allclose(spot_colors(dom), expected, atol=1 / 255)
-    wb.set_hidden(rec, {"B"})
+    set_hidden(rec, {"B"})
     assert np.all(spot_colors(dom)[props.argmax(axis=1) == 1, 3] == 0)
-    assert wb.inspect_at((y, x)) == i
-    assert wb.inspector.current == ("big", i)
+    inspector = find_dock(viewer, "Spot inspector")
+    assert inspector.inspect_at((y, x)) == i
+    assert inspector.current == ("big", i)

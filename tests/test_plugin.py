@@ -127,14 +127,23 @@ def test_widget_shows_problems_instead_of_running(make_napari_viewer, small_pair
     assert "problem" in widget.status.value
 
 
-def test_worker_errors_become_notifications(make_napari_viewer, monkeypatch):
+def test_worker_errors_become_notifications(make_napari_viewer, qtbot, monkeypatch):
     viewer = _sample_viewer(make_napari_viewer)
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
-    widget._on_error(InputError("the reference is broken.", "use another one."))
+
+    def broken(*_args, **_kwargs):
+        raise InputError("the reference is broken.", "use another one.")
+
+    monkeypatch.setattr("spatial_deconv_gui.api.run_deconvolution", broken)
+    before = widget.slide.value.face_color.copy()
+    widget.run_btn.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=30_000)
     assert shown == ["Deconvolution: the reference is broken. Fix: use another one."]
     assert widget.status.value.startswith("failed")
+    assert "the reference is broken." in widget.problems.value
+    np.testing.assert_array_equal(widget.slide.value.face_color, before)  # the slide keeps its colours
 
 
 @pytest.mark.render

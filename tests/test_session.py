@@ -1,24 +1,38 @@
-"""The per-viewer Session: one per viewer, held by the viewer itself, and the docks talk through its signals."""
+"""The per-viewer Session: one per viewer, held by the viewer itself, evented; the docks talk through its signals."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-from spatial_deconv_gui.gui.perturb import perturb_state
+import numpy as np
+
+from spatial_deconv_gui import api
+from spatial_deconv_gui.engines.base import DeconvResult
+from spatial_deconv_gui.gui.docks import find_dock
+from spatial_deconv_gui.gui.result_layers import add_result
 from spatial_deconv_gui.gui.session import Session, real_viewer, session_for
-from spatial_deconv_gui.gui.workbench import workbench_for
+from spatial_deconv_gui.io import attach_result
 
 PLUGIN = "spatial-deconv-gui"
 
 
-def test_each_viewer_has_its_own_session(make_napari_viewer):
+def _result(spatial, types, props, key="sim"):
+    res = DeconvResult(
+        key=key, method=key, mode=None, cell_types=types, proportions=props, params={}, device="cpu", runtime_s=0.0
+    )
+    return api.RunOutput(attach_result(spatial, res), res, None)
+
+
+def test_each_viewer_has_its_own_session(make_napari_viewer, small_pair):
     first, second = make_napari_viewer(), make_napari_viewer()
     assert session_for(first) is session_for(first)
     assert session_for(first) is not session_for(second)
-    assert workbench_for(first) is session_for(first).workbench
-    assert perturb_state(second) is session_for(second).perturb
-    assert workbench_for(first) is not workbench_for(second)
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    add_result(first, _result(spatial, types, spatial.obsm["true_proportions"].to_numpy()), spatial.obsm["spatial"], 50)
+    assert list(session_for(first).results) == ["sim #1"] and not session_for(second).results
+    assert find_dock(first, "Results") is not None and find_dock(second, "Results") is None
 
 
 def test_a_proxied_viewer_reaches_the_same_session(make_napari_viewer):
@@ -42,11 +56,49 @@ def test_the_session_dies_with_its_owner():
     assert session() is None
 
 
+def test_session_events_fire_in_order(make_napari_viewer, small_pair):
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    seen = []
+    for name in ("slides_changed", "result_added", "result_selected", "spot_picked", "reference_changed"):
+        getattr(session, name).connect(lambda *args, name=name: seen.append((name, *args)))
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    assert ("slides_changed",) in seen and len(session.slides()) == 1
+    seen.clear()
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    truth = spatial.obsm["true_proportions"].to_numpy()
+    for _ in range(2):
+        add_result(viewer, _result(spatial, types, truth), spatial.obsm["spatial"], 50)
+    assert [e for e in seen if e[0] != "slides_changed"] == [
+        ("result_added", "sim #1"),
+        ("result_selected", "sim #1"),
+        ("result_added", "sim #2"),
+        ("result_selected", "sim #2"),
+    ]
+    seen.clear()
+    session.select_result("sim #1")
+    session.select_result("sim #1")  # no change: no event
+    session.pick_spot("sim #1", 7)
+    session.set_reference("/some/ref.h5ad")
+    assert seen == [
+        ("result_selected", "sim #1"),
+        ("spot_picked", "sim #1", 7),
+        ("reference_changed", "/some/ref.h5ad"),
+    ]
+    # the docks followed: the Legend shows the selected result, the inspector the picked spot
+    assert find_dock(viewer, "Legend").run is session.results["sim #1"]
+    inspector = find_dock(viewer, "Spot inspector")
+    assert inspector.current == ("sim #1", 7)
+    nz = {t: p for t, p in zip(types, truth[7]) if p > 1e-3}
+    assert inspector.shown.keys() == nz.keys() and all(abs(inspector.shown[t] - nz[t]) < 1e-12 for t in nz)
+    assert find_dock(viewer, "Results").run.value == "sim #1"
+
+
 def test_a_new_model_reaches_every_knockout_dock_through_the_session(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "grn_tissue")
     _, knockout = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
-    assert knockout in session_for(viewer).knockout_docks
     seen = []
     session_for(viewer).model_changed.connect(seen.append)
 
@@ -56,7 +108,9 @@ def test_a_new_model_reaches_every_knockout_dock_through_the_session(make_napari
         cluster_names = ["c0"]
         clusters = [0]
 
-    perturb_state(viewer).model = FakeModel()
-    session_for(viewer).model_changed.emit(perturb_state(viewer).model)
-    assert seen and seen[0] is perturb_state(viewer).model
+    model = FakeModel()
+    session_for(viewer).set_model(model, viewer.layers[0])
+    assert seen == [model] and session_for(viewer).model_slide is viewer.layers[0]
     assert knockout.status.value == "model: 2 genes (1 with models)"
+    assert [c for c in knockout.genes.choices] == ["a", "b"]
+    np.testing.assert_array_equal(knockout.cluster.choices, [None, "c0"])

@@ -95,7 +95,7 @@ def test_several_tables_ask_which(make_napari_viewer, cells, tmp_path, monkeypat
     assert asked == [["doubled", "table"]]
     [spots] = _layers_by_kind(viewer)["spatial"]
     assert spots.metadata[PLUGIN_KEY]["read_options"] == {"table": "doubled"}
-    from spatial_deconv_gui.gui.perturb import slide_adata
+    from spatial_deconv_gui.gui.perturb_layers import slide_adata
 
     assert (slide_adata(spots).X != second.X).nnz == 0  # the widgets re-read the table the user chose
 
@@ -103,11 +103,11 @@ def test_several_tables_ask_which(make_napari_viewer, cells, tmp_path, monkeypat
 def test_knockout_layers_use_the_slide_world_frame(cells):
     from types import SimpleNamespace
 
-    from spatial_deconv_gui.gui.perturb import PerturbState
+    from spatial_deconv_gui.gui.session import Session
 
-    state = PerturbState(viewer=None)
+    state = Session(viewer=None)
     state.model = SimpleNamespace(coords=cells.obsm["spatial"])
-    state.slide_layer = SimpleNamespace(metadata={PLUGIN_KEY: {"world_per_coord": 0.25}})
+    state.model_slide = SimpleNamespace(metadata={PLUGIN_KEY: {"world_per_coord": 0.25}})
     np.testing.assert_allclose(state.cells_yx(), cells.obsm["spatial"][:, ::-1] * 0.25)
 
 

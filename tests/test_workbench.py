@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
 
+from spatial_deconv_gui.gui.docks import find_dock
 from spatial_deconv_gui.gui.layers import PLUGIN_KEY
+from spatial_deconv_gui.gui.result_layers import add_result, export_csv, save_figure, save_result
+from spatial_deconv_gui.gui.session import session_for
 from spatial_deconv_gui.gui.views import colormap_rgba, compare_proportions, js_distance
-from spatial_deconv_gui.gui.workbench import workbench_for
 
 PLUGIN = "spatial-deconv-gui"
 pytest.importorskip("spatial_deconv_gui.engines.rctd")
@@ -54,15 +56,15 @@ def _click_run_and_wait(qtbot, widget, timeout_s=600):
 def _timed_run(qtbot, widget, meter):
     """Click Run, wait; returns the run, the partial results seen and the longest stall while the engine ran."""
     seen_partial, stages = [], []
-    widget._relay.progressed.connect(lambda e: e.partial is not None and seen_partial.append(e.partial))
-    widget._relay.progressed.connect(lambda e: stages.append((time.perf_counter(), e.stage)))
+    widget.jobs.progressed.connect(lambda e: e.partial is not None and seen_partial.append(e.partial))
+    widget.jobs.progressed.connect(lambda e: stages.append((time.perf_counter(), e.stage)))
     meter.gaps.clear()
     meter.start()
     widget.run_btn.native.click()
     clicked = time.perf_counter()
     assert widget.busy, widget.problems.value
     returned = []
-    widget._worker.returned.connect(lambda _r: returned.append(time.perf_counter()))
+    widget.jobs.worker.returned.connect(lambda _r: returned.append(time.perf_counter()))
     qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
     meter.stop()
     assert widget.last_run is not None, widget.status.value
@@ -103,8 +105,9 @@ def test_run_rctd_doublet_like_a_user(make_napari_viewer, qtbot, tmp_path, stall
     assert run.result.mode == "doublet"
     assert len(seen_partial) >= 2  # partial results streamed per batch
 
-    wb = workbench_for(viewer)
-    rec = wb.runs[next(iter(wb.runs))]
+    session = session_for(viewer)
+    rec = session.results[next(iter(session.results))]
+    results, legend, inspector = (find_dock(viewer, n) for n in ("Results", "Legend", "Spot inspector"))
     names = [layer.name for layer in viewer.layers]
     assert any(n.endswith("dominant type") for n in names)
     assert any(n.endswith("proportion") for n in names)
@@ -117,36 +120,36 @@ def test_run_rctd_doublet_like_a_user(make_napari_viewer, qtbot, tmp_path, stall
     dom_idx = np.argmax(props, axis=1)
     expected = np.array([to_rgba(rec.palette[types[i]]) for i in dom_idx])
     np.testing.assert_allclose(rec.layers["dominant"].face_color, expected, atol=1e-6)
-    wb.results.cell_type.value = types[2]
+    results.cell_type.value = types[2]
     np.testing.assert_allclose(rec.layers["proportions"].face_color, colormap_rgba(props[:, 2]), atol=1e-6)
     classes = run.adata.obs["rctd_spot_class"].astype(str)
     assert set(classes) <= {"singlet", "doublet_certain", "doublet_uncertain", "reject"}
 
     # the legend lists the cell types and hides one on untick
-    assert wb.legend.labels() == types
-    wb.legend.set_visible(types[0], False)
+    assert legend.labels() == types
+    legend.set_visible(types[0], False)
     alpha = rec.layers["dominant"].face_color[:, 3]
     assert np.all(alpha[dom_idx == 0] == 0) and np.all(alpha[dom_idx != 0] == 1)
-    wb.legend.set_visible(types[0], True)
+    legend.set_visible(types[0], True)
 
     # the inspector shows the clicked spot's composition
     viewer.layers.selection.active = rec.layers["dominant"]
     i = int(np.argmin(np.nanmax(props, axis=1)))  # a mixed spot
     for cb in viewer.mouse_drag_callbacks:
         cb(viewer, FakeMouse(rec.layers["dominant"].data[i]))
-    assert wb.inspector.current == (rec.name, i)
-    shown = wb.inspector.shown
+    assert inspector.current == (rec.name, i)
+    shown = inspector.shown
     nz = {t: p for t, p in zip(types, props[i]) if p > 1e-3}
     assert shown.keys() == nz.keys() and all(abs(shown[t] - nz[t]) < 1e-12 for t in nz)
-    assert run.adata.obs_names[i] in wb.inspector.text.text()
+    assert run.adata.obs_names[i] in inspector.text.text()
 
     # save: h5ad (slot scheme), CSV, and the window as PNG
-    out = wb.save_h5ad(rec, tmp_path / "result.h5ad")
+    out = save_result(rec, tmp_path / "result.h5ad")
     back = ad.read_h5ad(out)
     np.testing.assert_allclose(back.obsm["rctd_proportions"].to_numpy(), props)
-    csv = pd.read_csv(wb.export_csv(rec, tmp_path / "props.csv"), index_col=0)
+    csv = pd.read_csv(export_csv(rec, tmp_path / "props.csv"), index_col=0)
     np.testing.assert_allclose(csv.to_numpy(), props, atol=1e-12)
-    png = wb.save_figure(tmp_path / "window.png")
+    png = save_figure(viewer, rec, tmp_path / "window.png")
     assert png.stat().st_size > 10_000
 
 
@@ -157,14 +160,14 @@ def test_screenshot_after_run_shows_legend_and_coloured_spots(make_napari_viewer
     viewer, widget = _viewer_with_widget(make_napari_viewer, show=True)
     widget.mode.value = "full"
     _click_run_and_wait(qtbot, widget)
-    wb = workbench_for(viewer)
-    rec = wb.runs[next(iter(wb.runs))]
+    rec = next(iter(session_for(viewer).results.values()))
+    legend = find_dock(viewer, "Legend")
     for _ in range(5):
         QApplication.processEvents()
     shot = viewer.screenshot(str(tmp_path / "after_run.png"), canvas_only=False, flash=False)
     # the legend dock is on screen with one row per cell type
-    assert wb.legend.isVisible() and wb.legend.list.count() == len(rec.cell_types)
-    legend_img = wb.legend.grab().toImage()
+    assert legend.isVisible() and legend.list.count() == len(rec.cell_types)
+    legend_img = legend.grab().toImage()
     assert legend_img.width() > 50 and legend_img.height() > 50
     # the canvas shows the cell-type colours of the result (read unblended: the tissue image off, spots opaque)
     for layer in viewer.layers:
@@ -188,7 +191,7 @@ def test_cancel_mid_run_leaves_no_result(make_napari_viewer, qtbot):
     widget.params_box.batch_size.value = 20
     before = [layer.name for layer in viewer.layers]
     events = []
-    widget._relay.progressed.connect(events.append)
+    widget.jobs.progressed.connect(events.append)
     widget.run_btn.native.click()
     qtbot.waitUntil(lambda: len(events) > 0, timeout=120_000)
     widget.cancel_btn.native.click()
@@ -196,7 +199,7 @@ def test_cancel_mid_run_leaves_no_result(make_napari_viewer, qtbot):
     assert widget.status.value.startswith("cancelled")
     assert [layer.name for layer in viewer.layers] == before
     assert widget.last_run is None
-    assert not workbench_for(viewer).runs
+    assert not session_for(viewer).results
 
 
 def test_js_distance_and_comparison_by_hand():
@@ -228,7 +231,6 @@ def test_compare_two_runs(make_napari_viewer, small_pair):
     rng = np.random.default_rng(1)
     noisy = np.clip(truth + rng.normal(0, 0.1, truth.shape), 0, None)
     noisy /= noisy.sum(axis=1, keepdims=True)
-    wb = workbench_for(viewer)
     for name, props in (("truth", truth), ("noisy", noisy)):
         res = DeconvResult(
             key="sim",
@@ -240,14 +242,17 @@ def test_compare_two_runs(make_napari_viewer, small_pair):
             device="cpu",
             runtime_s=0.0,
         )
-        wb.add_run(api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name=name)
-    wb.results.run.value, wb.results.run_b.value = "truth", "noisy"
-    wb.results.compare_btn.native.click()
-    layer, cmp = wb.comparison
+        add_result(
+            viewer, api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0, name=name
+        )
+    results = find_dock(viewer, "Results")
+    results.run.value, results.run_b.value = "truth", "noisy"
+    results.compare_btn.native.click()
+    layer, cmp = session_for(viewer).comparison
     np.testing.assert_allclose(layer.features["js_distance"], js_distance(truth, noisy))
     agree = np.mean(truth.argmax(1) == noisy.argmax(1))
     assert cmp.agreement == pytest.approx(agree)
-    assert f"{100 * agree:.1f}%" in wb.results.summary.value
+    assert f"{100 * agree:.1f}%" in results.summary.value
 
 
 def test_flash_runs_from_the_widget_and_compares_with_rctd(make_napari_viewer, qtbot):
@@ -265,11 +270,12 @@ def test_flash_runs_from_the_widget_and_compares_with_rctd(make_napari_viewer, q
     widget.method.value = "rctd"
     widget.mode.value = "full"
     _click_run_and_wait(qtbot, widget)
-    wb = workbench_for(viewer)
-    a, b = list(wb.runs)
-    wb.results.run.value, wb.results.run_b.value = a, b
-    wb.results.compare_btn.native.click()
-    _, cmp = wb.comparison
-    pa, pb = wb.runs[a].proportions, wb.runs[b].proportions[wb.runs[a].cell_types]
+    session = session_for(viewer)
+    a, b = list(session.results)
+    results = find_dock(viewer, "Results")
+    results.run.value, results.run_b.value = a, b
+    results.compare_btn.native.click()
+    _, cmp = session.comparison
+    pa, pb = session.results[a].proportions, session.results[b].proportions[session.results[a].cell_types]
     expected = np.mean(pa.to_numpy().argmax(1) == pb.to_numpy().argmax(1))
     assert cmp.agreement == pytest.approx(expected) and cmp.agreement > 0.7

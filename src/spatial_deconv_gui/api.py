@@ -12,8 +12,9 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
-from . import __version__
+from . import __version__, keys
 from .engines.base import (
     Cancelled,  # noqa: F401  (re-exported: the GUI catches it without reaching into engines)
     DeconvResult,
@@ -286,3 +287,73 @@ def destvi_imputed_expression(source, cell_type: str, genes=None, spots=None):
     from .engines.destvi.engine import impute_expression  # DestVI's module pulls in torch: only when imputing
 
     return impute_expression(source, cell_type, genes=genes, spots=spots)
+
+
+# -- for the GUI: DestVI imputation a chunk at a time, results read back from a saved file ---------------------
+IMPUTE_CHUNK_VALUES = 4_000_000  # spots x states x genes per imputation step (~32 MB of float64)
+
+
+def destvi_state(*holders) -> dict | None:
+    """The DestVI model state (``uns['destvi_model']``) the first of ``holders`` (results, AnnDatas) carries."""
+    for holder in holders:
+        uns = getattr(holder, "uns", None)
+        if uns is not None and keys.DESTVI_MODEL in uns:
+            return uns[keys.DESTVI_MODEL]
+    return None
+
+
+def destvi_imputation_steps(state: dict, cell_type: str, gene: str, chunk: int | None = None):
+    """DestVI's imputed expression of ``gene`` within ``cell_type`` at every spot, a chunk of spots at a time.
+
+    A generator for a worker: yields the fraction of spots done after each chunk and returns the values (one per
+    spot of the model, in its ``barcodes`` order; fractions of a cell's library, as
+    :func:`destvi_imputed_expression`).
+    """
+    n_spots = len(state["barcodes"])
+    n_states = int(np.asarray(state["mode_weights"]).shape[1])
+    if chunk is None:
+        chunk = max(256, IMPUTE_CHUNK_VALUES // max(1, n_states * len(state["genes"])))
+    out = np.empty(n_spots, dtype=np.float64)
+    for start in range(0, n_spots, chunk):
+        idx = np.arange(start, min(n_spots, start + chunk))
+        out[idx] = destvi_imputed_expression(state, cell_type, genes=[gene], spots=idx).to_numpy()[:, 0]
+        yield float(idx[-1] + 1) / n_spots
+    return out
+
+
+def in_slide_order(state: dict, obs_names, values):
+    """Values in a DestVI model's spot order (its barcodes) put in a slide's order; NaN where the model has none."""
+    barcodes = np.asarray(state["barcodes"]).astype(str)
+    obs = np.asarray(obs_names).astype(str)
+    if np.array_equal(barcodes, obs):
+        return np.asarray(values, dtype=np.float64)
+    return pd.Series(np.asarray(values, dtype=np.float64), index=barcodes).reindex(obs).to_numpy()
+
+
+def saved_results(spatial, slide_options: dict | None = None) -> list[RunOutput]:
+    """The deconvolution results a saved slide carries (written by :func:`save_result`), one per method key,
+    rebuilt as run outputs; a slide without results gives an empty list."""
+    adata = _slide_adata(spatial, slide_options)
+    out = []
+    for slot, props in adata.obsm.items():
+        key = slot.removesuffix(keys.PROPORTIONS_SUFFIX)
+        info = adata.uns.get(keys.run_info(key))
+        if key == slot or not hasattr(props, "columns") or not isinstance(info, dict) or "method" not in info:
+            continue
+        mode = info.get("mode")
+        obs = {c: adata.obs[c] for c in (keys.spot_class(key),) if c in adata.obs}
+        uns = {keys.DESTVI_MODEL: adata.uns[keys.DESTVI_MODEL]} if keys.DESTVI_MODEL in adata.uns else {}
+        result = DeconvResult(
+            key=key,
+            method=str(info["method"]),
+            mode=None if mode in (None, "", "None") else str(mode),
+            cell_types=[str(c) for c in props.columns],
+            proportions=np.asarray(props, dtype=float),
+            params=dict(info.get("parameters", {})),
+            device=str(info.get("device", "")),
+            runtime_s=float(info.get("runtime_s", 0.0)),
+            obs=obs,
+            uns=uns,
+        )
+        out.append(RunOutput(adata, result, None))
+    return out

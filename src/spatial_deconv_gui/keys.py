@@ -25,6 +25,7 @@ WEIGHTS_SUFFIX = "_weights"
 COLORS_SUFFIX = "_colors"
 CELL_TYPE_NAMES = "cell_type_names"  # uns: the result's cell types, in column order
 CELL_TYPE_COLORS = "cell_type_colors"  # uns: one colour per cell type, aligned with CELL_TYPE_NAMES
+DESTVI_MODEL = "destvi_model"  # uns: the DestVI model state a result carries for imputation
 
 
 def proportions(key: str) -> str:

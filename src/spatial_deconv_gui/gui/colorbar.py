@@ -3,7 +3,10 @@ colours the tissue by a value."""
 
 from __future__ import annotations
 
+import matplotlib
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.colorbar import ColorbarBase
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 
@@ -19,10 +22,6 @@ def add_colorbar(container) -> tuple[Figure, FigureCanvasQTAgg]:
 def draw_colorbar(
     figure: Figure, canvas: FigureCanvasQTAgg, label: str, cmap: str, vmin: float = 0.0, vmax: float = 1.0
 ):
-    import matplotlib
-    from matplotlib.colorbar import ColorbarBase
-    from matplotlib.colors import Normalize
-
     figure.clear()
     ax = figure.add_axes([0.05, 0.42, 0.9, 0.22])
     ColorbarBase(ax, cmap=matplotlib.colormaps[cmap], norm=Normalize(vmin, vmax), orientation="horizontal")

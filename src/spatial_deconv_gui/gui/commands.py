@@ -5,13 +5,13 @@ from __future__ import annotations
 from napari.layers import Layer
 from napari.viewer import Viewer
 
-PLUGIN = "spatial-deconv-gui"
+from .docks import open_docks
 
 
 def deconvolve_layer(viewer: Viewer, layer: Layer | None = None) -> None:
-    """Open (or raise) the Deconvolution dock with its slide picker set to ``layer`` (napari injects the
+    """Open (or find) the Deconvolution dock with its slide picker set to ``layer`` (napari injects the
     viewer and the active layer from their type hints)."""
-    _, dock = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+    [dock] = open_docks(viewer, ["Deconvolution"])
     dock.slide.reset_choices()
     if layer is not None and any(choice is layer for choice in dock.slide.choices):
         dock.slide.value = layer

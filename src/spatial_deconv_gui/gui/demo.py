@@ -1,4 +1,7 @@
-"""`spatial-deconv demo`: napari with the sample slide and the plugin's widgets; `--headless` writes files."""
+"""`spatial-deconv demo`: napari with the sample slide and the plugin's widgets; `--headless` writes files.
+
+The CLI imports this module only when the demo runs, so napari and torch load then, not at every command.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +11,26 @@ import sys
 import time
 from pathlib import Path
 
-from .. import keys
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+
+from .. import api, keys, perturb_api
+from ..figures import result_figure
+from ..io.errors import InputError
+from ..io.write import atomic_path, write_h5ad_atomic, write_text_atomic
+from ..sample_data import sample_paths
+from .display import virtual_display
+from .docks import find_dock
+from .session import session_for
 
 PLUGIN = "spatial-deconv-gui"
 
 
 def _default_method(method: str | None) -> str | None:
-    from ..api import available_methods  # the demo's CLI entry imports napari and the API only once it runs
-
-    methods = available_methods()
+    methods = api.available_methods()
     if method is not None:
         if method not in methods:
-            from ..io.errors import InputError
-
             raise InputError(f"unknown method {method!r}.", f"use one of: {', '.join(sorted(methods))}.")
         return method
     return "rctd" if "rctd" in methods else (sorted(methods)[0] if methods else None)
@@ -28,8 +38,6 @@ def _default_method(method: str | None) -> str | None:
 
 def build_viewer(show: bool):
     """A viewer with the sample slide loaded and the Deconvolution widget docked, set to the sample."""
-    import napari
-
     viewer = napari.Viewer(title="spatial-deconv-gui: sample slide", show=show)
     viewer.open_sample(PLUGIN, "simulated_slide")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
@@ -44,23 +52,21 @@ def demo_params(method: str) -> dict:
 
 def _inspect_a_mixed_spot(viewer, run):
     """Show the inspector on the most mixed fitted spot, so the picture shows what it is for."""
-    import numpy as np
-
-    from .workbench import workbench_for
-
     props = run.adata.obsm[keys.proportions(run.result.key)].to_numpy()
     purity = np.where(np.isnan(props).any(axis=1), np.inf, np.nanmax(props, axis=1))
-    idx = int(np.argmin(purity))
-    wb = workbench_for(viewer)
-    rec = wb.runs[next(reversed(wb.runs))]
-    wb.inspector.show_spot(rec, idx)
+    session = session_for(viewer)
+    session.pick_spot(next(reversed(session.results)), int(np.argmin(purity)))
+
+
+def _finish_now(steps):
+    """Run a dock's finishing steps at once (the GUI runs them one per event-loop turn)."""
+    for _ in steps:
+        pass
 
 
 def run_demo(headless_dir: str | None = None, method: str | None = None) -> int:
     method = _default_method(method)
     if headless_dir is None:
-        import napari
-
         viewer, widget = build_viewer(show=True)
         if method is not None:
             widget.method.value = method
@@ -73,8 +79,6 @@ def run_demo(headless_dir: str | None = None, method: str | None = None) -> int:
 
 
 def run_headless(outdir: Path, method: str | None) -> int:
-    from .display import virtual_display
-
     outdir.mkdir(parents=True, exist_ok=True)
     with virtual_display() as has_display:
         if not has_display:
@@ -83,12 +87,6 @@ def run_headless(outdir: Path, method: str | None) -> int:
 
 
 def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
-    from qtpy.QtWidgets import QApplication
-
-    from .. import api
-    from ..figures import result_figure
-    from ..sample_data import sample_paths
-
     spatial_path, reference_path = sample_paths()
     viewer, widget = build_viewer(show=rendering)
     summary: dict = {"rendering": rendering, "outputs": []}
@@ -101,9 +99,7 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
             widget.method.value = method
             for k, v in demo_params(method).items():
                 getattr(widget, k).value = v
-            widget._run_inputs = (spatial_path, reference_path)
-            widget._run_slide = widget.slide.value
-            widget._on_done(run, staged=False)
+            _finish_now(widget.show_run(run, widget.slide.value, {"inputs": (spatial_path, reference_path)}))
             _inspect_a_mixed_spot(viewer, run)
             result_path = api.save_result(
                 run.adata, outdir / f"sample_{method}.h5ad", protect=(spatial_path, reference_path)
@@ -122,8 +118,6 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
             app.processEvents()
         viewer.reset_view()
         if rendering:
-            from ..io.write import atomic_path
-
             shot = outdir / "screenshot.png"
             with atomic_path(shot, ".png") as tmp:
                 viewer.screenshot(str(tmp), canvas_only=False, flash=False)
@@ -134,8 +128,6 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
         viewer.close()
     summary["knockout"] = _headless_knockout(outdir, rendering)
     summary["outputs"] += summary["knockout"].pop("outputs")
-    from ..io.write import write_text_atomic
-
     write_text_atomic(json.dumps(summary, indent=2), outdir / "summary.json")
     print(json.dumps(summary, indent=2))
     return 0
@@ -143,13 +135,6 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
 
 def _headless_knockout(outdir: Path, rendering: bool) -> dict:
     """Train the GRN model of the simulated tissue, knock out its upstream TF, save the data and a picture."""
-    import napari
-    from qtpy.QtWidgets import QApplication
-
-    from .. import perturb_api
-    from ..io.write import atomic_path
-    from .perturb import perturb_state
-
     t0 = time.perf_counter()
     viewer = napari.Viewer(title="spatial-deconv-gui: knockout on the GRN sample", show=rendering)
     viewer.window.resize(1500, 950)
@@ -159,27 +144,25 @@ def _headless_knockout(outdir: Path, rendering: bool) -> dict:
     train.model_dir.value = str(outdir / "grn_model")
     adata, grn, lr, col, out, layer_name, params = train._training_inputs()
     model = perturb_api.train_model(adata, grn, lr, col, out, layer=layer_name, **params)
-    perturb_state(viewer).slide_layer = train.slide.value
-    train._on_model(model)
-    tf = str(adata.uns.get("perturb_sim", {}).get("upstream_tf", model.targets[0]))
+    train.set_model(model, train.slide.value)
+    tf = str(adata.uns.get(keys.PERTURB_SIM, {}).get("upstream_tf", model.targets[0]))
     ko.genes.value = [tf]
-    ko._run_genes = [tf]
     result = perturb_api.run_perturbation(model, [tf], 0.0, steps=int(ko.steps.value), adata=adata)
-    ko._on_done(result)
+    ko.start_stream()
+    _finish_now(ko.add_run_steps(result, [tf], 0.0))
     viewer.layers[0].visible = False  # the Δ map and arrows are the picture
     viewer.reset_view()
     app = QApplication.instance()
     for _ in range(5):
         app.processEvents()
+    summary_dock = find_dock(viewer, "Knockout summary")
     h5 = outdir / "knockout_sample.h5ad"
     png = outdir / "knockout.png"
-    from ..io.write import write_h5ad_atomic
-
     write_h5ad_atomic(result, h5)
     with atomic_path(png, ".png") as tmp:
         if rendering:
             viewer.screenshot(str(tmp), canvas_only=False, flash=False)
         else:
-            ko.summary.figure.savefig(tmp, dpi=120)
+            summary_dock.figure.savefig(tmp, dpi=120)
     viewer.close()
     return {"gene": tf, "runtime_s": round(time.perf_counter() - t0, 2), "outputs": [str(h5), str(png)]}

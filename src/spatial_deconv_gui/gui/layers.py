@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import anndata as ad
+import matplotlib
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from .. import keys
 from ..colors import cell_type_palette, palette_from_uns, rgba_for_labels
 from ..io.errors import InputError
 from ..io.read import find_coordinates
@@ -49,7 +51,7 @@ def categorical_palettes(adata: ad.AnnData) -> dict[str, dict[str, str]]:
         s = adata.obs[col]
         if isinstance(s.dtype, pd.CategoricalDtype):
             cats = list(map(str, s.cat.categories))
-            out[col] = cell_type_palette(cats, palette_from_uns(cats, adata.uns.get(f"{col}_colors")))
+            out[col] = cell_type_palette(cats, palette_from_uns(cats, adata.uns.get(keys.colors(col))))
     return out
 
 
@@ -64,10 +66,8 @@ def features_table(adata: ad.AnnData) -> pd.DataFrame:
 def default_colouring(adata: ad.AnnData, palettes: dict[str, dict[str, str]]) -> tuple[str | None, np.ndarray]:
     """Colour by the first categorical column that has user colours, else by log total counts."""
     for col, pal in palettes.items():
-        if f"{col}_colors" in adata.uns:
+        if keys.colors(col) in adata.uns:
             return col, rgba_for_labels(adata.obs[col].astype(str).to_numpy(), pal)
-    import matplotlib
-
     x = adata.X
     totals = np.asarray(x.sum(axis=1)).ravel() if x is not None else np.ones(adata.n_obs)
     v = np.log1p(np.clip(totals, 0, None))

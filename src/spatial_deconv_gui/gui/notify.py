@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from magicgui.widgets import Label
+from napari.utils import notifications
+from qtpy.QtWidgets import QSizePolicy
+
 from ..io.errors import InputError
 
 log = logging.getLogger("spatial_deconv_gui")
@@ -18,25 +22,18 @@ def user_message(exc: BaseException) -> str:
 
 
 def notify_error(exc: BaseException, context: str = ""):
-    from napari.utils.notifications import show_error
-
     msg = user_message(exc)
     log.error("%s%s", f"{context}: " if context else "", msg, exc_info=not isinstance(exc, InputError))
-    show_error(f"{context}: {msg}" if context else msg)
+    notifications.show_error(f"{context}: {msg}" if context else msg)
 
 
 def notify_info(msg: str):
-    from napari.utils.notifications import show_info
-
-    show_info(msg)
+    notifications.show_info(msg)
 
 
 def status_label(value: str = "", label: str = "status"):
     """A status line that wraps instead of widening its dock: a wider dock resizes the canvas, which then redraws
     in full, and doing that at a progress message was the longest pause of the event loop while training."""
-    from magicgui.widgets import Label
-    from qtpy.QtWidgets import QSizePolicy
-
     widget = Label(label=label, value=value)
     widget.native.setWordWrap(True)
     widget.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import napari
+from qtpy.QtWidgets import QInputDialog
+
 from ..io.errors import InputError
 from ..io.slide import detect_format, read_slide
 from .layers import slide_layer_data
@@ -20,8 +23,6 @@ def get_reader(path):
 
 def show_scale_bar():
     """napari's scale bar, in the layers' units; readers get no viewer, so this reaches for the current one."""
-    import napari
-
     viewer = napari.current_viewer()
     if viewer is not None:
         overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)  # napari >= 0.9; before: viewer.scale_bar
@@ -31,8 +32,6 @@ def show_scale_bar():
 
 def choose_table(path: Path, names: list[str]) -> str | None:
     """Ask which table of a SpatialData store to open (None when the user cancels)."""
-    from qtpy.QtWidgets import QInputDialog
-
     name, ok = QInputDialog.getItem(
         None, "Open SpatialData", f"{path.name} holds several tables; open which?", names, 0, False
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..io.read import read_h5ad
 from ..io.slide import read_slide
-from ..sample_data import sample_paths
+from ..sample_data import grn_sample_paths, sample_paths
 from .layers import PLUGIN_KEY, slide_layer_data, spatial_layer_data
 from .reader import show_scale_bar
 
@@ -19,8 +19,6 @@ def sample_slide():
 
 def grn_sample_slide():
     """The simulated tissue with a known GRN; its prior files and radii ride along in the layer metadata."""
-    from ..sample_data import grn_sample_paths
-
     paths = grn_sample_paths()
     adata = read_h5ad(paths["spatial"])
     data, kwargs, kind = spatial_layer_data(adata, path=paths["spatial"], name="GRN sample tissue")

@@ -1,14 +1,25 @@
 """One :class:`Session` per napari viewer: the state every dock of the plugin reads and listens to.
 
 The session hangs off the viewer as an attribute (not in a module-level table keyed by viewer), so it lives
-exactly as long as its viewer and a second viewer in the same process gets a session of its own.
+exactly as long as its viewer and a second viewer in the same process gets a session of its own. It holds the
+slides (the viewer's slide layers), the reference, the deconvolution results, the perturbation model and its
+knockout runs, and the selection (which result, which run, which spot); each change is a signal. Docks never call
+each other: a dock changes the session, and the docks that show that part of it, connected to its signals,
+update themselves.
 """
 
 from __future__ import annotations
 
-import weakref
+import functools
+from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
 from psygnal import Signal
+from scipy.spatial import cKDTree
+
+from .. import keys
+from .layers import PLUGIN_KEY, slide_layer_choices
 
 _ATTRIBUTE = "_spatial_deconv_session"
 
@@ -23,22 +34,170 @@ def real_viewer(viewer):
     return viewer
 
 
+@dataclass
+class ResultRecord:
+    """A deconvolution result on the canvas: the run's AnnData and result, its spots and its layers."""
+
+    name: str
+    key: str
+    adata: object
+    result: object
+    coords_yx: np.ndarray
+    size: float
+    palette: dict[str, str]
+    source: dict = field(default_factory=dict)  # the input paths and read options, for saving next to them
+    layers: dict = field(default_factory=dict)
+    hidden: set = field(default_factory=set)
+    raster: object = None
+
+    @functools.cached_property
+    def tree(self) -> cKDTree:
+        return cKDTree(self.coords_yx[:, -2:])
+
+    @property
+    def proportions(self) -> pd.DataFrame:
+        return self.adata.obsm[keys.proportions(self.key)]
+
+    @property
+    def cell_types(self) -> list[str]:
+        return list(self.proportions.columns)
+
+    @property
+    def dominant(self) -> np.ndarray:
+        return self.adata.obs[keys.dominant_type(self.key)].astype(str).to_numpy()
+
+
+@dataclass
+class Perturbation:
+    """A knockout run: the perturbed AnnData (Δ layer, vectors, ``uns['perturb']``) and its layers."""
+
+    name: str
+    adata: object
+    genes: list
+    layers: dict = field(default_factory=dict)
+
+    def delta(self, gene: str) -> np.ndarray:
+        col = list(self.adata.var_names).index(gene)
+        return np.asarray(self.adata.layers[keys.PERTURB_DELTA][:, col].todense()).ravel()
+
+    @functools.cached_property
+    def moved(self) -> pd.Series:
+        """Mean |Δ| per gene over all cells, largest first (computed once: the run never changes)."""
+        d = self.adata.layers[keys.PERTURB_DELTA]
+        mean_abs = np.asarray(abs(d).mean(axis=0)).ravel()
+        return pd.Series(mean_abs, index=list(self.adata.var_names)).sort_values(ascending=False)
+
+
 class Session:
-    """The plugin's shared state for one viewer: deconvolution results, the perturbation model and its runs.
+    """The plugin's shared state for one viewer."""
 
-    Docks do not call each other: a dock that changes the state emits one of these signals and the others,
-    connected to it, update themselves.
-    """
-
+    slides_changed = Signal()  # a slide layer was added or removed
+    reference_changed = Signal(str)  # the reference .h5ad picked for deconvolution
+    result_added = Signal(str)  # a deconvolution result's name, once its layers are on the canvas
+    result_selected = Signal(str)  # the result the docks show (legend, proportion map, imputation)
+    spot_picked = Signal(str, int)  # a result's name and the spot under the mouse
     model_changed = Signal(object)  # a perturbation model was trained or loaded
-    result_added = Signal(str)  # a deconvolution run's name, once its layers are on the canvas
     perturbation_added = Signal(str)  # a knockout run's name, once its layers are on the canvas
+    perturbation_selected = Signal(str)  # the knockout run shown (its layers visible, its summary drawn)
 
     def __init__(self, viewer):
         self.viewer = viewer
-        self.workbench = None  # the deconvolution results (gui.workbench.Workbench), made on first use
-        self.perturb = None  # the perturbation model and its runs (gui.perturb.PerturbState)
-        self.knockout_docks: weakref.WeakSet = weakref.WeakSet()
+        self.reference: str | None = None
+        self.results: dict[str, ResultRecord] = {}
+        self.selected_result: str | None = None
+        self.comparison = None  # (layer, views.Comparison) of the last comparison
+        self.spot: tuple[str, int] | None = None
+        self.model = None
+        self.model_slide = None  # the slide layer the model was trained on: its cells' world frame
+        self.perturbations: dict[str, Perturbation] = {}
+        self.selected_perturbation: str | None = None
+        self.saved_results_read: set = set()  # ids of slide layers already searched for saved results
+        self.jobs: dict = {}  # JobRunners of the session's own background work, by what they do
+        layers = getattr(viewer, "layers", None)
+        if layers is not None:
+            layers.events.inserted.connect(self._on_layers)
+            layers.events.removed.connect(self._on_layers)
+
+    # -- slides and the reference --------------------------------------------------------------------
+    def _on_layers(self, event=None):
+        if getattr(event, "value", None) is None or PLUGIN_KEY in getattr(event.value, "metadata", {}):
+            self.slides_changed.emit()
+
+    def slides(self) -> list[tuple[str, object]]:
+        """(name, layer) of every slide layer on the canvas."""
+        return slide_layer_choices(self.viewer)
+
+    def set_reference(self, path: str):
+        if path != self.reference:
+            self.reference = path
+            self.reference_changed.emit(path)
+
+    # -- deconvolution results -----------------------------------------------------------------------
+    def unique_result_name(self, base: str) -> str:
+        n = 1
+        while f"{base} #{n}" in self.results:
+            n += 1
+        return f"{base} #{n}"
+
+    def add_result(self, record: ResultRecord):
+        self.results[record.name] = record
+        self.result_added.emit(record.name)
+        self.select_result(record.name)
+
+    def select_result(self, name: str | None):
+        if name in self.results and name != self.selected_result:
+            self.selected_result = name
+            self.result_selected.emit(name)
+
+    def result(self, name: str | None = None) -> ResultRecord | None:
+        return self.results.get(name if name is not None else self.selected_result)
+
+    def active_result(self) -> ResultRecord | None:
+        """The result of the selected layer, else the one the docks show."""
+        layer = self.viewer.layers.selection.active
+        if layer is not None:
+            name = layer.metadata.get(PLUGIN_KEY, {}).get("run")
+            if name in self.results:
+                return self.results[name]
+        return self.result()
+
+    def pick_spot(self, name: str, index: int):
+        self.spot = (name, index)
+        self.spot_picked.emit(name, index)
+
+    # -- perturbation ---------------------------------------------------------------------------------
+    def set_model(self, model, slide_layer=None):
+        self.model = model
+        if slide_layer is not None:
+            self.model_slide = slide_layer
+        self.model_changed.emit(model)
+
+    @property
+    def world_per_coord(self) -> float:
+        meta = self.model_slide.metadata.get(PLUGIN_KEY, {}) if self.model_slide is not None else {}
+        return float(meta.get("world_per_coord", 1.0))
+
+    def cells_yx(self) -> np.ndarray:
+        """The model's cells in the slide's world frame (napari order), where the slide and its image lie."""
+        return np.asarray(self.model.coords, dtype=float)[:, :2][:, ::-1] * self.world_per_coord
+
+    def unique_perturbation_name(self, base: str) -> str:
+        n = 1
+        while f"{base} #{n}" in self.perturbations:
+            n += 1
+        return f"{base} #{n}"
+
+    def add_perturbation(self, run: Perturbation):
+        self.perturbations[run.name] = run
+        self.perturbation_added.emit(run.name)
+
+    def select_perturbation(self, name: str | None):
+        if name in self.perturbations and name != self.selected_perturbation:
+            self.selected_perturbation = name
+            self.perturbation_selected.emit(name)
+
+    def perturbation(self, name: str | None = None) -> Perturbation | None:
+        return self.perturbations.get(name if name is not None else self.selected_perturbation)
 
 
 def session_for(viewer) -> Session:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
+from matplotlib.colors import to_rgba
 from scipy.spatial import cKDTree
 
 from ..colors import FILTERED_COLOR
@@ -16,14 +18,12 @@ SPOT_CLASS_COLORS = {
     "reject": "#d62728",
     "filtered": FILTERED_COLOR,
 }
+COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
 PENDING_RGBA = np.array([0.35, 0.35, 0.35, 0.6], dtype=np.float32)
 
 
 def colormap_rgba(values: np.ndarray, cmap: str = "viridis", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """RGBA per value through a matplotlib colormap; NaN (filtered spots) drawn grey."""
-    import matplotlib
-    from matplotlib.colors import to_rgba
-
     values = np.asarray(values, dtype=float)
     norm = np.clip((values - vmin) / (vmax - vmin if vmax > vmin else 1.0), 0.0, 1.0)
     rgba = matplotlib.colormaps[cmap](np.nan_to_num(norm)).astype(np.float32)

@@ -1,0 +1,342 @@
+"""The Deconvolution dock: pick a slide and a reference, check them, run a method; finished batches colour the
+slide as they stream in, and the finished run becomes result layers in the session."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from matplotlib.colors import to_rgba
+
+from ... import api
+from ...colors import cell_type_palette
+from ..jobs import JobRunner, leave_a_core
+from ..layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, spot_colors
+from ..notify import notify_info, status_label
+from ..result_layers import add_result_of_slide
+from ..session import session_for
+from ..views import PENDING_RGBA
+
+NO_METHOD = "(no method installed)"
+
+
+def reference_obs_columns(path: str | Path) -> list[str]:
+    """Obs column names of an .h5ad without loading its matrix."""
+    with h5py.File(path, "r") as f:
+        obs = ad.io.read_elem(f["obs"])
+    return [str(c) for c in obs.columns]
+
+
+def guess_cell_type_column(columns: list[str]) -> str | None:
+    for name in ("cell_type", "celltype", "cell_types", "CellType", "cell_type_original", "annotation", "cluster"):
+        if name in columns:
+            return name
+    return columns[0] if columns else None
+
+
+def device_choices() -> list[str]:
+    return ["auto", "cpu"] + (["cuda"] if api.resolve_device("auto") == "cuda" else [])
+
+
+def _validate(spatial, reference, cell_type_col, slide_options=None):
+    return api.validate_files(spatial, reference, cell_type_col=cell_type_col, slide_options=slide_options)
+
+
+class DeconvolutionDock(Container):
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.last_run = None
+        self.slide = ComboBox(
+            label="slide layer",
+            choices=lambda _w: self.session.slides(),
+            nullable=True,
+            tooltip="A Points layer opened from a spatial .h5ad (File > Open, or the sample).",
+        )
+        self.reference = FileEdit(
+            label="reference",
+            mode="r",
+            filter="*.h5ad",
+            tooltip="Single-cell reference .h5ad with raw counts and a cell-type column.",
+        )
+        # Choices are callables: napari calls reset_choices() on docked containers, which would restore
+        # static lists to their initial (empty) values.
+        self._ref_columns: list[str] = []
+        self.cell_type_col = ComboBox(
+            label="cell-type column",
+            choices=lambda _w: self._ref_columns,
+            tooltip="The reference obs column that holds the cell-type labels.",
+        )
+        methods = list(api.available_methods()) or [NO_METHOD]  # registry order: the first is the default
+        self.method = ComboBox(label="method", choices=methods, value=methods[0])
+        self.mode = ComboBox(label="mode", choices=lambda _w: self._modes(), tooltip="RCTD: full, doublet or multi.")
+        self.device = ComboBox(
+            label="device", choices=device_choices(), value="auto", tooltip="auto uses CUDA when torch sees a GPU."
+        )
+        self.params_box = Container(labels=True, layout="vertical")
+        self.params_box.margins = (0, 0, 0, 0)
+        self.validate_btn = PushButton(text="Check inputs")
+        self.run_btn = PushButton(text="Run")
+        self.cancel_btn = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
+        self.status = status_label("pick a slide layer and a reference")
+        self.problems = Label(label="", value="")
+        self.extend(
+            [
+                self.slide,
+                self.reference,
+                self.cell_type_col,
+                self.method,
+                self.mode,
+                self.device,
+                self.params_box,
+                self.validate_btn,
+                self.run_btn,
+                self.cancel_btn,
+                self.progress,
+                self.status,
+                self.problems,
+            ]
+        )
+        self.jobs = JobRunner("Deconvolution", status=self.status, progress=self.progress)
+        self.checks = JobRunner("Check inputs", status=self.status)
+        self.jobs.busy_changed.connect(self._set_running)
+        self.slide.changed.connect(self._on_slide)
+        self.reference.changed.connect(self._on_reference)
+        self.method.changed.connect(self._on_method)
+        self.validate_btn.clicked.connect(self.check_inputs_in_background)
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.session.slides_changed.connect(self._refresh_layers)
+        self.run_btn.enabled = NO_METHOD not in methods
+        self._stream = None  # (slide layer, its own colours, palette) while a run streams onto it
+        self._on_method()
+        self._refresh_layers()
+
+    # -- choices -------------------------------------------------------------------------------------
+    def _modes(self):
+        info = api.available_methods().get(self.method.value) if hasattr(self, "method") else None
+        return list(info.modes) if info and info.modes else ["default"]
+
+    def _on_method(self, _value=None):
+        """Rebuild the parameter widgets from the method's typed config: defaults and tooltips included."""
+        self.mode.reset_choices()
+        self.params_box.clear()
+        info = api.available_methods().get(self.method.value)
+        if info is None:
+            return
+        _, config_cls = info.load()
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
+        hints = typing.get_type_hints(config_cls)
+        for name, tip in info.gui_params:
+            f = fields.get(name)
+            if f is None:
+                continue
+            default = f.default
+            hint = hints.get(name)
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) is typing.Literal:
+                w = ComboBox(name=name, choices=list(typing.get_args(hint)), value=default)
+            elif hint is int or (args and args[0] is int):
+                w = SpinBox(name=name, value=default or 0, min=0, max=10**9)
+            elif hint is str or (args and args[0] is str):
+                w = LineEdit(name=name, value=str(default))
+            else:
+                w = FloatSpinBox(name=name, value=float(default), min=0.0, max=1e12, step=1.0)
+            w.label = name.replace("_", " ")
+            w.tooltip = tip
+            self.params_box.append(w)
+
+    def method_params(self) -> dict:
+        params = {"mode": self.mode.value} if self.mode.value != "default" else {}
+        for w in self.params_box:
+            value = w.value.strip() if isinstance(w.value, str) else w.value
+            if w.name == "batch_size" and not value:
+                continue  # 0 means automatic
+            params[w.name] = value
+        return params
+
+    def _refresh_layers(self):
+        self._on_slide(refresh_slide_picker(self.slide))
+
+    def _on_slide(self, layer):
+        if layer is None:
+            return
+        ref = layer.metadata.get(PLUGIN_KEY, {}).get("reference_path")
+        if ref and not self._reference_path():
+            self.reference.value = ref
+
+    def _reference_path(self) -> str | None:
+        v = self.reference.value
+        return str(v) if v and str(v) not in (".", "") and Path(v).is_file() else None
+
+    def _on_reference(self, _value=None):
+        path = self._reference_path()
+        if not path:
+            return
+        self.session.set_reference(path)
+        try:
+            cols = reference_obs_columns(path)
+        except Exception as exc:
+            self._ref_columns = []
+            self.cell_type_col.reset_choices()
+            self._show_problems([f"{Path(path).name}: not a readable .h5ad ({type(exc).__name__})."])
+            return
+        self._ref_columns = cols
+        self.cell_type_col.reset_choices()
+        guess = guess_cell_type_column(cols)
+        if guess:
+            self.cell_type_col.value = guess
+
+    # -- checks --------------------------------------------------------------------------------------
+    def _slide_meta(self) -> dict:
+        layer = self.slide.value
+        return layer.metadata.get(PLUGIN_KEY, {}) if layer is not None else {}
+
+    def _show_problems(self, lines: list[str]):
+        self.problems.value = "\n".join(lines)
+
+    def _input_paths(self):
+        spatial, reference = self._slide_meta().get("adata_path"), self._reference_path()
+        if not spatial or not reference:
+            self._show_problems(["pick a slide layer opened from a file, and a reference .h5ad"])
+            return None
+        options = dict(self._slide_meta().get("read_options", {}))
+        return spatial, reference, self.cell_type_col.value or "cell_type", options
+
+    def check_inputs(self):
+        """Validate now and show the outcome; returns the report when the inputs can be used, else None."""
+        paths = self._input_paths()
+        return self._show_report(_validate(*paths)) if paths else None
+
+    def check_inputs_in_background(self):
+        """The button's version: file reads happen in a worker, the outcome lands in the widget."""
+        paths = self._input_paths()
+        if paths:
+            self.checks.start(lambda _control: _validate(*paths), self._show_report, message="checking inputs...")
+
+    def _show_report(self, report):
+        errors = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
+        warnings = [p for p in report.problems if p not in errors]
+        self._show_problems([str(p) for p in errors] + [f"warning: {p}" for p in warnings])
+        self.status.value = "inputs OK" if not errors else f"{len(errors)} problem(s): fix them to run"
+        return report if not errors else None
+
+    # -- running -------------------------------------------------------------------------------------
+    def run(self):
+        """Start a run in a worker; validation happens there too, so the GUI never waits on file reads."""
+        if self.jobs.busy:
+            return
+        paths = self._input_paths()
+        if not paths:
+            return
+        self._show_problems([])
+        spatial, reference, cell_type_col, slide_options = paths
+        params, method, device = self.method_params(), self.method.value, self.device.value
+        slide = self.slide.value
+        source = {"inputs": (spatial, reference), "slide_options": slide_options}
+
+        def work(control):
+            leave_a_core()
+            return api.run_deconvolution(
+                spatial,
+                reference,
+                method,
+                params=params,
+                cell_type_col=cell_type_col,
+                device=device,
+                progress=lambda ev: control.report(ev.stage, ev.fraction, ev.message, ev.partial),
+                cancel_event=control.cancel_event,
+                check=True,
+                slide_options=slide_options,
+            )
+
+        # Finished batches are painted onto the slide layer itself: recolouring an existing layer costs
+        # milliseconds, while adding a layer (and its first draw) would stall the GUI mid-run.
+        saved = spot_colors(slide).copy()
+        self._stream = (slide, saved, None)
+        set_spot_colors(slide, np.tile(PENDING_RGBA, (len(saved), 1)))
+        self.jobs.start(
+            work,
+            lambda run: self.show_run(run, slide, source),
+            on_partials=self._paint_partials,
+            on_cancelled=self._on_cancelled,
+            on_error=self._on_error,
+            cancelled_message="cancelled: no result kept",
+            message="checking inputs",
+        )
+
+    def cancel(self):
+        if self.jobs.busy:
+            self.jobs.cancel()
+            self.status.value = "cancelling after the current batch..."
+
+    @property
+    def busy(self) -> bool:
+        """True while a run computes or its layers are still being added."""
+        return self.jobs.busy
+
+    def _set_running(self, running: bool):
+        self.run_btn.enabled = not running
+        self.cancel_btn.enabled = running
+        self.validate_btn.enabled = not running
+
+    def _paint_partials(self, batches):
+        """Colour the spots whose batch finished by their dominant type (the runner calls this ~5 times a second)."""
+        if self._stream is None:
+            return
+        layer, saved, palette = self._stream
+        if palette is None:
+            palette = cell_type_palette(list(batches[0].cell_types))
+            self._stream = (layer, saved, palette)
+        lookup = {n: to_rgba(c) for n, c in palette.items()}
+        index, colours = [], []
+        for part in batches:
+            props = np.asarray(part.proportions)
+            ok = ~np.isnan(props).any(axis=1)
+            names = np.asarray(part.cell_types)[np.argmax(np.nan_to_num(props), axis=1)]
+            index.append(np.asarray(part.spot_index)[ok])
+            colours.append(np.array([lookup[n] for n in names[ok]], dtype=np.float32).reshape(-1, 4))
+        set_spot_colors(layer, np.concatenate(colours), np.concatenate(index))
+
+    def _end_stream(self):
+        """Give the slide layer back its own colours."""
+        if self._stream is not None:
+            layer, saved, _ = self._stream
+            if layer in self.viewer.layers:
+                set_spot_colors(layer, saved)
+        self._stream = None
+
+    def show_run(self, run, slide, source: dict):
+        """The run's layers over ``slide``, one short step per event-loop turn (a generator for the runner)."""
+        self._end_stream()
+        yield from add_result_of_slide(self.viewer, run, slide, source=source)
+        slide.visible = False  # the dominant-type layer covers the same spots: drawing the slide is wasted time
+        self.last_run = run
+        fitted = int(run.result.fitted.sum())
+        self.status.value = f"done in {run.result.runtime_s:.1f} s ({fitted} spots fitted)"
+        notify_info(f"{run.result.method} finished: {fitted} spots")
+
+    def _on_cancelled(self):
+        self._end_stream()
+
+    def _on_error(self, exc):
+        self._end_stream()
+        if isinstance(exc, api.InputError):
+            self._show_problems([line.strip() for line in str(exc).splitlines() if line.strip()])

@@ -1,0 +1,96 @@
+"""The Spot inspector dock: the composition of the spot under the mouse (click, or hover) as a bar chart, with
+the method's scores."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+
+from ... import keys
+from ..session import ResultRecord, session_for
+from ..views import nearest_spot
+
+
+class InspectorDock(QWidget):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.follow_hover = True
+        self.current: tuple[str, int] | None = None
+        self.figure = Figure(figsize=(3.2, 2.4), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(170)
+        self.text = QLabel("click or hover a spot")
+        self.text.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.canvas)
+        lay.addWidget(self.text)
+        self.shown: dict[str, float] = {}
+        self.session.spot_picked.connect(self._on_picked)
+        napari_viewer.mouse_drag_callbacks.append(self._on_click)
+        napari_viewer.mouse_move_callbacks.append(self._on_hover)
+
+    # -- the mouse picks a spot of the active result ------------------------------------------------------
+    def spot_at(self, position) -> tuple[ResultRecord, int] | None:
+        rec = self.session.active_result()
+        if rec is None:
+            return None
+        idx = nearest_spot(rec.tree, position, max_dist=rec.size * 0.6)
+        return None if idx is None else (rec, idx)
+
+    def inspect_at(self, position) -> int | None:
+        hit = self.spot_at(position)
+        if hit is not None:
+            self.session.pick_spot(hit[0].name, hit[1])
+        return None if hit is None else hit[1]
+
+    def _on_click(self, _viewer, event):
+        if event.type == "mouse_press" and self.session.results:
+            self.inspect_at(event.position)
+
+    def _on_hover(self, _viewer, event):
+        if not self.session.results or not self.follow_hover:
+            return
+        hit = self.spot_at(event.position)
+        if hit is not None and (hit[0].name, hit[1]) != self.session.spot:
+            self.session.pick_spot(hit[0].name, hit[1])
+
+    def _on_picked(self, name: str, idx: int):
+        rec = self.session.result(name)
+        if rec is not None:
+            self.show_spot(rec, idx)
+
+    # -- drawing ------------------------------------------------------------------------------------------
+    def show_spot(self, rec: ResultRecord, idx: int):
+        self.current = (rec.name, idx)
+        row = rec.proportions.iloc[idx]
+        barcode = str(rec.adata.obs_names[idx])
+        self.figure.clear()
+        ax = self.figure.add_subplot(111)
+        if row.isna().any():
+            self.shown = {}
+            ax.text(0.5, 0.5, "filtered: not fitted", ha="center", va="center")
+            ax.set_axis_off()
+        else:
+            nz = row[row > 1e-3].sort_values()
+            self.shown = {str(k): float(v) for k, v in nz.items()}
+            ax.barh(list(nz.index), nz.to_numpy(), color=[rec.palette[t] for t in nz.index])
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("proportion")
+            ax.tick_params(labelsize=8)
+        ax.set_title(barcode, fontsize=9)
+        self.canvas.draw_idle()
+        obs = rec.adata.obs.iloc[idx]
+        score_columns = [c for c in obs.index if c.startswith(f"{rec.key}_") and c != keys.dominant_type(rec.key)]
+        score_columns += [c for c in (keys.NUMI,) if c in obs.index]
+        parts = [f"<b>{barcode}</b> ({rec.name})", f"dominant: {rec.dominant[idx]}"]
+        parts += [f"{k.removeprefix(rec.key + '_')}: {_fmt(obs[k])}" for k in score_columns]
+        self.text.setText("<br>".join(parts))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)

@@ -1,0 +1,127 @@
+"""The Results dock: pick a result, colour its proportion layer by one cell type, compare two results, save; for
+DestVI results, paint a gene's expression within a cell type (the imputation panel)."""
+
+from __future__ import annotations
+
+from magicgui.widgets import ComboBox, Container, Label, PushButton
+from qtpy.QtWidgets import QFileDialog
+
+from ..colorbar import add_colorbar, draw_colorbar
+from ..notify import notify_error, notify_info
+from ..result_layers import compare_results, export_csv, result_suffix, save_figure, save_result, show_proportion
+from ..saved import adopt_saved_results
+from ..session import session_for
+from ..views import COLORMAPS
+from .imputation import ImputePanel
+
+
+class ResultsDock(Container):
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.session = session = session_for(napari_viewer)
+        self.run = ComboBox(label="result", choices=lambda _w: list(session.results))
+        self.cell_type = ComboBox(
+            label="proportion of", choices=self._types, tooltip="Colour the proportion layer by this cell type."
+        )
+        self.cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
+        self.run_b = ComboBox(label="compare with", choices=lambda _w: list(session.results))
+        self.compare_btn = PushButton(text="Compare")
+        self.summary = Label(label="", value="")
+        self.save_btn = PushButton(text="Save result (.h5ad / .zarr)...")
+        self.csv_btn = PushButton(text="Export proportions (.csv)...")
+        self.fig_btn = PushButton(text="Save figure (.png)...")
+        self.extend(
+            [
+                self.run,
+                self.cell_type,
+                self.cmap,
+                self.run_b,
+                self.compare_btn,
+                self.summary,
+                self.save_btn,
+                self.csv_btn,
+                self.fig_btn,
+            ]
+        )
+        self.colorbar_fig, self.colorbar = add_colorbar(self)
+        self.impute = ImputePanel(napari_viewer)
+        self.native.layout().addWidget(self.impute.native)
+        self.run.changed.connect(self._on_run)
+        self.cell_type.changed.connect(self._apply)
+        self.cmap.changed.connect(self._apply)
+        self.compare_btn.clicked.connect(self._on_compare)
+        self.save_btn.clicked.connect(self._save_result)
+        self.csv_btn.clicked.connect(lambda: self._ask_and(".csv", export_csv))
+        self.fig_btn.clicked.connect(lambda: self._ask_and(".png", lambda rec, p: save_figure(self.viewer, rec, p)))
+        session.result_added.connect(self._on_added)
+        session.result_selected.connect(self._on_selected)
+        if session.results:
+            self._on_added(session.selected_result or next(reversed(session.results)))
+        adopt_saved_results(napari_viewer)
+
+    def _types(self, _w=None):
+        rec = self.session.result(self.run.value) if hasattr(self, "run") else None
+        return rec.cell_types if rec else []
+
+    def _on_added(self, name: str):
+        self.run.reset_choices()
+        self.run_b.reset_choices()
+        self.run.value = name
+        self._on_run()
+
+    def _on_selected(self, name: str):
+        if self.run.value != name:
+            self.run.value = name
+
+    def _on_run(self, _v=None):
+        self.cell_type.reset_choices()
+        self._apply()
+        rec = self.session.result(self.run.value)
+        self.impute.set_run(rec)
+        if rec is not None:
+            self.session.select_result(rec.name)
+
+    def _apply(self, _v=None):
+        rec = self.session.result(self.run.value)
+        if rec is None or self.cell_type.value is None:
+            return
+        show_proportion(rec, self.cell_type.value, self.cmap.value)
+        draw_colorbar(self.colorbar_fig, self.colorbar, f"proportion of {self.cell_type.value}", self.cmap.value)
+
+    def _on_compare(self):
+        a, b = self.run.value, self.run_b.value
+        if not a or not b or a == b:
+            self.summary.value = "pick two different results to compare"
+            return
+        try:
+            _, cmp = compare_results(self.viewer, self.session.results[a], self.session.results[b])
+        except Exception as exc:
+            notify_error(exc, "Compare")
+            return
+        s = cmp.summary()
+        self.summary.value = (
+            f"{s['spots_compared']} spots: dominant type agrees on "
+            f"{100 * s['dominant_type_agreement']:.1f}%; median JS distance {s['median_js_distance']:.3f}"
+        )
+        draw_colorbar(self.colorbar_fig, self.colorbar, "Jensen-Shannon distance", "magma")
+
+    def _save_result(self):
+        rec = self.session.result(self.run.value)
+        if rec is not None:
+            self._ask_and(result_suffix(rec), save_result)
+
+    def _ask_and(self, suffix: str, action):
+        rec = self.session.result(self.run.value)
+        if rec is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Save", f"{rec.name.replace(' ', '_').replace('#', '')}{suffix}", f"*{suffix}"
+        )
+        if not path:
+            return
+        try:
+            out = action(rec, path)
+            notify_info(f"saved {out}")
+        except Exception as exc:
+            notify_error(exc, "Save")

@@ -1,0 +1,105 @@
+"""Every dock is a widget of the manifest and opens from napari's Plugins menu; a saved result opened from disk
+gets its Results and Legend docks from there."""
+
+from __future__ import annotations
+
+import importlib
+
+import anndata as ad
+import numpy as np
+import pytest
+from npe2 import PluginManifest
+
+from spatial_deconv_gui import api
+from spatial_deconv_gui.engines.base import DeconvResult
+from spatial_deconv_gui.gui.docks import DISPLAY_NAME, DOCKS, dock_class, find_dock, open_docks
+from spatial_deconv_gui.gui.session import session_for
+from spatial_deconv_gui.io import attach_result
+
+PLUGIN = "spatial-deconv-gui"
+
+
+def _execute(command: str):
+    from napari._app_model import get_app_model
+
+    return get_app_model().commands.execute_command(command).result()
+
+
+def test_every_dock_is_a_manifest_widget_and_opens(make_napari_viewer):
+    manifest = PluginManifest.from_distribution(PLUGIN)
+    assert manifest.display_name == DISPLAY_NAME
+    commands = {c.id: c.python_name for c in manifest.contributions.commands}
+    widgets = {w.display_name: commands[w.command] for w in manifest.contributions.widgets}
+    assert set(widgets) == set(DOCKS)
+    viewer = make_napari_viewer()
+    for name, python_name in widgets.items():
+        module, cls = python_name.split(":")
+        assert getattr(importlib.import_module(module), cls) is dock_class(name)
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        assert isinstance(widget, dock_class(name)) and find_dock(viewer, name) is widget
+    assert len(viewer.window.dock_widgets) == len(DOCKS)
+
+
+def test_the_plugins_menu_and_open_docks_share_one_dock(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _execute(f"{PLUGIN}.results_widget")  # Plugins > Spatial Deconvolution > Results
+    opened = find_dock(viewer, "Results")
+    assert opened is not None and f"Results ({DISPLAY_NAME})" in viewer.window.dock_widgets
+    assert open_docks(viewer, ["Results"]) == [opened]
+    [legend] = open_docks(viewer, ["Legend"])
+    _execute(f"{PLUGIN}.legend_widget")  # toggles the Legend opened above instead of adding a second one
+    assert [w for w in viewer.window.dock_widgets.values() if type(w).__name__ == "LegendDock"] == [legend]
+
+
+@pytest.fixture
+def saved_result(small_pair, tmp_path):
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    props = spatial.obsm["true_proportions"].to_numpy()
+    classes = np.where(props.max(axis=1) > 0.7, "singlet", "doublet_certain")
+    res = DeconvResult(
+        key="rctd",
+        method="rctd",
+        mode="doublet",
+        cell_types=types,
+        proportions=props,
+        params={"mode": "doublet"},
+        device="cpu",
+        runtime_s=1.5,
+        obs={"rctd_spot_class": classes},
+    )
+    path = api.save_result(attach_result(spatial, res), tmp_path / "saved.h5ad")
+    return path, res
+
+
+def test_saved_results_come_back_from_the_file(saved_result):
+    path, res = saved_result
+    [run] = api.saved_results(path)  # the simulated truth in obsm is no result: no run info beside it
+    assert (run.result.key, run.result.method, run.result.mode) == ("rctd", "rctd", "doublet")
+    assert run.result.cell_types == res.cell_types and run.result.runtime_s == 1.5
+    np.testing.assert_allclose(run.result.proportions, res.proportions)
+    assert list(run.result.obs["rctd_spot_class"]) == list(res.obs["rctd_spot_class"])
+    assert api.saved_results(ad.AnnData(np.zeros((3, 2)))) == []
+
+
+def test_a_saved_result_opened_from_disk_gets_its_docks_from_the_plugins_menu(make_napari_viewer, qtbot, saved_result):
+    path, res = saved_result
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin=PLUGIN)
+    session = session_for(viewer)
+    assert not session.results
+    _execute(f"{PLUGIN}.results_widget")
+    qtbot.waitUntil(lambda: len(session.results) == 1, timeout=30_000)
+    qtbot.waitUntil(
+        lambda: find_dock(viewer, "Legend") is not None and find_dock(viewer, "Legend").run is not None, timeout=10_000
+    )
+    [(name, rec)] = session.results.items()
+    assert name == "saved: rctd doublet"
+    np.testing.assert_allclose(rec.proportions.to_numpy(), res.proportions)
+    assert find_dock(viewer, "Results").run.value == name
+    legend = find_dock(viewer, "Legend")
+    assert legend.labels() == res.cell_types and legend.run is rec
+    assert {"dominant", "proportions", "spot_class"} <= set(rec.layers)
+    # opening the Legend from the menu afterwards reads nothing twice
+    _execute(f"{PLUGIN}.legend_widget")
+    assert len(session.results) == 1
