@@ -8,21 +8,24 @@ fitted), so these tests run on any machine.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import warnings
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
 
+from spatial_deconv_gui import api
 from spatial_deconv_gui.cli import main
-from spatial_deconv_gui.engines import devices
+from spatial_deconv_gui.engines import devices, registry
 from spatial_deconv_gui.engines.rctd import engine as rctd_engine
 from spatial_deconv_gui.engines.rctd import likelihood
 from spatial_deconv_gui.engines.rctd.config import RCTDConfig
-from spatial_deconv_gui.io import reference_input, spatial_input
+from spatial_deconv_gui.io import InputError, reference_input, spatial_input
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
@@ -104,10 +107,6 @@ def test_rctd_stops_with_the_sizes_it_tried_when_even_one_spot_is_too_many(rctd_
 
 
 def test_out_of_memory_in_any_engine_is_a_clear_error_in_the_cli(small_pair_files, tmp_path, capsys, monkeypatch):
-    import importlib
-
-    from spatial_deconv_gui.engines import registry
-
     def runner(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
 
@@ -189,3 +188,58 @@ def test_a_damaged_cached_table_is_named_and_computed_again(cached_table, damage
     _, messages = _reload(cache_dir)
     assert messages == []
     assert os.path.getsize(path) > 1000
+
+
+# ---- DestVI's model state, read back from a result file -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def destvi_result_file(small_pair, tmp_path_factory):
+    slide, reference = small_pair
+    run = api.run_deconvolution(slide, reference, "destvi", params={"sc_epochs": 2, "max_epochs": 3, "n_threads": 1})
+    path = tmp_path_factory.mktemp("destvi") / "result.h5ad"
+    api.save_result(run.adata, path)
+    return path, run
+
+
+def _tampered(state: dict, how: str) -> dict:
+    state = dict(state)
+    if how == "missing":
+        del state["beta"]
+    elif how == "missing_layer":
+        del state["decoder_linears_1_weight"]
+    elif how == "cut_spots":
+        state["gamma_modes"] = np.asarray(state["gamma_modes"])[:-3]
+    elif how == "text":
+        state["per_ct_bias"] = np.asarray(["x"] * 4, dtype=object)
+    return state
+
+
+def test_destvi_state_read_back_imputes_as_before(destvi_result_file):
+    path, run = destvi_result_file
+    back = ad.read_h5ad(path)
+    cell_type = run.result.cell_types[0]
+    np.testing.assert_allclose(
+        api.destvi_imputed_expression(back, cell_type).to_numpy(),
+        api.destvi_imputed_expression(run.result, cell_type).to_numpy(),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "how, named",
+    [
+        ("missing", "beta is missing"),
+        ("missing_layer", "decoder_linears_1_weight is missing"),
+        ("cut_spots", "gamma_modes has shape (297,"),
+        ("text", "per_ct_bias holds object values, not numbers"),
+    ],
+)
+def test_a_damaged_destvi_state_is_one_error_naming_the_entry(destvi_result_file, how, named):
+    path, run = destvi_result_file
+    back = ad.read_h5ad(path)
+    back.uns["destvi_model"] = _tampered(back.uns["destvi_model"], how)
+    with pytest.raises(InputError) as err:
+        api.destvi_imputed_expression(back, run.result.cell_types[0])
+    assert err.value.code == "damaged_model_state"
+    assert f"the DestVI model state (uns['destvi_model']) is damaged: {named}" in str(err.value)

@@ -17,10 +17,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
-from spatial_deconv_gui import api, keys
+from spatial_deconv_gui import api, keys, perturb_api
+from spatial_deconv_gui.cli import main
+from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
 from spatial_deconv_gui.io import InputError, validate
+from spatial_deconv_gui.perturb_cli import main as perturb_main
 
 FAULTS = (
     "empty_spots",
@@ -175,8 +180,6 @@ def assert_unchanged(adata: ad.AnnData, before: dict):
 
 def event(label: str):
     """Count outcomes in hypothesis' statistics (--hypothesis-show-statistics); a no-op outside a property."""
-    from hypothesis import event as hypothesis_event
-    from hypothesis.errors import InvalidArgument
 
     try:
         hypothesis_event(label)
@@ -306,8 +309,6 @@ def test_spots_without_counts_are_nan_rows_for_every_method(method, one_thread):
 
 
 def test_huge_count_is_refused_by_every_entry_point(small_pair, tmp_path, capsys):
-    from spatial_deconv_gui.cli import main
-
     slide, reference = small_pair
     bad = slide.copy()
     x = bad.X.astype(np.float64).tocsr()
@@ -329,8 +330,6 @@ def test_huge_count_is_refused_by_every_entry_point(small_pair, tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def grn_tissue(tmp_path_factory):
-    from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
-
     folder = tmp_path_factory.mktemp("grn")
     tissue = simulate_grn_tissue(n_cells=120, seed=2)
     return tissue, write_simulated_priors(tissue, folder)
@@ -346,9 +345,6 @@ def grn_tissue(tmp_path_factory):
     ],
 )
 def test_perturb_train_refuses_through_the_same_validation(grn_tissue, tmp_path, monkeypatch, capsys, fault, code):
-    from spatial_deconv_gui import perturb_api
-    from spatial_deconv_gui.perturb_cli import main as perturb_main
-
     tissue, priors = grn_tissue
     bad = tissue.copy()
     if fault == "nan_count":
@@ -388,8 +384,6 @@ def test_run_goes_through_the_same_validation(small_pair, monkeypatch):
 
 
 def test_a_truncated_reference_is_one_clear_error_in_run(small_pair_files, tmp_path, capsys):
-    from spatial_deconv_gui.cli import main
-
     s, r = small_pair_files
     cut = tmp_path / "cut.h5ad"
     data = r.read_bytes()

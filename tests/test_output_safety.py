@@ -28,6 +28,7 @@ from spatial_deconv_gui import api
 from spatial_deconv_gui.cli import main
 from spatial_deconv_gui.figures import result_figure
 from spatial_deconv_gui.io import InputError
+from spatial_deconv_gui.io.sdata import read_spatialdata, write_spatialdata_fixture, write_spatialdata_result
 from spatial_deconv_gui.io.write import sweep_litter, temp_name, write_h5ad_atomic, write_text_atomic
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -256,3 +257,79 @@ def test_names_with_slashes_dots_spaces_and_unicode_stay_inside_the_files(tmp_pa
     assert sorted(back.obsm["flash_proportions"].columns) == sorted(names.values())
     assert list(back.var_names[:3]) == genes[:3]
     assert sorted(pd.read_csv(folder / "out.csv", index_col=0).columns) == sorted(names.values())
+
+
+# A SpatialData output (a folder) killed while it is built, or just after the previous output was set aside.
+ZARR_CHILD = textwrap.dedent(
+    """
+    import os, shutil, signal, sys
+    import anndata as ad
+    from spatial_deconv_gui.io import sdata, write
+    point, result, store, out = sys.argv[1:]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "built":
+        real_copytree = shutil.copytree
+        def copytree(*a, **k):
+            real_copytree(*a, **k)
+            die()
+        shutil.copytree = copytree
+    if point == "aside":
+        def replace_folder(built, target):
+            os.replace(target, write.temp_name(target, write.ASIDE_SUFFIX))
+            die()
+        sdata._replace_folder = replace_folder
+    sdata.write_spatialdata_result(ad.read_h5ad(result), store, out)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def zarr_store(small_pair, tmp_path_factory):
+    pytest.importorskip("spatialdata")
+    slide, _ = small_pair
+    folder = tmp_path_factory.mktemp("zarr")
+    store = write_spatialdata_fixture(slide, folder / "slide.zarr")
+    result = folder / "result.h5ad"
+    table = read_spatialdata(store, images=False).adata
+    table.obs["marker"] = np.arange(table.n_obs, dtype=float)
+    table.write_h5ad(result)
+    return store, result
+
+
+def _zarr_child(point, result, store, out):
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", ZARR_CHILD, point, str(result), str(store), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stderr
+
+
+def test_sigkill_while_building_a_zarr_output_leaves_nothing(zarr_store, tmp_path):
+    store, result = zarr_store
+    out = tmp_path / "out.zarr"
+    code, err = _zarr_child("built", result, store, out)
+    assert code == -signal.SIGKILL, err
+    assert not out.exists() and len(litter(tmp_path, out)) == 1
+    write_spatialdata_result(ad.read_h5ad(result), store, out)
+    assert litter(tmp_path, out) == []
+    np.testing.assert_array_equal(read_spatialdata(out, images=False).adata.obs["marker"], np.arange(300.0))
+
+
+def test_sigkill_after_setting_the_previous_zarr_aside_gives_it_back(zarr_store, tmp_path):
+    store, result = zarr_store
+    out = tmp_path / "out.zarr"
+    write_spatialdata_result(ad.read_h5ad(result), store, out)
+    (out / "previous.txt").write_text("the earlier result")
+    code, err = _zarr_child("aside", result, store, out)
+    assert code == -signal.SIGKILL, err
+    assert not out.exists()  # the killed writer had moved the previous output aside ...
+    sweep_litter(out)  # ... and the next writer of this output (or this sweep alone) puts it back
+    assert (out / "previous.txt").read_text() == "the earlier result"
+    assert litter(tmp_path, out) == []

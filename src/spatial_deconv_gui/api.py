@@ -203,10 +203,10 @@ def _remapped(progress: ProgressCallback | None, kept: np.ndarray) -> ProgressCa
     return forward
 
 
-def check_output(path: str | os.PathLike, *inputs, kind: str | None = None) -> Path:
+def check_output(path: str | os.PathLike, *inputs, side_file: bool = False) -> Path:
     """Refuse, before any work, an output that would overwrite an input or that cannot be written as asked.
 
-    ``kind`` (".csv", ".png") checks a side file of that suffix; by default the result itself (.h5ad / .zarr).
+    ``side_file`` (a CSV or PNG beside the result) skips the checks of the result's own format (.h5ad / .zarr).
     """
     path = Path(path)
     for p in inputs:
@@ -219,9 +219,8 @@ def check_output(path: str | os.PathLike, *inputs, kind: str | None = None) -> P
                 "choose another output path; inputs are never overwritten.",
                 code="output_is_input",
             )
-    if kind is not None:
-        if path.suffix.lower() != kind:
-            raise InputError(f"the file {path.name} does not end in {kind}.", f"name it NAME{kind}.", code="bad_output")
+    if side_file:
+        pass
     elif path.suffix == ".zarr":
         source = inputs[0] if inputs else None
         if isinstance(source, (ad.AnnData, Slide)) or source is None or detect_format(source) != "spatialdata":

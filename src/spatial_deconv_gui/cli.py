@@ -171,7 +171,7 @@ def _cmd_run(args, extra: list[str]) -> int:
     out_path = Path(args.output) if args.output else default_output(Path(args.spatial), args.method)
     api.check_output(out_path, args.spatial, args.reference)
     if args.csv:
-        api.check_output(Path(args.csv), args.spatial, args.reference, kind=".csv")
+        api.check_output(Path(args.csv), args.spatial, args.reference, side_file=True)
     progress = _Progress(args.quiet)
     try:
         run = api.run_deconvolution(

@@ -4,6 +4,7 @@ and cell-type-specific expression imputation from the stored model."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ...io.errors import InputError
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..devices import torch_device
@@ -260,13 +262,67 @@ def export_state(model: SpatialDeconv, gamma_modes: torch.Tensor, modes: torch.T
 
 
 def _state_of(source) -> dict:
-    if isinstance(source, DeconvResult):
-        return source.uns[MODEL_STATE]
-    if hasattr(source, "uns"):
-        return source.uns[MODEL_STATE]
+    if isinstance(source, DeconvResult) or hasattr(source, "uns"):
+        if MODEL_STATE not in source.uns:
+            raise InputError(
+                f"the result holds no DestVI model (uns[{MODEL_STATE!r}]).",
+                "run DestVI again (--method destvi) and keep its output .h5ad whole.",
+                code="missing_model_state",
+            )
+        return check_state(source.uns[MODEL_STATE])
     if isinstance(source, dict) and MODEL_STATE in source:
-        return source[MODEL_STATE]
-    return source
+        return check_state(source[MODEL_STATE])
+    return check_state(source)
+
+
+def check_state(st) -> dict:
+    """A DestVI state read back from a file is used only when every entry is there with the shapes the others
+    imply (numbers only: nothing in it is unpickled); otherwise one error names the first entry that is wrong."""
+
+    def bad(entry: str, why: str):
+        return InputError(
+            f"the DestVI model state (uns[{MODEL_STATE!r}]) is damaged: {entry} {why}.",
+            "run DestVI again (--method destvi); the result file may have been edited or cut short.",
+            code="damaged_model_state",
+        )
+
+    if not isinstance(st, Mapping):
+        raise bad("the state", f"is a {type(st).__name__}, not a mapping")
+    required = ("genes", "cell_types", "barcodes", "n_layers", "gamma_modes", "mode_weights", "batch_embedding")
+    required += ("px_decoder_weight", "px_decoder_bias", "per_ct_bias", "beta")
+    for entry in required:
+        if entry not in st:
+            raise bad(entry, "is missing")
+    try:
+        n_layers = int(np.asarray(st["n_layers"]))
+    except (TypeError, ValueError):
+        raise bad("n_layers", "is not a number") from None
+    for i in range(n_layers):
+        for part in ("weight", "bias"):
+            if f"decoder_linears_{i}_{part}" not in st:
+                raise bad(f"decoder_linears_{i}_{part}", "is missing")
+    n_genes, n_types, n_spots = len(st["genes"]), len(st["cell_types"]), len(st["barcodes"])
+    arrays = {}
+    for entry in (k for k in st if k not in ("genes", "cell_types", "barcodes", "n_layers")):
+        value = np.asarray(st[entry])
+        if value.dtype.kind not in "fiu":
+            raise bad(entry, f"holds {value.dtype} values, not numbers")
+        arrays[entry] = value
+    gm, mw = arrays["gamma_modes"], arrays["mode_weights"]
+    if gm.ndim != 4 or gm.shape[0] != n_spots or gm.shape[2] != n_types:
+        raise bad("gamma_modes", f"has shape {gm.shape}, not ({n_spots} spots, states, {n_types} types, latent)")
+    if mw.shape != gm.shape[:3]:
+        raise bad("mode_weights", f"has shape {mw.shape}, not {gm.shape[:3]}")
+    for entry, shape in (
+        ("px_decoder_bias", (n_genes,)),
+        ("beta", (n_genes,)),
+        ("per_ct_bias", (n_types, n_genes)),
+    ):
+        if arrays[entry].shape != shape:
+            raise bad(entry, f"has shape {arrays[entry].shape}, not {shape}")
+    if arrays["px_decoder_weight"].ndim != 2 or arrays["px_decoder_weight"].shape[0] != n_genes:
+        raise bad("px_decoder_weight", f"has shape {arrays['px_decoder_weight'].shape}, not ({n_genes}, hidden)")
+    return st
 
 
 def impute_expression(source, cell_type: str, genes=None, spots=None) -> pd.DataFrame:
