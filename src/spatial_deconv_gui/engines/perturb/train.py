@@ -1,9 +1,10 @@
 """Training: per cluster, each target gene as a sparse group lasso on its TFs, LR and TF-ligand features.
 
-All features live in one matrix ``Phi = [TF expression | received ligand x receptor | received ligand x TF]``.
-Per cluster we form the centred Gram blocks ``Phi_c^T Phi_c`` and ``Phi_c^T Y_c`` once; a target's problem is
-then a sub-block, so the data are read once per cluster whatever the number of targets, and the lasso
-problems (clusters x targets) are solved together in batches by :func:`lasso.fit_sgl_batch`.
+All features live in one matrix ``Phi = [TF expression | received ligand x receptor | received ligand x TF]``,
+with the received ligands computed once for the slide. Per cluster the centred design and its standardised Gram
+matrix are built once and shared by every target (a target uses a subset of the columns); the targets are then
+solved batch by batch, all targets of a batch together, by working sets (:mod:`solve`): on a slide measured
+genome-wide a target is offered ~1,800 modulators for ~50 cells of a cluster and keeps a few dozen.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def _fit_targets(
 
     Per cluster the shared design and its Gram matrix are built once for all targets; each batch of targets
     is then solved by working sets (:func:`solve.fit_cluster_targets`)."""
-    import numba
+    import numba  # lazy, as the solver's kernels: loading numba takes ~0.5 s, paid only when training
 
     from .solve import cluster_design, fit_cluster_targets
 
