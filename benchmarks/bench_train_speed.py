@@ -87,6 +87,10 @@ def ob_inputs(work: Path) -> dict:
 
 
 def train_args(inp: dict, out: Path, *extra: str) -> list[str]:
+    """A fresh training into ``out`` (removed first: a folder of the same settings would only resume)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
     return [
         "perturb", "train", inp["slide"], "--grn", inp["grn"], "--lr", inp["lr"], "--cluster-col", "layer",
         "--out", str(out), "--overwrite", "--quiet", "--json", *extra,
@@ -270,6 +274,9 @@ def bench_sim(work: Path, n_cells: int, n_targets: int, seed: int = 0) -> dict:
     a.write_h5ad(work / "sim.h5ad")
     sim_s = time.perf_counter() - t0
     out = work / "model"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
     args = [
         "perturb", "train", str(work / "sim.h5ad"), "--grn", pr["grn_prior"], "--lr", pr["lr_prior"],
         "--cluster-col", "cluster", "--out", str(out), "--overwrite", "--quiet", "--json",

@@ -461,9 +461,13 @@ def train(
     }
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     write_data = True
+    kept_received_mode = None
     if (out_dir / md.MANIFEST).exists():
         old = md.read_manifest(out_dir)
         write_data = old.get("settings_hash") != settings_hash or not (out_dir / md.DATA).exists()
+        if old.get("settings_hash") == settings_hash and (out_dir / md.RECEIVED).exists():
+            # a resumed run with nothing left to fit computes no received ligands: the saved ones stay valid
+            kept_received_mode = old.get("received_ligands_mode")
         if old.get("settings_hash") != settings_hash:
             if not overwrite:
                 older = int(old.get("format_version", 1)) < md.FORMAT_VERSION
@@ -511,6 +515,8 @@ def train(
         "small_clusters": small,
     }
     manifest.update(extra or {})
+    if kept_received_mode is not None:
+        manifest["received_ligands_mode"] = kept_received_mode
     if write_data:
         obs = pd.DataFrame(
             {md.CLUSTER_OBS: pd.Categorical(clusters, categories=cluster_names)},
