@@ -144,7 +144,9 @@ def test_cancel_mid_training_leaves_a_resumable_model(make_napari_viewer, qtbot,
     from spatial_deconv_gui.engines.perturb.model_dir import finished_genes
 
     folder = tmp_path / "model"
-    viewer, train = _train(make_napari_viewer, qtbot, folder, problems_per_batch=8)
+    # one target per batch, and every lasso run to max_iter (tol 0): training lasts seconds, as on a real slide,
+    # so that the cancel reaches it mid-way (at the default settings the simulated tissue trains in ~0.2 s)
+    viewer, train = _train(make_napari_viewer, qtbot, folder, problems_per_batch=3, tol=0.0, max_iter=20_000)
     cancel_once = []
 
     def cancel_early(event):

@@ -351,3 +351,15 @@ def test_settings_added_later_keep_old_folders_resumable(sim, tmp_path):
         man = _train(sim, tmp_path / "m")
         assert man["status"] == "complete"
         _train(sim, tmp_path / "m", max_ligands=2)  # other settings: refused in the same folder
+
+
+def test_resumed_folder_keeps_its_received_ligands(sim, tmp_path):
+    """A second run with nothing left to fit keeps the saved received ligands usable (the manifest keeps their
+    mode), so the model still starts its knockouts from them."""
+    _train(sim, tmp_path / "m")
+    first = load_model(tmp_path / "m").received_cache
+    man = _train(sim, tmp_path / "m")
+    assert man["timings"]["lasso_s"] == 0.0  # nothing refitted
+    again = load_model(tmp_path / "m").received_cache
+    assert again is not None and again[0] == first[0] and again[2] == first[2]
+    np.testing.assert_array_equal(again[1], first[1])

@@ -98,7 +98,13 @@ class TrainConfig:
             )
         },
     )
-    device: str = field(default="auto", metadata={"help": DEVICE_CHOICES_HELP, "choices": DEVICE_CHOICES})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": DEVICE_CHOICES_HELP + " for the received ligands (the lasso runs on the CPU, in numba)",
+            "choices": DEVICE_CHOICES,
+        },
+    )
     problems_per_batch: int = field(
         default=512,
         metadata={"help": "lasso problems (cluster x target) solved together; more is faster and uses more memory"},

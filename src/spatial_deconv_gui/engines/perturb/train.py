@@ -1,9 +1,10 @@
 """Training: per cluster, each target gene as a sparse group lasso on its TFs, LR and TF-ligand features.
 
-All features live in one matrix ``Phi = [TF expression | received ligand x receptor | received ligand x TF]``.
-Per cluster we form the centred Gram blocks ``Phi_c^T Phi_c`` and ``Phi_c^T Y_c`` once; a target's problem is
-then a sub-block, so the data are read once per cluster whatever the number of targets, and the lasso
-problems (clusters x targets) are solved together in batches by :func:`lasso.fit_sgl_batch`.
+All features live in one matrix ``Phi = [TF expression | received ligand x receptor | received ligand x TF]``,
+with the received ligands computed once for the slide. Per cluster the centred design and its standardised Gram
+matrix are built once and shared by every target (a target uses a subset of the columns); the targets are then
+solved batch by batch, all targets of a batch together, by working sets (:mod:`solve`): on a slide measured
+genome-wide a target is offered ~1,800 modulators for ~50 cells of a cluster and keeps a few dozen.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def _fit_targets(
 
     Per cluster the shared design and its Gram matrix are built once for all targets; each batch of targets
     is then solved by working sets (:func:`solve.fit_cluster_targets`)."""
-    import numba
+    import numba  # lazy, as the solver's kernels: loading numba takes ~0.5 s, paid only when training
 
     from .solve import cluster_design, fit_cluster_targets
 
@@ -460,9 +461,13 @@ def train(
     }
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     write_data = True
+    kept_received_mode = None
     if (out_dir / md.MANIFEST).exists():
         old = md.read_manifest(out_dir)
         write_data = old.get("settings_hash") != settings_hash or not (out_dir / md.DATA).exists()
+        if old.get("settings_hash") == settings_hash and (out_dir / md.RECEIVED).exists():
+            # a resumed run with nothing left to fit computes no received ligands: the saved ones stay valid
+            kept_received_mode = old.get("received_ligands_mode")
         if old.get("settings_hash") != settings_hash:
             if not overwrite:
                 older = int(old.get("format_version", 1)) < md.FORMAT_VERSION
@@ -510,6 +515,8 @@ def train(
         "small_clusters": small,
     }
     manifest.update(extra or {})
+    if kept_received_mode is not None:
+        manifest["received_ligands_mode"] = kept_received_mode
     if write_data:
         obs = pd.DataFrame(
             {md.CLUSTER_OBS: pd.Categorical(clusters, categories=cluster_names)},
