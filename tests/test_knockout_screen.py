@@ -216,3 +216,12 @@ def test_a_cpu_knockout_process_does_not_import_torch(trained):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_training_and_propagation_share_what_counts_as_expressed():
+    from spatial_deconv_gui.engines.perturb import expression, train
+
+    assert train.FILTER_MIN == expression.FILTER_MIN
+    x = np.array([0.0, 1e-10, 1e-9, 2e-9, 3.0])
+    np.testing.assert_array_equal(train.filtered(x), expression.filtered(x))
+    np.testing.assert_array_equal(expression.filtered(x), [0.0, 0.0, 0.0, 2e-9, 3.0])

@@ -751,7 +751,8 @@ def _candidate_counter(model: PerturbModel):
     """A function: vocabulary mask -> how many of ``model.targets`` list a modulator in it (after the modulator
     screen, zero coefficients included), and the vocabulary (names). O(slots) per call, no per-slot index."""
     targets = model.targets
-    store = model.store
+    # a model built without load_model (e.g. kept by training) may carry its store only inside its tables
+    store = model.store if model.store is not None else getattr(model.coef_tables, "store", None)
     if store is not None:
         row_of = {t: i for i, t in enumerate(store.targets.tolist())}
         rows = np.array([row_of[t] for t in targets], dtype=np.int64)
