@@ -60,7 +60,7 @@ def test_a_fast_producer_reaches_the_canvas_at_most_five_times_a_second(qtbot):
     assert delivered == list(range(len(delivered))) and len(delivered) > 0.5 * n
     assert len(relays) <= 5 * elapsed + 1, (len(relays), elapsed)
     gaps = np.diff([t for t, _ in relays])
-    assert gaps.size >= 3 and gaps.min() >= 0.15, gaps
+    assert gaps.size >= 3 and gaps.min() >= 0.18, gaps  # 200 ms apart, less Qt's coarse-timer slack (5 %)
     # the status line too: ~5 changes a second, with an ETA while it runs
     texts = [v for _, v in status.history]
     assert len(texts) <= 5 * elapsed + 2

@@ -76,9 +76,12 @@ class JobRunner(QObject):
         self._stage: str | None = None
         self._stage_t0 = 0.0
         self._received.connect(self._on_event)
+        # single-shot, restarted after each relay: a late tick (a busy event loop) cannot be followed by a
+        # catch-up tick, so relays stay at least ``interval_ms`` apart
         self._timer = QTimer()
+        self._timer.setSingleShot(True)
         self._timer.setInterval(interval_ms)
-        self._timer.timeout.connect(self.relay)
+        self._timer.timeout.connect(self._tick)
 
     @property
     def busy(self) -> bool:
@@ -143,6 +146,11 @@ class JobRunner(QObject):
             self._pending.append(event.partial)
         self.progressed.emit(event)
 
+    def _tick(self):
+        self.relay()
+        if self.worker is not None:
+            self._timer.start()
+
     def relay(self):
         """Hand what arrived since the last call to the dock (the timer calls this every ``interval_ms``)."""
         event = self._latest
@@ -156,8 +164,7 @@ class JobRunner(QObject):
                 )
         if self._pending:
             parts, self._pending = self._pending, []
-            if self._handlers.get("on_partials") is not None:
-                self._handlers["on_partials"](parts)
+            self._call(self._handlers.get("on_partials"), parts)
 
     # -- ending --------------------------------------------------------------------------------------
     def _on_outcome(self, outcome):

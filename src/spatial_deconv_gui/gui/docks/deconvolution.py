@@ -329,6 +329,7 @@ class DeconvolutionDock(Container):
         yield from add_result_of_slide(self.viewer, run, slide, source=source)
         slide.visible = False  # the dominant-type layer covers the same spots: drawing the slide is wasted time
         self.last_run = run
+        self.progress.value = 1000
         fitted = int(run.result.fitted.sum())
         self.status.value = f"done in {run.result.runtime_s:.1f} s ({fitted} spots fitted)"
         notify_info(f"{run.result.method} finished: {fitted} spots")

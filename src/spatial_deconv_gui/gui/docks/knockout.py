@@ -278,6 +278,7 @@ class KnockoutDock(Container):
             self.show_gene.value = target
         self.session.add_perturbation(run)  # only now: adding layers makes napari refresh the run picker
         self.showing.value = run.name  # -> the session selects it -> _show_run: colours, arrows
+        self.progress.value = 1000
         took = float(adata.uns[keys.PERTURB]["runtime_s"])
         self.status.value = f"{run.name}: done in " + (f"{took:.1f} s" if took >= 0.1 else "under 0.1 s")
         yield
