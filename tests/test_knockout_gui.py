@@ -140,17 +140,38 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     assert png.stat().st_size > 10_000
 
 
+def _larger_tissue(folder):
+    """A tissue of 354 targets: training takes seconds rather than the sample's fraction of a second, so a Cancel
+    sent on the first progress message reaches the child process with most targets still to fit."""
+    from spatial_deconv_gui import keys
+    from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
+    from spatial_deconv_gui.io.write import write_h5ad_atomic
+
+    adata = simulate_grn_tissue(n_genes=400, n_tfs=40)
+    priors = write_simulated_priors(adata, folder)
+    sim = adata.uns[keys.PERTURB_SIM]
+    adata.uns[keys.PERTURB_SIM] = {k: v for k, v in sim.items() if not isinstance(v, pd.DataFrame)}
+    write_h5ad_atomic(adata, folder / "tissue.h5ad")
+    return folder / "tissue.h5ad", priors["grn_prior"], priors["lr_prior"]
+
+
 def test_cancel_mid_training_leaves_a_resumable_model(make_napari_viewer, qtbot, tmp_path):
     from spatial_deconv_gui.engines.perturb.model_dir import finished_genes
 
     folder = tmp_path / "model"
-    # one target per batch, and every lasso run to max_iter (tol 0): training lasts seconds, as on a real slide,
-    # so that the cancel reaches it mid-way (at the default settings the simulated tissue trains in ~0.2 s)
-    viewer, train = _train(make_napari_viewer, qtbot, folder, problems_per_batch=3, tol=0.0, max_iter=20_000)
+    tissue, grn, lr = _larger_tissue(tmp_path)
+    viewer = make_napari_viewer()
+    layer = viewer.open(tissue, plugin=PLUGIN)[0]
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
+    train.slide.value = layer
+    assert train.cluster_col.value == "cluster" and train.expression.value == "lognorm"
+    train.grn.value, train.lr.value, train.radius.value = grn, lr, 80.0
+    train.model_dir.value = str(folder)
+    train.train_options.update(problems_per_batch=1)  # a cancel point after every target
     cancel_once = []
 
     def cancel_early(event):
-        if event.fraction > 0.1 and not cancel_once:
+        if event.stage == "training" and event.fraction > 0 and not cancel_once:
             cancel_once.append(event)
             train.cancel()
 
