@@ -9,6 +9,7 @@ per-example deadline: a loaded two-core CI box is slow, and speed is not what is
 
 from __future__ import annotations
 
+import importlib
 import traceback
 
 import anndata as ad
@@ -23,6 +24,7 @@ from hypothesis.errors import InvalidArgument
 
 from spatial_deconv_gui import api, keys, perturb_api
 from spatial_deconv_gui.cli import main
+from spatial_deconv_gui.engines import registry
 from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
 from spatial_deconv_gui.io import InputError, validate
 from spatial_deconv_gui.perturb_cli import main as perturb_main
@@ -225,6 +227,8 @@ def check_one(method: str, slide: ad.AnnData, reference: ad.AnnData, faults: set
         assert fitted.any()
         if empty.any():
             assert any("no counts at all" in n for n in run.notices)
+        if (~fitted).any():  # spots the method filtered out are never a silent NaN
+            assert any(f"did not fit {int((~fitted).sum())} of" in n for n in run.notices), run.notices
         assert not {"nan_count", "inf_count", "huge_count", "no_spots", "all_spots_empty"} & faults
     assert_unchanged(slide, slide_before)
     assert_unchanged(reference, reference_before)
@@ -393,3 +397,36 @@ def test_a_truncated_reference_is_one_clear_error_in_run(small_pair_files, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "cut.h5ad is an HDF5 file but not a readable AnnData" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_a_partly_nan_answer_stops_the_run_naming_the_spots(small_pair, monkeypatch):
+    info = registry.get_method("flash")
+    module = importlib.import_module(info.module)
+    real_runner = getattr(module, info.runner)
+
+    def runner(*args, **kwargs):
+        result = real_runner(*args, **kwargs)
+        result.proportions[4, 1] = np.nan  # one value of one spot: a failed fit, not a filtered spot
+        result.proportions[9, 0] = np.inf
+        return result
+
+    monkeypatch.setattr(module, info.runner, runner)
+    slide, reference = small_pair
+    with pytest.raises(InputError) as err:
+        api.run_deconvolution(slide, reference, "flash", params={"n_threads": 1})
+    assert err.value.code == "non_finite_result"
+    names = ", ".join(slide.obs_names[[4, 9]])
+    assert f"flash gave NaN or infinite proportions for 2 spot(s) (e.g. {names})" in str(err.value)
+
+
+def test_spots_a_method_filters_out_come_with_a_notice(small_pair):
+    slide, reference = small_pair
+    totals = slide.obs[keys.NUMI].to_numpy()  # what RCTD filters on
+    threshold = float(np.sort(totals)[10])  # RCTD's --umi-min leaves the 10 smallest spots out
+    params = {"mode": "full", "umi_min": threshold, "sigma_override": 0.84, "cache_dir": FAST["rctd"]["cache_dir"]}
+    run = api.run_deconvolution(slide, reference, "rctd", params=params)
+    n = int((totals < threshold).sum())
+    assert n >= 10
+    assert any(n_.startswith(f"RCTD did not fit {n} of 300 spot(s) (below its filters") for n_ in run.notices)
+    props = run.adata.obsm["rctd_proportions"].to_numpy()
+    assert int(np.isnan(props).all(axis=1).sum()) == n

@@ -28,6 +28,7 @@ from spatial_deconv_gui import api
 from spatial_deconv_gui.cli import main
 from spatial_deconv_gui.figures import result_figure
 from spatial_deconv_gui.io import InputError
+from spatial_deconv_gui.io import sdata as sdata_io
 from spatial_deconv_gui.io.sdata import read_spatialdata, write_spatialdata_fixture, write_spatialdata_result
 from spatial_deconv_gui.io.write import sweep_litter, temp_name, write_h5ad_atomic, write_text_atomic
 
@@ -118,15 +119,17 @@ def test_sigkill_leaves_nothing_at_the_output_and_a_rerun_succeeds(small_pair_fi
     code, _, err = run_child(point, *run_args(s, r, out))
     assert code == -signal.SIGKILL, err
     assert not out.exists()
-    if point in ("written", "half"):  # a killed writer cannot clean up after itself ...
-        assert len(litter(out.parent, out)) == 1
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in (s, r)] == digests  # inputs untouched
+    if point in ("validated", "engine"):  # killed before writing: nothing to trip over
+        assert not out.parent.exists() or litter(out.parent, out) == []
+        return
+    assert len(litter(out.parent, out)) == 1  # a killed writer cannot clean up after itself ...
     code, _, err = run_child("none", *run_args(s, r, out))
     assert code == 0, err
     back = ad.read_h5ad(out)
     props = back.obsm["flash_proportions"].to_numpy()
     np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)
     assert litter(out.parent, out) == []  # ... the next writer of the same output sweeps its temporary
-    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in (s, r)] == digests  # inputs untouched
 
 
 def test_sigkill_while_writing_the_csv_keeps_the_previous_csv(small_pair_files, tmp_path):
@@ -333,3 +336,26 @@ def test_sigkill_after_setting_the_previous_zarr_aside_gives_it_back(zarr_store,
     sweep_litter(out)  # ... and the next writer of this output (or this sweep alone) puts it back
     assert (out / "previous.txt").read_text() == "the earlier result"
     assert litter(tmp_path, out) == []
+
+
+def test_a_zarr_output_replaced_by_another_run_mid_swap_ends_whole(tmp_path, monkeypatch):
+    # two runs writing one .zarr: the other run's store lands at the output between our two renames; ours is then
+    # moved aside in turn and the swap tried again (the last writer wins, neither fails, nothing is left over)
+    target, built = tmp_path / "out.zarr", tmp_path / "ours"
+    for folder, text in ((target, "previous"), (built, "ours")):
+        folder.mkdir()
+        (folder / "who").write_text(text)
+    real_replace = os.replace
+    raced = []
+
+    def replace(src, dst):
+        if Path(src) == built and not raced:
+            raced.append(True)
+            Path(dst).mkdir()
+            (Path(dst) / "who").write_text("the other run")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(sdata_io.os, "replace", replace)
+    sdata_io._replace_folder(built, target)
+    assert raced and (target / "who").read_text() == "ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]

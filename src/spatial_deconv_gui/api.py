@@ -184,10 +184,32 @@ def run_deconvolution(
         if not is_out_of_memory(exc):
             raise
         raise DeviceOutOfMemory.after(info.name, params["device"]) from exc
+    notices += _unfitted_notices(result, result.method, np.asarray(fit_data.obs_names, dtype=str))
     if empty.any():
         result = restore_dropped_spots(result, kept, np.asarray(sdata.obs_names, dtype=str))
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
     return RunOutput(out, result, report, notices)
+
+
+def _unfitted_notices(result: DeconvResult, method: str, barcodes: np.ndarray) -> list[str]:
+    """No NaN goes unexplained: spots a method filters out (whole NaN rows) get a notice; a row that is only
+    partly NaN, or infinite, is a failed fit and stops the run with the spots named."""
+    props = np.asarray(result.proportions, dtype=float)
+    unfitted = np.isnan(props).all(axis=1)
+    broken = ~unfitted & ~np.isfinite(props).all(axis=1)
+    if broken.any():
+        raise InputError(
+            f"{method} gave NaN or infinite proportions for {int(broken.sum())} spot(s) "
+            f"(e.g. {', '.join(barcodes[broken][:3])}); that is a failed fit, not an answer.",
+            "check those spots' counts; try another --seed, --dtype float64 or --device cpu.",
+            code="non_finite_result",
+        )
+    if unfitted.any():
+        return [
+            f"{method} did not fit {int(unfitted.sum())} of {len(props)} spot(s) (below its filters, e.g. "
+            f"{', '.join(barcodes[unfitted][:3])}); they are NaN rows, dominant type 'filtered'."
+        ]
+    return []
 
 
 def _remapped(progress: ProgressCallback | None, kept: np.ndarray) -> ProgressCallback | None:

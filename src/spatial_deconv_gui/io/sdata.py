@@ -19,6 +19,7 @@ spatialdata would not round-trip stay byte-identical, and the source is only eve
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -524,22 +525,43 @@ def _result_table(result: ad.AnnData, source: ad.AnnData, name: str, region_key:
     return out
 
 
+_SWAP_TRIES = 20
+
+
 def _replace_folder(built: Path, target: Path) -> None:
-    """Put ``built`` at ``target``: an existing target is renamed aside, swapped, then deleted."""
-    if not (target.exists() or target.is_symlink()):
-        os.replace(built, target)
-        return
-    aside = temp_name(target, ASIDE_SUFFIX)
-    os.replace(target, aside)
+    """Put ``built`` at ``target``: an existing target is renamed aside, swapped, then deleted.
+
+    A folder cannot be renamed over a non-empty one, so when another run writing the same output puts its store
+    at ``target`` between our two renames, ours is moved aside in turn and the swap tried again: the last writer
+    wins, as with files, and neither run fails.
+    """
+    asides: list[Path] = []
     try:
-        os.replace(built, target)
+        for _ in range(_SWAP_TRIES):
+            if target.exists() or target.is_symlink():
+                aside = temp_name(target, ASIDE_SUFFIX)
+                try:
+                    os.replace(target, aside)
+                    asides.append(aside)
+                except FileNotFoundError:  # another writer moved it first
+                    pass
+            try:
+                os.replace(built, target)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        raise OSError(errno.EBUSY, f"{target} kept changing while this run replaced it", str(target))
     except BaseException:
-        os.replace(aside, target)
+        if asides and not (target.exists() or target.is_symlink()):
+            os.replace(asides.pop(), target)  # the output as it was
         raise
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink(missing_ok=True)
+    finally:
+        for aside in asides:
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import uuid
@@ -125,14 +126,12 @@ def _full_rows(value, kept: np.ndarray, barcodes: np.ndarray):
     if arr.ndim == 0 or arr.shape[0] != len(kept):
         return value
     kind = arr.dtype.kind
-    if kind == "f":
+    if kind in "fc":
         fill = np.nan
     elif kind == "b":
         fill = False
     elif kind in "iu":
         fill = -1 if arr.ndim == 2 and kind == "i" else 0
-    elif kind == "c":
-        fill = np.nan
     else:
         arr = arr.astype(object)
         fill = FILTERED_LABEL
@@ -146,8 +145,6 @@ def restore_dropped_spots(result: DeconvResult, kept: np.ndarray, barcodes) -> D
     the left-out spots get NaN proportions, so they read as filtered. A model state in ``uns`` (a dict holding
     ``barcodes``, as DestVI's) gets every spot's barcode and NaN rows in its per-spot entries, so its spot
     positions match the slide's."""
-    import dataclasses
-
     barcodes = np.asarray(barcodes, dtype=str)
     kept = np.asarray(kept)
     props = np.full((len(barcodes), result.proportions.shape[1]), np.nan)
