@@ -1,0 +1,130 @@
+"""The layers of the interaction lens: segments from each sending neighbour to the lens's cell, coloured by
+support sqrt(L·R); a veil that dims every cell but the lens's cell and its senders; the *who responds* map.
+
+Every segment and colour is the API's numbers (``perturb_api.interaction_lens`` / ``who_responds``); the Lens dock
+calls these helpers and keeps no drawing code of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import PLUGIN_KEY
+from .perturb_layers import cell_size, diverging_rgba
+from .session import Session
+from .views import colormap_rgba
+
+SUPPORT_CMAP = "plasma"
+DIM_RGBA = np.array([0.0, 0.0, 0.0, 0.7], dtype=np.float32)  # over the cells the lens is not about
+CLEAR_RGBA = np.zeros(4, dtype=np.float32)
+FOCUS_BORDER = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+SEGMENTS, VEIL, RESPONDS = "lens: senders", "lens: dim", "who responds"
+
+
+def lens_segments(session: Session, lens) -> tuple[np.ndarray, np.ndarray]:
+    """napari Vectors data (S, 2, 2) from each sender (position, y-x in the slide's world frame) to the lens's
+    cell (direction), one per row of ``lens.senders``, and the support of each."""
+    yx = session.cells_yx()
+    senders = lens.senders
+    if len(senders) == 0:
+        return np.zeros((0, 2, 2)), np.zeros(0)
+    start = yx[senders["sender"].to_numpy(np.int64)]
+    direction = yx[lens.cell][None, :] - start
+    return np.stack([start, direction], axis=1), senders["support"].to_numpy(float)
+
+
+def support_range(support: np.ndarray) -> float:
+    return float(support.max()) if support.size and support.max() > 0 else 1.0
+
+
+def veil_colours(n_cells: int, lens) -> tuple[np.ndarray, np.ndarray]:
+    """Face colours (the cell and its senders clear, every other cell dimmed) and border colours (the cell
+    outlined)."""
+    face = np.tile(DIM_RGBA, (n_cells, 1))
+    face[lens.senders["sender"].to_numpy(np.int64)] = CLEAR_RGBA
+    face[lens.cell] = CLEAR_RGBA
+    border = np.zeros((n_cells, 4), dtype=np.float32)
+    border[lens.cell] = FOCUS_BORDER
+    return face, border
+
+
+def _layer(viewer, name: str):
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def draw_lens(viewer, session: Session, lens) -> tuple[object, object, float]:
+    """Draw (or redraw) the senders' segments and the veil for ``lens``; returns both layers and the top of the
+    support colour range."""
+    data, support = lens_segments(session, lens)
+    vmax = support_range(support)
+    colours = colormap_rgba(support, SUPPORT_CMAP, 0.0, vmax) if support.size else np.zeros((0, 4))
+    yx = session.cells_yx()
+    face, border = veil_colours(len(yx), lens)
+    veil = _layer(viewer, VEIL)
+    if veil is None:
+        veil = viewer.add_points(
+            yx,
+            name=VEIL,
+            size=cell_size(session),
+            face_color=face,
+            border_color=border,
+            border_width=0.2,
+            metadata={PLUGIN_KEY: {"kind": "lens_veil"}},
+        )
+    else:
+        veil.face_color = face
+        veil.border_color = border
+    veil.metadata["cell"] = lens.cell
+    segments = _layer(viewer, SEGMENTS)
+    if segments is None:
+        segments = viewer.add_vectors(
+            data,
+            name=SEGMENTS,
+            edge_width=max(cell_size(session) * 0.25, 1.0),
+            vector_style="arrow",
+            metadata={PLUGIN_KEY: {"kind": "lens_segments"}},
+        )
+    else:
+        segments.data = data
+    if len(data):
+        segments.edge_color = colours
+    segments.metadata.update(cell=lens.cell, gene=lens.target, support=support)
+    return segments, veil, vmax
+
+
+def clear_lens(viewer):
+    for name in (SEGMENTS, VEIL):
+        layer = _layer(viewer, name)
+        if layer is not None:
+            viewer.layers.remove(layer)
+
+
+def draw_who_responds(viewer, session: Session, response, gene: str | None) -> tuple[object, str, str, float, float]:
+    """Colour a map of the cells by the first-step Δ of ``gene`` (diverging), or by Σ|Δ| over every responding
+    target when ``gene`` is None; returns the layer and its colorbar's label, colormap and range."""
+    if gene is None:
+        values = response.total_abs()
+        top = float(np.percentile(values, 99)) if values.size and values.max() > 0 else 1.0
+        rgba = colormap_rgba(values, "magma", 0.0, top or 1.0)
+        label, cmap, lo, hi = f"Σ|Δ| of {response.ligand}'s responders (step 1)", "magma", 0.0, top or 1.0
+    else:
+        values = response.of(gene)
+        rgba, vmax = diverging_rgba(values)
+        label, cmap, lo, hi = f"Δ {gene} after KO {response.ligand} (step 1)", "RdBu_r", -vmax, vmax
+    layer = _layer(viewer, RESPONDS)
+    if layer is None:
+        layer = viewer.add_points(
+            session.cells_yx(),
+            name=RESPONDS,
+            size=cell_size(session),
+            border_width=0,
+            face_color=rgba,
+            metadata={PLUGIN_KEY: {"kind": "lens_who_responds"}},
+        )
+        veil = _layer(viewer, VEIL)
+        if veil is not None:  # under the lens's veil and segments, so the lens stays readable over the map
+            viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(veil))
+    else:
+        layer.face_color = rgba
+    layer.metadata.update(ligand=response.ligand, gene=gene, values=values)
+    return layer, label, cmap, lo, hi
