@@ -75,7 +75,9 @@ def test_clicking_a_cell_shows_its_modulators_and_senders(make_napari_viewer, gr
     pd.testing.assert_frame_equal(dock.lens.senders, want.senders)
     rows = dock.table_rows()
     assert [r[0] for r in rows] == want.modulators.modulator.tolist()
-    assert [float(r[2]) for r in rows] == pytest.approx(want.modulators.beta.tolist(), rel=1e-3)
+    assert [float(r[1]) for r in rows] == pytest.approx(want.modulators.beta.tolist(), rel=1e-3)
+    sent = want.modulators[want.modulators.n_senders > 0]
+    assert [r[3] for r in rows if r[3]] == [str(n) for n in sent.n_senders]
     assert model.obs_names[cell] in dock.status.value
 
     # one segment per (term, sender), from the sender to the clicked cell, coloured by support

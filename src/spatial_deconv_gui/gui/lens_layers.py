@@ -18,6 +18,7 @@ SUPPORT_CMAP = "plasma"
 DIM_RGBA = np.array([0.0, 0.0, 0.0, 0.7], dtype=np.float32)  # over the cells the lens is not about
 CLEAR_RGBA = np.zeros(4, dtype=np.float32)
 FOCUS_BORDER = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+FOCUS_BORDER_WIDTH = 0.25  # of the point's size
 SEGMENTS, VEIL, RESPONDS = "lens: senders", "lens: dim", "who responds"
 
 
@@ -37,15 +38,17 @@ def support_range(support: np.ndarray) -> float:
     return float(support.max()) if support.size and support.max() > 0 else 1.0
 
 
-def veil_colours(n_cells: int, lens) -> tuple[np.ndarray, np.ndarray]:
-    """Face colours (the cell and its senders clear, every other cell dimmed) and border colours (the cell
-    outlined)."""
+def veil_colours(n_cells: int, lens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Face colours (the cell and its senders clear, every other cell dimmed), border colours and widths (only
+    the cell outlined: a border on the others would let the colours beneath show as rings)."""
     face = np.tile(DIM_RGBA, (n_cells, 1))
     face[lens.senders["sender"].to_numpy(np.int64)] = CLEAR_RGBA
     face[lens.cell] = CLEAR_RGBA
     border = np.zeros((n_cells, 4), dtype=np.float32)
     border[lens.cell] = FOCUS_BORDER
-    return face, border
+    width = np.zeros(n_cells)
+    width[lens.cell] = FOCUS_BORDER_WIDTH
+    return face, border, width
 
 
 def _layer(viewer, name: str):
@@ -59,7 +62,7 @@ def draw_lens(viewer, session: Session, lens) -> tuple[object, object, float]:
     vmax = support_range(support)
     colours = colormap_rgba(support, SUPPORT_CMAP, 0.0, vmax) if support.size else np.zeros((0, 4))
     yx = session.cells_yx()
-    face, border = veil_colours(len(yx), lens)
+    face, border, width = veil_colours(len(yx), lens)
     veil = _layer(viewer, VEIL)
     if veil is None:
         veil = viewer.add_points(
@@ -68,19 +71,20 @@ def draw_lens(viewer, session: Session, lens) -> tuple[object, object, float]:
             size=cell_size(session),
             face_color=face,
             border_color=border,
-            border_width=0.2,
+            border_width=width,
             metadata={PLUGIN_KEY: {"kind": "lens_veil"}},
         )
     else:
         veil.face_color = face
         veil.border_color = border
+        veil.border_width = width
     veil.metadata["cell"] = lens.cell
     segments = _layer(viewer, SEGMENTS)
     if segments is None:
         segments = viewer.add_vectors(
             data,
             name=SEGMENTS,
-            edge_width=max(cell_size(session) * 0.25, 1.0),
+            edge_width=max(cell_size(session) * 0.12, 0.5),
             vector_style="arrow",
             metadata={PLUGIN_KEY: {"kind": "lens_segments"}},
         )
@@ -121,9 +125,9 @@ def draw_who_responds(viewer, session: Session, response, gene: str | None) -> t
             face_color=rgba,
             metadata={PLUGIN_KEY: {"kind": "lens_who_responds"}},
         )
-        veil = _layer(viewer, VEIL)
-        if veil is not None:  # under the lens's veil and segments, so the lens stays readable over the map
-            viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(veil))
+        segments = _layer(viewer, SEGMENTS)
+        if segments is not None:  # over the veil (the map reads undimmed), under the senders' arrows
+            viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(segments))
     else:
         layer.face_color = rgba
     layer.metadata.update(ligand=response.ligand, gene=gene, values=values)

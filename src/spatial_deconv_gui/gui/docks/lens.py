@@ -23,7 +23,8 @@ from ..session import session_for
 from ..views import nearest_spot
 
 ALL_RESPONDERS = "all responders (Σ|Δ|)"
-TABLE_COLUMNS = ("modulator", "kind", "beta", "term", "support / senders")
+# modulator names tell the kind: TF, L$R (ligand-receptor), L#TF (TF-ligand)
+TABLE_COLUMNS = ("modulator", "β", "β·x", "senders", "max √(L·R)")
 DRAWING_LAYERS = ("Shapes", "Labels")  # a click there draws; it does not pick a cell
 
 
@@ -49,6 +50,11 @@ class LensDock(Container):
         self.status = status_label("train or load a model, then click a cell")
         self.table = Table(value=pd.DataFrame(columns=list(TABLE_COLUMNS)), label="modulators")
         self.table.min_height = 220
+        self.table.native.verticalHeader().setVisible(False)
+        self.table.tooltip = (
+            "β: the coefficient (of the cell's cluster); β·x: the term it adds to the gene's predicted expression; "
+            "senders: neighbours within the pair's radius expressing the ligand; max √(L·R): their largest support."
+        )
         self.ligand = ComboBox(
             label="knock out ligand",
             choices=lambda _w: self._ligands(),
@@ -179,12 +185,20 @@ class LensDock(Container):
 
     def _show_table(self):
         rows = []
-        per_term = self.lens.senders.groupby("modulator")["support"]
-        most = per_term.max().to_dict()
+        most = self.lens.senders.groupby("modulator")["support"].max().to_dict()
         for r in self.lens.modulators.itertuples():
-            send = f"{most[r.modulator]:.3g} / {r.n_senders}" if r.modulator in most else ""
-            rows.append([r.modulator, r.kind, f"{r.beta:.4g}", f"{r.term:.4g}", send])
+            sends = r.modulator in most
+            rows.append(
+                [
+                    r.modulator,
+                    f"{r.beta:.4g}",
+                    f"{r.term:.4g}",
+                    str(r.n_senders) if sends else "",
+                    f"{most[r.modulator]:.3g}" if sends else "",
+                ]
+            )
         self.table.value = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+        self.table.native.resizeColumnsToContents()
 
     def table_rows(self) -> list[list]:
         return [list(row) for row in self.table.data.to_list()]
