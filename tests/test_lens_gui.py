@@ -88,7 +88,14 @@ def test_clicking_a_cell_shows_its_modulators_and_senders(make_napari_viewer, gr
     np.testing.assert_allclose(segments.data[:, 0], start)
     np.testing.assert_allclose(segments.data[:, 0] + segments.data[:, 1], np.tile(yx[cell], (len(senders), 1)))
     support = senders.support.to_numpy()
-    np.testing.assert_allclose(segments.edge_color, colormap_rgba(support, "plasma", 0, support.max()), atol=1e-6)
+    # colours on one scale for every cell: 0 to sqrt(max L * max R) over the slide for the terms listed
+    terms = want.modulators[want.modulators.kind == "lr"]
+    top = max(
+        np.sqrt(model.expr[:, model.genes.index(a)].max() * model.expr[:, model.genes.index(b)].max())
+        for a, b in zip(terms.ligand, terms.partner)
+    )
+    assert support.max() <= top and segments.metadata["vmax"] == pytest.approx(top)
+    np.testing.assert_allclose(segments.edge_color, colormap_rgba(support, "plasma", 0, top), atol=1e-6)
     # every other cell dimmed, the cell and its senders clear
     veil = viewer.layers[VEIL]
     clear = np.zeros(len(yx), dtype=bool)

@@ -34,8 +34,13 @@ def lens_segments(session: Session, lens) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([start, direction], axis=1), senders["support"].to_numpy(float)
 
 
-def support_range(support: np.ndarray) -> float:
-    return float(support.max()) if support.size and support.max() > 0 else 1.0
+def support_range(lens, gene_max: dict) -> float:
+    """The top of the support colour range: the largest support any sender could give the lens's ligand terms,
+    sqrt(max L · max partner) over the slide, so colours compare from cell to cell (and the colorbar rarely
+    needs redrawing while the mouse moves)."""
+    terms = lens.modulators[lens.modulators.kind != "tf"]
+    top = max((np.sqrt(gene_max[a] * gene_max[b]) for a, b in zip(terms.ligand, terms.partner)), default=0.0)
+    return float(top) if top > 0 else 1.0
 
 
 def veil_colours(n_cells: int, lens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,11 +60,10 @@ def _layer(viewer, name: str):
     return viewer.layers[name] if name in viewer.layers else None
 
 
-def draw_lens(viewer, session: Session, lens) -> tuple[object, object, float]:
-    """Draw (or redraw) the senders' segments and the veil for ``lens``; returns both layers and the top of the
-    support colour range."""
+def draw_lens(viewer, session: Session, lens, vmax: float) -> tuple[object, object]:
+    """Draw (or redraw) the senders' segments, coloured by support from 0 to ``vmax``, and the veil for ``lens``;
+    returns both layers."""
     data, support = lens_segments(session, lens)
-    vmax = support_range(support)
     colours = colormap_rgba(support, SUPPORT_CMAP, 0.0, vmax) if support.size else np.zeros((0, 4))
     yx = session.cells_yx()
     face, border, width = veil_colours(len(yx), lens)
@@ -92,8 +96,8 @@ def draw_lens(viewer, session: Session, lens) -> tuple[object, object, float]:
         segments.data = data
     if len(data):
         segments.edge_color = colours
-    segments.metadata.update(cell=lens.cell, gene=lens.target, support=support)
-    return segments, veil, vmax
+    segments.metadata.update(cell=lens.cell, gene=lens.target, support=support, vmax=vmax)
+    return segments, veil
 
 
 def clear_lens(viewer):

@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 
 from ..colorbar import add_colorbar, draw_colorbar
 from ..jobs import JobRunner
-from ..lens_layers import SUPPORT_CMAP, clear_lens, draw_lens, draw_who_responds
+from ..lens_layers import SUPPORT_CMAP, clear_lens, draw_lens, draw_who_responds, support_range
 from ..notify import notify_error, status_label
 from ..perturb_layers import cell_size
 from ..session import session_for
@@ -38,6 +38,8 @@ class LensDock(Container):
         self.lens = None  # the CellLens drawn
         self.response = None  # the last WhoResponds
         self.hovered: int | None = None
+        self.gene_max: dict = {}  # each gene's largest (filtered) expression: the support colour range
+        self._support_bar = None  # the range the support colorbar shows
         self.gene = ComboBox(
             label="gene", choices=lambda _w: self._targets(), tooltip="The target gene whose modulators are listed."
         )
@@ -113,6 +115,8 @@ class LensDock(Container):
 
         self.index = perturb_api.lens_index(model)
         self.tree = cKDTree(self.session.cells_yx())
+        self.gene_max = dict(zip(model.genes, np.maximum(np.asarray(model.expr).max(axis=0), 0.0).tolist()))
+        self._support_bar = None
         self.lens = self.response = None
         self.hovered = None
         clear_lens(self.viewer)
@@ -174,8 +178,11 @@ class LensDock(Container):
             notify_error(exc, "Interaction lens")
             return
         self._show_table()
-        _, _, vmax = draw_lens(self.viewer, self.session, self.lens)
-        draw_colorbar(self.colorbar_fig, self.colorbar, "support √(L·R) of the senders", SUPPORT_CMAP, 0.0, vmax)
+        vmax = support_range(self.lens, self.gene_max)
+        draw_lens(self.viewer, self.session, self.lens, vmax)
+        if vmax != self._support_bar:  # a colorbar costs ~50 ms to draw: only when its range changes
+            self._support_bar = vmax
+            draw_colorbar(self.colorbar_fig, self.colorbar, "support √(L·R) of the senders", SUPPORT_CMAP, 0.0, vmax)
         lens = self.lens
         name = self.session.model.obs_names[cell]
         self.status.value = (
