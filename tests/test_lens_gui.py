@@ -121,6 +121,11 @@ def test_clicking_a_cell_shows_its_modulators_and_senders(make_napari_viewer, gr
     for cb in viewer.mouse_move_callbacks:
         cb(viewer, FakeMouse(yx.min(axis=0) - 500, "mouse_move"))
     assert dock.lens.cell == cell
+    for cb in viewer.mouse_move_callbacks:
+        cb(viewer, FakeMouse(yx[hovered], "mouse_move"))
+    assert dock.lens.cell == hovered
+    dock.follow_hover.value = False  # unticked: the clicked cell again, at once
+    assert dock.lens.cell == cell
 
 
 def test_who_responds_maps_the_first_step_of_a_ligand_knockout(make_napari_viewer, qtbot, grn_model):

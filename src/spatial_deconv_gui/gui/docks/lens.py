@@ -88,6 +88,7 @@ class LensDock(Container):
         self.jobs.busy_changed.connect(lambda busy: setattr(self.respond_btn, "enabled", not busy))
         self.gene.changed.connect(lambda _v: self.refresh())
         self.top.changed.connect(lambda _v: self.refresh())
+        self.follow_hover.changed.connect(self._on_follow)
         self.respond_btn.clicked.connect(self.run_who_responds)
         self.responder.changed.connect(lambda _v: self._draw_response())
         session.model_changed.connect(self.on_model)
@@ -153,6 +154,11 @@ class LensDock(Container):
         cell = self.cell_at(event.position)
         if cell != self.hovered:
             self.hovered = cell
+            self.refresh()
+
+    def _on_follow(self, follow: bool):
+        if not follow:  # back to the clicked cell at once, not at the next mouse move
+            self.hovered = None
             self.refresh()
 
     # -- the lens ------------------------------------------------------------------------------------
