@@ -5,6 +5,7 @@ propagation engine, on the simulated GRN tissue."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from spatial_deconv_gui import perturb_api as api
@@ -150,3 +151,35 @@ def test_bad_lens_requests_are_named(model):
         api.interaction_lens(model, 0, "NoSuchGene")
     with pytest.raises(InputError, match="not a gene of the model"):
         api.who_responds(model, "NoSuchGene")
+
+
+def test_tf_ligand_terms_in_the_lens_and_in_who_responds(sim, tmp_path):
+    tfl = pd.DataFrame(
+        {"ligand": ["Lig0", "Lig1", "Lig2", "Lig3", "Lig0"], "tf": ["Tf0", "Tf1", "Tf2", "Tf3", "Tf4"], "weight": 1.0}
+    )
+    model = _train(sim, tmp_path / "model", tfl=tfl)
+    table = model.modulator_table()
+    rows = table[table.kind == "tfl"]
+    assert len(rows) >= 2
+    xy = model.coords
+    for target, cluster, modulator in zip(rows.target, rows.cluster, rows.modulator):
+        cell = int(np.flatnonzero(model.clusters == cluster)[0])
+        lens = api.interaction_lens(model, cell, target)
+        r = lens.modulators.set_index("modulator").loc[modulator]
+        lig, tf = modulator.split("#")
+        x_tf = model.expr[cell, model.genes.index(tf)]
+        assert r.kind == "tfl" and r.beta == pytest.approx(
+            rows.set_index(["target", "cluster", "modulator"]).coef[(target, cluster, modulator)]
+        )
+        received = _hand_received(model, cell, lig, r.radius)
+        assert r.feature == pytest.approx(received * x_tf, rel=1e-10)
+        got = lens.senders[lens.senders.modulator == modulator]
+        lv = model.expr[:, model.genes.index(lig)]
+        d = np.sqrt(((xy - xy[cell]) ** 2).sum(axis=1))
+        expected = np.flatnonzero((d <= r.radius) & (lv > 1e-9) & (np.arange(len(d)) != cell))
+        assert sorted(got.sender) == sorted(expected.tolist())
+        np.testing.assert_allclose(got.support, np.sqrt(lv[got.sender.to_numpy()] * x_tf), rtol=1e-12)
+    for gene in list(model.ligands) + ["Tf2", "Tf4"]:  # ligands, and TFs of TF-ligand terms
+        resp = api.who_responds(model, gene)
+        step = next(iter(api.perturbation_steps(model, gene, 0.0, steps=1)))
+        np.testing.assert_allclose(resp.delta, step.delta, rtol=0, atol=1e-10)
