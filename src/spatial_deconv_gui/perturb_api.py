@@ -11,6 +11,9 @@
   a gene no target uses moves nothing but itself); :func:`usage_notices` says it in one line per gene.
 * :func:`knockout_screen` - each gene knocked out on its own with one loaded model, one row per gene of a
   Δ summary ranked by effect.
+* :func:`interaction_lens` - one cell's modulators of one target with their β, and the neighbours sending each
+  of its ligands (support sqrt(L·R), share of the received ligand); :func:`who_responds` - the first-step Δ of
+  the targets a ligand knockout reaches, per cell.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .engines.base import RunControl
 from .engines.perturb import priors as _priors
 from .engines.perturb.config import TrainConfig
 from .engines.perturb.impute import impute_clusterwise
+from .engines.perturb.lens import CellLens, LensIndex, WhoResponds, cell_lens
+from .engines.perturb.lens import who_responds as _who_responds
 from .engines.perturb.perturb import PerturbModel, PerturbStep, iter_perturbation, model_propagator, usage_notice
 from .engines.perturb.perturb import gene_usage as _gene_usage
 from .engines.perturb.perturb import load_model as _load_model
@@ -57,6 +62,11 @@ __all__ = [
     "usage_notices",
     "knockout_screen",
     "SCREEN_COLUMNS",
+    "interaction_lens",
+    "who_responds",
+    "lens_index",
+    "CellLens",
+    "WhoResponds",
     "regrid_vectors",
 ]
 
@@ -724,3 +734,45 @@ def knockout_screen(
     table = table.sort_values("total_abs_delta", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table[list(SCREEN_COLUMNS)]
+
+
+def lens_index(model) -> LensIndex:
+    """What :func:`interaction_lens` and :func:`who_responds` need of a model, built once (a k-d tree of the
+    cells, the coefficients by target, the received ligands): pass it to them when asking about many cells."""
+    if not isinstance(model, PerturbModel):
+        model = load_model(model)
+    return LensIndex(model)
+
+
+def interaction_lens(
+    model, cell: int, gene: str, *, top: int | None = None, index: LensIndex | None = None
+) -> CellLens:
+    """What drives ``gene`` in ``cell`` (an index into the model's cells): ``.modulators``, one row per non-zero
+    coefficient largest |β| first (``top`` of them) - TFs, ligand→receptor pairs (``L$R``), TF–ligand terms
+    (``L#TF``) - with β (the coefficients of the cell's cluster), the feature's value in the cell, the term
+    β·feature, the received ligand and whether the cell expresses the partner; ``.senders``, for each supported
+    ligand term, every other cell within the term's radius that expresses the ligand, with its distance, kernel
+    weight, share of the received ligand ((s/N)·exp(-d²/2r²)·L), support sqrt(L_sender·R_cell) and part of the
+    term. ``model`` is a :class:`PerturbModel` or a model folder; ``index`` from :func:`lens_index`."""
+    if index is None:
+        index = lens_index(model)
+    return cell_lens(index.model, cell, gene, top=top, index=index)
+
+
+def who_responds(
+    model,
+    ligand: str,
+    value: float = 0.0,
+    *,
+    cells=None,
+    ligand_mode: str = "exact",
+    device=None,
+    index: LensIndex | None = None,
+) -> WhoResponds:
+    """Who responds to a ligand knockout: the first propagation step of setting ``ligand`` to ``value`` in
+    ``cells`` (indices; default all), computed term by term from the model's coefficients - ``.delta`` (cells x
+    ``model.genes``), ``.targets`` (the targets it reaches, through which terms, mean and largest |Δ|),
+    ``.of(gene)`` and ``.total_abs()`` per cell. Equal to the first step of :func:`perturbation_steps`."""
+    if index is None:
+        index = lens_index(model)
+    return _who_responds(index.model, ligand, value, cells=cells, ligand_mode=ligand_mode, device=device, index=index)

@@ -99,6 +99,7 @@ class Session:
     model_changed = Signal(object)  # a perturbation model was trained or loaded
     perturbation_added = Signal(str)  # a knockout run's name, once its layers are on the canvas
     perturbation_selected = Signal(str)  # the knockout run shown (its layers visible, its summary drawn)
+    cell_picked = Signal(int)  # a cell of the perturbation model, clicked on the canvas
 
     def __init__(self, viewer):
         self.viewer = viewer
@@ -111,6 +112,7 @@ class Session:
         self.model_slide = None  # the slide layer the model was trained on: its cells' world frame
         self.perturbations: dict[str, Perturbation] = {}
         self.selected_perturbation: str | None = None
+        self.cell: int | None = None  # the model's cell last clicked
         self.saved_results_read: set = set()  # ids of slide layers already searched for saved results
         self.jobs: dict = {}  # JobRunners of the session's own background work, by what they do
         layers = getattr(viewer, "layers", None)
@@ -168,6 +170,7 @@ class Session:
     # -- perturbation ---------------------------------------------------------------------------------
     def set_model(self, model, slide_layer=None):
         self.model = model
+        self.cell = None  # a cell index of the previous model means nothing for this one
         if slide_layer is not None:
             self.model_slide = slide_layer
         self.model_changed.emit(model)
@@ -180,6 +183,10 @@ class Session:
     def cells_yx(self) -> np.ndarray:
         """The model's cells in the slide's world frame (napari order), where the slide and its image lie."""
         return np.asarray(self.model.coords, dtype=float)[:, :2][:, ::-1] * self.world_per_coord
+
+    def pick_cell(self, index: int):
+        self.cell = int(index)
+        self.cell_picked.emit(int(index))
 
     def unique_perturbation_name(self, base: str) -> str:
         n = 1

@@ -22,6 +22,7 @@ DOCKS: dict[str, tuple[str, str, str]] = {
     "Train perturbation model": ("train", "TrainDock", "right"),
     "Knockout": ("knockout", "KnockoutDock", "right"),
     "Knockout summary": ("summary", "SummaryDock", "right"),
+    "Interaction lens": ("lens", "LensDock", "right"),
 }
 RESULT_DOCKS = ("Legend", "Results", "Spot inspector")
 
