@@ -279,3 +279,31 @@ def test_flash_runs_from_the_widget_and_compares_with_rctd(make_napari_viewer, q
     pa, pb = session.results[a].proportions, session.results[b].proportions[session.results[a].cell_types]
     expected = np.mean(pa.to_numpy().argmax(1) == pb.to_numpy().argmax(1))
     assert cmp.agreement == pytest.approx(expected) and cmp.agreement > 0.7
+
+
+def test_spots_without_counts_are_named_in_the_dock(make_napari_viewer, qtbot, tmp_path):
+    """Empty spots are left out of the fit with a notice the user sees, and come back as NaN rows."""
+    import scipy.sparse as sp
+
+    from spatial_deconv_gui.sample_data import sample_paths
+
+    spatial, reference = sample_paths()
+    adata = ad.read_h5ad(spatial)
+    x = sp.lil_matrix(adata.X)
+    x[:3] = 0
+    adata.X = sp.csr_matrix(x)
+    adata.write_h5ad(tmp_path / "with_empty_spots.h5ad")
+    viewer = make_napari_viewer()
+    layer = next(
+        lay for lay in viewer.open(tmp_path / "with_empty_spots.h5ad", plugin=PLUGIN) if lay.name == "with_empty_spots"
+    )
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+    widget.slide.value = layer
+    widget.reference.value = str(reference)
+    widget.method.value = "flash"
+    _click_run_and_wait(qtbot, widget)
+    run = widget.last_run
+    assert run is not None, widget.status.value
+    assert "note:" in widget.status.value and "no counts" in widget.status.value
+    props = run.adata.obsm[f"{run.result.key}_proportions"]
+    assert props.iloc[:3].isna().all().all() and np.isfinite(props.iloc[3:].to_numpy()).all()

@@ -331,8 +331,11 @@ class DeconvolutionDock(Container):
         self.last_run = run
         self.progress.value = 1000
         fitted = int(run.result.fitted.sum())
-        self.status.value = f"done in {run.result.runtime_s:.1f} s ({fitted} spots fitted)"
-        notify_info(f"{run.result.method} finished: {fitted} spots")
+        notices = list(getattr(run, "notices", []))
+        self.status.value = f"done in {run.result.runtime_s:.1f} s ({fitted} spots fitted)" + "".join(
+            f"\nnote: {n}" for n in notices
+        )
+        notify_info(f"{run.result.method} finished: {fitted} spots" + "".join(f"\n{n}" for n in notices))
 
     def _on_cancelled(self):
         self._end_stream()
