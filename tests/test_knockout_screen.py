@@ -225,3 +225,17 @@ def test_training_and_propagation_share_what_counts_as_expressed():
     x = np.array([0.0, 1e-10, 1e-9, 2e-9, 3.0])
     np.testing.assert_array_equal(train.filtered(x), expression.filtered(x))
     np.testing.assert_array_equal(expression.filtered(x), [0.0, 0.0, 0.0, 2e-9, 3.0])
+
+
+def test_a_loaded_model_pickles_without_its_propagators(trained):
+    """The Train dock gets its model back from a child process: a loaded model must pickle."""
+    import pickle
+
+    model = api.load_model(trained)
+    before = api.run_perturbation(model, ["Tf0"], 0.0, steps=2).layers["perturb_delta"].toarray()
+    assert model.propagators
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy.propagators == {} and list(copy.coef_tables) == list(model.coef_tables)
+    pd.testing.assert_frame_equal(copy.coef_tables[copy.targets[0]], model.coef_tables[model.targets[0]])
+    after = api.run_perturbation(copy, ["Tf0"], 0.0, steps=2).layers["perturb_delta"].toarray()
+    np.testing.assert_array_equal(before, after)

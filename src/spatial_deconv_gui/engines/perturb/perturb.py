@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,10 @@ class PerturbModel:
         self.channels = chans
         self.lr_channel = np.asarray(lr_ch, dtype=np.int64)
         self.tfl_channel = np.asarray(tfl_ch, dtype=np.int64)
+
+    def __getstate__(self):
+        # a model crosses processes (the Train dock trains in a child): its Propagators are rebuilt on use there
+        return {**self.__dict__, "propagators": {}}
 
     @property
     def targets(self) -> list[str]:
@@ -379,7 +384,7 @@ def load_model(path) -> PerturbModel:
                 "train the model again.",
                 code="bad_model_dir",
             )
-        tables = StoreTables(store, targets, lambda: md.read_store(path, manifest, md.TABLE_COLUMNS))
+        tables = StoreTables(store, targets, partial(md.read_store, path, manifest, md.TABLE_COLUMNS))
         coefficients = coefficients_from_store(genes, cluster_names, targets, store)
     else:
         md.notice_old_layout(path, int(manifest.get("format_version", 1)))
