@@ -22,6 +22,7 @@ from ... import keys
 from ..base import RunControl
 from . import model_dir as md
 from .config import TrainConfig
+from .expression import FILTER_MIN, filtered
 from .ligands import auto_radius, received_ligands
 from .modulators import (
     PAIR_SEP_LR,
@@ -33,13 +34,6 @@ from .modulators import (
     select_modulators,
     usable_lr,
 )
-
-FILTER_MIN = 1e-9  # expression at or below this counts as absent (SpaceTravLR's get_filtered_df)
-
-
-def filtered(x: np.ndarray) -> np.ndarray:
-    return np.where(x > FILTER_MIN, x, 0.0)
-
 
 # settings added after models were first written: left out of the settings hash at their defaults, so that a
 # folder trained before they existed still resumes
