@@ -15,6 +15,7 @@ from spatial_deconv_gui.engines.flash.config import FlashConfig
 from spatial_deconv_gui.engines.options import config_options, given_options
 from spatial_deconv_gui.engines.perturb.config import PerturbRunConfig, TrainConfig
 from spatial_deconv_gui.engines.rctd.config import RCTDConfig
+from spatial_deconv_gui.io.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = (RCTDConfig, FlashConfig, C2LConfig, DestVIConfig, TrainConfig, PerturbRunConfig)
@@ -168,3 +169,16 @@ def test_readme_option_tables_are_generated_from_the_configs():
     for config_cls in ALL_CONFIGS:
         for opt in config_options(config_cls):
             assert f"`{opt.flag}`" in tables.render() or opt.name == "device"
+
+
+def test_the_perturbation_engine_is_in_the_registry_beside_the_methods():
+    from spatial_deconv_gui.engines.perturb.train import train
+    from spatial_deconv_gui.engines.registry import available_methods, get_method
+
+    assert "perturb" not in available_methods()  # `run --method` and the Deconvolution dock offer deconvolution only
+    assert set(available_methods()) >= {"rctd", "flash"}
+    info = get_method("perturb", kind="perturbation")
+    assert info.load() == (train, TrainConfig)
+    assert list(available_methods("perturbation")) == ["perturb"]
+    with pytest.raises(InputError, match="unknown method 'perturb'"):
+        get_method("perturb")

@@ -99,6 +99,9 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     assert running <= 0.150
     run = ko.current
     assert run is not None, ko.status.value
+    # what the gene can move, from the model, in the status line (the same line `perturb run` prints)
+    assert perturb_api.usage_notices(model, [tf])[0] in ko.status.value.splitlines()
+    assert "is used by" in ko.status.value
 
     # the engine's own answer for the same cells
     ref = perturb_api.run_perturbation(model, [tf], 0.0, cells=cells, steps=4)

@@ -40,6 +40,7 @@ from .engines.perturb.perturb import gene_usage as _gene_usage
 from .engines.perturb.perturb import load_model as _load_model
 from .engines.perturb.regrid import regrid as regrid_vectors
 from .engines.perturb.vectors import vector_field
+from .engines.registry import get_method
 from .io.errors import InputError
 from .io.perturbed import attach_perturbation, model_cells_adata
 from .io.read import find_coordinates
@@ -368,7 +369,8 @@ def train_model_dir(
         and np.issubdtype(np.asarray(v).dtype, np.number)
         and k.lower().startswith(("x_umap", "umap", "x_tsne"))
     }
-    from .engines.perturb.train import train as _train  # torch and the lasso: not needed for a knockout
+    # the training code (and the lasso kernels) loads here, through the registry: a knockout never needs it
+    _train, _ = get_method("perturb", kind="perturbation").load()
 
     return _train(
         X,

@@ -1,4 +1,5 @@
-"""The deconvolution methods the api, CLI and GUI can offer, imported only when used (torch is slow to load)."""
+"""The engines the api, CLI and GUI can offer: the deconvolution methods and the perturbation engine, each
+imported only when used (torch is slow to load)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class MethodInfo:
     modes: tuple[str, ...] = ()
     # The config fields the GUI shows (the rest stay at their defaults); their tooltips are the fields' help.
     gui_options: tuple[str, ...] = ()
+    # "deconvolution": runner(spatial, reference, config, control) -> DeconvResult; "perturbation": runner trains
+    # a model folder from a slide and priors under the same RunControl (knockouts then run from that folder).
+    kind: str = "deconvolution"
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -95,6 +99,16 @@ _ALL = (
         "DestVIConfig",
         gui_options=("sc_epochs", "max_epochs", "n_latent", "seed"),
     ),
+    MethodInfo(
+        "perturb",
+        "perturb",
+        "SpaceTravLR's spatial gene-regulatory network: per-cluster sparse group lasso on TFs and received "
+        "ligands, then knockouts propagated through the tissue",
+        "spatial_deconv_gui.engines.perturb.train",
+        "train",
+        "TrainConfig",
+        kind="perturbation",
+    ),
 )
 
 
@@ -103,12 +117,12 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".") if text else text
 
 
-def available_methods() -> dict[str, MethodInfo]:
-    return {m.name: m for m in _ALL if m.installed}
+def available_methods(kind: str = "deconvolution") -> dict[str, MethodInfo]:
+    return {m.name: m for m in _ALL if m.kind == kind and m.installed}
 
 
-def get_method(name: str) -> MethodInfo:
-    methods = available_methods()
+def get_method(name: str, kind: str = "deconvolution") -> MethodInfo:
+    methods = available_methods(kind)
     if name not in methods:
         raise InputError(
             f"unknown method {name!r}.",

@@ -78,6 +78,7 @@ class KnockoutDock(Container):
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = status_label("train or load a model first")
+        self.usage_lines: list[str] = []  # what the last run's genes can move, from the model (gene_usage)
         # results
         self.showing = ComboBox(
             label="perturbation",
@@ -201,6 +202,7 @@ class KnockoutDock(Container):
             if not genes:
                 raise ValueError("pick at least one gene")
             cells = self.selected_cells()
+            usage = perturb_api.gene_usage(model, genes)  # said before the run, so a silent map is no surprise
         except Exception as exc:
             self.status.value = str(exc)
             notify_error(exc, "Knockout")
@@ -210,6 +212,9 @@ class KnockoutDock(Container):
         if adata is not None and adata.n_obs != model.expr.shape[0]:
             adata = None
         value, steps = float(self.value.value), int(self.steps.value)
+        self.usage_lines = [perturb_api.usage_notice(row) for _, row in usage.iterrows()]
+        if (usage["n_targets"] == 0).any():
+            notify_info("Knockout: " + " ".join(self.usage_lines))
 
         def work(control):
             def stream(step):
@@ -226,7 +231,7 @@ class KnockoutDock(Container):
             on_partials=self._paint_step,
             on_cancelled=self._drop_stream_layer,
             on_error=lambda _exc: self._drop_stream_layer(),
-            message="propagating...",
+            message="\n".join(["propagating...", *self.usage_lines]),
         )
 
     @property
@@ -280,7 +285,9 @@ class KnockoutDock(Container):
         self.showing.value = run.name  # -> the session selects it -> _show_run: colours, arrows
         self.progress.value = 1000
         took = float(adata.uns[keys.PERTURB]["runtime_s"])
-        self.status.value = f"{run.name}: done in " + (f"{took:.1f} s" if took >= 0.1 else "under 0.1 s")
+        self.status.value = "\n".join(
+            [f"{run.name}: done in " + (f"{took:.1f} s" if took >= 0.1 else "under 0.1 s"), *self.usage_lines]
+        )
         yield
         open_docks(self.viewer, ["Knockout summary"])
 
