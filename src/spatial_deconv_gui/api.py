@@ -13,11 +13,14 @@ from typing import Any
 import anndata as ad
 
 from . import __version__
-from .engines.base import (
-    Cancelled,  # noqa: F401  (re-exported: the GUI catches it without reaching into engines)
+from .engines.base import (  # noqa: F401  (re-exported for the GUI, which does not reach into engines)
+    STOP_REASONS,
+    Cancelled,
     DeconvResult,
     ProgressCallback,
+    ProgressEvent,
     RunControl,
+    TrainingStatus,
 )
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
@@ -119,8 +122,17 @@ def run_deconvolution(
     cancel_event: threading.Event | None = None,
     check: bool = True,
     slide_options: dict | None = None,
+    stop_event: threading.Event | None = None,
 ) -> RunOutput:
     """Validate, run one engine and return a *copy* of the slide with the result in its slots.
+
+    Setting ``cancel_event`` abandons the run (:class:`Cancelled` is raised, nothing is returned). Setting
+    ``stop_event`` ("stop now, keep the answer") ends the training of an iterative method (``c2l``, ``destvi``)
+    at its next check, within about a second, and returns the answer it has then, marked in the run's uns entry
+    (``uns[key]['stopped_early_by_user']`` True, ``stop_reason`` "user", ``epochs_run``); other methods finish
+    normally. Progress events of iterative methods carry ``event.training`` (a
+    :class:`~.engines.base.TrainingStatus`: epoch, cap, speed, the expected stop epoch once convergence is in
+    sight, the stop reason at the end), from which an ETA bound and estimate follow.
 
     ``numi_column`` / ``reference_numi_column`` name the obs columns with each observation's total UMI (used
     when present, else the row sums); ``None`` always uses row sums. ``spatial`` is an AnnData, a
@@ -148,7 +160,7 @@ def run_deconvolution(
             raise InputError(ValidationReport(blocking).format(), code=blocking[0].code)
     params["device"] = resolve_device(device)
     config = build_config(config_cls, params)
-    control = RunControl(progress, cancel_event)
+    control = RunControl(progress, cancel_event, stop_event=stop_event)
     extra = {}
     batch_col = None
     if hasattr(config, "reference_batch_col"):

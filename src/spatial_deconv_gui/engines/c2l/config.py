@@ -41,9 +41,45 @@ class C2LConfig:
     )
     max_epochs: int = field(
         default=30000,
-        metadata={"help": "spatial model epochs (cell2location default 30000); the map streams as it trains"},
+        metadata={
+            "help": (
+                "spatial model epochs, the cap (cell2location default 30000; with early_stop training usually ends "
+                "sooner); the map streams as it trains"
+            )
+        },
     )
     lr: float = field(default=0.002, metadata={"help": "Adam learning rate of the spatial model"})
+    init_abundances: Literal["prior", "poisson"] = field(
+        default="prior",
+        metadata={
+            "help": (
+                "start of the per-spot abundances: prior (cell2location's, every type equal) or poisson (a quick "
+                "Poisson fit of the counts on the signatures)"
+            )
+        },
+    )
+    early_stop: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "stop the spatial model once the proportions stop moving (max_epochs stays the cap); "
+                "--no-early-stop trains exactly max_epochs"
+            )
+        },
+    )
+    convergence_tol: float = field(
+        default=0.005,
+        metadata={
+            "help": (
+                "early stop: converged when, over convergence_window epochs, 95% of spots changed less than this "
+                "share of their cells' types (3 checks in a row)"
+            )
+        },
+    )
+    convergence_window: int = field(
+        default=1000,
+        metadata={"help": "early stop: epochs between the two answers compared (checked every tenth of it)"},
+    )
     # reference signatures (RegressionModel)
     signatures: Literal["regression", "means"] = field(
         default="regression",
@@ -97,6 +133,12 @@ def validate_config(config: C2LConfig) -> list[str]:
     for name in ("n_cells_per_location", "detection_alpha", "lr", "reference_lr", "nonz_mean_cutoff"):
         if not float(getattr(config, name)) > 0:
             problems.append(f"{name} must be > 0, got {getattr(config, name)!r}")
+    if config.init_abundances not in ("prior", "poisson"):
+        problems.append(f"init_abundances must be prior or poisson, got {config.init_abundances!r}")
+    if not 0 < float(config.convergence_tol) < 1:
+        problems.append(f"convergence_tol must be in (0, 1), got {config.convergence_tol!r}")
+    if not isinstance(config.convergence_window, int) or config.convergence_window < 10:
+        problems.append(f"convergence_window must be an integer >= 10, got {config.convergence_window!r}")
     for name in ("n_groups", "max_epochs", "reference_batch_size", "report_every"):
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -124,7 +166,24 @@ def batch_column(config: C2LConfig) -> str | None:
     return str(col).strip()
 
 
+def convergence_rule(config: C2LConfig):
+    """The early-stopping rule of the spatial model, or None when ``early_stop`` is off."""
+    from ..convergence import ConvergenceRule
+
+    if not config.early_stop:
+        return None
+    window = int(config.convergence_window) // 10 * 10
+    return ConvergenceRule(tol=float(config.convergence_tol), window=window, check_every=window // 10)
+
+
 def check_config(config: C2LConfig) -> None:
     problems = validate_config(config)
     if problems:
-        raise ValueError("invalid cell2location configuration: " + "; ".join(problems))
+        from ...io.errors import InputError
+
+        raise InputError(
+            "invalid cell2location configuration: " + "; ".join(problems) + ".",
+            "change those options (a field name_like_this is the flag --name-like-this); "
+            "`spatial-deconv run SLIDE REF --method c2l --help` lists every option with its default.",
+            code="bad_option",
+        )
