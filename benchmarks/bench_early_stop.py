@@ -102,7 +102,9 @@ def full_path(method: str, data: str) -> Path:
 def cmd_full(a):
     OUT.mkdir(parents=True, exist_ok=True)
     every = a.every or (100 if a.method == "c2l" else 10)
-    result, snaps, _, wall, cpu = run(a.method, a.data, early_stop=False, report_every=every)
+    # the references' own schedules: cell2location 30,000 epochs at lr 0.002, DestVI 2,000 at 0.003
+    package = {"lr": 0.002, "max_epochs": 30000, "lr_anneal": 0.0} if a.method == "c2l" else {}
+    result, snaps, _, wall, cpu = run(a.method, a.data, early_stop=False, report_every=every, **package)
     training = result.uns[f"{result.key}_training"]
     epochs = np.array(sorted(snaps))
     np.savez_compressed(
@@ -163,13 +165,14 @@ def cmd_rule(a):
     tols = a.tol or [base.tol]
     for window in a.window or [base.window]:
         for smooth in a.smooth or [base.smooth]:
-            for tol in tols:
+            for tol, ratio in [(t, q) for t in tols for q in (a.noise_ratio or [base.noise_ratio])]:
                 extra = {} if a.method == "c2l" else {"min_epochs": base.min_epochs - base.window + window}
                 rule = dataclasses.replace(
-                    base, tol=tol, window=window, check_every=window // 10, smooth=smooth, **extra
+                    base, tol=tol, window=window, check_every=window // 10, smooth=smooth, noise_ratio=ratio, **extra
                 )
                 stop, trace = replay(z, rule)
                 out = {"method": a.method, "data": a.data, "tol": tol, "window": window, "smooth": smooth}
+                out["noise_ratio"] = ratio
                 out.update(stop_epoch=stop, cap=int(len(z["loss"])))
                 if stop is not None:
                     i = list(z["snap_epochs"]).index(stop)
@@ -304,6 +307,7 @@ def main(argv=None):
     p.add_argument("--tol", type=float, action="append", help="rule: tolerance(s) to replay")
     p.add_argument("--window", type=int, action="append", help="rule: window(s) to replay")
     p.add_argument("--smooth", type=int, action="append", help="rule: smoothing(s) to replay")
+    p.add_argument("--noise-ratio", type=float, action="append", help="rule: DestVI noise ratio(s) to replay")
     p.add_argument("--trace", action="store_true", help="rule: print the change at the checks")
     p.add_argument("--set", action="append", help="stop: a config field, e.g. --set lr=0.01 (repeatable)")
     a = p.parse_args(argv)

@@ -82,6 +82,27 @@ def test_smoothing_averages_out_alternating_noise():
     assert stops[0] == 90  # first full comparison at 70 (answers 10..70), three in a row at 70, 80, 90
 
 
+def test_noise_ratio_stops_once_the_drift_is_within_the_jitter():
+    # drift 0.001 of a direction per epoch until epoch 300, then still; jitter +-0.05 alternating every check
+    def answer(e):
+        drift = 0.001 * min(e, 300)
+        return TARGET + (drift + (0.05 if (e // 10) % 2 else -0.05)) * DIRECTION
+
+    rule = ConvergenceRule(tol=1e-6, window=100, check_every=10, smooth=1, noise_ratio=1.1)
+    monitor = ConvergenceMonitor(rule, 1000)
+    stops = [e for e in range(10, 1000, 10) if monitor.update(e, answer(e))]
+    # jitter between consecutive checks: 0.5 * |+-0.1 + 0.01 drift| = 0.045 or 0.055 while drifting, 0.05 after;
+    # change over 100 epochs (even lag: same jitter sign): 0.5 * 0.1 = 0.05 while drifting all the window, then
+    # less; settled from 310 (vs 210: 0.045 <= 1.1 * 0.055 = 0.0605, yes) ... first three in a row
+    changes = dict(monitor.trace)
+    jitters = dict(monitor.noise_trace)
+    settled = [e for e in sorted(changes) if changes[e] <= 1.1 * jitters[e]]
+    runs = [e for e in settled if e - 10 in settled and e - 20 in settled]
+    assert stops[0] == runs[0]
+    assert changes[110] == pytest.approx(0.05) and jitters[110] in (pytest.approx(0.045), pytest.approx(0.055))
+    assert changes[500] == pytest.approx(0.0) and stops[0] <= 420
+
+
 def test_rule_checks_its_settings():
     with pytest.raises(ValueError, match="multiple"):
         ConvergenceRule(tol=0.01, window=55, check_every=10)
@@ -115,7 +136,8 @@ def _stop_after(epoch: int):
 def test_c2l_stop_now_keeps_the_answer_of_that_epoch(inputs):
     s, r = inputs
     control, events = _stop_after(100)
-    base = dict(signatures="means", n_cells_per_location=6.0, n_threads=1, seed=2)
+    # constant learning rate: the annealed tail of a schedule depends on the cap, which differs between the runs
+    base = dict(signatures="means", n_cells_per_location=6.0, n_threads=1, seed=2, lr_anneal=0.0)
     stopped = run_c2l(s, r, C2LConfig(max_epochs=5000, **base), control)
     # asked at the report of epoch 100; the stop is checked every 25 epochs
     assert stopped.stop == {"reason": "user", "epochs_run": 125, "max_epochs": 5000}
@@ -208,3 +230,24 @@ def test_one_cell_type_is_refused(small_pair, small_pair_files, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "cell type" in err and "at least two" in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# cell2location's schedule: 5x the learning rate for a fifth of the epochs gives the package schedule's answer
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_c2l_default_schedule_gives_the_package_schedules_answer(inputs):
+    from spatial_deconv_gui.engines.bayes import pearson_rows
+
+    s, r = inputs
+    base = dict(signatures="means", n_cells_per_location=6.0, n_threads=1, seed=0, early_stop=False)
+    package = run_c2l(s, r, C2LConfig(lr=0.002, max_epochs=6000, lr_anneal=0.0, **base))
+    ours = run_c2l(s, r, C2LConfig(lr=0.01, max_epochs=1300, lr_anneal=0.2, **base))
+    per_spot = pearson_rows(ours.proportions, package.proportions)
+    print("per-spot r median / min", np.median(per_spot), per_spot.min())
+    assert np.median(per_spot) >= 0.99
+    assert (ours.proportions.argmax(1) == package.proportions.argmax(1)).mean() >= 0.95
+    # a fifth of the package's epochs at the same lr is far from its answer: the schedule is what matches
+    short = run_c2l(s, r, C2LConfig(lr=0.002, max_epochs=1300, lr_anneal=0.0, **base))
+    assert np.median(pearson_rows(short.proportions, package.proportions)) < np.median(per_spot)

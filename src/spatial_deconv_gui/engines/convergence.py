@@ -9,9 +9,12 @@ Every ``check_every`` epochs the engine hands over the current proportions (spot
 epoch e is measured against the answer ``window`` epochs earlier: for each spot the share of its cells that
 changed type (half the L1 distance of the two proportion vectors, 0..1), and over spots its ``quantile``
 (default the 95th percentile, so a few moving spots count, a single one does not). With ``smooth`` > 1 each
-side is the mean of that many consecutive checks, which averages out minibatch noise (DestVI). Training stops
-once the change has stayed below ``tol`` for ``patience`` consecutive checks and at least ``min_epochs`` ran;
-the epoch cap stays a bound.
+side is the mean of that many consecutive checks, which averages out minibatch noise (DestVI). A check is
+settled when the change is below ``tol`` or, with ``noise_ratio``, when it is at most ``noise_ratio`` times the
+change between the last two blocks of ``smooth`` checks: the answer then moved over the window no more than it
+jitters from block to block (DestVI's minibatch answer never stops jittering, so an absolute tolerance would
+never be met, or would stop during the approach). Training stops once ``patience`` consecutive checks are
+settled and at least ``min_epochs`` ran; the epoch cap stays a bound.
 
 While the change falls, its logarithm is close to linear in the epoch (the optimiser approaches the optimum
 geometrically); a straight-line fit over the last checks, extrapolated to ``tol``, is the estimate of the epoch
@@ -36,6 +39,9 @@ class ConvergenceRule:
     min_epochs: int = 0
     quantile: float = 0.95
     smooth: int = 1
+    # also converged when the change over the window is at most this multiple of the change between the last two
+    # blocks of ``smooth`` checks: the answer moved no more than its own jitter (minibatch noise, DestVI)
+    noise_ratio: float | None = None
 
     def __post_init__(self):
         if self.check_every < 1 or self.window < self.check_every or self.window % self.check_every:
@@ -44,6 +50,8 @@ class ConvergenceRule:
             raise ValueError(f"tol must be > 0, got {self.tol!r}")
         if self.smooth < 1 or self.smooth * self.check_every > self.window:
             raise ValueError(f"smooth ({self.smooth}) checks must fit in the window ({self.window} epochs)")
+        if self.noise_ratio is not None and not self.noise_ratio > 0:
+            raise ValueError(f"noise_ratio must be > 0, got {self.noise_ratio!r}")
 
 
 def answer_change(p: np.ndarray, q: np.ndarray, quantile: float = 0.95) -> float:
@@ -61,6 +69,7 @@ class ConvergenceMonitor:
         self.max_epochs = int(max_epochs)
         self._answers: deque[tuple[int, np.ndarray]] = deque(maxlen=rule.window // rule.check_every + rule.smooth)
         self.trace: list[tuple[int, float]] = []  # (epoch, change) at every check with a full window
+        self.noise_trace: list[tuple[int, float]] = []  # (epoch, change between the last two blocks) likewise
         self._below = 0
         self.converged_at: int | None = None
 
@@ -86,9 +95,15 @@ class ConvergenceMonitor:
             self._answers.append((int(epoch), np.array(proportions, dtype=np.float64, copy=True)))
             self._below = 0
             return False
-        change = answer_change(self._mean(n - 1), self._mean(n - 1 - lag), r.quantile)
+        now = self._mean(n - 1)
+        change = answer_change(now, self._mean(n - 1 - lag), r.quantile)
         self.trace.append((int(epoch), change))
-        self._below = self._below + 1 if change < r.tol else 0
+        settled = change < r.tol
+        if r.noise_ratio is not None:
+            jitter = answer_change(now, self._mean(n - 1 - r.smooth), r.quantile)
+            self.noise_trace.append((int(epoch), jitter))
+            settled = settled or change <= r.noise_ratio * jitter
+        self._below = self._below + 1 if settled else 0
         if self._below >= r.patience and epoch >= r.min_epochs:
             self.converged_at = int(epoch)
             return True

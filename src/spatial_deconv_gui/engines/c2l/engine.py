@@ -24,7 +24,6 @@ from .model import (
     SpatialPriors,
     default_reference_epochs,
     detection_mean_for,
-    poisson_abundances,
 )
 
 KEY = "c2l"
@@ -274,6 +273,7 @@ def train_spatial(
     spot_index: np.ndarray,
     types: list[str],
     rule: ConvergenceRule | None = None,
+    lr_anneal: float = 0.0,
 ) -> tuple[np.ndarray, tuple[float, float], str]:
     """Full-batch training for at most ``epochs`` epochs (fewer when ``rule`` says the answer converged, or the
     user asks to stop); returns the loss per epoch run, the steady-state (wall, CPU) seconds per epoch and why
@@ -281,6 +281,8 @@ def train_spatial(
     device = model.cell_state.device
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # the last lr_anneal share of the epochs: the rate falls linearly to a fifth, which damps Adam's jitter
+    anneal_from = epochs - int(round(lr_anneal * epochs))
     history = torch.zeros(epochs, dtype=torch.float32, device=device)
     monitor = ConvergenceMonitor(rule, epochs) if rule is not None else None
     t0 = time.perf_counter()
@@ -298,6 +300,8 @@ def train_spatial(
     for epoch in range(epochs):
         if epoch == 1:
             marks[1] = (time.perf_counter(), time.process_time())
+        if epoch >= anneal_from:
+            opt.param_groups[0]["lr"] = lr * (1.0 - 0.8 * (epoch - anneal_from + 1) / (epochs - anneal_from))
         opt.zero_grad(set_to_none=True)
         loss = model.negative_elbo(data, gen)
         loss.backward()
@@ -447,8 +451,7 @@ def _run(
         n_groups=int(config.n_groups),
     )
     data = CountData(counts, device)
-    w0 = poisson_abundances(counts, signatures, det_mean) if config.init_abundances == "poisson" else None
-    model = SpatialModel(signatures, counts.shape[0], priors, device=device, init_abundances=w0)
+    model = SpatialModel(signatures, counts.shape[0], priors, device=device)
     n_spots = counts.shape[0]
     rule = convergence_rule(config)
     until = "at most " if rule is not None else ""
@@ -465,6 +468,7 @@ def _run(
         np.arange(n_spots),
         types,
         rule,
+        config.lr_anneal,
     )
     spatial_s = time.perf_counter() - t_sp
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from ..bayes import CountData, LogNormalMeanField, exponential_lp, gamma_lp, nb_loglik
@@ -150,7 +149,6 @@ class SpatialModel(torch.nn.Module):
         priors: SpatialPriors,
         dtype=torch.float32,
         device=None,
-        init_abundances: np.ndarray | None = None,
     ):
         super().__init__()
         F_, G = signatures.shape
@@ -170,7 +168,7 @@ class SpatialModel(torch.nn.Module):
             "z_sr_groups_factors": np.full((S, R), N / R),
             "k_r_factors_per_groups": np.full((R, 1), kr),
             "x_fr_group2fact": np.full((R, F_), 1.0 / F_),
-            "w_sf": np.full((S, F_), N / F_) if init_abundances is None else np.asarray(init_abundances, np.float64),
+            "w_sf": np.full((S, F_), N / F_),
             "detection_mean_y_e": np.full((1, 1), p.detection_mean),
             "detection_y_s": np.full((S, 1), p.detection_mean),
             "s_g_gene_add_alpha_hyp": np.full((1, 1), 3.0),
@@ -242,22 +240,6 @@ class SpatialModel(torch.nn.Module):
         sc = torch.nn.functional.softplus(self.guide.raw_scale[s.start : s.start + s.size])
         zq = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q)))
         return torch.exp(loc + zq * sc).view(s.shape)
-
-
-def poisson_abundances(
-    counts, signatures: np.ndarray, detection: float, n_iter: int = 200, floor: float = 0.05
-) -> np.ndarray:
-    """Cells of each type per spot (spots x types) that best explain the counts as Poisson(detection * w @ sig):
-    the multiplicative (EM) updates of a Poisson NMF with the signatures fixed. A quick start for the spatial
-    model's abundances; values are floored at ``floor`` cells so that no type starts at zero."""
-    x = sp.csr_matrix(counts).toarray().astype(np.float32)
-    g = (np.asarray(signatures, np.float64) * float(detection)).astype(np.float32)  # types x genes
-    col = g.sum(1)  # expected counts of one cell of each type
-    totals = x.sum(1)
-    w = np.outer(totals / max(float(col.mean()), 1e-12), np.full(g.shape[0], 1.0 / g.shape[0])).astype(np.float32)
-    for _ in range(n_iter):
-        w *= ((x / np.maximum(w @ g, 1e-12)) @ g.T) / col
-    return np.maximum(w.astype(np.float64), floor)
 
 
 def detection_mean_for(spatial_totals: np.ndarray, signatures: np.ndarray, n_cells_per_location: float) -> float:

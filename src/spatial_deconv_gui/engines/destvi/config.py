@@ -44,14 +44,18 @@ class DestVIConfig:
         metadata={
             "help": (
                 "early stop: converged when, over convergence_window epochs, 95% of spots changed less than this "
-                "share of their cells' types (answers averaged over 3 checks, 3 checks in a row; not before the "
-                "prior warm-up ends)"
+                "share of their cells' types, or no more than the answer jitters between consecutive blocks of 5 "
+                "checks (x noise_ratio); 3 checks in a row, not before the prior warm-up ends"
             )
         },
     )
     convergence_window: int = field(
-        default=100,
+        default=200,
         metadata={"help": "early stop: epochs between the two answers compared (checked every tenth of it)"},
+    )
+    noise_ratio: float = field(
+        default=1.1,
+        metadata={"help": "early stop: the change over the window may be this multiple of the block-to-block jitter"},
     )
     batch_size: int = field(default=128, metadata={"help": "spots per spatial training step"})
     kl_warmup_epochs: int = field(
@@ -127,8 +131,10 @@ def validate_config(config: DestVIConfig) -> list[str]:
         problems.append(f"prior_mode must be 'mog' or 'normal', got {config.prior_mode!r}")
     if not 0 < float(config.convergence_tol) < 1:
         problems.append(f"convergence_tol must be in (0, 1), got {config.convergence_tol!r}")
-    if not isinstance(config.convergence_window, int) or config.convergence_window < 10:
-        problems.append(f"convergence_window must be an integer >= 10, got {config.convergence_window!r}")
+    if not float(config.noise_ratio) > 0:
+        problems.append(f"noise_ratio must be > 0, got {config.noise_ratio!r}")
+    if not isinstance(config.convergence_window, int) or config.convergence_window < 50:
+        problems.append(f"convergence_window must be an integer >= 50, got {config.convergence_window!r}")
     if config.augmentation and config.n_samples_augmentation < 1:
         problems.append("n_samples_augmentation must be >= 1 when augmentation is on")
     if config.n_threads is not None and (not isinstance(config.n_threads, int) or config.n_threads < 1):
@@ -142,8 +148,9 @@ def validate_config(config: DestVIConfig) -> list[str]:
 def convergence_rule(config: DestVIConfig):
     """The early-stopping rule of the spatial model, or None when ``early_stop`` is off.
 
-    Minibatch noise keeps the answer jittering, so each side of the comparison is the mean of 3 checks; the
-    rule waits for the prior weight's warm-up (``kl_warmup_epochs``) to end, since the objective moves until then.
+    Minibatch noise keeps the answer jittering, so each side of the comparison is the mean of 5 checks, and a
+    change no larger than ``noise_ratio`` times the block-to-block jitter counts as settled; the rule waits for the
+    prior weight's warm-up (``kl_warmup_epochs``) to end, since the objective moves until then.
     """
     from ..convergence import ConvergenceRule
 
@@ -155,7 +162,8 @@ def convergence_rule(config: DestVIConfig):
         window=window,
         check_every=window // 10,
         min_epochs=int(config.kl_warmup_epochs) + window,
-        smooth=3,
+        smooth=5,
+        noise_ratio=float(config.noise_ratio),
     )
 
 
