@@ -166,7 +166,7 @@ def cmd_rule(a):
     for window in a.window or [base.window]:
         for smooth in a.smooth or [base.smooth]:
             for tol, ratio in [(t, q) for t in tols for q in (a.noise_ratio or [base.noise_ratio])]:
-                extra = {} if a.method == "c2l" else {"min_epochs": base.min_epochs - base.window + window}
+                extra = {} if a.method == "c2l" else {"min_epochs": base.min_epochs - 3 * base.window + 3 * window}
                 rule = dataclasses.replace(
                     base, tol=tol, window=window, check_every=window // 10, smooth=smooth, noise_ratio=ratio, **extra
                 )

@@ -139,7 +139,8 @@ def eta_note(expected: int | None, max_epochs: int) -> str:
 def stop_message(reason: str, epochs_run: int, max_epochs: int, rule: ConvergenceRule | None = None) -> str:
     """The last progress message of a training stage: why it stopped."""
     if reason == "converged":
-        detail = f" (answer moved < {rule.tol:g} over the last {rule.window} epochs)" if rule is not None else ""
+        jitter = f" or no more than {rule.noise_ratio:g}x its jitter" if rule is not None and rule.noise_ratio else ""
+        detail = f" (answer moved < {rule.tol:g}{jitter} over the last {rule.window} epochs)" if rule else ""
         return f"converged at epoch {epochs_run} of {max_epochs}{detail}"
     if reason == "user":
         return f"stopped by the user at epoch {epochs_run} of {max_epochs}; keeping this answer"
