@@ -15,11 +15,14 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, keys
-from .engines.base import (
-    Cancelled,  # noqa: F401  (re-exported: the GUI catches it without reaching into engines)
+from .engines.base import (  # noqa: F401  (re-exported for the GUI, which does not reach into engines)
+    STOP_REASONS,
+    Cancelled,
     DeconvResult,
     ProgressCallback,
+    ProgressEvent,
     RunControl,
+    TrainingStatus,
 )
 from .engines.devices import DeviceOutOfMemory, device_name, is_out_of_memory
 from .engines.devices import resolve as _resolve_device
@@ -118,8 +121,17 @@ def run_deconvolution(
     cancel_event: threading.Event | None = None,
     check: bool = True,
     slide_options: dict | None = None,
+    stop_event: threading.Event | None = None,
 ) -> RunOutput:
     """Validate, run one engine and return a *copy* of the slide with the result in its slots.
+
+    Setting ``cancel_event`` abandons the run (:class:`Cancelled` is raised, nothing is returned). Setting
+    ``stop_event`` ("stop now, keep the answer") ends the training of an iterative method (``c2l``, ``destvi``)
+    at its next check, within about a second, and returns the answer it has then, marked in the run's uns entry
+    (``uns[key]['stopped_early_by_user']`` True, ``stop_reason`` "user", ``epochs_run``); other methods finish
+    normally. Progress events of iterative methods carry ``event.training`` (a
+    :class:`~.engines.base.TrainingStatus`: epoch, cap, speed, the expected stop epoch once convergence is in
+    sight, the stop reason at the end), from which an ETA bound and estimate follow.
 
     ``numi_column`` / ``reference_numi_column`` name the obs columns with each observation's total UMI (used
     when present, else the row sums); ``None`` always uses row sums. ``spatial`` is an AnnData, a
@@ -161,7 +173,7 @@ def run_deconvolution(
             "every spot of the slide has no counts.", "check that X (or --layer) holds the counts.", code="no_counts"
         )
     fit_data = sdata[kept] if empty.any() else sdata
-    control = RunControl(_remapped(progress, kept) if empty.any() else progress, cancel_event)
+    control = RunControl(_remapped(progress, kept) if empty.any() else progress, cancel_event, stop_event=stop_event)
     extra = {}
     batch_col = None
     if hasattr(config, "reference_batch_col"):

@@ -26,6 +26,10 @@ COLORS_SUFFIX = "_colors"
 CELL_TYPE_NAMES = "cell_type_names"  # uns: the result's cell types, in column order
 CELL_TYPE_COLORS = "cell_type_colors"  # uns: one colour per cell type, aligned with CELL_TYPE_NAMES
 DESTVI_MODEL = "destvi_model"  # uns: the DestVI model state a result carries for imputation
+# entries of a run's uns (``run_info(key)``) for iteratively trained methods (cell2location, DestVI)
+STOP_REASON = "stop_reason"  # "converged" (early stopping), "cap" (max epochs), "user" (stopped, answer kept)
+EPOCHS_RUN = "epochs_run"  # spatial-model epochs actually trained
+STOPPED_EARLY_BY_USER = "stopped_early_by_user"  # True when the user ended training and kept that answer
 
 
 def proportions(key: str) -> str:

@@ -34,23 +34,65 @@ class PartialResult:
 
 
 @dataclass
+class TrainingStatus:
+    """Where an iterative training stands, for an ETA that knows about early stopping.
+
+    ``max_epochs`` is the cap: ``seconds_left_max`` (the cap at the current speed) is an upper bound on the time
+    left. ``expected_epochs`` is the convergence rule's estimate of the epoch it will stop at, once the answer's
+    change per check is falling steadily enough to extrapolate (None before: only the bound is known);
+    ``seconds_left_expected`` goes with it. ``stop_reason`` is set on the last event of the stage:
+    ``"converged"``, ``"cap"`` or ``"user"`` (see :data:`STOP_REASONS`).
+    """
+
+    epoch: int
+    max_epochs: int
+    epochs_per_s: float
+    expected_epochs: int | None = None
+    stop_reason: str | None = None
+
+    @property
+    def seconds_left_max(self) -> float:
+        return max(self.max_epochs - self.epoch, 0) / self.epochs_per_s if self.epochs_per_s > 0 else float("inf")
+
+    @property
+    def seconds_left_expected(self) -> float | None:
+        if self.expected_epochs is None or self.epochs_per_s <= 0:
+            return None
+        return max(self.expected_epochs - self.epoch, 0) / self.epochs_per_s
+
+
+STOP_REASONS = {
+    "converged": "the answer stopped moving (convergence rule)",
+    "cap": "the epoch cap was reached",
+    "user": "stopped by the user; the answer at that epoch is kept",
+}
+
+
+@dataclass
 class ProgressEvent:
+    """One progress report. ``training`` is set by iterative engines (cell2location, DestVI) during training."""
+
     stage: str
     fraction: float
     message: str = ""
     partial: PartialResult | None = None
+    training: TrainingStatus | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
 class RunControl:
-    """Progress reporting and cooperative cancellation for one engine run.
+    """Progress reporting, cooperative cancellation and "stop now, keep the answer" for one engine run.
 
     The engine calls :meth:`report` at natural checkpoints (between batches, epochs or iterations) and
     :meth:`check_cancel` where stopping is safe. Events without a partial result are rate limited to
-    ``max_rate`` per second so that a GUI thread is never flooded; stage changes and partial results are
-    always delivered.
+    ``max_rate`` per second so that a GUI thread is never flooded; stage changes, partial results and events
+    carrying a stop reason are always delivered.
+
+    Cancel (:meth:`cancel`) abandons the run: the engine raises :class:`Cancelled` and nothing is kept.
+    Stop (:meth:`request_stop`) ends iterative training at its next check and the engine returns the answer it
+    has then, marked as stopped by the user; engines without iterations ignore it and finish normally.
     """
 
     def __init__(
@@ -58,24 +100,33 @@ class RunControl:
         callback: ProgressCallback | None = None,
         cancel_event: threading.Event | None = None,
         max_rate: float = 5.0,
+        stop_event: threading.Event | None = None,
     ):
         self._callback = callback
         self.cancel_event = cancel_event or threading.Event()
+        self.stop_event = stop_event or threading.Event()
         self._min_interval = 1.0 / max_rate if max_rate > 0 else 0.0
         self._last_emit = 0.0
         self._last_stage: str | None = None
 
-    def report(self, stage: str, fraction: float, message: str = "", partial: PartialResult | None = None):
+    def report(
+        self,
+        stage: str,
+        fraction: float,
+        message: str = "",
+        partial: PartialResult | None = None,
+        training: TrainingStatus | None = None,
+    ):
         if self._callback is None:
             return
         now = time.monotonic()
         stage_changed = stage != self._last_stage
-        done = fraction >= 1.0
+        done = fraction >= 1.0 or (training is not None and training.stop_reason is not None)
         if not (stage_changed or done or partial is not None) and now - self._last_emit < self._min_interval:
             return
         self._last_emit = now
         self._last_stage = stage
-        self._callback(ProgressEvent(stage, float(min(max(fraction, 0.0), 1.0)), message, partial))
+        self._callback(ProgressEvent(stage, float(min(max(fraction, 0.0), 1.0)), message, partial, training))
 
     def cancel(self):
         self.cancel_event.set()
@@ -87,6 +138,14 @@ class RunControl:
     def check_cancel(self):
         if self.cancel_event.is_set():
             raise Cancelled("run cancelled by the user")
+
+    def request_stop(self):
+        """Stop iterative training at the next check and keep the answer it has then."""
+        self.stop_event.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_event.is_set()
 
 
 @dataclass
@@ -108,6 +167,8 @@ class DeconvResult:
     obs: dict[str, Any] = field(default_factory=dict)
     obsm: dict[str, Any] = field(default_factory=dict)
     uns: dict[str, Any] = field(default_factory=dict)
+    # iterative engines: why training ended and after how many epochs (written into the run's uns entry)
+    stop: dict[str, Any] | None = None
 
     @property
     def fitted(self) -> np.ndarray:

@@ -23,6 +23,19 @@ HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 Z05 = 1.6448536269514722  # standard normal 95% quantile
 
 
+def require_two_types(model: str, types) -> None:
+    """Deconvolution splits a spot among cell types: with one type every proportion is 1, so refuse clearly."""
+    if len(types) < 2:
+        from ..io.errors import InputError
+
+        raise InputError(
+            f"{model}: the reference has {len(types)} cell type(s) ({', '.join(map(str, types))}); there is "
+            "nothing to deconvolve.",
+            "use a reference with at least two labelled cell types (check --cell-type-col).",
+            code="too_few_types",
+        )
+
+
 def inv_softplus(x: float) -> float:
     return float(x + math.log(-math.expm1(-x)))
 

@@ -97,6 +97,15 @@ def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str
             "runtime_s": float(result.runtime_s),
             "n_fitted": int(fitted.sum()),
             "n_filtered": int((~fitted).sum()),
+            **(
+                {
+                    keys.STOP_REASON: str(result.stop["reason"]),
+                    keys.EPOCHS_RUN: int(result.stop["epochs_run"]),
+                    keys.STOPPED_EARLY_BY_USER: result.stop["reason"] == "user",
+                }
+                if result.stop
+                else {}
+            ),
         }
     )
     for name, value in result.uns.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any
@@ -12,11 +13,18 @@ import scipy.sparse as sp
 import torch
 
 from ...io.inputs import ReferenceInput, SpatialInput
-from ..base import DeconvResult, PartialResult, RunControl, thread_cap
-from ..bayes import CountData
+from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thread_cap
+from ..bayes import CountData, require_two_types
+from ..convergence import ConvergenceMonitor, ConvergenceRule, eta_note, raise_diverged, stop_message
 from ..devices import torch_device
-from .config import C2LConfig, batch_column, check_config
-from .model import ReferenceRegression, SpatialModel, SpatialPriors, default_reference_epochs, detection_mean_for
+from .config import C2LConfig, batch_column, check_config, convergence_rule
+from .model import (
+    ReferenceRegression,
+    SpatialModel,
+    SpatialPriors,
+    default_reference_epochs,
+    detection_mean_for,
+)
 
 KEY = "c2l"
 # cell2location's own slots, beyond keys.py's common ones
@@ -240,6 +248,8 @@ def fit_reference_signatures(
         if epoch % 50 == 0 or epoch == epochs - 1:
             control.check_cancel()
             control.report("reference", (epoch + 1) / epochs, f"reference epoch {epoch + 1}/{epochs}")
+    if not torch.isfinite(history[-1]):
+        raise_diverged("cell2location reference regression", epochs, "reference_lr", lr)
     if details is not None:
         effects = model.batch_effects()
         details.update(
@@ -262,47 +272,87 @@ def train_spatial(
     report_every: int,
     spot_index: np.ndarray,
     types: list[str],
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """Full-batch training; returns the loss per epoch and the steady-state (wall, CPU) seconds per epoch."""
+    rule: ConvergenceRule | None = None,
+    lr_anneal: float = 0.0,
+) -> tuple[np.ndarray, tuple[float, float], str]:
+    """Full-batch training for at most ``epochs`` epochs (fewer when ``rule`` says the answer converged, or the
+    user asks to stop); returns the loss per epoch run, the steady-state (wall, CPU) seconds per epoch and why
+    it stopped (:data:`~..base.STOP_REASONS`)."""
     device = model.cell_state.device
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # the last lr_anneal share of the epochs: the rate falls linearly to a fifth, which damps Adam's jitter
+    anneal_from = epochs - int(round(lr_anneal * epochs))
     history = torch.zeros(epochs, dtype=torch.float32, device=device)
+    monitor = ConvergenceMonitor(rule, epochs) if rule is not None else None
     t0 = time.perf_counter()
-    marks = {}
+    marks = {1: (t0, time.process_time())}
+    reason, done, expected = "cap", 0, None
+
+    def proportions() -> np.ndarray:
+        ab = model.abundance_mean().double().cpu().numpy()
+        return ab / ab.sum(1, keepdims=True)
+
+    def status(stop_reason=None) -> TrainingStatus:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        return TrainingStatus(done, epochs, rate, expected, stop_reason)
+
     for epoch in range(epochs):
-        if epoch in (1, epochs - 1):
-            marks[epoch] = (time.perf_counter(), time.process_time())
+        if epoch == 1:
+            marks[1] = (time.perf_counter(), time.process_time())
+        if epoch >= anneal_from:
+            opt.param_groups[0]["lr"] = lr * (1.0 - 0.8 * (epoch - anneal_from + 1) / (epochs - anneal_from))
         opt.zero_grad(set_to_none=True)
         loss = model.negative_elbo(data, gen)
         loss.backward()
         opt.step()
         history[epoch] = loss.detach()
         done = epoch + 1
+        if monitor is not None and monitor.due(done) and done < epochs:
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise_diverged("cell2location", done, "lr", lr)
+            if monitor.update(done, proportions()):
+                reason = "converged"
+                break
+            expected = monitor.expected_epoch(done)
         if done % 25 == 0:
             control.check_cancel()
-            control.report("spatial", done / epochs, f"epoch {done}/{epochs}, -ELBO {float(loss.detach()):.4g}")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise_diverged("cell2location", done, "lr", lr)
+            if control.stop_requested and done < epochs:
+                reason = "user"
+                break
+            control.report(
+                "spatial",
+                done / (expected or epochs),
+                f"epoch {done}/{epochs}{eta_note(expected, epochs)}, -ELBO {loss_value:.4g}",
+                training=status(),
+            )
         if done % report_every == 0 or done == epochs:
             control.check_cancel()
-            ab = model.abundance_mean().double().cpu().numpy()
-            props = ab / ab.sum(1, keepdims=True)
+            loss_value = float(loss.detach())
             rate = done / max(time.perf_counter() - t0, 1e-9)
             control.report(
                 "spatial",
-                done / epochs,
-                f"epoch {done}/{epochs}, -ELBO {float(loss.detach()):.4g}, {rate:.1f} epochs/s",
-                partial=PartialResult(spot_index, props, list(types)),
+                done / (expected or epochs),
+                f"epoch {done}/{epochs}, -ELBO {loss_value:.4g}, {rate:.1f} epochs/s",
+                partial=PartialResult(spot_index, proportions(), list(types)),
+                training=status(),
             )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if epochs > 2:  # steady-state wall and CPU seconds per epoch (epochs 2 .. n-1), the first one excluded
-        per_epoch = (
-            (marks[epochs - 1][0] - marks[1][0]) / (epochs - 2),
-            (marks[epochs - 1][1] - marks[1][1]) / (epochs - 2),
-        )
+    history = history[:done].cpu().numpy()
+    if not np.isfinite(history[-1]):
+        raise_diverged("cell2location", done, "lr", lr)
+    control.report("spatial", 1.0, stop_message(reason, done, epochs, rule), training=status(reason))
+    if done > 2:  # steady-state wall and CPU seconds per epoch (epochs 2 .. done), the first one excluded
+        now = (time.perf_counter(), time.process_time())
+        per_epoch = ((now[0] - marks[1][0]) / (done - 1), (now[1] - marks[1][1]) / (done - 1))
     else:
-        per_epoch = ((time.perf_counter() - t0) / max(epochs, 1), float("nan"))
-    return history.cpu().numpy(), per_epoch
+        per_epoch = ((time.perf_counter() - t0) / max(done, 1), float("nan"))
+    return history, per_epoch, reason
 
 
 def run_c2l(
@@ -319,6 +369,7 @@ def run_c2l(
     regression signatures.
     """
     check_config(config)
+    require_two_types("cell2location", reference.type_names)
     col = batch_column(config)
     if col is not None and reference_batches is None:
         from ...io.errors import InputError
@@ -402,10 +453,22 @@ def _run(
     data = CountData(counts, device)
     model = SpatialModel(signatures, counts.shape[0], priors, device=device)
     n_spots = counts.shape[0]
-    control.report("spatial", 0.0, f"{n_spots} spots x {len(genes)} genes, {config.max_epochs} epochs")
+    rule = convergence_rule(config)
+    until = "at most " if rule is not None else ""
+    control.report("spatial", 0.0, f"{n_spots} spots x {len(genes)} genes, {until}{config.max_epochs} epochs")
     t_sp = time.perf_counter()
-    history, epoch_seconds = train_spatial(
-        model, data, config.max_epochs, config.lr, config.seed, control, config.report_every, np.arange(n_spots), types
+    history, epoch_seconds, reason = train_spatial(
+        model,
+        data,
+        config.max_epochs,
+        config.lr,
+        config.seed,
+        control,
+        config.report_every,
+        np.arange(n_spots),
+        types,
+        rule,
+        config.lr_anneal,
     )
     spatial_s = time.perf_counter() - t_sp
 
@@ -413,7 +476,6 @@ def _run(
     q05 = model.abundance_quantile(0.05).double().cpu().numpy()
     props = abundances / abundances.sum(1, keepdims=True)
     barcodes = np.asarray(spatial.barcodes).astype(str)
-    control.report("spatial", 1.0, "done")
 
     params: dict[str, Any] = config.to_dict()
     params.update(
@@ -431,6 +493,7 @@ def _run(
         params=params,
         device=str(device),
         runtime_s=time.perf_counter() - t_start,
+        stop={"reason": reason, "epochs_run": int(len(history)), "max_epochs": int(config.max_epochs)},
         obsm={
             ABUNDANCES: pd.DataFrame(abundances, index=barcodes, columns=list(types)),
             ABUNDANCES_Q05: pd.DataFrame(q05, index=barcodes, columns=list(types)),
@@ -440,6 +503,8 @@ def _run(
                 "loss": history.astype(np.float64),
                 "reference_loss": ref_history.astype(np.float64),
                 "loss_definition": "negative ELBO per epoch (full batch, summed over spots and genes)",
+                "stopped": reason,
+                "epochs_run": int(len(history)),
                 "spatial_seconds": float(spatial_s),
                 "seconds_per_epoch": float(epoch_seconds[0]),
                 "cpu_seconds_per_epoch": float(epoch_seconds[1]),

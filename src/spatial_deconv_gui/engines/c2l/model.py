@@ -142,7 +142,14 @@ class SpatialPriors:
 class SpatialModel(torch.nn.Module):
     """The cell2location spatial model for one batch; ``signatures`` is types x genes (expected counts per cell)."""
 
-    def __init__(self, signatures: np.ndarray, n_spots: int, priors: SpatialPriors, dtype=torch.float32, device=None):
+    def __init__(
+        self,
+        signatures: np.ndarray,
+        n_spots: int,
+        priors: SpatialPriors,
+        dtype=torch.float32,
+        device=None,
+    ):
         super().__init__()
         F_, G = signatures.shape
         R, S = priors.n_groups, n_spots

@@ -14,9 +14,11 @@ import torch
 
 from ...io.errors import InputError
 from ...io.inputs import ReferenceInput, SpatialInput
-from ..base import DeconvResult, PartialResult, RunControl, thread_cap
+from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thread_cap
+from ..bayes import require_two_types
+from ..convergence import ConvergenceMonitor, eta_note, raise_diverged, stop_message
 from ..devices import torch_device
-from .config import DestVIConfig, check_config
+from .config import DestVIConfig, check_config, convergence_rule
 from .model import CondVAE, FCStack, SpatialDeconv, vamp_prior
 
 KEY = "destvi"
@@ -77,6 +79,8 @@ def fit_single_cell(
             opt.step()
             total += loss.detach()
         history[epoch] = float(total) / len(batches)
+        if not np.isfinite(history[epoch]):
+            raise_diverged("DestVI single-cell model", epoch + 1, "sc_lr", config.sc_lr)
         model.epoch_seconds[epoch] = time.perf_counter() - t_ep
         model.epoch_cpu_seconds[epoch] = time.process_time() - c_ep
         if epoch % 10 == 0 or epoch == config.sc_epochs - 1:
@@ -109,6 +113,7 @@ def run_destvi(
 ) -> DeconvResult:
     """Fit DestVI's single-cell and spatial models; proportions drop the dummy type."""
     check_config(config)
+    require_two_types("DestVI", reference.type_names)
     with thread_cap(config.n_threads):
         return _run(spatial, reference, config, control or RunControl())
 
@@ -148,10 +153,14 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         eps_v=config.eps_v,
     )
     opt = _adam(model.parameters(), config.lr)
-    history = np.zeros(config.max_epochs)
-    epoch_s = np.zeros(config.max_epochs)
-    epoch_cpu = np.zeros(config.max_epochs)
-    control.report("spatial", 0.0, f"{n_spots} spots, {config.max_epochs} epochs")
+    cap = config.max_epochs
+    history = np.zeros(cap)
+    epoch_s = np.zeros(cap)
+    epoch_cpu = np.zeros(cap)
+    rule = convergence_rule(config)
+    monitor = ConvergenceMonitor(rule, cap) if rule is not None else None
+    until = "at most " if rule is not None else ""
+    control.report("spatial", 0.0, f"{n_spots} spots, {until}{cap} epochs")
     t_sp = time.perf_counter()
     loss_kw = dict(
         ct_sparsity_weight=config.ct_sparsity_weight,
@@ -160,35 +169,63 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         beta_reg=config.beta_reg,
         reconst_weight=config.reconst_weight,
     )
-    for epoch in range(config.max_epochs):
+    reason, done, expected = "cap", 0, None
+
+    def status(stop_reason=None) -> TrainingStatus:
+        return TrainingStatus(done, cap, done / max(time.perf_counter() - t_sp, 1e-9), expected, stop_reason)
+
+    for epoch in range(cap):
         t_ep, c_ep = time.perf_counter(), time.process_time()
         model.train()
         kl_w = min(1.0, epoch / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
         total = torch.zeros((), device=device)
         batches = _batches(n_spots, config.batch_size, gen, device)
-        for idx in batches:
-            opt.zero_grad(set_to_none=True)
-            loss = model.loss(xs[idx], kl_w, **loss_kw)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
+        try:
+            for idx in batches:
+                opt.zero_grad(set_to_none=True)
+                loss = model.loss(xs[idx], kl_w, **loss_kw)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+        except FloatingPointError:
+            raise_diverged("DestVI", epoch + 1, "lr", config.lr)
         history[epoch] = float(total) / len(batches)
         epoch_s[epoch] = time.perf_counter() - t_ep
         epoch_cpu[epoch] = time.process_time() - c_ep
         done = epoch + 1
+        if not np.isfinite(history[epoch]):
+            raise_diverged("DestVI", done, "lr", config.lr)
         control.check_cancel()
+        if done == cap:
+            break
+        if monitor is not None and monitor.due(done):
+            v, _, _ = _infer_all(model, xs)
+            p = v[:, :-1].double().cpu().numpy()
+            if monitor.update(done, p / p.sum(1, keepdims=True)):
+                reason = "converged"
+                break
+            expected = monitor.expected_epoch(done)
+        if control.stop_requested:
+            reason = "user"
+            break
         control.report(
-            "spatial", done / config.max_epochs, f"epoch {done}/{config.max_epochs}, loss {history[epoch]:.4g}"
+            "spatial",
+            done / (expected or cap),
+            f"epoch {done}/{cap}{eta_note(expected, cap)}, loss {history[epoch]:.4g}",
+            training=status(),
         )
-        if done % config.report_every == 0 and done < config.max_epochs:
+        if done % config.report_every == 0:
             v, _, _ = _infer_all(model, xs)
             p = v[:, :-1].double().cpu().numpy()
             control.report(
                 "spatial",
-                done / config.max_epochs,
-                f"epoch {done}/{config.max_epochs}",
+                done / (expected or cap),
+                f"epoch {done}/{cap}",
                 partial=PartialResult(np.arange(n_spots), p / p.sum(1, keepdims=True), list(types)),
+                training=status(),
             )
+    history, epoch_s, epoch_cpu = history[:done], epoch_s[:done], epoch_cpu[:done]
+    control.report("spatial", 1.0, stop_message(reason, done, cap, rule), training=status(reason))
     spatial_s = time.perf_counter() - t_sp
 
     v, gamma_modes, modes = _infer_all(model, xs)
@@ -201,7 +238,6 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         gamma_slot(t): pd.DataFrame(gamma[:, i], index=barcodes, columns=cols) for i, t in enumerate(types)
     }
     obsm[DUMMY_FRACTION] = pd.DataFrame({DUMMY: v[:, -1]}, index=barcodes)
-    control.report("spatial", 1.0, "done")
     params = config.to_dict()
     params.update(device=str(device), n_genes=int(len(genes)))
     state = export_state(model, gamma_modes, modes, genes, types, barcodes)
@@ -214,10 +250,13 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         params=params,
         device=str(device),
         runtime_s=time.perf_counter() - t_start,
+        stop={"reason": reason, "epochs_run": int(done), "max_epochs": int(cap)},
         obsm=obsm,
         uns={
             TRAINING: {
                 "loss": history,
+                "stopped": reason,
+                "epochs_run": int(done),
                 "sc_loss": sc_history,
                 "spatial_seconds": float(spatial_s),
                 "epoch_seconds": epoch_s,

@@ -453,8 +453,11 @@ class SpatialDeconv(nn.Module):
         if dev.type == "cpu":
             # NB(mean aug_rate, inverse dispersion theta) as a gamma-Poisson mixture, numpy's samplers
             rng = self._rng()
-            lam = rng.gamma(theta.double().numpy(), (aug_rate.double().clamp_min(1e-8) / theta.double()).numpy())
-            counts = torch.from_numpy(rng.poisson(lam).astype(np.float32))
+            try:
+                lam = rng.gamma(theta.double().numpy(), (aug_rate.double().clamp_min(1e-8) / theta.double()).numpy())
+                counts = torch.from_numpy(rng.poisson(lam).astype(np.float32))
+            except ValueError as exc:  # numpy refuses NaN or astronomically large rates: the model diverged
+                raise FloatingPointError(f"simulated-spot rates overflowed ({exc})") from exc
         else:
             lam = torch.distributions.Gamma(theta, theta / aug_rate.clamp_min(1e-8)).sample()
             counts = torch.poisson(lam)

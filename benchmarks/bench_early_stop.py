@@ -1,0 +1,321 @@
+"""Early stopping of the Bayesian engines (cell2location, DestVI): the answer at the stop vs the answer at the
+full default epoch count, same seed.
+
+``full`` trains to the default epoch cap with early stopping off and keeps the proportions at every convergence
+check (the progress stream's partial results) and the loss, in ``/tmp/bayes/<method>_<data>_full.npz``, so the
+expensive run is done once. The checks draw no random numbers, so a run with early stopping on follows the same
+trajectory up to its stop: the answer at the stop is the snapshot at that epoch, and ``rule`` replays the
+convergence rule over the saved snapshots (no training). ``stop`` runs with the defaults (early stopping on) and
+compares its answer with the saved full-length one.
+
+    nice -n 5 python benchmarks/bench_early_stop.py full --method c2l --data lymphnode
+    python benchmarks/bench_early_stop.py rule --method c2l --data lymphnode
+    python benchmarks/bench_early_stop.py stop --method c2l --data lymphnode
+    python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode   # whole process, CLI defaults
+    python benchmarks/bench_early_stop.py table          # every saved pair, as RESULTS.md shows them
+
+Data: ``lymphnode`` / ``hippocampus`` (the shared spacexr Visium pairs), ``sim1k`` / ``sim5k`` / ``sim20k``
+(``simulate.simulate_dataset``, seed 0, 6 types, 300 genes). One torch and one numba thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SHARED_DATA", "/work/shared/data"))
+OUT = Path(os.environ.get("BAYES_DIR", "/tmp/bayes"))
+SIM_SPOTS = {"sim1k": 1000, "sim5k": 5000, "sim20k": 20000}
+
+
+def load(data: str):
+    import anndata as ad
+
+    from spatial_deconv_gui.io.read import reference_input, spatial_input
+
+    if data in SIM_SPOTS:
+        from spatial_deconv_gui.simulate import simulate_dataset
+
+        spatial, reference = simulate_dataset(n_spots=SIM_SPOTS[data], seed=0)
+    else:
+        name = {"lymphnode": "lymphnode_human", "hippocampus": "hippocampus"}[data]
+        spatial = ad.read_h5ad(DATA / f"spacexr_visium_{name}_spatial.h5ad")
+        reference = ad.read_h5ad(DATA / f"spacexr_visium_{name}_reference.h5ad")
+    return spatial_input(spatial), reference_input(reference)
+
+
+def make_config(method: str, data: str, **overrides):
+    import dataclasses
+
+    if method == "c2l":
+        from spatial_deconv_gui.engines.c2l import C2LConfig as cls
+
+        base = {"n_cells_per_location": 6.0} if data in SIM_SPOTS else {}
+    else:
+        from spatial_deconv_gui.engines.destvi import DestVIConfig as cls
+
+        base = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    base.update({k: v for k, v in overrides.items() if k in names})
+    return cls(n_threads=1, device="cpu", **base)
+
+
+def run(method: str, data: str, **overrides):
+    """(result, snapshots {epoch: proportions}, messages, wall s, CPU s) of one engine run."""
+    from spatial_deconv_gui.engines.base import RunControl
+
+    spatial, reference = load(data)
+    config = make_config(method, data, **overrides)
+    if method == "c2l":
+        from spatial_deconv_gui.engines.c2l import run_c2l as runner
+    else:
+        from spatial_deconv_gui.engines.destvi import run_destvi as runner
+    snaps: dict[int, np.ndarray] = {}
+    messages: list[str] = []
+
+    def on_event(ev):
+        if ev.stage == "spatial" and ev.partial is not None:
+            epoch = int(ev.message.split()[1].split("/")[0].rstrip(","))
+            snaps[epoch] = np.asarray(ev.partial.proportions, np.float32).copy()
+        if ev.message:
+            messages.append(f"{ev.stage}: {ev.message}")
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = runner(spatial, reference, config, RunControl(on_event, max_rate=0))
+    return result, snaps, messages, time.perf_counter() - t0, time.process_time() - c0
+
+
+def full_path(method: str, data: str) -> Path:
+    return OUT / f"{method}_{data}_full.npz"
+
+
+def cmd_full(a):
+    OUT.mkdir(parents=True, exist_ok=True)
+    every = a.every or (100 if a.method == "c2l" else 10)
+    # the references' own schedules: cell2location 30,000 epochs at lr 0.002, DestVI 2,000 at 0.003
+    package = {"lr": 0.002, "max_epochs": 30000, "lr_anneal": 0.0} if a.method == "c2l" else {}
+    result, snaps, _, wall, cpu = run(a.method, a.data, early_stop=False, report_every=every, **package)
+    training = result.uns[f"{result.key}_training"]
+    epochs = np.array(sorted(snaps))
+    np.savez_compressed(
+        full_path(a.method, a.data),
+        proportions=result.proportions,
+        snap_epochs=epochs,
+        snaps=np.stack([snaps[e] for e in epochs]) if len(epochs) else np.zeros((0,) + result.proportions.shape),
+        loss=np.asarray(training["loss"], np.float64),
+        cell_types=np.asarray(result.cell_types, dtype=str),
+        wall_s=wall,
+        cpu_s=cpu,
+        load=os.getloadavg()[0],
+    )
+    print(
+        json.dumps({"saved": str(full_path(a.method, a.data)), "wall_s": wall, "cpu_s": cpu, "load": os.getloadavg()})
+    )
+
+
+def agreement(p: np.ndarray, q: np.ndarray) -> dict:
+    from spatial_deconv_gui.engines.bayes import pearson_rows
+
+    r = pearson_rows(np.asarray(p, np.float64), np.asarray(q, np.float64))
+    r = r[np.isfinite(r)]
+    return {
+        "per_spot_r_median": float(np.median(r)),
+        "per_spot_r_p05": float(np.quantile(r, 0.05)),
+        "per_spot_r_min": float(r.min()),
+        "share_spots_r_ge_099": float((r >= 0.99).mean()),
+        "r_all": float(np.corrcoef(np.ravel(p), np.ravel(q))[0, 1]),
+        "dominant_same": float((np.argmax(p, 1) == np.argmax(q, 1)).mean()),
+    }
+
+
+def replay(z, rule) -> tuple[int | None, list]:
+    """The epoch the rule stops at on a saved trajectory (None: it runs to the cap) and its trace."""
+    from spatial_deconv_gui.engines.convergence import ConvergenceMonitor
+
+    monitor = ConvergenceMonitor(rule, len(z["loss"]))
+    for epoch, props in zip(z["snap_epochs"], z["snaps"]):
+        if epoch % rule.check_every:
+            continue
+        if monitor.update(int(epoch), props):
+            return int(epoch), monitor.trace
+    return None, monitor.trace
+
+
+def cmd_rule(a):
+    """Replay the default rule (or ``--tol`` / ``--window`` / ``--smooth`` variants) on the saved trajectory."""
+    import dataclasses
+
+    if a.method == "c2l":
+        from spatial_deconv_gui.engines.c2l.config import convergence_rule
+    else:
+        from spatial_deconv_gui.engines.destvi.config import convergence_rule
+
+    z = np.load(full_path(a.method, a.data))
+    base = convergence_rule(make_config(a.method, a.data))
+    tols = a.tol or [base.tol]
+    for window in a.window or [base.window]:
+        for smooth in a.smooth or [base.smooth]:
+            for tol, ratio in [(t, q) for t in tols for q in (a.noise_ratio or [base.noise_ratio])]:
+                extra = {} if a.method == "c2l" else {"min_epochs": base.min_epochs - 3 * base.window + 3 * window}
+                rule = dataclasses.replace(
+                    base, tol=tol, window=window, check_every=window // 10, smooth=smooth, noise_ratio=ratio, **extra
+                )
+                stop, trace = replay(z, rule)
+                out = {"method": a.method, "data": a.data, "tol": tol, "window": window, "smooth": smooth}
+                out["noise_ratio"] = ratio
+                out.update(stop_epoch=stop, cap=int(len(z["loss"])))
+                if stop is not None:
+                    i = list(z["snap_epochs"]).index(stop)
+                    out.update({k: round(v, 4) for k, v in agreement(z["snaps"][i], z["proportions"]).items()})
+                if a.trace:
+                    out["trace"] = [(e, round(c, 4)) for e, c in trace[:: max(1, len(trace) // 30)]]
+                print(json.dumps(out))
+
+
+def _parse_sets(sets) -> dict:
+    out = {}
+    for item in sets or []:
+        k, v = item.split("=", 1)
+        out[k] = {"true": True, "false": False}.get(v.lower(), v)
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                pass
+    return out
+
+
+def cmd_stop(a):
+    OUT.mkdir(parents=True, exist_ok=True)
+    overrides = _parse_sets(a.set)
+    result, _, messages, wall, cpu = run(a.method, a.data, **overrides)
+    z = np.load(full_path(a.method, a.data))
+    info = result.uns[f"{result.key}_training"]
+    out = {
+        "method": a.method,
+        "data": a.data,
+        "settings": overrides,
+        "stopped": info.get("stopped"),
+        "epochs_run": int(info.get("epochs_run", len(info["loss"]))),
+        "cap": int(len(z["loss"])),
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "full_wall_s": round(float(z["wall_s"]), 1),
+        "full_cpu_s": round(float(z["cpu_s"]), 1),
+        "load": [round(x, 2) for x in os.getloadavg()],
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "last_message": [m for m in messages if m.startswith("spatial")][-1],
+        **agreement(result.proportions, z["proportions"]),
+    }
+    tag = "".join(f"_{k}{v}" for k, v in overrides.items())
+    (OUT / f"{a.method}_{a.data}_stop{tag}.json").write_text(json.dumps(out))
+    print(json.dumps(out))
+
+
+def cmd_cli(a):
+    """Whole process with the defaults: ``spatial-deconv run`` under /usr/bin/time, its answer vs the full one."""
+    import subprocess
+    import tempfile
+
+    import anndata as ad
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        tmp = Path(tmp)
+        if a.data in SIM_SPOTS:
+            from spatial_deconv_gui.simulate import simulate_dataset
+
+            spatial, reference = simulate_dataset(n_spots=SIM_SPOTS[a.data], seed=0)
+            sp_path, ref_path = tmp / "spatial.h5ad", tmp / "reference.h5ad"
+            spatial.write_h5ad(sp_path)
+            reference.write_h5ad(ref_path)
+            extra = ["--n-cells-per-location", "6"] if a.method == "c2l" else []
+        else:
+            name = {"lymphnode": "lymphnode_human", "hippocampus": "hippocampus"}[a.data]
+            sp_path = DATA / f"spacexr_visium_{name}_spatial.h5ad"
+            ref_path = DATA / f"spacexr_visium_{name}_reference.h5ad"
+            extra = []
+        out = tmp / "out.h5ad"
+        cmd = [sys.executable, "-m", "spatial_deconv_gui.cli", "run", str(sp_path), str(ref_path)]
+        cmd += ["--method", a.method, *extra, "-o", str(out), "--device", "cpu"]
+        load_before = os.getloadavg()
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        stats = dict(
+            line.strip().split(": ", 1) for line in proc.stderr.splitlines() if ": " in line and line.startswith("\t")
+        )
+        res = ad.read_h5ad(out)
+        props = res.obsm[f"{a.method}_proportions"].to_numpy()
+        info = res.uns[a.method]
+    wall = stats["Elapsed (wall clock) time (h:mm:ss or m:ss)"]
+    parts = [float(x) for x in wall.split(":")]
+    wall_s = sum(x * 60**i for i, x in enumerate(reversed(parts)))
+    row = {
+        "method": a.method,
+        "data": a.data,
+        "command": " ".join(cmd[1:]),
+        "wall_s": round(wall_s, 1),
+        "cpu_s": round(float(stats["User time (seconds)"]) + float(stats["System time (seconds)"]), 1),
+        "peak_rss_gb": round(int(stats["Maximum resident set size (kbytes)"]) / 1024**2, 2),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "stop_reason": str(info.get("stop_reason")),
+        "epochs_run": int(info.get("epochs_run", -1)),
+        "last_progress": [ln for ln in proc.stderr.splitlines() if "epoch" in ln][-1:],
+    }
+    if full_path(a.method, a.data).exists():
+        row.update(agreement(props, np.load(full_path(a.method, a.data))["proportions"]))
+    (OUT / f"{a.method}_{a.data}_cli.json").write_text(json.dumps(row))
+    print(json.dumps(row))
+
+
+def cmd_table(a):
+    rows = []
+    for path in sorted(OUT.glob("*_stop.json")):
+        d = json.loads(path.read_text())
+        rows.append(
+            f"| {d['method']} | {d['data']} | {d['epochs_run']} / {d['cap']} | {d['per_spot_r_median']:.4f} "
+            f"({d['per_spot_r_p05']:.4f}) | {d['share_spots_r_ge_099']:.3f} | {d['dominant_same']:.3f} | "
+            f"{d['cpu_s']} ({d['wall_s']}) | {d['full_cpu_s']} ({d['full_wall_s']}) |"
+        )
+    print(
+        "| method | data | epochs stop / cap | per-spot r median (p05) | spots r ≥ 0.99 | dominant same |"
+        " stop CPU s (wall) | full CPU s (wall) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cmd", choices=("full", "rule", "stop", "cli", "table"))
+    p.add_argument("--method", choices=("c2l", "destvi"), default="c2l")
+    p.add_argument("--data", choices=("lymphnode", "hippocampus", *SIM_SPOTS), default="lymphnode")
+    p.add_argument("--every", type=int, default=0, help="full: snapshot every this many epochs")
+    p.add_argument("--tol", type=float, action="append", help="rule: tolerance(s) to replay")
+    p.add_argument("--window", type=int, action="append", help="rule: window(s) to replay")
+    p.add_argument("--smooth", type=int, action="append", help="rule: smoothing(s) to replay")
+    p.add_argument("--noise-ratio", type=float, action="append", help="rule: DestVI noise ratio(s) to replay")
+    p.add_argument("--trace", action="store_true", help="rule: print the change at the checks")
+    p.add_argument("--set", action="append", help="stop: a config field, e.g. --set lr=0.01 (repeatable)")
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    {"full": cmd_full, "rule": cmd_rule, "stop": cmd_stop, "cli": cmd_cli, "table": cmd_table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
