@@ -14,7 +14,8 @@ CELL_TYPE = "cell_type"  # reference obs: the default cell-type column
 NUMI = "nUMI"  # obs: whole-transcriptome UMI per observation, when the file gives it
 
 # -- the simulated truth shipped with the sample data --------------------------------------------------------
-TRUE_PROPORTIONS = "true_proportions"  # obsm
+TRUE_PROPORTIONS = "true_proportions"  # obsm: cell fractions
+TRUE_UMI_FRACTIONS = "true_umi_fractions"  # obsm: each type's expected share of the spot's counts
 TRUE_DOMINANT_TYPE = "true_dominant_type"  # obs
 
 # -- deconvolution results ---------------------------------------------------------------------------------
