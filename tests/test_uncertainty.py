@@ -166,7 +166,7 @@ def test_cli_without_uncertainty_writes_no_interval(small_pair_files, tmp_path):
     "method, extra, message",
     [
         ("c2l", [], "c2l gives no per-spot interval yet"),
-        ("rctd", ["--mode", "doublet"], "full mode only"),
+        ("rctd", ["--mode", "multi"], "not multi"),
         ("flash", ["--gene-weighting", "countsketch"], "gene_weighting 'expected'"),
     ],
 )
@@ -178,3 +178,23 @@ def test_uncertainty_without_an_interval_is_a_clear_error(small_pair_files, tmp_
     err = capsys.readouterr().err
     assert message in err
     assert not out.exists()
+
+
+def test_rctd_doublet_intervals_on_mostly_pure_spots(cache_dir):
+    s, r = simulate_dataset(n_spots=150, n_genes=300, n_types=5, umi_per_cell=200, domain_sharpness=6.0, seed=2)
+    params = {"mode": "doublet", "cache_dir": cache_dir, "n_fit": 100}
+    adata = api.run_deconvolution(s, r, "rctd", params=params, device="cpu", uncertainty=True).adata
+    point = adata.obsm[keys.proportions("rctd")].to_numpy()
+    lower = adata.obsm[keys.proportions_lower("rctd")].to_numpy()
+    upper = adata.obsm[keys.proportions_upper("rctd")].to_numpy()
+    truth = adata.obsm[keys.TRUE_UMI_FRACTIONS].to_numpy()
+    fitted = ~np.isnan(point).any(axis=1)
+    assert ((point >= lower) & (point <= upper))[fitted].all()
+    # types outside the chosen pair are [0, 0], as their proportions are
+    assert (upper[fitted][point[fitted] == 0] <= 0.5).all()
+    assert (((point == 0) & (upper > 0)).sum(axis=1) <= 1)[fitted].all()  # only a singlet's second type
+    singlet = (adata.obs[keys.spot_class("rctd")] == "singlet").to_numpy()
+    assert singlet.sum() > 30
+    assert np.allclose(upper[singlet].max(axis=1), 1.0)  # a singlet's first type reaches 1
+    covered = (truth >= lower - 1e-12) & (truth <= upper + 1e-12)
+    assert 0.85 <= covered[fitted].mean() <= 0.99, covered[fitted].mean()

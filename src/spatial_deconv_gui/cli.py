@@ -55,7 +55,7 @@ def _base_parser() -> argparse.ArgumentParser:
         "--uncertainty",
         action="store_true",
         help="also write a nominal 90%% interval per spot and type (obsm <key>_proportions_q05 / _q95); "
-        "rctd (full mode) and flash",
+        "rctd (full and doublet modes) and flash",
     )
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")

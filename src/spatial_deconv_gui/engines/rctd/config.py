@@ -164,7 +164,7 @@ class RCTDConfig:
         metadata={
             "help": (
                 "also write a nominal 90% interval per spot and type (obsm rctd_proportions_q05 / _q95) from the "
-                "curvature of the likelihood at the fitted weights; full mode"
+                "curvature of the likelihood at the fitted weights; full and doublet modes"
             )
         },
     )
@@ -256,10 +256,8 @@ def validate_config(config: RCTDConfig) -> list[str]:
         problems.append(f"batch_size must be None/0 (automatic) or a positive integer, got {config.batch_size!r}")
     if config.n_threads is not None and config.n_threads < 1:
         problems.append(f"n_threads must be None or >= 1, got {config.n_threads!r}")
-    if config.uncertainty and config.mode != "full":
-        problems.append(
-            f"uncertainty (intervals) is computed in full mode only, not {config.mode!r} mode: pass --mode full"
-        )
+    if config.uncertainty and config.mode == "multi":
+        problems.append("uncertainty (intervals) is computed in full and doublet modes, not multi: pass --mode full")
     if config.class_df is not None and not isinstance(config.class_df, Mapping):
         problems.append("class_df must be a mapping cell type -> class")
     return problems

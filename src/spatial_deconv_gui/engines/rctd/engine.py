@@ -18,7 +18,7 @@ from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
-from .intervals import observed_information, simplex_intervals
+from .intervals import observed_information, pair_intervals, simplex_intervals
 from .likelihood import build_tables
 from .modes import SPOT_CLASSES, SolverSettings, fit_doublet, fit_full, fit_multi
 from .reference import build_profiles
@@ -315,6 +315,19 @@ def _run(
             p[rows, r.first_type] = np.where(singlet, 1.0, r.weights_doublet[:, 0])
             p[rows[~singlet], r.second_type[~singlet]] += r.weights_doublet[~singlet, 1]
             props_fit[lo:hi] = p
+            if config.uncertainty:
+                out["lower"][lo:hi], out["upper"][lo:hi] = pair_intervals(
+                    P_t,
+                    y,
+                    u,
+                    ttable,
+                    r.first_type,
+                    r.second_type,
+                    r.pair_weights,
+                    p,
+                    config.interval_draws,
+                    config.seed,
+                )
         else:
             r = fit_multi(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, max_types)
             out["weights"][lo:hi] = r.weights
