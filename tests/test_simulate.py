@@ -37,6 +37,19 @@ def test_truth_and_structure(small_pair):
     assert reference.obs["cell_type"].value_counts().min() == 30
 
 
+def test_umi_fractions_weigh_cells_by_their_size(small_pair):
+    spatial, _ = small_pair
+    cells = spatial.obsm["true_proportions"].to_numpy()
+    umi = spatial.obsm["true_umi_fractions"].to_numpy()
+    np.testing.assert_allclose(umi.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(umi > 0, cells > 0)  # the same types, weighted by the cells' UMI
+    # cell sizes are lognormal (sd 0.3 on the log scale): the two truths differ by a few points, not more
+    diff = np.abs(umi - cells)[(cells > 0) & (cells < 1)]
+    assert 0.01 < diff.mean() < 0.1
+    single = cells.max(axis=1) == 1
+    np.testing.assert_allclose(umi[single], cells[single])
+
+
 def test_shipped_sample_equals_a_fresh_build():
     spatial, reference = build_sample()
     shipped_s, shipped_r = ad.read_h5ad(SAMPLE_SPATIAL), ad.read_h5ad(SAMPLE_REFERENCE)

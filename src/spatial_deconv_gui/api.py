@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -122,6 +123,7 @@ def run_deconvolution(
     check: bool = True,
     slide_options: dict | None = None,
     stop_event: threading.Event | None = None,
+    uncertainty: bool = False,
 ) -> RunOutput:
     """Validate, run one engine and return a *copy* of the slide with the result in its slots.
 
@@ -136,10 +138,15 @@ def run_deconvolution(
     ``numi_column`` / ``reference_numi_column`` name the obs columns with each observation's total UMI (used
     when present, else the row sums); ``None`` always uses row sums. ``spatial`` is an AnnData, a
     :class:`Slide` or a path in any format :func:`read_slide` opens (``slide_options``: its table, bin_size).
+    ``uncertainty`` also writes each spot's nominal 90 % interval (``keys.proportions_lower`` / ``_upper``), for the
+    methods in :func:`methods_with_intervals`.
     """
     info = get_method(method)
     runner, config_cls = info.load()
     params = dict(params or {})
+    if uncertainty:
+        check_intervals(info.name, config_cls)
+        params["uncertainty"] = True
     notices: list[str] = []
     params["device"], device_notice = _resolve_device(device)  # before reading anything: a bad device is quick
     if device_notice:
@@ -222,6 +229,27 @@ def _unfitted_notices(result: DeconvResult, method: str, barcodes: np.ndarray) -
             f"{', '.join(barcodes[unfitted][:3])}); they are NaN rows, dominant type 'filtered'."
         ]
     return []
+
+
+def _gives_intervals(config_cls) -> bool:
+    return any(f.name == "uncertainty" for f in dataclasses.fields(config_cls))
+
+
+def methods_with_intervals() -> list[str]:
+    """The installed methods whose runs can write per-spot intervals (``uncertainty=True``)."""
+    return [m for m in sorted(available_methods()) if _gives_intervals(get_method(m).load()[1])]
+
+
+def check_intervals(method: str, config_cls=None) -> None:
+    """An :class:`InputError` when ``method`` cannot give per-spot intervals."""
+    if config_cls is None:
+        config_cls = get_method(method).load()[1]
+    if not _gives_intervals(config_cls):
+        raise InputError(
+            f"{method} gives no per-spot interval yet, so --uncertainty cannot be used with it.",
+            f"run without --uncertainty, or use a method that gives intervals: {', '.join(methods_with_intervals())}.",
+            code="no_intervals",
+        )
 
 
 def _remapped(progress: ProgressCallback | None, kept: np.ndarray) -> ProgressCallback | None:

@@ -51,6 +51,12 @@ def _base_parser() -> argparse.ArgumentParser:
         "a SpatialData input, a new .zarr holding its elements and the result",
     )
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write a nominal 90%% interval per spot and type (obsm <key>_proportions_q05 / _q95); "
+        "rctd (full and doublet modes) and flash",
+    )
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -84,7 +90,8 @@ def _add_input_options(p: argparse.ArgumentParser):
 def method_parser(config_cls, method: str) -> argparse.ArgumentParser:
     """Flags generated from the method's typed config: ``umi_min`` becomes ``--umi-min``."""
     p = argparse.ArgumentParser(prog=f"spatial-deconv run ... --method {method}", add_help=True)
-    # the device is a flag of `run` itself, shared by every method
+    # the device is a flag of `run` itself, shared by every method; `run` reads --uncertainty too, so that a method
+    # without intervals gets a clear message, while --method M --help still lists it with the method's help text
     add_config_flags(p, config_cls, skip=("device",))
     return p
 
@@ -168,6 +175,8 @@ def _cmd_run(args, extra: list[str]) -> int:
     _, config_cls = info.load()
     margs = method_parser(config_cls, args.method).parse_args(extra)
     params = given_options(margs, config_cls, skip=("device",))
+    if args.uncertainty:
+        api.check_intervals(info.name, config_cls)  # before any reading: a method without intervals is quick
     out_path = Path(args.output) if args.output else default_output(Path(args.spatial), args.method)
     api.check_output(out_path, args.spatial, args.reference)
     if args.csv:
@@ -188,6 +197,7 @@ def _cmd_run(args, extra: list[str]) -> int:
             device=args.device,
             progress=progress,
             slide_options=slide_options(args),
+            uncertainty=args.uncertainty,
         )
     finally:
         progress.close()

@@ -14,11 +14,14 @@ CELL_TYPE = "cell_type"  # reference obs: the default cell-type column
 NUMI = "nUMI"  # obs: whole-transcriptome UMI per observation, when the file gives it
 
 # -- the simulated truth shipped with the sample data --------------------------------------------------------
-TRUE_PROPORTIONS = "true_proportions"  # obsm
+TRUE_PROPORTIONS = "true_proportions"  # obsm: cell fractions
+TRUE_UMI_FRACTIONS = "true_umi_fractions"  # obsm: each type's expected share of the spot's counts
 TRUE_DOMINANT_TYPE = "true_dominant_type"  # obs
 
 # -- deconvolution results ---------------------------------------------------------------------------------
 PROPORTIONS_SUFFIX = "_proportions"
+LOWER_SUFFIX = "_q05"  # appended to a proportions slot: lower end of the nominal 90 % interval
+UPPER_SUFFIX = "_q95"  # ... and its upper end
 DOMINANT_SUFFIX = "_dominant_type"
 SPOT_CLASS_SUFFIX = "_spot_class"
 WEIGHTS_SUFFIX = "_weights"
@@ -35,6 +38,17 @@ STOPPED_EARLY_BY_USER = "stopped_early_by_user"  # True when the user ended trai
 def proportions(key: str) -> str:
     """obsm: spots x cell types, rows sum to 1, NaN rows for filtered spots."""
     return f"{key}{PROPORTIONS_SUFFIX}"
+
+
+def proportions_lower(key: str) -> str:
+    """obsm: lower end (5 % quantile) of each spot's nominal 90 % interval, same index and columns as
+    :func:`proportions`; written by ``run --uncertainty``."""
+    return f"{proportions(key)}{LOWER_SUFFIX}"
+
+
+def proportions_upper(key: str) -> str:
+    """obsm: upper end (95 % quantile) of the same interval."""
+    return f"{proportions(key)}{UPPER_SUFFIX}"
 
 
 def dominant_type(key: str) -> str:

@@ -110,7 +110,9 @@ def _nb(mean: np.ndarray, size: float, rng) -> np.ndarray:
 def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tuple[ad.AnnData, ad.AnnData]:
     """Return ``(spatial, reference)`` AnnData objects with known truth.
 
-    spatial: counts in ``X`` (CSR int32), ``obsm['spatial']``, ``obsm['true_proportions']`` (DataFrame),
+    spatial: counts in ``X`` (CSR int32), ``obsm['spatial']``, ``obsm['true_proportions']`` (DataFrame, cell
+    fractions), ``obsm['true_umi_fractions']`` (each type's expected share of the spot's counts, which differs from
+    its cell fraction as cells differ in size; what RCTD's weights estimate),
     ``obs['true_n_cells']``, ``obs['nUMI']``. reference: ``obs['cell_type']`` (categorical), ``obs['nUMI']``.
     """
     cfg = config or SimulationConfig()
@@ -131,6 +133,8 @@ def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tup
     mean = (cells * cell_umi) @ profiles
     counts = _nb(mean, cfg.dispersion, rng).astype(np.int32)
     true_props = cells / cells.sum(axis=1, keepdims=True)
+    type_umi = cells * cell_umi
+    true_umi_fractions = type_umi / type_umi.sum(axis=1, keepdims=True)
 
     barcodes = [f"spot{i:06d}" for i in range(cfg.n_spots)]
     spatial = ad.AnnData(
@@ -140,6 +144,7 @@ def simulate_dataset(config: SimulationConfig | None = None, **overrides) -> tup
     )
     spatial.obsm[keys.SPATIAL] = coords
     spatial.obsm[keys.TRUE_PROPORTIONS] = pd.DataFrame(true_props, index=barcodes, columns=types)
+    spatial.obsm[keys.TRUE_UMI_FRACTIONS] = pd.DataFrame(true_umi_fractions, index=barcodes, columns=types)
     spatial.obs[keys.TRUE_DOMINANT_TYPE] = pd.Categorical(np.array(types)[true_props.argmax(axis=1)], categories=types)
     spatial.uns["description"] = "simulated slide (spatial_deconv_gui.simulate)"
     spatial.uns["simulation"] = {k: v for k, v in cfg.__dict__.items()}

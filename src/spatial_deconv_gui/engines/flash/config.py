@@ -50,6 +50,16 @@ class FlashConfig:
     objective_every: int = field(
         default=10, metadata={"help": "record the objective every N iterations (0: final value only)"}
     )
+    uncertainty: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "also write a nominal 90% interval per spot and type (obsm flash_proportions_q05 / _q95) by a "
+                "bootstrap over the genes (expected gene weighting)"
+            )
+        },
+    )
+    n_bootstrap: int = field(default=40, metadata={"help": "refits on resampled genes for the uncertainty intervals"})
     n_threads: int | None = field(default=None, metadata={"help": "numba threads (default: all)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -94,6 +104,10 @@ def validate_config(config: FlashConfig) -> list[str]:
             p.append(f"{name} must be >= 0, got {getattr(config, name)}")
     if not config.tol > 0:
         p.append(f"tol must be > 0, got {config.tol}")
+    if config.uncertainty and config.n_bootstrap < 2:
+        p.append(f"n_bootstrap must be >= 2 for intervals, got {config.n_bootstrap}")
+    if config.uncertainty and config.gene_weighting != "expected":
+        p.append("uncertainty (the gene bootstrap) needs gene_weighting 'expected': pass --gene-weighting expected")
     if config.n_threads is not None and config.n_threads < 1:
         p.append(f"n_threads must be >= 1, got {config.n_threads}")
     return p

@@ -106,12 +106,14 @@ def fit_arrays(
     control=None,
     cell_types: list[str] | None = None,
     spot_index: np.ndarray | None = None,
+    beta0: np.ndarray | None = None,
 ) -> FlashFit:
     """Fit spots ``rows`` of ``Y`` (spots × genes, CSR or dense; default all) on signatures ``X`` (types × genes).
 
     ``colmap[j]`` is the column of ``X`` that column j of ``Y`` holds (−1: not shared); by default the
     columns coincide. ``gene_idx`` / ``gene_weights`` / ``lambda_`` / ``adjacency`` override the engine's
-    own choices (to reproduce another run exactly). ``coords`` has one row per spot of ``Y``.
+    own choices (to reproduce another run exactly). ``coords`` has one row per spot of ``Y``. ``beta0`` (one row
+    per fitted spot) starts the solver from an earlier fit instead of uniform weights.
     """
     problems = validate_config(config)
     if problems:
@@ -241,6 +243,7 @@ def fit_arrays(
             rho_abs,
             config.max_iter,
             config.tol,
+            beta0=None if beta0 is None else np.asarray(beta0)[perm],
             objective_every=config.objective_every,
             on_iter=on_iter,
         )
@@ -257,6 +260,7 @@ def fit_arrays(
             rho_abs,
             config.max_iter,
             config.tol,
+            beta0=beta0,
             objective_every=config.objective_every,
             on_iter=on_iter,
         )

@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ... import keys
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, RunControl, thread_cap
+from .bootstrap import gene_bootstrap
 from .config import FlashConfig, validate_config
 from .core import fit_arrays
 
@@ -75,11 +77,21 @@ def run_flash(
                 raise ValueError(f"no spot has at least min_counts={config.min_counts} counts on shared genes")
         control.check_cancel()
         fit = fit_arrays(Y, X, spatial.coords, config, colmap=colmap, rows=rows, control=control, cell_types=types)
+        interval = None
+        if config.uncertainty:
+            interval = gene_bootstrap(Y, X, spatial.coords, config, fit, colmap, control)
 
     props = np.full((n_all, len(types)), np.nan)
     props[fit.rows] = fit.proportions
     abund = np.full((n_all, len(types)), np.nan)
     abund[fit.rows] = fit.beta
+    barcodes = np.asarray(spatial.barcodes, dtype=str)
+    obsm = {ABUNDANCES: pd.DataFrame(abund, index=barcodes, columns=list(types))}
+    if interval is not None:
+        for slot, part in zip((keys.proportions_lower(KEY), keys.proportions_upper(KEY)), interval):
+            full = np.full((n_all, len(types)), np.nan)
+            full[fit.rows] = part
+            obsm[slot] = pd.DataFrame(full, index=barcodes, columns=list(types))
     summary = fit.summary()
     params = config.to_dict()
     params.update(
@@ -110,6 +122,6 @@ def run_flash(
         params=params,
         device="cpu",
         runtime_s=time.perf_counter() - t0,
-        obsm={ABUNDANCES: pd.DataFrame(abund, index=np.asarray(spatial.barcodes, dtype=str), columns=list(types))},
+        obsm=obsm,
         uns={FIT_INFO: fit_uns},
     )

@@ -327,3 +327,78 @@ def shared_weights(mix, y, rows, numi, coef, knots, mtab, n_int, x_max, k_cap, a
             _, d1, d2 = _spline_eval(yk, lam, coef, knots, mtab, n_int, x_max)
             a_out[i, j] = d1 * u
             b_out[i, j] = -d2 * u * u
+
+
+@njit(nogil=True, cache=True)
+def _quantile_sorted(v, q):
+    """numpy's default (linear) quantile of the sorted vector ``v``."""
+    pos = q * (v.shape[0] - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, v.shape[0] - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def simplex_interval_batch(w, info, normals, rel_floor, q_lo, q_hi, lower, upper):
+    """Per problem b: draws from N(w[b], info[b]^-1) (the Laplace approximation of the likelihood in weight space),
+    each projected onto w >= 0 in the metric of ``info[b]`` (where the quadratic model of the likelihood puts the
+    constrained optimum for that draw) and normalised to proportions; ``lower`` / ``upper`` get the ``q_lo`` /
+    ``q_hi`` quantiles of the draws per type.
+
+    ``normals`` (draws x K standard normals) are shared by all problems so a run is reproducible; eigenvalues of
+    ``info`` below ``rel_floor`` times the largest are raised to it (a direction the data hardly constrain gets a
+    wide, not an infinite, spread).
+    """
+    nb, k = w.shape
+    nd = normals.shape[0]
+    for b in prange(nb):
+        lam, V = np.linalg.eigh(np.ascontiguousarray(info[b]))
+        lmax = 0.0
+        for t in range(k):
+            lmax = max(lmax, lam[t])
+        if not lmax > 0.0:  # no curvature at all: the data say nothing about this spot
+            for i in range(k):
+                lower[b, i] = 0.0
+                upper[b, i] = 1.0
+            continue
+        floor = rel_floor * lmax
+        sd = np.empty(k)
+        D = np.empty((k, k))
+        for t in range(k):
+            lt = max(lam[t], floor)
+            sd[t] = 1.0 / math.sqrt(lt)
+            lam[t] = lt / lmax
+        for i in range(k):
+            for j in range(k):
+                acc = 0.0
+                for t in range(k):
+                    acc += V[i, t] * lam[t] * V[j, t]
+                D[i, j] = acc
+            D[i, i] += _RIDGE
+        z = np.empty(k)
+        c = np.empty(k)
+        y = np.empty(k)
+        s = np.empty(k)
+        free = np.zeros(k, dtype=np.bool_)
+        props = np.empty((k, nd))
+        for d in range(nd):
+            for i in range(k):
+                acc = w[b, i]
+                for t in range(k):
+                    acc += V[i, t] * sd[t] * normals[d, t]
+                z[i] = acc
+            for i in range(k):
+                acc = 0.0
+                for j in range(k):
+                    acc += D[i, j] * z[j]
+                c[i] = acc
+            _nonneg_qp(D, c, y, free, s)
+            tot = 0.0
+            for i in range(k):
+                tot += y[i]
+            for i in range(k):
+                props[i, d] = y[i] / tot if tot > 0.0 else 1.0 / k
+        for i in range(k):
+            v = np.sort(props[i])
+            lower[b, i] = _quantile_sorted(v, q_lo)
+            upper[b, i] = _quantile_sorted(v, q_hi)

@@ -158,6 +158,20 @@ class RCTDConfig:
             "help": "counts above this are clipped to it; the likelihood tables cover counts up to it (spacexr K_val)"
         },
     )
+    # uncertainty
+    uncertainty: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "also write a nominal 90% interval per spot and type (obsm rctd_proportions_q05 / _q95) from the "
+                "curvature of the likelihood at the fitted weights; full and doublet modes"
+            )
+        },
+    )
+    interval_draws: int = field(
+        default=400,
+        metadata={"help": "draws from the likelihood's Gaussian approximation per spot for the interval"},
+    )
     # execution
     dtype: Literal["float64", "float32"] = field(
         default="float64", metadata={"help": "float64 matches spacexr exactly; float32 is faster on GPUs"}
@@ -223,6 +237,7 @@ def validate_config(config: RCTDConfig) -> list[str]:
         "n_iter_score",
         "n_iter_bulk",
         "k_val",
+        "interval_draws",
     ):
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -241,6 +256,8 @@ def validate_config(config: RCTDConfig) -> list[str]:
         problems.append(f"batch_size must be None/0 (automatic) or a positive integer, got {config.batch_size!r}")
     if config.n_threads is not None and config.n_threads < 1:
         problems.append(f"n_threads must be None or >= 1, got {config.n_threads!r}")
+    if config.uncertainty and config.mode == "multi":
+        problems.append("uncertainty (intervals) is computed in full and doublet modes, not multi: pass --mode full")
     if config.class_df is not None and not isinstance(config.class_df, Mapping):
         problems.append("class_df must be a mapping cell type -> class")
     return problems

@@ -18,6 +18,7 @@ from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
+from .intervals import observed_information, pair_intervals, simplex_intervals
 from .likelihood import build_tables
 from .modes import SPOT_CLASSES, SolverSettings, fit_doublet, fit_full, fit_multi
 from .reference import build_profiles
@@ -271,6 +272,9 @@ def _run(
             conv_full=np.zeros(n_fit_px, dtype=bool),
         )
     props_fit = np.zeros((n_fit_px, K))
+    if config.uncertainty:
+        out["lower"] = np.zeros((n_fit_px, K))
+        out["upper"] = np.zeros((n_fit_px, K))
 
     def run_batch(lo: int, hi: int) -> None:
         y = torch.as_tensor(np.asarray(reg_counts[lo:hi].todense(), dtype=np.float64), dtype=dtype, device=device)
@@ -281,6 +285,11 @@ def _run(
             out["conv"][lo:hi] = conv
             s = w.sum(axis=1, keepdims=True)
             props_fit[lo:hi] = np.divide(w, s, out=np.full_like(w, 1.0 / K), where=s > 0)
+            if config.uncertainty:
+                info = observed_information(P_t, y, u, ttable, w)
+                out["lower"][lo:hi], out["upper"][lo:hi] = simplex_intervals(
+                    w, info, config.interval_draws, config.seed
+                )
         elif mode == "doublet":
             r = fit_doublet(
                 P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, type_class
@@ -306,6 +315,19 @@ def _run(
             p[rows, r.first_type] = np.where(singlet, 1.0, r.weights_doublet[:, 0])
             p[rows[~singlet], r.second_type[~singlet]] += r.weights_doublet[~singlet, 1]
             props_fit[lo:hi] = p
+            if config.uncertainty:
+                out["lower"][lo:hi], out["upper"][lo:hi] = pair_intervals(
+                    P_t,
+                    y,
+                    u,
+                    ttable,
+                    r.first_type,
+                    r.second_type,
+                    r.pair_weights,
+                    p,
+                    config.interval_draws,
+                    config.seed,
+                )
         else:
             r = fit_multi(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, max_types)
             out["weights"][lo:hi] = r.weights
@@ -358,6 +380,11 @@ def _run(
     converged[fit_idx] = out["conv"]
     obs: dict[str, Any] = {_slot("converged"): converged}
     obsm: dict[str, Any] = {keys.weights(KEY): pd.DataFrame(weights_full, index=barcodes, columns=list(types))}
+    if config.uncertainty:
+        for slot, part in ((keys.proportions_lower(KEY), "lower"), (keys.proportions_upper(KEY), "upper")):
+            full = np.full((n_spots, K), np.nan)
+            full[fit_idx] = out[part]
+            obsm[slot] = pd.DataFrame(full, index=barcodes, columns=list(types))
     type_cats = list(types) + [FILTERED]
     if mode == "doublet":
         sc = np.full(n_spots, FILTERED, dtype=object)

@@ -82,6 +82,7 @@ class DoubletBatch:
     converged_doublet: np.ndarray
     min_score: np.ndarray
     singlet_score: np.ndarray
+    pair_weights: np.ndarray | None = None  # (B, 2) the pair fit's weights before normalising (for intervals)
 
 
 def _pair_check(cands, pair_score, singlet_scores, min_score, my_type, type_class, conf_thr):
@@ -184,9 +185,10 @@ def fit_doublet(
         first_cls[i], second_cls[i] = fc, sc2
         min_scores[i], singlet_out[i] = min_score, singlet_score
     dw, dconv, _ = _fit_subsets(P, y, numi, table, np.arange(B), np.stack([first, second], 1), s.n_iter, s, score=False)
+    raw = dw
     dw = dw / dw.sum(axis=1, keepdims=True)
     return DoubletBatch(
-        weights, conv_full, spot_class, first, second, first_cls, second_cls, dw, dconv, min_scores, singlet_out
+        weights, conv_full, spot_class, first, second, first_cls, second_cls, dw, dconv, min_scores, singlet_out, raw
     )
 
 
