@@ -307,3 +307,33 @@ def test_spots_without_counts_are_named_in_the_dock(make_napari_viewer, qtbot, t
     assert "note:" in widget.status.value and "no counts" in widget.status.value
     props = run.adata.obsm[f"{run.result.key}_proportions"]
     assert props.iloc[:3].isna().all().all() and np.isfinite(props.iloc[3:].to_numpy()).all()
+
+
+def test_stop_now_keeps_the_answer_so_far(make_napari_viewer, qtbot):
+    """cell2location with a long epoch cap, stopped from the dock once training streams: the answer is kept and
+    marked as the user's stop, after far fewer epochs than the cap."""
+    from spatial_deconv_gui import keys
+
+    viewer, widget = _viewer_with_widget(make_napari_viewer)
+    widget.method.value = "c2l"
+    widget.params_box.signatures.value = "means"
+    widget.params_box.max_epochs.value = 200_000
+    assert not widget.stop_btn.enabled
+    stopped = []
+
+    def stop_once_training(event):
+        if event.stage == "spatial" and event.fraction > 0 and not stopped:
+            stopped.append(event)
+            widget.stop_btn.native.click()
+
+    widget.jobs.progressed.connect(stop_once_training)
+    widget.run_btn.native.click()
+    assert widget.stop_btn.enabled
+    qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
+    run = widget.last_run
+    assert stopped and run is not None, widget.status.value
+    info = run.adata.uns[keys.run_info(run.result.key)]
+    assert info[keys.STOP_REASON] == "user" and info[keys.STOPPED_EARLY_BY_USER]
+    assert 0 < info[keys.EPOCHS_RUN] < 200_000
+    props = run.adata.obsm[keys.proportions(run.result.key)].to_numpy()
+    assert np.isfinite(props).all() and np.allclose(props.sum(axis=1), 1.0)

@@ -235,6 +235,12 @@ def _gives_intervals(config_cls) -> bool:
     return any(f.name == "uncertainty" for f in dataclasses.fields(config_cls))
 
 
+def trains_iteratively(method: str) -> bool:
+    """Whether ``method`` trains epoch by epoch, so that it can stop early and keep its answer (``stop_event``)."""
+    info = available_methods().get(method)
+    return info is not None and any(f.name == "early_stop" for f in dataclasses.fields(info.load()[1]))
+
+
 def methods_with_intervals() -> list[str]:
     """The installed methods whose runs can write per-spot intervals (``uncertainty=True``)."""
     return [m for m in sorted(available_methods()) if _gives_intervals(get_method(m).load()[1])]

@@ -94,6 +94,12 @@ class DeconvolutionDock(Container):
         self.validate_btn = PushButton(text="Check inputs")
         self.run_btn = PushButton(text="Run")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
+        self.stop_btn = PushButton(
+            text="Stop now, keep the answer",
+            enabled=False,
+            tooltip="cell2location / DestVI: end training at the next check and keep the proportions it has then "
+            "(the result's uns records stop_reason 'user').",
+        )
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = status_label("pick a slide layer and a reference")
         self.problems = Label(label="", value="")
@@ -109,6 +115,7 @@ class DeconvolutionDock(Container):
                 self.validate_btn,
                 self.run_btn,
                 self.cancel_btn,
+                self.stop_btn,
                 self.progress,
                 self.status,
                 self.problems,
@@ -123,6 +130,7 @@ class DeconvolutionDock(Container):
         self.validate_btn.clicked.connect(self.check_inputs_in_background)
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
+        self.stop_btn.clicked.connect(self.stop_and_keep)
         self.session.slides_changed.connect(self._refresh_layers)
         self.run_btn.enabled = NO_METHOD not in methods
         self._stream = None  # (slide layer, its own colours, palette) while a run streams onto it
@@ -263,6 +271,7 @@ class DeconvolutionDock(Container):
                 device=device,
                 progress=lambda ev: control.report(ev.stage, ev.fraction, ev.message, ev.partial),
                 cancel_event=control.cancel_event,
+                stop_event=control.stop_event,
                 check=True,
                 slide_options=slide_options,
             )
@@ -287,6 +296,11 @@ class DeconvolutionDock(Container):
             self.jobs.cancel()
             self.status.value = "cancelling after the current batch..."
 
+    def stop_and_keep(self):
+        if self.jobs.busy and self.jobs.control is not None:
+            self.jobs.control.request_stop()
+            self.status.value = "stopping at the next check: the answer so far is kept..."
+
     @property
     def busy(self) -> bool:
         """True while a run computes or its layers are still being added."""
@@ -295,6 +309,7 @@ class DeconvolutionDock(Container):
     def _set_running(self, running: bool):
         self.run_btn.enabled = not running
         self.cancel_btn.enabled = running
+        self.stop_btn.enabled = running and api.trains_iteratively(self.method.value)
         self.validate_btn.enabled = not running
 
     def _paint_partials(self, batches):
