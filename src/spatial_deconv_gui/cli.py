@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -243,9 +244,11 @@ def default_output(spatial: Path, method: str) -> Path:
 
 
 def _cmd_demo(args) -> int:
-    from .gui.demo import run_demo
-
-    return run_demo(headless_dir=args.headless, method=args.method)
+    # The GUI sits above the CLI: the demo runs as its own module in a child process, so no import runs up.
+    argv = [sys.executable, "-m", "spatial_deconv_gui.gui.demo"]
+    argv += ["--headless", args.headless] if args.headless else []
+    argv += ["--method", args.method] if args.method else []
+    return subprocess.call(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

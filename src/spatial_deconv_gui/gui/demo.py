@@ -1,6 +1,7 @@
 """`spatial-deconv demo`: napari with the sample slide and the plugin's widgets; `--headless` writes files.
 
-The CLI imports this module only when the demo runs, so napari and torch load then, not at every command.
+The CLI starts this module in a child process (``python -m spatial_deconv_gui.gui.demo``), so napari and torch
+load only when the demo runs and the CLI never imports the GUI.
 """
 
 from __future__ import annotations
@@ -166,3 +167,21 @@ def _headless_knockout(outdir: Path, rendering: bool) -> dict:
             summary_dock.figure.savefig(tmp, dpi=120)
     viewer.close()
     return {"gene": tf, "runtime_s": round(time.perf_counter() - t0, 2), "outputs": [str(h5), str(png)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="spatial-deconv demo", description="napari with the bundled sample slide")
+    parser.add_argument("--headless", metavar="OUTDIR", help="no window: run on the sample and write results and a PNG")
+    parser.add_argument("--method", default=None, help="method the demo runs (default: the first available)")
+    args = parser.parse_args(argv)
+    try:
+        return run_demo(headless_dir=args.headless, method=args.method)
+    except (InputError, ValueError) as exc:  # as the CLI reports them: one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
