@@ -162,9 +162,11 @@ def test_destvi_stop_now_keeps_the_answer_of_that_epoch(inputs):
 def test_api_stop_event_marks_the_result_in_uns(small_pair):
     spatial, reference = small_pair
     stop = threading.Event()
+    set_at = []
 
-    def on_event(ev):
-        if ev.training is not None and ev.training.epoch >= 50:
+    def on_event(ev):  # events are rate-limited, so the one that sets the stop may come after epoch 50
+        if ev.training is not None and ev.training.epoch >= 50 and not stop.is_set():
+            set_at.append(ev.training.epoch)
             stop.set()
 
     out = api.run_deconvolution(
@@ -178,7 +180,8 @@ def test_api_stop_event_marks_the_result_in_uns(small_pair):
     )
     info = out.adata.uns[keys.run_info("c2l")]
     assert info[keys.STOPPED_EARLY_BY_USER] is True or info[keys.STOPPED_EARLY_BY_USER] == np.True_
-    assert info[keys.STOP_REASON] == "user" and info[keys.EPOCHS_RUN] == 75
+    # the stop is honoured at the next check, 25 epochs on
+    assert info[keys.STOP_REASON] == "user" and info[keys.EPOCHS_RUN] == set_at[0] + 25
     props = out.adata.obsm[keys.proportions("c2l")].to_numpy()
     np.testing.assert_allclose(props.sum(1), 1.0, atol=1e-9)
 
