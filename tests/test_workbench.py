@@ -337,3 +337,23 @@ def test_stop_now_keeps_the_answer_so_far(make_napari_viewer, qtbot):
     assert 0 < info[keys.EPOCHS_RUN] < 200_000
     props = run.adata.obsm[keys.proportions(run.result.key)].to_numpy()
     assert np.isfinite(props).all() and np.allclose(props.sum(axis=1), 1.0)
+
+
+def test_interval_tick_box_writes_the_interval_slots(make_napari_viewer, qtbot):
+    """The tick box is offered for the methods that give intervals, and a ticked run carries q05 <= p <= q95."""
+    from spatial_deconv_gui import keys
+
+    viewer, widget = _viewer_with_widget(make_napari_viewer)
+    widget.method.value = "c2l"
+    assert not widget.uncertainty.enabled
+    widget.method.value = "flash"
+    assert widget.uncertainty.enabled
+    widget.uncertainty.value = True
+    _click_run_and_wait(qtbot, widget)
+    run = widget.last_run
+    assert run is not None, widget.status.value
+    key = run.result.key
+    p, lo, hi = (run.adata.obsm[f(key)] for f in (keys.proportions, keys.proportions_lower, keys.proportions_upper))
+    assert list(lo.columns) == list(p.columns) and (lo.index == p.index).all()
+    assert (lo.to_numpy() <= p.to_numpy() + 1e-12).all() and (p.to_numpy() <= hi.to_numpy() + 1e-12).all()
+    assert 0 < float((hi - lo).to_numpy().mean()) < 0.5

@@ -11,6 +11,7 @@ import anndata as ad
 import h5py
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -89,6 +90,12 @@ class DeconvolutionDock(Container):
         self.device = ComboBox(
             label="device", choices=device_choices(), value="auto", tooltip="auto uses CUDA when torch sees a GPU."
         )
+        self.uncertainty = CheckBox(
+            text="per-spot 90% intervals",
+            value=False,
+            tooltip="Also write each spot's nominal 90% interval per cell type (obsm <key>_proportions_q05 / _q95): "
+            "RCTD from the curvature of its likelihood, FlashDeconv by a gene bootstrap.",
+        )
         self.params_box = Container(labels=True, layout="vertical")
         self.params_box.margins = (0, 0, 0, 0)
         self.validate_btn = PushButton(text="Check inputs")
@@ -111,6 +118,7 @@ class DeconvolutionDock(Container):
                 self.method,
                 self.mode,
                 self.device,
+                self.uncertainty,
                 self.params_box,
                 self.validate_btn,
                 self.run_btn,
@@ -149,6 +157,9 @@ class DeconvolutionDock(Container):
         info = api.available_methods().get(self.method.value)
         if info is None:
             return
+        self.uncertainty.enabled = self.method.value in api.methods_with_intervals()
+        if not self.uncertainty.enabled:
+            self.uncertainty.value = False
         _, config_cls = info.load()
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
         hints = typing.get_type_hints(config_cls)
@@ -257,6 +268,7 @@ class DeconvolutionDock(Container):
         self._show_problems([])
         spatial, reference, cell_type_col, slide_options = paths
         params, method, device = self.method_params(), self.method.value, self.device.value
+        uncertainty = bool(self.uncertainty.value and self.uncertainty.enabled)
         slide = self.slide.value
         source = {"inputs": (spatial, reference), "slide_options": slide_options}
 
@@ -272,6 +284,7 @@ class DeconvolutionDock(Container):
                 progress=lambda ev: control.report(ev.stage, ev.fraction, ev.message, ev.partial),
                 cancel_event=control.cancel_event,
                 stop_event=control.stop_event,
+                uncertainty=uncertainty,
                 check=True,
                 slide_options=slide_options,
             )
