@@ -36,11 +36,16 @@ class SGLResult:
 
 def group_weights(groups: np.ndarray, group_reg: float, scale_reg: str = "inverse_group_size") -> np.ndarray:
     """(B, K) penalty per group (0 for empty groups); ``groups`` is (B, p) with -1 for padding."""
-    if scale_reg not in SCALE_REGS:
-        raise ValueError(f"scale_reg must be one of {SCALE_REGS}")
     k = int(groups.max()) + 1 if groups.size and groups.max() >= 0 else 0
     sizes = np.stack([(groups == g).sum(axis=1) for g in range(k)], axis=1) if k else np.zeros((groups.shape[0], 0))
-    with np.errstate(divide="ignore"):
+    return weights_from_sizes(sizes, group_reg, scale_reg)
+
+
+def weights_from_sizes(sizes: np.ndarray, group_reg: float, scale_reg: str = "inverse_group_size") -> np.ndarray:
+    """Penalty of each group from its size (0 for empty groups), as :func:`group_weights` gives it."""
+    if scale_reg not in SCALE_REGS:
+        raise ValueError(f"scale_reg must be one of {SCALE_REGS}")
+    with np.errstate(divide="ignore", invalid="ignore"):
         if scale_reg == "inverse_group_size":
             w = np.where(sizes > 0, group_reg / np.sqrt(np.maximum(sizes, 1)), 0.0)
         elif scale_reg == "group_size":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._sgl import gradient, sgl_fista
-from .lasso import SCALE_REGS
+from .lasso import weights_from_sizes
 
 
 @dataclass
@@ -51,19 +51,6 @@ def cluster_design(Phi_c: np.ndarray, standardize: bool = True) -> ClusterDesign
     F = P.shape[1]
     Xs = P / sd / np.sqrt(n) if 2 * n < F else None
     return ClusterDesign(n, P, pm, diag, sd, As, Xs)
-
-
-def _group_weights(sizes: np.ndarray, group_reg: float, scale_reg: str) -> np.ndarray:
-    if scale_reg not in SCALE_REGS:
-        raise ValueError(f"scale_reg must be one of {SCALE_REGS}")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if scale_reg == "inverse_group_size":
-            w = np.where(sizes > 0, group_reg / np.sqrt(np.maximum(sizes, 1)), 0.0)
-        elif scale_reg == "group_size":
-            w = group_reg * np.sqrt(sizes)
-        else:
-            w = np.where(sizes > 0, group_reg, 0.0)
-    return w.astype(np.float64)
 
 
 @dataclass
@@ -102,7 +89,7 @@ def fit_cluster_targets(
     dmax = np.where(allowed, design.diag[None, :], 0.0).max(axis=1)
     active = allowed & (design.diag[None, :] > 1e-12 * np.maximum(dmax, 1e-300)[:, None])
     sizes = np.stack([(active & (col_group == g)[None, :]).sum(axis=1) for g in range(K)], axis=1)
-    gw = np.concatenate([_group_weights(sizes, group_reg, scale_reg), np.zeros((T, 1))], axis=1)  # + dummy group
+    gw = np.concatenate([weights_from_sizes(sizes, group_reg, scale_reg), np.zeros((T, 1))], axis=1)  # + dummy group
     b = (design.P.T @ Yc).T / design.sd[None, :] / n * active  # (T, F)
     W = np.zeros((T, F))
     n_iter = np.zeros(T, dtype=np.int64)
