@@ -136,10 +136,7 @@ class Session:
 
     # -- deconvolution results -----------------------------------------------------------------------
     def unique_result_name(self, base: str) -> str:
-        n = 1
-        while f"{base} #{n}" in self.results:
-            n += 1
-        return f"{base} #{n}"
+        return _unique_name(base, self.results)
 
     def add_result(self, record: ResultRecord):
         self.results[record.name] = record
@@ -189,10 +186,7 @@ class Session:
         self.cell_picked.emit(int(index))
 
     def unique_perturbation_name(self, base: str) -> str:
-        n = 1
-        while f"{base} #{n}" in self.perturbations:
-            n += 1
-        return f"{base} #{n}"
+        return _unique_name(base, self.perturbations)
 
     def add_perturbation(self, run: Perturbation):
         self.perturbations[run.name] = run
@@ -214,3 +208,11 @@ def session_for(viewer) -> Session:
         session = Session(viewer)
         setattr(viewer, _ATTRIBUTE, session)
     return session
+
+
+def _unique_name(base: str, taken) -> str:
+    """``base #n`` with the smallest n not yet in ``taken``."""
+    n = 1
+    while f"{base} #{n}" in taken:
+        n += 1
+    return f"{base} #{n}"
