@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -243,3 +245,13 @@ def test_a_damaged_destvi_state_is_one_error_naming_the_entry(destvi_result_file
         api.destvi_imputed_expression(back, run.result.cell_types[0])
     assert err.value.code == "damaged_model_state"
     assert f"the DestVI model state (uns['destvi_model']) is damaged: {named}" in str(err.value)
+
+
+@pytest.mark.skipif(devices.gpu_driver_visible(), reason="a GPU driver is present: auto asks torch")
+def test_auto_without_a_gpu_driver_names_the_cpu_without_importing_torch():
+    code = (
+        "import sys; from spatial_deconv_gui.engines import devices; "
+        "print(devices.resolve('auto')[1]); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["--device auto: no GPU driver found; running on the CPU.", "False"]

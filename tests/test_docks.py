@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from npe2 import PluginManifest
 
-from spatial_deconv_gui import api
+from spatial_deconv_gui import api, keys
 from spatial_deconv_gui.engines.base import DeconvResult
 from spatial_deconv_gui.gui.docks import DISPLAY_NAME, DOCKS, dock_class, find_dock, open_docks
 from spatial_deconv_gui.gui.session import session_for
@@ -80,6 +80,12 @@ def test_saved_results_come_back_from_the_file(saved_result):
     np.testing.assert_allclose(run.result.proportions, res.proportions)
     assert list(run.result.obs["rctd_spot_class"]) == list(res.obs["rctd_spot_class"])
     assert api.saved_results(ad.AnnData(np.zeros((3, 2)))) == []
+    # a DestVI model state in the same file belongs to DestVI's result only
+    with_state = ad.read_h5ad(path)
+    with_state.uns[keys.DESTVI_MODEL] = {"barcodes": np.asarray(with_state.obs_names, dtype=str)}
+    with_state.write_h5ad(path.with_name("with_state.h5ad"))
+    [run] = api.saved_results(path.with_name("with_state.h5ad"))
+    assert run.result.method == "rctd" and keys.DESTVI_MODEL not in run.result.uns
 
 
 def test_a_saved_result_opened_from_disk_gets_its_docks_from_the_plugins_menu(make_napari_viewer, qtbot, saved_result):

@@ -183,3 +183,10 @@ def test_tf_ligand_terms_in_the_lens_and_in_who_responds(sim, tmp_path):
         resp = api.who_responds(model, gene)
         step = next(iter(api.perturbation_steps(model, gene, 0.0, steps=1)))
         np.testing.assert_allclose(resp.delta, step.delta, rtol=0, atol=1e-10)
+
+
+def test_who_responds_refuses_cells_out_of_range(model):
+    n = model.expr.shape[0]
+    for cells in ([-1], [n]):
+        with pytest.raises(InputError, match="cells out of range"):
+            api.who_responds(model, model.ligands[0], cells=cells)

@@ -175,6 +175,19 @@ def test_bad_numi_column(pair, tmp_path, capsys, value):
     assert "obs['nUMI'] (the total UMI per observation) is missing, infinite or not positive for 1" in text
 
 
+def test_missing_numi_on_a_spot_without_counts_is_no_problem(pair, tmp_path, capsys):
+    """Such a spot is left out of the fit, so its library size is never used."""
+    s, r = pair
+    x = s.X.toarray() if hasattr(s.X, "toarray") else np.array(s.X)
+    x[7] = 0
+    s.X = x
+    s.obs["nUMI"] = np.asarray(s.X.sum(axis=1)).ravel().astype(float)
+    s.obs.iloc[7, s.obs.columns.get_loc("nUMI")] = np.nan
+    code, text = _validate(capsys, _write(s, tmp_path / "s.h5ad"), _write(r, tmp_path / "r.h5ad"))
+    assert code == 0, text
+    assert "nUMI" not in text
+
+
 def test_truncated_h5ad(pair, tmp_path, capsys):
     s, r = pair
     good = _write(s, tmp_path / "full.h5ad")

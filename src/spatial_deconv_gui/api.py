@@ -409,7 +409,8 @@ def saved_results(spatial, slide_options: dict | None = None) -> list[RunOutput]
             continue
         mode = info.get("mode")
         obs = {c: adata.obs[c] for c in (keys.spot_class(key),) if c in adata.obs}
-        uns = {keys.DESTVI_MODEL: adata.uns[keys.DESTVI_MODEL]} if keys.DESTVI_MODEL in adata.uns else {}
+        carries_state = str(info["method"]) == "destvi" and keys.DESTVI_MODEL in adata.uns
+        uns = {keys.DESTVI_MODEL: adata.uns[keys.DESTVI_MODEL]} if carries_state else {}
         result = DeconvResult(
             key=key,
             method=str(info["method"]),

@@ -269,9 +269,10 @@ def model_from_training(out, manifest: dict, built: dict) -> PerturbModel:
         obsm=built.get("obsm"),
         obs_names=built.get("obs_names"),
     )
+    model.store = store  # as load_model sets it: gene_usage and the screen read the store
     W = built.get("received")
     if W is None and (out / md.RECEIVED).exists():
-        W = np.load(out / md.RECEIVED)
+        W = np.load(out / md.RECEIVED, allow_pickle=False)
     if W is not None and "received_ligands_mode" in manifest:
         names = [(str(a), float(r)) for a, r in manifest["received_channels"]]
         if W.shape == (len(built["expr"]), len(names)):

@@ -62,6 +62,8 @@ def resolve(device: object = AUTO) -> tuple[str, str | None]:
     """:func:`device_name`, with the notice to show when ``auto`` fell back to the CPU (else None)."""
     name = device_name(device)
     if (device is None or str(device) in ("", AUTO)) and name == "cpu":
+        if "torch" not in sys.modules:  # device_name answered without torch: keep the notice as cheap
+            return name, "--device auto: no GPU driver found; running on the CPU."
         import torch
 
         why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"

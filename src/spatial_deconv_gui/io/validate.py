@@ -148,7 +148,7 @@ def _check_numi(adata: ad.AnnData, column: str | None, totals: np.ndarray, where
             "fix or drop the column, or pass --numi-col none to use the row sums (--ref-numi-col for the reference).",
         )
         return
-    bad = ~np.isfinite(values) | ((values <= 0) & (totals > 0))
+    bad = (~np.isfinite(values) | (values <= 0)) & (totals > 0)  # empty spots are left out of the fit anyway
     if bad.any():
         report.add(
             "bad_numi",

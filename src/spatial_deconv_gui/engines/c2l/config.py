@@ -59,7 +59,10 @@ class C2LConfig:
     lr_anneal: float = field(
         default=0.2,
         metadata={
-            "help": "share of the last epochs over which the learning rate falls linearly to a fifth (0: constant)"
+            "help": (
+                "share of the last epochs over which the learning rate falls linearly to a fifth (0: constant); "
+                "a run that early_stop ends before then keeps the full rate"
+            )
         },
     )
     early_stop: bool = field(

@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ... import keys
 from ...io.errors import InputError
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thread_cap
@@ -25,7 +26,7 @@ KEY = "destvi"
 # DestVI's own slots, beyond keys.py's common ones
 DUMMY_FRACTION = f"{KEY}_dummy_fraction"  # obsm: share of the noise type per spot
 TRAINING = f"{KEY}_training"  # uns: loss curves and timings
-MODEL_STATE = f"{KEY}_model"  # uns: decoder weights and per-spot gammas, what imputation needs
+MODEL_STATE = keys.DESTVI_MODEL  # uns: decoder weights and per-spot gammas, what imputation needs
 
 
 def gamma_slot(cell_type: str) -> str:

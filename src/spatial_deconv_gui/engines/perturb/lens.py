@@ -299,7 +299,9 @@ def who_responds(
     if value < 0:
         raise InputError("perturbation values must be >= 0.", "use 0 for a knockout.", code="bad_perturbation")
     n, g = index.n_cells(), index.gi[ligand]
-    rows = np.arange(n) if cells is None else np.asarray(cells, dtype=np.int64)
+    rows = np.arange(n) if cells is None else np.asarray(cells, dtype=np.int64).ravel()
+    if rows.size and (rows.min() < 0 or rows.max() >= n):  # a negative index would silently pin another cell
+        raise InputError("cells out of range.", f"use indices in [0, {n - 1}].", code="bad_cells")
     X0, F0 = m.expr, index.F
     D = np.zeros(n)
     D[rows] = float(value) - X0[rows, g]

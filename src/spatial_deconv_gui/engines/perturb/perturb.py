@@ -415,7 +415,7 @@ def load_model(path) -> PerturbModel:
     model.store = store
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
-        W = np.load(rpath)
+        W = np.load(rpath, allow_pickle=False)
         if "received_channels" in manifest:
             names = [(str(a), float(r)) for a, r in manifest["received_channels"]]
         else:  # format 1: one column per ligand, at its radius
