@@ -271,3 +271,32 @@ def test_screenshot_after_knockout_shows_delta_map_and_vector_field(make_napari_
     run.layers["delta"].visible = run.layers["vectors"].visible = False
     slide_only = canvas()
     assert np.abs(slide_only - no_vectors).sum(axis=1).astype(bool).mean() > 0.05
+
+
+def test_layers_coming_and_going_keep_the_train_form(make_napari_viewer, qtbot, tmp_path):
+    """Another plugin layer (here a second slide) must not reset what the user picked for the slide in the form."""
+    viewer, train = _train(make_napari_viewer, qtbot, tmp_path / "model")
+    slide = train.slide.value
+    train.radius.value = 55.0
+    train.expression.value = "X"
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    assert train.slide.value is slide
+    assert train.radius.value == 55.0 and train.expression.value == "X"
+    assert train.cluster_col.value == "cluster"
+
+
+def test_a_streaming_layer_deleted_mid_run_still_leaves_the_run_its_map(make_napari_viewer, qtbot, tmp_path):
+    viewer, train = _train(make_napari_viewer, qtbot, tmp_path / "model")
+    train.train_btn.native.click()
+    qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
+    _, ko = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
+    model = session_for(viewer).model
+    result = perturb_api.run_perturbation(model, ["Tf0"], 0.0, steps=2)
+    ko.start_stream()
+    viewer.layers.remove(ko._stream_layer)  # the user deletes "knockout (running)"
+    for _ in ko.add_run_steps(result, ["Tf0"], 0.0):
+        pass
+    delta = ko.current.layers["delta"]
+    assert delta in viewer.layers and delta.name == "KO Tf0 #1: Δ"
+    gene = ko.show_gene.value
+    np.testing.assert_allclose(delta.face_color, diverging_rgba(ko.current.delta(gene))[0], atol=1e-6)

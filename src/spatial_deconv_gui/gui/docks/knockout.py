@@ -270,6 +270,8 @@ class KnockoutDock(Container):
         run = Perturbation(self.session.unique_perturbation_name(base), adata, genes)
         # the layer that streamed the steps becomes the run's Δ layer
         delta = self._stream_layer
+        if delta is None or delta not in self.viewer.layers:  # the user deleted it while the run streamed
+            delta = add_delta_layer(self.viewer, self.session, "knockout")
         delta.name = f"{run.name}: Δ"
         delta.metadata[PLUGIN_KEY] = {"kind": "perturb_delta", "run": run.name}
         run.layers["delta"] = delta

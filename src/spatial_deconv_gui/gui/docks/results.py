@@ -67,8 +67,10 @@ class ResultsDock(Container):
     def _on_added(self, name: str):
         self.run.reset_choices()
         self.run_b.reset_choices()
-        self.run.value = name
-        self._on_run()
+        if self.run.value != name:
+            self.run.value = name  # -> _on_run, once
+        else:
+            self._on_run()
 
     def _on_selected(self, name: str):
         if self.run.value != name:

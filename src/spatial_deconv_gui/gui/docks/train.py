@@ -57,6 +57,7 @@ class TrainDock(Container):
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self._obs_columns: list[str] = []
+        self._file_columns: list[str] = []  # the slide's own obs columns, read once per slide
         self._layers: list[str] = []
         self.train_options: dict = {}  # further TrainConfig fields, for scripting (e.g. l1_reg)
         self.slide = ComboBox(label="slide layer", choices=lambda _w: self.session.slides(), nullable=True)
@@ -143,7 +144,22 @@ class TrainDock(Container):
         self._refresh()
 
     def _refresh(self, _name=None):
-        self._on_slide(refresh_slide_picker(self.slide))
+        """Layers came or went: a newly picked slide fills the form (through ``slide.changed``); for the same
+        slide only the cluster choices follow (a new result's dominant type), and the user's picks stay."""
+        before = self.slide.value
+        layer = refresh_slide_picker(self.slide)
+        if layer is not None and layer is before:
+            self._cluster_choices(layer)
+            self.cluster_col.reset_choices()
+
+    def _cluster_choices(self, layer):
+        meta = layer.metadata.get(PLUGIN_KEY, {})
+        # a deconvolution's dominant type can serve as the cluster column
+        self._obs_columns = list(self._file_columns) + [
+            f"{keys.dominant_type(rec.key)} ({name})"
+            for name, rec in self.session.results.items()
+            if rec.adata.n_obs == meta.get("n_spots")
+        ]
 
     def _on_slide(self, layer):
         if layer is None:
@@ -158,11 +174,8 @@ class TrainDock(Container):
             adata = slide_adata(layer)
             obs, self._layers = adata.obs, ["X"] + list(adata.layers.keys())
         if path:
-            self._obs_columns = [c for c in obs.columns if not pd.api.types.is_float_dtype(obs[c])]
-        # a deconvolution's dominant type can serve as the cluster column
-        for name, rec in self.session.results.items():
-            if rec.adata.n_obs == meta.get("n_spots"):
-                self._obs_columns.append(f"{keys.dominant_type(rec.key)} ({name})")
+            self._file_columns = [c for c in obs.columns if not pd.api.types.is_float_dtype(obs[c])]
+        self._cluster_choices(layer)
         self.expression.reset_choices()
         self.cluster_col.reset_choices()
         for guess in ("cluster", "cell_type", "celltype", "leiden", "louvain"):
