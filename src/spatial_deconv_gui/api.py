@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,241 @@ def saved_results(spatial, slide_options: dict | None = None) -> list[RunOutput]
         )
         out.append(RunOutput(adata, result, None))
     return out
+
+
+# -- a consensus of several results -------------------------------------------------------------------------
+def result_keys(adata: ad.AnnData) -> list[str]:
+    """The keys of the deconvolution results an AnnData carries (a proportions slot with its run's uns entry)."""
+    found = []
+    for slot, props in adata.obsm.items():
+        key = slot.removesuffix(keys.PROPORTIONS_SUFFIX)
+        info = adata.uns.get(keys.run_info(key))
+        if key != slot and hasattr(props, "columns") and isinstance(info, dict) and "method" in info:
+            found.append(key)
+    return found
+
+
+def _label(source, index: int) -> str:
+    return Path(source).name if isinstance(source, (str, os.PathLike)) else f"result {index + 1}"
+
+
+def _pick_key(adata: ad.AnnData, wanted: str | None, label: str) -> str:
+    have = result_keys(adata)
+    if wanted is not None:
+        if wanted not in have:
+            raise InputError(
+                f"{label} has no result with key {wanted!r} (it has: {', '.join(have) or 'none'}).",
+                "pass --key with one of those keys (once for all inputs, or once per input).",
+                code="unknown_result_key",
+            )
+        return wanted
+    own = [k for k in have if k != keys.CONSENSUS] or have
+    if len(own) != 1:
+        raise InputError(
+            f"{label} holds {len(own)} results ({', '.join(own) or 'none'}): which one goes into the consensus?",
+            "pass --key KEY (once for all inputs, or once per input)." if own else "give the result files of runs.",
+            code="which_result" if own else "no_result",
+        )
+    return own[0]
+
+
+def _examples(names, n: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(map(str, names[:n]))
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _check_same_spots(labels: list[str], adatas: list[ad.AnnData]) -> None:
+    first = pd.Index(adatas[0].obs_names)
+    problems = []
+    for label, a in zip(labels, adatas):
+        if not pd.Index(a.obs_names).is_unique:
+            raise InputError(
+                f"{label} has duplicate spot names, so its spots cannot be matched with the other results'.",
+                "make the spot names unique (adata.obs_names_make_unique()) before the runs.",
+                code="duplicate_spots",
+            )
+    for label, a in zip(labels[1:], adatas[1:]):
+        names = pd.Index(a.obs_names)
+        missing, extra = first.difference(names, sort=False), names.difference(first, sort=False)
+        if len(missing) or len(extra):
+            line = f"{label} ({len(names)} spots) vs {labels[0]} ({len(first)} spots):"
+            if len(missing):
+                line += f" {len(missing)} of {labels[0]}'s spots missing (e.g. {_examples(missing)});"
+            if len(extra):
+                line += f" {len(extra)} spots not in {labels[0]} (e.g. {_examples(extra)});"
+            problems.append(line.rstrip(";"))
+    if problems:
+        raise InputError(
+            "the results are not of the same slide: their spot names differ. " + " ".join(problems),
+            "combine results of runs on one slide (the same spots).",
+            code="different_slides",
+        )
+
+
+def _shared_types(labels: list[str], types: list[list[str]], align: bool) -> tuple[list[str], list[str]]:
+    """The types of the consensus (the first result's order) and the types left out (only with ``align``)."""
+    shared = [t for t in types[0] if all(t in ts for ts in types[1:])]
+    dropped = sorted({t for ts in types for t in ts} - set(shared))
+    if not dropped:
+        return shared, []
+    if not align:
+        lines = [f"{label}: {', '.join(t for t in ts if t not in shared)}" for label, ts in zip(labels, types)]
+        lines = [line for line, ts in zip(lines, types) if set(ts) - set(shared)]
+        raise InputError(
+            "the results have different cell types. Types not in every result: "
+            + "; ".join(lines)
+            + f". Shared by all ({len(shared)}): {', '.join(shared) or 'none'}.",
+            "run the methods with one reference, or pass --align-types (align_types=True) to combine the shared "
+            "types only (each result's rows renormalised over them).",
+            code="different_cell_types",
+        )
+    if len(shared) < 2:
+        raise InputError(
+            f"the results share {len(shared)} cell type(s) ({', '.join(shared) or 'none'}): nothing to combine.",
+            "combine results that were run with the same reference.",
+            code="different_cell_types",
+        )
+    return shared, dropped
+
+
+def consensus(
+    results,
+    *,
+    key: list[str] | str | None = None,
+    names: list[str] | None = None,
+    align_types: bool = False,
+    weighting: str = "auto",
+) -> RunOutput:
+    """A consensus of two or more results of one slide (AnnDatas or result files, each holding the result named by
+    ``key`` — one key for all, or one per input — or a single result).
+
+    Returns a copy of the first input holding ``obsm['consensus_proportions']`` (per spot and type the
+    inverse-variance weighted mean of the methods' proportions when every result has its 90 % interval, else their
+    mean; rows renormalised), ``obs['consensus_agreement']`` (1 − mean pairwise total-variation distance, in
+    [0, 1], higher = more agreement), ``uns['consensus_type_agreement']`` (per type: agreement, mean absolute
+    difference, mean correlation, mean consensus proportion) and the run's ``uns['consensus']`` entry (inputs,
+    weighting, dropped types). See :mod:`.engines.consensus`. Inputs are not modified.
+
+    Results of different slides (spot names), or with different cell types unless ``align_types``, are an
+    :class:`InputError` naming the difference.
+    """
+    from .engines import consensus as engine
+
+    results = list(results)
+    if len(results) < 2:
+        raise InputError(
+            f"a consensus needs two or more results; got {len(results)}.",
+            "give two or more result files of the same slide (e.g. an RCTD and a FlashDeconv run).",
+            code="one_result",
+        )
+    if weighting not in engine.WEIGHTINGS:
+        raise InputError(
+            f"unknown weighting {weighting!r}.", f"use one of {', '.join(engine.WEIGHTINGS)}.", code="bad_weighting"
+        )
+    if isinstance(key, str) or key is None:
+        wanted = [key] * len(results)
+    else:
+        wanted = list(key)
+        if len(wanted) == 1:
+            wanted *= len(results)
+        if len(wanted) != len(results):
+            raise InputError(
+                f"{len(wanted)} keys for {len(results)} results.",
+                "pass --key once (for all inputs) or once per input, in the inputs' order.",
+                code="key_count",
+            )
+    labels = [_label(src, i) for i, src in enumerate(results)]
+    t0 = time.perf_counter()
+    adatas = [_as_adata(src) for src in results]
+    chosen = [_pick_key(a, k, label) for a, k, label in zip(adatas, wanted, labels)]
+    if names is None:
+        names = [f"{k} ({label})" if chosen.count(k) > 1 else k for k, label in zip(chosen, labels)]
+    # what the errors call each input: its file and key, or the name it was given
+    called = [
+        f"{label} ({k})" if isinstance(src, (str, os.PathLike)) else n
+        for src, label, k, n in zip(results, labels, chosen, names)
+    ]
+    _check_same_spots(called, adatas)
+    order = adatas[0].obs_names
+    types, dropped = _shared_types(
+        called, [list(map(str, a.obsm[keys.proportions(k)].columns)) for a, k in zip(adatas, chosen)], align_types
+    )
+    props, lower, upper = [], [], []
+    for a, k in zip(adatas, chosen):
+        p = a.obsm[keys.proportions(k)].set_axis(list(map(str, a.obsm[keys.proportions(k)].columns)), axis=1)
+        p = p.set_axis(a.obs_names, axis=0).loc[order, types]
+        scale = 1.0
+        if dropped:  # renormalised over the shared types; a row with none of them has no answer on them
+            total = p.sum(axis=1).to_numpy()[:, None]
+            scale = np.where(total > 0, total, np.nan)
+        props.append(p.to_numpy(dtype=float) / scale)
+        lo_slot, hi_slot = keys.proportions_lower(k), keys.proportions_upper(k)
+        if lo_slot in a.obsm and hi_slot in a.obsm:
+            bounds = []
+            for slot in (lo_slot, hi_slot):
+                b = a.obsm[slot].set_axis(list(map(str, a.obsm[slot].columns)), axis=1).set_axis(a.obs_names, axis=0)
+                bounds.append(np.clip(b.loc[order, types].to_numpy(dtype=float) / scale, 0.0, 1.0))
+            lower.append(bounds[0])
+            upper.append(bounds[1])
+        else:
+            lower.append(None)
+            upper.append(None)
+    if weighting == "intervals" and any(lo is None for lo in lower):
+        without = [n for n, lo in zip(names, lower) if lo is None]
+        raise InputError(
+            f"weighting by intervals needs every result's 90% interval; {', '.join(without)} has none.",
+            "run those methods with --uncertainty, or use --weighting auto / equal.",
+            code="no_intervals",
+        )
+    out = engine.consensus(props, types, lower, upper, weighting=weighting)
+    result = DeconvResult(
+        key=keys.CONSENSUS,
+        method=keys.CONSENSUS,
+        mode=out.weighting,
+        cell_types=types,
+        proportions=out.proportions,
+        params={
+            "inputs": names,
+            "files": labels,
+            "result_keys": chosen,
+            "weighting": out.weighting,
+            "min_width": engine.MIN_WIDTH,
+            "align_types": bool(align_types),
+            "dropped_types": dropped,
+        },
+        device="cpu",
+        runtime_s=time.perf_counter() - t0,
+        obs={keys.CONSENSUS_AGREEMENT: out.agreement},
+        uns={keys.CONSENSUS_TYPE_AGREEMENT: out.type_agreement},
+    )
+    notices = []
+    if dropped:
+        notices.append(f"cell types not in every result were left out: {', '.join(dropped)}.")
+    if out.weighting == "equal" and weighting == "auto":
+        without = [n for n, lo in zip(names, lower) if lo is None]
+        notices.append(f"equal weights: {', '.join(without)} carries no interval (run with --uncertainty).")
+    unfitted = int(np.isnan(out.proportions).any(axis=1).sum())
+    if unfitted:
+        notices.append(f"{unfitted} spot(s) fitted by no result are NaN rows.")
+    combined = attach_result(adatas[0], result)
+    _carry_results(combined, adatas[1:], chosen[1:])
+    return RunOutput(combined, result, None, notices)
+
+
+def _carry_results(target: ad.AnnData, sources: list[ad.AnnData], chosen: list[str]) -> None:
+    """Put the other inputs' results (proportions, intervals, dominant type, run entry) beside the first's, so the
+    consensus file shows every method it combined; a key the target already has is left as it is."""
+    for a, k in zip(sources, chosen):
+        if keys.proportions(k) in target.obsm:
+            continue
+        for slot in (keys.proportions(k), keys.proportions_lower(k), keys.proportions_upper(k)):
+            if slot in a.obsm:
+                target.obsm[slot] = a.obsm[slot].set_axis(a.obs_names, axis=0).loc[target.obs_names]
+        column = keys.dominant_type(k)
+        if column in a.obs:
+            target.obs[column] = a.obs[column].loc[target.obs_names].to_numpy()
+            target.obs[column] = target.obs[column].astype(a.obs[column].dtype)
+            if keys.colors(column) in a.uns:
+                target.uns[keys.colors(column)] = a.uns[keys.colors(column)]
+        target.uns[keys.run_info(k)] = a.uns[keys.run_info(k)]

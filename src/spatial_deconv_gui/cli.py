@@ -1,4 +1,4 @@
-"""`spatial-deconv`: info, validate, run and demo from the shell."""
+"""`spatial-deconv`: info, validate, run, consensus and demo from the shell."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from . import keys
 from .engines.base import Cancelled
@@ -61,6 +63,38 @@ def _base_parser() -> argparse.ArgumentParser:
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    cons = sub.add_parser(
+        "consensus",
+        help="combine two or more results of one slide into a consensus with a per-spot agreement",
+        description="Writes obsm['consensus_proportions'] (per spot and type the inverse-variance weighted mean of "
+        "the results' proportions when every result has its 90%% interval, else their mean; rows renormalised), "
+        "obs['consensus_agreement'] (1 - mean pairwise total-variation distance, in [0, 1]) and "
+        "uns['consensus_type_agreement'] (per cell type) into a copy of the first input.",
+    )
+    cons.add_argument("results", nargs="+", help="result files (.h5ad) of runs on the same slide")
+    cons.add_argument("--output", "-o", required=True, help="the consensus .h5ad")
+    cons.add_argument(
+        "--key",
+        action="append",
+        default=None,
+        help="the result to take from each file (e.g. rctd), when a file holds several: once for all inputs, or "
+        "once per input in their order",
+    )
+    cons.add_argument(
+        "--align-types",
+        action="store_true",
+        help="combine the cell types every result has (each result renormalised over them) instead of refusing "
+        "results with different types",
+    )
+    cons.add_argument(
+        "--weighting",
+        default="auto",
+        choices=["auto", "intervals", "equal"],
+        help="auto: inverse-variance weights from the 90%% intervals when every result has them, else equal",
+    )
+    cons.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    cons.add_argument("--quiet", "-q", action="store_true", help="no notices")
 
     from .perturb_cli import add_perturb_parser
 
@@ -234,6 +268,37 @@ def _cmd_run(args, extra: list[str]) -> int:
     return EXIT_OK
 
 
+def _cmd_consensus(args) -> int:
+    from . import api
+
+    out_path = api.check_output(Path(args.output), *args.results)
+    run = api.consensus(args.results, key=args.key, align_types=args.align_types, weighting=args.weighting)
+    api.save_result(run.adata, out_path, protect=tuple(args.results))
+    agreement = run.adata.obs[keys.CONSENSUS_AGREEMENT].to_numpy(dtype=float)
+    summary = {
+        "output": str(out_path),
+        "inputs": list(run.result.params["inputs"]),
+        "weighting": run.result.params["weighting"],
+        "cell_types": list(run.result.cell_types),
+        "dropped_types": list(run.result.params["dropped_types"]),
+        "n_spots": int(run.adata.n_obs),
+        "median_agreement": round(float(np.nanmedian(agreement)), 4) if np.isfinite(agreement).any() else None,
+        "type_agreement": run.adata.uns[keys.CONSENSUS_TYPE_AGREEMENT]["agreement"].round(4).to_dict(),
+        "notices": run.notices,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif not args.quiet:
+        for notice in run.notices:
+            print(f"notice: {notice}", file=sys.stderr)
+        print(
+            f"consensus of {', '.join(summary['inputs'])} ({summary['weighting']} weights): median agreement "
+            f"{summary['median_agreement']}; wrote {out_path}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 def default_output(spatial: Path, method: str) -> Path:
     """``<slide>_<method>.h5ad`` beside the input; a Space Ranger ``outs/`` is named after its run folder."""
     spatial = spatial.resolve()
@@ -264,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "run":
             return _cmd_run(args, extra)
+        if args.command == "consensus":
+            return _cmd_consensus(args)
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "perturb":

@@ -34,6 +34,12 @@ STOP_REASON = "stop_reason"  # "converged" (early stopping), "cap" (max epochs),
 EPOCHS_RUN = "epochs_run"  # spatial-model epochs actually trained
 STOPPED_EARLY_BY_USER = "stopped_early_by_user"  # True when the user ended training and kept that answer
 
+# -- a consensus of several results (``spatial-deconv consensus``): stored as a result of key CONSENSUS, so
+# ``proportions(CONSENSUS)`` is obsm['consensus_proportions'] and ``run_info(CONSENSUS)`` its uns entry
+CONSENSUS = "consensus"
+CONSENSUS_AGREEMENT = "consensus_agreement"  # obs: 1 - mean pairwise total-variation distance, in [0, 1]
+CONSENSUS_TYPE_AGREEMENT = "consensus_type_agreement"  # uns: a table, one row per cell type
+
 
 def proportions(key: str) -> str:
     """obsm: spots x cell types, rows sum to 1, NaN rows for filtered spots."""
