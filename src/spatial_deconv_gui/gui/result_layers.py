@@ -20,7 +20,16 @@ from ..io.write import atomic_path, write_text_atomic
 from .docks import RESULT_DOCKS, open_docks
 from .layers import PLUGIN_KEY, add_spot_layer, napari_points, set_spot_colors, slide_coords_yx
 from .session import ResultRecord, session_for
-from .views import SPOT_CLASS_COLORS, colormap_rgba, compare_proportions, expression_rgba
+from .views import (
+    AGREEMENT_CMAP,
+    SPOT_CLASS_COLORS,
+    UNCERTAIN_RGBA,
+    WIDTH_CMAP,
+    WIDTH_MAX,
+    colormap_rgba,
+    compare_proportions,
+    expression_rgba,
+)
 
 
 def add_result_steps(viewer, run, coords_xy: np.ndarray, size: float, name=None, source=None, raster=None):
@@ -78,7 +87,7 @@ def _add_layers(viewer, rec: ResultRecord):
     rec.layers["proportions"] = add_spot_layer(
         viewer,
         rec.coords_yx,
-        rgba=colormap_rgba(props[first].to_numpy()),
+        rgba=proportion_rgba(rec, first, "viridis", session_for(viewer).width_threshold),
         name=f"{rec.name}: proportion",
         metadata={**_meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"},
         features=feats,
@@ -86,6 +95,31 @@ def _add_layers(viewer, rec: ResultRecord):
         **common,
     )
     yield
+    if rec.interval_widths is not None:
+        widths = rec.interval_widths[first].to_numpy()
+        rec.layers["interval_width"] = add_spot_layer(
+            viewer,
+            rec.coords_yx,
+            rgba=colormap_rgba(widths, WIDTH_CMAP, 0.0, WIDTH_MAX),
+            name=f"{rec.name}: 90% interval width",
+            metadata={**_meta(rec, "interval_width"), "cell_type": first, "values": widths, "colormap": WIDTH_CMAP},
+            features=None if feats is None else pd.DataFrame({"interval_width": widths}),
+            visible=False,
+            **common,
+        )
+        yield
+    if rec.agreement is not None:
+        rec.layers["agreement"] = add_spot_layer(
+            viewer,
+            rec.coords_yx,
+            rgba=colormap_rgba(rec.agreement, AGREEMENT_CMAP, 0.0, 1.0),
+            name=f"{rec.name}: agreement",
+            metadata={**_meta(rec, "agreement"), "values": rec.agreement, "colormap": AGREEMENT_CMAP},
+            features=None if feats is None else pd.DataFrame({"agreement": rec.agreement}),
+            visible=False,
+            **common,
+        )
+        yield
     cls_col = keys.spot_class(rec.key)
     if cls_col in rec.adata.obs:
         classes = rec.adata.obs[cls_col].astype(str).to_numpy()
@@ -118,11 +152,63 @@ def set_hidden(rec: ResultRecord, hidden: set[str]):
     set_spot_colors(rec.layers["dominant"], rgba_for_labels(rec.dominant, rec.palette, rec.hidden))
 
 
-def show_proportion(rec: ResultRecord, cell_type: str, cmap: str = "viridis"):
+def uncertain_spots(rec: ResultRecord, cell_type: str, threshold: float | None) -> np.ndarray:
+    """Spots whose 90 % interval for ``cell_type`` is wider than ``threshold`` (none without an interval)."""
+    if threshold is None or rec.interval_widths is None:
+        return np.zeros(len(rec.proportions), dtype=bool)
+    return np.nan_to_num(rec.interval_widths[cell_type].to_numpy(), nan=0.0) > threshold
+
+
+def proportion_rgba(rec: ResultRecord, cell_type: str, cmap: str, threshold: float | None) -> np.ndarray:
+    """The proportion map's colours, spots with an interval wider than ``threshold`` greyed out."""
+    rgba = colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap)
+    rgba[uncertain_spots(rec, cell_type, threshold)] = UNCERTAIN_RGBA
+    return rgba
+
+
+def show_proportion(rec: ResultRecord, cell_type: str, cmap: str = "viridis", threshold: float | None = None):
+    """Colour the proportion layer by ``cell_type``, and the interval-width layer (if any) by the same type."""
     layer = rec.layers["proportions"]
-    set_spot_colors(layer, colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap))
-    layer.metadata.update(cell_type=cell_type, colormap=cmap)
+    set_spot_colors(layer, proportion_rgba(rec, cell_type, cmap, threshold))
+    layer.metadata.update(cell_type=cell_type, colormap=cmap, width_threshold=threshold)
     layer.name = f"{rec.name}: proportion"
+    width_layer = rec.layers.get("interval_width")
+    if width_layer is not None and rec.interval_widths is not None:
+        widths = rec.interval_widths[cell_type].to_numpy()
+        set_spot_colors(width_layer, colormap_rgba(widths, WIDTH_CMAP, 0.0, WIDTH_MAX))
+        if rec.raster is None:
+            width_layer.features = pd.DataFrame({"interval_width": widths})
+        width_layer.metadata.update(cell_type=cell_type, values=widths)
+        width_layer.name = f"{rec.name}: 90% interval width of {cell_type}"
+
+
+def grey_uncertain_spots(viewer, threshold: float | None):
+    """Apply the width threshold to every result's proportion layer, each showing the type it shows."""
+    for rec in session_for(viewer).results.values():
+        layer = rec.layers.get("proportions")
+        if layer is None or layer not in viewer.layers:
+            continue
+        show_proportion(rec, layer.metadata["cell_type"], layer.metadata["colormap"], threshold)
+
+
+# -- a consensus of results --------------------------------------------------------------------------------
+def consensus_of(records: list[ResultRecord], align_types: bool = False):
+    """The consensus of results on one slide (``api.consensus``), named by their result names."""
+    return api.consensus(
+        [r.adata for r in records],
+        key=[r.key for r in records],
+        names=[r.name for r in records],
+        align_types=align_types,
+    )
+
+
+def add_consensus_steps(viewer, run, over: ResultRecord, name: str | None = None):
+    """A consensus's layers over the spots of ``over`` (one of the results it combines)."""
+    session = session_for(viewer)
+    name = name or session.unique_result_name("consensus")
+    return add_result_steps(
+        viewer, run, over.coords_yx[:, ::-1], over.size, name=name, source=dict(over.source), raster=over.raster
+    )
 
 
 # -- expression within a cell type (DestVI) --------------------------------------------------------------

@@ -66,6 +66,26 @@ class ResultRecord:
     def dominant(self) -> np.ndarray:
         return self.adata.obs[keys.dominant_type(self.key)].astype(str).to_numpy()
 
+    @property
+    def interval(self) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+        """The run's nominal 90 % interval (lower, upper), columns as the proportions; None without one."""
+        lower, upper = keys.proportions_lower(self.key), keys.proportions_upper(self.key)
+        if lower not in self.adata.obsm or upper not in self.adata.obsm:
+            return None
+        return self.adata.obsm[lower][self.cell_types], self.adata.obsm[upper][self.cell_types]
+
+    @functools.cached_property
+    def interval_widths(self) -> pd.DataFrame | None:
+        """Upper minus lower end of each spot's interval per type (NaN for filtered spots); None without one."""
+        interval = self.interval
+        return None if interval is None else interval[1] - interval[0]
+
+    @property
+    def agreement(self) -> np.ndarray | None:
+        """A consensus's per-spot agreement between its methods; None for other results."""
+        column = keys.CONSENSUS_AGREEMENT
+        return self.adata.obs[column].to_numpy(dtype=float) if column in self.adata.obs else None
+
 
 @dataclass
 class Perturbation:
@@ -100,6 +120,7 @@ class Session:
     perturbation_added = Signal(str)  # a knockout run's name, once its layers are on the canvas
     perturbation_selected = Signal(str)  # the knockout run shown (its layers visible, its summary drawn)
     cell_picked = Signal(int)  # a cell of the perturbation model, clicked on the canvas
+    width_threshold_changed = Signal(object)  # grey out spots whose 90% interval is wider (None: none greyed)
 
     def __init__(self, viewer):
         self.viewer = viewer
@@ -115,6 +136,7 @@ class Session:
         self.cell: int | None = None  # the model's cell last clicked
         self.saved_results_read: set = set()  # ids of slide layers already searched for saved results
         self.jobs: dict = {}  # JobRunners of the session's own background work, by what they do
+        self.width_threshold: float | None = None
         layers = getattr(viewer, "layers", None)
         if layers is not None:
             layers.events.inserted.connect(self._on_layers)
@@ -159,6 +181,14 @@ class Session:
             if name in self.results:
                 return self.results[name]
         return self.result()
+
+    def set_width_threshold(self, threshold: float | None):
+        """Spots whose interval for the shown type is wider than ``threshold`` are greyed out on every proportion
+        layer; None (or 1, no interval is wider) greys none."""
+        threshold = None if threshold is None or threshold >= 1.0 else float(threshold)
+        if threshold != self.width_threshold:
+            self.width_threshold = threshold
+            self.width_threshold_changed.emit(threshold)
 
     def pick_spot(self, name: str, index: int):
         self.spot = (name, index)

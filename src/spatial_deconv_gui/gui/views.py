@@ -20,6 +20,10 @@ SPOT_CLASS_COLORS = {
 }
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
 PENDING_RGBA = np.array([0.35, 0.35, 0.35, 0.6], dtype=np.float32)
+# a spot whose interval is wider than the threshold: light grey and faint, apart from filtered spots' solid grey
+UNCERTAIN_RGBA = np.array([0.8, 0.8, 0.8, 0.25], dtype=np.float32)
+WIDTH_CMAP, WIDTH_MAX = "magma", 0.5  # interval-width layers: 0 to 0.5 (wider is clipped: too wide to use anyway)
+AGREEMENT_CMAP = "RdYlGn"  # red: the methods disagree, green: they agree
 
 
 def colormap_rgba(values: np.ndarray, cmap: str = "viridis", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The Deconvolution dock: pick a slide and a reference, check them, run a method; finished batches colour the
-slide as they stream in, and the finished run becomes result layers in the session."""
+slide as they stream in, and the finished run becomes result layers in the session. One click also runs several
+chosen methods one after the other and combines them into a consensus (each with intervals where it gives them)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ from magicgui.widgets import (
     LineEdit,
     ProgressBar,
     PushButton,
+    Select,
     SpinBox,
 )
 from matplotlib.colors import to_rgba
 
-from ... import api
+from ... import api, keys
 from ...colors import cell_type_palette
 from ..jobs import JobRunner, leave_a_core
 from ..layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, spot_colors
 from ..notify import notify_info, status_label
-from ..result_layers import add_result_of_slide
+from ..result_layers import add_consensus_steps, add_result_of_slide
 from ..session import session_for
 from ..views import PENDING_RGBA
 
@@ -96,6 +98,15 @@ class DeconvolutionDock(Container):
             tooltip="Also write each spot's nominal 90% interval per cell type (obsm <key>_proportions_q05 / _q95): "
             "RCTD from the curvature of its likelihood, FlashDeconv by a gene bootstrap.",
         )
+        real_methods = [m for m in methods if m != NO_METHOD]
+        self.consensus_methods = Select(
+            label="consensus of",
+            choices=real_methods,
+            value=[],
+            tooltip="Methods run one after the other (the shown method with the options below, the others with "
+            "their defaults; intervals where a method gives them), then combined into a consensus.",
+        )
+        self.consensus_btn = PushButton(text="Run these -> consensus", enabled=bool(real_methods))
         self.params_box = Container(labels=True, layout="vertical")
         self.params_box.margins = (0, 0, 0, 0)
         self.validate_btn = PushButton(text="Check inputs")
@@ -122,6 +133,8 @@ class DeconvolutionDock(Container):
                 self.params_box,
                 self.validate_btn,
                 self.run_btn,
+                self.consensus_methods,
+                self.consensus_btn,
                 self.cancel_btn,
                 self.stop_btn,
                 self.progress,
@@ -137,6 +150,7 @@ class DeconvolutionDock(Container):
         self.method.changed.connect(self._on_method)
         self.validate_btn.clicked.connect(self.check_inputs_in_background)
         self.run_btn.clicked.connect(self.run)
+        self.consensus_btn.clicked.connect(self.run_consensus)
         self.cancel_btn.clicked.connect(self.cancel)
         self.stop_btn.clicked.connect(self.stop_and_keep)
         self.session.slides_changed.connect(self._refresh_layers)
@@ -304,6 +318,77 @@ class DeconvolutionDock(Container):
             message="checking inputs",
         )
 
+    def run_consensus(self):
+        """Run the methods chosen in ``consensus_methods`` one after the other on this slide, then their consensus;
+        one job of the dock's runner (progress per method, Cancel between and within runs)."""
+        if self.jobs.busy:
+            return
+        methods = list(self.consensus_methods.value or [])
+        if len(methods) < 2:
+            self._show_problems(["pick two or more methods for a consensus"])
+            return
+        paths = self._input_paths()
+        if not paths:
+            return
+        self._show_problems([])
+        spatial, reference, cell_type_col, slide_options = paths
+        shown, shown_params, device = self.method.value, self.method_params(), self.device.value
+        with_intervals = set(api.methods_with_intervals())
+        slide = self.slide.value
+        source = {"inputs": (spatial, reference), "slide_options": slide_options}
+
+        def work(control):
+            leave_a_core()
+            runs = []
+            for i, method in enumerate(methods):
+                control.check_cancel()
+                step = f"{method} ({i + 1}/{len(methods)})"
+                runs.append(
+                    api.run_deconvolution(
+                        spatial,
+                        reference,
+                        method,
+                        params=shown_params if method == shown else {},
+                        cell_type_col=cell_type_col,
+                        device=device,
+                        progress=lambda ev, step=step: control.report(f"{step} {ev.stage}", ev.fraction, ev.message),
+                        cancel_event=control.cancel_event,
+                        uncertainty=method in with_intervals,
+                        check=True,
+                        slide_options=slide_options,
+                    )
+                )
+            control.check_cancel()
+            control.report("consensus", 0.0)
+            names = [run.result.key for run in runs]
+            combined = api.consensus([r.adata for r in runs], key=[r.result.key for r in runs], names=names)
+            return runs, combined
+
+        self.jobs.start(
+            work,
+            lambda outcome: self.show_consensus(*outcome, slide, source),
+            on_error=self._on_error,
+            cancelled_message="cancelled: no result kept",
+            message=f"running {', '.join(methods)} for a consensus",
+        )
+
+    def show_consensus(self, runs, combined, slide, source: dict):
+        """Each method's layers, then the consensus's over the first one's spots (steps for the runner)."""
+        first = None
+        for run in runs:
+            rec = yield from add_result_of_slide(self.viewer, run, slide, source=source)
+            first = first or rec
+        yield from add_consensus_steps(self.viewer, combined, first)
+        slide.visible = False
+        self.last_run = combined
+        self.progress.value = 1000
+        median = float(np.nanmedian(combined.adata.obs[keys.CONSENSUS_AGREEMENT].to_numpy(dtype=float)))
+        self.status.value = (
+            f"consensus of {', '.join(combined.result.params['inputs'])} "
+            f"({combined.result.params['weighting']} weights): median agreement {median:.3f}"
+            + "".join(f"\nnote: {n}" for n in dict.fromkeys(n for r in (*runs, combined) for n in r.notices))
+        )
+
     def cancel(self):
         if self.jobs.busy:
             self.jobs.cancel()
@@ -321,6 +406,7 @@ class DeconvolutionDock(Container):
 
     def _set_running(self, running: bool):
         self.run_btn.enabled = not running
+        self.consensus_btn.enabled = not running
         self.cancel_btn.enabled = running
         self.stop_btn.enabled = running and api.trains_iteratively(self.method.value)
         self.validate_btn.enabled = not running

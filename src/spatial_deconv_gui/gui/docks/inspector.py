@@ -1,5 +1,5 @@
 """The Spot inspector dock: the composition of the spot under the mouse (click, or hover) as a bar chart, with
-the method's scores."""
+the method's scores, and each type's 90% interval when the run has one."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class InspectorDock(QWidget):
         lay.addWidget(self.canvas)
         lay.addWidget(self.text)
         self.shown: dict[str, float] = {}
+        self.intervals: dict[str, tuple[float, float]] = {}  # the shown spot's 90% interval per type
         self.session.spot_picked.connect(self._on_picked)
         napari_viewer.mouse_drag_callbacks.append(self._on_click)
         napari_viewer.mouse_move_callbacks.append(self._on_hover)
@@ -69,6 +70,9 @@ class InspectorDock(QWidget):
         self.current = (rec.name, idx)
         row = rec.proportions.iloc[idx]
         barcode = str(rec.adata.obs_names[idx])
+        interval = None
+        if rec.interval is not None:
+            interval = (rec.interval[0].iloc[idx], rec.interval[1].iloc[idx])
         self.figure.clear()
         ax = self.figure.add_subplot(111)
         if row.isna().any():
@@ -78,7 +82,11 @@ class InspectorDock(QWidget):
         else:
             nz = row[row > 1e-3].sort_values()
             self.shown = {str(k): float(v) for k, v in nz.items()}
-            ax.barh(list(nz.index), nz.to_numpy(), color=[rec.palette[t] for t in nz.index])
+            xerr = None
+            if interval is not None:  # the 90% interval as an error bar around each bar
+                lo, hi = interval[0].loc[nz.index].to_numpy(), interval[1].loc[nz.index].to_numpy()
+                xerr = np.vstack([np.clip(nz.to_numpy() - lo, 0, None), np.clip(hi - nz.to_numpy(), 0, None)])
+            ax.barh(list(nz.index), nz.to_numpy(), color=[rec.palette[t] for t in nz.index], xerr=xerr, capsize=2)
             ax.set_xlim(0, 1)
             ax.set_xlabel("proportion")
             ax.tick_params(labelsize=8)
@@ -89,6 +97,14 @@ class InspectorDock(QWidget):
         score_columns += [c for c in (keys.NUMI,) if c in obs.index]
         parts = [f"<b>{barcode}</b> ({rec.name})", f"dominant: {rec.dominant[idx]}"]
         parts += [f"{k.removeprefix(rec.key + '_')}: {_fmt(obs[k])}" for k in score_columns]
+        self.intervals = {}
+        if interval is not None and not row.isna().any():
+            self.intervals = {str(t): (float(interval[0][t]), float(interval[1][t])) for t in rec.cell_types}
+            parts.append("90% intervals:")
+            parts += [
+                f"{t}: {row[t]:.2f} [{lo:.2f}, {hi:.2f}]"
+                for t, (lo, hi) in sorted(self.intervals.items(), key=lambda kv: -row[kv[0]])
+            ]
         self.text.setText("<br>".join(parts))
 
 

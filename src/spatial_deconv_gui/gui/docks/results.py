@@ -1,17 +1,30 @@
-"""The Results dock: pick a result, colour its proportion layer by one cell type, compare two results, save; for
-DestVI results, paint a gene's expression within a cell type (the imputation panel)."""
+"""The Results dock: pick a result, colour its proportion layer by one cell type, grey out spots whose 90% interval
+is wider than a threshold (on every result's proportion layer), compare two results, combine two or more into a
+consensus, save; for DestVI results, paint a gene's expression within a cell type (the imputation panel)."""
 
 from __future__ import annotations
 
-from magicgui.widgets import ComboBox, Container, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, Select
 from qtpy.QtWidgets import QFileDialog
 
+from ... import keys
 from ..colorbar import add_colorbar, draw_colorbar
-from ..notify import notify_error, notify_info
-from ..result_layers import compare_results, export_csv, result_suffix, save_figure, save_result, show_proportion
+from ..jobs import JobRunner
+from ..notify import notify_error, notify_info, status_label
+from ..result_layers import (
+    add_consensus_steps,
+    compare_results,
+    consensus_of,
+    export_csv,
+    grey_uncertain_spots,
+    result_suffix,
+    save_figure,
+    save_result,
+    show_proportion,
+)
 from ..saved import adopt_saved_results
 from ..session import session_for
-from ..views import COLORMAPS
+from ..views import AGREEMENT_CMAP, COLORMAPS, WIDTH_CMAP, WIDTH_MAX
 from .imputation import ImputePanel
 
 
@@ -25,9 +38,27 @@ class ResultsDock(Container):
             label="proportion of", choices=self._types, tooltip="Colour the proportion layer by this cell type."
         )
         self.cmap = ComboBox(label="colormap", choices=COLORMAPS, value="viridis")
+        self.width_threshold = FloatSpinBox(
+            label="grey out interval >",
+            value=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            tooltip="Grey out, on every proportion layer, the spots whose 90% interval for the shown type is wider "
+            "than this (results run with intervals only); 1 greys none.",
+        )
         self.run_b = ComboBox(label="compare with", choices=lambda _w: list(session.results))
         self.compare_btn = PushButton(text="Compare")
         self.summary = Label(label="", value="")
+        self.combine = Select(
+            label="consensus of",
+            choices=lambda _w: list(session.results),
+            tooltip="Two or more results of one slide: their consensus (interval-weighted when every one has "
+            "intervals) and the methods' agreement per spot.",
+        )
+        self.align_types = CheckBox(text="use the shared cell types", value=False)
+        self.consensus_btn = PushButton(text="Consensus of the selected")
+        self.consensus_status = status_label("")
         self.save_btn = PushButton(text="Save result (.h5ad / .zarr)...")
         self.csv_btn = PushButton(text="Export proportions (.csv)...")
         self.fig_btn = PushButton(text="Save figure (.png)...")
@@ -36,21 +67,33 @@ class ResultsDock(Container):
                 self.run,
                 self.cell_type,
                 self.cmap,
+                self.width_threshold,
                 self.run_b,
                 self.compare_btn,
                 self.summary,
+                self.combine,
+                self.align_types,
+                self.consensus_btn,
+                self.consensus_status,
                 self.save_btn,
                 self.csv_btn,
                 self.fig_btn,
             ]
         )
         self.colorbar_fig, self.colorbar = add_colorbar(self)
+        # the selected result's interval width of the shown type, or a consensus's agreement
+        self.second_fig, self.second_colorbar = add_colorbar(self)
+        self.second_shown: str | None = None
+        self.jobs = JobRunner("Consensus", status=self.consensus_status)
         self.impute = ImputePanel(napari_viewer)
         self.native.layout().addWidget(self.impute.native)
         self.run.changed.connect(self._on_run)
         self.cell_type.changed.connect(self._apply)
         self.cmap.changed.connect(self._apply)
         self.compare_btn.clicked.connect(self._on_compare)
+        self.consensus_btn.clicked.connect(self.make_consensus)
+        self.width_threshold.changed.connect(lambda v: session.set_width_threshold(v))
+        session.width_threshold_changed.connect(lambda t: grey_uncertain_spots(napari_viewer, t))
         self.save_btn.clicked.connect(self._save_result)
         self.csv_btn.clicked.connect(lambda: self._ask_and(".csv", export_csv))
         self.fig_btn.clicked.connect(lambda: self._ask_and(".png", lambda rec, p: save_figure(self.viewer, rec, p)))
@@ -67,6 +110,7 @@ class ResultsDock(Container):
     def _on_added(self, name: str):
         self.run.reset_choices()
         self.run_b.reset_choices()
+        self.combine.reset_choices()
         if self.run.value != name:
             self.run.value = name  # -> _on_run, once
         else:
@@ -88,8 +132,44 @@ class ResultsDock(Container):
         rec = self.session.result(self.run.value)
         if rec is None or self.cell_type.value is None:
             return
-        show_proportion(rec, self.cell_type.value, self.cmap.value)
+        show_proportion(rec, self.cell_type.value, self.cmap.value, self.session.width_threshold)
         draw_colorbar(self.colorbar_fig, self.colorbar, f"proportion of {self.cell_type.value}", self.cmap.value)
+        self._draw_second_colorbar(rec)
+
+    def _draw_second_colorbar(self, rec):
+        if rec.agreement is not None:
+            self.second_shown = "methods' agreement (1 - mean total-variation distance)"
+            draw_colorbar(self.second_fig, self.second_colorbar, self.second_shown, AGREEMENT_CMAP)
+        elif rec.interval_widths is not None:
+            self.second_shown = f"90% interval width of {self.cell_type.value} (grey: > threshold)"
+            draw_colorbar(self.second_fig, self.second_colorbar, self.second_shown, WIDTH_CMAP, 0.0, WIDTH_MAX)
+        else:
+            self.second_shown = None
+            self.second_fig.clear()
+            self.second_colorbar.draw_idle()
+
+    # -- consensus -------------------------------------------------------------------------------------------
+    def make_consensus(self):
+        """The consensus of the results picked in ``combine``, computed in a worker; its layers join the session."""
+        names = list(self.combine.value or [])
+        if len(names) < 2:
+            self.consensus_status.value = "pick two or more results for a consensus"
+            return
+        records = [self.session.results[n] for n in names]
+        align = bool(self.align_types.value)
+        self.jobs.start(
+            lambda _control: consensus_of(records, align),
+            lambda run: self._show_consensus(run, records[0]),
+            message=f"combining {len(records)} results...",
+        )
+
+    def _show_consensus(self, run, over):
+        yield from add_consensus_steps(self.viewer, run, over)
+        median = run.adata.obs[keys.CONSENSUS_AGREEMENT].median()
+        self.consensus_status.value = (
+            f"consensus of {', '.join(run.result.params['inputs'])} ({run.result.params['weighting']} weights): "
+            f"median agreement {median:.3f}" + "".join(f"\nnote: {n}" for n in run.notices)
+        )
 
     def _on_compare(self):
         a, b = self.run.value, self.run_b.value

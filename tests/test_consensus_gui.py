@@ -1,0 +1,198 @@
+"""Intervals and consensus in napari: the interval-width layer, the inspector's intervals, the threshold that greys
+out uncertain spots on every proportion layer, the consensus and its agreement layer from the Results dock, and
+the Deconvolution dock's one-click run of several methods into a consensus."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spatial_deconv_gui import api, keys
+from spatial_deconv_gui.engines.base import DeconvResult
+from spatial_deconv_gui.gui.docks import find_dock, open_docks
+from spatial_deconv_gui.gui.result_layers import add_result
+from spatial_deconv_gui.gui.session import session_for
+from spatial_deconv_gui.gui.views import AGREEMENT_CMAP, UNCERTAIN_RGBA, WIDTH_CMAP, WIDTH_MAX, colormap_rgba
+from spatial_deconv_gui.io import attach_result
+
+PLUGIN = "spatial-deconv-gui"
+
+
+def _run_with_interval(spatial, types, key, seed, half_width):
+    """Proportions near the truth with an interval of ``half_width`` (per spot and type) around them."""
+    rng = np.random.default_rng(seed)
+    truth = spatial.obsm["true_proportions"].to_numpy()
+    props = np.clip(truth + rng.normal(0, 0.08, truth.shape), 0, None)
+    props /= props.sum(axis=1, keepdims=True)
+    index = spatial.obs_names
+    lower = pd.DataFrame(np.clip(props - half_width, 0, 1), index=index, columns=types)
+    upper = pd.DataFrame(np.clip(props + half_width, 0, 1), index=index, columns=types)
+    res = DeconvResult(
+        key,
+        key,
+        None,
+        types,
+        props,
+        {},
+        "cpu",
+        0.0,
+        obsm={keys.proportions_lower(key): lower, keys.proportions_upper(key): upper},
+    )
+    return api.RunOutput(attach_result(spatial, res), res, None)
+
+
+@pytest.fixture
+def two_results(make_napari_viewer, small_pair):
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    rng = np.random.default_rng(0)
+    n = spatial.n_obs
+    half_a = rng.uniform(0.01, 0.2, (n, len(types)))  # varies per spot: some spots wider than the threshold
+    half_b = rng.uniform(0.01, 0.2, (n, len(types)))
+    viewer = make_napari_viewer()
+    runs = {}
+    for name, key, seed, half in (("rctd #1", "rctd", 1, half_a), ("flash #1", "flash", 2, half_b)):
+        runs[name] = _run_with_interval(spatial, types, key, seed, half)
+        add_result(viewer, runs[name], spatial.obsm["spatial"], 100.0, name=name)
+    return viewer, runs, types
+
+
+def _widths(run):
+    key = run.result.key
+    return (run.adata.obsm[keys.proportions_upper(key)] - run.adata.obsm[keys.proportions_lower(key)]).to_numpy()
+
+
+def test_interval_width_layer_follows_the_shown_type(two_results):
+    viewer, runs, types = two_results
+    session = session_for(viewer)
+    rec = session.results["rctd #1"]
+    widths = _widths(runs["rctd #1"])
+    layer = rec.layers["interval_width"]
+    np.testing.assert_allclose(layer.metadata["values"], widths[:, 0])
+    np.testing.assert_allclose(layer.face_color, colormap_rgba(widths[:, 0], WIDTH_CMAP, 0.0, WIDTH_MAX), atol=1e-6)
+    results = find_dock(viewer, "Results")
+    results.run.value = "rctd #1"
+    results.cell_type.value = types[2]
+    np.testing.assert_allclose(layer.metadata["values"], widths[:, 2])
+    np.testing.assert_allclose(layer.features["interval_width"], widths[:, 2])
+    np.testing.assert_allclose(layer.face_color, colormap_rgba(widths[:, 2], WIDTH_CMAP, 0.0, WIDTH_MAX), atol=1e-6)
+    assert layer.name == f"rctd #1: 90% interval width of {types[2]}"
+    assert results.second_shown == f"90% interval width of {types[2]} (grey: > threshold)"
+
+
+def test_threshold_greys_uncertain_spots_on_every_proportion_layer(two_results):
+    viewer, runs, types = two_results
+    session = session_for(viewer)
+    results = find_dock(viewer, "Results")
+    results.run.value = "rctd #1"
+    results.cell_type.value = types[1]
+    results.run.value = "flash #1"
+    results.cell_type.value = types[0]
+    results.width_threshold.value = 0.2
+    assert session.width_threshold == pytest.approx(0.2)
+    for name, column in (("rctd #1", 1), ("flash #1", 0)):  # each layer greys by the type it shows
+        rec = session.results[name]
+        wide = _widths(runs[name])[:, column] > 0.2
+        assert 0 < wide.sum() < len(wide)
+        colours = np.asarray(rec.layers["proportions"].face_color)
+        np.testing.assert_allclose(colours[wide], np.tile(UNCERTAIN_RGBA, (wide.sum(), 1)), atol=1e-6)
+        expected = colormap_rgba(rec.proportions[types[column]].to_numpy(), "viridis")[~wide]
+        np.testing.assert_allclose(colours[~wide], expected, atol=1e-6)
+    results.width_threshold.value = 1.0  # off: no spot greyed
+    assert session.width_threshold is None
+    rec = session.results["rctd #1"]
+    np.testing.assert_allclose(
+        rec.layers["proportions"].face_color, colormap_rgba(rec.proportions[types[1]].to_numpy()), atol=1e-6
+    )
+
+
+def test_inspector_shows_each_types_interval(two_results):
+    viewer, runs, types = two_results
+    session = session_for(viewer)
+    [inspector] = open_docks(viewer, ["Spot inspector"])
+    rec = session.results["flash #1"]
+    idx = 7
+    inspector.show_spot(rec, idx)
+    key = "flash"
+    p = runs["flash #1"].adata.obsm[keys.proportions(key)].iloc[idx]
+    lo = runs["flash #1"].adata.obsm[keys.proportions_lower(key)].iloc[idx]
+    hi = runs["flash #1"].adata.obsm[keys.proportions_upper(key)].iloc[idx]
+    text = inspector.text.text()
+    assert "90% intervals:" in text
+    for t in types:
+        assert f"{t}: {p[t]:.2f} [{lo[t]:.2f}, {hi[t]:.2f}]" in text
+        assert inspector.intervals[t] == pytest.approx((lo[t], hi[t]))
+
+
+def test_consensus_from_the_results_dock_has_an_agreement_layer(two_results, qtbot):
+    viewer, runs, types = two_results
+    session = session_for(viewer)
+    results = find_dock(viewer, "Results")
+    results.combine.value = ["rctd #1", "flash #1"]
+    results.consensus_btn.native.click()
+    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    rec = session.results["consensus #1"]
+    assert rec.key == keys.CONSENSUS
+    pa, pb = (
+        runs[n].adata.obsm[keys.proportions(k)].to_numpy() for n, k in (("rctd #1", "rctd"), ("flash #1", "flash"))
+    )
+    wa, wb = (1 / np.maximum(_widths(runs[n]), 0.02) ** 2 for n in ("rctd #1", "flash #1"))
+    expected = (wa * pa + wb * pb) / (wa + wb)
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(rec.proportions.to_numpy(), expected)
+    agreement = 1 - 0.5 * np.abs(pa - pb).sum(axis=1)
+    layer = rec.layers["agreement"]
+    np.testing.assert_allclose(layer.features["agreement"], agreement)
+    np.testing.assert_allclose(layer.face_color, colormap_rgba(agreement, AGREEMENT_CMAP, 0.0, 1.0), atol=1e-6)
+    assert results.run.value == "consensus #1"
+    assert results.second_shown.startswith("methods' agreement")
+    assert (
+        "median agreement" in results.consensus_status.value and "intervals weights" in results.consensus_status.value
+    )
+    # one result is not a consensus
+    results.combine.value = ["rctd #1"]
+    results.consensus_btn.native.click()
+    assert results.consensus_status.value == "pick two or more results for a consensus"
+    assert len(session.results) == 3
+
+
+def test_one_click_runs_several_methods_into_a_consensus(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+    widget.method.value = "rctd"
+    widget.mode.value = "full"
+    widget.consensus_methods.value = ["rctd", "flash"]
+    stages = []
+    widget.jobs.progressed.connect(lambda e: stages.append(e.stage))
+    widget.consensus_btn.native.click()
+    assert widget.busy, widget.problems.value
+    qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
+    session = session_for(viewer)
+    assert list(session.results) == ["RCTD full #1", "flash #1", "consensus #1"], widget.status.value
+    assert any(s.startswith("rctd (1/2)") for s in stages) and any(s.startswith("flash (2/2)") for s in stages)
+    rctd, flash, cons = (session.results[n] for n in session.results)
+    assert rctd.interval is not None and flash.interval is not None  # both run with intervals
+    direct = api.consensus([rctd.adata, flash.adata], key=["rctd", "flash"])
+    np.testing.assert_allclose(cons.proportions.to_numpy(), direct.adata.obsm["consensus_proportions"].to_numpy())
+    assert cons.adata.uns[keys.run_info(keys.CONSENSUS)]["parameters"]["weighting"] == "intervals"
+    truth = cons.adata.obsm[keys.TRUE_PROPORTIONS][cons.cell_types].to_numpy()
+    err = 0.5 * np.abs(cons.proportions.to_numpy() - truth).sum(axis=1)
+    agreement = cons.agreement
+    low, high = np.quantile(agreement, [0.2, 0.8])
+    assert err[agreement <= low].mean() > err[agreement >= high].mean()
+    assert "median agreement" in widget.status.value
+
+
+def test_cancel_during_the_consensus_runs_keeps_nothing(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+    widget.consensus_methods.value = ["flash", "rctd"]
+    widget.consensus_btn.native.click()
+    assert widget.busy
+    widget.cancel_btn.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
+    assert not session_for(viewer).results
+    assert widget.status.value == "cancelled: no result kept"
