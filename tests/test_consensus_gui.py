@@ -150,6 +150,10 @@ def test_consensus_from_the_results_dock_has_an_agreement_layer(two_results, qtb
     assert (
         "median agreement" in results.consensus_status.value and "intervals weights" in results.consensus_status.value
     )
+    # the inspector gives a consensus spot's agreement
+    [inspector] = open_docks(viewer, ["Spot inspector"])
+    inspector.show_spot(rec, 3)
+    assert f"agreement: {agreement[3]:.4g}" in inspector.text.text()
     # one result is not a consensus
     results.combine.value = ["rctd #1"]
     results.consensus_btn.native.click()
@@ -196,3 +200,17 @@ def test_cancel_during_the_consensus_runs_keeps_nothing(make_napari_viewer, qtbo
     qtbot.waitUntil(lambda: not widget.busy, timeout=300_000)
     assert not session_for(viewer).results
     assert widget.status.value == "cancelled: no result kept"
+
+
+def test_consensus_of_results_on_different_slides_says_why(two_results, small_pair, qtbot):
+    viewer, runs, types = two_results
+    spatial = small_pair[0][:250].copy()
+    other = _run_with_interval(spatial, types, "c2l", 3, 0.05)
+    add_result(viewer, other, spatial.obsm["spatial"], 100.0, name="c2l #1")
+    results = find_dock(viewer, "Results")
+    results.combine.value = ["rctd #1", "c2l #1"]
+    results.consensus_btn.native.click()
+    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    assert "not of the same slide" in results.consensus_status.value
+    assert "c2l #1 (250 spots) vs rctd #1 (300 spots): 50 of rctd #1's spots missing" in results.consensus_status.value
+    assert "consensus #1" not in session_for(viewer).results

@@ -84,7 +84,8 @@ class ResultsDock(Container):
         # the selected result's interval width of the shown type, or a consensus's agreement
         self.second_fig, self.second_colorbar = add_colorbar(self)
         self.second_shown: str | None = None
-        self.jobs = JobRunner("Consensus", status=self.consensus_status)
+        # the runner writes no status of its own: a refused consensus keeps its reason in the status line
+        self.jobs = JobRunner("Consensus")
         self.impute = ImputePanel(napari_viewer)
         self.native.layout().addWidget(self.impute.native)
         self.run.changed.connect(self._on_run)
@@ -157,11 +158,15 @@ class ResultsDock(Container):
             return
         records = [self.session.results[n] for n in names]
         align = bool(self.align_types.value)
+        self.consensus_status.value = f"combining {len(records)} results..."
         self.jobs.start(
             lambda _control: consensus_of(records, align),
             lambda run: self._show_consensus(run, records[0]),
-            message=f"combining {len(records)} results...",
+            on_error=self._consensus_failed,
         )
+
+    def _consensus_failed(self, exc):
+        self.consensus_status.value = str(exc)
 
     def _show_consensus(self, run, over):
         yield from add_consensus_steps(self.viewer, run, over)
