@@ -214,3 +214,29 @@ def test_consensus_of_results_on_different_slides_says_why(two_results, small_pa
     assert "not of the same slide" in results.consensus_status.value
     assert "c2l #1 (250 spots) vs rctd #1 (300 spots): 50 of rctd #1's spots missing" in results.consensus_status.value
     assert "consensus #1" not in session_for(viewer).results
+
+
+def test_interval_layers_on_a_raster_slide(make_napari_viewer, small_pair):
+    """Past the points limit results are drawn as RGBA rasters: the width layer and the greying hold there too."""
+    from spatial_deconv_gui.gui.layers import napari_points, spot_colors
+    from spatial_deconv_gui.gui.raster import choose_pitch, make_raster
+
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    half = np.random.default_rng(4).uniform(0.01, 0.2, (spatial.n_obs, len(types)))
+    run = _run_with_interval(spatial, types, "rctd", 1, half)
+    yx = napari_points(spatial.obsm["spatial"])
+    raster = make_raster(yx, choose_pitch(yx, 100.0), spacing=100.0)
+    viewer = make_napari_viewer()
+    rec = add_result(viewer, run, spatial.obsm["spatial"], 100.0, name="rctd #1", raster=raster)
+    widths = _widths(run)
+    assert type(rec.layers["interval_width"]).__name__ == "Image"
+    expected = colormap_rgba(widths[:, 0], WIDTH_CMAP, 0.0, WIDTH_MAX)
+    np.testing.assert_allclose(spot_colors(rec.layers["interval_width"]), expected, atol=1 / 255)
+    session_for(viewer).set_width_threshold(0.25)
+    wide = widths[:, 0] > 0.25
+    assert 0 < wide.sum() < len(wide)
+    colours = spot_colors(rec.layers["proportions"])
+    np.testing.assert_allclose(colours[wide], np.tile(UNCERTAIN_RGBA, (wide.sum(), 1)), atol=1 / 255)
+    expected = colormap_rgba(rec.proportions[types[0]].to_numpy())[~wide]
+    np.testing.assert_allclose(colours[~wide], expected, atol=1 / 255)
