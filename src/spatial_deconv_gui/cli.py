@@ -67,10 +67,10 @@ def _base_parser() -> argparse.ArgumentParser:
     cons = sub.add_parser(
         "consensus",
         help="combine two or more results of one slide into a consensus with a per-spot agreement",
-        description="Writes obsm['consensus_proportions'] (per spot and type the inverse-variance weighted mean of "
-        "the results' proportions when every result has its 90%% interval, else their mean; rows renormalised), "
-        "obs['consensus_agreement'] (1 - mean pairwise total-variation distance, in [0, 1]) and "
-        "uns['consensus_type_agreement'] (per cell type) into a copy of the first input.",
+        description=f"Writes obsm['{keys.proportions(keys.CONSENSUS)}'] (per spot and type the inverse-variance "
+        "weighted mean of the results' proportions when every result has its 90% interval, else their mean; rows "
+        f"renormalised), obs['{keys.CONSENSUS_AGREEMENT}'] (1 - mean pairwise total-variation distance, in [0, 1]) "
+        f"and uns['{keys.CONSENSUS_TYPE_AGREEMENT}'] (per cell type) into a copy of the first input.",
     )
     cons.add_argument("results", nargs="+", help="result files (.h5ad) of runs on the same slide")
     cons.add_argument("--output", "-o", required=True, help="the consensus .h5ad")
