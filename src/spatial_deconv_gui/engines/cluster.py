@@ -272,6 +272,27 @@ def using(scheduler, n_workers: int | None = None) -> Iterator[Cluster | None]:
         yield cluster
 
 
+@contextlib.contextmanager
+def task_threads(n: int | None):
+    """numba's threads for one task (``None``: as they are). A Dask worker runs one task per thread, so a task
+    that also spread over every core would oversubscribe the machine; numba's setting is per thread, so this
+    touches no other task. (torch's threads follow OMP_NUM_THREADS, which Dask's nanny sets to 1.)"""
+    if n is None:
+        yield
+        return
+    import numba
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+TASK_THREADS = 1
+
+
 def ranges(n: int, size: int) -> list[tuple[int, int]]:
     """``[(lo, hi), ...]`` covering ``range(n)`` in pieces of ``size``: the same pieces whatever the number of
     workers, so that the answer does not depend on it."""

@@ -9,6 +9,7 @@ genome-wide a target is offered ~1,800 modulators for ~50 cells of a cluster and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -20,7 +21,7 @@ import pandas as pd
 
 from ... import keys
 from ..base import RunControl
-from ..cluster import PiecesFailed
+from ..cluster import TASK_THREADS, PiecesFailed
 from . import model_dir as md
 from .config import TrainConfig
 from .expression import FILTER_MIN, filtered
@@ -221,6 +222,14 @@ class ClusterFits:
     cluster_names: list
     n_cells: np.ndarray
     cfg: TrainConfig
+    task_threads: int | None = None  # solver threads per batch (set for Dask tasks; None: numba's count here)
+    split: int | None = None  # cut each batch as for this many threads: the submitting process's count
+
+
+def _threads_here() -> int:
+    import numba
+
+    return max(1, numba.get_num_threads())
 
 
 def fit_batch(batch: list[str], cols_of: list[np.ndarray], Y: np.ndarray, shared: ClusterFits) -> md.CoefStore:
@@ -231,7 +240,7 @@ def fit_batch(batch: list[str], cols_of: list[np.ndarray], Y: np.ndarray, shared
     from .solve import fit_cluster_targets
 
     cfg = shared.cfg
-    n_threads = max(1, numba.get_num_threads())
+    n_threads = shared.task_threads or max(1, numba.get_num_threads())
     n_features = shared.names_of_col.size
     C = len(shared.cluster_names)
     T = len(batch)
@@ -262,6 +271,7 @@ def fit_batch(batch: list[str], cols_of: list[np.ndarray], Y: np.ndarray, shared
             cfg.max_iter,
             cfg.tol,
             n_threads=n_threads,
+            split=shared.split,
         )
         coef = fit.coef
         resid = Yc - d.P @ coef.T
@@ -385,7 +395,9 @@ def _fit_targets(
             cluster.run(
                 fit_batch,
                 [piece(batch) for batch in batches],
-                shared=cluster.share(fits_shared),
+                shared=cluster.share(
+                    dataclasses.replace(fits_shared, task_threads=TASK_THREADS, split=_threads_here())
+                ),
                 on_result=lambda i, store: keep(batches[i], store),
                 control=control,
                 name="perturb-targets",

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..cluster import task_threads
 from .intervals import observed_information, pair_intervals, simplex_intervals
 from .likelihood import LikelihoodTable
 from .modes import SolverSettings, fit_doublet, fit_full, fit_multi
@@ -35,6 +36,7 @@ class PixelModel:
     uncertainty: bool
     interval_draws: int
     seed: int
+    task_threads: int | None = None  # numba threads per chunk (set for Dask tasks; None: the process's own)
 
     @property
     def n_types(self) -> int:
@@ -96,6 +98,11 @@ def output_arrays(model: PixelModel, n: int) -> dict[str, np.ndarray]:
 def fit_chunk(counts: sp.csr_matrix, numi: np.ndarray, model: PixelModel) -> dict[str, np.ndarray]:
     """Fit the chunk's spots (``counts``: spots x regression genes, ``numi``: their total UMI); returns the
     :func:`output_arrays` fields for them, ``props`` the proportions."""
+    with task_threads(model.task_threads):
+        return _fit_chunk(counts, numi, model)
+
+
+def _fit_chunk(counts: sp.csr_matrix, numi: np.ndarray, model: PixelModel) -> dict[str, np.ndarray]:
     P_t, ttable = _torch_parts(model)
     s = model.settings
     K = model.n_types

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -15,7 +16,7 @@ import torch
 from ... import keys
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
-from ..cluster import Cluster, PiecesFailed, ranges
+from ..cluster import TASK_THREADS, Cluster, PiecesFailed, ranges
 from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
 from .chunks import PixelModel, fit_chunk, output_arrays
 from .config import RCTDConfig, check_config
@@ -143,7 +144,7 @@ def _fit_on_cluster(cluster: Cluster, model, reg_counts, numi, fit_idx, batch, k
         cluster.run(
             fit_chunk,
             [(reg_counts[lo:hi], numi[lo:hi]) for lo, hi in chunks],
-            shared=cluster.share(model),
+            shared=cluster.share(dataclasses.replace(model, task_threads=TASK_THREADS)),
             on_result=arrived,
             control=control,
             name="rctd-spots",
