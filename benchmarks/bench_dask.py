@@ -7,6 +7,7 @@ scheduler started by hand, on real data; answers compared, wall and CPU time rec
 
     python benchmarks/bench_dask.py rctd --work /tmp/dask/bench --address tcp://127.0.0.1:8786
     python benchmarks/bench_dask.py train --work /tmp/dask/bench --address tcp://127.0.0.1:8786 [--n-targets 800]
+    python benchmarks/bench_dask.py compare-models /tmp/dask/bench/model_in-process /tmp/dask/bench/model_local
 
 ``rctd``: `spatial-deconv run` of the human lymph node Visium pair (1,000 spots x 2,000 genes, 11 types) in
 doublet mode, chunks of 100 spots (10 tasks). ``train``: `perturb train` of the olfactory-bulb slide (260 spots,
@@ -109,14 +110,44 @@ def bench_train(work: Path, address: str | None, n_targets: int) -> dict:
     return res
 
 
+def compare_models(a: Path, b: Path) -> dict:
+    """Coefficients, intercepts, r² and gates of two model folders, entry by entry."""
+    from spatial_deconv_gui.engines.perturb import model_dir as md
+
+    def entries(d: Path):
+        st = md.read_store(d, md.read_manifest(d))
+        names = st.mod_vocab[st.mod_code]
+        coefs = {
+            (st.targets[t], int(c), names[st.mod_ptr[t] + m]): v
+            for t, c, m, v in zip(st.nz_target, st.nz_cluster, st.nz_mod, st.nz_value)
+        }
+        order = np.argsort(st.targets)
+        return coefs, st.r2[order], st.intercept[order], st.gated[order]
+
+    (ca, ra, ia, ga), (cb, rb, ib, gb) = entries(a), entries(b)
+    keys = set(ca) | set(cb)
+    return {
+        "nonzero_coefficients": [len(ca), len(cb)],
+        "in_one_only": len(set(ca) ^ set(cb)),
+        "max_abs_diff_coefficient": max(abs(ca.get(k, 0.0) - cb.get(k, 0.0)) for k in keys),
+        "max_abs_diff_r2": float(np.nanmax(np.abs(ra - rb))),
+        "max_abs_diff_intercept": float(np.max(np.abs(ia - ib))),
+        "gates_differ": int((ga != gb).sum()),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["rctd", "train"])
+    p.add_argument("what", choices=["rctd", "train", "compare-models"])
+    p.add_argument("models", nargs="*", help="compare-models: two model folders")
     p.add_argument("--work", default="/tmp/dask/bench")
     p.add_argument("--address", default=None, help="a Dask scheduler started by hand")
     p.add_argument("--n-targets", type=int, default=800)
     args = p.parse_args()
     work = Path(args.work)
+    if args.what == "compare-models":
+        print(json.dumps(compare_models(*map(Path, args.models)), indent=2))
+        return
     load0 = load_average()
     res = bench_rctd(work, args.address) if args.what == "rctd" else bench_train(work, args.address, args.n_targets)
     res["load_start_end"] = [load0, load_average()]
