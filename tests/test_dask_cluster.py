@@ -178,6 +178,25 @@ def test_training_on_a_cluster_writes_the_in_process_shards(grn_tissue, tmp_path
     assert trained[-1].fraction == 1.0 and len({e.message.split(" ")[0] for e in trained[:-1]}) == len(here["targets"])
 
 
+def test_a_lost_batch_of_targets_is_named_and_training_again_fits_only_it(grn_tissue, tmp_path):
+    sim, grn, lr, cfg = grn_tissue
+    here = _train(sim, grn, lr, cfg, tmp_path / "here")
+    with pytest.raises(dc.PiecesFailed) as err:
+        _train(sim, grn, lr, cfg, tmp_path / "there", cluster=_DroppingCluster(lost=2))
+    per_batch = cfg.problems_per_batch // len(here["clusters"])
+    lost = here["targets"][2 * per_batch : 3 * per_batch]
+    assert err.value.what == lost and all(t in str(err.value) for t in lost)
+    kept = md.read_manifest(tmp_path / "there")
+    assert kept["status"] == "training" and len(kept[md.STORE_CHECKSUMS]) == len(here[md.STORE_CHECKSUMS]) - 1
+    assert md.finished_genes(tmp_path / "there", here["targets"]) == set(here["targets"]) - set(lost)
+    progress = []
+    again = _train(sim, grn, lr, cfg, tmp_path / "there", control=RunControl(progress.append, max_rate=0))
+    assert again["status"] == "complete"
+    assert sorted(again[md.STORE_CHECKSUMS].values()) == sorted(here[md.STORE_CHECKSUMS].values())
+    refitted = {e.message.split(" ")[0] for e in progress if e.stage == "training" and "targets" in e.message}
+    assert refitted == set(lost)
+
+
 @pytest.fixture(scope="module")
 def model_dir(grn_tissue, tmp_path_factory):
     sim, grn, lr, cfg = grn_tissue
@@ -205,6 +224,13 @@ def test_screens_on_a_cluster_equal_in_process_for_genes_and_values(model_dir, t
     assert np.all(np.diff(doses.total_abs_delta) <= 0) and doses.total_abs_delta.min() > 0
     with pytest.raises(InputError, match="listed twice"):
         papi.knockout_screen(model, ["Tf0", "Tf0"], 0.0)
+    with pytest.raises(dc.PiecesFailed) as err:  # a knockout lost on the cluster: named, the others' table kept
+        papi.knockout_screen(model, genes, 0.0, cells=cells, steps=2, scheduler=_DroppingCluster(lost=1))
+    assert err.value.what == ["Tf1=0"] and "Tf1=0" in str(err.value)
+    rest = err.value.partial
+    assert sorted(rest.gene) == sorted(set(genes) - {"Tf1"}) and list(rest["rank"]) == [1, 2, 3]
+    expected = here.set_index("gene").drop("Tf1")
+    np.testing.assert_allclose(rest.set_index("gene").loc[expected.index, "total_abs_delta"], expected.total_abs_delta)
 
 
 def test_perturb_screen_command_writes_the_ranked_table(model_dir, tmp_path):
