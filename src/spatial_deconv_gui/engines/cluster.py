@@ -168,6 +168,8 @@ class Cluster:
                     time.sleep(poll_s)
                     continue
                 for fut in pending.next_batch(block=False):
+                    if control.cancelled:  # nothing more is handed on once the user cancelled
+                        raise Cancelled("run cancelled by the user")
                     i = index[fut.key]
                     if fut.status == "error":
                         exc = fut.exception()
