@@ -121,7 +121,7 @@ def _fit_here(model, reg_counts, numi, fit_idx, batch, keep, out, types, device,
     return batch
 
 
-def _fit_on_cluster(cluster: Cluster, model, reg_counts, numi, fit_idx, batch, keep, out, types, control):
+def _fit_on_cluster(cluster: Cluster, model, reg_counts, numi, fit_idx, batch, keep, types, control):
     """The same chunks as tasks on the cluster, each sent its own rows; returns the (lo, hi) of chunks the
     cluster gave up on and the :class:`PiecesFailed` saying why (None when every chunk finished)."""
     n = len(fit_idx)
@@ -338,9 +338,7 @@ def _run(
     control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
     lost_rows, failure = np.zeros(0, dtype=np.int64), None
     if cluster is not None:
-        lost, failure = _fit_on_cluster(
-            cluster, pixel_model, reg_counts, numi, fit_idx, batch, keep, out, types, control
-        )
+        lost, failure = _fit_on_cluster(cluster, pixel_model, reg_counts, numi, fit_idx, batch, keep, types, control)
         if lost:
             lost_rows = np.concatenate([np.arange(lo, hi) for lo, hi in lost])
     else:
