@@ -24,6 +24,7 @@ import torch
 from spatial_deconv_gui import api
 from spatial_deconv_gui.cli import main
 from spatial_deconv_gui.engines import devices, registry
+from spatial_deconv_gui.engines.rctd import chunks as rctd_chunks
 from spatial_deconv_gui.engines.rctd import engine as rctd_engine
 from spatial_deconv_gui.engines.rctd import likelihood
 from spatial_deconv_gui.engines.rctd.config import RCTDConfig
@@ -61,7 +62,7 @@ def rctd_inputs(small_pair, tmp_path_factory):
 
 
 def _oom_above(limit: int, calls: list[int]):
-    real = rctd_engine.fit_full
+    real = rctd_chunks.fit_full
 
     def fit_full(P, y, *args, **kwargs):
         calls.append(int(y.shape[0]))
@@ -77,7 +78,7 @@ def test_rctd_retries_smaller_batches_after_out_of_memory(rctd_inputs, monkeypat
     cfg = RCTDConfig(mode="full", batch_size=64, sigma_override=0.84, cache_dir=cache)
     expected = rctd_engine.run_rctd(spatial, reference, cfg)
     calls: list[int] = []
-    monkeypatch.setattr(rctd_engine, "fit_full", _oom_above(20, calls))
+    monkeypatch.setattr(rctd_chunks, "fit_full", _oom_above(20, calls))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = rctd_engine.run_rctd(spatial, reference, cfg)
@@ -95,7 +96,7 @@ def test_rctd_retries_smaller_batches_after_out_of_memory(rctd_inputs, monkeypat
 def test_rctd_stops_with_the_sizes_it_tried_when_even_one_spot_is_too_many(rctd_inputs, monkeypatch, one_thread):
     spatial, reference, cache = rctd_inputs
     cfg = RCTDConfig(mode="full", batch_size=16, sigma_override=0.84, cache_dir=cache)
-    monkeypatch.setattr(rctd_engine, "fit_full", _oom_above(0, []))
+    monkeypatch.setattr(rctd_chunks, "fit_full", _oom_above(0, []))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(devices.DeviceOutOfMemory) as err:

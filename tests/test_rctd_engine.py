@@ -375,10 +375,10 @@ def test_torch_path_matches_numba_path(small_doublets, cache_dir, monkeypatch, m
 def test_out_of_memory_halves_the_batch(small_doublets, cache_dir, monkeypatch):
     import torch
 
-    from spatial_deconv_gui.engines.rctd import engine
+    from spatial_deconv_gui.engines.rctd import chunks
 
     spatial, reference = small_doublets
-    real = engine.fit_full
+    real = chunks.fit_full
     calls = []
 
     def flaky(P, y, *args, **kwargs):
@@ -387,7 +387,7 @@ def test_out_of_memory_halves_the_batch(small_doublets, cache_dir, monkeypatch):
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(P, y, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "fit_full", flaky)
+    monkeypatch.setattr(chunks, "fit_full", flaky)
     cfg = RCTDConfig(mode="full", sigma_override=0.6, batch_size=32, cache_dir=cache_dir)
     with pytest.warns(RuntimeWarning, match="batch size 16"):
         res = run_rctd(spatial, reference, cfg)

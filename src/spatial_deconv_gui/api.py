@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, keys
+from .engines import cluster
 from .engines.base import (  # noqa: F401  (re-exported for the GUI, which does not reach into engines)
     STOP_REASONS,
     Cancelled,
@@ -125,6 +126,8 @@ def run_deconvolution(
     slide_options: dict | None = None,
     stop_event: threading.Event | None = None,
     uncertainty: bool = False,
+    scheduler=None,
+    n_workers: int | None = None,
 ) -> RunOutput:
     """Validate, run one engine and return a *copy* of the slide with the result in its slots.
 
@@ -141,8 +144,15 @@ def run_deconvolution(
     :class:`Slide` or a path in any format :func:`read_slide` opens (``slide_options``: its table, bin_size).
     ``uncertainty`` also writes each spot's nominal 90 % interval (``keys.proportions_lower`` / ``_upper``), for the
     methods in :func:`methods_with_intervals`.
+
+    ``scheduler`` runs RCTD's per-spot fits on Dask (see :mod:`.engines.cluster`): ``"local"`` (a LocalCluster
+    of ``n_workers`` processes, by default one per core), a scheduler address such as ``"tcp://host:8786"``, or
+    an open :class:`~.engines.cluster.Cluster`; ``None`` runs in this process. The answer is the same. When
+    chunks of spots are lost to workers dying on them, :class:`~.engines.cluster.PiecesFailed` names the spots
+    and its ``partial`` is the RunOutput for the others.
     """
     info = get_method(method)
+    check_scheduler(info.name, scheduler)
     runner, config_cls = info.load()
     params = dict(params or {})
     if uncertainty:
@@ -190,14 +200,22 @@ def run_deconvolution(
         batch_col = batch_column(config)
     if batch_col is not None:
         extra["reference_batches"] = reference_batch_labels(rdata, batch_col, cell_type_col)
+    failure = None
     try:
-        result = runner(
-            spatial_input(fit_data, layer, coord_key, numi_column),
-            reference_input(rdata, cell_type_col, reference_layer, reference_numi_column),
-            config,
-            control,
-            **extra,
-        )
+        with cluster.using(scheduler, n_workers) as connected:
+            if connected is not None:
+                extra["cluster"] = connected
+            result = runner(
+                spatial_input(fit_data, layer, coord_key, numi_column),
+                reference_input(rdata, cell_type_col, reference_layer, reference_numi_column),
+                config,
+                control,
+                **extra,
+            )
+    except cluster.PiecesFailed as exc:  # the spots of lost chunks are unfitted; the others are kept
+        if not isinstance(exc.partial, DeconvResult):
+            raise
+        failure, result = exc, exc.partial
     except DeviceOutOfMemory:
         raise
     except Exception as exc:
@@ -208,7 +226,24 @@ def run_deconvolution(
     if empty.any():
         result = restore_dropped_spots(result, kept, np.asarray(sdata.obs_names, dtype=str))
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
+    if failure is not None:
+        raise failure.named(failure.what, failure.noun, partial=RunOutput(out, result, report, notices))
     return RunOutput(out, result, report, notices)
+
+
+SCHEDULER_METHODS = ("rctd",)
+
+
+def check_scheduler(method: str, scheduler) -> None:
+    """Only RCTD's per-spot fits run on a Dask cluster; the other methods refuse ``scheduler`` clearly."""
+    if scheduler is None or method in SCHEDULER_METHODS:
+        return
+    raise InputError(
+        f"{method} runs in one process: only RCTD's per-spot fits run on a Dask cluster (cell2location and DestVI "
+        "train one model over all spots, the sketched flash fit is one solve).",
+        "leave --scheduler out for this method (or pick --method rctd).",
+        code="scheduler_unsupported",
+    )
 
 
 def _unfitted_notices(result: DeconvResult, method: str, barcodes: np.ndarray) -> list[str]:

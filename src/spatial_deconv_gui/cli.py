@@ -12,7 +12,8 @@ import numpy as np
 
 from . import keys
 from .engines.base import Cancelled
-from .engines.options import add_config_flags, given_options
+from .engines.cluster import PiecesFailed
+from .engines.options import add_config_flags, add_scheduler_options, given_options
 from .io.errors import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -54,6 +55,7 @@ def _base_parser() -> argparse.ArgumentParser:
         "a SpatialData input, a new .zarr holding its elements and the result",
     )
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_scheduler_options(run, "rctd's per-spot fits")
     run.add_argument(
         "--uncertainty",
         action="store_true",
@@ -217,6 +219,7 @@ def _cmd_run(args, extra: list[str]) -> int:
     if args.csv:
         api.check_output(Path(args.csv), args.spatial, args.reference, side_file=True)
     progress = _Progress(args.quiet)
+    failure = None
     try:
         run = api.run_deconvolution(
             args.spatial,
@@ -233,7 +236,13 @@ def _cmd_run(args, extra: list[str]) -> int:
             progress=progress,
             slide_options=slide_options(args),
             uncertainty=args.uncertainty,
+            scheduler=args.scheduler,
+            n_workers=args.n_workers,
         )
+    except PiecesFailed as exc:  # the other spots' result is still written, then the error
+        if exc.partial is None:
+            raise
+        failure, run = exc, exc.partial
     finally:
         progress.close()
     if not args.quiet:
@@ -265,6 +274,9 @@ def _cmd_run(args, extra: list[str]) -> int:
             f"in {summary['runtime_s']} s on {summary['device']}; wrote {out_path}",
             file=sys.stderr,
         )
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -21,14 +21,18 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .engines import cluster as dask_cluster
 from .engines.base import RunControl
 from .engines.perturb import priors as _priors
 from .engines.perturb.config import TrainConfig
@@ -191,6 +195,8 @@ def train_model(
     progress=None,
     control: RunControl | None = None,
     slide_options: dict | None = None,
+    scheduler=None,
+    n_workers: int | None = None,
     **params,
 ) -> PerturbModel:
     """Train the perturbation model of ``spatial`` (AnnData, or a slide in any format that
@@ -201,7 +207,9 @@ def train_model(
     ``radius_rule='pair'`` (default) receives each ligand-receptor pair's ligand at that pair's radius
     (secreted or contact), ``'ligand'`` at the radius of the ligand's first pair (SpaceTravLR's rule). Training
     resumes in an existing folder trained on the same data and settings (finished genes are skipped).
-    Returns the model, built from what training computed (the folder is not read back).
+    Returns the model, built from what training computed (the folder is not read back). ``scheduler``
+    (``"local"``, a Dask scheduler address or an open cluster; ``n_workers`` for ``"local"``) fits the batches
+    of targets as tasks on Dask, with the same result (see :mod:`.engines.cluster`).
     """
     built: dict = {}
     manifest = train_model_dir(
@@ -225,6 +233,8 @@ def train_model(
         control=control,
         slide_options=slide_options,
         built=built,
+        scheduler=scheduler,
+        n_workers=n_workers,
         **params,
     )
     return model_from_training(out, manifest, built)
@@ -302,6 +312,8 @@ def train_model_dir(
     control: RunControl | None = None,
     slide_options: dict | None = None,
     built: dict | None = None,
+    scheduler=None,
+    n_workers: int | None = None,
     **params,
 ) -> dict:
     """:func:`train_model` without building the model: writes the folder and returns its manifest (what the
@@ -373,30 +385,32 @@ def train_model_dir(
     # the training code (and the lasso kernels) loads here, through the registry: a knockout never needs it
     _train, _ = get_method("perturb", kind="perturbation").load()
 
-    return _train(
-        X,
-        genes,
-        coords,
-        clusters,
-        grn_df,
-        lr_df,
-        out,
-        targets=targets,
-        tfl=tfl_df,
-        config=cfg,
-        control=ctl,
-        checksums=sums,
-        extra={
-            "expression": where,
-            "cluster_col": cluster_col,
-            "coordinates": found[1],
-            "obs_names_sha1": hashlib.sha1("\x00".join(map(str, adata.obs_names)).encode()).hexdigest(),
-        },
-        obsm=obsm,
-        obs_names=list(map(str, adata.obs_names)),
-        overwrite=overwrite,
-        built=built,
-    )
+    with dask_cluster.using(scheduler, n_workers) as connected:
+        return _train(
+            X,
+            genes,
+            coords,
+            clusters,
+            grn_df,
+            lr_df,
+            out,
+            targets=targets,
+            tfl=tfl_df,
+            config=cfg,
+            control=ctl,
+            checksums=sums,
+            extra={
+                "expression": where,
+                "cluster_col": cluster_col,
+                "coordinates": found[1],
+                "obs_names_sha1": hashlib.sha1("\x00".join(map(str, adata.obs_names)).encode()).hexdigest(),
+            },
+            obsm=obsm,
+            obs_names=list(map(str, adata.obs_names)),
+            overwrite=overwrite,
+            built=built,
+            cluster=connected,
+        )
 
 
 def _listing(names, limit: int = 30) -> str:
@@ -670,6 +684,68 @@ def screen_row(model: PerturbModel, gene: str, value: float, delta: np.ndarray, 
     }
 
 
+@dataclass(eq=False)  # hashed by identity: each process builds the job's propagator once
+class ScreenJob:
+    """What every knockout of a screen reads (sent once to each Dask worker)."""
+
+    model: PerturbModel
+    cells: np.ndarray
+    steps: int
+    ligand_mode: str
+    device: Any
+    moved_tol: float
+    keep_delta: bool
+
+
+_PROPAGATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def screen_one(gene: str, value: float, job: ScreenJob, control: RunControl | None = None):
+    """One knockout of a screen: its :func:`screen_row` (with its runtime) and, when the job keeps them, its
+    final Δ (else None). A pure function of its arguments: the same here and on a Dask worker."""
+    t0 = time.perf_counter()
+    prop = _PROPAGATORS.get(job)
+    if prop is None:
+        prop = _PROPAGATORS[job] = model_propagator(job.model, ligand_mode=job.ligand_mode, device=job.device)
+    last = None
+    for last in iter_perturbation(  # noqa: B007
+        job.model, [gene], [value], job.cells, job.steps, job.ligand_mode, job.device, control=control, propagator=prop
+    ):
+        pass
+    row = screen_row(job.model, gene, value, last.delta, job.moved_tol)
+    row["runtime_s"] = round(time.perf_counter() - t0, 3)
+    return row, (last.delta if job.keep_delta else None)
+
+
+def screen_pairs(genes, values) -> list[tuple[str, float]]:
+    """The (gene, value) runs of a screen: each gene at one value, one gene at each value, or one value per gene."""
+    genes_l = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    vals = [float(values)] * len(genes_l) if np.isscalar(values) else [float(v) for v in values]
+    if len(vals) == 1 and len(genes_l) > 1:
+        vals = vals * len(genes_l)
+    elif len(genes_l) == 1 and len(vals) > 1:
+        genes_l = genes_l * len(vals)
+    if len(vals) != len(genes_l):
+        raise InputError(
+            f"{len(genes_l)} genes but {len(vals)} values.",
+            "give one value, one per gene, or one gene with several values.",
+            code="bad_perturbation",
+        )
+    pairs = list(zip(genes_l, vals))
+    if len(set(pairs)) != len(pairs):
+        raise InputError(
+            "a gene is listed twice at the same value.", "list each gene (or value) once.", code="bad_perturbation"
+        )
+    return pairs
+
+
+def _ranked(rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=[c for c in SCREEN_COLUMNS if c != "rank"])
+    table = table.sort_values("total_abs_delta", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table[list(SCREEN_COLUMNS)]
+
+
 def knockout_screen(
     model,
     genes,
@@ -687,26 +763,28 @@ def knockout_screen(
     on_result: Callable | None = None,
     progress=None,
     control: RunControl | None = None,
+    scheduler=None,
+    n_workers: int | None = None,
 ) -> pd.DataFrame:
     """Knock out (or set to ``values``) each of ``genes`` on its own - separate runs, not one joint
-    perturbation - with the model loaded once, and return one row per gene (``SCREEN_COLUMNS``) ranked by
+    perturbation - with the model loaded once, and return one row per run (``SCREEN_COLUMNS``) ranked by
     ``total_abs_delta`` (sum of |Δ| over cells and genes after ``steps`` steps, the perturbed gene's own column
     left out; ``n_genes_moved`` counts genes with |Δ| > ``moved_tol`` in some cell; ``n_targets`` /
-    ``total_abs_beta`` come from :func:`gene_usage`). The scope options are those of :func:`run_perturbation`.
-    ``on_result(gene, delta)`` sees each gene's final Δ (cells x ``model.genes``)."""
+    ``total_abs_beta`` come from :func:`gene_usage`). ``values``: one for every gene, one per gene, or - with
+    a single gene - several values, one run each (a dose screen). The scope options are those of
+    :func:`run_perturbation`. ``on_result(gene, delta)`` sees each run's final Δ (cells x ``model.genes``).
+
+    ``scheduler`` (``"local"``, a Dask scheduler address or an open cluster; ``n_workers`` for ``"local"``) runs
+    the knockouts as Dask tasks, the model sent once to each worker; the table is the same. Runs lost to workers
+    dying on them are named by :class:`~.engines.cluster.PiecesFailed`, whose ``partial`` is the others' table.
+    """
     ctl = _control(control, progress)
     if not isinstance(model, PerturbModel):
         model = load_model(model)
-    genes_l = [genes] if isinstance(genes, str) else [str(g) for g in genes]
-    if len(set(genes_l)) != len(genes_l):
-        raise InputError("a gene is listed twice.", "list each gene once.", code="bad_perturbation")
-    vals = [float(values)] * len(genes_l) if np.isscalar(values) else [float(v) for v in values]
-    if len(vals) != len(genes_l):
-        raise InputError(
-            f"{len(genes_l)} genes but {len(vals)} values.", "give one value, or one per gene.", code="bad_perturbation"
-        )
+    pairs = screen_pairs(genes, values)
+    genes_u = list(dict.fromkeys(g for g, _ in pairs))
     idx, scope = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
-    usage = _gene_usage(model, genes_l).set_index("gene")
+    usage = _gene_usage(model, genes_u).set_index("gene")
     unknown = usage.index[~usage["in_model"].to_numpy(bool)].tolist()
     if unknown:
         raise InputError(
@@ -714,29 +792,40 @@ def knockout_screen(
             "perturb the model's genes (see its manifest 'genes').",
             code="unknown_gene",
         )
-    prop = model_propagator(model, ligand_mode=ligand_mode, device=device)
-    rows = []
-    for i, (g, v) in enumerate(zip(genes_l, vals)):
-        t0 = time.perf_counter()
-        ctl.report("screen", i / len(genes_l), g)
-        last = None
-        for last in iter_perturbation(model, [g], [v], idx, steps, ligand_mode, device, control=ctl, propagator=prop):  # noqa: B007
-            pass
-        row = screen_row(model, g, v, last.delta, moved_tol)
+    job = ScreenJob(model, idx, int(steps), ligand_mode, device, float(moved_tol), on_result is not None)
+    rows: list[dict | None] = [None] * len(pairs)
+    n_done = 0
+
+    def keep(i: int, got) -> None:
+        nonlocal n_done
+        row, delta = got
+        g = pairs[i][0]
         row.update(
             n_cells=scope["n_cells"],
             n_targets=int(usage.loc[g, "n_targets"]),
             total_abs_beta=float(usage.loc[g, "total_abs_beta"]),
-            runtime_s=round(time.perf_counter() - t0, 3),
         )
-        rows.append(row)
+        rows[i] = row
+        n_done += 1
+        ctl.report("screen", n_done / len(pairs), f"{g} ({n_done}/{len(pairs)})")
         if on_result is not None:
-            on_result(g, last.delta)
+            on_result(g, delta)
+
+    with dask_cluster.using(scheduler, n_workers) as connected:
+        if connected is None:
+            for i, (g, v) in enumerate(pairs):
+                ctl.report("screen", i / len(pairs), g)
+                keep(i, screen_one(g, v, job, control=ctl))
+        else:
+            try:
+                connected.run(
+                    screen_one, pairs, shared=connected.share(job), on_result=keep, control=ctl, name="knockout"
+                )
+            except dask_cluster.PiecesFailed as exc:
+                lost = [f"{pairs[i][0]}={pairs[i][1]:g}" for i in sorted(exc.failed)]
+                raise exc.named(lost, "knockouts", partial=_ranked([r for r in rows if r is not None])) from None
     ctl.report("screen", 1.0, "done")
-    table = pd.DataFrame(rows)
-    table = table.sort_values("total_abs_delta", ascending=False, kind="stable").reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table[list(SCREEN_COLUMNS)]
+    return _ranked(rows)
 
 
 def lens_index(model) -> LensIndex:

@@ -1,4 +1,4 @@
-"""`spatial-deconv perturb train|run|upgrade`: the perturbation engine from the shell.
+"""`spatial-deconv perturb train|run|screen|upgrade`: the perturbation engine from the shell.
 
 Hooked into :mod:`spatial_deconv_gui.cli` with ``add_perturb_parser(sub)`` and
 ``run_perturb_command(args)``.
@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from . import keys
-from .engines.options import add_config_flags, given_options
+from .engines.options import add_config_flags, add_scheduler_options, given_options
 from .engines.perturb.config import PerturbRunConfig, TrainConfig
 
 EXIT_OK = 0
@@ -49,6 +49,7 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     # --radius, --l1-reg, --ligand-mode, --device...: one flag per TrainConfig field
     add_config_flags(tr, TrainConfig)
     tr.add_argument("--overwrite", action="store_true", help="replace a model trained on other data/settings")
+    add_scheduler_options(tr, "the fits of the target genes (batches of targets as tasks)")
     tr.add_argument("--json", action="store_true")
     tr.add_argument("--quiet", "-q", action="store_true")
 
@@ -84,8 +85,42 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     rn.add_argument("--output", "-o", required=True, help="the perturbed .h5ad; with --separately the summary table")
     # --steps, --ligand-mode, --embedding, --device...: one flag per PerturbRunConfig field
     add_config_flags(rn, PerturbRunConfig)
+    add_scheduler_options(rn, "the knockouts of --separately (one task each)")
     rn.add_argument("--json", action="store_true")
     rn.add_argument("--quiet", "-q", action="store_true")
+
+    sc = sub.add_parser(
+        "screen",
+        help="knock out many genes (or one gene at many values), each on its own, and write a table ranked by "
+        "effect; --scheduler runs the knockouts on Dask",
+    )
+    sc.add_argument("model_dir")
+    sc.add_argument("--gene", action="append", default=None, help="gene to perturb (repeat for several)")
+    sc.add_argument("--genes", default=None, help="text file with one gene per line (with or instead of --gene)")
+    sc.add_argument(
+        "--value",
+        action="append",
+        type=float,
+        default=None,
+        help="expression to set (default 0 = knockout): one for all genes, one per gene, or several for one gene",
+    )
+    scope = sc.add_mutually_exclusive_group()
+    scope.add_argument("--cells", default=None, help="text file: one obs name or 0-based index per line")
+    scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
+    sc.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
+    sc.add_argument("--spatial", default=None, help="slide whose obs --cell-type-col reads (default: the model's)")
+    add_slide_options(sc)
+    sc.add_argument(
+        "--moved-tol",
+        type=float,
+        default=1e-6,
+        help="a gene counts as moved when its |Δ| exceeds this in some cell (default 1e-6)",
+    )
+    sc.add_argument("--output", "-o", required=True, help="the ranked summary table (.csv or .tsv)")
+    add_config_flags(sc, PerturbRunConfig, skip=("embedding", "k", "temperature", "null", "n_grid"))
+    add_scheduler_options(sc, "the knockouts (one task each)")
+    sc.add_argument("--json", action="store_true")
+    sc.add_argument("--quiet", "-q", action="store_true")
 
     up = sub.add_parser(
         "upgrade",
@@ -158,6 +193,8 @@ def _train_folder(api, args, targets, params) -> dict:
         overwrite=args.overwrite,
         progress=_progress(args.quiet),
         slide_options=slide_options(args),
+        scheduler=args.scheduler,
+        n_workers=args.n_workers,
         **params,
     )
 
@@ -246,6 +283,12 @@ def _cmd_run(args) -> int:
             print(line, file=sys.stderr)
     if args.separately:
         return _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices)
+    if args.scheduler is not None:
+        raise InputError(
+            "one joint perturbation runs in this process: --scheduler applies to screens of separate knockouts.",
+            "add --separately (or use `perturb screen`), or leave --scheduler out.",
+            code="scheduler_unsupported",
+        )
     res = api.run_perturbation(
         model,
         args.gene,
@@ -301,24 +344,36 @@ def _load_with_notice(api, model_dir, quiet: bool):
 
 
 def _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices) -> int:
+    from .engines.cluster import PiecesFailed
     from .io.write import write_text_atomic
 
-    table = api.knockout_screen(
-        model,
-        args.gene,
-        values,
-        cells=cells,
-        cell_type=args.cell_type,
-        cell_type_col=args.cell_type_col,
-        steps=run_options["steps"],
-        ligand_mode=run_options["ligand_mode"],
-        device=None if device == "auto" else device,
-        adata=adata,
-        moved_tol=args.moved_tol,
-        progress=_progress(args.quiet),
-    )
+    failure = None
+    try:
+        table = api.knockout_screen(
+            model,
+            args.gene,
+            values,
+            cells=cells,
+            cell_type=args.cell_type,
+            cell_type_col=args.cell_type_col,
+            steps=run_options["steps"],
+            ligand_mode=run_options["ligand_mode"],
+            device=None if device == "auto" else device,
+            adata=adata,
+            moved_tol=args.moved_tol,
+            progress=_progress(args.quiet),
+            scheduler=args.scheduler,
+            n_workers=args.n_workers,
+        )
+    except PiecesFailed as exc:  # the table of the other knockouts is still written, then the error
+        if exc.partial is None:
+            raise
+        failure, table = exc, exc.partial
     sep = "\t" if out_path.suffix.lower() == ".tsv" else ","
     write_text_atomic(table.to_csv(index=False, sep=sep, float_format="%.17g"), out_path)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"output": str(out_path), "notices": notices, "table": table.to_dict("records")}, indent=2))
     elif not args.quiet:
@@ -329,6 +384,41 @@ def _run_separately(args, api, model, values, cells, adata, run_options, device,
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _cmd_screen(args) -> int:
+    from . import perturb_api as api
+    from .io.errors import InputError
+    from .io.slide import read_slide_adata
+
+    genes = list(args.gene or []) + (_read_lines(args.genes) if args.genes else [])
+    if not genes:
+        raise InputError("no gene to screen.", "give --gene (repeat it) or --genes FILE.", code="bad_perturbation")
+    values = args.value if args.value else [0.0]
+    pairs = api.screen_pairs(genes, values)
+    args.gene = [g for g, _ in pairs]
+    out_path = Path(args.output)
+    if out_path.suffix.lower() not in (".csv", ".tsv"):
+        raise InputError(
+            f"perturb screen writes a summary table, but --output is {out_path.name}.",
+            "name a .csv or .tsv file.",
+            code="bad_output",
+        )
+    adata = read_slide_adata(args.spatial, **slide_options(args)) if args.spatial else None
+    cells = None
+    if args.cells:
+        lines = _read_lines(args.cells)
+        cells = [int(x) for x in lines] if all(x.lstrip("-").isdigit() for x in lines) else lines
+    run_options = {**dataclasses.asdict(PerturbRunConfig()), **given_options(args, PerturbRunConfig)}
+    device = run_options.pop("device")
+    model = _load_with_notice(api, args.model_dir, args.quiet)
+    notices = api.usage_notices(model, list(dict.fromkeys(args.gene)))
+    if not args.quiet and not args.json:
+        for line in notices:
+            print(line, file=sys.stderr)
+    return _run_separately(
+        args, api, model, [v for _, v in pairs], cells, adata, run_options, device, out_path, notices
+    )
 
 
 def _cmd_upgrade(args) -> int:
@@ -361,6 +451,8 @@ def run_perturb_command(args) -> int:
         return _cmd_train(args)
     if args.perturb_command == "upgrade":
         return _cmd_upgrade(args)
+    if args.perturb_command == "screen":
+        return _cmd_screen(args)
     return _cmd_run(args)
 
 

@@ -110,3 +110,21 @@ def given_options(args: argparse.Namespace, config_cls, skip: Iterable[str] = ()
         for o in config_options(config_cls, skip)
         if getattr(args, o.name, None) is not None
     }
+
+
+def add_scheduler_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--scheduler`` / ``--n-workers``: where ``what`` runs (see :mod:`.cluster`)."""
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="local|ADDRESS",
+        help=f"run {what} on Dask: 'local' starts a cluster of worker processes on this machine, an address "
+        "such as tcp://10.0.0.5:8786 uses a running Dask scheduler (dask-jobqueue, Kubernetes, cloud); "
+        "default: in this process. The answer is the same",
+    )
+    parser.add_argument(
+        "--n-workers",
+        type=int,
+        default=None,
+        help="with --scheduler local: worker processes (default: one per core)",
+    )

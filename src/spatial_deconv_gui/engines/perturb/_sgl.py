@@ -156,8 +156,16 @@ def sgl_fista_range(As, cols, bvec, gidx, gw, mask, width, l1, max_iter, tol, x,
         converged[b] = done
 
 
-def sgl_fista(As, cols, bvec, gidx, gw, mask, width, l1, max_iter, tol, x0=None, n_threads=1):
-    """All problems of a batch; returns (x, n_iter, converged). See :func:`sgl_fista_range`."""
+def n_pieces(n_problems_threads: int) -> int:
+    """How many ranges of problems a batch is cut into for ``n`` threads. The kernels' results depend on the
+    ranges (fastmath), not on which thread runs them: a Dask task cuts as the submitting process would and
+    runs the ranges on its one thread, so its answer is the in-process one."""
+    return 1 if n_problems_threads <= 1 else 4 * n_problems_threads
+
+
+def sgl_fista(As, cols, bvec, gidx, gw, mask, width, l1, max_iter, tol, x0=None, n_threads=1, split=None):
+    """All problems of a batch; returns (x, n_iter, converged). See :func:`sgl_fista_range`. ``split``: cut the
+    batch as for this many threads (default ``n_threads``)."""
     from ._kernels import _run
 
     B, p = bvec.shape
@@ -181,8 +189,7 @@ def sgl_fista(As, cols, bvec, gidx, gw, mask, width, l1, max_iter, tol, x0=None,
         n_iter,
         conv,
     )
-    n_pieces = 1 if n_threads <= 1 else 4 * n_threads
-    step = max(1, -(-B // n_pieces))
+    step = max(1, -(-B // n_pieces(n_threads if split is None else split)))
     _run([lambda lo=lo: sgl_fista_range(*args, lo, min(B, lo + step)) for lo in range(0, B, step)], n_threads)
     return x, n_iter, conv
 
@@ -224,7 +231,7 @@ def gradient_range(Xs, As, use_data, cols, x, width, b, out, lo, hi):
                         o[j] += xk * row[j]
 
 
-def gradient(Xs, As, cols, x, width, b, n_threads=1):
+def gradient(Xs, As, cols, x, width, b, n_threads=1, split=None):
     """(T, F) gradients of the full problems at the working-set solutions; see :func:`gradient_range`."""
     from ._kernels import _run
 
@@ -242,7 +249,6 @@ def gradient(Xs, As, cols, x, width, b, n_threads=1):
         np.ascontiguousarray(b, dtype=np.float64),
         out,
     )
-    n_pieces = 1 if n_threads <= 1 else 4 * n_threads
-    step = max(1, -(-T // n_pieces))
+    step = max(1, -(-T // n_pieces(n_threads if split is None else split)))
     _run([lambda lo=lo: gradient_range(*args, lo, min(T, lo + step)) for lo in range(0, T, step)], n_threads)
     return out

@@ -74,11 +74,13 @@ def fit_cluster_targets(
     tol: float = 1e-6,
     n_threads: int = 1,
     start_width: int = 32,
+    split: int | None = None,
     max_rounds: int = 30,
     prune: bool = True,
 ) -> ClusterFit:
     """Sparse group lasso of every column of ``Yc`` (n x T, centred) on the features ``allowed`` (T x F bool)
-    of the shared design. ``col_group`` (F,) is each feature's group (0..K-1)."""
+    of the shared design. ``col_group`` (F,) is each feature's group (0..K-1). ``split``: cut batches as for
+    this many threads (default ``n_threads``; see :func:`._sgl.n_pieces`)."""
     T = Yc.shape[1]
     F = design.P.shape[1]
     K = int(col_group.max()) + 1 if F else 0
@@ -161,6 +163,7 @@ def fit_cluster_targets(
             tol,
             x0=x0,
             n_threads=n_threads,
+            split=split,
         )
         n_iter[todo] += it
         converged[todo] = conv
@@ -168,5 +171,5 @@ def fit_cluster_targets(
         Wt[r_idx, c_idx] = x[valid]
         W[todo] = Wt
         # gradient of the full problems of the changed targets
-        grad[todo] = gradient(design.Xs, design.As, cols, x, wid, b[todo], n_threads=n_threads)
+        grad[todo] = gradient(design.Xs, design.As, cols, x, wid, b[todo], n_threads=n_threads, split=split)
     return ClusterFit(W / design.sd[None, :], n_iter, converged, rounds, max_width)

@@ -9,6 +9,7 @@ genome-wide a target is offered ~1,800 modulators for ~50 cells of a cluster and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -20,6 +21,7 @@ import pandas as pd
 
 from ... import keys
 from ..base import RunControl
+from ..cluster import TASK_THREADS, PiecesFailed
 from . import model_dir as md
 from .config import TrainConfig
 from .expression import FILTER_MIN, filtered
@@ -207,6 +209,94 @@ def _store_of_batch(batch, cols_of, names_of_col, cluster_names, n_cells, r2, ga
     )
 
 
+@dataclass(eq=False)
+class ClusterFits:
+    """What every batch of targets reads: per cluster its cells, its shared design (None: too few cells) and its
+    expressed features, with the feature columns' groups and names (sent once to each Dask worker)."""
+
+    masks: list
+    designs: list
+    expressed: np.ndarray
+    col_group: np.ndarray
+    names_of_col: np.ndarray
+    cluster_names: list
+    n_cells: np.ndarray
+    cfg: TrainConfig
+    task_threads: int | None = None  # solver threads per batch (set for Dask tasks; None: numba's count here)
+    split: int | None = None  # cut each batch as for this many threads: the submitting process's count
+
+
+def _threads_here() -> int:
+    import numba
+
+    return max(1, numba.get_num_threads())
+
+
+def fit_batch(batch: list[str], cols_of: list[np.ndarray], Y: np.ndarray, shared: ClusterFits) -> md.CoefStore:
+    """The store shard of one batch of targets (``Y``: cells x targets, ``cols_of``: each target's feature
+    columns), fitted in every cluster: the same in this process and on a Dask worker."""
+    import numba  # lazy, as the solver's kernels: loading numba takes ~0.5 s, paid only when training
+
+    from .solve import fit_cluster_targets
+
+    cfg = shared.cfg
+    n_threads = shared.task_threads or max(1, numba.get_num_threads())
+    n_features = shared.names_of_col.size
+    C = len(shared.cluster_names)
+    T = len(batch)
+    allowed = np.zeros((T, n_features), dtype=bool)
+    allowed[np.repeat(np.arange(T), [c.size for c in cols_of]), np.concatenate(cols_of)] = True
+    r2 = np.full((T, C), np.nan)
+    gated = np.zeros((T, C), dtype=bool)
+    icpt = np.zeros((T, C))
+    coefs = []
+    for k in range(C):
+        Yk = Y[shared.masks[k]]
+        ym = Yk.mean(axis=0) if shared.n_cells[k] else np.zeros(T)
+        d = shared.designs[k]
+        if d is None:  # too few cells: no model, the gene keeps its cluster mean
+            gated[:, k] = True
+            icpt[:, k] = ym
+            coefs.append(np.zeros((T, n_features)))
+            continue
+        Yc = Yk - ym
+        fit = fit_cluster_targets(
+            d,
+            Yc,
+            allowed & shared.expressed[k][None, :],
+            shared.col_group,
+            cfg.l1_reg,
+            cfg.group_reg,
+            cfg.scale_reg,
+            cfg.max_iter,
+            cfg.tol,
+            n_threads=n_threads,
+            split=shared.split,
+        )
+        coef = fit.coef
+        resid = Yc - d.P @ coef.T
+        ss_res = (resid * resid).sum(axis=0)
+        ss_tot = (Yc * Yc).sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2[:, k] = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), 0.0)
+        gate = ~(r2[:, k] >= cfg.r2_threshold)
+        gated[:, k] = gate
+        coef[gate] = 0.0
+        icpt[:, k] = ym - coef @ d.pm
+        coefs.append(coef)
+    return _store_of_batch(
+        batch,
+        cols_of,
+        shared.names_of_col,
+        shared.cluster_names,
+        np.broadcast_to(shared.n_cells, (T, C)).copy(),
+        r2,
+        gated,
+        icpt,
+        coefs,
+    )
+
+
 def _fit_targets(
     todo,
     mods,
@@ -224,14 +314,14 @@ def _fit_targets(
     n_done,
     total,
     stores,
+    cluster=None,
 ) -> tuple[float, float]:
     """Fit the ``todo`` targets batch by batch (one store shard each); returns (fit seconds, design seconds).
 
     Per cluster the shared design and its Gram matrix are built once for all targets; each batch of targets
-    is then solved by working sets (:func:`solve.fit_cluster_targets`)."""
-    import numba  # lazy, as the solver's kernels: loading numba takes ~0.5 s, paid only when training
-
-    from .solve import cluster_design, fit_cluster_targets
+    is then solved by working sets (:func:`solve.fit_cluster_targets`), here or, with ``cluster``, as one Dask
+    task per batch (the same batches, so the same shards)."""
+    from .solve import cluster_design
 
     t0 = time.perf_counter()
     # global modulator columns: genes used as TFs (any target), then the LR pairs, then the TF-ligand pairs
@@ -271,58 +361,14 @@ def _fit_targets(
         cluster_design(Phi[m], cfg.standardize) if n_cells[k] >= cfg.min_cells else None for k, m in enumerate(masks)
     ]
     gram_s = time.perf_counter() - t0
-    n_threads = max(1, numba.get_num_threads())
+    fits_shared = ClusterFits(masks, designs, expressed, col_group, names_of_col, cluster_names, n_cells, cfg)
     per_batch = max(1, int(cfg.problems_per_batch) // max(C, 1))
+    batches = [todo[b0 : b0 + per_batch] for b0 in range(0, len(todo), per_batch)]
     t_fit = time.perf_counter()
     done_now = 0
-    for b0 in range(0, len(todo), per_batch):
-        control.check_cancel()
-        batch = todo[b0 : b0 + per_batch]
-        T = len(batch)
-        cols_of = [cols_of_target[t] for t in batch]
-        allowed = np.zeros((T, Phi.shape[1]), dtype=bool)
-        allowed[np.repeat(np.arange(T), [c.size for c in cols_of]), np.concatenate(cols_of)] = True
-        Y = expr_m[:, [gi[t] for t in batch]]
-        r2 = np.full((T, C), np.nan)
-        gated = np.zeros((T, C), dtype=bool)
-        icpt = np.zeros((T, C))
-        coefs = []
-        for k in range(C):
-            Yk = Y[masks[k]]
-            ym = Yk.mean(axis=0) if n_cells[k] else np.zeros(T)
-            d = designs[k]
-            if d is None:  # too few cells: no model, the gene keeps its cluster mean
-                gated[:, k] = True
-                icpt[:, k] = ym
-                coefs.append(np.zeros((T, Phi.shape[1])))
-                continue
-            Yc = Yk - ym
-            fit = fit_cluster_targets(
-                d,
-                Yc,
-                allowed & expressed[k][None, :],
-                col_group,
-                cfg.l1_reg,
-                cfg.group_reg,
-                cfg.scale_reg,
-                cfg.max_iter,
-                cfg.tol,
-                n_threads=n_threads,
-            )
-            coef = fit.coef
-            resid = Yc - d.P @ coef.T
-            ss_res = (resid * resid).sum(axis=0)
-            ss_tot = (Yc * Yc).sum(axis=0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                r2[:, k] = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), 0.0)
-            gate = ~(r2[:, k] >= cfg.r2_threshold)
-            gated[:, k] = gate
-            coef[gate] = 0.0
-            icpt[:, k] = ym - coef @ d.pm
-            coefs.append(coef)
-        store = _store_of_batch(
-            batch, cols_of, names_of_col, cluster_names, np.broadcast_to(n_cells, (T, C)).copy(), r2, gated, icpt, coefs
-        )
+
+    def keep(batch, store) -> None:
+        nonlocal n_done, done_now
         # one store shard per batch, then the manifest naming it: a kill in between leaves a whole shard
         # that the next run's scan adopts (see _resume_store)
         key, sha = md.write_shard(out_dir, store)
@@ -331,11 +377,34 @@ def _fit_targets(
         manifest[md.STORE_CHECKSUMS][key] = sha
         md.write_manifest(out_dir, manifest)
         # the batch's targets finish together: the time per target so far gives the rest
-        done_now += T
+        done_now += len(batch)
         eta = _eta((time.perf_counter() - t_fit) / done_now * (len(todo) - done_now))
         for t in batch:
             n_done += 1
             control.report("training", n_done / total, f"{t} ({n_done}/{total} targets, ETA {eta})")
+
+    def piece(batch):
+        return (list(batch), [cols_of_target[t] for t in batch], expr_m[:, [gi[t] for t in batch]])
+
+    if cluster is None:
+        for batch in batches:
+            control.check_cancel()
+            keep(batch, fit_batch(*piece(batch), fits_shared))
+    else:
+        try:
+            cluster.run(
+                fit_batch,
+                [piece(batch) for batch in batches],
+                shared=cluster.share(
+                    dataclasses.replace(fits_shared, task_threads=TASK_THREADS, split=_threads_here())
+                ),
+                on_result=lambda i, store: keep(batches[i], store),
+                control=control,
+                name="perturb-targets",
+            )
+        except PiecesFailed as exc:  # the other batches' shards are written: training again fits only these
+            lost = [t for i in sorted(exc.failed) for t in batches[i]]
+            raise exc.named(lost, "target genes (training again in the same folder fits only them)") from None
     return time.perf_counter() - t_fit, gram_s
 
 
@@ -357,6 +426,7 @@ def train(
     obs_names=None,
     overwrite: bool = False,
     built: dict | None = None,
+    cluster=None,
 ) -> dict:
     """Fit every target and write the model directory; returns the manifest.
 
@@ -365,7 +435,8 @@ def train(
     dict, receives what the run built so that a caller need not read the folder back: ``stores`` (store
     shard key -> :class:`model_dir.CoefStore` of the shards written now), ``received`` (cells x channels, or
     None when nothing was trained now), ``expr`` / ``genes`` / ``coords`` / ``clusters`` / ``obs_names`` /
-    ``obsm`` (what ``data.h5ad`` holds).
+    ``obsm`` (what ``data.h5ad`` holds). With ``cluster`` (a connected :class:`..cluster.Cluster`) the batches of
+    targets are fitted as tasks on it; the shards are written here as they arrive, the same as in-process.
     """
     from pathlib import Path
 
@@ -574,6 +645,7 @@ def train(
             n_done=len(done),
             total=total,
             stores=stores,
+            cluster=cluster,
         )
         timings["gram_s"] = gram_s
         timings["lasso_s"] = fit_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -15,12 +16,13 @@ import torch
 from ... import keys
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
+from ..cluster import TASK_THREADS, Cluster, PiecesFailed, ranges
 from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
+from .chunks import PixelModel, fit_chunk, output_arrays
 from .config import RCTDConfig, check_config
 from .genes import select_de_genes
-from .intervals import observed_information, pair_intervals, simplex_intervals
 from .likelihood import build_tables
-from .modes import SPOT_CLASSES, SolverSettings, fit_doublet, fit_full, fit_multi
+from .modes import SPOT_CLASSES, SolverSettings
 from .reference import build_profiles
 from .sigma import estimate_sigma, fit_bulk
 
@@ -71,15 +73,85 @@ def run_rctd(
     reference: ReferenceInput,
     config: RCTDConfig = RCTDConfig(),
     control: RunControl | None = None,
+    cluster: Cluster | None = None,
 ) -> DeconvResult:
-    """Run RCTD on ``spatial`` with cell-type profiles learned from ``reference``."""
+    """Run RCTD on ``spatial`` with cell-type profiles learned from ``reference``.
+
+    With ``cluster`` (a connected :class:`~..cluster.Cluster`) the per-spot fits run as tasks there, in the
+    chunks this process would use, after the shared platform-effect and sigma steps here; the answer is the
+    same. Spots of a chunk that kept killing its workers are left unfitted and named by
+    :class:`~..cluster.PiecesFailed` (its ``partial`` holds the result for the others)."""
     t_start = time.perf_counter()
     check_config(config)
     control = control or RunControl()
     device = torch_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with thread_cap(config.n_threads):
-        return _run(spatial, reference, config, control, device, dtype, t_start)
+        return _run(spatial, reference, config, control, device, dtype, t_start, cluster)
+
+
+def _fit_here(model, reg_counts, numi, fit_idx, batch, keep, out, types, device, control) -> int:
+    """The chunks one after the other in this process (halving the chunk on CUDA out-of-memory); returns the
+    chunk size that went through."""
+    n = len(fit_idx)
+    lo = 0
+    tried = [min(batch, n)]
+    while lo < n:
+        control.check_cancel()
+        hi = min(lo + batch, n)
+        try:
+            keep(lo, hi, fit_chunk(reg_counts[lo:hi], numi[lo:hi], model))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            torch.cuda.empty_cache()
+            if hi - lo <= 1:
+                raise DeviceOutOfMemory.after("RCTD", device, tried) from exc
+            batch = max(1, (hi - lo) // 2)
+            tried.append(batch)
+            warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning, stacklevel=2)
+            continue
+        control.report(
+            "pixels",
+            hi / n,
+            f"{hi}/{n} spots",
+            partial=PartialResult(fit_idx[lo:hi].copy(), out["props"][lo:hi].copy(), list(types)),
+        )
+        lo = hi
+    return batch
+
+
+def _fit_on_cluster(cluster: Cluster, model, reg_counts, numi, fit_idx, batch, keep, types, control):
+    """The same chunks as tasks on the cluster, each sent its own rows; returns the (lo, hi) of chunks the
+    cluster gave up on and the :class:`PiecesFailed` saying why (None when every chunk finished)."""
+    n = len(fit_idx)
+    chunks = ranges(n, batch)
+    done = 0
+
+    def arrived(i: int, res: dict) -> None:
+        nonlocal done
+        lo, hi = chunks[i]
+        keep(lo, hi, res)
+        done += hi - lo
+        control.report(
+            "pixels",
+            done / n,
+            f"{done}/{n} spots on {cluster.n_workers} Dask workers",
+            partial=PartialResult(fit_idx[lo:hi].copy(), res["props"].copy(), list(types)),
+        )
+
+    try:
+        cluster.run(
+            fit_chunk,
+            [(reg_counts[lo:hi], numi[lo:hi]) for lo, hi in chunks],
+            shared=cluster.share(dataclasses.replace(model, task_threads=TASK_THREADS)),
+            on_result=arrived,
+            control=control,
+            name="rctd-spots",
+        )
+    except PiecesFailed as exc:
+        return [chunks[i] for i in sorted(exc.failed)], exc
+    return [], None
 
 
 def _run(
@@ -90,6 +162,7 @@ def _run(
     device: torch.device,
     dtype: torch.dtype,
     t_start: float,
+    cluster: Cluster | None = None,
 ) -> DeconvResult:
     # ---- reference ---------------------------------------------------------------------------------
     control.report("reference", 0.0, "building cell type profiles")
@@ -234,8 +307,6 @@ def _run(
     reg_counts = counts[fit_idx][:, reg_cols].tocsr()
     max_count = int(min(reg_counts.max() if reg_counts.nnz else 0, config.k_val))
     table = build_tables([sigma], max_count, **table_kw)[0]
-    ttable = table.to_torch(device, dtype)
-    P_t = torch.as_tensor(P_reg, dtype=dtype, device=device)
     settings = SolverSettings(config.n_iter, config.n_iter_score, config.min_change, config.step_size, dtype, device)
     mode = config.mode
     type_class = None
@@ -244,131 +315,41 @@ def _run(
     n_fit_px = len(fit_idx)
     batch = config.batch_size or auto_batch_size(len(genes_reg), K, mode, device, 8 if dtype == torch.float64 else 4)
     max_types = config.max_multi_types
-
+    pixel_model = PixelModel(
+        P_reg,
+        table,
+        settings,
+        mode,
+        config.confidence_threshold,
+        config.doublet_threshold,
+        type_class,
+        max_types,
+        bool(config.uncertainty),
+        config.interval_draws,
+        config.seed,
+    )
     # outputs over fitted pixels
-    out: dict[str, np.ndarray] = {
-        "weights": np.zeros((n_fit_px, K)),
-        "conv": np.zeros(n_fit_px, dtype=bool),
-    }
-    if mode == "doublet":
-        out.update(
-            spot_class=np.zeros(n_fit_px, dtype=np.int64),
-            first=np.zeros(n_fit_px, dtype=np.int64),
-            second=np.zeros(n_fit_px, dtype=np.int64),
-            first_cls=np.zeros(n_fit_px, dtype=bool),
-            second_cls=np.zeros(n_fit_px, dtype=bool),
-            wd=np.zeros((n_fit_px, 2)),
-            min_score=np.zeros(n_fit_px),
-            singlet_score=np.zeros(n_fit_px),
-            conv_full=np.zeros(n_fit_px, dtype=bool),
-        )
-    elif mode == "multi":
-        out.update(
-            type_idx=np.full((n_fit_px, max_types), -1, dtype=np.int64),
-            sub_w=np.zeros((n_fit_px, max_types)),
-            conf=np.zeros((n_fit_px, max_types), dtype=bool),
-            n_types=np.zeros(n_fit_px, dtype=np.int64),
-            min_score=np.zeros(n_fit_px),
-            conv_full=np.zeros(n_fit_px, dtype=bool),
-        )
-    props_fit = np.zeros((n_fit_px, K))
-    if config.uncertainty:
-        out["lower"] = np.zeros((n_fit_px, K))
-        out["upper"] = np.zeros((n_fit_px, K))
+    out = output_arrays(pixel_model, n_fit_px)
 
-    def run_batch(lo: int, hi: int) -> None:
-        y = torch.as_tensor(np.asarray(reg_counts[lo:hi].todense(), dtype=np.float64), dtype=dtype, device=device)
-        u = torch.as_tensor(numi[lo:hi], dtype=dtype, device=device)
-        if mode == "full":
-            w, conv = fit_full(P_t, y, u, ttable, settings)
-            out["weights"][lo:hi] = w
-            out["conv"][lo:hi] = conv
-            s = w.sum(axis=1, keepdims=True)
-            props_fit[lo:hi] = np.divide(w, s, out=np.full_like(w, 1.0 / K), where=s > 0)
-            if config.uncertainty:
-                info = observed_information(P_t, y, u, ttable, w)
-                out["lower"][lo:hi], out["upper"][lo:hi] = simplex_intervals(
-                    w, info, config.interval_draws, config.seed
-                )
-        elif mode == "doublet":
-            r = fit_doublet(
-                P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, type_class
-            )
-            out["weights"][lo:hi] = r.weights
-            out["conv"][lo:hi] = r.converged_doublet
-            out["conv_full"][lo:hi] = r.converged_full
-            for key, val in (
-                ("spot_class", r.spot_class),
-                ("first", r.first_type),
-                ("second", r.second_type),
-                ("first_cls", r.first_class),
-                ("second_cls", r.second_class),
-                ("wd", r.weights_doublet),
-                ("min_score", r.min_score),
-                ("singlet_score", r.singlet_score),
-            ):
-                out[key][lo:hi] = val
-            p = np.zeros((hi - lo, K))
-            rows = np.arange(hi - lo)
-            singlet = r.spot_class == 1
-            # spacexr's doublet proportions: a singlet is all first type; otherwise the fitted pair weights
-            p[rows, r.first_type] = np.where(singlet, 1.0, r.weights_doublet[:, 0])
-            p[rows[~singlet], r.second_type[~singlet]] += r.weights_doublet[~singlet, 1]
-            props_fit[lo:hi] = p
-            if config.uncertainty:
-                out["lower"][lo:hi], out["upper"][lo:hi] = pair_intervals(
-                    P_t,
-                    y,
-                    u,
-                    ttable,
-                    r.first_type,
-                    r.second_type,
-                    r.pair_weights,
-                    p,
-                    config.interval_draws,
-                    config.seed,
-                )
-        else:
-            r = fit_multi(P_t, y, u, ttable, settings, config.confidence_threshold, config.doublet_threshold, max_types)
-            out["weights"][lo:hi] = r.weights
-            out["conv"][lo:hi] = r.converged_sub
-            out["conv_full"][lo:hi] = r.converged_full
-            out["type_idx"][lo:hi] = r.type_indices
-            out["sub_w"][lo:hi] = r.sub_weights
-            out["conf"][lo:hi] = r.confident
-            out["n_types"][lo:hi] = r.n_types
-            out["min_score"][lo:hi] = r.min_score
-            p = np.zeros((hi - lo, K))
-            for j in range(max_types):
-                ok = r.type_indices[:, j] >= 0
-                p[np.flatnonzero(ok), r.type_indices[ok, j]] += r.sub_weights[ok, j]
-            props_fit[lo:hi] = p
+    def keep(lo: int, hi: int, res: dict[str, np.ndarray]) -> None:
+        for name, val in res.items():
+            out[name][lo:hi] = val
 
     control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
-    lo = 0
-    tried = [min(batch, n_fit_px)]
-    while lo < n_fit_px:
-        control.check_cancel()
-        hi = min(lo + batch, n_fit_px)
-        try:
-            run_batch(lo, hi)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            torch.cuda.empty_cache()
-            if hi - lo <= 1:
-                raise DeviceOutOfMemory.after("RCTD", device, tried) from exc
-            batch = max(1, (hi - lo) // 2)
-            tried.append(batch)
-            warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning, stacklevel=2)
-            continue
-        control.report(
-            "pixels",
-            hi / n_fit_px,
-            f"{hi}/{n_fit_px} spots",
-            partial=PartialResult(fit_idx[lo:hi].copy(), props_fit[lo:hi].copy(), list(types)),
-        )
-        lo = hi
+    lost_rows, failure = np.zeros(0, dtype=np.int64), None
+    if cluster is not None:
+        lost, failure = _fit_on_cluster(cluster, pixel_model, reg_counts, numi, fit_idx, batch, keep, types, control)
+        if lost:
+            lost_rows = np.concatenate([np.arange(lo, hi) for lo, hi in lost])
+    else:
+        batch = _fit_here(pixel_model, reg_counts, numi, fit_idx, batch, keep, out, types, device, control)
+    props_fit = out.pop("props")
+    if lost_rows.size:  # spots of chunks the cluster gave up on: left unfitted, like filtered spots
+        kept_rows = np.setdiff1d(np.arange(n_fit_px), lost_rows)
+        lost_spots = fit_idx[lost_rows]
+        fit_idx, props_fit = fit_idx[kept_rows], props_fit[kept_rows]
+        out = {name: val[kept_rows] for name, val in out.items()}
+        n_fit_px = len(fit_idx)
 
     # ---- assemble ----------------------------------------------------------------------------------
     barcodes = pd.Index(np.asarray(spatial.barcodes).astype(str))
@@ -465,7 +446,7 @@ def _run(
         _slot("dropped_cell_types"): dict(ref.dropped_types),
     }
     control.report("pixels", 1.0, f"done in {runtime:.1f} s")
-    return DeconvResult(
+    result = DeconvResult(
         key=KEY,
         method="RCTD",
         mode=mode,
@@ -478,3 +459,6 @@ def _run(
         obsm=obsm,
         uns=uns,
     )
+    if failure is not None:
+        raise failure.named(list(barcodes[lost_spots]), "spots", partial=result)
+    return result

@@ -92,6 +92,13 @@ class DeconvolutionDock(Container):
         self.device = ComboBox(
             label="device", choices=device_choices(), value="auto", tooltip="auto uses CUDA when torch sees a GPU."
         )
+        self.scheduler = LineEdit(
+            label="Dask scheduler",
+            value="",
+            tooltip="RCTD: where its per-spot fits run. Empty: in napari's process. 'local': worker processes on "
+            "this machine (one per core). An address such as tcp://10.0.0.5:8786: a running Dask cluster whose "
+            "workers have this plugin at the same version. The answer is the same.",
+        )
         self.uncertainty = CheckBox(
             text="per-spot 90% intervals",
             value=False,
@@ -129,6 +136,7 @@ class DeconvolutionDock(Container):
                 self.method,
                 self.mode,
                 self.device,
+                self.scheduler,
                 self.uncertainty,
                 self.params_box,
                 self.validate_btn,
@@ -171,6 +179,7 @@ class DeconvolutionDock(Container):
         info = api.available_methods().get(self.method.value)
         if info is None:
             return
+        self.scheduler.enabled = self.method.value in api.SCHEDULER_METHODS
         self.uncertainty.enabled = self.method.value in api.methods_with_intervals()
         if not self.uncertainty.enabled:
             self.uncertainty.value = False
@@ -283,6 +292,7 @@ class DeconvolutionDock(Container):
         spatial, reference, cell_type_col, slide_options = paths
         params, method, device = self.method_params(), self.method.value, self.device.value
         uncertainty = bool(self.uncertainty.value and self.uncertainty.enabled)
+        scheduler = (self.scheduler.value.strip() or None) if self.scheduler.enabled else None
         slide = self.slide.value
         source = {"inputs": (spatial, reference), "slide_options": slide_options}
 
@@ -301,6 +311,7 @@ class DeconvolutionDock(Container):
                 uncertainty=uncertainty,
                 check=True,
                 slide_options=slide_options,
+                scheduler=scheduler,
             )
 
         # Finished batches are painted onto the slide layer itself: recolouring an existing layer costs
