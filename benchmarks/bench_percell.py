@@ -353,6 +353,8 @@ def compare(work: Path, genes: list[str], ko: str) -> dict:
     m = load_model(work / "ours")
     idx = LensIndex(m)
     res = {}
+    genes = [g for g in genes if (work / "betas" / f"{g}_betadata.parquet").exists()]  # what the peer finished
+    res["genes_compared"] = genes
     for g in genes:
         pb = pd.read_parquet(work / "betas" / f"{g}_betadata.parquet")
         ours = np.zeros((m.expr.shape[0], pb.shape[1] - 1))
