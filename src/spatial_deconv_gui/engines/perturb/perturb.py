@@ -294,7 +294,7 @@ def percell_from_store(genes, cluster_names, targets, store: md.CoefStore, entri
     ekey = entries["store_row"] * stride + entries["mod"]
     pos = np.searchsorted(wkey[order], ekey)
     pos = np.minimum(pos, max(wkey.size - 1, 0))
-    hit = entries["nonzero"] & (wkey.size > 0) & (wkey[order][pos] == ekey) if wkey.size else np.zeros(ekey.size, bool)
+    hit = entries["nonzero"] & (wkey[order][pos] == ekey) if wkey.size else np.zeros(ekey.size, bool)
     flagged = store.pc_flag.astype(bool)[entries["store_row"]]
     if np.any(flagged & entries["nonzero"] & ~hit):
         raise InputError(

@@ -230,8 +230,9 @@ def _store_of_batch(
 
 def _percell_batch(coefs, icpt, gated, Phi, Y, ctx, cfg) -> dict:
     """Per-cell coefficients of one batch (``percell.fit_percell``) and which targets keep them: every target
-    with a model in full mode; in hybrid mode those whose held-out R² gains at least ``hybrid_min_gain`` over
-    the seed's. Updates ``icpt`` (T x C) with the learnt intercepts of the kept targets."""
+    with a model in full mode; in hybrid mode those where the network removes at least ``hybrid_min_gain`` of the
+    seed's held-out squared error (``percell.heldout_gain``). Updates ``icpt`` (T x C) with the learnt intercepts of
+    the kept targets."""
     from .percell import fit_percell, heldout_gain
 
     T = Y.shape[1]
