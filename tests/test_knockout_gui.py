@@ -300,3 +300,31 @@ def test_a_streaming_layer_deleted_mid_run_still_leaves_the_run_its_map(make_nap
     assert delta in viewer.layers and delta.name == "KO Tf0 #1: Δ"
     gene = ko.show_gene.value
     np.testing.assert_allclose(delta.face_color, diverging_rgba(ko.current.delta(gene))[0], atol=1e-6)
+
+
+def test_train_dock_trains_a_hybrid_model_and_the_lens_reads_its_cells(make_napari_viewer, qtbot, tmp_path):
+    """The dock's *coefficients* choice reaches training: a hybrid model comes back into the session, the status
+    line says how many targets kept per-cell coefficients, and the lens shows a per-cell target's own β."""
+    # the sample's coefficients do not vary within a cluster: at gain 0 hybrid keeps the network where it is any
+    # better on held-out cells (about half the targets) and the seed elsewhere
+    viewer, train = _train(
+        make_napari_viewer, qtbot, tmp_path / "hybrid", l1_reg=0.01, group_reg=0.01, hybrid_min_gain=0.0
+    )
+    assert not train.epochs.enabled
+    train.mode.value = "hybrid"
+    assert train.epochs.enabled
+    train.epochs.value = 100
+    params = train._training_inputs()[-1]
+    assert params["mode"] == "hybrid" and params["epochs"] == 100
+    train.train_btn.native.click()
+    qtbot.waitUntil(lambda: not train.busy, timeout=300_000)
+    model = session_for(viewer).model
+    assert model is not None, train.status.value
+    pc = model.manifest["percell"]
+    assert model.manifest["mode"] == "hybrid" and pc["n_cnn"] > 0 and pc["n_seed"] > 0
+    assert f"per-cell coefficients for {pc['n_cnn']} targets" in train.status.value
+    target = model.percell.targets[0]
+    k = model.cluster_names.index(model.clusters[0])
+    same = np.flatnonzero(model.clusters == model.cluster_names[k])[:2]
+    betas = [perturb_api.interaction_lens(model, int(c), target).modulators.beta.to_numpy() for c in same]
+    assert betas[0].size and not np.array_equal(np.sort(betas[0]), np.sort(betas[1]))  # same cluster, own β

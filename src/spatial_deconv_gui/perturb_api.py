@@ -245,7 +245,12 @@ def model_from_training(out, manifest: dict, built: dict) -> PerturbModel:
     object :func:`load_model` would read from the folder. Only store shards of an earlier, resumed run are
     read from disk."""
     from .engines.perturb import model_dir as md
-    from .engines.perturb.perturb import StoreTables, coefficients_from_store, model_from_coefficients
+    from .engines.perturb.perturb import (
+        StoreTables,
+        coefficients_from_store,
+        model_from_coefficients,
+        percell_from_manifest_store,
+    )
 
     out = Path(out)
     kept = built.get("stores", {})
@@ -266,7 +271,9 @@ def model_from_training(out, manifest: dict, built: dict) -> PerturbModel:
     targets = [str(t) for t in manifest["targets"]]
     genes = list(built["genes"])
     cluster_names = [str(c) for c in manifest["clusters"]]
-    coefficients = coefficients_from_store(genes, cluster_names, targets, store)
+    entries: dict = {}
+    coefficients = coefficients_from_store(genes, cluster_names, targets, store, entries)
+    percell = percell_from_manifest_store(out, manifest, genes, cluster_names, targets, store, entries)
     model = model_from_coefficients(
         manifest,
         genes,
@@ -280,6 +287,7 @@ def model_from_training(out, manifest: dict, built: dict) -> PerturbModel:
         obs_names=built.get("obs_names"),
     )
     model.store = store  # as load_model sets it: gene_usage and the screen read the store
+    model.percell = percell
     W = built.get("received")
     if W is None and (out / md.RECEIVED).exists():
         W = np.load(out / md.RECEIVED, allow_pickle=False)

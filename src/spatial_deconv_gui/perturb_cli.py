@@ -224,7 +224,15 @@ def _cmd_train(args) -> int:
         "n_received_channels": len(man.get("received_channels", man.get("ligands", []))),
         "train_time_s": man.get("train_time_s"),
         "small_clusters": man.get("small_clusters", {}),
+        "mode": man.get("mode", "seed"),
     }
+    pc = man.get("percell")
+    if pc:
+        summary.update(
+            per_cell_targets=pc["n_cnn"],
+            seed_targets=pc["n_seed"],
+            median_heldout_error_cut=pc["median_heldout_error_cut"],
+        )
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
@@ -233,6 +241,12 @@ def _cmd_train(args) -> int:
             f"{summary['n_cells']} cells in {summary['train_time_s']} s; wrote {args.out}",
             file=sys.stderr,
         )
+        if pc:
+            print(
+                f"{summary['mode']} mode: per-cell coefficients for {pc['n_cnn']} targets, the cluster seed for "
+                f"{pc['n_seed']} ({pc['rule']}); held-out R² per target in the manifest's 'percell'",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 

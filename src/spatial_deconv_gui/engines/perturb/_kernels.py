@@ -247,3 +247,39 @@ def propagation_hop(
                 continue
             for e in range(a, b):
                 o[tfl_idx[e]] += tfl_val[e] * q
+
+
+@njit(nogil=True, cache=True)
+def percell_hop(cl, D, dW, F, W, cptr, kind, row, tcol, seed, block, wrow, Z, Wr, lr_r, lr_ch, tfl_t, tfl_ch, out):
+    """The per-cell part of a propagation hop (models of mode 'full' / 'hybrid', ``percell.PerCellBeta``): for
+    every entry ``e`` of cell ``i``'s cluster (``cptr[k] .. cptr[k + 1]``), the coefficient's change in the cell,
+    ``seed[e] * (Z[block[e], i] . Wr[wrow[e]])``, times the same derivative term as :func:`propagation_hop`
+    (``kind`` 0 TF, 1 LR, 2 TF-ligand; ``row`` the gene column or pair index)."""
+    n = D.shape[0]
+    nd = Z.shape[2]
+    for i in range(n):
+        k = cl[i]
+        if k < 0:
+            continue
+        for e in range(cptr[k], cptr[k + 1]):
+            r = row[e]
+            kd = kind[e]
+            if kd == 0:
+                q = D[i, r]
+            elif kd == 1:
+                fr = F[i, lr_r[r]]
+                c = lr_ch[r]
+                q = fr * dW[i, c]
+                if fr > 0.0:
+                    q = W[i, c] * D[i, lr_r[r]] + q
+            else:
+                c = tfl_ch[r]
+                q = F[i, tfl_t[r]] * dW[i, c] + W[i, c] * D[i, tfl_t[r]]
+            if q == 0.0:
+                continue
+            b = block[e]
+            w = wrow[e]
+            f = 0.0
+            for j in range(nd):
+                f += Z[b, i, j] * Wr[w, j]
+            out[i, tcol[e]] += seed[e] * f * q

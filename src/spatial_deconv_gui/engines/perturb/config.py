@@ -101,7 +101,9 @@ class TrainConfig:
     device: str = field(
         default="auto",
         metadata={
-            "help": DEVICE_CHOICES_HELP + " for the received ligands (the lasso runs on the CPU, in numba)",
+            "help": DEVICE_CHOICES_HELP
+            + " for the received ligands and the per-cell network of --mode full / hybrid (the lasso runs on the CPU, "
+            "in numba)",
             "choices": DEVICE_CHOICES,
         },
     )
@@ -109,6 +111,41 @@ class TrainConfig:
         default=512,
         metadata={"help": "lasso problems (cluster x target) solved together; more is faster and uses more memory"},
     )
+    mode: Literal["seed", "full", "hybrid"] = field(
+        default="seed",
+        metadata={
+            "help": (
+                "seed: one coefficient set per cluster (the group lasso); full: SpaceTravLR's per-cell coefficients, "
+                "the lasso seeds refined in each cell by a small CNN on its neighbourhood; hybrid: per-cell only "
+                "for the targets where it predicts held-out cells better than the seed (see hybrid_min_gain)"
+            )
+        },
+    )
+    epochs: int = field(default=300, metadata={"help": "full / hybrid: training passes of the per-cell network"})
+    learning_rate: float = field(default=0.01, metadata={"help": "full / hybrid: Adam's learning rate"})
+    percell_l2: float = field(
+        default=0.001,
+        metadata={"help": "full / hybrid: L2 penalty pulling each cell's coefficients towards its cluster's seed"},
+    )
+    holdout_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": (
+                "full / hybrid: share of each cluster's cells held out of training (seed and network) to score "
+                "both; 0 trains on every cell (full only)"
+            )
+        },
+    )
+    hybrid_min_gain: float = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "hybrid: a target keeps per-cell coefficients when they cut its held-out squared error by at least "
+                "this share of the seed's, 1 - SSE_cnn / SSE_seed"
+            )
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "full / hybrid: random seed of the held-out split and the network"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

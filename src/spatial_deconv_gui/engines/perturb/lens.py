@@ -5,8 +5,8 @@
   ligand-receptor term's is w_L * f(x_R); a TF-ligand term's is w_L * x_TF, where w_L is the ligand received at
   the term's radius (its channel) and f the expression filter. The term ``beta * feature`` is what the modulator
   adds to the cell's predicted expression of the target. β is read by :func:`cell_coefficients` /
-  :func:`term_coefficients` alone: today the coefficients of the cell's cluster; per-cell coefficients replace
-  those two functions and nothing else.
+  :func:`term_coefficients` alone: the coefficients of the cell's cluster, or for a target with per-cell
+  coefficients (``mode`` 'full' / 'hybrid') the cell's own, ``seed * (1 + z_i . w)`` (:mod:`percell`).
 * **Senders**: the received ligand is a kernel sum (``ligands.received_ligands``),
   ``w_L(i) = (s/N) * sum_j exp(-d_ij^2 / 2r^2) f(x_jL)``; a sender j's share of it is the summand. The lens lists,
   for each ligand term whose partner (receptor or TF) the cell expresses, the other cells within the term's radius
@@ -131,8 +131,8 @@ def _check_target(index: LensIndex, target: str) -> int:
 
 def cell_coefficients(index: LensIndex, cell: int, target: str) -> list[tuple[int, int, float]]:
     """``(kind, row, beta)`` of every non-zero coefficient of ``target`` in ``cell`` (row: the TF's gene column,
-    or the pair's index in ``model.lr_pairs`` / ``model.tfl_pairs``). The coefficients of the cell's cluster; the
-    one place a per-cell model would give the cell's own."""
+    or the pair's index in ``model.lr_pairs`` / ``model.tfl_pairs``): the coefficients of the cell's cluster, and
+    for a target with per-cell coefficients (mode 'full' / 'hybrid') the cell's own."""
     k = int(index.cell_cluster[cell])
     if k < 0:
         return []
@@ -142,12 +142,22 @@ def cell_coefficients(index: LensIndex, cell: int, target: str) -> list[tuple[in
         m = index.csc(kind, k)
         lo, hi = m.indptr[col], m.indptr[col + 1]
         out.extend((kind, int(r), float(v)) for r, v in zip(m.indices[lo:hi], m.data[lo:hi]) if v != 0.0)
+    pc = index.model.percell
+    if pc is not None:
+        e = pc.entries_of(k, target_col=col)
+        if e.size:
+            beta = pc.seed[e] * (1.0 + pc.factor(e, [cell])[0])
+            at = {(kind, row): n for n, (kind, row, _) in enumerate(out)}
+            for kind, row, b in zip(pc.kind[e].tolist(), pc.row[e].tolist(), beta.tolist()):
+                n = at.get((kind, row))
+                if n is not None:
+                    out[n] = (kind, row, float(b))
     return out
 
 
 def term_coefficients(index: LensIndex, kind: int, row: int) -> tuple[np.ndarray, np.ndarray]:
     """(target columns, cells x targets β) of one modulator row in every cell: the targets it has a non-zero
-    coefficient for in some cluster. Per-cell coefficients would replace this too (see
+    coefficient for in some cluster; each cell's own for targets with per-cell coefficients (see
     :func:`cell_coefficients`)."""
     mats = {TF: index.model.B_tf, LR: index.model.B_lr, TFL: index.model.B_tfl}[kind]
     rows = [sp.csr_matrix(m)[row] for m in mats]
@@ -156,7 +166,17 @@ def term_coefficients(index: LensIndex, kind: int, row: int) -> tuple[np.ndarray
     if cols.size == 0:
         return cols.astype(np.int64), beta
     per_cluster = np.vstack([r.toarray()[0, cols] for r in rows] + [np.zeros(cols.size)])  # last row: no cluster
-    return cols.astype(np.int64), per_cluster[index.cell_cluster]
+    beta = per_cluster[index.cell_cluster]
+    pc = index.model.percell
+    if pc is not None:
+        where = {int(c): j for j, c in enumerate(cols)}
+        for k in range(len(index.model.cluster_names)):
+            e = pc.entries_of(k, kind=kind, row=row)
+            cells = np.flatnonzero(index.cell_cluster == k)
+            if e.size and cells.size:
+                j = np.array([where[int(c)] for c in pc.target_col[e]], dtype=np.int64)
+                beta[np.ix_(cells, j)] = pc.seed[e] * (1.0 + pc.factor(e, cells))
+    return cols.astype(np.int64), beta
 
 
 @dataclass

@@ -9,6 +9,13 @@ non-zero coefficients as ``nz_target, nz_cluster, nz_mod`` (target row, cluster,
 target) with ``nz_value``. Loading concatenates the shards; ``manifest['store_checksums']`` maps each shard (path
 relative to the folder) to its sha256. A target in a shard is finished; training resumes by skipping it.
 
+Format 4 (per-cell coefficients, ``manifest['mode']`` 'full' or 'hybrid'; a 'seed' model is still written as
+format 3, byte for byte as before): each shard also holds ``PERCELL_KEYS`` - which targets have per-cell
+coefficients, their held-out R², the cells' neighbourhood features of the shard's training batch and one head row
+per (target, modulator); see :mod:`percell`. ``manifest['percell']`` says per target which was kept ('cnn' or
+'seed') and the rule. A reader of format 3 refuses a format 4 folder by its version ("reads up to 3"); this one
+refuses a manifest whose mode it does not know, or whose store lacks the per-cell part its mode promises.
+
 Formats 1-2 (still read, ``perturb upgrade`` converts them): one CSV per target under ``coefs/`` with one row per
 cluster and the columns ``cluster, n_cells, r2, gated, intercept`` followed by ``beta_<modulator>``.
 
@@ -38,8 +45,10 @@ MANIFEST = "manifest.json"
 DATA = "data.h5ad"
 COEFS = "coefs"
 RECEIVED = "received_ligands.npy"  # cells x manifest["received_channels"] (format 1: x manifest["ligands"])
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 STORE_VERSION = 3  # first format with the coefficient store
+PERCELL_VERSION = 4  # first format with per-cell coefficients (mode 'full' / 'hybrid'); seed models stay format 3
+MODES = ("seed", "full", "hybrid")
 STORE_CHECKSUMS = "store_checksums"
 FILE_CHECKSUMS = "file_checksums"  # sha256 of data.h5ad and received_ligands.npy, recorded when training finishes
 SHARD_PATTERN = "part-*.npz"
@@ -207,6 +216,13 @@ _SHARD_KEYS = (
 )
 
 
+# per-cell coefficients (format 4, modes 'full' / 'hybrid'; see percell.py): ``pc_flag`` (T) whether the target
+# has them, ``pc_r2`` (T x 2) held-out R² of the seed and of the per-cell model, ``pc_z`` (S x N x D) the cells'
+# neighbourhood features (one block per training batch), ``pc_w`` (R x D) one row per (target, modulator) of a
+# per-cell target with ``pc_w_target`` (target row), ``pc_w_mod`` (position within the target's modulators) and
+# ``pc_w_block`` (its block of ``pc_z``)
+PERCELL_KEYS = ("pc_flag", "pc_r2", "pc_z", "pc_w", "pc_w_target", "pc_w_mod", "pc_w_block")
+
 # what a knockout needs (the sparse coefficients and whose they are) and what only the per-target tables need
 PROPAGATION_COLUMNS = (
     "targets",
@@ -218,8 +234,9 @@ PROPAGATION_COLUMNS = (
     "nz_cluster",
     "nz_mod",
     "nz_value",
+    *PERCELL_KEYS,
 )
-TABLE_COLUMNS = _SHARD_KEYS
+TABLE_COLUMNS = _SHARD_KEYS + PERCELL_KEYS
 
 
 @dataclass
@@ -239,9 +256,24 @@ class CoefStore:
     nz_cluster: np.ndarray  # (K,) int32
     nz_mod: np.ndarray  # (K,) int32 position within the target's modulators
     nz_value: np.ndarray  # (K,) float64
+    # per-cell coefficients (PERCELL_KEYS); None in a seed model
+    pc_flag: np.ndarray | None = None
+    pc_r2: np.ndarray | None = None
+    pc_z: np.ndarray | None = None
+    pc_w: np.ndarray | None = None
+    pc_w_target: np.ndarray | None = None
+    pc_w_mod: np.ndarray | None = None
+    pc_w_block: np.ndarray | None = None
 
     def arrays(self) -> dict:
-        return {k: getattr(self, k) for k in _SHARD_KEYS}
+        out = {k: getattr(self, k) for k in _SHARD_KEYS}
+        if self.pc_flag is not None:  # a seed shard keeps exactly the format 3 members
+            out.update({k: getattr(self, k) for k in PERCELL_KEYS})
+        return out
+
+    @property
+    def has_percell(self) -> bool:
+        return self.pc_flag is not None
 
     @property
     def mod_names(self) -> np.ndarray:
@@ -340,10 +372,11 @@ def write_shard(model_dir, store: CoefStore, path=None) -> tuple[str, str]:
     return shard_key(model_dir, path), file_sha256(path)
 
 
-def read_shard(path, columns=_SHARD_KEYS) -> CoefStore:
+def read_shard(path, columns=_SHARD_KEYS + PERCELL_KEYS) -> CoefStore:
     """A shard's columns (an .npz member is decompressed only when read: the others are skipped)."""
     with np.load(path, allow_pickle=False) as z:
-        return CoefStore(**{k: (z[k] if k in columns else None) for k in _SHARD_KEYS})
+        pc = {k: z[k] for k in PERCELL_KEYS if k in columns and k in z.files}
+        return CoefStore(**{k: (z[k] if k in columns else None) for k in _SHARD_KEYS}, **pc)
 
 
 def scan_shards(model_dir) -> dict[str, list[str]]:
@@ -360,6 +393,41 @@ def scan_shards(model_dir) -> dict[str, list[str]]:
 
 
 _FIT_KEYS = ("n_cells", "r2", "gated", "intercept")
+
+
+def _percell_of(stores: list[CoefStore]) -> dict:
+    """The per-cell columns of concatenated stores (blocks of ``pc_z`` stacked, rows renumbered); empty when no
+    store has them. A store without them (seed) counts as one whose targets have none."""
+    have = [s for s in stores if s.pc_flag is not None and s.pc_z is not None]
+    if not have:
+        return {}
+    _, n, d = have[0].pc_z.shape
+    flags, r2, zs, w, wt, wm, wb = [], [], [], [], [], [], []
+    t_off = blk_off = 0
+    for s in stores:
+        T = len(s.targets)
+        if s.pc_flag is None or s.pc_z is None:
+            flags.append(np.zeros(T, dtype=bool))
+            r2.append(np.full((T, 2), np.nan))
+        else:
+            flags.append(s.pc_flag.astype(bool))
+            r2.append(s.pc_r2)
+            zs.append(s.pc_z)
+            w.append(s.pc_w)
+            wt.append(s.pc_w_target.astype(np.int64) + t_off)
+            wm.append(s.pc_w_mod)
+            wb.append(s.pc_w_block.astype(np.int64) + blk_off)
+            blk_off += s.pc_z.shape[0]
+        t_off += T
+    return dict(
+        pc_flag=np.concatenate(flags),
+        pc_r2=np.concatenate(r2),
+        pc_z=np.concatenate(zs, axis=0) if zs else np.zeros((0, n, d), np.float32),
+        pc_w=np.concatenate(w, axis=0),
+        pc_w_target=np.concatenate(wt).astype(np.int32),
+        pc_w_mod=np.concatenate(wm).astype(np.int32),
+        pc_w_block=np.concatenate(wb).astype(np.int32),
+    )
 
 
 def concat_stores(stores: list[CoefStore]) -> CoefStore:
@@ -382,6 +450,7 @@ def concat_stores(stores: list[CoefStore]) -> CoefStore:
         cat("nz_cluster"),
         cat("nz_mod"),
         cat("nz_value"),
+        **_percell_of(stores),
     )
 
 
@@ -400,6 +469,21 @@ def check_loadable(model_dir, manifest: dict) -> None:
             "update spatial-deconv-gui (retraining with this version also "
             "works; 'perturb train' cannot resume a newer folder).",
             code="model_too_new",
+        )
+    mode = manifest.get("mode", "seed")
+    if mode not in MODES:
+        raise InputError(
+            f"{model_dir} was trained with mode {mode!r}, which this version of spatial-deconv-gui does not know "
+            f"(it knows {', '.join(MODES)}).",
+            "update spatial-deconv-gui, or train the model again with this version.",
+            code="model_too_new",
+        )
+    if mode != "seed" and version < PERCELL_VERSION:
+        raise InputError(
+            f"{model_dir} says mode {mode!r} but has model format {version}, which holds no per-cell coefficients: "
+            "the manifest was edited or written by another tool.",
+            "train the model again with 'spatial-deconv perturb train --mode " + mode + "'.",
+            code="bad_model_dir",
         )
     status = manifest.get("status", "complete")
     if status != "complete":
@@ -467,7 +551,7 @@ class OldFormatNotice(UserWarning):
 def notice_old_layout(model_dir, version: int) -> None:
     warnings.warn(
         f"{model_dir} is a format {version} model folder (one CSV per target, slow to load); "
-        f"'spatial-deconv perturb upgrade {model_dir}' rewrites it as a format {FORMAT_VERSION} store.",
+        f"'spatial-deconv perturb upgrade {model_dir}' rewrites it as a format {STORE_VERSION} store.",
         OldFormatNotice,
         stacklevel=3,
     )
@@ -540,7 +624,7 @@ def upgrade(model_dir) -> dict:
         )
     key, sha = written
     manifest[STORE_CHECKSUMS] = {key: sha}
-    manifest["format_version"] = FORMAT_VERSION
+    manifest["format_version"] = STORE_VERSION  # an upgraded folder is a seed model: the store's format
     manifest["upgraded_from_format"] = version
     write_manifest(model_dir, manifest)
     n_removed = remove_csv_tables(model_dir, targets)
@@ -548,7 +632,7 @@ def upgrade(model_dir) -> dict:
         "model_dir": str(model_dir),
         "upgraded": True,
         "from_format": version,
-        "format_version": FORMAT_VERSION,
+        "format_version": STORE_VERSION,
         "n_targets": n_removed,
         "store": key,
         "store_bytes": (model_dir / key).stat().st_size,

@@ -42,6 +42,7 @@ from . import model_dir as md
 from .expression import filtered
 from .ligands import choose_mode, received_ligands
 from .modulators import LR, PAIR_SEP_LR, PAIR_SEP_TFL, RADIUS_RULES, TF, TFL, parse_modulator, received_channels
+from .percell import PerCellBeta
 
 
 @dataclass
@@ -75,6 +76,8 @@ class PerturbModel:
     lr_channel: np.ndarray | None = None  # channel index of each LR pair / TF-ligand pair
     tfl_channel: np.ndarray | None = None
     store: md.CoefStore | None = None  # the coefficient store it was loaded from (format 3), else None
+    # per-cell coefficients (mode 'full' / 'hybrid'): corrections to B_* cell by cell; None: the clusters' own
+    percell: PerCellBeta | None = None
     # Propagators built for this model, by (ligand mode, device, clip): their set-up is paid once per model
     propagators: dict = field(default_factory=dict, repr=False)
 
@@ -199,7 +202,7 @@ class StoreTables(Mapping):
         return len(self._row)
 
 
-def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) -> tuple:
+def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore, entries: dict | None = None) -> tuple:
     """What :func:`build_coefficients` gives from the tables, computed on the store's columns.
 
     The entries go in the same order as there (per cluster: targets in ``targets`` order, then each target's
@@ -250,6 +253,17 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
     nz_kind, nz_row = kind[slot], row_index[slot]
     target_col = np.array([gi[t] for t in targets], dtype=np.int64)[nz_order]
     nonzero = nz_value != 0.0
+    if entries is not None:  # what per-cell coefficients are built on (percell_from_store)
+        entries.update(
+            store_row=rows[nz_order],
+            mod=nz_mod,
+            cluster=nz_cluster,
+            kind=nz_kind,
+            row=nz_row,
+            target_col=target_col,
+            value=nz_value,
+            nonzero=nonzero,
+        )
 
     def mats(kd, nrows):
         out = []
@@ -266,6 +280,57 @@ def coefficients_from_store(genes, cluster_names, targets, store: md.CoefStore) 
         return out
 
     return (mats(TF, len(genes)), mats(LR, len(pairs[LR])), mats(TFL, len(pairs[TFL])), pairs[LR], pairs[TFL])
+
+
+def percell_from_store(genes, cluster_names, targets, store: md.CoefStore, entries: dict) -> PerCellBeta | None:
+    """The model's :class:`percell.PerCellBeta` from a store with per-cell columns (None for a seed store, or
+    when no target kept them). ``entries`` is what :func:`coefficients_from_store` filled in."""
+    if not store.has_percell or store.pc_w is None or not np.any(store.pc_flag):
+        return None
+    n_mod = np.diff(store.mod_ptr)
+    stride = int(n_mod.max()) + 1 if n_mod.size else 1
+    wkey = store.pc_w_target.astype(np.int64) * stride + store.pc_w_mod.astype(np.int64)
+    order = np.argsort(wkey, kind="stable")
+    ekey = entries["store_row"] * stride + entries["mod"]
+    pos = np.searchsorted(wkey[order], ekey)
+    pos = np.minimum(pos, max(wkey.size - 1, 0))
+    hit = entries["nonzero"] & (wkey[order][pos] == ekey) if wkey.size else np.zeros(ekey.size, bool)
+    flagged = store.pc_flag.astype(bool)[entries["store_row"]]
+    if np.any(flagged & entries["nonzero"] & ~hit):
+        raise InputError(
+            "the coefficient store's per-cell part does not cover every coefficient of its per-cell targets.",
+            "train the model again.",
+            code="bad_model_dir",
+        )
+    sel = np.flatnonzero(hit & flagged)  # already in (cluster, target, modulator) order
+    cl = entries["cluster"][sel]
+    cluster_ptr = np.searchsorted(cl, np.arange(len(cluster_names) + 1)).astype(np.int64)
+    wrow = order[pos[sel]]
+    return PerCellBeta(
+        z=np.asarray(store.pc_z, dtype=np.float64),
+        w=np.asarray(store.pc_w, dtype=np.float64),
+        cluster_ptr=cluster_ptr,
+        kind=entries["kind"][sel].astype(np.int64),
+        row=entries["row"][sel].astype(np.int64),
+        target_col=entries["target_col"][sel].astype(np.int64),
+        seed=entries["value"][sel].astype(np.float64),
+        block=store.pc_w_block.astype(np.int64)[wrow],
+        wrow=wrow.astype(np.int64),
+        targets=[str(t) for t, f in zip(store.targets.tolist(), store.pc_flag.tolist()) if f],
+    )
+
+
+def percell_from_manifest_store(path, manifest, genes, cluster_names, targets, store, entries) -> PerCellBeta | None:
+    """:func:`percell_from_store`, refusing a store that lacks the per-cell part its manifest's mode promises."""
+    mode = manifest.get("mode", "seed")
+    if mode != "seed" and not store.has_percell:
+        raise InputError(
+            f"{path}: the manifest says mode {mode!r} but the coefficient store holds no per-cell coefficients "
+            "(its parts were written by a seed-mode training).",
+            f"train the model again into a new folder with --mode {mode}.",
+            code="bad_model_dir",
+        )
+    return percell_from_store(genes, cluster_names, targets, store, entries) if mode != "seed" else None
 
 
 def model_from_tables(
@@ -385,7 +450,9 @@ def load_model(path) -> PerturbModel:
                 code="bad_model_dir",
             )
         tables = StoreTables(store, targets, partial(md.read_store, path, manifest, md.TABLE_COLUMNS))
-        coefficients = coefficients_from_store(genes, cluster_names, targets, store)
+        entries: dict = {}
+        coefficients = coefficients_from_store(genes, cluster_names, targets, store, entries)
+        percell = percell_from_manifest_store(path, manifest, genes, cluster_names, targets, store, entries)
     else:
         md.notice_old_layout(path, int(manifest.get("format_version", 1)))
         done = md.finished_genes(path, targets)
@@ -398,6 +465,7 @@ def load_model(path) -> PerturbModel:
                 code="model_incomplete",
             )
         coefficients = build_coefficients(genes, cluster_names, tables)
+        percell = None
     X = data.X.toarray() if sp.issparse(data.X) else np.asarray(data.X)
     obsm = {k: np.asarray(v) for k, v in data.obsm.items()}
     model = model_from_coefficients(
@@ -413,6 +481,7 @@ def load_model(path) -> PerturbModel:
         obs_names=list(map(str, data.obs_names)),
     )
     model.store = store
+    model.percell = percell
     rpath = path / md.RECEIVED
     if rpath.exists() and "received_ligands_mode" in manifest:
         W = np.load(rpath, allow_pickle=False)
@@ -564,6 +633,31 @@ class Propagator:
         c64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
         (tf_p, tf_i, tf_v, lr_p, lr_i, lr_v, tfl_p, tfl_i, tfl_v) = self._csr
         out = np.zeros(dmod.shape)
+        pc = self.m.percell
+        if pc is not None and pc.seed.size:
+            from ._kernels import percell_hop
+
+            percell_hop(
+                self.cell_cluster,
+                c64(dmod),
+                c64(dW),
+                c64(F_s),
+                c64(W_s),
+                pc.cluster_ptr,
+                pc.kind,
+                pc.row,
+                pc.target_col,
+                pc.seed,
+                pc.block,
+                pc.wrow,
+                pc.z,
+                pc.w,
+                self.lr_r,
+                self.lr_ch,
+                self.tfl_t,
+                self.tfl_ch,
+                out,
+            )
         propagation_hop(
             self.cell_cluster,
             c64(dmod),
@@ -610,6 +704,23 @@ class Propagator:
                 )
                 acc = acc + m.B_tfl[k].T @ q.T
             out[rows] = np.asarray(acc).T
+            pc = m.percell
+            if pc is not None:  # each entry's per-cell change of coefficient times its derivative term
+                e = pc.entries_of(k)
+                if e.size:
+                    f = pc.factor(e, rows) * pc.seed[e]  # (cells, entries)
+                    q = np.zeros((rows.size, e.size))
+                    for j, (kd, r) in enumerate(zip(pc.kind[e], pc.row[e])):
+                        if kd == TF:
+                            q[:, j] = D[:, r]
+                        elif kd == LR:
+                            fr = F_s[rows, self.lr_r[r]]
+                            c = self.lr_ch[r]
+                            q[:, j] = np.where(fr > 0, W_s[rows, c], 0.0) * D[:, self.lr_r[r]] + fr * dW[rows, c]
+                        else:
+                            c = self.tfl_ch[r]
+                            q[:, j] = F_s[rows, self.tfl_t[r]] * dW[rows, c] + W_s[rows, c] * D[:, self.tfl_t[r]]
+                    np.add.at(out, (rows[:, None], pc.target_col[e][None, :]), f * q)
         return out
 
 

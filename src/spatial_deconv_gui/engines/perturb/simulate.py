@@ -34,6 +34,7 @@ def simulate_grn_tissue(
     noise: float = 0.15,
     n_decoy_tfs: int = 3,
     upstream_targets: int = 8,
+    beta_variation: float = 0.0,
 ) -> ad.AnnData:
     """Simulated spatial AnnData with a known sparse GRN + ligand signalling.
 
@@ -41,6 +42,13 @@ def simulate_grn_tissue(
     ``obs['cluster']``, ``obsm['spatial']`` and in ``uns['perturb_sim']``: ``true_modulators`` (target,
     cluster, modulator, kind, coef), ``grn_prior`` (tf, target), ``lr_prior`` (ligand, receptor, annotation),
     ``radius``, ``contact_radius``, ``scale_factor``, ``upstream_tf`` and its ``cascade_tf``.
+
+    ``beta_variation`` a > 0 makes the coefficients of every other plain target (``varying_targets``: the odd
+    ``Gene`` indices from ``2 * upstream_targets`` on) vary from cell to cell within a cluster with the cell's
+    neighbourhood: cell i's coefficient is the cluster's times ``1 + a * (2 * mix_i - 1)``, mix_i the share of
+    other clusters among the cells within ``radius`` of i (Gaussian-weighted; 0 inside a domain, about one half
+    at a border), given in ``uns['perturb_sim']['cell_multiplier']``. ``true_modulators`` keeps the cluster's
+    coefficient (the multiplier's base). At 0 (default) the tissue is the same as before, draw for draw.
     """
     n_fixed = n_tfs + n_ligands + n_receptors
     if n_genes < n_fixed + 4:
@@ -109,6 +117,20 @@ def simulate_grn_tissue(
     scale = float(col_scale[0])
     W = W * scale  # the engine will use a single scale factor (the secreted one)
 
+    mult = np.ones(n_cells)
+    if beta_variation > 0:  # no draws: the random stream (and the rest of the tissue) stays as at a = 0
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(xy)
+        pairs = tree.query_pairs(2.0 * radius, output_type="ndarray")
+        wgt = np.exp(-(((xy[pairs[:, 0]] - xy[pairs[:, 1]]) ** 2).sum(1)) / (2.0 * radius**2))
+        other = (cl[pairs[:, 0]] != cl[pairs[:, 1]]).astype(np.float64)
+        tot = np.bincount(pairs[:, 0], wgt, n_cells) + np.bincount(pairs[:, 1], wgt, n_cells)
+        oth = np.bincount(pairs[:, 0], wgt * other, n_cells) + np.bincount(pairs[:, 1], wgt * other, n_cells)
+        mix = np.where(tot > 0, oth / np.where(tot > 0, tot, 1.0), 0.0)
+        mult = 1.0 + beta_variation * (2.0 * mix - 1.0)
+    varying = []
+
     grn_rows = [(upstream, cascade), (lig_driver, ligs[0])]
     non_upstream = [t for t in tfs if t not in (upstream,)]
     for j, t in enumerate(tgts):
@@ -130,6 +152,9 @@ def simulate_grn_tissue(
             if not active.any():
                 active[rng.integers(0, n_clusters)] = True
         y = np.full(n_cells, 0.0)
+        vary = beta_variation > 0 and j >= 2 * upstream_targets and j % 2 == 1
+        if vary:
+            varying.append(t)
         for k in range(n_clusters):
             m = cl == k
             b0 = rng.uniform(0.5, 1.5)
@@ -140,13 +165,13 @@ def simulate_grn_tissue(
                 else:
                     b = rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.9)
                     if b < 0:  # keep the target positive (no clipping, the model stays linear)
-                        yk = yk - b * np.quantile(X[m, gi[tf]], 0.999)
-                yk = yk + b * X[m, gi[tf]]
+                        yk = yk - b * np.quantile(X[m, gi[tf]], 0.999) * ((1.0 + beta_variation) if vary else 1.0)
+                yk = yk + b * (mult[m] if vary else 1.0) * X[m, gi[tf]]
                 truth.append((t, cluster_names[k], tf, "tf", float(b)))
             if lr_pair is not None and active[k]:
                 lg, rc, p = lr_pair
                 b = rng.uniform(0.4, 0.8)
-                yk = yk + b * W[m, p] * X[m, gi[rc]]
+                yk = yk + b * (mult[m] if vary else 1.0) * W[m, p] * X[m, gi[rc]]
                 truth.append((t, cluster_names[k], f"{lg}${rc}", "lr", float(b)))
             y[m] = yk
         X[:, gi[t]] = np.clip(y, 0, None)
@@ -171,6 +196,9 @@ def simulate_grn_tissue(
         "upstream_tf": upstream,
         "cascade_tf": cascade,
         "seed": int(seed),
+        "beta_variation": float(beta_variation),
+        "varying_targets": np.array(varying, dtype=str),
+        "cell_multiplier": mult,
         "note": "contact-signalling LR features in the truth use the secreted scale factor",
     }
     # contact ligands were simulated with the secreted scale: W of the contact ligand is scaled by `scale` too,

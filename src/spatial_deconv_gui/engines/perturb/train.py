@@ -39,11 +39,16 @@ from .modulators import (
 
 # settings added after models were first written: left out of the settings hash at their defaults, so that a
 # folder trained before they existed still resumes
-_LATER_SETTINGS = {"max_ligands": None, "min_expressed_fraction": 0.0}
+_LATER_SETTINGS = {"max_ligands": None, "min_expressed_fraction": 0.0, "mode": "seed"}
+# settings of the per-cell network: they change nothing in a seed model, so they stay out of its hash
+PERCELL_SETTINGS = ("epochs", "learning_rate", "percell_l2", "holdout_fraction", "hybrid_min_gain", "seed")
 
 
 def settings_config(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
+    if d.get("mode", "seed") == "seed":
+        for k in PERCELL_SETTINGS:
+            d.pop(k, None)
     for k, default in _LATER_SETTINGS.items():
         if d.get(k) == default:
             d.pop(k, None)
@@ -169,9 +174,12 @@ def expressed_features(Phi: np.ndarray, clusters: np.ndarray, cluster_names, min
     return out
 
 
-def _store_of_batch(batch, cols_of, names_of_col, cluster_names, n_cells, r2, gated, icpt, coefs) -> md.CoefStore:
+def _store_of_batch(
+    batch, cols_of, names_of_col, cluster_names, n_cells, r2, gated, icpt, coefs, percell=None
+) -> md.CoefStore:
     """The store shard of a batch from its arrays (what ``model_dir.store_from_fits`` builds from per-target
-    tables, without them). ``coefs`` is one (targets x features) matrix per cluster."""
+    tables, without them). ``coefs`` is one (targets x features) matrix per cluster; ``percell`` (full / hybrid)
+    the batch's per-cell part from :func:`_percell_batch`."""
     lengths = np.array([c.size for c in cols_of], dtype=np.int64)
     ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate(cols_of) if cols_of else np.zeros(0, np.int64)
@@ -192,6 +200,18 @@ def _store_of_batch(batch, cols_of, names_of_col, cluster_names, n_cells, r2, ga
         nzv.append(coef[r, f])
     nzt, nzc, nzm, nzv = (np.concatenate(x) if x else np.zeros(0) for x in (nzt, nzc, nzm, nzv))
     order = np.lexsort((nzm, nzc, nzt))  # grouped by target, then cluster, then modulator position
+    pc = {}
+    if percell is not None:
+        wt = percell["w_target"]
+        pc = dict(
+            pc_flag=percell["flag"],
+            pc_r2=percell["r2"],
+            pc_z=percell["z"][None].astype(np.float32),
+            pc_w=percell["w"].astype(np.float32),
+            pc_w_target=wt.astype(np.int32),
+            pc_w_mod=pos[wt, percell["w_col"]].astype(np.int32),
+            pc_w_block=np.zeros(wt.size, dtype=np.int32),
+        )
     return md.CoefStore(
         np.array([str(t) for t in batch], dtype=str),
         np.array([str(c) for c in cluster_names], dtype=str),
@@ -206,6 +226,57 @@ def _store_of_batch(batch, cols_of, names_of_col, cluster_names, n_cells, r2, ga
         nzc[order].astype(np.int32),
         nzm[order].astype(np.int32),
         nzv[order].astype(np.float64),
+        **pc,
+    )
+
+
+def _percell_batch(coefs, icpt, gated, Phi, Y, ctx, cfg) -> dict:
+    """Per-cell coefficients of one batch (``percell.fit_percell``) and which targets keep them: every target
+    with a model in full mode; in hybrid mode those where the network removes at least ``hybrid_min_gain`` of the
+    seed's held-out squared error (``percell.heldout_gain``). Updates ``icpt`` (T x C) with the learnt intercepts of
+    the kept targets."""
+    from .percell import fit_percell, heldout_gain
+
+    T = Y.shape[1]
+    support = np.zeros((T, Phi.shape[1]), dtype=bool)
+    for coef in coefs:
+        support |= coef != 0
+    m_t = support.sum(axis=1)
+    rows, cols = np.nonzero(support)  # the (target, modulator) pairs with a seed in some cluster
+    cc = ctx["cell_cluster"]
+    seed_of = np.stack([coef[rows, cols] for coef in coefs])  # (C, K)
+    A = Phi[:, cols] * seed_of[np.where(cc >= 0, cc, 0)]
+    A[cc < 0] = 0.0
+    modelled = ~gated
+    fit = fit_percell(
+        ctx["images"],
+        cc,
+        A,
+        rows,
+        Y,
+        icpt.T,
+        modelled,
+        ctx["train"],
+        ctx["holdout"],
+        cfg.epochs,
+        cfg.learning_rate,
+        cfg.percell_l2,
+        cfg.seed,
+        device=cfg.device,
+    )
+    keep = (m_t > 0) & modelled.any(axis=1)
+    if cfg.mode == "hybrid":
+        keep &= heldout_gain(fit.r2_seed, fit.r2_full) >= cfg.hybrid_min_gain
+    for t in np.flatnonzero(keep):
+        icpt[t, modelled[t]] = fit.intercept[modelled[t], t]
+    sel = keep[rows]
+    return dict(
+        flag=keep,
+        r2=np.column_stack([fit.r2_seed, fit.r2_full]),
+        z=fit.z,
+        w=fit.w[sel],
+        w_target=rows[sel],
+        w_col=cols[sel],
     )
 
 
@@ -224,6 +295,7 @@ class ClusterFits:
     cfg: TrainConfig
     task_threads: int | None = None  # solver threads per batch (set for Dask tasks; None: numba's count here)
     split: int | None = None  # cut each batch as for this many threads: the submitting process's count
+    percell: dict | None = None  # full / hybrid: _percell_batch's context (features, images, held-out cells)
 
 
 def _threads_here() -> int:
@@ -284,6 +356,12 @@ def fit_batch(batch: list[str], cols_of: list[np.ndarray], Y: np.ndarray, shared
         coef[gate] = 0.0
         icpt[:, k] = ym - coef @ d.pm
         coefs.append(coef)
+    percell = None
+    if shared.percell is not None:
+        t_pc = time.perf_counter()
+        percell = _percell_batch(coefs, icpt, gated, shared.percell["Phi"], Y, shared.percell, cfg)
+        # in this process the context is the caller's own dict: the network's share of the time is reported
+        shared.percell["seconds"] = shared.percell.get("seconds", 0.0) + time.perf_counter() - t_pc
     return _store_of_batch(
         batch,
         cols_of,
@@ -294,6 +372,7 @@ def fit_batch(batch: list[str], cols_of: list[np.ndarray], Y: np.ndarray, shared
         gated,
         icpt,
         coefs,
+        percell,
     )
 
 
@@ -315,6 +394,7 @@ def _fit_targets(
     total,
     stores,
     cluster=None,
+    percell_ctx=None,
 ) -> tuple[float, float]:
     """Fit the ``todo`` targets batch by batch (one store shard each); returns (fit seconds, design seconds).
 
@@ -356,12 +436,18 @@ def _fit_targets(
     expressed = expressed_features(Phi, clusters, cluster_names, cfg.min_expressed_fraction)
     C = len(cluster_names)
     masks = [clusters == c for c in cluster_names]
+    if percell_ctx is not None:  # full / hybrid: the seeds too are fitted on the training cells only
+        masks = [m & percell_ctx["train"] for m in masks]
     n_cells = np.array([int(m.sum()) for m in masks], dtype=np.int64)
     designs = [
         cluster_design(Phi[m], cfg.standardize) if n_cells[k] >= cfg.min_cells else None for k, m in enumerate(masks)
     ]
     gram_s = time.perf_counter() - t0
-    fits_shared = ClusterFits(masks, designs, expressed, col_group, names_of_col, cluster_names, n_cells, cfg)
+    if percell_ctx is not None:
+        percell_ctx["Phi"] = Phi
+    fits_shared = ClusterFits(
+        masks, designs, expressed, col_group, names_of_col, cluster_names, n_cells, cfg, percell=percell_ctx
+    )
     per_batch = max(1, int(cfg.problems_per_batch) // max(C, 1))
     batches = [todo[b0 : b0 + per_batch] for b0 in range(0, len(todo), per_batch)]
     t_fit = time.perf_counter()
@@ -389,6 +475,10 @@ def _fit_targets(
     if cluster is None:
         for batch in batches:
             control.check_cancel()
+            if percell_ctx is not None:
+                control.report(
+                    "training", n_done / total, f"per-cell network: {len(batch)} targets ({cfg.epochs} epochs)"
+                )
             keep(batch, fit_batch(*piece(batch), fits_shared))
     else:
         try:
@@ -406,6 +496,47 @@ def _fit_targets(
             lost = [t for i in sorted(exc.failed) for t in batches[i]]
             raise exc.named(lost, "target genes (training again in the same folder fits only them)") from None
     return time.perf_counter() - t_fit, gram_s
+
+
+def _percell_summary(out_dir, manifest: dict, stores: dict, cfg: TrainConfig) -> dict:
+    """What the manifest says of the per-cell part: per target whether it kept the per-cell coefficients ('cnn')
+    or the seed ('seed'), and the held-out R² of both (also in the store, ``pc_r2``)."""
+    from pathlib import Path
+
+    from .percell import heldout_gain
+
+    kept, r2_seed, r2_full = {}, {}, {}
+    for key in manifest[md.STORE_CHECKSUMS]:
+        st = stores.get(key) or md.read_shard(Path(out_dir) / key, ("targets", "pc_flag", "pc_r2"))
+        if st.pc_flag is None:
+            continue
+        for t, f, (a, b) in zip(st.targets.tolist(), st.pc_flag.tolist(), st.pc_r2.tolist()):
+            kept[t] = "cnn" if f else "seed"
+            r2_seed[t] = a if np.isfinite(a) else None  # JSON has no NaN
+            r2_full[t] = b if np.isfinite(b) else None
+    with np.errstate(invalid="ignore"):
+        gains = heldout_gain(
+            np.array([np.nan if r2_seed[t] is None else r2_seed[t] for t in kept], dtype=np.float64),
+            np.array([np.nan if r2_full[t] is None else r2_full[t] for t in kept], dtype=np.float64),
+        )
+    return {
+        "rule": (
+            f"held out {cfg.holdout_fraction:g} of each cluster's cells (seed {cfg.seed}); seeds and network fitted on "
+            "the rest; "
+            + (
+                "every target with a model keeps per-cell coefficients"
+                if cfg.mode == "full"
+                else "a target keeps per-cell coefficients when they cut its held-out squared error by at least "
+                f"{cfg.hybrid_min_gain:g} of the seed's: (R²cnn - R²seed) / (1 - R²seed) >= {cfg.hybrid_min_gain:g}"
+            )
+        ),
+        "n_cnn": int(sum(v == "cnn" for v in kept.values())),
+        "n_seed": int(sum(v == "seed" for v in kept.values())),
+        "median_heldout_error_cut": float(np.nanmedian(gains)) if np.isfinite(gains).any() else None,
+        "kept": kept,
+        "heldout_r2_seed": r2_seed,
+        "heldout_r2_cnn": r2_full,
+    }
 
 
 def train(
@@ -469,6 +600,25 @@ def train(
             "use 'pair' (each LR pair at its own radius) or 'ligand' (SpaceTravLR's).",
             code="bad_option",
         )
+    if cfg.mode not in md.MODES:
+        raise InputError(
+            f"mode must be one of {md.MODES}, got {cfg.mode!r}.",
+            "use seed (cluster coefficients), full (per-cell) or hybrid.",
+            code="bad_option",
+        )
+    if cfg.mode != "seed":
+        if not 0.0 <= cfg.holdout_fraction < 1.0 or (cfg.mode == "hybrid" and cfg.holdout_fraction <= 0):
+            raise InputError(
+                f"holdout_fraction {cfg.holdout_fraction} does not work with mode {cfg.mode!r}.",
+                "use a fraction in (0, 1) for hybrid (it needs held-out cells to choose), [0, 1) for full.",
+                code="bad_option",
+            )
+        if cfg.epochs < 0 or not cfg.learning_rate > 0:
+            raise InputError(
+                f"epochs {cfg.epochs} / learning_rate {cfg.learning_rate}: need epochs >= 0 and a positive rate.",
+                "use e.g. --epochs 300 --learning-rate 0.01.",
+                code="bad_option",
+            )
     radius = float(cfg.radius) if cfg.radius else auto_radius(coords)
     contact = float(cfg.contact_radius) if cfg.contact_radius else radius / 4.0
 
@@ -534,8 +684,16 @@ def train(
             # a resumed run with nothing left to fit computes no received ligands: the saved ones stay valid
             kept_received_mode = old.get("received_ligands_mode")
         if old.get("settings_hash") != settings_hash:
+            old_mode = old.get("mode", "seed")
+            if not overwrite and old_mode != cfg.mode:
+                raise InputError(
+                    f"{out_dir} holds a model trained with mode {old_mode!r}; this run asks for mode {cfg.mode!r} "
+                    "(a folder holds one mode: training cannot resume it in another).",
+                    f"choose a new folder for the {cfg.mode} model, or pass overwrite to replace it.",
+                    code="model_dir_mismatch",
+                )
             if not overwrite:
-                older = int(old.get("format_version", 1)) < md.FORMAT_VERSION
+                older = int(old.get("format_version", 1)) < md.STORE_VERSION
                 raise InputError(
                     f"{out_dir} holds a model trained on other data or settings"
                     + (
@@ -555,7 +713,9 @@ def train(
 
     manifest = {
         "format": "spatial-deconv-gui perturbation model",
-        "format_version": md.FORMAT_VERSION,
+        # a seed model stays format 3 (readable by the versions before per-cell coefficients)
+        "format_version": md.STORE_VERSION if cfg.mode == "seed" else md.PERCELL_VERSION,
+        "mode": cfg.mode,
         "status": "training",
         "settings_hash": settings_hash,
         "config": cfg.to_dict(),
@@ -628,6 +788,18 @@ def train(
             np.save(tmp, _W)
         manifest["received_ligands_mode"] = choose_mode(n, cfg.ligand_mode)
         control.check_cancel()
+        percell_ctx = None
+        if cfg.mode != "seed":
+            from .percell import holdout_split, neighbourhood_images
+
+            cell_cluster = np.asarray(pd.Categorical(clusters, categories=cluster_names).codes, dtype=np.int64)
+            holdout = holdout_split(clusters, cfg.holdout_fraction, cfg.seed)
+            percell_ctx = {
+                "train": ~holdout,
+                "holdout": holdout,
+                "cell_cluster": cell_cluster,
+                "images": neighbourhood_images(coords, cell_cluster, len(cluster_names), radius),
+            }
         fit_s, gram_s = _fit_targets(
             todo,
             mods,
@@ -646,9 +818,15 @@ def train(
             total=total,
             stores=stores,
             cluster=cluster,
+            percell_ctx=percell_ctx,
         )
         timings["gram_s"] = gram_s
         timings["lasso_s"] = fit_s
+        if percell_ctx is not None:
+            timings["percell_s"] = percell_ctx.get("seconds", 0.0)
+            timings["lasso_s"] = fit_s - timings["percell_s"]
+    if cfg.mode != "seed":
+        manifest["percell"] = _percell_summary(out_dir, manifest, stores, cfg)
     if built is not None:
         built.update(
             stores=stores,

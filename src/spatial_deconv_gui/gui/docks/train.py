@@ -11,7 +11,7 @@ import anndata as ad
 import h5py
 import pandas as pd
 import platformdirs
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton, SpinBox
 
 from ... import keys
 from ...io.write import write_text_atomic
@@ -103,6 +103,24 @@ class TrainDock(Container):
             step=5.0,
             tooltip="Contact-dependent pairs (Cell-Cell Contact) act only between cells this close. 0 = radius / 4.",
         )
+        # (the API is imported only once a model exists: these say what TrainConfig's mode and epochs say)
+        self.mode = ComboBox(
+            label="coefficients",
+            choices=("seed", "full", "hybrid"),
+            value="seed",
+            tooltip="seed: one coefficient set per cluster (the group lasso). full: SpaceTravLR's per-cell "
+            "coefficients, the lasso seeds refined in each cell by a small CNN on its neighbourhood. hybrid: "
+            "per-cell only for the genes where that predicts held-out cells better than the seed.",
+        )
+        self.epochs = SpinBox(
+            label="epochs",
+            value=300,
+            min=1,
+            max=100_000,
+            step=50,
+            enabled=False,
+            tooltip="full / hybrid: training passes of the per-cell network.",
+        )
         self.model_dir = FileEdit(
             label="model folder",
             mode="d",
@@ -123,6 +141,8 @@ class TrainDock(Container):
                 self.lr,
                 self.radius,
                 self.contact,
+                self.mode,
+                self.epochs,
                 self.model_dir,
                 self.train_btn,
                 self.load_btn,
@@ -135,6 +155,7 @@ class TrainDock(Container):
         self.jobs.busy_changed.connect(self._set_running)
         self.slide.changed.connect(self._on_slide)
         self.species.changed.connect(self._on_species)
+        self.mode.changed.connect(lambda v: setattr(self.epochs, "enabled", v != "seed"))
         self.train_btn.clicked.connect(self.train)
         self.load_btn.clicked.connect(self.load)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -221,6 +242,9 @@ class TrainDock(Container):
             params["radius"] = float(self.radius.value)
         if self.contact.value > 0:
             params["contact_radius"] = float(self.contact.value)
+        if self.mode.value != "seed":  # seed: the settings of a model trained before modes existed (it resumes)
+            params["mode"] = self.mode.value
+            params["epochs"] = int(self.epochs.value)
         layer_name = None if self.expression.value in (None, "X") else self.expression.value
         return adata, grn, lr, col, out, layer_name, params
 
@@ -271,5 +295,11 @@ class TrainDock(Container):
         """The model joins the session (the Knockout dock hears of it) with the slide that gives its cells' frame."""
         self.progress.value = 1000
         self.status.value = f"ready: {len(model.targets)} targets, {len(model.cluster_names)} clusters"
+        percell = model.manifest.get("percell")
+        if percell:
+            self.status.value += (
+                f"; {model.manifest.get('mode')} mode: per-cell coefficients for {percell['n_cnn']} targets, "
+                f"cluster seeds for {percell['n_seed']}"
+            )
         notify_info(f"perturbation model ready ({len(model.targets)} targets)")
         self.session.set_model(model, slide_layer)
