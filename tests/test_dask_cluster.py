@@ -5,6 +5,7 @@ quickly with the version on each side."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -176,6 +177,22 @@ def test_training_on_a_cluster_writes_the_in_process_shards(grn_tissue, tmp_path
         assert (tmp_path / "here" / key).read_bytes() == (tmp_path / "there" / by_sha[sha]).read_bytes()
     trained = [e for e in progress if e.stage == "training"]
     assert trained[-1].fraction == 1.0 and len({e.message.split(" ")[0] for e in trained[:-1]}) == len(here["targets"])
+
+
+def test_per_cell_training_on_a_cluster_gives_the_in_process_coefficients(grn_tissue, tmp_path):
+    # full mode: each task fits its batch's seeds and then its per-cell network on the worker
+    sim, grn, lr, cfg = grn_tissue
+    cfg = dataclasses.replace(cfg, mode="hybrid", epochs=20, problems_per_batch=8)
+    here = _train(sim, grn, lr, cfg, tmp_path / "here")
+    with dc.connect("local", n_workers=2, processes=False) as cluster:
+        there = _train(sim, grn, lr, cfg, tmp_path / "there", cluster=cluster)
+    assert there["status"] == "complete" and there["percell"] == here["percell"]
+    a = md.read_store(tmp_path / "here", here, md.TABLE_COLUMNS)
+    b = md.read_store(tmp_path / "there", there, md.TABLE_COLUMNS)
+    order_a, order_b = np.argsort(a.targets), np.argsort(b.targets)
+    assert (np.asarray(a.targets)[order_a] == np.asarray(b.targets)[order_b]).all()
+    np.testing.assert_allclose(np.asarray(b.pc_r2)[order_b], np.asarray(a.pc_r2)[order_a], atol=1e-8, rtol=0)
+    assert (np.asarray(b.pc_flag)[order_b] == np.asarray(a.pc_flag)[order_a]).all()
 
 
 def test_a_lost_batch_of_targets_is_named_and_training_again_fits_only_it(grn_tissue, tmp_path):
