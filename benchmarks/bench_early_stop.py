@@ -13,6 +13,10 @@ compares its answer with the saved full-length one.
     python benchmarks/bench_early_stop.py stop --method c2l --data lymphnode
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode   # whole process, CLI defaults
     python benchmarks/bench_early_stop.py table          # every saved pair, as RESULTS.md shows them
+    # cell2location, lymph node: a learning-rate schedule of phases EPOCHS:LR_START:LR_END (linear within a phase)
+    python benchmarks/bench_early_stop.py schedule --phase 1500:0.02:0.02 --phase 2500:0.01:0.01 --phase 1300:0.01:0.002
+    # cell2location, lymph node: how far the Poisson maximum-likelihood (NNLS-like) answer is from the full one
+    python benchmarks/bench_early_stop.py ml
 
 Data: ``lymphnode`` / ``hippocampus`` (the shared spacexr Visium pairs), ``sim1k`` / ``sim5k`` / ``sim20k``
 (``simulate.simulate_dataset``, seed 0, 6 types, 300 genes). One torch and one numba thread.
@@ -298,9 +302,89 @@ def cmd_table(a):
     print("\n".join(rows))
 
 
+def _lymphnode_c2l_setup():
+    """The lymph node pair's cell2location spatial model as a default run builds it (seed 0, regression
+    signatures over 1,000 epochs): (model, count data, slide counts, signatures)."""
+    import scipy.sparse as sp
+    import torch
+
+    from spatial_deconv_gui.engines.bayes import CountData
+    from spatial_deconv_gui.engines.c2l import engine as E
+    from spatial_deconv_gui.engines.c2l.model import (
+        SpatialModel,
+        SpatialPriors,
+        default_reference_epochs,
+        detection_mean_for,
+    )
+
+    spatial, reference = load("lymphnode")
+    config = make_config("c2l", "lymphnode")
+    s_cols, r_cols, _, _ = E.select_genes(spatial, reference, config)
+    torch.manual_seed(config.seed)
+    labels = np.asarray(reference.cell_types).astype(str)
+    ref_counts = sp.csr_matrix(reference.counts)[:, r_cols]
+    epochs = default_reference_epochs(ref_counts.shape[0])
+    signatures, _ = E.fit_reference_signatures(ref_counts, labels, reference.type_names, epochs, seed=config.seed)
+    counts = sp.csr_matrix(spatial.counts)[:, s_cols]
+    totals = np.asarray(counts.sum(1)).ravel()
+    priors = SpatialPriors(
+        n_cells_per_location=config.n_cells_per_location,
+        detection_alpha=config.detection_alpha,
+        detection_mean=detection_mean_for(totals, signatures, config.n_cells_per_location),
+    )
+    return SpatialModel(signatures, counts.shape[0], priors), CountData(counts), counts, signatures
+
+
+def cmd_schedule(a):
+    """cell2location on the lymph node pair with a learning-rate schedule of phases, vs the saved full answer."""
+    import torch
+
+    phases = [tuple(float(v) for v in p.split(":")) for p in a.phase]
+    lrs: list[float] = []
+    for n, start, end in phases:
+        n = int(n)
+        lrs += [start + (end - start) * (i + 1) / n for i in range(n)]
+    model, data, _, _ = _lymphnode_c2l_setup()
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lrs[0])
+    t0, c0 = time.perf_counter(), time.process_time()
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        model.negative_elbo(data, gen).backward()
+        opt.step()
+    ab = model.abundance_mean().double().numpy()
+    full = np.load(full_path("c2l", "lymphnode"))["proportions"]
+    out = {"phases": a.phase, "epochs": len(lrs), "lr_sum": round(sum(lrs), 2)}
+    out.update(cpu_s=round(time.process_time() - c0, 1), wall_s=round(time.perf_counter() - t0, 1))
+    out.update(load=[round(x, 2) for x in os.getloadavg()], **agreement(ab / ab.sum(1, keepdims=True), full))
+    print(json.dumps(out))
+
+
+def cmd_ml(a):
+    """The Poisson maximum-likelihood abundances with the signatures fixed (multiplicative updates: what an
+    NNLS-style start would give) against the saved full-length cell2location answer and its snapshots."""
+    _, _, counts, signatures = _lymphnode_c2l_setup()
+    x = counts.toarray().astype(np.float64)
+    z = np.load(full_path("c2l", "lymphnode"))
+    w = np.full((x.shape[0], signatures.shape[0]), x.sum(1).mean() / signatures.sum())
+    for _ in range(1000):
+        w *= (x / np.maximum(w @ signatures, 1e-12)) @ signatures.T / signatures.sum(1)
+    ml = w / w.sum(1, keepdims=True)
+    out = {"ml_vs_full": agreement(ml, z["proportions"]), "mean_largest_share_ml": float(ml.max(1).mean())}
+    out["mean_largest_share_full"] = float(z["proportions"].max(1).mean())
+    snaps = {}
+    for epoch in (1000, 5000, 10000, 20000, 30000):
+        if epoch in z["snap_epochs"]:
+            snap = z["snaps"][list(z["snap_epochs"]).index(epoch)]
+            snaps[epoch] = round(agreement(snap, ml)["per_spot_r_median"], 3)
+    out["snapshot_vs_ml_per_spot_r_median"] = snaps
+    print(json.dumps(out))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=("full", "rule", "stop", "cli", "table"))
+    p.add_argument("cmd", choices=("full", "rule", "stop", "cli", "table", "schedule", "ml"))
     p.add_argument("--method", choices=("c2l", "destvi"), default="c2l")
     p.add_argument("--data", choices=("lymphnode", "hippocampus", *SIM_SPOTS), default="lymphnode")
     p.add_argument("--every", type=int, default=0, help="full: snapshot every this many epochs")
@@ -310,11 +394,14 @@ def main(argv=None):
     p.add_argument("--noise-ratio", type=float, action="append", help="rule: DestVI noise ratio(s) to replay")
     p.add_argument("--trace", action="store_true", help="rule: print the change at the checks")
     p.add_argument("--set", action="append", help="stop: a config field, e.g. --set lr=0.01 (repeatable)")
+    p.add_argument("--phase", action="append", help="schedule: EPOCHS:LR_START:LR_END (repeatable, in order)")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    {"full": cmd_full, "rule": cmd_rule, "stop": cmd_stop, "cli": cmd_cli, "table": cmd_table}[a.cmd](a)
+    commands = {"full": cmd_full, "rule": cmd_rule, "stop": cmd_stop, "cli": cmd_cli, "table": cmd_table}
+    commands.update(schedule=cmd_schedule, ml=cmd_ml)
+    commands[a.cmd](a)
 
 
 if __name__ == "__main__":

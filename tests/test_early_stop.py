@@ -254,3 +254,15 @@ def test_c2l_default_schedule_gives_the_package_schedules_answer(inputs):
     # a fifth of the package's epochs at the same lr is far from its answer: the schedule is what matches
     short = run_c2l(s, r, C2LConfig(lr=0.002, max_epochs=1300, lr_anneal=0.0, **base))
     assert np.median(pearson_rows(short.proportions, package.proportions)) < np.median(per_spot)
+
+
+@pytest.mark.parametrize("method, suggested", [("c2l", "--max-epochs"), ("destvi", "--max-epochs")])
+def test_cli_names_the_epoch_option_for_a_guessed_epochs_flag(small_pair_files, tmp_path, capsys, method, suggested):
+    s, r = small_pair_files
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(s), str(r), "--method", method, "--epochs", "0", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --epochs 0" in err and "--epochs: did you mean" in err and suggested in err
+    assert not out.exists() and list(tmp_path.glob("*out.h5ad*")) == []

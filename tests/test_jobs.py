@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from spatial_deconv_gui.api import RunControl
+from spatial_deconv_gui.api import RunControl, TrainingStatus
 from spatial_deconv_gui.gui.jobs import JobRunner, progress_text
 
 
@@ -30,6 +30,23 @@ def test_progress_text_and_eta_by_hand():
     assert progress_text("fit", 0.25, "batch 2", elapsed_s=10.0) == "fit: 25%, about 30 s left - batch 2"
     assert progress_text("fit", 0.01, elapsed_s=10.0) == "fit: 1%"  # too early to guess
     assert progress_text("fit", 1.0, elapsed_s=10.0) == "fit: 100%"
+
+
+def test_training_eta_is_an_upper_bound_until_the_stop_is_in_sight():
+    # 100 of at most 2,000 epochs at 10 epochs/s: the cap is 190 s away, an upper bound only
+    early = TrainingStatus(epoch=100, max_epochs=2000, epochs_per_s=10.0)
+    assert progress_text("spatial", 0.05, "epoch 100/2000", 10.0, early) == (
+        "spatial: 5%, at most 190 s left - epoch 100/2000"
+    )
+    # the rule expects the stop near epoch 400: 30 s expected, the 190 s bound still shown
+    near = TrainingStatus(epoch=100, max_epochs=2000, epochs_per_s=10.0, expected_epochs=400)
+    assert progress_text("spatial", 0.25, "", 10.0, near) == "spatial: 25%, about 30 s left (at most 190 s)"
+    # an expected stop at the cap itself is no news: the bound alone
+    capped = TrainingStatus(epoch=100, max_epochs=2000, epochs_per_s=10.0, expected_epochs=2000)
+    assert progress_text("spatial", 0.05, "", 10.0, capped) == "spatial: 5%, at most 190 s left"
+    # the stage's last event (a stop reason set) has no time left to show
+    stopped = TrainingStatus(epoch=980, max_epochs=2000, epochs_per_s=10.0, stop_reason="converged")
+    assert progress_text("spatial", 1.0, "converged", 98.0, stopped) == "spatial: 100% - converged"
 
 
 def test_a_fast_producer_reaches_the_canvas_at_most_five_times_a_second(qtbot):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import subprocess
 import sys
@@ -124,9 +125,30 @@ def _add_input_options(p: argparse.ArgumentParser):
     p.add_argument("--coords", default=None, help="obsm key or 'xcol,ycol' obs columns with coordinates")
 
 
+class _MethodParser(argparse.ArgumentParser):
+    """A method's option parser whose "unrecognized arguments" error names the closest options (``--epochs`` ->
+    ``--max-epochs``): a user guessing a flag name gets the fix, not only the usage."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+            hints = []
+            for token in message.split(":", 1)[1].split():
+                name = token.split("=", 1)[0]
+                if not name.startswith("--"):
+                    continue
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+                close = [k for k in close if k.endswith(name[2:])] or close  # --epochs: the *-epochs options
+                if close:
+                    hints.append(f"{name}: did you mean {' or '.join(close)}?")
+            if hints:
+                message = f"{message}. {' '.join(hints)} (--help lists every option)"
+        super().error(message)
+
+
 def method_parser(config_cls, method: str) -> argparse.ArgumentParser:
     """Flags generated from the method's typed config: ``umi_min`` becomes ``--umi-min``."""
-    p = argparse.ArgumentParser(prog=f"spatial-deconv run ... --method {method}", add_help=True)
+    p = _MethodParser(prog=f"spatial-deconv run ... --method {method}", add_help=True)
     # the device is a flag of `run` itself, shared by every method; `run` reads --uncertainty too, so that a method
     # without intervals gets a clear message, while --method M --help still lists it with the method's help text
     add_config_flags(p, config_cls, skip=("device",))

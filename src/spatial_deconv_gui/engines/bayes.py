@@ -45,18 +45,38 @@ def inv_softplus(x: float) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _broadcast_sum(term, n: int):
+    """Sum of ``term`` broadcast to ``n`` elements: each of its values repeats n / term.numel() times."""
+    if not torch.is_tensor(term):
+        return n * term
+    return term.sum() * (n // term.numel()) if term.numel() != n else term.sum()
+
+
 def gamma_lp(log_x: torch.Tensor, x: torch.Tensor, shape, rate) -> torch.Tensor:
-    """Sum of Gamma(shape, rate) log densities; shape and rate broadcast against x (tensors or floats)."""
-    shape = torch.as_tensor(shape, dtype=x.dtype, device=x.device)
-    rate = torch.as_tensor(rate, dtype=x.dtype, device=x.device)
-    lp = shape * torch.log(rate) + (shape - 1) * log_x - rate * x - torch.lgamma(shape)
-    return lp.expand_as(x).sum() if lp.shape != x.shape else lp.sum()
+    """Sum of Gamma(shape, rate) log densities; shape and rate broadcast against x (tensors or floats).
+
+    Written as the sum of its parts (normaliser, (shape - 1) sum log x, rate sum x) with Python floats kept as
+    numbers: a training step evaluates some twenty of these, and their cost is the number of tensor operations
+    (each a few microseconds of dispatch on small sites), not arithmetic.
+    """
+    n = x.numel()
+    if torch.is_tensor(shape) or torch.is_tensor(rate):
+        log_rate = torch.log(rate) if torch.is_tensor(rate) else math.log(rate)
+        lgamma_shape = torch.lgamma(shape) if torch.is_tensor(shape) else math.lgamma(shape)
+        lp = _broadcast_sum(shape * log_rate - lgamma_shape, n)
+    else:
+        lp = n * (shape * math.log(rate) - math.lgamma(shape))
+    if torch.is_tensor(shape):
+        lp = lp + ((shape - 1) * log_x).sum()
+    elif shape != 1:
+        lp = lp + (shape - 1) * log_x.sum()
+    return lp - ((rate * x).sum() if torch.is_tensor(rate) else rate * x.sum())
 
 
 def exponential_lp(x: torch.Tensor, rate) -> torch.Tensor:
-    rate = torch.as_tensor(rate, dtype=x.dtype, device=x.device)
-    lp = torch.log(rate) - rate * x
-    return lp.expand_as(x).sum() if lp.shape != x.shape else lp.sum()
+    if torch.is_tensor(rate):
+        return _broadcast_sum(torch.log(rate), x.numel()) - (rate * x).sum()
+    return x.numel() * math.log(rate) - rate * x.sum()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,7 +124,11 @@ class LogNormalMeanField(torch.nn.Module):
         return F.softplus(self.raw_scale)
 
     def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {s.name: flat[s.start : s.start + s.size].view(s.shape) for s in self.sites.values()}
+        # one split, not a slice per site: autograd then joins the sites' gradients in one pass, where each
+        # slice's backward would write a zero-filled gradient of the whole flat tensor
+        sites = list(self.sites.values())
+        parts = torch.split(flat, [s.size for s in sites])
+        return {s.name: part.view(s.shape) for s, part in zip(sites, parts)}
 
     def sample(self, generator: torch.Generator | None = None):
         scale = self.scale()
@@ -172,31 +196,43 @@ class CountData:
 
 
 class _NBLogLik(torch.autograd.Function):
-    """sum_{s,g} log NB(x_sg | mean mu_sg, inverse dispersion alpha_g), without the lgamma(x+1) constant."""
+    """sum_{s,g} log NB(x_sg | mean mu_sg, inverse dispersion alpha_g), without the lgamma(x+1) constant.
+
+    The dense terms are written as few passes over the spots x genes matrices as possible (sums of products as
+    dot products, in-place updates in the backward pass, only the column sums of log(mu + alpha) kept): on a
+    Visium slide these matrices are a few MB, so each pass over them is what an epoch pays.
+    """
 
     @staticmethod
     def forward(ctx, mu, alpha, x, u_cols, u_values, u_weights, nnz_per_gene):
         lam = mu + alpha
         log_lam = torch.log(lam)
+        log_lam_cols = log_lam.sum(0, keepdim=True)
         n = mu.shape[0]
-        # alpha*log(alpha) - (alpha + x) log(alpha + mu) + x log mu, summed densely
-        total = n * (alpha * torch.log(alpha)).sum() - ((x + alpha) * log_lam).sum() + (x * torch.log(mu)).sum()
+        x_flat = x.reshape(-1)
+        # alpha*log(alpha) - (x + alpha) log(alpha + mu) + x log mu, summed densely
+        total = (
+            n * (alpha * torch.log(alpha)).sum()
+            - torch.dot(x_flat, log_lam.reshape(-1))
+            - (alpha * log_lam_cols).sum()
+            + torch.dot(x_flat, torch.log(mu).reshape(-1))
+        )
         # lgamma(x + alpha) - lgamma(alpha) over the non-zeros, through the distinct (gene, count) pairs
         a_u = alpha.reshape(-1)[u_cols]
         total = total + (u_weights * torch.lgamma(u_values + a_u)).sum() - (nnz_per_gene * torch.lgamma(alpha)).sum()
-        ctx.save_for_backward(mu, alpha, x, lam, log_lam, u_cols, u_values, u_weights, nnz_per_gene)
+        ctx.save_for_backward(mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nnz_per_gene)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        mu, alpha, x, lam, log_lam, u_cols, u_values, u_weights, nnz_per_gene = ctx.saved_tensors
+        mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nnz_per_gene = ctx.saved_tensors
         grad_mu = grad_alpha = None
-        r = (x + alpha) / lam
+        r = (x + alpha).div_(lam)
         if ctx.needs_input_grad[0]:
-            grad_mu = (x / mu - r) * grad_out
+            grad_mu = torch.div(x, mu).sub_(r).mul_(grad_out)
         if ctx.needs_input_grad[1]:
             n = mu.shape[0]
-            g = n * (torch.log(alpha) + 1) - log_lam.sum(0, keepdim=True) - r.sum(0, keepdim=True)
+            g = n * (torch.log(alpha) + 1) - log_lam_cols - r.sum(0, keepdim=True)
             a_u = alpha.reshape(-1)[u_cols]
             dg = torch.zeros_like(alpha).reshape(-1).index_add_(0, u_cols, u_weights * torch.digamma(u_values + a_u))
             g = g + dg.view_as(alpha) - nnz_per_gene * torch.digamma(alpha)

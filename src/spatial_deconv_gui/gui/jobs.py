@@ -24,17 +24,35 @@ from typing import Any
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ..api import Cancelled, RunControl
+from ..api import Cancelled, RunControl, TrainingStatus
 from ..isolated import run_isolated
 from .notify import notify_error
 
 RELAY_INTERVAL_MS = 200  # the canvas and the status line change at most ~5 times a second
 
 
-def progress_text(stage: str, fraction: float, message: str = "", elapsed_s: float | None = None) -> str:
-    """``"stage: 40%, about 12 s left - message"``; the estimate assumes the stage's rate so far holds."""
+def progress_text(
+    stage: str,
+    fraction: float,
+    message: str = "",
+    elapsed_s: float | None = None,
+    training: TrainingStatus | None = None,
+) -> str:
+    """``"stage: 40%, about 12 s left - message"``; the estimate assumes the stage's rate so far holds.
+
+    With ``training`` (cell2location, DestVI) the time left knows about early stopping: the epoch cap at the current
+    speed is only an upper bound (``at most 90 s left``) until the convergence rule can tell where it will stop,
+    then ``about 20 s left (at most 90 s)``.
+    """
     eta = ""
-    if elapsed_s is not None and 0.02 < fraction < 1:
+    if training is not None and training.stop_reason is None and training.epochs_per_s > 0 and fraction < 1:
+        bound = training.seconds_left_max
+        expected = training.seconds_left_expected
+        if expected is None or training.expected_epochs >= training.max_epochs:
+            eta = f", at most {bound:.0f} s left"
+        else:
+            eta = f", about {expected:.0f} s left (at most {bound:.0f} s)"
+    elif elapsed_s is not None and 0.02 < fraction < 1:
         eta = f", about {elapsed_s / fraction * (1 - fraction):.0f} s left"
     return f"{stage}: {100 * fraction:.0f}%{eta}" + (f" - {message}" if message else "")
 
@@ -160,7 +178,7 @@ class JobRunner(QObject):
                 self.progress.value = int(1000 * event.fraction)
             if self.status is not None:
                 self.status.value = progress_text(
-                    event.stage, event.fraction, event.message, time.monotonic() - self._stage_t0
+                    event.stage, event.fraction, event.message, time.monotonic() - self._stage_t0, event.training
                 )
         if self._pending:
             parts, self._pending = self._pending, []
