@@ -7,6 +7,7 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton
 from qtpy.QtWidgets import QFileDialog
 
 from ..colorbar import add_colorbar, draw_colorbar
+from ..lifetime import DockLinks
 from ..notify import notify_error, notify_info
 from ..result_layers import compare_results, export_csv, result_suffix, save_figure, save_result, show_proportion
 from ..saved import adopt_saved_results
@@ -54,8 +55,10 @@ class ResultsDock(Container):
         self.save_btn.clicked.connect(self._save_result)
         self.csv_btn.clicked.connect(lambda: self._ask_and(".csv", export_csv))
         self.fig_btn.clicked.connect(lambda: self._ask_and(".png", lambda rec, p: save_figure(self.viewer, rec, p)))
-        session.result_added.connect(self._on_added)
-        session.result_selected.connect(self._on_selected)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        links.runner(self.impute.jobs)
+        links.connect(session.result_added, self._on_added)
+        links.connect(session.result_selected, self._on_selected)
         if session.results:
             self._on_added(session.selected_result or next(reversed(session.results)))
         adopt_saved_results(napari_viewer)

@@ -17,6 +17,7 @@ from ... import keys
 from ...io.write import write_text_atomic
 from ..jobs import JobRunner
 from ..layers import PLUGIN_KEY, refresh_slide_picker
+from ..lifetime import DockLinks
 from ..notify import notify_error, notify_info, status_label
 from ..perturb_layers import slide_adata
 from ..session import session_for
@@ -131,15 +132,16 @@ class TrainDock(Container):
                 self.status,
             ]
         )
-        self.jobs = JobRunner("Train", status=self.status, progress=self.progress)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        self.jobs = links.runner(JobRunner("Train", status=self.status, progress=self.progress))
         self.jobs.busy_changed.connect(self._set_running)
         self.slide.changed.connect(self._on_slide)
         self.species.changed.connect(self._on_species)
         self.train_btn.clicked.connect(self.train)
         self.load_btn.clicked.connect(self.load)
         self.cancel_btn.clicked.connect(self.cancel)
-        self.session.slides_changed.connect(self._refresh)
-        self.session.result_added.connect(self._refresh)
+        links.connect(self.session.slides_changed, self._refresh)
+        links.connect(self.session.result_added, self._refresh)
         self._on_species()
         self._refresh()
 
