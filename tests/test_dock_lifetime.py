@@ -50,10 +50,12 @@ def _close_dock(viewer, dock):
     viewer.window.remove_dock_widget(getattr(dock, "native", dock))
 
 
-def _train_dock(make_napari_viewer, model_dir):
+def _train_dock(make_napari_viewer, qtbot, model_dir):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "grn_tissue")
     _, dock = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
+    qtbot.waitUntil(lambda: dock.ready, timeout=30_000)
+    assert dock.cluster_col.value == "cluster"
     dock.model_dir.value = str(model_dir)
     return viewer, dock
 
@@ -70,7 +72,7 @@ def _click_train_and_wait_for_the_child(qtbot, dock) -> int:
 
 
 def test_closing_the_train_dock_mid_training_ends_its_child_process(make_napari_viewer, qtbot, tmp_path, errors_shown):
-    viewer, dock = _train_dock(make_napari_viewer, tmp_path / "model")
+    viewer, dock = _train_dock(make_napari_viewer, qtbot, tmp_path / "model")
     pid = _click_train_and_wait_for_the_child(qtbot, dock)
     _close_dock(viewer, dock)
     assert dock.jobs.closed and dock.jobs.control.cancelled
@@ -84,7 +86,7 @@ def test_closing_the_viewer_ends_a_child_that_never_checks_cancel(
     make_napari_viewer, qtbot, tmp_path, monkeypatch, errors_shown
 ):
     monkeypatch.setattr(train, "WARM_TRAINING", "jobs_for_tests:stuck")
-    viewer, dock = _train_dock(make_napari_viewer, tmp_path / "model")
+    viewer, dock = _train_dock(make_napari_viewer, qtbot, tmp_path / "model")
     pid = _click_train_and_wait_for_the_child(qtbot, dock)
     viewer.close()
     qtbot.waitUntil(lambda: _gone(pid), timeout=10_000)  # ended at once, not at a cancel check it never makes
@@ -115,7 +117,7 @@ def test_a_crashed_training_process_is_reported_and_the_dock_trains_again(
     make_napari_viewer, qtbot, tmp_path, monkeypatch, errors_shown, how, said
 ):
     real = train.WARM_TRAINING
-    viewer, dock = _train_dock(make_napari_viewer, tmp_path / "model")
+    viewer, dock = _train_dock(make_napari_viewer, qtbot, tmp_path / "model")
     monkeypatch.setattr(train, "WARM_TRAINING", "jobs_for_tests:crash")
     dock.train_options["how"] = how
     dock.train_btn.native.click()

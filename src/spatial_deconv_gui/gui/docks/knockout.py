@@ -138,6 +138,7 @@ class KnockoutDock(Container):
         links.connect(session.model_changed, self.on_model)
         links.connect(session.perturbation_added, self._on_added)
         links.connect(session.perturbation_selected, self._show_run)
+        links.connect(session.perturbation_removed, self._on_removed)
         if session.model is not None:
             self.on_model(session.model)
 
@@ -213,9 +214,6 @@ class KnockoutDock(Container):
             notify_error(exc, "Knockout")
             return
         slide = self.session.model_slide
-        adata = slide_adata(slide) if slide is not None else None
-        if adata is not None and adata.n_obs != model.expr.shape[0]:
-            adata = None
         value, steps = float(self.value.value), int(self.steps.value)
         self.usage_lines = [perturb_api.usage_notice(row) for _, row in usage.iterrows()]
         if (usage["n_targets"] == 0).any():
@@ -224,6 +222,12 @@ class KnockoutDock(Container):
         def work(control):
             def stream(step):
                 control.report("propagating", step.step / step.n_steps, partial=step)
+
+            # the slide's AnnData (its obs and coordinates go into the run's AnnData) is read here, in the
+            # worker: reading a file on the GUI thread would freeze the canvas for as long
+            adata = slide_adata(slide) if slide is not None else None
+            if adata is not None and adata.n_obs != model.expr.shape[0]:
+                adata = None
 
             return perturb_api.run_perturbation(
                 model, genes, value, cells=cells, steps=steps, adata=adata, on_step=stream, control=control
@@ -300,6 +304,12 @@ class KnockoutDock(Container):
 
     # -- showing -------------------------------------------------------------------------------------
     def _on_added(self, _name: str):
+        self.compare_with.reset_choices()
+        self.showing.reset_choices()
+
+    def _on_removed(self, name: str):
+        if self.current is not None and self.current.name == name:
+            self.current = None
         self.compare_with.reset_choices()
         self.showing.reset_choices()
 

@@ -59,6 +59,7 @@ class ResultsDock(Container):
         links.runner(self.impute.jobs)
         links.connect(session.result_added, self._on_added)
         links.connect(session.result_selected, self._on_selected)
+        links.connect(session.result_removed, self._on_removed)
         if session.results:
             self._on_added(session.selected_result or next(reversed(session.results)))
         adopt_saved_results(napari_viewer)
@@ -74,6 +75,12 @@ class ResultsDock(Container):
             self.run.value = name  # -> _on_run, once
         else:
             self._on_run()
+
+    def _on_removed(self, _name: str):
+        self.run.reset_choices()
+        self.run_b.reset_choices()
+        if self.session.result(self.run.value) is None:
+            self.impute.set_run(None)
 
     def _on_selected(self, name: str):
         if self.run.value != name:
