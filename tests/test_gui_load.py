@@ -154,3 +154,68 @@ def test_twenty_deconvolution_runs_keep_memory_flat(make_napari_viewer, qtbot):
     gc.collect()
     assert [type(r()).__name__ for r in alive if r() is not None] == []
     assert growth < 24, f"grew {growth:.1f} MB over 15 runs"
+
+
+@pytest.fixture(scope="module")
+def warm_rctd():
+    """Compile (and cache) RCTD's numba kernels once: a first-ever JIT compile is not what the stall test
+    measures (the workbench's stall test does the same)."""
+    import anndata as ad
+
+    from spatial_deconv_gui import api
+    from spatial_deconv_gui.sample_data import sample_paths
+
+    s, r = sample_paths()
+    api.run_deconvolution(
+        ad.read_h5ad(s)[:200].copy(), r, "rctd", params={"mode": "doublet", "n_fit": 100}, check=False
+    )
+
+
+def test_two_runs_at_once_keep_the_event_loop_responsive(
+    make_napari_viewer, qtbot, tmp_path, stall_meter, warm_rctd, grn_model
+):
+    """RCTD (a worker thread) and perturbation training (a child process) started together from their docks in one
+    viewer: the longest event-loop stall from the first click until both jobs handed back their results is at
+    most 150 ms. As in the single-run stall tests, a second attempt is allowed when the first is disturbed by other
+    jobs on the machine; the better of the two must meet the bar."""
+    stalls = []
+    for attempt in range(2):
+        viewer = make_napari_viewer(show=True)
+        viewer.open_sample(PLUGIN, "simulated_slide")
+        viewer.open_sample(PLUGIN, "grn_tissue")
+        _, deconv = viewer.window.add_plugin_dock_widget(PLUGIN, "Deconvolution")
+        _, tr = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
+        (_, simulated), (_, tissue) = session_for(viewer).slides()  # in the order opened
+        deconv.slide.value, tr.slide.value = simulated, tissue
+        qtbot.waitUntil(lambda: tr.ready, timeout=30_000)
+        deconv.mode.value = "doublet"
+        deconv.params_box.batch_size.value = 100
+        tr.model_dir.value = str(tmp_path / f"model{attempt}")
+        returned, stages = {}, []
+        deconv.jobs.progressed.connect(lambda e: stages.append((time.perf_counter(), "deconvolution", e.stage)))
+        tr.jobs.progressed.connect(lambda e: stages.append((time.perf_counter(), "training", e.stage)))
+        stall_meter.gaps.clear()
+        stall_meter.start()
+        deconv.run_btn.native.click()
+        first = time.perf_counter()
+        deconv.jobs.worker.returned.connect(lambda _r: returned.setdefault("deconvolution", time.perf_counter()))
+        tr.train_btn.native.click()
+        tr.jobs.worker.returned.connect(lambda _r: returned.setdefault("training", time.perf_counter()))
+        assert deconv.busy and tr.busy, (deconv.problems.value, tr.status.value)
+        qtbot.waitUntil(lambda: not deconv.busy and not tr.busy, timeout=600_000)
+        stall_meter.stop()
+        assert deconv.last_run is not None, deconv.status.value
+        assert session_for(viewer).model is not None, tr.status.value
+        both = max(returned.values())
+        stalls.append(stall_meter.longest(first, both))
+        overlap = min(returned.values()) - first
+        worst = max(((b - a, a) for a, b in stall_meter.gaps if a >= first and b <= both), default=(0, first))
+        during = [(job, stage) for t, job, stage in stages if t <= worst[1] + worst[0]][-2:]
+        print(
+            f"two runs at once: longest stall {1000 * stalls[-1]:.0f} ms, {worst[1] - first:.1f} s after the first "
+            f"click (last events: {during}), over {both - first:.1f} s (both running for the first {overlap:.1f} s); "
+            f"stalls over 100 ms: {sum(b - a > 0.1 for a, b in stall_meter.gaps if a >= first and b <= both)}"
+        )
+        if stalls[-1] <= 0.150:
+            break
+    assert min(stalls) <= 0.150, f"event loop stalled {[round(1000 * s) for s in stalls]} ms"
