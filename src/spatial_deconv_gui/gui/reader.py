@@ -65,7 +65,8 @@ def read_spatial(path):
     layers = []
     for p in paths:
         slide, read_options = _read_one(Path(p).resolve())
-        check_drawable(slide.adata, slide.adata.obsm[keys.SPATIAL], Path(p).name)
+        if keys.SPATIAL in slide.adata.obsm:  # without coordinates slide_layer_data says what the file is instead
+            check_drawable(slide.adata, slide.adata.obsm[keys.SPATIAL], Path(p).name)
         for notice in slide.notices:
             notify_info(f"{Path(p).name}: {notice}")
         layers.extend(slide_layer_data(slide, read_options=read_options))
