@@ -91,6 +91,7 @@ def test_the_docks_read_the_slide_off_the_gui_thread(make_napari_viewer, qtbot, 
     assert not any(on_gui for _, on_gui in reads), reads
 
 
+@pytest.mark.slow
 def test_fifty_knockouts_in_a_row_keep_memory_flat(make_napari_viewer, qtbot, grn_model):
     """50 knockouts from the dock, each run's layers deleted by the user before the next: every run, its AnnData
     and its layers are freed (the session forgets a run whose layers are gone), and after a warm-up of 10 the
@@ -124,6 +125,7 @@ def test_fifty_knockouts_in_a_row_keep_memory_flat(make_napari_viewer, qtbot, gr
     assert growth < 24, f"grew {growth:.1f} MB over 40 knockouts"
 
 
+@pytest.mark.slow
 def test_twenty_deconvolution_runs_keep_memory_flat(make_napari_viewer, qtbot):
     """20 FlashDeconv runs from the Deconvolution dock on the sample, each result's layers deleted before the next
     run: every result, its AnnData and its layers are freed, and after a warm-up of 5 the process grows by less
@@ -171,6 +173,7 @@ def warm_rctd():
     )
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_keep_the_event_loop_responsive(
     make_napari_viewer, qtbot, tmp_path, stall_meter, warm_rctd, grn_model
 ):
