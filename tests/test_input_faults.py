@@ -430,3 +430,78 @@ def test_spots_a_method_filters_out_come_with_a_notice(small_pair):
     assert any(n_.startswith(f"RCTD did not fit {n} of 300 spot(s) (below its filters") for n_ in run.notices)
     props = run.adata.obsm["rctd_proportions"].to_numpy()
     assert int(np.isnan(props).all(axis=1).sum()) == n
+
+
+# -- the widgets, with files, as a user meets them -----------------------------------------------------------------
+WIDGET_FAULTS = {  # fault -> what the Deconvolution dock's problem list says
+    "all_spots_empty": "have no counts at all",
+    "no_genes": "the file has no genes",
+    "nan_count": "1 NaN and 0 infinite",
+    "negative_count": "1 negative value",
+    "fractional_count": "1 non-integer value",
+    "huge_count": "above 16,777,216",
+    "duplicated_spot": "duplicated obs name",
+    "duplicated_gene": "duplicated var name",
+    "labels_all_nan": "holds no cell types",
+    "reference_nan_count": "[reference] X holds 1 NaN",
+    "truncated_reference": "not a readable AnnData",
+}
+
+
+def _fault_files(tmp_path, fault: str):
+    import hashlib
+
+    slide, reference = apply_faults(*make_pair(1, 30, 40, 3, 20), {fault} & set(FAULTS), np.random.default_rng(0))
+    paths = tmp_path / f"{fault}_slide.h5ad", tmp_path / f"{fault}_reference.h5ad"
+    slide.write_h5ad(paths[0])
+    reference.write_h5ad(paths[1])
+    if fault == "truncated_reference":
+        data = paths[1].read_bytes()
+        paths[1].write_bytes(data[: len(data) // 2])
+    return paths, [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+@pytest.mark.parametrize("fault", list(WIDGET_FAULTS))
+def test_the_deconvolution_dock_refuses_each_fault_in_words_and_leaves_the_files(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, fault
+):
+    import hashlib
+
+    from spatial_deconv_gui.gui.session import session_for
+
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    (slide, reference), digests = _fault_files(tmp_path, fault)
+    viewer = make_napari_viewer()
+    viewer.open(str(slide), plugin="spatial-deconv-gui")
+    layers_before = [layer.name for layer in viewer.layers]
+    _, dock = viewer.window.add_plugin_dock_widget("spatial-deconv-gui", "Deconvolution")
+    dock.reference.value = str(reference)
+    dock.method.value = "flash"
+    dock.run_btn.native.click()
+    qtbot.waitUntil(lambda: not dock.busy, timeout=120_000)
+    said = WIDGET_FAULTS[fault]
+    assert said in dock.problems.value and "Fix:" in dock.problems.value, dock.problems.value
+    assert dock.status.value.startswith("failed: ") and said in dock.status.value
+    assert len(shown) == 1 and said in shown[0] and "Traceback" not in shown[0]
+    assert not session_for(viewer).results and [layer.name for layer in viewer.layers] == layers_before
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in (slide, reference)] == digests
+
+
+@pytest.mark.parametrize(
+    "fault, said",
+    [
+        ("no_spots", "the file has no spots (0 x 40)"),
+        ("nan_coordinate", "1 spot(s) have NaN or infinite coordinates"),
+        ("inf_coordinate", "1 spot(s) have NaN or infinite coordinates"),
+    ],
+)
+def test_opening_a_slide_that_cannot_be_drawn_is_one_clear_error(make_napari_viewer, tmp_path, fault, said):
+    import hashlib
+
+    (slide, _), digests = _fault_files(tmp_path, fault)
+    viewer = make_napari_viewer()
+    with pytest.raises(InputError) as info:
+        viewer.open(str(slide), plugin="spatial-deconv-gui")
+    assert said in str(info.value) and "Fix:" in str(info.value)
+    assert len(viewer.layers) == 0 and hashlib.sha256(slide.read_bytes()).hexdigest() == digests[0]

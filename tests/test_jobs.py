@@ -138,7 +138,7 @@ def test_an_error_in_the_worker_becomes_a_notification_and_a_dock_message(qtbot,
     runner.start(work, done.append, on_error=errors.append)
     qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
     assert shown == ["Fake dock: RuntimeError: the engine exploded"]
-    assert status.value == "failed: see the notification"
+    assert status.value == "failed: RuntimeError: the engine exploded"
     assert [str(e) for e in errors] == ["the engine exploded"] and done == []
 
 
@@ -179,3 +179,31 @@ def test_busy_changed_brackets_the_job(qtbot):
     runner.start(lambda control: 1, lambda _r: iter([None, None]))
     qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
     assert busy_signals == [True, False]
+
+
+def test_shutdown_cancels_the_job_and_calls_no_handler_afterwards(qtbot, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    status = Recorder()
+    runner = JobRunner("Fake", status=status)
+    calls, busy_signals = [], []
+    runner.busy_changed.connect(busy_signals.append)
+    started = threading.Event()
+
+    def work(control: RunControl):
+        started.set()
+        while True:
+            control.check_cancel()
+            control.report("fit", 0.5, partial=1)
+            time.sleep(0.005)
+
+    runner.start(work, calls.append, on_partials=calls.append, on_cancelled=lambda: calls.append("cancelled"))
+    assert started.wait(10)
+    qtbot.waitUntil(lambda: len(calls) > 0, timeout=10_000)  # partials reach the dock while it is open
+    seen = len(calls)
+    runner.shutdown()  # the dock closes
+    assert runner.control.cancelled
+    qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
+    time.sleep(0.3)  # a relay tick would have come by now
+    assert len(calls) == seen and shown == [] and busy_signals == [True]
+    assert not runner.start(lambda control: 1, calls.append)

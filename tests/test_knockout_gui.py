@@ -25,6 +25,7 @@ def _train(make_napari_viewer, qtbot, model_dir, show=False, **options):
     viewer = make_napari_viewer(show=show)
     viewer.open_sample(PLUGIN, "grn_tissue")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
+    qtbot.waitUntil(lambda: train.ready, timeout=30_000)  # the slide's columns are read off the GUI thread
     assert train.cluster_col.value == "cluster"
     assert train.expression.value == "lognorm"
     assert str(train.grn.value).endswith("sim_grn_prior.csv") and train.radius.value == 80.0
@@ -167,6 +168,7 @@ def test_cancel_mid_training_leaves_a_resumable_model(make_napari_viewer, qtbot,
     layer = viewer.open(tissue, plugin=PLUGIN)[0]
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
     train.slide.value = layer
+    qtbot.waitUntil(lambda: train.ready, timeout=30_000)
     assert train.cluster_col.value == "cluster" and train.expression.value == "lognorm"
     train.grn.value, train.lr.value, train.radius.value = grn, lr, 80.0
     train.model_dir.value = str(folder)

@@ -329,3 +329,28 @@ def test_cli_old_layout_notice_is_one_line(trained, tmp_path, capsys):
     notice = [ln for ln in err.splitlines() if "perturb upgrade" in ln]
     assert len(notice) == 1 and notice[0].startswith("notice: ") and "format 2 model folder" in notice[0]
     assert "UserWarning" not in err
+
+
+def test_resuming_into_a_folder_of_other_data_or_settings_names_what_differs(sim, trained, tmp_path):
+    s = sim.uns["perturb_sim"]
+    grn, _ = priors.load_grn(s["grn_prior"])
+    lr, _ = priors.load_lr(s["lr_prior"])
+    clusters = sim.obs["cluster"].astype(str).to_numpy()
+    base = dict(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
+    n_clusters = sim.obs["cluster"].nunique()
+    base["problems_per_batch"] = 5 * n_clusters  # as the folder was trained
+    manifest = json.loads((trained / md.MANIFEST).read_text())
+    cases = [
+        ({**base, "l1_reg": 0.123}, sim.X, f"l1_reg was {manifest['config']['l1_reg']!r}, now 0.123"),
+        ({**base, "radius": s["radius"] * 2}, sim.X, f"radius was {manifest['radius']!r}, now {s['radius'] * 2!r}"),
+        (base, sim.X * 1.5, "the data differ"),
+    ]
+    for i, (options, expr, said) in enumerate(cases):
+        out = tmp_path / f"m{i}"
+        shutil.copytree(trained, out)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        with pytest.raises(InputError) as info:
+            train(expr, sim.var_names, sim.obsm["spatial"], clusters, grn, lr, out, config=TrainConfig(**options))
+        assert info.value.code == "model_dir_mismatch" and said in info.value.problem, info.value.problem
+        assert "l1_reg" in info.value.problem if i == 0 else "l1_reg" not in info.value.problem
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the folder is untouched

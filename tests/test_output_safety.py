@@ -359,3 +359,143 @@ def test_a_zarr_output_replaced_by_another_run_mid_swap_ends_whole(tmp_path, mon
     sdata_io._replace_folder(built, target)
     assert raced and (target / "who").read_text() == "ours"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+# -- perturbation model training --------------------------------------------------------------------------------
+# Trains a model through the API in a child that SIGKILLs itself at POINT: "data" (data.h5ad's temporary written,
+# not renamed), "started" (the first manifest, status 'training', is in place), "received" (received_ligands.npy's
+# temporary written), "shard" (a batch's coefficient shard renamed into place, the manifest not yet naming it),
+# "batch" (two batches of targets finished), "complete" (the final manifest's temporary written, not renamed);
+# "none" trains to the end. The job's keyword arguments come as JSON.
+TRAIN_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import numpy as np
+    point, job = sys.argv[1], json.loads(sys.argv[2])
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    import anndata as ad
+    from spatial_deconv_gui import perturb_api
+    from spatial_deconv_gui.engines import base
+    from spatial_deconv_gui.engines.perturb import model_dir as md
+    from spatial_deconv_gui.io import write
+
+    real_write = ad.AnnData.write_h5ad
+    def write_h5ad(self, path, *a, **k):
+        real_write(self, path, *a, **k)
+        if point == "data":
+            die()
+    ad.AnnData.write_h5ad = write_h5ad
+    real_report = base.RunControl.report
+    batches = []
+    def report(self, stage, fraction, message="", *a, **k):
+        if point == "started" and stage == "received ligands":
+            die()
+        if point == "batch" and stage == "training" and 0 < fraction < 1:
+            batches.append(message)
+            if len(batches) == 4:  # two batches of two targets
+                die()
+        return real_report(self, stage, fraction, message, *a, **k)
+    base.RunControl.report = report
+    real_save = np.save
+    def save(path, arr, *a, **k):
+        real_save(path, arr, *a, **k)
+        if point == "received":
+            die()
+    np.save = save
+    real_shard = md.write_shard
+    def write_shard(*a, **k):
+        out = real_shard(*a, **k)
+        if point == "shard":
+            die()
+        return out
+    md.write_shard = write_shard
+    real_text = write.write_text_atomic
+    def write_text_atomic(text, path):
+        if point == "complete" and '"status": "complete"' in text:
+            with write.atomic_path(path) as tmp:
+                tmp.write_text(text)
+                die()
+        return real_text(text, path)
+    md.write_text_atomic = write_text_atomic
+
+    model = perturb_api.train_model(**job)
+    print(len(model.targets))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def training_job(tmp_path_factory):
+    from spatial_deconv_gui.engines.perturb.simulate import simulate_grn_tissue, write_simulated_priors
+
+    folder = tmp_path_factory.mktemp("train-kill")
+    tissue = simulate_grn_tissue(n_cells=400, seed=3)
+    tissue.write_h5ad(folder / "tissue.h5ad")
+    priors = write_simulated_priors(tissue, folder)
+    sim = tissue.uns["perturb_sim"]
+    job = dict(
+        spatial=str(folder / "tissue.h5ad"),
+        grn=str(priors["grn_prior"]),
+        lr=str(priors["lr_prior"]),
+        cluster_col="cluster",
+        radius=float(sim["radius"]),
+        contact_radius=float(sim["contact_radius"]),
+        scale_factor=float(sim["scale_factor"]),
+        problems_per_batch=2,
+    )
+    from spatial_deconv_gui import perturb_api
+
+    whole = perturb_api.train_model(**job, out=str(folder / "whole"))  # the answer of an uninterrupted training
+    return job, whole
+
+
+def run_training_child(point: str, job: dict):
+    import json
+
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_CHILD, point, json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("point", ["data", "started", "received", "shard", "batch", "complete"])
+def test_sigkill_during_model_training_leaves_a_refused_or_absent_model_and_a_rerun_resumes(
+    training_job, tmp_path, point
+):
+    from spatial_deconv_gui import perturb_api
+    from spatial_deconv_gui.engines.perturb.model_dir import MANIFEST, coef_path, finished_genes
+
+    job, whole = training_job
+    out = tmp_path / "model"
+    code, _, err = run_training_child(point, {**job, "out": str(out)})
+    assert code == -signal.SIGKILL, err
+    # never half-written: either no manifest at all (nothing to load) or one that loading refuses in one clear
+    # message that says how to resume; every file a manifest names reads back whole
+    if (out / MANIFEST).exists():
+        with pytest.raises(InputError) as info:
+            perturb_api.load_model(out)
+        assert info.value.code == "model_incomplete" and "resumes" in info.value.fix
+        done = finished_genes(out, whole.targets)
+    else:
+        with pytest.raises(InputError):
+            perturb_api.load_model(out)
+        done = set()
+    if point in ("batch", "complete"):
+        assert len(done) >= 4 if point == "batch" else done == set(whole.targets)
+    before = {g: coef_path(out, g).stat().st_mtime_ns for g in done} if done else {}
+    code, stdout, err = run_training_child("none", {**job, "out": str(out)})
+    assert code == 0, err
+    resumed = perturb_api.load_model(out)
+    assert resumed.manifest["status"] == "complete" and resumed.targets == whole.targets
+    for gene in whole.targets:
+        pd.testing.assert_frame_equal(resumed.coef_tables[gene], whole.coef_tables[gene], check_exact=False, atol=1e-9)
+    assert all(coef_path(out, g).stat().st_mtime_ns == t for g, t in before.items())  # finished targets kept
+    assert not [p.name for p in out.rglob("*") if "sdgtmp" in p.name]  # no litter left for the next run

@@ -8,7 +8,9 @@ start (importing torch, a few seconds), so this is for jobs that take longer tha
 The child calls ``module:function(**kwargs, control=...)``; its progress events come back through a queue and
 are re-reported on the caller's :class:`RunControl`, the caller's cancel event is forwarded, and the child's
 return value or exception is handed back (an exception that cannot be pickled comes back as a RuntimeError
-with its type, message and traceback text).
+with its type, message and traceback text). A child that dies without an answer (a crash in native code, the
+system killing it) becomes a RuntimeError naming its exit code or signal; a caller that goes away (a closed
+window) sets ``abandon``, and the child is ended at once instead of at its next cancellation check.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
+import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from .engines.base import Cancelled, RunControl
@@ -68,13 +73,42 @@ def _context():
     return ctx
 
 
+def ended_how(exitcode: int | None) -> str:
+    """``"killed by signal SIGSEGV"`` / ``"exit code 3"``: how a child process ended, in words."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _end_now(proc):
+    """SIGTERM, then SIGKILL if it lingers: the child's outputs are written atomically, so ending it anywhere
+    leaves no half-written file (a later write sweeps the temporaries of dead processes)."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(2)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
 def run_isolated(
-    target: str, kwargs: dict[str, Any], control: RunControl | None = None, threads: int | None = None
+    target: str,
+    kwargs: dict[str, Any],
+    control: RunControl | None = None,
+    threads: int | None = None,
+    *,
+    abandon: threading.Event | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Any:
     """Run ``target`` (``"package.module:function"``) in a fresh child process and return its result.
 
     ``threads`` caps the child's torch/numba/OpenMP threads (e.g. one fewer than the cores, so the GUI keeps
     a core). Raises :class:`Cancelled` when the caller's control is cancelled, and re-raises the child's error.
+    ``abandon``, once set, ends the child at once (the caller's window closed) and raises :class:`Cancelled`;
+    ``on_start`` is called with the child's pid.
     """
     control = control or RunControl()
     ctx = _context()
@@ -82,11 +116,17 @@ def run_isolated(
     cancel = ctx.Event()
     proc = ctx.Process(target=_child, args=(target, kwargs, events, cancel, threads), daemon=True)
     proc.start()
+    if on_start is not None:
+        on_start(proc.pid)
     outcome = None
     try:
         while outcome is None:
             if control.cancelled:
                 cancel.set()
+            if abandon is not None and abandon.is_set():
+                cancel.set()
+                _end_now(proc)
+                raise Cancelled("the window that ran the job closed")
             try:
                 item = events.get(timeout=_POLL_S)
             except queue.Empty:
@@ -94,9 +134,11 @@ def run_isolated(
                     try:  # the last message may have landed between the timeout and the liveness check
                         item = events.get(timeout=1.0)
                     except queue.Empty:
+                        proc.join(1)
                         raise RuntimeError(
-                            f"the {target.split(':')[-1]} process ended unexpectedly (exit code "
-                            f"{proc.exitcode}); it may have run out of memory"
+                            f"the {target.split(':')[-1]} process ended without an answer "
+                            f"({ended_how(proc.exitcode)}): a crash in native code, or the system "
+                            "ending it when memory ran short"
                         ) from None
                 else:
                     continue
@@ -112,9 +154,7 @@ def run_isolated(
         if outcome is None:  # the caller is going away (error, KeyboardInterrupt): stop the child too
             cancel.set()
         proc.join(timeout=30 if outcome is not None else 5)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
+        _end_now(proc)
     kind = outcome[0]
     if kind == "result":
         return outcome[1]

@@ -12,6 +12,9 @@ event-loop turn (adding layers a little at a time), and the runner stays busy un
 
 Later controls slot in through :attr:`JobRunner.control`: a "stop now, keep the answer" button asks the running
 job's control to stop where the engine allows it, as Cancel sets its cancel event.
+
+:meth:`JobRunner.shutdown` is for a dock that closes (or a viewer that closes under it): the job is cancelled, a
+child process is ended at once, and none of the dock's handlers runs afterwards (its widgets may be gone).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..api import Cancelled, RunControl, TrainingStatus
 from ..isolated import run_isolated
-from .notify import notify_error
+from .notify import notify_error, user_message
 
 RELAY_INTERVAL_MS = 200  # the canvas and the status line change at most ~5 times a second
 
@@ -93,6 +96,9 @@ class JobRunner(QObject):
         self._pending: list = []
         self._stage: str | None = None
         self._stage_t0 = 0.0
+        self._abandon = threading.Event()
+        self.child_pid: int | None = None  # the child process of the job that runs (or ran last) in one
+        self.closed = False
         self._received.connect(self._on_event)
         # single-shot, restarted after each relay: a late tick (a busy event loop) cannot be followed by a
         # catch-up tick, so relays stay at least ``interval_ms`` apart
@@ -118,9 +124,11 @@ class JobRunner(QObject):
         cancelled_message: str = "cancelled",
         message: str = "",
     ) -> bool:
-        """Run ``work(control)`` in a worker thread; False (and nothing started) while another job runs."""
-        if self.busy:
+        """Run ``work(control)`` in a worker thread; False (and nothing started) while another job runs or after
+        :meth:`shutdown`."""
+        if self.busy or self.closed:
             return False
+        self._abandon = threading.Event()
         self.control = RunControl(self._received.emit, threading.Event())
         self._handlers = dict(on_done=on_done, on_partials=on_partials, on_cancelled=on_cancelled, on_error=on_error)
         self._cancelled_message = cancelled_message
@@ -147,11 +155,30 @@ class JobRunner(QObject):
     def start_process(self, target: str, kwargs: dict, on_done, threads: int | None = None, **options) -> bool:
         """Run ``target`` (``"module:function"``, called with ``control=``) in a child process: the GUI shares
         no interpreter lock with it, so no compile or parsing step of the job can freeze the canvas."""
-        return self.start(lambda control: run_isolated(target, kwargs, control, threads=threads), on_done, **options)
+
+        def work(control):
+            # self._abandon is the event start() made for this job, before the worker began
+            abandon = self._abandon
+            return run_isolated(target, kwargs, control, threads=threads, abandon=abandon, on_start=self._child_started)
+
+        return self.start(work, on_done, **options)
+
+    def _child_started(self, pid: int):
+        self.child_pid = pid
 
     def cancel(self):
         if self.control is not None and self.worker is not None:
             self.control.cancel()
+
+    def shutdown(self):
+        """The dock closes: cancel the job, end its child process now, and call no handler of the dock again."""
+        self.closed = True
+        self._timer.stop()
+        self._handlers = {}
+        self._pending = []
+        if self.control is not None and self.worker is not None:
+            self.control.cancel()
+        self._abandon.set()
 
     # -- relaying ------------------------------------------------------------------------------------
     def _on_event(self, event):
@@ -166,7 +193,7 @@ class JobRunner(QObject):
 
     def _tick(self):
         self.relay()
-        if self.worker is not None:
+        if self.worker is not None and not self.closed:
             self._timer.start()
 
     def relay(self):
@@ -189,6 +216,8 @@ class JobRunner(QObject):
         kind, value = outcome
         self._timer.stop()
         self._pending = []
+        if self.closed:  # the dock is gone: nobody to tell
+            return
         handlers = self._handlers
         if kind == "done":
             if self.progress is not None:
@@ -209,6 +238,10 @@ class JobRunner(QObject):
         self._report(value)
 
     def _step(self, steps: Iterator):
+        if self.closed:
+            steps.close()
+            self._end_finishing()
+            return
         try:
             next(steps)
         except StopIteration:
@@ -222,7 +255,7 @@ class JobRunner(QObject):
 
     def _end_finishing(self):
         self.finishing = False
-        if self.worker is None:
+        if self.worker is None and not self.closed:
             self.busy_changed.emit(False)
 
     def _call(self, handler, *args):
@@ -235,13 +268,15 @@ class JobRunner(QObject):
             return None
 
     def _report(self, exc: BaseException):
+        if self.closed:
+            return
         if self.status is not None:
-            self.status.value = "failed: see the notification"
+            self.status.value = f"failed: {user_message(exc)}"
         notify_error(exc, self.context)
 
     def _on_finished(self):
         self.worker = None
-        if not self.finishing:
+        if not self.finishing and not self.closed:  # a closed dock's buttons may be gone
             self.busy_changed.emit(False)
 
 

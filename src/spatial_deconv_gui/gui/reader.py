@@ -8,8 +8,10 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QInputDialog
 
+from .. import keys
 from ..io.errors import InputError
 from ..io.slide import detect_format, read_slide
+from ..io.validate import check_drawable
 from .layers import slide_layer_data
 from .notify import notify_info
 
@@ -63,6 +65,8 @@ def read_spatial(path):
     layers = []
     for p in paths:
         slide, read_options = _read_one(Path(p).resolve())
+        if keys.SPATIAL in slide.adata.obsm:  # without coordinates slide_layer_data says what the file is instead
+            check_drawable(slide.adata, slide.adata.obsm[keys.SPATIAL], Path(p).name)
         for notice in slide.notices:
             notify_info(f"{Path(p).name}: {notice}")
         layers.extend(slide_layer_data(slide, read_options=read_options))

@@ -6,6 +6,10 @@ slides (the viewer's slide layers), the reference, the deconvolution results, th
 knockout runs, and the selection (which result, which run, which spot); each change is a signal. Docks never call
 each other: a dock changes the session, and the docks that show that part of it, connected to its signals,
 update themselves.
+
+A result or a knockout run lives as long as one of its layers is in the viewer: when the user deletes the last of
+them, the session forgets it (``result_removed`` / ``perturbation_removed``), so its AnnData is freed and a long
+session's memory stays flat however many runs come and go.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ class Session:
     perturbation_selected = Signal(str)  # the knockout run shown (its layers visible, its summary drawn)
     cell_picked = Signal(int)  # a cell of the perturbation model, clicked on the canvas
     width_threshold_changed = Signal(object)  # grey out spots whose 90% interval is wider (None: none greyed)
+    result_removed = Signal(str)  # a result whose last layer was deleted: the session no longer holds it
+    perturbation_removed = Signal(str)  # likewise for a knockout run
 
     def __init__(self, viewer):
         self.viewer = viewer
@@ -140,12 +146,22 @@ class Session:
         layers = getattr(viewer, "layers", None)
         if layers is not None:
             layers.events.inserted.connect(self._on_layers)
-            layers.events.removed.connect(self._on_layers)
+            layers.events.removed.connect(self._on_removed)
 
     # -- slides and the reference --------------------------------------------------------------------
     def _on_layers(self, event=None):
         if getattr(event, "value", None) is None or PLUGIN_KEY in getattr(event.value, "metadata", {}):
             self.slides_changed.emit()
+
+    def _on_removed(self, event=None):
+        self._on_layers(event)
+        present = {id(layer) for layer in self.viewer.layers}
+        if self.comparison is not None and id(self.comparison[0]) not in present:
+            self.comparison = None
+        for name in [n for n, rec in self.results.items() if _all_gone(rec.layers, present)]:
+            self.forget_result(name)
+        for name in [n for n, run in self.perturbations.items() if _all_gone(run.layers, present)]:
+            self.forget_perturbation(name)
 
     def slides(self) -> list[tuple[str, object]]:
         """(name, layer) of every slide layer on the canvas."""
@@ -190,6 +206,18 @@ class Session:
             self.width_threshold = threshold
             self.width_threshold_changed.emit(threshold)
 
+    def forget_result(self, name: str):
+        """Drop a result (its layers are gone), and whatever pointed at it."""
+        if self.results.pop(name, None) is None:
+            return
+        if self.selected_result == name:
+            self.selected_result = next(reversed(self.results), None)
+        if self.spot is not None and self.spot[0] == name:
+            self.spot = None
+        self.result_removed.emit(name)
+        if self.selected_result is not None:
+            self.result_selected.emit(self.selected_result)
+
     def pick_spot(self, name: str, index: int):
         self.spot = (name, index)
         self.spot_picked.emit(name, index)
@@ -227,6 +255,14 @@ class Session:
             self.selected_perturbation = name
             self.perturbation_selected.emit(name)
 
+    def forget_perturbation(self, name: str):
+        """Drop a knockout run (its layers are gone)."""
+        if self.perturbations.pop(name, None) is None:
+            return
+        if self.selected_perturbation == name:
+            self.selected_perturbation = None
+        self.perturbation_removed.emit(name)
+
     def perturbation(self, name: str | None = None) -> Perturbation | None:
         return self.perturbations.get(name if name is not None else self.selected_perturbation)
 
@@ -238,6 +274,11 @@ def session_for(viewer) -> Session:
         session = Session(viewer)
         setattr(viewer, _ATTRIBUTE, session)
     return session
+
+
+def _all_gone(layers: dict, present: set) -> bool:
+    """True when a record had layers and none of them is in the viewer any more."""
+    return bool(layers) and not any(id(layer) in present for layer in layers.values())
 
 
 def _unique_name(base: str, taken) -> str:

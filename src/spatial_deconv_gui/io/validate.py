@@ -252,6 +252,28 @@ def _check_shape(adata: ad.AnnData, where: str, report: ValidationReport, rows: 
     return adata.n_obs > 0 and adata.n_vars > 0
 
 
+def _check_coordinates(coords: np.ndarray, source: str, where: str, report: ValidationReport):
+    if not np.isfinite(coords).all():
+        report.add(
+            "nan_coordinates",
+            where,
+            f"{int((~np.isfinite(coords)).any(axis=1).sum())} spot(s) have NaN or infinite coordinates (in {source}).",
+            "drop those spots or fix their coordinates.",
+        )
+
+
+def check_drawable(adata: ad.AnnData, coords: np.ndarray, where: str, source: str = "obsm['spatial']"):
+    """Raise one InputError when a slide cannot be drawn at all: no spots, or spots without finite coordinates.
+    The napari reader checks this before making layers (the counts are checked when a run starts); the wording
+    is :func:`validate`'s."""
+    report = ValidationReport()
+    _check_shape(adata, where, report, "spots")
+    if adata.n_obs:
+        _check_coordinates(np.asarray(coords, dtype=float), source, where, report)
+    report.problems = [p for p in report.problems if p.code in ("no_spots", "nan_coordinates")]
+    report.raise_if_failed()
+
+
 def _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts):
     report.summary["spatial"] = {"n_spots": int(sdata.n_obs), "n_genes": int(sdata.n_vars)}
     try:
@@ -271,15 +293,7 @@ def _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key,
             "store coordinates in obsm['spatial'] (spots x 2) or name them with --coords.",
         )
     elif found[1] is not None:
-        coords = found[0]
-        if not np.isfinite(coords).all():
-            report.add(
-                "nan_coordinates",
-                sp_name,
-                f"{int((~np.isfinite(coords)).any(axis=1).sum())} spot(s) have NaN or infinite coordinates "
-                f"(in {found[1]}).",
-                "drop those spots or fix their coordinates.",
-            )
+        _check_coordinates(found[0], found[1], sp_name, report)
     if not _check_shape(sdata, sp_name, report, "spots"):
         _check_names(sdata, sp_name, report)
         return

@@ -55,6 +55,31 @@ def settings_config(cfg: TrainConfig) -> dict:
     return d
 
 
+def settings_differences(manifest: dict, settings: dict) -> list[str]:
+    """What a model folder's manifest and a new training's settings disagree on, in words (for the refusal to
+    resume into a folder trained on other data or settings)."""
+
+    def plain(value):  # as the manifest stores it (JSON), so a tuple and its list compare equal
+        return json.loads(json.dumps(value, default=str))
+
+    out = []
+    if manifest.get("data_fingerprint") != settings["data"]:
+        out.append("the data differ (expression, genes, coordinates or clusters)")
+    old_cfg, new_cfg = plain(manifest.get("config", {})), plain(settings["config"])
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        was, now = old_cfg.get(key, _LATER_SETTINGS.get(key)), new_cfg.get(key, _LATER_SETTINGS.get(key))
+        if was != now and key not in ("radius", "contact_radius"):
+            out.append(f"{key} was {was!r}, now {now!r}")
+    for key in ("radius", "contact_radius"):
+        if plain(manifest.get(key)) != plain(settings[key]):
+            out.append(f"{key} was {manifest.get(key)!r}, now {settings[key]!r}")
+    if plain(manifest.get("checksums", {})) != plain(settings["checksums"]):
+        out.append("the prior tables differ")
+    if plain(manifest.get("targets", [])) != plain(settings["targets"]):
+        out.append("the targets differ")
+    return out
+
+
 def data_fingerprint(expr: np.ndarray, var_names, coords: np.ndarray, clusters: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(expr, dtype=np.float64).tobytes())
@@ -694,8 +719,10 @@ def train(
                 )
             if not overwrite:
                 older = int(old.get("format_version", 1)) < md.STORE_VERSION
+                differs = settings_differences(old, settings)
                 raise InputError(
                     f"{out_dir} holds a model trained on other data or settings"
+                    + (f" ({'; '.join(differs)})" if differs else "")
                     + (
                         " (written by an older version: it still loads, but training cannot resume in it)"
                         if older

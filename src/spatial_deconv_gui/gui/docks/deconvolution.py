@@ -30,6 +30,7 @@ from ... import api, keys
 from ...colors import cell_type_palette
 from ..jobs import JobRunner, leave_a_core
 from ..layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, spot_colors
+from ..lifetime import DockLinks
 from ..notify import notify_info, status_label
 from ..result_layers import add_consensus_steps, add_result_of_slide
 from ..session import session_for
@@ -150,8 +151,10 @@ class DeconvolutionDock(Container):
                 self.problems,
             ]
         )
-        self.jobs = JobRunner("Deconvolution", status=self.status, progress=self.progress)
-        self.checks = JobRunner("Check inputs", status=self.status)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        self.jobs = links.runner(JobRunner("Deconvolution", status=self.status, progress=self.progress))
+        self.checks = links.runner(JobRunner("Check inputs", status=self.status))
+        links.on_close(self._end_stream)  # a run cancelled by the closing dock gives the slide its colours back
         self.jobs.busy_changed.connect(self._set_running)
         self.slide.changed.connect(self._on_slide)
         self.reference.changed.connect(self._on_reference)
@@ -161,7 +164,7 @@ class DeconvolutionDock(Container):
         self.consensus_btn.clicked.connect(self.run_consensus)
         self.cancel_btn.clicked.connect(self.cancel)
         self.stop_btn.clicked.connect(self.stop_and_keep)
-        self.session.slides_changed.connect(self._refresh_layers)
+        links.connect(self.session.slides_changed, self._refresh_layers)
         self.run_btn.enabled = NO_METHOD not in methods
         self._stream = None  # (slide layer, its own colours, palette) while a run streams onto it
         self._on_method()

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ... import keys
+from ..lifetime import DockLinks
 from ..session import ResultRecord, session_for
 from ..views import nearest_spot
 
@@ -31,9 +32,9 @@ class InspectorDock(QWidget):
         lay.addWidget(self.text)
         self.shown: dict[str, float] = {}
         self.intervals: dict[str, tuple[float, float]] = {}  # the shown spot's 90% interval per type
-        self.session.spot_picked.connect(self._on_picked)
-        napari_viewer.mouse_drag_callbacks.append(self._on_click)
-        napari_viewer.mouse_move_callbacks.append(self._on_hover)
+        self.links = DockLinks(self, napari_viewer)  # undone when the dock closes: a closed inspector stops reacting
+        self.links.connect(self.session.spot_picked, self._on_picked)
+        self.links.mouse(drag=self._on_click, move=self._on_hover)
 
     # -- the mouse picks a spot of the active result ------------------------------------------------------
     def spot_at(self, position) -> tuple[ResultRecord, int] | None:

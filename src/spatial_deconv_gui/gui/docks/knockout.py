@@ -26,6 +26,7 @@ from ... import keys
 from ..colorbar import add_colorbar, draw_colorbar
 from ..jobs import JobRunner
 from ..layers import PLUGIN_KEY
+from ..lifetime import DockLinks
 from ..notify import notify_error, notify_info, status_label
 from ..perturb_layers import (
     add_delta_layer,
@@ -119,7 +120,8 @@ class KnockoutDock(Container):
             ]
         )
         self.colorbar_fig, self.colorbar = add_colorbar(self)
-        self.jobs = JobRunner("Knockout", status=self.status, progress=self.progress)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        self.jobs = links.runner(JobRunner("Knockout", status=self.status, progress=self.progress))
         self.jobs.busy_changed.connect(self._set_running)
         self.search.changed.connect(lambda _v: self.genes.reset_choices())
         self.run_btn.clicked.connect(self.run)
@@ -131,11 +133,12 @@ class KnockoutDock(Container):
         self.per_cell.changed.connect(self._redraw_vectors)
         self.compare_with.changed.connect(self._difference)
         self.save_btn.clicked.connect(self._ask_save)
-        napari_viewer.layers.events.inserted.connect(lambda _e: self.shapes.reset_choices())
-        napari_viewer.layers.events.removed.connect(lambda _e: self.shapes.reset_choices())
-        session.model_changed.connect(self.on_model)
-        session.perturbation_added.connect(self._on_added)
-        session.perturbation_selected.connect(self._show_run)
+        links.connect(napari_viewer.layers.events.inserted, self._on_layers)
+        links.connect(napari_viewer.layers.events.removed, self._on_layers)
+        links.connect(session.model_changed, self.on_model)
+        links.connect(session.perturbation_added, self._on_added)
+        links.connect(session.perturbation_selected, self._show_run)
+        links.connect(session.perturbation_removed, self._on_removed)
         if session.model is not None:
             self.on_model(session.model)
 
@@ -156,6 +159,9 @@ class KnockoutDock(Container):
 
     def _shapes_layers(self, _w=None):
         return [(layer.name, layer) for layer in self.viewer.layers if type(layer).__name__ == "Shapes"]
+
+    def _on_layers(self, _event=None):
+        self.shapes.reset_choices()
 
     def on_model(self, model):
         self.genes.reset_choices()
@@ -208,9 +214,6 @@ class KnockoutDock(Container):
             notify_error(exc, "Knockout")
             return
         slide = self.session.model_slide
-        adata = slide_adata(slide) if slide is not None else None
-        if adata is not None and adata.n_obs != model.expr.shape[0]:
-            adata = None
         value, steps = float(self.value.value), int(self.steps.value)
         self.usage_lines = [perturb_api.usage_notice(row) for _, row in usage.iterrows()]
         if (usage["n_targets"] == 0).any():
@@ -219,6 +222,12 @@ class KnockoutDock(Container):
         def work(control):
             def stream(step):
                 control.report("propagating", step.step / step.n_steps, partial=step)
+
+            # the slide's AnnData (its obs and coordinates go into the run's AnnData) is read here, in the
+            # worker: reading a file on the GUI thread would freeze the canvas for as long
+            adata = slide_adata(slide) if slide is not None else None
+            if adata is not None and adata.n_obs != model.expr.shape[0]:
+                adata = None
 
             return perturb_api.run_perturbation(
                 model, genes, value, cells=cells, steps=steps, adata=adata, on_step=stream, control=control
@@ -295,6 +304,12 @@ class KnockoutDock(Container):
 
     # -- showing -------------------------------------------------------------------------------------
     def _on_added(self, _name: str):
+        self.compare_with.reset_choices()
+        self.showing.reset_choices()
+
+    def _on_removed(self, name: str):
+        if self.current is not None and self.current.name == name:
+            self.current = None
         self.compare_with.reset_choices()
         self.showing.reset_choices()
 

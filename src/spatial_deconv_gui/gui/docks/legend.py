@@ -10,6 +10,7 @@ from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from ...colors import FILTERED_LABEL
+from ..lifetime import DockLinks
 from ..result_layers import set_hidden
 from ..saved import adopt_saved_results
 from ..session import ResultRecord, session_for
@@ -28,7 +29,9 @@ class LegendDock(QWidget):
         lay.addWidget(self.list)
         self.list.itemChanged.connect(self._on_item)
         self.list.setMinimumHeight(150)
-        self.session.result_selected.connect(self._on_selected)
+        self.links = DockLinks(self, napari_viewer)  # undone when the dock closes
+        self.links.connect(self.session.result_selected, self._on_selected)
+        self.links.connect(self.session.result_removed, self._on_removed)
         if self.session.result() is not None:
             self.show_run(self.session.result())
         adopt_saved_results(napari_viewer)
@@ -37,6 +40,12 @@ class LegendDock(QWidget):
         rec = self.session.result(name)
         if rec is not None:
             self.show_run(rec)
+
+    def _on_removed(self, name: str):
+        if self.run is not None and self.run.name == name:
+            self.run = None
+            self.title.setText("no result yet")
+            self.list.clear()
 
     def show_run(self, rec: ResultRecord):
         self.run = rec

@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 from ..colorbar import add_colorbar, draw_colorbar
 from ..jobs import JobRunner
 from ..lens_layers import SUPPORT_CMAP, clear_lens, draw_lens, draw_who_responds, support_range
+from ..lifetime import DockLinks
 from ..notify import notify_error, status_label
 from ..perturb_layers import cell_size
 from ..session import session_for
@@ -84,17 +85,17 @@ class LensDock(Container):
         )
         self.colorbar_fig, self.colorbar = add_colorbar(self)  # the senders' support
         self.response_fig, self.response_bar = add_colorbar(self)  # the who-responds map
-        self.jobs = JobRunner("Interaction lens", status=self.status, progress=self.progress)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        self.jobs = links.runner(JobRunner("Interaction lens", status=self.status, progress=self.progress))
         self.jobs.busy_changed.connect(lambda busy: setattr(self.respond_btn, "enabled", not busy))
         self.gene.changed.connect(lambda _v: self.refresh())
         self.top.changed.connect(lambda _v: self.refresh())
         self.follow_hover.changed.connect(self._on_follow)
         self.respond_btn.clicked.connect(self.run_who_responds)
         self.responder.changed.connect(lambda _v: self._draw_response())
-        session.model_changed.connect(self.on_model)
-        session.cell_picked.connect(lambda _i: self.refresh())
-        napari_viewer.mouse_drag_callbacks.append(self._on_click)
-        napari_viewer.mouse_move_callbacks.append(self._on_hover)
+        links.connect(session.model_changed, self.on_model)
+        links.connect(session.cell_picked, self._on_cell_picked)
+        links.mouse(drag=self._on_click, move=self._on_hover)
         if session.model is not None:
             self.on_model(session.model)
 
@@ -139,6 +140,9 @@ class LensDock(Container):
         if cell is not None:
             self.session.pick_cell(cell)
         return cell
+
+    def _on_cell_picked(self, _cell: int):
+        self.refresh()
 
     def _on_click(self, _viewer, event):
         if event.type != "mouse_press" or self.session.model is None:

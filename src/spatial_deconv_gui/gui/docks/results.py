@@ -10,6 +10,7 @@ from qtpy.QtWidgets import QFileDialog
 from ... import keys
 from ..colorbar import add_colorbar, draw_colorbar
 from ..jobs import JobRunner
+from ..lifetime import DockLinks
 from ..notify import notify_error, notify_info, status_label
 from ..result_layers import (
     add_consensus_steps,
@@ -94,12 +95,16 @@ class ResultsDock(Container):
         self.compare_btn.clicked.connect(self._on_compare)
         self.consensus_btn.clicked.connect(self.make_consensus)
         self.width_threshold.changed.connect(lambda v: session.set_width_threshold(v))
-        session.width_threshold_changed.connect(lambda t: grey_uncertain_spots(napari_viewer, t))
         self.save_btn.clicked.connect(self._save_result)
         self.csv_btn.clicked.connect(lambda: self._ask_and(".csv", export_csv))
         self.fig_btn.clicked.connect(lambda: self._ask_and(".png", lambda rec, p: save_figure(self.viewer, rec, p)))
-        session.result_added.connect(self._on_added)
-        session.result_selected.connect(self._on_selected)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        links.runner(self.impute.jobs)
+        links.runner(self.jobs)
+        links.connect(session.width_threshold_changed, lambda t: grey_uncertain_spots(napari_viewer, t))
+        links.connect(session.result_added, self._on_added)
+        links.connect(session.result_selected, self._on_selected)
+        links.connect(session.result_removed, self._on_removed)
         if session.results:
             self._on_added(session.selected_result or next(reversed(session.results)))
         adopt_saved_results(napari_viewer)
@@ -116,6 +121,12 @@ class ResultsDock(Container):
             self.run.value = name  # -> _on_run, once
         else:
             self._on_run()
+
+    def _on_removed(self, _name: str):
+        self.run.reset_choices()
+        self.run_b.reset_choices()
+        if self.session.result(self.run.value) is None:
+            self.impute.set_run(None)
 
     def _on_selected(self, name: str):
         if self.run.value != name:

@@ -9,6 +9,7 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
 
+from ..lifetime import DockLinks
 from ..perturb_layers import draw_summary, summary_numbers
 from ..session import Perturbation, session_for
 
@@ -25,7 +26,8 @@ class SummaryDock(Container):
         self.append(self.table)
         self.top: pd.Series | None = None
         self.per_cluster: pd.Series | None = None
-        self.session.perturbation_selected.connect(self._on_selected)
+        self.links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        self.links.connect(self.session.perturbation_selected, self._on_selected)
         if self.session.perturbation() is not None:
             self._on_selected(self.session.selected_perturbation)
 

@@ -1,5 +1,8 @@
 """The Train dock: train (or load) the spatial GRN model of a slide; training runs in a child process, so no
-compile or parsing step of it can freeze the canvas. The model goes into the session for the Knockout dock."""
+compile or parsing step of it can freeze the canvas. The model goes into the session for the Knockout dock.
+
+The GUI process never reads the slide's AnnData here: the obs columns and layer names that fill the form are read
+by a worker thread when a slide is picked, and the training process reads the slide itself."""
 
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import platformdirs
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton, SpinBox
 
 from ... import keys
+from ...io.slide import read_slide_adata
 from ...io.write import write_text_atomic
 from ..jobs import JobRunner
 from ..layers import PLUGIN_KEY, refresh_slide_picker
+from ..lifetime import DockLinks
 from ..notify import notify_error, notify_info, status_label
-from ..perturb_layers import slide_adata
 from ..session import session_for
 
 SPECIES = ("mouse", "human", "other")
@@ -45,6 +49,19 @@ def remember_priors(species: str, files: dict[str, str]):
         data = {}
     data[species] = {k: v for k, v in files.items() if v}
     write_text_atomic(json.dumps(data, indent=2), path)
+
+
+def slide_columns(path, read_options: dict) -> tuple[list[str], list[str]]:
+    """A slide's obs columns that can name clusters (not floats) and its layer names; for an .h5ad only obs and the
+    layer names are read, not the counts."""
+    if str(path).endswith(".h5ad"):
+        with h5py.File(path, "r") as f:
+            obs = ad.io.read_elem(f["obs"])
+            layers = list(f["layers"].keys()) if "layers" in f else []
+    else:
+        adata = read_slide_adata(path, **read_options)
+        obs, layers = adata.obs, list(adata.layers.keys())
+    return [c for c in obs.columns if not pd.api.types.is_float_dtype(obs[c])], layers
 
 
 def _file(value) -> str | None:
@@ -151,7 +168,11 @@ class TrainDock(Container):
                 self.status,
             ]
         )
-        self.jobs = JobRunner("Train", status=self.status, progress=self.progress)
+        self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
+        self.jobs = links.runner(JobRunner("Train", status=self.status, progress=self.progress))
+        self.reads = links.runner(JobRunner("Read the slide's columns", status=self.status))
+        self._slide_read = None  # the slide layer whose columns were read last
+        self.reads.busy_changed.connect(self._after_read)
         self.jobs.busy_changed.connect(self._set_running)
         self.slide.changed.connect(self._on_slide)
         self.species.changed.connect(self._on_species)
@@ -159,8 +180,9 @@ class TrainDock(Container):
         self.train_btn.clicked.connect(self.train)
         self.load_btn.clicked.connect(self.load)
         self.cancel_btn.clicked.connect(self.cancel)
-        self.session.slides_changed.connect(self._refresh)
-        self.session.result_added.connect(self._refresh)
+        links.connect(self.session.slides_changed, self._refresh)
+        links.connect(self.session.result_added, self._refresh)
+        links.connect(self.session.result_removed, self._refresh)
         self._on_species()
         self._refresh()
 
@@ -186,16 +208,38 @@ class TrainDock(Container):
         if layer is None:
             return
         meta = layer.metadata.get(PLUGIN_KEY, {})
-        path = meta.get("adata_path")
-        if path and str(path).endswith(".h5ad"):  # only obs and layer names: no need to read the counts
-            with h5py.File(path, "r") as f:
-                obs = ad.io.read_elem(f["obs"])
-                self._layers = ["X"] + (list(f["layers"].keys()) if "layers" in f else [])
-        elif path:
-            adata = slide_adata(layer)
-            obs, self._layers = adata.obs, ["X"] + list(adata.layers.keys())
-        if path:
-            self._file_columns = [c for c in obs.columns if not pd.api.types.is_float_dtype(obs[c])]
+        if not meta.get("adata_path"):
+            self._fill_form(layer, None)
+            return
+        if self.reads.busy:  # picked while another slide's columns are read: _after_read reads this one next
+            return
+        self.reads.start(
+            lambda _control: slide_columns(meta["adata_path"], meta.get("read_options", {})),
+            lambda columns: self._fill_form(layer, columns),
+            on_error=lambda _exc: setattr(self, "_slide_read", layer),  # reported by the runner; not read again
+            message="reading the slide's columns...",
+        )
+
+    def _after_read(self, busy: bool):
+        if not busy and self.slide.value is not None and self.slide.value is not self._slide_read:
+            self._on_slide(self.slide.value)
+
+    @property
+    def ready(self) -> bool:
+        """True once the picked slide's columns are in the form."""
+        return not self.reads.busy and self._slide_read is self.slide.value
+
+    def _fill_form(self, layer, columns: tuple[list[str], list[str]] | None):
+        """The form for ``layer``, from its obs columns and layer names (read off the GUI thread)."""
+        self._slide_read = layer
+        if self.status.value == "reading the slide's columns...":
+            self.status.value = "pick priors and a model folder"
+        if layer is not self.slide.value:  # another slide was picked meanwhile: its own read fills the form
+            return
+        meta = layer.metadata.get(PLUGIN_KEY, {})
+        if columns is not None:
+            self._file_columns, layers = columns
+            self._layers = ["X"] + layers
         self._cluster_choices(layer)
         self.expression.reset_choices()
         self.cluster_col.reset_choices()
@@ -230,12 +274,15 @@ class TrainDock(Container):
         out = str(self.model_dir.value) if str(self.model_dir.value) not in ("", ".") else None
         if not out:
             raise ValueError("pick a model folder")
-        adata = slide_adata(layer)
+        meta = layer.metadata.get(PLUGIN_KEY, {})
+        if not meta.get("adata_path"):
+            raise ValueError(f"layer {layer.name!r} was not opened from a file")
+        spatial = {"path": str(meta["adata_path"]), "slide_options": dict(meta.get("read_options", {}))}
         col = self.cluster_col.value
-        if col and " (" in col:  # a deconvolution result's dominant type
+        if col and " (" in col:  # a deconvolution result's dominant type: a column the training process adds
             key, run = col.split(" (", 1)
             rec = self.session.results[run.rstrip(")")]
-            adata.obs[key] = rec.adata.obs[key].astype(str).to_numpy()
+            spatial["extra_obs"] = {key: rec.adata.obs[key].astype(str).to_numpy()}
             col = key
         params = dict(self.train_options)
         if self.radius.value > 0:
@@ -246,19 +293,19 @@ class TrainDock(Container):
             params["mode"] = self.mode.value
             params["epochs"] = int(self.epochs.value)
         layer_name = None if self.expression.value in (None, "X") else self.expression.value
-        return adata, grn, lr, col, out, layer_name, params
+        return spatial, grn, lr, col, out, layer_name, params
 
     def train(self):
         if self.jobs.busy:
             return
         try:
-            adata, grn, lr, col, out, layer_name, params = self._training_inputs()
+            spatial, grn, lr, col, out, layer_name, params = self._training_inputs()
         except Exception as exc:
             self.status.value = str(exc)
             notify_error(exc, "Train")
             return
         remember_priors(self.species.value, {"grn": grn, "lr": lr or ""})
-        kwargs = dict(spatial=adata, grn=grn, lr=lr, cluster_col=col, out=out, layer=layer_name, **params)
+        kwargs = dict(spatial=spatial, grn=grn, lr=lr, cluster_col=col, out=out, layer=layer_name, **params)
         slide = self.slide.value
         self.jobs.start_process(
             WARM_TRAINING,
