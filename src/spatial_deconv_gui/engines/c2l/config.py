@@ -178,7 +178,8 @@ def validate_config(config: C2LConfig) -> list[str]:
         problems.append(
             f"interval_samples must be >= 20 (5 % / 95 % quantiles need draws), got {config.interval_samples}"
         )
-    if not 0 <= float(config.interval_min_cells) < float(config.n_cells_per_location):
+    min_cells, n_cells = float(config.interval_min_cells), float(config.n_cells_per_location)
+    if not min_cells >= 0 or (n_cells > 0 and min_cells >= n_cells):
         problems.append(
             f"interval_min_cells must be >= 0 and below n_cells_per_location, got {config.interval_min_cells!r}"
         )
