@@ -165,7 +165,7 @@ def test_cli_without_uncertainty_writes_no_interval(small_pair_files, tmp_path):
 @pytest.mark.parametrize(
     "method, extra, message",
     [
-        ("c2l", [], "c2l gives no per-spot interval yet"),
+        ("destvi", ["--seeds", "0"], "seeds must be a positive integer"),
         ("rctd", ["--mode", "multi"], "not multi"),
         ("flash", ["--gene-weighting", "countsketch"], "gene_weighting 'expected'"),
     ],

@@ -344,8 +344,9 @@ def test_interval_tick_box_writes_the_interval_slots(make_napari_viewer, qtbot):
     from spatial_deconv_gui import keys
 
     viewer, widget = _viewer_with_widget(make_napari_viewer)
-    widget.method.value = "c2l"
-    assert not widget.uncertainty.enabled
+    for method in ("c2l", "destvi", "rctd"):
+        widget.method.value = method
+        assert widget.uncertainty.enabled, method
     widget.method.value = "flash"
     assert widget.uncertainty.enabled
     widget.uncertainty.value = True

@@ -97,7 +97,7 @@ _ALL = (
         "spatial_deconv_gui.engines.destvi",
         "run_destvi",
         "DestVIConfig",
-        gui_options=("sc_epochs", "max_epochs", "n_latent", "seed"),
+        gui_options=("sc_epochs", "max_epochs", "n_latent", "seed", "seeds"),
     ),
     MethodInfo(
         "perturb",

@@ -121,6 +121,28 @@ class C2LConfig:
     nonz_mean_cutoff: float = field(
         default=1.12, metadata={"help": "gene filter: minimum mean over non-zero cells for rarer genes"}
     )
+    # uncertainty
+    uncertainty: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "also write a nominal 90% interval per spot and type (obsm c2l_proportions_q05 / _q95) from draws "
+                "of the fitted posterior of the abundances"
+            )
+        },
+    )
+    interval_samples: int = field(
+        default=200, metadata={"help": "posterior draws per spot for the uncertainty intervals"}
+    )
+    interval_min_cells: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "intervals: in a posterior draw, a type with fewer cells than this at a spot counts as absent there "
+                "(cells come whole; 0 keeps every draw as drawn, and an absent type's interval never reaches 0)"
+            )
+        },
+    )
     # execution
     report_every: int = field(default=500, metadata={"help": "stream the current abundance map every this many epochs"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -150,6 +172,17 @@ def validate_config(config: C2LConfig) -> list[str]:
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             problems.append(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(config.interval_samples, int) or isinstance(config.interval_samples, bool):
+        problems.append(f"interval_samples must be an integer >= 20, got {config.interval_samples!r}")
+    elif config.interval_samples < 20:
+        problems.append(
+            f"interval_samples must be >= 20 (5 % / 95 % quantiles need draws), got {config.interval_samples}"
+        )
+    min_cells, n_cells = float(config.interval_min_cells), float(config.n_cells_per_location)
+    if not min_cells >= 0 or (n_cells > 0 and min_cells >= n_cells):
+        problems.append(
+            f"interval_min_cells must be >= 0 and below n_cells_per_location, got {config.interval_min_cells!r}"
+        )
     if not isinstance(config.reference_epochs, int) or config.reference_epochs < 0:
         problems.append(f"reference_epochs must be >= 0 (0: package heuristic), got {config.reference_epochs!r}")
     if config.cell_count_cutoff < 0 or not (0 <= config.cell_percentage_cutoff2 <= 1):

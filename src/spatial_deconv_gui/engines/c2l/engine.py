@@ -12,12 +12,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ... import keys
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thread_cap
 from ..bayes import CountData, require_two_types
 from ..convergence import ConvergenceMonitor, ConvergenceRule, eta_note, raise_diverged, stop_message
 from ..devices import torch_device
 from .config import C2LConfig, batch_column, check_config, convergence_rule
+from .intervals import posterior_intervals
 from .model import (
     ReferenceRegression,
     SpatialModel,
@@ -476,6 +478,17 @@ def _run(
     q05 = model.abundance_quantile(0.05).double().cpu().numpy()
     props = abundances / abundances.sum(1, keepdims=True)
     barcodes = np.asarray(spatial.barcodes).astype(str)
+    interval_obsm = {}
+    if config.uncertainty:
+        control.report("intervals", 0.0, f"{config.interval_samples} posterior draws per spot")
+        lower, upper, widened = posterior_intervals(
+            model, props, config.interval_samples, config.seed, config.interval_min_cells
+        )
+        interval_obsm = {
+            keys.proportions_lower(KEY): pd.DataFrame(lower, index=barcodes, columns=list(types)),
+            keys.proportions_upper(KEY): pd.DataFrame(upper, index=barcodes, columns=list(types)),
+        }
+        control.report("intervals", 1.0, "intervals ready")
 
     params: dict[str, Any] = config.to_dict()
     params.update(
@@ -484,6 +497,8 @@ def _run(
         n_genes=int(len(genes)),
         reference_epochs_run=int(epochs_ref),
     )
+    if config.uncertainty:
+        params["interval_widened_cells"] = widened  # (spot, type) cells widened to hold the point estimate
     return DeconvResult(
         key=KEY,
         method="cell2location",
@@ -497,6 +512,7 @@ def _run(
         obsm={
             ABUNDANCES: pd.DataFrame(abundances, index=barcodes, columns=list(types)),
             ABUNDANCES_Q05: pd.DataFrame(q05, index=barcodes, columns=list(types)),
+            **interval_obsm,
         },
         uns={
             TRAINING: {

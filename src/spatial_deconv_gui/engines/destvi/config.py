@@ -79,6 +79,38 @@ class DestVIConfig:
     eta_reg: float = field(default=1.0, metadata={"help": "penalty on the dummy noise type"})
     beta_reg: float = field(default=1.0, metadata={"help": "N(0, 1) prior weight on the gene correction beta"})
     reconst_weight: float = field(default=3.0, metadata={"help": "weight of the reconstruction term"})
+    # uncertainty
+    uncertainty: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "also write a nominal 90% interval per spot and type (obsm destvi_proportions_q05 / _q95): count "
+                "vectors drawn from the fitted model at each spot, passed through the trained encoder; with seeds > 1 "
+                "the draws of every seed pooled"
+            )
+        },
+    )
+    interval_samples: int = field(
+        default=100, metadata={"help": "count vectors drawn per spot (and per seed) for the uncertainty intervals"}
+    )
+    interval_min_share: float = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "intervals: in a draw, a type's share below this counts as absent (the encoder never gives exact "
+                "zeros; 0 keeps every draw as drawn, and an absent type's interval never reaches 0)"
+            )
+        },
+    )
+    seeds: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "train this many models (seeds seed, seed+1, ...): the proportions are their mean and the interval "
+                "holds the spread across seeds; gamma and the imputation model are the first seed's"
+            )
+        },
+    )
     # execution
     report_every: int = field(default=100, metadata={"help": "stream the current proportions every this many epochs"})
     seed: int = field(
@@ -119,6 +151,16 @@ def validate_config(config: DestVIConfig) -> list[str]:
         v = getattr(config, name)
         if not isinstance(v, int) or v < 0:
             problems.append(f"{name} must be an integer >= 0, got {v!r}")
+    if not isinstance(config.seeds, int) or isinstance(config.seeds, bool) or config.seeds < 1:
+        problems.append(f"seeds must be a positive integer (the number of models trained), got {config.seeds!r}")
+    if not isinstance(config.interval_samples, int) or isinstance(config.interval_samples, bool):
+        problems.append(f"interval_samples must be an integer >= 20, got {config.interval_samples!r}")
+    elif config.interval_samples < 20:
+        problems.append(
+            f"interval_samples must be >= 20 (5 % / 95 % quantiles need draws), got {config.interval_samples}"
+        )
+    if not 0 <= float(config.interval_min_share) < 0.5:
+        problems.append(f"interval_min_share must be in [0, 0.5), got {config.interval_min_share!r}")
     if config.vamp_prior_p < 1:
         problems.append("vamp_prior_p must be >= 1 (the empirical prior is required)")
     for name in ("sc_lr", "lr"):

@@ -20,6 +20,7 @@ from ..bayes import require_two_types
 from ..convergence import ConvergenceMonitor, eta_note, raise_diverged, stop_message
 from ..devices import torch_device
 from .config import DestVIConfig, check_config, convergence_rule
+from .intervals import draw_intervals, predictive_draws, run_seed_ensemble
 from .model import CondVAE, FCStack, SpatialDeconv, vamp_prior
 
 KEY = "destvi"
@@ -112,14 +113,24 @@ def run_destvi(
     config: DestVIConfig = DestVIConfig(),
     control: RunControl | None = None,
 ) -> DeconvResult:
-    """Fit DestVI's single-cell and spatial models; proportions drop the dummy type."""
+    """Fit DestVI's single-cell and spatial models; proportions drop the dummy type. ``config.seeds`` > 1 trains
+    that many models and averages them (:func:`.intervals.run_seed_ensemble`)."""
     check_config(config)
     require_two_types("DestVI", reference.type_names)
     with thread_cap(config.n_threads):
+        if config.seeds > 1:
+            return run_seed_ensemble(_run, spatial, reference, config, control or RunControl())
         return _run(spatial, reference, config, control or RunControl())
 
 
-def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig, control: RunControl) -> DeconvResult:
+def _run(
+    spatial: SpatialInput,
+    reference: ReferenceInput,
+    config: DestVIConfig,
+    control: RunControl,
+    draws: list[np.ndarray] | None = None,
+) -> DeconvResult:
+    """One model; with ``config.uncertainty`` its predictive draws are appended to ``draws`` when given."""
     t_start = time.perf_counter()
     device = torch_device(config.device)
     torch.manual_seed(config.seed)
@@ -239,6 +250,15 @@ def _run(spatial: SpatialInput, reference: ReferenceInput, config: DestVIConfig,
         gamma_slot(t): pd.DataFrame(gamma[:, i], index=barcodes, columns=cols) for i, t in enumerate(types)
     }
     obsm[DUMMY_FRACTION] = pd.DataFrame({DUMMY: v[:, -1]}, index=barcodes)
+    if config.uncertainty:
+        control.report("intervals", 0.0, f"{config.interval_samples} predictive draws per spot")
+        spot_draws = predictive_draws(model, xs, config.interval_samples, config.seed)
+        if draws is not None:
+            draws.append(spot_draws)
+        lower, upper = draw_intervals(spot_draws, [props], config.interval_min_share)
+        obsm[keys.proportions_lower(KEY)] = pd.DataFrame(lower, index=barcodes, columns=list(types))
+        obsm[keys.proportions_upper(KEY)] = pd.DataFrame(upper, index=barcodes, columns=list(types))
+        control.report("intervals", 1.0, "intervals ready")
     params = config.to_dict()
     params.update(device=str(device), n_genes=int(len(genes)))
     state = export_state(model, gamma_modes, modes, genes, types, barcodes)

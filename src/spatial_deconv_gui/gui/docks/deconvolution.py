@@ -104,7 +104,8 @@ class DeconvolutionDock(Container):
             text="per-spot 90% intervals",
             value=False,
             tooltip="Also write each spot's nominal 90% interval per cell type (obsm <key>_proportions_q05 / _q95): "
-            "RCTD from the curvature of its likelihood, FlashDeconv by a gene bootstrap.",
+            "RCTD from the curvature of its likelihood, FlashDeconv by a gene bootstrap, cell2location from draws "
+            "of its posterior, DestVI from count draws through its encoder (and the spread across seeds).",
         )
         real_methods = [m for m in methods if m != NO_METHOD]
         self.consensus_methods = Select(
