@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from ... import keys
+from ...io.chunked import ChunkedCounts, from_matrix
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
@@ -58,8 +59,39 @@ def auto_batch_size(n_genes: int, n_types: int, mode: str, device: torch.device,
     return int(max(64, min(n, hi)))
 
 
-def _rows_dense(csr: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return np.asarray(csr[rows][:, cols].todense(), dtype=np.float64)
+def _as_chunked(counts, chunk_spots: int | None) -> ChunkedCounts:
+    if isinstance(counts, ChunkedCounts):
+        return counts
+    # an in-memory matrix: large chunks (row slices cost a copy of the block, nothing else)
+    return from_matrix(counts, chunk_spots or IN_MEMORY_CHUNK_SPOTS)
+
+
+IN_MEMORY_CHUNK_SPOTS = 200_000
+
+
+class _FittedRows:
+    """The fitted spots' counts on the regression genes, in fitted order, for batches [lo, hi) asked in increasing
+    order: read from the source chunk by chunk, holding at most one chunk plus one batch."""
+
+    def __init__(self, source: ChunkedCounts, fitted: np.ndarray, cols: np.ndarray):
+        self._chunks = source.chunks()
+        self._fitted = fitted
+        self._cols = cols
+        self._pending = sp.csr_matrix((0, len(cols)))
+        self._start = 0  # fitted index of the first pending row
+
+    def take(self, lo: int, hi: int) -> sp.csr_matrix:
+        if lo < self._start:
+            raise ValueError("batches must be asked in order")
+        while self._start + self._pending.shape[0] < hi:
+            # rows before lo are done (an out-of-memory retry asks lo again, never earlier): drop them first
+            self._pending = self._pending[lo - self._start :]
+            self._start = lo
+            c_lo, c_hi, block = next(self._chunks)
+            keep = np.flatnonzero(self._fitted[c_lo:c_hi])
+            if keep.size:
+                self._pending = sp.vstack([self._pending, block[keep][:, self._cols]], format="csr")
+        return self._pending[lo - self._start : hi - self._start]
 
 
 def _categorical(values: list[str] | np.ndarray, categories: list[str]) -> pd.Categorical:
@@ -111,20 +143,29 @@ def _run(
     control.check_cancel()
 
     # ---- pixel filters and genes -------------------------------------------------------------------
+    # The counts are read in chunks of spots (ChunkedCounts): whole passes over the slide (totals, pseudo-bulk)
+    # add up per chunk, and the pixel fits take their rows chunk by chunk, so a slide on disk larger than memory
+    # runs with one chunk of counts in memory. An in-memory matrix goes through the same passes (row slices).
     control.report("genes", 0.0, "selecting informative genes")
-    counts = sp.csr_matrix(spatial.counts)
-    n_spots = counts.shape[0]
+    source = _as_chunked(spatial.counts, config.chunk_spots)
+    n_spots = source.n_spots
     s_genes = np.asarray(spatial.genes).astype(str)
     numi_all = np.asarray(spatial.n_umi, dtype=np.float64)
     umi_ok = (numi_all >= config.umi_min) & (numi_all <= config.umi_max)
-    total_counts = np.asarray(counts.sum(axis=1)).ravel()
+    total_counts = np.zeros(n_spots)
+    bulk_first = np.zeros(len(s_genes))
+    for lo, hi, block in source.chunks():  # pass 1: totals and the pseudo-bulk of the spots passing the UMI filters
+        total_counts[lo:hi] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+        ok = umi_ok[lo:hi] & (total_counts[lo:hi] >= config.counts_min)
+        if ok.any():
+            bulk_first += np.asarray(block[np.flatnonzero(ok)].sum(axis=0, dtype=np.float64)).ravel()
+        control.check_cancel()
     first_pass = umi_ok & (total_counts >= config.counts_min)
     if not first_pass.any():
         raise ValueError(
             f"RCTD: no spot passes the filters (nUMI in [{config.umi_min}, {config.umi_max}], "
             f">= {config.counts_min} counts)"
         )
-    bulk_first = np.asarray(counts[np.flatnonzero(first_pass)].sum(axis=0)).ravel()
     genes_reg = select_de_genes(
         ref.profiles,
         ref.genes,
@@ -148,7 +189,20 @@ def _run(
     s_pos = {g: i for i, g in enumerate(s_genes)}
     r_pos = {g: i for i, g in enumerate(ref.genes)}
     bulk_cols = np.array([s_pos[g] for g in genes_bulk])
-    bulk_counts_per_spot = np.asarray(counts[:, bulk_cols].sum(axis=1)).ravel()
+    reg_cols_all = np.array([s_pos[g] for g in genes_reg], dtype=np.int64)
+    bulk_counts_per_spot = np.zeros(n_spots)
+    bulk_vec = np.zeros(len(bulk_cols))
+    reg_max = 0.0
+    for lo, hi, block in source.chunks():  # pass 2: platform-effect genes per spot, their bulk, the largest count
+        on_bulk = block[:, bulk_cols]
+        bulk_counts_per_spot[lo:hi] = np.asarray(on_bulk.sum(axis=1, dtype=np.float64)).ravel()
+        keep = np.flatnonzero(first_pass[lo:hi] & (bulk_counts_per_spot[lo:hi] >= config.counts_min))
+        if keep.size:
+            bulk_vec += np.asarray(on_bulk[keep].sum(axis=0, dtype=np.float64)).ravel()
+            on_reg = block[keep][:, reg_cols_all]
+            if on_reg.nnz:
+                reg_max = max(reg_max, float(on_reg.max()))
+        control.check_cancel()
     fitted = first_pass & (bulk_counts_per_spot >= config.counts_min)
     fit_idx = np.flatnonzero(fitted)
     if len(fit_idx) == 0:
@@ -165,7 +219,6 @@ def _run(
     # ---- platform effect ---------------------------------------------------------------------------
     control.report("platform effect", 0.0, "fitting pseudo-bulk")
     numi = numi_all[fit_idx]
-    bulk_vec = np.asarray(counts[fit_idx][:, bulk_cols].sum(axis=0)).ravel().astype(np.float64)
     prof_bulk = ref.profiles[[r_pos[g] for g in genes_bulk]]
     bulk = fit_bulk(
         prof_bulk,
@@ -183,7 +236,7 @@ def _run(
             f"({len(missing_reg)} regression genes are not platform-effect genes)"
         )
     P_reg = bulk.profiles[[bulk_index[g] for g in genes_reg]]
-    reg_cols = np.array([s_pos[g] for g in genes_reg])
+    reg_cols = reg_cols_all
     control.report("platform effect", 1.0, "done")
     control.check_cancel()
 
@@ -205,7 +258,7 @@ def _run(
             )
         rng = np.random.default_rng(config.seed)
         pick = np.sort(rng.choice(cand, n_fit, replace=False)) if n_fit < len(cand) else cand
-        y_fit = _rows_dense(counts, fit_idx[pick], reg_cols)
+        y_fit = np.asarray(source.take_rows(fit_idx[pick])[:, reg_cols].todense(), dtype=np.float64)
         max_count = int(min(y_fit.max(initial=0), config.k_val))
 
         def get_tables(sig_list):
@@ -231,8 +284,7 @@ def _run(
     control.check_cancel()
 
     # ---- pixels ------------------------------------------------------------------------------------
-    reg_counts = counts[fit_idx][:, reg_cols].tocsr()
-    max_count = int(min(reg_counts.max() if reg_counts.nnz else 0, config.k_val))
+    max_count = int(min(reg_max, config.k_val))
     table = build_tables([sigma], max_count, **table_kw)[0]
     ttable = table.to_torch(device, dtype)
     P_t = torch.as_tensor(P_reg, dtype=dtype, device=device)
@@ -276,8 +328,8 @@ def _run(
         out["lower"] = np.zeros((n_fit_px, K))
         out["upper"] = np.zeros((n_fit_px, K))
 
-    def run_batch(lo: int, hi: int) -> None:
-        y = torch.as_tensor(np.asarray(reg_counts[lo:hi].todense(), dtype=np.float64), dtype=dtype, device=device)
+    def run_batch(lo: int, hi: int, y_rows: sp.csr_matrix) -> None:
+        y = torch.as_tensor(np.asarray(y_rows.todense(), dtype=np.float64), dtype=dtype, device=device)
         u = torch.as_tensor(numi[lo:hi], dtype=dtype, device=device)
         if mode == "full":
             w, conv = fit_full(P_t, y, u, ttable, settings)
@@ -347,11 +399,12 @@ def _run(
     control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
     lo = 0
     tried = [min(batch, n_fit_px)]
+    fitted_rows = _FittedRows(source, fitted, reg_cols)
     while lo < n_fit_px:
         control.check_cancel()
         hi = min(lo + batch, n_fit_px)
         try:
-            run_batch(lo, hi)
+            run_batch(lo, hi, fitted_rows.take(lo, hi))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
