@@ -31,11 +31,11 @@ from .engines.devices import DeviceOutOfMemory, device_name, is_out_of_memory
 from .engines.devices import resolve as _resolve_device
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
-from .io.read import labelled
+from .io.read import chunked_spatial_input, labelled
 from .io.slide import Slide, detect_format
 from .io.slide import read_slide as _read_slide
 from .io.validate import empty_spots
-from .io.write import check_writable, known_colors, restore_dropped_spots, write_h5ad_atomic
+from .io.write import check_writable, known_colors, restore_dropped_spots, write_result_h5ad
 
 
 @dataclass
@@ -162,7 +162,12 @@ def run_deconvolution(
     params["device"], device_notice = _resolve_device(device)  # before reading anything: a bad device is quick
     if device_notice:
         notices.append(device_notice)
-    sdata, rdata = _slide_adata(spatial, slide_options), _as_adata(reference)
+    lazy = _chunked_slide(spatial, params.get("chunk_spots"), layer, slide_options)
+    if lazy is not None:
+        sdata, counts_source = lazy
+    else:
+        sdata, counts_source = _slide_adata(spatial, slide_options), None
+    rdata = _as_adata(reference)
     report = None
     if check:
         min_cells = int(params.get("cell_min", 25))
@@ -176,6 +181,7 @@ def run_deconvolution(
             min_cells_per_type=min_cells,
             numi_column=numi_column,
             reference_numi_column=reference_numi_column,
+            counts_source=counts_source,
         )
         # Types below the minimum are the engine's call (drop with a warning, or refuse when strict).
         blocking = [p for p in report.problems if p.severity == "error" and p.code != "small_cell_types"]
@@ -183,9 +189,15 @@ def run_deconvolution(
             raise InputError(ValidationReport(blocking).format(), code=blocking[0].code)
         notices += [p.message for p in report.problems if p.severity == "warning"]
     config = build_config(config_cls, params)
-    # Spots without a single count carry no information for any method: fit the others, NaN rows for these.
-    empty = empty_spots(sdata, layer)
-    kept = np.flatnonzero(~empty)
+    # Spots without a single count carry no information for any method: fit the others, NaN rows for these. A
+    # slide read by chunks keeps every spot (its method's own filters leave the empty ones out, as NaN rows).
+    totals = report.spot_totals if report is not None else None
+    if counts_source is not None:
+        kept = np.flatnonzero(totals) if totals is not None else np.arange(sdata.n_obs)
+        empty = np.zeros(sdata.n_obs, dtype=bool)
+    else:
+        empty = empty_spots(sdata, layer, totals=totals)
+        kept = np.flatnonzero(~empty)
     if not kept.size:
         raise InputError(
             "every spot of the slide has no counts.", "check that X (or --layer) holds the counts.", code="no_counts"
@@ -205,8 +217,12 @@ def run_deconvolution(
         with cluster.using(scheduler, n_workers) as connected:
             if connected is not None:
                 extra["cluster"] = connected
+            if counts_source is not None:
+                slide_input = chunked_spatial_input(sdata, counts_source, coord_key, numi_column, totals)
+            else:
+                slide_input = spatial_input(fit_data, layer, coord_key, numi_column)
             result = runner(
-                spatial_input(fit_data, layer, coord_key, numi_column),
+                slide_input,
                 reference_input(rdata, cell_type_col, reference_layer, reference_numi_column),
                 config,
                 control,
@@ -244,6 +260,24 @@ def check_scheduler(method: str, scheduler) -> None:
         "leave --scheduler out for this method (or pick --method rctd).",
         code="scheduler_unsupported",
     )
+
+
+def _chunked_slide(spatial, chunk_spots, layer, slide_options):
+    """(annotations, counts by chunks) when the method reads the slide by chunks (``chunk_spots``) and ``spatial``
+    is a path to an .h5ad or a .zarr; else None (an AnnData or Slide is in memory already)."""
+    if not chunk_spots or isinstance(spatial, (ad.AnnData, Slide)):
+        return None
+    from .io.chunked import open_lazy_slide
+
+    path = Path(spatial)
+    if path.suffix not in (".h5ad", ".zarr"):
+        raise InputError(
+            f"{path.name}: reading by chunks of spots (chunk_spots) takes an .h5ad or a .zarr store.",
+            "convert the slide to .h5ad first (e.g. spatial_deconv_gui.io.read_slide(path).adata.write_h5ad), or "
+            "leave chunk_spots unset.",
+            code="chunks_need_h5ad",
+        )
+    return open_lazy_slide(path, layer, int(chunk_spots), table=(slide_options or {}).get("table"))
 
 
 def _unfitted_notices(result: DeconvResult, method: str, barcodes: np.ndarray) -> list[str]:
@@ -344,12 +378,19 @@ def check_output(path: str | os.PathLike, *inputs, side_file: bool = False) -> P
 
 
 def save_result(
-    adata: ad.AnnData, path: str | os.PathLike, protect: tuple = (), source=None, table: str | None = None
+    adata: ad.AnnData,
+    path: str | os.PathLike,
+    protect: tuple = (),
+    source=None,
+    table: str | None = None,
+    counts: bool = False,
 ) -> Path:
     """Write atomically; refuses to overwrite any of the ``protect`` paths (the inputs).
 
     A ``.zarr`` path writes a new SpatialData object holding the elements of ``source`` (a SpatialData
-    ``.zarr``) with ``adata`` as its table; anything else is an ``.h5ad``.
+    ``.zarr``) with ``adata`` as its table; anything else is an ``.h5ad``. An ``.h5ad`` holds the results and the
+    slide's annotations but not its counts (:func:`~.io.write.results_only`: obs, var, obsm, uns; X absent) unless
+    ``counts`` is True, which writes the whole AnnData, counts and layers included.
     """
     path = Path(path)
     for p in protect:
@@ -365,7 +406,7 @@ def save_result(
         check_output(path, source, *protect)
         return write_spatialdata_result(adata, source, path, table=table)
     check_writable(path)
-    return write_h5ad_atomic(adata, path)
+    return write_result_h5ad(adata, path, counts=counts)
 
 
 def reference_batch_labels(reference, batch_col: str, cell_type_col: str = "cell_type"):

@@ -63,6 +63,12 @@ def _base_parser() -> argparse.ArgumentParser:
         help="also write a nominal 90%% interval per spot and type (obsm <key>_proportions_q05 / _q95); "
         "rctd (full and doublet modes) and flash",
     )
+    run.add_argument(
+        "--with-counts",
+        action="store_true",
+        help="also write the slide's counts (X and layers, gzip) into the .h5ad output; by default it holds the "
+        "results with the slide's obs, var, obsm and uns, and no counts (the input has them)",
+    )
     run.add_argument("--csv", help="also write the proportions table as CSV")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -270,7 +276,14 @@ def _cmd_run(args, extra: list[str]) -> int:
     if not args.quiet:
         for notice in run.notices:
             print(f"notice: {notice}", file=sys.stderr)
-    api.save_result(run.adata, out_path, protect=(args.spatial, args.reference), source=args.spatial, table=args.table)
+    api.save_result(
+        run.adata,
+        out_path,
+        protect=(args.spatial, args.reference),
+        source=args.spatial,
+        table=args.table,
+        counts=args.with_counts,
+    )
     key = run.result.key
     if args.csv:
         from .io.write import write_text_atomic

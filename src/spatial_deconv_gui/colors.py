@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from matplotlib.colors import to_hex, to_rgba
+
+# matplotlib.colors is imported where a colour is parsed, not here: importing it pulls in matplotlib (~0.3 s of
+# every CLI start-up), and a run whose slide carries no colours never parses one.
 
 # Distinct on white and on napari's dark canvas; ordered so neighbours in the list differ most.
 HIGH_CONTRAST = (
@@ -53,6 +55,8 @@ def palette_from_uns(categories: Sequence[str], colors: Sequence[str] | None) ->
     colors = list(colors)
     if len(colors) < len(categories):
         return {}
+    from matplotlib.colors import to_hex
+
     out = {}
     for name, col in zip(categories, colors):
         try:
@@ -78,6 +82,8 @@ def cell_type_palette(names: Sequence[str], known: Mapping[str, str] | None = No
             if nxt is None:  # more types than palette entries: fall back to an evenly spaced hue wheel
                 import colorsys
 
+                from matplotlib.colors import to_hex
+
                 nxt = to_hex(colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.9))
             out[name] = nxt
     return out
@@ -85,6 +91,8 @@ def cell_type_palette(names: Sequence[str], known: Mapping[str, str] | None = No
 
 def rgba_for_labels(labels: Sequence[str], palette: Mapping[str, str], hidden: set[str] | None = None) -> np.ndarray:
     """n x 4 float RGBA for each label; hidden labels become fully transparent."""
+    from matplotlib.colors import to_rgba
+
     labels = np.asarray(labels, dtype=object)
     uniq, inv = np.unique(labels.astype(str), return_inverse=True)
     table = np.array([to_rgba(palette.get(u, FILTERED_COLOR)) for u in uniq], dtype=np.float32).reshape(-1, 4)

@@ -11,6 +11,7 @@ same profiles. Both carry ``obs['nUMI']``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -229,3 +230,129 @@ def add_tissue_image(spatial: ad.AnnData, library_id: str = "sample", um_per_px:
         }
     }
     return spatial
+
+
+def write_binned_slide(
+    path,
+    n_bins: int,
+    n_genes: int = 2000,
+    n_types: int = 10,
+    bin_um: float = 8.0,
+    umi_median: float = 80.0,
+    doublet_fraction: float = 0.4,
+    chunk_bins: int = 50_000,
+    seed: int = 0,
+) -> dict:
+    """Write a Visium HD-like slide straight to an ``.h5ad`` at ``path``, ``chunk_bins`` bins at a time.
+
+    Square bins of ``bin_um`` µm on a grid; each bin holds one cell type (a singlet) or two (a doublet, in
+    ``doublet_fraction`` of the bins, the second type from a neighbouring domain); types form smooth domains. A
+    bin's UMI is log-normal around ``umi_median`` (clipped to 10..1,000: tens to a few hundred), its molecules drawn
+    from its types' profiles, which carry a per-gene platform effect against the reference's. Only one chunk of
+    counts is ever in memory; ``X`` is CSR int32. The truth is in ``obsm['true_proportions']`` (float32),
+    ``obs['true_first_type']`` / ``obs['true_second_type']`` (-1 for singlets). Returns the matching reference
+    (an AnnData, ``obs['cell_type']``, 150 cells per type) and the number of stored values, as a dict.
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    rng = np.random.default_rng(seed)
+    types = [f"type{k:02d}" for k in range(n_types)]
+    genes = np.array([f"Gene{g:05d}" for g in range(n_genes)])
+    base = rng.gamma(0.5, 1.0, n_genes) + 0.01
+    profiles = base[None, :] * rng.lognormal(0.0, 0.5, (n_types, n_genes))
+    for k in range(n_types):
+        profiles[k, rng.choice(n_genes, max(1, n_genes // 50), replace=False)] *= 10.0
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    platform = rng.lognormal(0.0, 0.3, n_genes)
+    slide_profiles = profiles * platform
+    slide_profiles /= slide_profiles.sum(axis=1, keepdims=True)
+    cum_profiles = np.cumsum(slide_profiles, axis=1)
+
+    side = int(np.ceil(np.sqrt(n_bins)))
+    coarse = max(4, side // 60)  # ~60 bins (~0.5 mm) per domain feature
+    field_grid = rng.standard_normal((n_types, coarse + 3, coarse + 3))
+
+    def domain_types(rows, cols):
+        from scipy.ndimage import map_coordinates
+
+        logits = np.stack(
+            [
+                map_coordinates(field_grid[k], [rows * coarse / side + 1, cols * coarse / side + 1], order=3)
+                for k in range(n_types)
+            ],
+            axis=1,
+        )
+        order = np.argsort(-logits, axis=1)
+        return order[:, 0], order[:, 1]
+
+    path = Path(path)
+    nnz = 0
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        x = f.create_group("X")
+        x.attrs["encoding-type"] = "csr_matrix"
+        x.attrs["encoding-version"] = "0.1.0"
+        x.attrs["shape"] = (n_bins, n_genes)
+        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+        indptr = np.zeros(n_bins + 1, dtype=np.int64)
+        truth = np.zeros((n_bins, n_types), dtype=np.float32)
+        first_all = np.zeros(n_bins, dtype=np.int16)
+        second_all = np.full(n_bins, -1, dtype=np.int16)
+        for lo in range(0, n_bins, chunk_bins):
+            hi = min(lo + chunk_bins, n_bins)
+            idx = np.arange(lo, hi)
+            rows, cols = idx // side, idx % side
+            first, second = domain_types(rows.astype(float), cols.astype(float))
+            doublet = rng.random(hi - lo) < doublet_fraction
+            share = np.where(doublet, rng.uniform(0.3, 0.7, hi - lo), 1.0)
+            umi = np.clip(np.rint(rng.lognormal(np.log(umi_median), 0.6, hi - lo)), 10, 1000).astype(np.int64)
+            bin_of = np.repeat(np.arange(hi - lo), umi)
+            typ = np.where(rng.random(bin_of.size) < share[bin_of], first[bin_of], second[bin_of])
+            gene = np.empty(bin_of.size, dtype=np.int64)
+            for k in range(n_types):
+                m = typ == k
+                gene[m] = np.minimum(np.searchsorted(cum_profiles[k], rng.random(int(m.sum()))), n_genes - 1)
+            block = sp.csr_matrix((np.ones(bin_of.size, dtype=np.int32), (bin_of, gene)), shape=(hi - lo, n_genes))
+            block.sum_duplicates()
+            block.sort_indices()
+            n_new = block.nnz
+            data.resize((nnz + n_new,))
+            indices.resize((nnz + n_new,))
+            data[nnz:] = block.data.astype(np.int32)
+            indices[nnz:] = block.indices.astype(np.int32)
+            indptr[lo + 1 : hi + 1] = nnz + block.indptr[1:]
+            nnz += n_new
+            truth[idx, first] = share
+            truth[idx[doublet], second[doublet]] += 1.0 - share[doublet]
+            first_all[lo:hi] = first
+            second_all[lo:hi] = np.where(doublet, second, -1)
+        x.create_dataset("indptr", data=indptr)
+        barcodes = np.array([f"s_008um_{i // side:05d}_{i % side:05d}-1" for i in range(n_bins)])
+        write_elem(
+            f,
+            "obs",
+            pd.DataFrame({"true_first_type": first_all, "true_second_type": second_all}, index=barcodes),
+        )
+        write_elem(f, "var", pd.DataFrame(index=genes))
+        coords = np.column_stack([np.arange(n_bins) % side, np.arange(n_bins) // side]).astype(np.float64) * bin_um
+        write_elem(f, "obsm", {keys.SPATIAL: coords, keys.TRUE_PROPORTIONS: truth})
+        write_elem(f, "uns", {"description": f"simulated Visium HD-like slide, {bin_um:g} µm bins"})
+        for name in ("varm", "obsp", "varp", "layers"):
+            write_elem(f, name, {})
+
+    cells_per_type = 150
+    ref_types = np.repeat(np.arange(n_types), cells_per_type)
+    ref_umi = rng.integers(1000, 4000, ref_types.size)
+    ref_counts = rng.poisson(profiles[ref_types] * ref_umi[:, None]).astype(np.int32)
+    reference = ad.AnnData(
+        X=sp.csr_matrix(ref_counts),
+        obs=pd.DataFrame(
+            {keys.CELL_TYPE: pd.Categorical(np.array(types)[ref_types], categories=types)},
+            index=[f"cell{i:05d}" for i in range(ref_types.size)],
+        ),
+        var=pd.DataFrame(index=genes),
+    )
+    return {"reference": reference, "nnz": int(nnz), "types": types}

@@ -122,6 +122,11 @@ def available_methods(kind: str = "deconvolution") -> dict[str, MethodInfo]:
 
 
 def get_method(name: str, kind: str = "deconvolution") -> MethodInfo:
+    # Only the named engine is imported: checking every engine would import torch (RCTD, cell2location,
+    # DestVI) for a flash run, ~1-2 s of its start-up. The full list is built only for the error message.
+    for m in _ALL:
+        if m.name == name and m.kind == kind and m.installed:
+            return m
     methods = available_methods(kind)
     if name not in methods:
         raise InputError(

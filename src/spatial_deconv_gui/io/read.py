@@ -134,6 +134,38 @@ def spatial_input(
     )
 
 
+def chunked_spatial_input(
+    adata: ad.AnnData,
+    counts,
+    coord_key: str | None = None,
+    numi_column: str | None = NUMI_COLUMN,
+    row_totals: np.ndarray | None = None,
+) -> SpatialInput:
+    """A slide whose counts are read by chunks of spots (``counts``: a :class:`~.chunked.ChunkedCounts`), with
+    its annotations from ``adata``. nUMI: the obs column when present, else ``row_totals`` (validation's totals)
+    or, when not given, the row sums from one pass over the chunks."""
+    found = find_coordinates(adata, coord_key)
+    if found is None:
+        raise InputError(
+            "the spatial file has no spot coordinates.",
+            "store them in obsm['spatial'] (spots x 2) or name them with --coords.",
+            code="missing_coordinates",
+        )
+    if numi_column and numi_column in adata.obs:
+        numi = np.asarray(adata.obs[numi_column], dtype=float)
+    elif row_totals is not None:
+        numi = np.asarray(row_totals, dtype=float)
+    else:
+        numi = np.concatenate([np.asarray(b.sum(axis=1), dtype=float).ravel() for _, _, b in counts.chunks()])
+    return SpatialInput(
+        counts=counts,
+        genes=np.asarray(adata.var_names, dtype=str),
+        barcodes=np.asarray(adata.obs_names, dtype=str),
+        coords=found[0],
+        n_umi=numi,
+    )
+
+
 def labelled(labels) -> np.ndarray:
     """Which cells carry a cell type: not missing and not blank (the others are left out of the reference)."""
     series = pd.Series(np.asarray(labels, dtype=object))

@@ -14,6 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import keys
+from .chunked import ChunkedCounts
+from .count_stats import CountStats, count_stats
 from .errors import InputError
 from .read import counts_matrix, find_coordinates, labelled, read_h5ad
 from .slide import read_slide_adata
@@ -41,6 +43,9 @@ class Problem:
 class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    # each spot's total of |counts| from the check's one pass (None until checked): runs reuse it to find the
+    # spots without counts instead of summing the matrix again
+    spot_totals: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -80,58 +85,60 @@ def _load(
         return None
 
 
-def _check_counts(x: sp.csr_matrix, where: str, report: ValidationReport, layer: str | None, counts: bool = True):
-    """Values every method refuses (NaN, infinite) and, when ``counts`` is needed, what raw UMI counts cannot be."""
+def _check_counts(
+    x: sp.csr_matrix, where: str, report: ValidationReport, layer: str | None, counts: bool = True
+) -> np.ndarray | None:
+    """Values every method refuses (NaN, infinite) and, when ``counts`` is needed, what raw UMI counts cannot be.
+
+    Returns each row's total of |x| (None for a matrix of non-numbers), from the same single pass.
+    """
     src = f"layers['{layer}']" if layer else "X"
-    data = x.data
-    if data.size == 0:
-        return
-    if data.dtype.kind not in "biuf":
-        report.add(
-            "non_numeric_counts",
-            where,
-            f"{src} holds {data.dtype} values, not numbers.",
-            "store raw integer counts in X (or name a counts layer).",
-        )
-        return
-    finite = np.isfinite(data)
-    if not finite.all():
-        n_nan = int(np.isnan(data).sum())
-        n_inf = int((~finite).sum()) - n_nan
+    dtype = np.dtype(x.dtype) if isinstance(x, ChunkedCounts) else x.data.dtype
+    if dtype.kind not in "biuf":
+        if x.shape[0] * x.shape[1]:
+            report.add(
+                "non_numeric_counts",
+                where,
+                f"{src} holds {dtype} values, not numbers.",
+                "store raw integer counts in X (or name a counts layer).",
+            )
+        return None
+    if isinstance(x, ChunkedCounts):  # a slide read by chunks of spots: the chunks' stats add up
+        stats = CountStats.merged([count_stats(block, MAX_COUNT) for _, _, block in x.chunks()])
+    else:
+        stats = count_stats(x, MAX_COUNT)
+    if stats.n_nan or stats.n_inf:
         report.add(
             "nan_counts",
             where,
-            f"{src} holds {n_nan} NaN and {n_inf} infinite value(s).",
+            f"{src} holds {stats.n_nan} NaN and {stats.n_inf} infinite value(s).",
             "use raw integer counts; replace missing values with 0 or drop those spots/genes.",
         )
     if not counts:
-        return
-    vals = data[finite]
-    n_neg = int((vals < 0).sum())
-    if n_neg:
+        return stats.row_abs_totals
+    if stats.n_negative:
         report.add(
             "negative_counts",
             where,
-            f"{src} holds {n_neg} negative value(s) (min {vals.min():g}).",
+            f"{src} holds {stats.n_negative} negative value(s) (min {stats.min_finite:g}).",
             "use raw UMI counts (adata.raw or a 'counts' layer), not scaled or centred data.",
         )
-    n_frac = int((vals != np.round(vals)).sum())
-    if n_frac:
+    if stats.n_fractional:
         report.add(
             "non_integer_counts",
             where,
-            f"{src} holds {n_frac} non-integer value(s); the data look normalised or log-transformed.",
+            f"{src} holds {stats.n_fractional} non-integer value(s); the data look normalised or log-transformed.",
             "use raw UMI counts (adata.raw or a 'counts' layer), or pass --layer counts.",
         )
-    n_huge = int((vals > MAX_COUNT).sum())
-    if n_huge:
+    if stats.n_huge:
         report.add(
             "huge_counts",
             where,
-            f"{src} holds {n_huge} value(s) above {MAX_COUNT:,} (largest {vals.max():.4g}): no gene reaches that "
-            "many UMIs in one spot or cell.",
+            f"{src} holds {stats.n_huge} value(s) above {MAX_COUNT:,} (largest {stats.max_finite:.4g}): no gene "
+            "reaches that many UMIs in one spot or cell.",
             "check that the matrix holds raw UMI counts per spot and gene, not sums over samples or a damaged value.",
         )
+    return stats.row_abs_totals
 
 
 def _check_numi(adata: ad.AnnData, column: str | None, totals: np.ndarray, where: str, report: ValidationReport):
@@ -159,10 +166,13 @@ def _check_numi(adata: ad.AnnData, column: str | None, totals: np.ndarray, where
         )
 
 
-def empty_spots(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
-    """Spots whose counts are all zero: every method leaves them out, and they come back as NaN rows."""
-    x = counts_matrix(adata, layer)
-    return np.asarray(abs(x).sum(axis=1)).ravel() == 0
+def empty_spots(adata: ad.AnnData, layer: str | None = None, totals: np.ndarray | None = None) -> np.ndarray:
+    """Spots whose counts are all zero: every method leaves them out, and they come back as NaN rows.
+
+    ``totals``: each spot's total of |counts| when already known (:attr:`ValidationReport.spot_totals`)."""
+    if totals is None or len(totals) != adata.n_obs:
+        totals = count_stats(counts_matrix(adata, layer), MAX_COUNT).row_abs_totals
+    return np.asarray(totals) == 0
 
 
 def _check_names(adata: ad.AnnData, where: str, report: ValidationReport):
@@ -191,6 +201,7 @@ def validate(
     numi_column: str | None = keys.NUMI,
     reference_numi_column: str | None = keys.NUMI,
     counts: bool = True,
+    counts_source: ChunkedCounts | None = None,
 ) -> ValidationReport:
     """Check a slide (AnnData, .h5ad, Space Ranger / Xenium folder, SpatialData .zarr) and optionally its
     reference; never modifies either. ``slide_options`` go to :func:`..io.slide.read_slide` (table, bin_size).
@@ -199,6 +210,8 @@ def validate(
     ``counts=False`` (perturbation training, which takes normalised expression) skips the checks that only raw
     counts must pass (negative, non-integer, huge values) and the warning about spots without counts. Spots with
     no counts at all are a warning: the runs leave them out and keep them in the output as NaN rows.
+    ``counts_source``: the slide's counts read by chunks of spots (a slide opened with
+    :func:`~.chunked.open_lazy_slide`, whose AnnData has no X); checked a chunk at a time.
     """
     report = ValidationReport()
     sp_name = os.path.basename(str(spatial)) if not isinstance(spatial, ad.AnnData) else "spatial"
@@ -211,7 +224,7 @@ def validate(
     rdata = _load(reference, ref_name, report)
 
     if sdata is not None:
-        _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts)
+        _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts, counts_source)
     if rdata is not None:
         _check_reference(
             rdata, ref_name, report, cell_type_col, reference_layer, reference_numi_column, min_cells_per_type
@@ -274,7 +287,9 @@ def check_drawable(adata: ad.AnnData, coords: np.ndarray, where: str, source: st
     report.raise_if_failed()
 
 
-def _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts):
+def _check_slide(
+    sdata, rdata, sp_name, report, cell_type_col, layer, coord_key, numi_column, counts, counts_source=None
+):
     report.summary["spatial"] = {"n_spots": int(sdata.n_obs), "n_genes": int(sdata.n_vars)}
     try:
         found = find_coordinates(sdata, coord_key)
@@ -298,7 +313,7 @@ def _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key,
         _check_names(sdata, sp_name, report)
         return
     try:
-        sx = counts_matrix(sdata, layer)
+        sx = counts_source if counts_source is not None else counts_matrix(sdata, layer)
     except InputError as exc:
         report.add(exc.code, sp_name, exc.problem, exc.fix or "")
         sx = None
@@ -310,9 +325,9 @@ def _check_slide(sdata, rdata, sp_name, report, cell_type_col, layer, coord_key,
                 f"counts are {sx.shape} but the file has {sdata.n_obs} spots x {sdata.n_vars} genes.",
                 "rewrite the file so X matches obs and var.",
             )
-        _check_counts(sx, sp_name, report, layer, counts)
-        if sx.data.dtype.kind in "biuf":
-            totals = np.asarray(abs(sx).sum(axis=1), dtype=float).ravel()
+        totals = _check_counts(sx, sp_name, report, layer, counts)
+        report.spot_totals = totals
+        if totals is not None:
             n_empty = int((totals == 0).sum())
             if n_empty == sdata.n_obs:
                 report.add(
@@ -387,9 +402,8 @@ def _check_reference(rdata, ref_name, report, cell_type_col, reference_layer, nu
     if has_shape:
         try:
             rx = counts_matrix(rdata, reference_layer)
-            _check_counts(rx, ref_name, report, reference_layer)
-            if rx.data.dtype.kind in "biuf":
-                totals = np.asarray(abs(rx).sum(axis=1), dtype=float).ravel()
+            totals = _check_counts(rx, ref_name, report, reference_layer)
+            if totals is not None:
                 _check_numi(rdata, numi_column, totals, ref_name, report)
         except InputError as exc:
             report.add(exc.code, ref_name, exc.problem, exc.fix or "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -65,11 +66,43 @@ def known_colors(*adatas: ad.AnnData, column: str = keys.CELL_TYPE) -> dict[str,
     return out
 
 
+def sharing_counts(adata: ad.AnnData) -> ad.AnnData:
+    """A new AnnData over the same spots and genes whose counts (X, layers) and obsp/varm are ``adata``'s own
+    arrays, not copies; its obs, var, obsm mapping and uns are copies, so results can be added to it without
+    touching ``adata``. Neither side modifies counts in place (the engines only read them), and copying them
+    cost seconds and doubled the memory of a large slide."""
+    if adata.is_view:  # a view's X is built on access; a copy of the subset is what it would hand out anyway
+        adata = adata.copy()
+    return ad.AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        obsm=dict(adata.obsm),
+        varm=dict(adata.varm),
+        obsp=dict(adata.obsp),
+        layers=dict(adata.layers),
+        uns=copy.deepcopy(dict(adata.uns)),
+    )
+
+
+def results_only(adata: ad.AnnData) -> ad.AnnData:
+    """What a result ``.h5ad`` holds unless the counts are asked for (:func:`write_result_h5ad`).
+
+    Kept: ``obs`` (the slide's spot annotations and the result's per-spot columns), ``var`` (gene names and
+    annotations), ``obsm`` (coordinates and the result tables), ``uns`` (tissue images, colours, run parameters).
+    Left out: ``X`` (written as absent: reading the file back for counts fails with a clear "no expression matrix"
+    error), ``layers``, ``obsp`` and ``varm`` — the slide's own data, which the input file already holds and which
+    made up nearly all of the writing time (a gzip-compressed copy of the counts).
+    """
+    return ad.AnnData(X=None, obs=adata.obs.copy(), var=adata.var.copy(), obsm=dict(adata.obsm), uns=dict(adata.uns))
+
+
 def attach_result(adata: ad.AnnData, result: DeconvResult, colors: dict[str, str] | None = None) -> ad.AnnData:
-    """A copy of ``adata`` holding ``result`` in the common slot scheme; ``adata`` is left untouched."""
+    """A new AnnData holding ``adata``'s spots and ``result`` in the common slot scheme; ``adata`` is left
+    untouched (its counts are shared, not copied: :func:`sharing_counts`)."""
     if result.proportions.shape[0] != adata.n_obs:
         raise ValueError(f"result has {result.proportions.shape[0]} rows for {adata.n_obs} spots")
-    out = adata.copy()
+    out = sharing_counts(adata)
     key = result.key
     types = [str(t) for t in result.cell_types]
     props = np.asarray(result.proportions, dtype=float)
@@ -283,6 +316,14 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, compression: s
     with atomic_path(path, ".h5ad") as tmp:
         adata.write_h5ad(tmp, compression=compression)
     return Path(path)
+
+
+def write_result_h5ad(adata: ad.AnnData, path: str | os.PathLike, counts: bool = False) -> Path:
+    """Write a result: by default :func:`results_only` (uncompressed; the tables are small), with ``counts`` the
+    whole AnnData as it is (gzip-compressed, as before)."""
+    if counts:
+        return write_h5ad_atomic(adata, path)
+    return write_h5ad_atomic(results_only(adata), path, compression=None)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

@@ -180,6 +180,13 @@ class RCTDConfig:
     batch_size: int | None = field(
         default=None, metadata={"help": "spots solved together; 0 or none picks a size from free memory"}
     )
+    chunk_spots: int | None = field(
+        default=None,
+        metadata={
+            "help": "read the slide from disk this many spots at a time (.h5ad or AnnData .zarr), so a slide larger "
+            "than memory runs with one chunk of counts in memory; none reads the whole slide first"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the reference and sigma-fit sampling"})
     table_cache: bool = field(
         default=True, metadata={"help": "keep the likelihood tables on disk and reuse them on later runs"}
@@ -254,6 +261,8 @@ def validate_config(config: RCTDConfig) -> list[str]:
         )
     if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size < 0):
         problems.append(f"batch_size must be None/0 (automatic) or a positive integer, got {config.batch_size!r}")
+    if config.chunk_spots is not None and (not isinstance(config.chunk_spots, int) or config.chunk_spots < 1):
+        problems.append(f"chunk_spots must be None or a positive integer, got {config.chunk_spots!r}")
     if config.n_threads is not None and config.n_threads < 1:
         problems.append(f"n_threads must be None or >= 1, got {config.n_threads!r}")
     if config.uncertainty and config.mode == "multi":

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from ... import keys
+from ...io.chunked import ChunkedCounts, from_matrix
 from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..cluster import TASK_THREADS, Cluster, PiecesFailed, ranges
@@ -60,8 +61,39 @@ def auto_batch_size(n_genes: int, n_types: int, mode: str, device: torch.device,
     return int(max(64, min(n, hi)))
 
 
-def _rows_dense(csr: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return np.asarray(csr[rows][:, cols].todense(), dtype=np.float64)
+def _as_chunked(counts, chunk_spots: int | None) -> ChunkedCounts:
+    if isinstance(counts, ChunkedCounts):
+        return counts
+    # an in-memory matrix: large chunks (row slices cost a copy of the block, nothing else)
+    return from_matrix(counts, chunk_spots or IN_MEMORY_CHUNK_SPOTS)
+
+
+IN_MEMORY_CHUNK_SPOTS = 200_000
+
+
+class _FittedRows:
+    """The fitted spots' counts on the regression genes, in fitted order, for batches [lo, hi) asked in increasing
+    order: read from the source chunk by chunk, holding at most one chunk plus one batch."""
+
+    def __init__(self, source: ChunkedCounts, fitted: np.ndarray, cols: np.ndarray):
+        self._chunks = source.chunks()
+        self._fitted = fitted
+        self._cols = cols
+        self._pending = sp.csr_matrix((0, len(cols)))
+        self._start = 0  # fitted index of the first pending row
+
+    def take(self, lo: int, hi: int) -> sp.csr_matrix:
+        if lo < self._start:
+            raise ValueError("batches must be asked in order")
+        while self._start + self._pending.shape[0] < hi:
+            # rows before lo are done (an out-of-memory retry asks lo again, never earlier): drop them first
+            self._pending = self._pending[lo - self._start :]
+            self._start = lo
+            c_lo, c_hi, block = next(self._chunks)
+            keep = np.flatnonzero(self._fitted[c_lo:c_hi])
+            if keep.size:
+                self._pending = sp.vstack([self._pending, block[keep][:, self._cols]], format="csr")
+        return self._pending[lo - self._start : hi - self._start]
 
 
 def _categorical(values: list[str] | np.ndarray, categories: list[str]) -> pd.Categorical:
@@ -90,9 +122,9 @@ def run_rctd(
         return _run(spatial, reference, config, control, device, dtype, t_start, cluster)
 
 
-def _fit_here(model, reg_counts, numi, fit_idx, batch, keep, out, types, device, control) -> int:
-    """The chunks one after the other in this process (halving the chunk on CUDA out-of-memory); returns the
-    chunk size that went through."""
+def _fit_here(model, rows: _FittedRows, numi, fit_idx, batch, keep, out, types, device, control) -> int:
+    """The chunks one after the other in this process (halving the chunk on CUDA out-of-memory), their rows read
+    as they come; returns the chunk size that went through."""
     n = len(fit_idx)
     lo = 0
     tried = [min(batch, n)]
@@ -100,7 +132,7 @@ def _fit_here(model, reg_counts, numi, fit_idx, batch, keep, out, types, device,
         control.check_cancel()
         hi = min(lo + batch, n)
         try:
-            keep(lo, hi, fit_chunk(reg_counts[lo:hi], numi[lo:hi], model))
+            keep(lo, hi, fit_chunk(rows.take(lo, hi), numi[lo:hi], model))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -121,8 +153,9 @@ def _fit_here(model, reg_counts, numi, fit_idx, batch, keep, out, types, device,
     return batch
 
 
-def _fit_on_cluster(cluster: Cluster, model, reg_counts, numi, fit_idx, batch, keep, types, control):
-    """The same chunks as tasks on the cluster, each sent its own rows; returns the (lo, hi) of chunks the
+def _fit_on_cluster(cluster: Cluster, model, rows: _FittedRows, numi, fit_idx, batch, keep, types, control):
+    """The same chunks as tasks on the cluster, each sent its own rows (all read before submitting: a slide
+    bigger than this machine's memory is fitted in-process); returns the (lo, hi) of chunks the
     cluster gave up on and the :class:`PiecesFailed` saying why (None when every chunk finished)."""
     n = len(fit_idx)
     chunks = ranges(n, batch)
@@ -143,7 +176,7 @@ def _fit_on_cluster(cluster: Cluster, model, reg_counts, numi, fit_idx, batch, k
     try:
         cluster.run(
             fit_chunk,
-            [(reg_counts[lo:hi], numi[lo:hi]) for lo, hi in chunks],
+            [(rows.take(lo, hi), numi[lo:hi]) for lo, hi in chunks],
             shared=cluster.share(dataclasses.replace(model, task_threads=TASK_THREADS)),
             on_result=arrived,
             control=control,
@@ -184,20 +217,29 @@ def _run(
     control.check_cancel()
 
     # ---- pixel filters and genes -------------------------------------------------------------------
+    # The counts are read in chunks of spots (ChunkedCounts): whole passes over the slide (totals, pseudo-bulk)
+    # add up per chunk, and the pixel fits take their rows chunk by chunk, so a slide on disk larger than memory
+    # runs with one chunk of counts in memory. An in-memory matrix goes through the same passes (row slices).
     control.report("genes", 0.0, "selecting informative genes")
-    counts = sp.csr_matrix(spatial.counts)
-    n_spots = counts.shape[0]
+    source = _as_chunked(spatial.counts, config.chunk_spots)
+    n_spots = source.n_spots
     s_genes = np.asarray(spatial.genes).astype(str)
     numi_all = np.asarray(spatial.n_umi, dtype=np.float64)
     umi_ok = (numi_all >= config.umi_min) & (numi_all <= config.umi_max)
-    total_counts = np.asarray(counts.sum(axis=1)).ravel()
+    total_counts = np.zeros(n_spots)
+    bulk_first = np.zeros(len(s_genes))
+    for lo, hi, block in source.chunks():  # pass 1: totals and the pseudo-bulk of the spots passing the UMI filters
+        total_counts[lo:hi] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+        ok = umi_ok[lo:hi] & (total_counts[lo:hi] >= config.counts_min)
+        if ok.any():
+            bulk_first += np.asarray(block[np.flatnonzero(ok)].sum(axis=0, dtype=np.float64)).ravel()
+        control.check_cancel()
     first_pass = umi_ok & (total_counts >= config.counts_min)
     if not first_pass.any():
         raise ValueError(
             f"RCTD: no spot passes the filters (nUMI in [{config.umi_min}, {config.umi_max}], "
             f">= {config.counts_min} counts)"
         )
-    bulk_first = np.asarray(counts[np.flatnonzero(first_pass)].sum(axis=0)).ravel()
     genes_reg = select_de_genes(
         ref.profiles,
         ref.genes,
@@ -221,7 +263,20 @@ def _run(
     s_pos = {g: i for i, g in enumerate(s_genes)}
     r_pos = {g: i for i, g in enumerate(ref.genes)}
     bulk_cols = np.array([s_pos[g] for g in genes_bulk])
-    bulk_counts_per_spot = np.asarray(counts[:, bulk_cols].sum(axis=1)).ravel()
+    reg_cols_all = np.array([s_pos[g] for g in genes_reg], dtype=np.int64)
+    bulk_counts_per_spot = np.zeros(n_spots)
+    bulk_vec = np.zeros(len(bulk_cols))
+    reg_max = 0.0
+    for lo, hi, block in source.chunks():  # pass 2: platform-effect genes per spot, their bulk, the largest count
+        on_bulk = block[:, bulk_cols]
+        bulk_counts_per_spot[lo:hi] = np.asarray(on_bulk.sum(axis=1, dtype=np.float64)).ravel()
+        keep = np.flatnonzero(first_pass[lo:hi] & (bulk_counts_per_spot[lo:hi] >= config.counts_min))
+        if keep.size:
+            bulk_vec += np.asarray(on_bulk[keep].sum(axis=0, dtype=np.float64)).ravel()
+            on_reg = block[keep][:, reg_cols_all]
+            if on_reg.nnz:
+                reg_max = max(reg_max, float(on_reg.max()))
+        control.check_cancel()
     fitted = first_pass & (bulk_counts_per_spot >= config.counts_min)
     fit_idx = np.flatnonzero(fitted)
     if len(fit_idx) == 0:
@@ -238,7 +293,6 @@ def _run(
     # ---- platform effect ---------------------------------------------------------------------------
     control.report("platform effect", 0.0, "fitting pseudo-bulk")
     numi = numi_all[fit_idx]
-    bulk_vec = np.asarray(counts[fit_idx][:, bulk_cols].sum(axis=0)).ravel().astype(np.float64)
     prof_bulk = ref.profiles[[r_pos[g] for g in genes_bulk]]
     bulk = fit_bulk(
         prof_bulk,
@@ -256,7 +310,7 @@ def _run(
             f"({len(missing_reg)} regression genes are not platform-effect genes)"
         )
     P_reg = bulk.profiles[[bulk_index[g] for g in genes_reg]]
-    reg_cols = np.array([s_pos[g] for g in genes_reg])
+    reg_cols = reg_cols_all
     control.report("platform effect", 1.0, "done")
     control.check_cancel()
 
@@ -278,7 +332,7 @@ def _run(
             )
         rng = np.random.default_rng(config.seed)
         pick = np.sort(rng.choice(cand, n_fit, replace=False)) if n_fit < len(cand) else cand
-        y_fit = _rows_dense(counts, fit_idx[pick], reg_cols)
+        y_fit = np.asarray(source.take_rows(fit_idx[pick])[:, reg_cols].todense(), dtype=np.float64)
         max_count = int(min(y_fit.max(initial=0), config.k_val))
 
         def get_tables(sig_list):
@@ -304,8 +358,7 @@ def _run(
     control.check_cancel()
 
     # ---- pixels ------------------------------------------------------------------------------------
-    reg_counts = counts[fit_idx][:, reg_cols].tocsr()
-    max_count = int(min(reg_counts.max() if reg_counts.nnz else 0, config.k_val))
+    max_count = int(min(reg_max, config.k_val))
     table = build_tables([sigma], max_count, **table_kw)[0]
     settings = SolverSettings(config.n_iter, config.n_iter_score, config.min_change, config.step_size, dtype, device)
     mode = config.mode
@@ -337,12 +390,13 @@ def _run(
 
     control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
     lost_rows, failure = np.zeros(0, dtype=np.int64), None
+    rows = _FittedRows(source, fitted, reg_cols)
     if cluster is not None:
-        lost, failure = _fit_on_cluster(cluster, pixel_model, reg_counts, numi, fit_idx, batch, keep, types, control)
+        lost, failure = _fit_on_cluster(cluster, pixel_model, rows, numi, fit_idx, batch, keep, types, control)
         if lost:
             lost_rows = np.concatenate([np.arange(lo, hi) for lo, hi in lost])
     else:
-        batch = _fit_here(pixel_model, reg_counts, numi, fit_idx, batch, keep, out, types, device, control)
+        batch = _fit_here(pixel_model, rows, numi, fit_idx, batch, keep, out, types, device, control)
     props_fit = out.pop("props")
     if lost_rows.size:  # spots of chunks the cluster gave up on: left unfitted, like filtered spots
         kept_rows = np.setdiff1d(np.arange(n_fit_px), lost_rows)
