@@ -19,6 +19,7 @@ from qtpy.QtWidgets import QApplication
 from .. import api, keys, perturb_api
 from ..figures import result_figure
 from ..io.errors import InputError
+from ..io.slide import read_slide_adata
 from ..io.write import atomic_path, write_h5ad_atomic, write_text_atomic
 from ..sample_data import sample_paths
 from .display import virtual_display
@@ -134,6 +135,16 @@ def _headless_job(outdir: Path, method: str | None, rendering: bool) -> int:
     return 0
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Run Qt's event loop until ``condition()`` holds (docks read slides in workers)."""
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
 def _headless_knockout(outdir: Path, rendering: bool) -> dict:
     """Train the GRN model of the simulated tissue, knock out its upstream TF, save the data and a picture."""
     t0 = time.perf_counter()
@@ -143,7 +154,9 @@ def _headless_knockout(outdir: Path, rendering: bool) -> dict:
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train perturbation model")
     _, ko = viewer.window.add_plugin_dock_widget(PLUGIN, "Knockout")
     train.model_dir.value = str(outdir / "grn_model")
-    adata, grn, lr, col, out, layer_name, params = train._training_inputs()
+    _wait_for(lambda: train.ready, "the Train dock reading the slide's columns")
+    spatial, grn, lr, col, out, layer_name, params = train._training_inputs()
+    adata = read_slide_adata(spatial["path"], **spatial["slide_options"])  # as the dock's training process does
     model = perturb_api.train_model(adata, grn, lr, col, out, layer=layer_name, **params)
     train.set_model(model, train.slide.value)
     tf = str(adata.uns.get(keys.PERTURB_SIM, {}).get("upstream_tf", model.targets[0]))

@@ -173,7 +173,10 @@ class JobRunner(QObject):
     def shutdown(self):
         """The dock closes: cancel the job, end its child process now, and call no handler of the dock again."""
         self.closed = True
-        self._timer.stop()
+        try:
+            self._timer.stop()
+        except RuntimeError:  # the dock's widgets, the timer's parent among them, were destroyed first
+            pass
         self._handlers = {}
         self._pending = []
         if self.control is not None and self.worker is not None:
