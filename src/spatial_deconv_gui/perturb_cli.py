@@ -20,6 +20,16 @@ from .engines.perturb.config import PerturbRunConfig, TrainConfig
 EXIT_OK = 0
 
 
+def _add_scope_options(parser, spatial_help: str) -> None:
+    """Which cells a knockout touches (--cells | --cell-type [--cell-type-col]) and the slide it reads them from."""
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--cells", default=None, help="text file: one obs name or 0-based index per line")
+    scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
+    parser.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
+    parser.add_argument("--spatial", default=None, help=spatial_help)
+    add_slide_options(parser)
+
+
 def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("perturb", help="spatial GRN perturbation: train a model, simulate knockouts")
     sub = p.add_subparsers(dest="perturb_command", required=True)
@@ -63,12 +73,7 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="expression to set (default 0 = knockout); one, or one per --gene",
     )
-    scope = rn.add_mutually_exclusive_group()
-    scope.add_argument("--cells", default=None, help="text file: one obs name or 0-based index per line")
-    scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
-    rn.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
-    rn.add_argument("--spatial", default=None, help="slide to copy the result onto (default: the model's data)")
-    add_slide_options(rn)
+    _add_scope_options(rn, spatial_help="slide to copy the result onto (default: the model's data)")
     rn.add_argument(
         "--separately",
         action="store_true",
@@ -104,12 +109,7 @@ def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="expression to set (default 0 = knockout): one for all genes, one per gene, or several for one gene",
     )
-    scope = sc.add_mutually_exclusive_group()
-    scope.add_argument("--cells", default=None, help="text file: one obs name or 0-based index per line")
-    scope.add_argument("--cell-type", default=None, help="perturb only the cells of this cluster / type")
-    sc.add_argument("--cell-type-col", default=None, help="obs column for --cell-type (needs --spatial)")
-    sc.add_argument("--spatial", default=None, help="slide whose obs --cell-type-col reads (default: the model's)")
-    add_slide_options(sc)
+    _add_scope_options(sc, spatial_help="slide whose obs --cell-type-col reads (default: the model's)")
     sc.add_argument(
         "--moved-tol",
         type=float,
