@@ -9,6 +9,7 @@ close button unparents the dock's widget (``remove_dock_widget``), and closing t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from qtpy.QtCore import QEvent, QObject
@@ -17,14 +18,22 @@ from qtpy.QtCore import QEvent, QObject
 class _ParentWatcher(QObject):
     """Calls ``on_orphaned`` when its widget loses its parent (napari's close button removes the dock so)."""
 
-    def __init__(self, widget, on_orphaned: Callable[[], None]):
+    def __init__(self, widget, links: DockLinks):
         super().__init__(widget)  # a child of the widget: lives exactly as long as it
-        self._on_orphaned = on_orphaned
+        self._links = weakref.ref(links)
 
     def eventFilter(self, obj, event):  # noqa: N802 - Qt's name
         if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
-            self._on_orphaned()
+            _close_if_alive(self._links)
         return False
+
+
+def _close_if_alive(links_ref: weakref.ref) -> None:
+    # Weak, because the garbage collector may be tearing the links down (their attributes already cleared) when
+    # Qt destroys the widget; a dead reference then means there is nothing left to undo.
+    links = links_ref()
+    if links is not None:
+        links.close()
 
 
 class DockLinks:
@@ -35,10 +44,11 @@ class DockLinks:
         self.closed = False
         self._undo: list[Callable[[], None]] = []
         self._runners: list = []
-        self._watcher = _ParentWatcher(widget, self.close)
+        self._watcher = _ParentWatcher(widget, self)
         widget.installEventFilter(self._watcher)
         # the watcher cannot see the widget destroyed with the viewer's window; this can (and must not touch it)
-        widget.destroyed.connect(lambda *_: self.close())
+        links_ref = weakref.ref(self)
+        widget.destroyed.connect(lambda *_: _close_if_alive(links_ref))
 
     def connect(self, signal, slot):
         """``signal.connect(slot)`` (a psygnal signal, a napari event emitter or a Qt signal), undone on close."""
@@ -65,7 +75,7 @@ class DockLinks:
         self._undo.append(callback)
 
     def close(self):
-        if self.closed:
+        if getattr(self, "closed", True):  # closed, or half torn down by the garbage collector
             return
         self.closed = True
         for runner in self._runners:
