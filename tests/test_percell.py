@@ -349,3 +349,82 @@ def test_another_mode_or_version_is_named(tissue, models, tmp_path, capsys):
     rc = perturb_main(["perturb", "run", str(tmp_path / "v5"), "--gene", "Tf0", "--output", str(tmp_path / "x.h5ad")])
     assert rc == 2 and "reads up to 4" in capsys.readouterr().err
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_usage_and_modulator_tables_report_the_per_cell_betas_hand_computed():
+    """Issue 16 review: for a per-cell model the tables report what knockouts apply, each cluster's mean (and
+    spread) over its cells of the per-cell β, not the cluster seed; and they say which mode made the model."""
+    model, _X, beta = _hand_percell_model([[0.2, -0.4], [0.5, 0.1]])
+    # cells' β (from test_knockout_uses_per_cell_betas_hand_computed): Tf 0.6 and 0.06, Lg$Ra 1.085 and 0.665
+    table = model.modulator_table().set_index("modulator")
+    assert table.attrs["mode"] == "full"
+    np.testing.assert_allclose(table.loc[["Tf", "Lg$Ra"], "coef"], [0.33, 0.875], rtol=1e-14)
+    np.testing.assert_allclose(table.loc[["Tf", "Lg$Ra"], "coef_sd"], [0.27, 0.21], rtol=1e-12)
+    np.testing.assert_allclose(table.loc[["Tf", "Lg$Ra"], "coef"], beta.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(table.loc[["Tf", "Lg$Ra"], "coef_seed"], [0.6, 0.7], rtol=0)
+    assert table.per_cell.all()
+    usage = api.gene_usage(model, ["Tf", "Lg", "Ra", "Tg"]).set_index("gene")
+    assert usage.attrs["mode"] == "full"
+    np.testing.assert_allclose(usage.loc[["Tf", "Lg", "Ra"], "total_abs_beta"], [0.33, 0.875, 0.875], rtol=1e-14)
+    assert usage.loc["Tf", "n_targets_as_tf"] == 1 and usage.loc["Lg", "n_targets_as_ligand"] == 1
+    assert usage.loc["Tf", "beta_of"] == "per-cell mean" and usage.loc["Tg", "beta_of"] == ""
+    header = api.usage_header(model)
+    assert "full mode" in header and "per-cell coefficients for 1 of its 1 targets" in header
+    note = api.usage_notices(model, ["Tf"])[0]
+    assert "total |beta| 0.33, per-cell beta as each cluster's mean over its cells" in note
+    # the seed alone: the cluster coefficients, no spread
+    model.percell = None
+    table = model.modulator_table().set_index("modulator")
+    np.testing.assert_allclose(table.loc[["Tf", "Lg$Ra"], "coef"], [0.6, 0.7], rtol=0)
+    assert (table.coef_sd == 0).all() and not table.per_cell.any()
+    assert api.gene_usage(model, ["Tf"]).total_abs_beta.iloc[0] == 0.6
+
+
+@pytest.mark.parametrize("mode", ["full", "hybrid"])
+def test_tables_of_a_trained_per_cell_model_are_the_cells_mean_beta(models, mode):
+    """On the trained models: every row of the modulator table is the mean / standard deviation over its
+    cluster's cells of the β the lens reads cell by cell; targets without per-cell coefficients (hybrid) keep
+    the seed; gene_usage sums |those means|."""
+    model = models[mode]
+    pc = model.percell
+    table = model.modulator_table()
+    assert table.attrs["mode"] == mode and set(table.target[table.per_cell]) == set(pc.targets)
+    seed_rows = table[~table.per_cell]
+    np.testing.assert_array_equal(seed_rows.coef, seed_rows.coef_seed)
+    assert (seed_rows.coef_sd == 0).all()
+    if mode == "hybrid":
+        assert len(seed_rows) and set(model.targets) - set(pc.targets)
+    idx = LensIndex(model)
+    cl = np.asarray(model.clusters)
+
+    def modulator_name(kind, row):
+        return (
+            model.genes[row]
+            if kind == TF
+            else ("$" if kind == LR else "#").join((model.lr_pairs if kind == LR else model.tfl_pairs)[row])
+        )
+
+    for t in pc.targets[:3]:
+        for c in model.cluster_names:
+            cells = np.flatnonzero(cl == c)
+            per_cell = {}
+            for i in cells:
+                for kind, row, b in cell_coefficients(idx, i, t):
+                    per_cell.setdefault(modulator_name(kind, row), []).append(b)
+            rows = table[(table.target == t) & (table.cluster == c)].set_index("modulator")
+            assert set(rows.index) == set(per_cell), (t, c)
+            for name, values in per_cell.items():
+                assert len(values) == cells.size
+                np.testing.assert_allclose(rows.loc[name, "coef"], np.mean(values), rtol=1e-10, atol=1e-14)
+                np.testing.assert_allclose(rows.loc[name, "coef_sd"], np.std(values), rtol=1e-7, atol=1e-12)
+    # gene_usage: total |β| of a TF = Σ over its (target, cluster) rows of |mean β|
+    tfs = sorted(set(table.modulator[table.kind == "tf"]))[:4]
+    usage = api.gene_usage(model, tfs).set_index("gene")
+    for g in tfs:
+        mine = table[(table.kind == "tf") & (table.modulator == g)]
+        tfl = table[(table.kind == "tfl") & table.modulator.str.endswith("#" + g)]
+        np.testing.assert_allclose(
+            usage.loc[g, "total_abs_beta"], mine.coef.abs().sum() + tfl.coef.abs().sum(), rtol=1e-12
+        )
+        assert "per-cell mean" in usage.loc[g, "beta_of"] or not mine.per_cell.any()
+    assert f"{mode} mode" in api.usage_header(model)

@@ -8,7 +8,8 @@
   ``layers['perturb_delta']``, ``obsm['perturb_vectors']``, ``obsm['perturb_grid_vectors']`` and
   ``uns['perturb']``. :func:`perturbation_steps` yields each propagation step for streaming.
 * :func:`gene_usage` - how many targets use each gene, with what total |coefficient| (before a knockout:
-  a gene no target uses moves nothing but itself); :func:`usage_notices` says it in one line per gene.
+  a gene no target uses moves nothing but itself); :func:`usage_notices` says it in one line per gene, after
+  :func:`usage_header`'s line naming the model's mode (per-cell models: |β| is each cluster's mean over its cells).
 * :func:`knockout_screen` - each gene knocked out on its own with one loaded model, one row per gene of a
   Δ summary ranked by effect.
 * :func:`interaction_lens` - one cell's modulators of one target with their β, and the neighbours sending each
@@ -39,7 +40,14 @@ from .engines.perturb.config import TrainConfig
 from .engines.perturb.impute import impute_clusterwise
 from .engines.perturb.lens import CellLens, LensIndex, WhoResponds, cell_lens
 from .engines.perturb.lens import who_responds as _who_responds
-from .engines.perturb.perturb import PerturbModel, PerturbStep, iter_perturbation, model_propagator, usage_notice
+from .engines.perturb.perturb import (
+    PerturbModel,
+    PerturbStep,
+    iter_perturbation,
+    model_propagator,
+    usage_header,
+    usage_notice,
+)
 from .engines.perturb.perturb import gene_usage as _gene_usage
 from .engines.perturb.perturb import load_model as _load_model
 from .engines.perturb.regrid import regrid as regrid_vectors
@@ -65,6 +73,7 @@ __all__ = [
     "perturbation_steps",
     "gene_usage",
     "usage_notices",
+    "usage_header",
     "knockout_screen",
     "SCREEN_COLUMNS",
     "interaction_lens",
@@ -642,17 +651,22 @@ def gene_usage(model, genes) -> pd.DataFrame:
     """How much the model uses each of ``genes`` (one row per gene), to tell before a knockout whether it can
     move anything: ``in_model``, ``n_targets`` (targets with a non-zero coefficient on a modulator involving the
     gene: as a TF, a ligand or a receptor), ``total_abs_beta`` (sum of those |coefficients| over targets,
-    clusters and modulators), ``n_targets_as_tf`` / ``_as_ligand`` / ``_as_receptor``, and
-    ``n_candidate_targets`` (targets that had it as a modulator after the modulator screen, before the lasso).
-    ``model`` is a :class:`PerturbModel` or a model folder."""
+    clusters and modulators; for a target with per-cell coefficients each is the mean over the cluster's cells
+    of its per-cell β, as ``beta_of`` says), ``n_targets_as_tf`` / ``_as_ligand`` / ``_as_receptor``, and
+    ``n_candidate_targets`` (targets that had it as a modulator after the modulator screen, before the lasso);
+    ``attrs['mode']`` is the mode that made the model. ``model`` is a :class:`PerturbModel` or a model folder."""
     if not isinstance(model, PerturbModel):
         model = load_model(model)
     return _gene_usage(model, genes)
 
 
-def usage_notices(model, genes) -> list[str]:
-    """One line per gene saying how many targets use it (and when none does, why a knockout moves nothing)."""
-    return [usage_notice(r) for _, r in gene_usage(model, genes).iterrows()]
+def usage_notices(model, genes=None, *, usage: pd.DataFrame | None = None) -> list[str]:
+    """One line per gene saying how many targets use it (and when none does, why a knockout moves nothing), from
+    ``usage`` when given (a :func:`gene_usage` table: not computed again), else from ``gene_usage(model, genes)``.
+    :func:`usage_header` says what the |β| in them is."""
+    if usage is None:
+        usage = gene_usage(model, genes)
+    return [usage_notice(r) for _, r in usage.iterrows()]
 
 
 SCREEN_COLUMNS = (

@@ -292,9 +292,7 @@ def _cmd_run(args) -> int:
         )
     model = _load_with_notice(api, args.model_dir, args.quiet)  # once, for the notices and every run
     notices = api.usage_notices(model, args.gene)
-    if not args.quiet and not args.json:
-        for line in notices:
-            print(line, file=sys.stderr)
+    _print_usage(api, model, notices, args)
     if args.separately:
         return _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices)
     if args.scheduler is not None:
@@ -327,6 +325,7 @@ def _cmd_run(args) -> int:
         "runtime_s": u["runtime_s"],
         "max_abs_delta": float(abs(delta).max()) if delta.nnz else 0.0,
         "notices": notices,
+        "model_mode": model.mode,
     }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -337,6 +336,13 @@ def _cmd_run(args) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _print_usage(api, model, notices: list[str], args) -> None:
+    """The model's mode (what its |beta| are), then one line per gene: what a knockout of it can move."""
+    if not args.quiet and not args.json:
+        for line in [api.usage_header(model), *notices]:
+            print(line, file=sys.stderr)
 
 
 def _load_with_notice(api, model_dir, quiet: bool):
@@ -389,7 +395,8 @@ def _run_separately(args, api, model, values, cells, adata, run_options, device,
         print(f"error: {failure}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"output": str(out_path), "notices": notices, "table": table.to_dict("records")}, indent=2))
+        summary = {"output": str(out_path), "notices": notices, "model_mode": model.mode}
+        print(json.dumps({**summary, "table": table.to_dict("records")}, indent=2))
     elif not args.quiet:
         print(
             f"{len(table)} separate knockouts, {run_options['steps']} steps each; ranked by total |Δ|: "
@@ -427,9 +434,7 @@ def _cmd_screen(args) -> int:
     device = run_options.pop("device")
     model = _load_with_notice(api, args.model_dir, args.quiet)
     notices = api.usage_notices(model, list(dict.fromkeys(args.gene)))
-    if not args.quiet and not args.json:
-        for line in notices:
-            print(line, file=sys.stderr)
+    _print_usage(api, model, notices, args)
     return _run_separately(
         args, api, model, [v for _, v in pairs], cells, adata, run_options, device, out_path, notices
     )

@@ -234,6 +234,34 @@ class PerCellBeta:
         zc = self.z[self.block[e][None, :], cells[:, None]]  # (cells, entries, D)
         return np.einsum("ced,ed->ce", zc, self.w[self.wrow[e]])
 
+    def cluster_moments(self, cell_cluster: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per entry, over the cells of its cluster (``cell_cluster``: each cell's cluster index): the mean and the
+        standard deviation of the cell's coefficient, and the number of cells (what a knockout applies there).
+
+        ``beta_i = seed (1 + z_i . w)`` is linear in ``z_i``: the mean is ``seed (1 + mean(z) . w)`` and the
+        variance ``seed² wᵀ cov(z) w`` (population covariance over the cluster's cells), so no cells x entries
+        array is formed. A cluster without cells gives the seed and a spread of 0."""
+        cell_cluster = np.asarray(cell_cluster, dtype=np.int64)
+        n_e = self.seed.size
+        mean, sd = self.seed.copy(), np.zeros(n_e)
+        n_cells = np.zeros(n_e, dtype=np.int64)
+        for k in range(self.cluster_ptr.size - 1):
+            e = np.arange(int(self.cluster_ptr[k]), int(self.cluster_ptr[k + 1]))
+            cells = np.flatnonzero(cell_cluster == k)
+            n_cells[e] = cells.size
+            if e.size == 0 or cells.size == 0:
+                continue
+            zk = self.z[:, cells]  # (S, cells, D)
+            zbar = zk.mean(axis=1)  # (S, D)
+            zc = zk - zbar[:, None, :]
+            cov = np.einsum("scd,sce->sde", zc, zc) / cells.size  # (S, D, D)
+            w = self.w[self.wrow[e]]  # (entries, D)
+            blk = self.block[e]
+            mean[e] = self.seed[e] * (1.0 + np.einsum("ed,ed->e", zbar[blk], w))
+            var = np.einsum("ed,edf,ef->e", w, cov[blk], w)
+            sd[e] = np.abs(self.seed[e]) * np.sqrt(np.maximum(var, 0.0))
+        return mean, sd, n_cells
+
     def entries_of(self, k: int, kind=None, row=None, target_col=None) -> np.ndarray:
         lo, hi = int(self.cluster_ptr[k]), int(self.cluster_ptr[k + 1])
         sel = np.arange(lo, hi)

@@ -104,17 +104,53 @@ class PerturbModel:
     def targets(self) -> list[str]:
         return list(self.manifest.get("targets", []))
 
+    @property
+    def mode(self) -> str:
+        """Which training mode made the model: 'seed' (cluster coefficients), 'full' or 'hybrid' (per-cell)."""
+        return str(self.manifest.get("mode", "seed"))
+
+    def cell_cluster(self) -> np.ndarray:
+        """Each cell's index into ``cluster_names`` (-1: none)."""
+        return np.asarray(pd.Categorical(self.clusters, categories=self.cluster_names).codes, dtype=np.int64)
+
+    def percell_moments(self) -> dict:
+        """``{(kind, modulator row, target column, cluster): (mean, sd, cells)}`` of the per-cell coefficients
+        over each cluster's cells (:meth:`percell.PerCellBeta.cluster_moments`); empty without them."""
+        pc = self.percell
+        if pc is None or pc.seed.size == 0:
+            return {}
+        mean, sd, n = pc.cluster_moments(self.cell_cluster())
+        cluster = np.repeat(np.arange(pc.cluster_ptr.size - 1), np.diff(pc.cluster_ptr))
+        keys_ = zip(pc.kind.tolist(), pc.row.tolist(), pc.target_col.tolist(), cluster.tolist())
+        return dict(zip(keys_, zip(mean.tolist(), sd.tolist(), n.tolist())))
+
     def modulator_table(self, min_abs: float = 0.0) -> pd.DataFrame:
-        """Long table (target, cluster, modulator, kind, coef) of non-zero coefficients."""
+        """Long table (target, cluster, modulator, kind, coef, radius, coef_sd, coef_seed, per_cell) of the non-zero
+        coefficients, as knockouts apply them: ``coef`` is the cluster's coefficient, or for a target with per-cell
+        coefficients (mode 'full' / 'hybrid') the mean over the cluster's cells of the per-cell β, with
+        ``coef_sd`` their standard deviation (0 for a cluster coefficient) and ``coef_seed`` the cluster lasso's
+        seed. ``attrs['mode']`` names the mode that made the model."""
         rows = []
         kinds = {TF: "tf", LR: "lr", TFL: "tfl"}
         rad = {f"{a}{PAIR_SEP_LR}{b}": r for (a, b), r in zip(self.lr_pairs, self.lr_radius)}
         rad.update({f"{a}{PAIR_SEP_TFL}{b}": r for (a, b), r in zip(self.tfl_pairs, self.tfl_radius)})
+        gi = {g: i for i, g in enumerate(self.genes)}
+        pair_row = {LR: {p: i for i, p in enumerate(self.lr_pairs)}, TFL: {p: i for i, p in enumerate(self.tfl_pairs)}}
+        cidx = {c: k for k, c in enumerate(self.cluster_names)}
+        moments = self.percell_moments()
         for t, df in self.coef_tables.items():
             bcols = [c for c in df.columns if c.startswith("beta_")]
+            parsed = [parse_modulator(c[5:]) for c in bcols]
+            mrow = [gi.get(gs[0], -1) if kind == TF else pair_row[kind].get(gs, -1) for kind, gs in parsed]
+            tcol = gi[t]
             for _, r in df.iterrows():
-                for c in bcols:
-                    v = float(r[c])
+                k = cidx.get(str(r["cluster"]), -1)
+                for c, (kind, _gs), row in zip(bcols, parsed, mrow):
+                    seed = float(r[c])
+                    if seed == 0.0:
+                        continue
+                    got = moments.get((kind, row, tcol, k))
+                    v, sd = (seed, 0.0) if got is None else got[:2]
                     if abs(v) > min_abs:
                         name = c[5:]
                         rows.append(
@@ -122,12 +158,62 @@ class PerturbModel:
                                 t,
                                 str(r["cluster"]),
                                 name,
-                                kinds[parse_modulator(name)[0]],
+                                kinds[kind],
                                 v,
                                 float(rad.get(name, np.nan)),
+                                sd,
+                                seed,
+                                got is not None,
                             )
                         )
-        return pd.DataFrame(rows, columns=["target", "cluster", "modulator", "kind", "coef", "radius"])
+        out = pd.DataFrame(rows, columns=list(MODULATOR_TABLE_COLUMNS))
+        out.attrs["mode"] = self.mode
+        return out
+
+
+MODULATOR_TABLE_COLUMNS = (
+    "target",
+    "cluster",
+    "modulator",
+    "kind",
+    "coef",
+    "radius",
+    "coef_sd",
+    "coef_seed",
+    "per_cell",
+)
+
+
+def cluster_mean_coefficients(model: PerturbModel) -> tuple[list, list, list]:
+    """The model's per-cluster coefficient matrices (like ``B_tf``, ``B_lr``, ``B_tfl``) as knockouts apply them on
+    average: each per-cell coefficient (mode 'full' / 'hybrid') replaced by its mean over the cluster's cells, the
+    cluster's own coefficient elsewhere; and, per kind, 0/1 matrices of where the per-cell ones are. A seed model's
+    own matrices (no copies)."""
+    pc = model.percell
+    mats = {TF: model.B_tf, LR: model.B_lr, TFL: model.B_tfl}
+    empty = {kd: [sp.csr_matrix(m.shape) for m in ms] for kd, ms in mats.items()}
+    if pc is None or pc.seed.size == 0:
+        return mats, empty
+    mean, _sd, _n = pc.cluster_moments(model.cell_cluster())
+    out, where = {}, {}
+    for kd, ms in mats.items():
+        out[kd], where[kd] = [], []
+        for k, m in enumerate(ms):
+            e = pc.entries_of(k, kind=kd)
+            if e.size == 0:
+                out[kd].append(m)
+                where[kd].append(empty[kd][k])
+                continue
+            m = sp.csr_matrix(m, copy=True)
+            m.sum_duplicates()  # canonical: sorted column indices, so the non-zeros are in (row, column) order
+            nz_key = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) * m.shape[1] + m.indices
+            e_key = pc.row[e] * m.shape[1] + pc.target_col[e]
+            pos = np.minimum(np.searchsorted(nz_key, e_key), max(nz_key.size - 1, 0))
+            hit = nz_key[pos] == e_key if nz_key.size else np.zeros(e.size, bool)
+            m.data[pos[hit]] = mean[e[hit]]  # each per-cell entry is one of the seed's non-zeros
+            out[kd].append(m)
+            where[kd].append(sp.coo_matrix((np.ones(e.size), (pc.row[e], pc.target_col[e])), shape=m.shape).tocsr())
+    return out, where
 
 
 def build_coefficients(genes, cluster_names, coef_tables: dict) -> tuple:
@@ -860,6 +946,7 @@ USAGE_COLUMNS = (
     "n_targets_as_ligand",
     "n_targets_as_receptor",
     "n_candidate_targets",
+    "beta_of",
 )
 
 
@@ -901,10 +988,13 @@ def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
 
     ``n_targets``: targets with a non-zero coefficient (in any cluster) on a modulator that involves the gene - as a
     TF, as the ligand or the receptor of a ligand-receptor pair, as the ligand or the TF of a TF-ligand pair;
-    ``total_abs_beta`` sums |coefficient| over those (target, cluster, modulator) entries; ``n_targets_as_*`` split
-    ``n_targets`` by role (a target can count under several); ``n_candidate_targets``: targets that had such a
-    modulator after the modulator screen, zero or not (candidates - n_targets is what the lasso zeroed). A gene
-    with ``n_targets == 0`` moves nothing but itself when knocked out.
+    ``total_abs_beta`` sums |coefficient| over those (target, cluster, modulator) entries, each the coefficient a
+    knockout applies: the cluster's, or for a target with per-cell coefficients (mode 'full' / 'hybrid') the mean
+    over the cluster's cells of the per-cell β (:func:`cluster_mean_coefficients`); ``beta_of`` says which
+    ('cluster', 'per-cell mean', or both joined by ' + '); ``n_targets_as_*`` split ``n_targets`` by role (a target
+    can count under several); ``n_candidate_targets``: targets that had such a modulator after the modulator
+    screen, zero or not (candidates - n_targets is what the lasso zeroed). A gene with ``n_targets == 0`` moves
+    nothing but itself when knocked out. ``attrs['mode']`` names the mode that made the model.
     """
     genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
     gi = {g: i for i, g in enumerate(model.genes)}
@@ -923,30 +1013,37 @@ def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
             tfl_by_gene[side].setdefault(pair[side], []).append(p)
     names, count_candidates = _candidate_counter(model)
     involved = [set(parse_modulator(n)[1]) for n in names]
+    mats, percell_at = cluster_mean_coefficients(model)
     rows = []
     for g in genes:
         roles = {"tf": set(), "ligand": set(), "receptor": set()}
         total = 0.0
+        n_entries = n_percell = 0
 
-        def add(mats, sel, role):
-            nonlocal total
+        def add(kind, sel, role):
+            nonlocal total, n_entries, n_percell
             if not sel:
                 return
-            for m in mats:
+            for m, at in zip(mats[kind], percell_at[kind]):
                 sub = m[sel]
                 nz = sub.data != 0
                 roles[role].update(col_to_target[sub.indices[nz]].tolist())
                 total += float(np.abs(sub.data[nz]).sum())
+                n_entries += int(nz.sum())
+                n_percell += int(at[sel].nnz)
 
         if g in gi:
-            add(model.B_tf, [gi[g]], "tf")
-        add(model.B_lr, lr_by_gene[0].get(g, []), "ligand")
-        add(model.B_lr, lr_by_gene[1].get(g, []), "receptor")
-        add(model.B_tfl, tfl_by_gene[0].get(g, []), "ligand")
-        add(model.B_tfl, tfl_by_gene[1].get(g, []), "tf")
+            add(TF, [gi[g]], "tf")
+        add(LR, lr_by_gene[0].get(g, []), "ligand")
+        add(LR, lr_by_gene[1].get(g, []), "receptor")
+        add(TFL, tfl_by_gene[0].get(g, []), "ligand")
+        add(TFL, tfl_by_gene[1].get(g, []), "tf")
         used = set().union(*roles.values())
         used.discard(-1)
         n_cand = count_candidates(np.array([g in inv for inv in involved], dtype=bool))
+        beta_of = " + ".join(
+            w for w, n in (("cluster", n_entries - min(n_percell, n_entries)), ("per-cell mean", n_percell)) if n
+        )
         rows.append(
             (
                 g,
@@ -957,9 +1054,26 @@ def gene_usage(model: PerturbModel, genes) -> pd.DataFrame:
                 len(roles["ligand"] - {-1}),
                 len(roles["receptor"] - {-1}),
                 n_cand,
+                beta_of,
             )
         )
-    return pd.DataFrame(rows, columns=list(USAGE_COLUMNS))
+    out = pd.DataFrame(rows, columns=list(USAGE_COLUMNS))
+    out.attrs["mode"] = model.mode
+    return out
+
+
+def usage_header(model: PerturbModel) -> str:
+    """One line naming the mode that made the model and what the |beta| of :func:`usage_notice` is."""
+    mode = model.mode
+    pc = model.percell
+    if pc is None or pc.seed.size == 0:
+        extra = " (no target kept per-cell coefficients)" if mode != "seed" else ""
+        return f"model: {mode} mode{extra}; |beta| below sums the cluster coefficients."
+    return (
+        f"model: {mode} mode, per-cell coefficients for {len(pc.targets)} of its {len(model.targets)} targets; "
+        "|beta| below sums, for those, each cluster's mean over its cells of the per-cell beta (what a knockout "
+        "applies there on average), the cluster coefficients for the others."
+    )
 
 
 def usage_notice(row) -> str:
@@ -974,7 +1088,9 @@ def usage_notice(row) -> str:
                 "targets and the lasso set all its coefficients to 0; a knockout moves only its own expression."
             )
         return f"{g} is used by no target's model (no target has it as a modulator); a knockout moves only itself."
+    of = str(row.get("beta_of", "") or "")
+    how = ", per-cell beta as each cluster's mean over its cells" if "per-cell" in of else ""
     return (
-        f"{g} is used by {row['n_targets']} of the model's targets (total |beta| {row['total_abs_beta']:.3g}; "
+        f"{g} is used by {row['n_targets']} of the model's targets (total |beta| {row['total_abs_beta']:.3g}{how}; "
         f"candidate modulator of {row['n_candidate_targets']})."
     )

@@ -215,9 +215,10 @@ class KnockoutDock(Container):
             return
         slide = self.session.model_slide
         value, steps = float(self.value.value), int(self.steps.value)
-        self.usage_lines = [perturb_api.usage_notice(row) for _, row in usage.iterrows()]
+        notices = perturb_api.usage_notices(model, usage=usage)
+        self.usage_lines = [perturb_api.usage_header(model), *notices]
         if (usage["n_targets"] == 0).any():
-            notify_info("Knockout: " + " ".join(self.usage_lines))
+            notify_info("Knockout: " + " ".join(notices))
 
         def work(control):
             def stream(step):

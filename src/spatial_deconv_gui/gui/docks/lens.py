@@ -125,7 +125,9 @@ class LensDock(Container):
         self.gene.reset_choices()
         self.ligand.reset_choices()
         self.responder.reset_choices()
-        self.status.value = f"model: {len(model.targets)} targets; click a cell"
+        # the β listed are the clicked cell's own in a per-cell model, its cluster's in a seed model
+        beta = "each cell's own β" if model.percell is not None else "β of the cell's cluster"
+        self.status.value = f"model ({model.mode} mode, {beta}): {len(model.targets)} targets; click a cell"
         self.refresh()
 
     # -- the mouse picks a cell ------------------------------------------------------------------------
