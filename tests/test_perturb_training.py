@@ -259,6 +259,60 @@ def test_small_clusters_are_named(sim_files, tmp_path, capsys):
     assert not (tmp_path / "m2").exists()
 
 
+def test_small_cluster_notice_counts_the_cells_the_lasso_fits_on(sim_files, tmp_path):
+    """Full / hybrid mode holds out ``holdout_fraction`` of each cluster (round(0.2 n), here 2 of 11 and 2 of 12):
+    the notice counts the cells the lasso sees. At min_cells = 10 a cluster of 12 (10 fitted) is at the edge and
+    fitted; one of 11 (9 fitted) is named, though a seed model fits it whole (11 >= 10)."""
+    from spatial_deconv_gui.engines.perturb.percell import holdout_split
+
+    a, _d, pr = sim_files
+    b = a.copy()
+    lab = b.obs["cluster"].astype(str).to_numpy().copy()
+    lab[:12], lab[12:23] = "edge", "under"
+    b.obs["cluster"] = lab
+    held = holdout_split(lab, 0.2, 0)
+    assert [int(held[lab == c].sum()) for c in ("edge", "under")] == [2, 2]
+    s = b.uns["perturb_sim"]
+    common = dict(radius=s["radius"], contact_radius=s["contact_radius"], scale_factor=s["scale_factor"])
+    targets = ["Gene0", "Gene1", "Gene2", "Gene3", "Tf1"]
+    with pytest.warns(UserWarning, match="too few for the lasso") as caught:
+        m = api.train_model(
+            b,
+            pr["grn_prior"],
+            pr["lr_prior"],
+            "cluster",
+            tmp_path / "full",
+            targets=targets,
+            mode="full",
+            epochs=1,
+            **common,
+        )
+    notice = " ".join(str(w.message) for w in caught if "too few for the lasso" in str(w.message))
+    assert "1 cluster(s)" in notice and "'under' (9 cells fitted, 2 more held out" in notice
+    assert "'edge'" not in notice
+    assert m.manifest["small_clusters"] == {"under": 9}
+    k_under, k_edge = m.cluster_names.index("under"), m.cluster_names.index("edge")
+    for t in m.targets:
+        tab = m.coef_tables[t]
+        assert bool(tab.gated.iloc[k_under]) and np.all(tab.filter(like="beta_").iloc[k_under].to_numpy() == 0)
+        assert tab.n_cells.iloc[k_under] == 9 and tab.n_cells.iloc[k_edge] == 10
+    # the same slide in seed mode: both clusters fitted whole, none named
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = api.train_model(b, pr["grn_prior"], pr["lr_prior"], "cluster", tmp_path / "seed", targets=targets, **common)
+    assert not [w for w in caught if "too few for the lasso" in str(w.message)]
+    assert m.manifest["small_clusters"] == {}
+    # every cluster under min_cells once the held-out cells are left out: refused before training
+    lab3 = np.repeat(["a", "b", "c"], [11, 11, 12])
+    api._check_cluster_sizes(lab3, "cluster", TrainConfig(mode="seed"))
+    with pytest.raises(InputError, match=r"\(a: 9, b: 9\)") as err:
+        api._check_cluster_sizes(lab3[:22], "cluster", TrainConfig(mode="hybrid"))
+    assert "fewer than min_cells = 10 cells fitted" in str(err.value)
+    api._check_cluster_sizes(lab3, "cluster", TrainConfig(mode="full"))  # c fits 10: at the edge, allowed
+
+
 def _targets(tmp_path):
     p = tmp_path / "targets.txt"
     p.write_text("Gene0\nGene1\nGene2\nGene3\nTf1")

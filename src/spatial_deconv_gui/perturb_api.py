@@ -40,6 +40,7 @@ from .engines.perturb.config import TrainConfig
 from .engines.perturb.impute import impute_clusterwise
 from .engines.perturb.lens import CellLens, LensIndex, WhoResponds, cell_lens
 from .engines.perturb.lens import who_responds as _who_responds
+from .engines.perturb.percell import lasso_cells
 from .engines.perturb.perturb import (
     PerturbModel,
     PerturbStep,
@@ -379,7 +380,7 @@ def train_model_dir(
             "check the species and the gene symbols of the prior tables.",
             code="no_overlap",
         )
-    _check_cluster_sizes(clusters, cluster_col, cfg.min_cells)
+    _check_cluster_sizes(clusters, cluster_col, cfg)
     if impute:
         X_all, where = expression_matrix(adata, layer=layer)
         keep = adata.var_names.get_indexer(genes)
@@ -455,15 +456,22 @@ def _check_targets(targets: list[str], var: list[str], grn_df: pd.DataFrame) -> 
     )
 
 
-def _check_cluster_sizes(clusters: np.ndarray, cluster_col: str, min_cells: int) -> None:
-    """Every cluster too small for its lasso: refuse (a model of nothing). Some: training names them (see
+def _check_cluster_sizes(clusters: np.ndarray, cluster_col: str, cfg: TrainConfig) -> None:
+    """Every cluster too small for its lasso - counting the cells the lasso is fitted on, the held-out ones of
+    full / hybrid mode left out: refuse (a model of nothing). Some: training names them (see
     ``engines.perturb.train``)."""
-    names, counts = np.unique(clusters, return_counts=True)
-    if len(names) and (counts < min_cells).all():
+    fitted = lasso_cells(clusters, cfg.mode, cfg.holdout_fraction, cfg.seed)
+    names, counts = np.unique(np.asarray(clusters).astype(str)[fitted], return_counts=True)
+    every = set(map(str, np.unique(clusters)))
+    counts = dict(zip(names.tolist(), counts.tolist()))
+    min_cells = cfg.min_cells
+    if every and all(counts.get(n, 0) < min_cells for n in every):
+        held = " fitted (the rest held out to score the per-cell network)" if cfg.mode != "seed" else ""
         raise InputError(
-            f"every {cluster_col!r} cluster has fewer than min_cells = {min_cells} cells "
-            f"({', '.join(f'{n}: {c}' for n, c in zip(names, counts))}): no gene can get a model.",
-            "use a coarser cluster column, or lower --min-cells.",
+            f"every {cluster_col!r} cluster has fewer than min_cells = {min_cells} cells{held} "
+            f"({', '.join(f'{n}: {counts.get(n, 0)}' for n in sorted(every))}): no gene can get a model.",
+            "use a coarser cluster column, or lower --min-cells"
+            + (" or --holdout-fraction." if cfg.mode != "seed" else "."),
             code="clusters_too_small",
         )
 

@@ -206,6 +206,15 @@ def holdout_split(clusters: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return out
 
 
+def lasso_cells(clusters: np.ndarray, mode: str, fraction: float, seed: int) -> np.ndarray:
+    """(N,) bool: the cells the cluster lasso is fitted on - every cell in seed mode; in full / hybrid mode all
+    but the held-out ones (:func:`holdout_split`), which only score the seed and the network."""
+    clusters = np.asarray(clusters).astype(str)
+    if mode == "seed":
+        return np.ones(clusters.size, dtype=bool)
+    return ~holdout_split(clusters, fraction, seed)
+
+
 @dataclass
 class PerCellBeta:
     """The per-cell coefficients of a model, as corrections to its cluster coefficients.

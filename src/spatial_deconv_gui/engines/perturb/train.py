@@ -36,6 +36,7 @@ from .modulators import (
     select_modulators,
     usable_lr,
 )
+from .percell import lasso_cells
 
 # settings added after models were first written: left out of the settings hash at their defaults, so that a
 # folder trained before they existed still resumes
@@ -165,8 +166,16 @@ def _resume_store(out_dir, targets: list[str], manifest: dict) -> dict:
     return sums
 
 
-def small_cluster_notice(small: dict, min_cells: int) -> str:
-    listed = ", ".join(f"{c!r} ({k} cells)" for c, k in small.items())
+def small_cluster_notice(small: dict, min_cells: int, held_out: dict | None = None) -> str:
+    """The notice naming the clusters whose lasso sees fewer than ``min_cells`` cells (``small``: cluster -> cells
+    it fits on; ``held_out``: cluster -> cells held out of that fit in full / hybrid mode)."""
+    held_out = held_out or {}
+
+    def cells(c, k):
+        h = held_out.get(c, 0)
+        return f"{k} cells" if not h else f"{k} cells fitted, {h} more held out to score the per-cell network"
+
+    listed = ", ".join(f"{c!r} ({cells(c, k)})" for c, k in small.items())
     return (
         f"{len(small)} cluster(s) have fewer than min_cells = {min_cells} cells, too few for the lasso: {listed}. "
         "No gene gets a model there: each keeps its cluster mean and does not respond to a perturbation in those "
@@ -685,10 +694,13 @@ def train(
     channels, _, _ = received_channels(lr_pairs, tfl_pairs, lr_r, tfl_r)
     cluster_names = list(pd.unique(pd.Series(clusters)))
     cluster_names = sorted(cluster_names)
-    sizes = {c: int((clusters == c).sum()) for c in cluster_names}
+    # the cells each cluster's lasso is fitted on: in full / hybrid mode the held-out ones only score the fit
+    fitted = lasso_cells(clusters, cfg.mode, cfg.holdout_fraction, cfg.seed)
+    sizes = {c: int((fitted & (clusters == c)).sum()) for c in cluster_names}
     small = {c: k for c, k in sizes.items() if k < cfg.min_cells}
     if small:
-        warnings.warn(small_cluster_notice(small, cfg.min_cells), UserWarning, stacklevel=2)
+        held = {c: int((~fitted & (clusters == c)).sum()) for c in small}
+        warnings.warn(small_cluster_notice(small, cfg.min_cells, held), UserWarning, stacklevel=2)
 
     fingerprint = data_fingerprint(expr_m, genes, coords, clusters)
     settings = {
@@ -817,13 +829,12 @@ def train(
         control.check_cancel()
         percell_ctx = None
         if cfg.mode != "seed":
-            from .percell import holdout_split, neighbourhood_images
+            from .percell import neighbourhood_images
 
             cell_cluster = np.asarray(pd.Categorical(clusters, categories=cluster_names).codes, dtype=np.int64)
-            holdout = holdout_split(clusters, cfg.holdout_fraction, cfg.seed)
             percell_ctx = {
-                "train": ~holdout,
-                "holdout": holdout,
+                "train": fitted,
+                "holdout": ~fitted,
                 "cell_cluster": cell_cluster,
                 "images": neighbourhood_images(coords, cell_cluster, len(cluster_names), radius),
             }
