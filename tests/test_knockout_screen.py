@@ -200,6 +200,42 @@ def test_cli_separately_writes_the_ranked_table_and_tells_usage_first(trained, t
     assert len(summary["notices"]) == 2 and list(ad.read_h5ad(joint).uns["perturb"]["genes"]) == ["Tf0", "Tf2"]
 
 
+@pytest.mark.parametrize("command", ["run", "screen"])
+def test_cli_separately_computes_gene_usage_once(trained, tmp_path, capsys, monkeypatch, command):
+    """The notices and the screen's n_targets / total_abs_beta come from one gene_usage table; the output is what
+    the screen and the notices give on their own."""
+    model = api.load_model(trained)
+    genes = ["Tf0", "Tf2", "Tf1"]
+    want = api.knockout_screen(model, genes, steps=2)
+    want_notices = api.usage_notices(model, genes)
+    calls = []
+    real = api._gene_usage
+
+    def counted(m, g):
+        calls.append(list(g))
+        return real(m, g)
+
+    monkeypatch.setattr(api, "_gene_usage", counted)
+    out = tmp_path / "screen.csv"
+    extra = ["--separately"] if command == "run" else []
+    argv = ["perturb", command, str(trained), *[a for g in genes for a in ("--gene", g)], *extra]
+    rc = perturb_main([*argv, "--steps", "2", "-o", str(out), "--json"])
+    assert rc == 0
+    assert calls == [genes]
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["notices"] == want_notices and summary["model_mode"] == "seed"
+    table = pd.read_csv(out, float_precision="round_trip")
+    pd.testing.assert_frame_equal(
+        table.drop(columns="runtime_s"), want.drop(columns="runtime_s"), check_exact=True, check_dtype=False
+    )
+    # a usage table given to the screen is the one its n_targets / total_abs_beta come from
+    calls.clear()
+    usage = api.gene_usage(model, genes)
+    again = api.knockout_screen(model, genes, steps=2, usage=usage)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(again.drop(columns="runtime_s"), want.drop(columns="runtime_s"), check_exact=True)
+
+
 def test_a_cpu_knockout_process_does_not_import_torch(trained):
     """torch costs 1-2 s of a cold `perturb run` and a knockout does not need it on the CPU."""
     import subprocess

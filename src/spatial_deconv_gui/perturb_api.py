@@ -795,6 +795,7 @@ def knockout_screen(
     control: RunControl | None = None,
     scheduler=None,
     n_workers: int | None = None,
+    usage: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Knock out (or set to ``values``) each of ``genes`` on its own - separate runs, not one joint
     perturbation - with the model loaded once, and return one row per run (``SCREEN_COLUMNS``) ranked by
@@ -807,6 +808,7 @@ def knockout_screen(
     ``scheduler`` (``"local"``, a Dask scheduler address or an open cluster; ``n_workers`` for ``"local"``) runs
     the knockouts as Dask tasks, the model sent once to each worker; the table is the same. Runs lost to workers
     dying on them are named by :class:`~.engines.cluster.PiecesFailed`, whose ``partial`` is the others' table.
+    ``usage``: the :func:`gene_usage` table of the genes when the caller has it already (not computed again).
     """
     ctl = _control(control, progress)
     if not isinstance(model, PerturbModel):
@@ -814,7 +816,11 @@ def knockout_screen(
     pairs = screen_pairs(genes, values)
     genes_u = list(dict.fromkeys(g for g, _ in pairs))
     idx, scope = _scope(model, adata, cells, cell_type, cell_type_col, cluster)
-    usage = _gene_usage(model, genes_u).set_index("gene")
+    have = set() if usage is None else set(map(str, usage["gene"]))
+    lack = [g for g in genes_u if g not in have]
+    if lack:
+        usage = _gene_usage(model, lack) if usage is None else pd.concat([usage, _gene_usage(model, lack)])
+    usage = usage.drop_duplicates("gene").set_index("gene").loc[genes_u]
     unknown = usage.index[~usage["in_model"].to_numpy(bool)].tolist()
     if unknown:
         raise InputError(

@@ -291,10 +291,11 @@ def _cmd_run(args) -> int:
             code="bad_output",
         )
     model = _load_with_notice(api, args.model_dir, args.quiet)  # once, for the notices and every run
-    notices = api.usage_notices(model, args.gene)
+    usage = api.gene_usage(model, args.gene)  # once: the notices and a screen's table both read it
+    notices = api.usage_notices(model, usage=usage)
     _print_usage(api, model, notices, args)
     if args.separately:
-        return _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices)
+        return _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices, usage)
     if args.scheduler is not None:
         raise InputError(
             "one joint perturbation runs in this process: --scheduler applies to screens of separate knockouts.",
@@ -363,7 +364,7 @@ def _load_with_notice(api, model_dir, quiet: bool):
     return model
 
 
-def _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices) -> int:
+def _run_separately(args, api, model, values, cells, adata, run_options, device, out_path, notices, usage) -> int:
     from .engines.cluster import PiecesFailed
     from .io.write import write_text_atomic
 
@@ -384,6 +385,7 @@ def _run_separately(args, api, model, values, cells, adata, run_options, device,
             progress=_progress(args.quiet),
             scheduler=args.scheduler,
             n_workers=args.n_workers,
+            usage=usage,
         )
     except PiecesFailed as exc:  # the table of the other knockouts is still written, then the error
         if exc.partial is None:
@@ -433,10 +435,11 @@ def _cmd_screen(args) -> int:
     run_options = {**dataclasses.asdict(PerturbRunConfig()), **given_options(args, PerturbRunConfig)}
     device = run_options.pop("device")
     model = _load_with_notice(api, args.model_dir, args.quiet)
-    notices = api.usage_notices(model, list(dict.fromkeys(args.gene)))
+    usage = api.gene_usage(model, list(dict.fromkeys(args.gene)))
+    notices = api.usage_notices(model, usage=usage)
     _print_usage(api, model, notices, args)
     return _run_separately(
-        args, api, model, [v for _, v in pairs], cells, adata, run_options, device, out_path, notices
+        args, api, model, [v for _, v in pairs], cells, adata, run_options, device, out_path, notices, usage
     )
 
 
