@@ -110,13 +110,72 @@ def test_senders_are_the_cells_within_the_pair_radius_expressing_the_ligand(mode
     assert checked == {80.0, 30.0}  # secreted and contact pairs both seen
 
 
+def _first_step_term_by_term(model, ligand, value=0.0, cells=None):
+    """The first step of a perturbation of ``ligand`` written out term by term from the model's coefficients (the
+    computation ``who_responds`` had before it called propagation): Δ_t = Σ β f(x_R) dW over the ligand's LR
+    terms, β f(x_TF) dW over its TF-ligand terms, β D where it is a TF (D -> its received change under the
+    'ligand' rule), β 1[x_R > 0] W0 D where it is a receptor or a TF-ligand pair's TF; then the gene pinned and
+    X0 + Δ clipped to [0, observed max]. Returns (Δ, {target column: terms that reach it})."""
+    from spatial_deconv_gui.engines.perturb.expression import filtered
+    from spatial_deconv_gui.engines.perturb.lens import LensIndex, term_coefficients
+    from spatial_deconv_gui.engines.perturb.ligands import received_ligands
+    from spatial_deconv_gui.engines.perturb.modulators import LR, TF, TFL
+
+    idx = LensIndex(model)
+    n, g = idx.n_cells(), idx.gi[ligand]
+    rows = np.arange(n) if cells is None else np.asarray(cells, dtype=np.int64)
+    X0, F0 = model.expr, idx.F
+    D = np.zeros(n)
+    D[rows] = value - X0[rows, g]
+    dF = filtered(X0[:, g] + D) - F0[:, g]
+    chans = [c for c, (lig, _) in enumerate(model.channels) if lig == ligand]
+    dW, W0 = np.zeros((n, len(model.channels))), np.zeros((n, len(model.channels)))
+    for c in chans:
+        dW[:, c] = received_ligands(model.coords, dF[:, None], [model.channels[c][1]], scale=model.scale_factor)[:, 0]
+    for c, (lig, r) in enumerate(model.channels):
+        W0[:, c] = received_ligands(model.coords, F0[:, [idx.gi[lig]]], [r], scale=model.scale_factor)[:, 0]
+    d_own = dW[:, chans[0]] if model.radius_rule == "ligand" and chans else D
+    delta = np.zeros_like(X0)
+    via = {}
+
+    def add(kind, row, q, how):
+        cols, beta = term_coefficients(idx, kind, row)
+        delta[:, cols] += beta * q[:, None]
+        for c in cols:
+            via.setdefault(int(c), set()).add(how)
+
+    add(TF, g, d_own, f"{ligand} (as a TF)")
+    for p, (a, b) in enumerate(model.lr_pairs):
+        if ligand in (a, b):
+            ch, fb = int(model.lr_channel[p]), F0[:, idx.gi[b]]
+            q = (fb * dW[:, ch] if a == ligand else 0.0) + (
+                np.where(fb > 0, W0[:, ch], 0.0) * d_own if b == ligand else 0.0
+            )
+            add(LR, p, q, f"{a}${b}")
+    for p, (a, b) in enumerate(model.tfl_pairs):
+        if ligand in (a, b):
+            ch = int(model.tfl_channel[p])
+            q = (F0[:, idx.gi[b]] * dW[:, ch] if a == ligand else 0.0) + (W0[:, ch] * d_own if b == ligand else 0.0)
+            add(TFL, p, q, f"{a}#{b}")
+    delta = np.clip(X0 + delta, 0.0, X0.max(axis=0)) - X0
+    delta[rows, g] = D[rows]
+    return delta, {c: ", ".join(sorted(v)) for c, v in via.items() if c != g}
+
+
+def _check_against_term_by_term(model, resp, ligand, value=0.0, cells=None):
+    want, via = _first_step_term_by_term(model, ligand, value, cells)
+    np.testing.assert_allclose(resp.delta, want, rtol=0, atol=1e-12)
+    assert dict(zip(resp.targets.target, resp.targets.via)) == {model.genes[c]: v for c, v in via.items()}
+
+
 def test_who_responds_is_the_first_propagation_step_of_the_knockout(model):
     table = model.modulator_table()
     index = api.lens_index(model)
     for gene in list(model.ligands) + ["Rec0", "Rec3", "Tf0"]:  # ligands, receptors (the R-side term), a TF
         resp = api.who_responds(model, gene, index=index)
         step = next(iter(api.perturbation_steps(model, gene, 0.0, steps=1)))
-        np.testing.assert_allclose(resp.delta, step.delta, rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(resp.delta, step.delta)  # propagation's own first step
+        _check_against_term_by_term(model, resp, gene)
         uses = table[table.modulator.map(lambda m, g=gene: g in m.replace("#", "$").split("$"))]
         assert set(resp.targets.target) == set(uses.target) - {gene}
         # any other gene that moves is only clipped back to 0 where it was observed below 0 (the simulation's
@@ -132,7 +191,8 @@ def test_who_responds_is_the_first_propagation_step_of_the_knockout(model):
     cells = np.flatnonzero(model.clusters == model.cluster_names[0])
     resp = api.who_responds(model, "Lig2", 0.5, cells=cells, index=index)
     step = next(iter(api.perturbation_steps(model, "Lig2", 0.5, cells=cells, steps=1)))
-    np.testing.assert_allclose(resp.delta, step.delta, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(resp.delta, step.delta)
+    _check_against_term_by_term(model, resp, "Lig2", 0.5, cells)
 
 
 def test_who_responds_under_the_ligand_radius_rule(sim, tmp_path):
@@ -140,8 +200,7 @@ def test_who_responds_under_the_ligand_radius_rule(sim, tmp_path):
     assert model.radius_rule == "ligand"
     for gene in list(model.ligands) + ["Rec1"]:
         resp = api.who_responds(model, gene)
-        step = next(iter(api.perturbation_steps(model, gene, 0.0, steps=1)))
-        np.testing.assert_allclose(resp.delta, step.delta, rtol=0, atol=1e-10)
+        _check_against_term_by_term(model, resp, gene)
 
 
 def test_bad_lens_requests_are_named(model):
@@ -180,9 +239,7 @@ def test_tf_ligand_terms_in_the_lens_and_in_who_responds(sim, tmp_path):
         assert sorted(got.sender) == sorted(expected.tolist())
         np.testing.assert_allclose(got.support, np.sqrt(lv[got.sender.to_numpy()] * x_tf), rtol=1e-12)
     for gene in list(model.ligands) + ["Tf2", "Tf4"]:  # ligands, and TFs of TF-ligand terms
-        resp = api.who_responds(model, gene)
-        step = next(iter(api.perturbation_steps(model, gene, 0.0, steps=1)))
-        np.testing.assert_allclose(resp.delta, step.delta, rtol=0, atol=1e-10)
+        _check_against_term_by_term(model, api.who_responds(model, gene), gene)
 
 
 def test_who_responds_refuses_cells_out_of_range(model):

@@ -14,13 +14,14 @@
   the target's term they account for, ``beta * share * partner``. The cell's own ligand counts too (distance 0:
   ``own_share``), and cells farther than r still send a little, the kernel's tail: ``within_radius`` in the
   modulator table says how much of w_L the listed senders carry.
-* **Who responds** to a ligand knocked out (or set to a value): the first propagation step of that perturbation
-  (``perturb.iter_perturbation``), written out for the terms that involve the ligand. At the observed state, with
-  D the change of the ligand's expression and dW the change of the ligand it sends at each radius,
-  ``Δ_t = sum β * (f(x_R) dW)`` over its ligand-receptor terms, ``β * f(x_TF) dW`` over its TF-ligand terms,
-  ``β * D`` over terms where the gene is itself a TF (under the 'ligand' radius rule D is replaced by the received
-  change, as propagation does) and ``β * 1[x_R > 0] W0 D`` where it is a pair's receptor; then, as each step does,
-  the perturbed gene pinned and X0 + Δ clipped to [0, observed max].
+* **Who responds** to a ligand knocked out (or set to a value): the first propagation step of that perturbation,
+  computed by propagation itself (``perturb.iter_perturbation``, one step), so the map is the Δ a knockout's
+  first step gives. At the observed state, with D the change of the ligand's expression and dW the change of the
+  ligand it sends at each radius, that step is ``Δ_t = sum β * (f(x_R) dW)`` over the target's ligand-receptor
+  terms, ``β * f(x_TF) dW`` over its TF-ligand terms, ``β * D`` over terms where the gene is itself a TF (under
+  the 'ligand' radius rule D is replaced by the received change) and ``β * 1[x_R > 0] W0 D`` where it is a pair's
+  receptor; then the perturbed gene pinned and X0 + Δ clipped to [0, observed max]. The responders listed are
+  the targets with a non-zero coefficient on one of those terms, with the terms that reach them.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from scipy.spatial import cKDTree
 
 from ...io.errors import InputError
 from .expression import filtered
-from .ligands import choose_mode, received_ligands
 from .modulators import LR, PAIR_SEP_LR, PAIR_SEP_TFL, TF, TFL
+from .perturb import iter_perturbation, model_propagator
 
 KIND_NAMES = {TF: "tf", LR: "lr", TFL: "tfl"}
 MODULATOR_COLUMNS = (
@@ -155,13 +156,28 @@ def cell_coefficients(index: LensIndex, cell: int, target: str) -> list[tuple[in
     return out
 
 
+def _term_rows(index: LensIndex, kind: int, row: int) -> list:
+    """One modulator row's coefficients in each cluster (1 x genes sparse rows)."""
+    mats = {TF: index.model.B_tf, LR: index.model.B_lr, TFL: index.model.B_tfl}[kind]
+    return [sp.csr_matrix(m)[row] for m in mats]
+
+
+def _columns(rows: list) -> np.ndarray:
+    return np.unique(np.concatenate([r.indices[r.data != 0] for r in rows] + [np.zeros(0, np.int64)]))
+
+
+def term_targets(index: LensIndex, kind: int, row: int) -> np.ndarray:
+    """The target columns with a non-zero coefficient on one modulator row in some cluster (per-cell coefficients
+    scale the seed's non-zeros, so they reach the same targets)."""
+    return _columns(_term_rows(index, kind, row)).astype(np.int64)
+
+
 def term_coefficients(index: LensIndex, kind: int, row: int) -> tuple[np.ndarray, np.ndarray]:
     """(target columns, cells x targets β) of one modulator row in every cell: the targets it has a non-zero
     coefficient for in some cluster; each cell's own for targets with per-cell coefficients (see
     :func:`cell_coefficients`)."""
-    mats = {TF: index.model.B_tf, LR: index.model.B_lr, TFL: index.model.B_tfl}[kind]
-    rows = [sp.csr_matrix(m)[row] for m in mats]
-    cols = np.unique(np.concatenate([r.indices[r.data != 0] for r in rows] + [np.zeros(0, np.int64)]))
+    rows = _term_rows(index, kind, row)
+    cols = _columns(rows)
     beta = np.zeros((index.n_cells(), cols.size))
     if cols.size == 0:
         return cols.astype(np.int64), beta
@@ -310,8 +326,10 @@ def who_responds(
     clip: bool = True,
     index: LensIndex | None = None,
 ) -> WhoResponds:
-    """The first propagation step of setting ``ligand`` to ``value`` (0: a knockout) in ``cells`` (default all),
-    term by term (see the module docstring). Propagation's first step gives the same Δ."""
+    """The first propagation step of setting ``ligand`` to ``value`` (0: a knockout) in ``cells`` (default all):
+    its Δ is :func:`perturb.iter_perturbation`'s first step (the model's propagator, built once per model), and
+    the responding targets are those with a non-zero coefficient on a term involving the ligand, each listed with
+    the terms that reach it (see the module docstring)."""
     index = index if index is not None else LensIndex(model)
     m = index.model
     if ligand not in index.gi:
@@ -319,86 +337,26 @@ def who_responds(
     if value < 0:
         raise InputError("perturbation values must be >= 0.", "use 0 for a knockout.", code="bad_perturbation")
     n, g = index.n_cells(), index.gi[ligand]
-    rows = np.arange(n) if cells is None else np.asarray(cells, dtype=np.int64).ravel()
-    if rows.size and (rows.min() < 0 or rows.max() >= n):  # a negative index would silently pin another cell
+    rows = None if cells is None else np.asarray(cells, dtype=np.int64).ravel()
+    if rows is not None and rows.size and (rows.min() < 0 or rows.max() >= n):
+        # a negative index would silently pin another cell
         raise InputError("cells out of range.", f"use indices in [0, {n - 1}].", code="bad_cells")
-    X0, F0 = m.expr, index.F
-    D = np.zeros(n)
-    D[rows] = float(value) - X0[rows, g]
-    dF = filtered(X0[:, g] + D) - F0[:, g]  # the change of what the ligand's senders emit
-    chans = [c for c, (lig, _) in enumerate(m.channels) if lig == ligand]
-    dW = np.zeros((n, len(m.channels)))
-    W0 = np.zeros((n, len(m.channels)))
-    changed = np.flatnonzero(dF != 0)
-    mode = choose_mode(n, ligand_mode)
-    if chans:
-        radii = np.array([m.channels[c][1] for c in chans])
-        if changed.size:
-            dW[:, chans] = received_ligands(
-                index.coords,
-                np.repeat(dF[changed, None], len(chans), axis=1),
-                radii,
-                scale=m.scale_factor,
-                mode=mode,
-                device=device,
-                source_index=changed,
-                n_total=n,
-            )
-    d_own = D
-    if m.radius_rule == "ligand" and chans:  # propagation replaces the ligand's own change by its received change
-        d_own = dW[:, chans[0]]
-    delta = np.zeros_like(X0)
+    prop = model_propagator(m, ligand_mode=ligand_mode, device=device, clip=clip)
+    first = next(iter_perturbation(m, [ligand], [float(value)], rows, 1, ligand_mode, device, clip, propagator=prop))
+    delta = first.delta
     via: dict[int, set] = {}
 
-    def add(cols, beta, q, how):
-        if cols.size:
-            delta[:, cols] += beta * q[:, None]
-            for c in cols:
-                via.setdefault(int(c), set()).add(how)
+    def reached(kind, row, how):
+        for c in term_targets(index, kind, row):
+            via.setdefault(int(c), set()).add(how)
 
-    cols, beta = term_coefficients(index, TF, g)
-    add(cols, beta, d_own, f"{ligand} (as a TF)")
-    w0_needed = set()
-    for p, (_a, b) in enumerate(m.lr_pairs):
-        if b == ligand:
-            w0_needed.add(int(m.lr_channel[p]))
-    for p, (_a, b) in enumerate(m.tfl_pairs):
-        if b == ligand:
-            w0_needed.add(int(m.tfl_channel[p]))
-    for ch in w0_needed:  # observed received ligand, only for terms whose partner is the perturbed gene
-        if index.received_columns is not None:
-            W0[:, ch] = index.received_columns[:, ch]
-        else:
-            lig, r = m.channels[ch]
-            W0[:, ch] = received_ligands(
-                index.coords, F0[:, [index.gi[lig]]], [r], scale=m.scale_factor, mode=mode, device=device
-            )[:, 0]
+    reached(TF, g, f"{ligand} (as a TF)")
     for p, (a, b) in enumerate(m.lr_pairs):
-        if ligand not in (a, b):
-            continue
-        ch, fb = int(m.lr_channel[p]), F0[:, index.gi[b]]
-        q = np.zeros(n)
-        if a == ligand:
-            q += fb * dW[:, ch]
-        if b == ligand:
-            q += np.where(fb > 0, W0[:, ch], 0.0) * d_own
-        cols, beta = term_coefficients(index, LR, p)
-        add(cols, beta, q, f"{a}{PAIR_SEP_LR}{b}")
+        if ligand in (a, b):
+            reached(LR, p, f"{a}{PAIR_SEP_LR}{b}")
     for p, (a, b) in enumerate(m.tfl_pairs):
-        if ligand not in (a, b):
-            continue
-        ch = int(m.tfl_channel[p])
-        q = np.zeros(n)
-        if a == ligand:
-            q += F0[:, index.gi[b]] * dW[:, ch]
-        if b == ligand:
-            q += W0[:, ch] * d_own
-        cols, beta = term_coefficients(index, TFL, p)
-        add(cols, beta, q, f"{a}{PAIR_SEP_TFL}{b}")
-    delta[rows, g] = D[rows]  # the perturbed gene pinned
-    top = X0.max(axis=0) if clip else np.full(X0.shape[1], np.inf)
-    delta = np.clip(X0 + delta, 0.0, top) - X0
-    delta[rows, g] = D[rows]  # after the clip too, as the last step of a propagation pins it
+        if ligand in (a, b):
+            reached(TFL, p, f"{a}{PAIR_SEP_TFL}{b}")
     responders = sorted(c for c in via if c != g)
     table = pd.DataFrame(
         {
