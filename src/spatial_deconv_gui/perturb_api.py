@@ -898,9 +898,9 @@ def who_responds(
     index: LensIndex | None = None,
 ) -> WhoResponds:
     """Who responds to a ligand knockout: the first propagation step of setting ``ligand`` to ``value`` in
-    ``cells`` (indices; default all), computed term by term from the model's coefficients - ``.delta`` (cells x
-    ``model.genes``), ``.targets`` (the targets it reaches, through which terms, mean and largest |Δ|),
-    ``.of(gene)`` and ``.total_abs()`` per cell. Equal to the first step of :func:`perturbation_steps`."""
+    ``cells`` (indices; default all) - ``.delta`` (cells x ``model.genes``: the first step of
+    :func:`perturbation_steps`, computed by it), ``.targets`` (the targets it reaches, through which terms, mean
+    and largest |Δ|), ``.of(gene)`` and ``.total_abs()`` per cell."""
     if index is None:
         index = lens_index(model)
     return _who_responds(index.model, ligand, value, cells=cells, ligand_mode=ligand_mode, device=device, index=index)
