@@ -417,3 +417,69 @@ def test_resumed_folder_keeps_its_received_ligands(sim, tmp_path):
     again = load_model(tmp_path / "m").received_cache
     assert again is not None and again[0] == first[0] and again[2] == first[2]
     np.testing.assert_array_equal(again[1], first[1])
+
+
+# ------------------------------------------------------------------------------------- one store builder
+
+
+def test_one_store_builder_batch_and_tables_give_the_same_shard_bytes(sim_files, tmp_path):
+    """Training's batch arrays and per-target tables (the CSV migration) go through ``model_dir.build_store``:
+    hand-derived columns, and byte-identical shards from both routes, on a hand batch and on a trained seed
+    model's own shards."""
+    from spatial_deconv_gui.engines.perturb import model_dir as md
+    from spatial_deconv_gui.engines.perturb.train import _store_of_batch
+
+    names_of_col = np.array(["Tf1", "Lg$Ra", "Tf0"], dtype=object)
+    cols_of = [np.array([2, 1]), np.array([0, 2])]  # target 0: Tf0, Lg$Ra; target 1: Tf1, Tf0
+    coefs = [np.array([[0.0, 0.5, -1.0], [0.25, 0.0, 0.0]]), np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 3.0]])]
+    stats = dict(
+        n_cells=np.array([[5, 6], [5, 6]]), r2=np.full((2, 2), 0.5), gated=np.zeros((2, 2), bool), icpt=np.ones((2, 2))
+    )
+    batch = _store_of_batch(["A", "B"], cols_of, names_of_col, ["c0", "c1"], *stats.values(), coefs)
+    assert batch.mod_vocab.tolist() == ["Lg$Ra", "Tf0", "Tf1"]
+    assert batch.mod_ptr.tolist() == [0, 2, 4] and batch.mod_code.tolist() == [1, 0, 2, 1]
+    # grouped by target, then cluster, then the modulator's position within the target
+    assert batch.nz_target.tolist() == [0, 0, 0, 1, 1] and batch.nz_cluster.tolist() == [0, 0, 1, 0, 1]
+    assert batch.nz_mod.tolist() == [0, 1, 0, 0, 1] and batch.nz_value.tolist() == [-1.0, 0.5, 2.0, 0.25, 3.0]
+    fits = [
+        ("A", [5, 6], [0.5, 0.5], [False, False], [1.0, 1.0], np.array([[-1.0, 0.5], [2.0, 0.0]]), ["Tf0", "Lg$Ra"]),
+        ("B", [5, 6], [0.5, 0.5], [False, False], [1.0, 1.0], np.array([[0.25, 0.0], [0.0, 3.0]]), ["Tf1", "Tf0"]),
+    ]
+    a = tmp_path / "a" / md.COEFS / "part-00000.npz"
+    b = tmp_path / "b" / md.COEFS / "part-00000.npz"
+    for p in (a, b):
+        p.parent.mkdir(parents=True)
+    md.write_shard(tmp_path / "a", batch, a)
+    md.write_shard(tmp_path / "b", md.store_from_fits(["c0", "c1"], fits), b)
+    assert a.read_bytes() == b.read_bytes()
+
+    # a trained seed model: each shard rebuilt from its targets' tables is the same file, byte for byte
+    a_, _d, pr = sim_files
+    s = a_.uns["perturb_sim"]
+    m = api.train_model(
+        a_,
+        pr["grn_prior"],
+        pr["lr_prior"],
+        "cluster",
+        tmp_path / "m",
+        targets=["Gene0", "Gene1", "Gene2", "Tf1"],
+        radius=s["radius"],
+        contact_radius=s["contact_radius"],
+        scale_factor=s["scale_factor"],
+        problems_per_batch=8,
+    )
+    shards = md.shard_paths(m.path)
+    assert len(shards) >= 2 and m.manifest["mode"] == "seed"
+    for n, path in enumerate(shards):
+        store = md.read_shard(path)
+        fits = []
+        for row, t in enumerate(store.targets.tolist()):
+            tab = store.table(row)
+            bcols = [c for c in tab.columns if c.startswith("beta_")]
+            fits.append(
+                (t, tab.n_cells, tab.r2, tab.gated, tab.intercept, tab[bcols].to_numpy(), [c[5:] for c in bcols])
+            )
+        again = tmp_path / "again" / md.COEFS / f"part-{n:05d}.npz"
+        again.parent.mkdir(parents=True, exist_ok=True)
+        md.write_shard(tmp_path / "again", md.store_from_fits(store.clusters.tolist(), fits), again)
+        assert again.read_bytes() == path.read_bytes(), path.name

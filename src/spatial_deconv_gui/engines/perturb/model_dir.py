@@ -300,19 +300,57 @@ class CoefStore:
         return pd.concat([df, betas], axis=1)
 
 
+def build_store(
+    targets, clusters, names_of_col, cols_of, n_cells, r2, gated, intercept, nonzeros, percell: dict | None = None
+) -> CoefStore:
+    """A store (one shard's columns): the one place that lays the format out.
+
+    ``targets`` (T), ``clusters`` (C); target t's modulators are ``names_of_col[cols_of[t]]`` in its order;
+    ``n_cells`` / ``r2`` / ``gated`` / ``intercept`` (T x C); ``nonzeros`` = (target row, cluster, position within
+    the target's modulators, value) of the non-zero coefficients, in any order (stored grouped by target, then
+    cluster, then position); ``percell`` the per-cell columns (``PERCELL_KEYS``) of a full / hybrid shard."""
+    names_of_col = np.asarray(names_of_col)
+    lengths = np.array([len(c) for c in cols_of], dtype=np.int64)
+    ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate(cols_of).astype(np.int64) if len(cols_of) else np.zeros(0, np.int64)
+    used = np.unique(flat)
+    vocab, inv = np.unique(names_of_col[used].astype(str), return_inverse=True)
+    code_of_col = np.zeros(names_of_col.size, dtype=np.int32)
+    code_of_col[used] = inv.reshape(-1)
+    nzt, nzc, nzm, nzv = (np.asarray(a) for a in nonzeros)
+    order = np.lexsort((nzm, nzc, nzt))
+    T, C = len(targets), len(clusters)
+    return CoefStore(
+        np.array([str(t) for t in targets], dtype=str),
+        np.array([str(c) for c in clusters], dtype=str),
+        vocab,
+        ptr,
+        code_of_col[flat].astype(np.int32),
+        np.asarray(n_cells, dtype=np.int64).reshape(T, C),
+        np.asarray(r2, dtype=np.float64).reshape(T, C),
+        np.asarray(gated, dtype=bool).reshape(T, C),
+        np.asarray(intercept, dtype=np.float64).reshape(T, C),
+        nzt[order].astype(np.int32),
+        nzc[order].astype(np.int32),
+        nzm[order].astype(np.int32),
+        nzv[order].astype(np.float64),
+        **(percell or {}),
+    )
+
+
 def store_from_fits(clusters, fits) -> CoefStore:
-    """A store from ``fits`` = [(target, n_cells, r2, gated, intercept, coef (C x p), modulator names), ...]."""
+    """A store from ``fits`` = [(target, n_cells, r2, gated, intercept, coef (C x p), modulator names), ...]
+    (:func:`build_store` from per-target tables)."""
     C = len(clusters)
     T = len(fits)
-    ptr = np.zeros(T + 1, dtype=np.int64)
-    names, nzt, nzc, nzm, nzv = [], [], [], [], []
+    names, cols_of, nzt, nzc, nzm, nzv = [], [], [], [], [], []
     n_cells = np.zeros((T, C), dtype=np.int64)
     r2 = np.zeros((T, C))
     gated = np.zeros((T, C), dtype=bool)
     icpt = np.zeros((T, C))
     for i, (_t, nc, r, g, b0, coef, mods) in enumerate(fits):
         coef = np.asarray(coef, dtype=np.float64).reshape(C, len(mods))
-        ptr[i + 1] = ptr[i] + len(mods)
+        cols_of.append(np.arange(len(names), len(names) + len(mods), dtype=np.int64))
         names.extend(map(str, mods))
         n_cells[i], r2[i], gated[i], icpt[i] = nc, r, g, b0
         kc, km = np.nonzero(coef)
@@ -321,21 +359,9 @@ def store_from_fits(clusters, fits) -> CoefStore:
         nzm.append(km)
         nzv.append(coef[kc, km])
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-    vocab, code = np.unique(np.array(names, dtype=str), return_inverse=True)
-    return CoefStore(
-        np.array([str(f[0]) for f in fits], dtype=str),
-        np.array(list(map(str, clusters)), dtype=str),
-        vocab,
-        ptr,
-        code.reshape(-1).astype(np.int32),
-        n_cells,
-        r2,
-        gated,
-        icpt,
-        cat(nzt, np.int32),
-        cat(nzc, np.int32),
-        cat(nzm, np.int32),
-        cat(nzv, np.float64),
+    nonzeros = (cat(nzt, np.int64), cat(nzc, np.int64), cat(nzm, np.int64), cat(nzv, np.float64))
+    return build_store(
+        [f[0] for f in fits], clusters, np.array(names, dtype=str), cols_of, n_cells, r2, gated, icpt, nonzeros
     )
 
 

@@ -211,18 +211,14 @@ def expressed_features(Phi: np.ndarray, clusters: np.ndarray, cluster_names, min
 def _store_of_batch(
     batch, cols_of, names_of_col, cluster_names, n_cells, r2, gated, icpt, coefs, percell=None
 ) -> md.CoefStore:
-    """The store shard of a batch from its arrays (what ``model_dir.store_from_fits`` builds from per-target
-    tables, without them). ``coefs`` is one (targets x features) matrix per cluster; ``percell`` (full / hybrid)
-    the batch's per-cell part from :func:`_percell_batch`."""
+    """The store shard of a batch (:func:`model_dir.build_store`) from its arrays: ``coefs`` is one (targets x
+    features) matrix per cluster; ``percell`` (full / hybrid) the batch's per-cell part from
+    :func:`_percell_batch`."""
     lengths = np.array([c.size for c in cols_of], dtype=np.int64)
     ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate(cols_of) if cols_of else np.zeros(0, np.int64)
-    used = np.unique(flat)
-    vocab, inv = np.unique(names_of_col[used].astype(str), return_inverse=True)
-    code_of_col = np.zeros(names_of_col.size, dtype=np.int32)
-    code_of_col[used] = inv.reshape(-1)
     T, F = len(batch), names_of_col.size
-    pos = np.full((T, F), -1, dtype=np.int32)
+    pos = np.full((T, F), -1, dtype=np.int32)  # each (target, feature column): its position among the target's
     rows = np.repeat(np.arange(T), lengths)
     pos[rows, flat] = (np.arange(flat.size) - ptr[rows]).astype(np.int32)
     nzt, nzc, nzm, nzv = [], [], [], []
@@ -232,9 +228,8 @@ def _store_of_batch(
         nzc.append(np.full(r.size, k))
         nzm.append(pos[r, f])
         nzv.append(coef[r, f])
-    nzt, nzc, nzm, nzv = (np.concatenate(x) if x else np.zeros(0) for x in (nzt, nzc, nzm, nzv))
-    order = np.lexsort((nzm, nzc, nzt))  # grouped by target, then cluster, then modulator position
-    pc = {}
+    nonzeros = tuple(np.concatenate(x) if x else np.zeros(0) for x in (nzt, nzc, nzm, nzv))
+    pc = None
     if percell is not None:
         wt = percell["w_target"]
         pc = dict(
@@ -246,22 +241,7 @@ def _store_of_batch(
             pc_w_mod=pos[wt, percell["w_col"]].astype(np.int32),
             pc_w_block=np.zeros(wt.size, dtype=np.int32),
         )
-    return md.CoefStore(
-        np.array([str(t) for t in batch], dtype=str),
-        np.array([str(c) for c in cluster_names], dtype=str),
-        vocab,
-        ptr,
-        code_of_col[flat].astype(np.int32),
-        n_cells,
-        r2,
-        gated,
-        icpt,
-        nzt[order].astype(np.int32),
-        nzc[order].astype(np.int32),
-        nzm[order].astype(np.int32),
-        nzv[order].astype(np.float64),
-        **pc,
-    )
+    return md.build_store(batch, cluster_names, names_of_col, cols_of, n_cells, r2, gated, icpt, nonzeros, pc)
 
 
 def _percell_batch(coefs, icpt, gated, Phi, Y, ctx, cfg) -> dict:
