@@ -267,7 +267,10 @@ class PerCellBeta:
             w = self.w[self.wrow[e]]  # (entries, D)
             blk = self.block[e]
             mean[e] = self.seed[e] * (1.0 + np.einsum("ed,ed->e", zbar[blk], w))
-            var = np.einsum("ed,edf,ef->e", w, cov[blk], w)
+            var = np.empty(e.size)
+            for b in np.unique(blk):  # per block: no entries x D x D array (entries run to ~10^6 on a whole slide)
+                sel = blk == b
+                var[sel] = np.einsum("ed,df,ef->e", w[sel], cov[b], w[sel])
             sd[e] = np.abs(self.seed[e]) * np.sqrt(np.maximum(var, 0.0))
         return mean, sd, n_cells
 
