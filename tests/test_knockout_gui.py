@@ -102,6 +102,7 @@ def test_train_lasso_knockout_like_a_user(make_napari_viewer, qtbot, tmp_path, s
     assert run is not None, ko.status.value
     # what the gene can move, from the model, in the status line (the same line `perturb run` prints)
     assert perturb_api.usage_notices(model, [tf])[0] in ko.status.value.splitlines()
+    assert perturb_api.usage_header(model) in ko.status.value.splitlines()  # the mode: what the |beta| are
     assert "is used by" in ko.status.value
 
     # the engine's own answer for the same cells
@@ -330,3 +331,8 @@ def test_train_dock_trains_a_hybrid_model_and_the_lens_reads_its_cells(make_napa
     same = np.flatnonzero(model.clusters == model.cluster_names[k])[:2]
     betas = [perturb_api.interaction_lens(model, int(c), target).modulators.beta.to_numpy() for c in same]
     assert betas[0].size and not np.array_equal(np.sort(betas[0]), np.sort(betas[1]))  # same cluster, own β
+    # the lens dock and the knockout's usage lines say so: own β per cell; |β| as each cluster's mean over its cells
+    _, lens = viewer.window.add_plugin_dock_widget(PLUGIN, "Interaction lens")
+    assert lens.status.value.startswith("model (hybrid mode, each cell's own β): ")
+    header = perturb_api.usage_header(model)
+    assert f"hybrid mode, per-cell coefficients for {pc['n_cnn']} of its {len(model.targets)} targets" in header

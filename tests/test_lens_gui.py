@@ -64,6 +64,7 @@ def _lr_case(model):
 def test_clicking_a_cell_shows_its_modulators_and_senders(make_napari_viewer, grn_model):
     viewer, session, dock = _viewer_with_model(make_napari_viewer, grn_model)
     model = grn_model
+    assert dock.status.value.startswith("model (seed mode, β of the cell's cluster): ")  # which β the table lists
     gene, cell = _lr_case(model)
     dock.gene.value = gene
     yx = session.cells_yx()
