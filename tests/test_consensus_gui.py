@@ -354,6 +354,8 @@ def test_a_consensus_without_intervals_says_why_greying_skips_it(make_napari_vie
     add_result(viewer, with_interval, spatial.obsm["spatial"], 100.0, name="rctd #1")
     add_result(viewer, plain, spatial.obsm["spatial"], 100.0, name="c2l #1")
     results = find_dock(viewer, "Results")
+    assert results.interval_note.native.isHidden()  # greying is off: nothing to explain
+    results.width_threshold.value = 0.3
     assert results.interval_note.value == (
         "c2l #1 has no interval, so greying skips it: run it with per-spot 90% intervals."
     )
@@ -369,4 +371,8 @@ def test_a_consensus_without_intervals_says_why_greying_skips_it(make_napari_vie
     )
     assert "equal weights and no consensus interval" in results.consensus_status.value
     results.run.value = "rctd #1"
+    assert results.interval_note.native.isHidden()
+    results.run.value = "c2l #1"
+    assert not results.interval_note.native.isHidden()
+    results.width_threshold.value = 1.0  # greying off again
     assert results.interval_note.native.isHidden()

@@ -4,7 +4,7 @@ consensus, save; for DestVI results, paint a gene's expression within a cell typ
 
 from __future__ import annotations
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, Select
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton, Select
 from qtpy.QtWidgets import QFileDialog
 
 from ... import keys
@@ -26,14 +26,15 @@ from ..result_layers import (
     show_proportion,
 )
 from ..saved import adopt_saved_results
+from ..scrolling import ScrollingDock
 from ..session import session_for
 from ..views import AGREEMENT_CMAP, COLORMAPS, WIDTH_CMAP, WIDTH_MAX
 from .imputation import ImputePanel
 
 
-class ResultsDock(Container):
+class ResultsDock(ScrollingDock):
     def __init__(self, napari_viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.session = session = session_for(napari_viewer)
         self.run = ComboBox(label="result", choices=lambda _w: list(session.results))
@@ -50,7 +51,7 @@ class ResultsDock(Container):
             tooltip="Grey out, on every proportion layer, the spots whose 90% interval for the shown type is wider "
             "than this (results run with intervals only); 1 greys none.",
         )
-        # why the threshold leaves the selected result alone (it has no interval); hidden when it has one
+        # why the threshold leaves the selected result alone (it has no interval): shown while greying is on
         self.interval_note = status_label("", label="", hide_empty=True)
         self.run_b = ComboBox(label="compare with", choices=lambda _w: list(session.results))
         self.compare_btn = PushButton(text="Compare")
@@ -67,7 +68,7 @@ class ResultsDock(Container):
         self.save_btn = PushButton(text="Save result (.h5ad / .zarr)...")
         self.csv_btn = PushButton(text="Export proportions (.csv)...")
         self.fig_btn = PushButton(text="Save figure (.png)...")
-        self.extend(
+        self.body.extend(
             [
                 self.run,
                 self.cell_type,
@@ -86,16 +87,17 @@ class ResultsDock(Container):
                 self.fig_btn,
             ]
         )
-        self.colorbar_fig, self.colorbar = add_colorbar(self, hidden=True)
+        self.colorbar_fig, self.colorbar = add_colorbar(self.body, hidden=True)
         # the top visible interval-width or agreement layer's colorbar; hidden while none is visible
-        self.second_fig, self.second_colorbar = add_colorbar(self, hidden=True)
+        self.second_fig, self.second_colorbar = add_colorbar(self.body, hidden=True)
         self.second_shown: str | None = None  # its title
         self.second_bar = None  # its matplotlib colorbar
         self._second_drawn: tuple | None = None  # (layer, title) drawn: redrawn only when that changes
         # the runner writes no status of its own: a refused consensus keeps its reason in the status line
         self.jobs = JobRunner("Consensus")
         self.impute = ImputePanel(napari_viewer)
-        self.native.layout().addWidget(self.impute.native)
+        self.body.native.layout().addWidget(self.impute.native)
+        self.fit_to_controls()
         self.run.changed.connect(self._on_run)
         self.cell_type.changed.connect(self._apply)
         self.cmap.changed.connect(self._apply)
@@ -109,6 +111,7 @@ class ResultsDock(Container):
         links.runner(self.impute.jobs)
         links.runner(self.jobs)
         links.connect(session.width_threshold_changed, lambda t: grey_uncertain_spots(napari_viewer, t))
+        links.connect(session.width_threshold_changed, self._say_why_not_greyed)
         links.connect(session.result_added, self._on_added)
         links.connect(session.result_selected, self._on_selected)
         links.connect(session.result_removed, self._on_removed)
@@ -157,9 +160,13 @@ class ResultsDock(Container):
             return
         show_proportion(rec, self.cell_type.value, self.cmap.value, self.session.width_threshold)
         draw_colorbar(self.colorbar_fig, self.colorbar, f"proportion of {self.cell_type.value}", self.cmap.value)
-        reason = no_interval_reason(rec)
-        self.interval_note.value = reason or ""
+        self._say_why_not_greyed()
         self._update_second_colorbar()
+
+    def _say_why_not_greyed(self, _threshold=None):
+        rec = self.session.result(self.run.value)
+        reason = no_interval_reason(rec) if rec is not None and self.session.width_threshold is not None else None
+        self.interval_note.value = reason or ""
 
     def _on_layers_event(self, event):
         # the layer list re-emits every event of every layer: only these change which value layer is on top
