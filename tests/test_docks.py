@@ -142,3 +142,17 @@ def test_the_right_dock_column_fits_on_a_screen(make_napari_viewer):
     asked.clear()
     dock.reset_choices()
     assert asked
+
+
+def test_scrolling_docks_keep_their_controls_full_width(make_napari_viewer):
+    """The scroll area scrolls only vertically, so it must be as wide as the widest controls: the Deconvolution
+    dock's, once a method's parameters are in (labels such as 'confidence threshold' were cut off)."""
+    viewer = make_napari_viewer()
+    [dock] = open_docks(viewer, ["Deconvolution"])
+    bar = dock.scroll.verticalScrollBar().sizeHint().width()
+    for method in [m for m in dock.method.choices if m in api.available_methods()]:
+        dock.method.value = method
+        assert len(dock.params_box) > 0
+        assert dock.scroll.minimumWidth() >= dock.body.native.minimumSizeHint().width() + bar, method
+        labels = [w.label for w in dock.params_box]
+        assert "confidence threshold" in labels or method != "rctd"

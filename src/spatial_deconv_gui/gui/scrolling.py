@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from magicgui.widgets import Container
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QApplication, QFrame, QScrollArea
+from qtpy.QtWidgets import QApplication, QFrame, QScrollArea, QWidget
 
 MIN_SHOWN = 160  # px: the least a scrolling dock keeps on screen (about six rows of controls)
 SCREEN_SHARE = 0.22  # ... and up to this share of the screen's height, when its controls need that much
@@ -36,6 +36,12 @@ class ScrollingDock(Container):
         """Call once the controls are in: the scroll area keeps their full width (it scrolls only vertically), and
         shows as many of them as fit in a quarter of the screen without scrolling. napari gives the docks above the
         last of a column their minimum height, so this minimum is the height they get."""
+        # a nested container's new rows reach its parent's size hints only after Qt's next layout pass: ask now
+        for widget in self.body.native.findChildren(QWidget):
+            if widget.layout() is not None:
+                widget.layout().activate()
+                widget.updateGeometry()
+        self.body.native.layout().activate()
         bar = self.scroll.verticalScrollBar().sizeHint().width()
         hint = self.body.native.minimumSizeHint()
         self.scroll.setMinimumWidth(hint.width() + bar)

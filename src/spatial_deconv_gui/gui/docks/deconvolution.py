@@ -209,6 +209,7 @@ class DeconvolutionDock(ScrollingDock):
             w.label = name.replace("_", " ")
             w.tooltip = tip
             self.params_box.append(w)
+        self.fit_to_controls()  # the method's parameters may need a wider dock than the last one's
 
     def method_params(self) -> dict:
         params = {"mode": self.mode.value} if self.mode.value != "default" else {}
