@@ -9,11 +9,51 @@ a few rows; its controls scroll inside it when the column is short.
 from __future__ import annotations
 
 from magicgui.widgets import Container
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QApplication, QFrame, QScrollArea, QWidget
+from qtpy.QtCore import QEvent, QSize, Qt
+from qtpy.QtWidgets import QApplication, QFrame, QLabel, QScrollArea
 
 MIN_SHOWN = 160  # px: the least a scrolling dock keeps on screen (about six rows of controls)
 SCREEN_SHARE = 0.22  # ... and up to this share of the screen's height, when its controls need that much
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls only vertically, so its minimum width is always its controls' (asked live: napari's stylesheet and a
+    method's parameters change it after the dock is built), and its minimum height a share of the screen."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(body)
+        body.installEventFilter(self)
+
+    def eventFilter(self, obj, event):  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.LayoutRequest:  # the controls' size hints changed: so did ours
+            self._labels_fit_their_text()
+            self.updateGeometry()
+        return False
+
+    def _labels_fit_their_text(self):
+        # magicgui gives a container's labels one minimum width measured in the default font; napari's stylesheet
+        # draws them larger, and squeezed to that width ("confidence threshold" lost its end). Widen each
+        # container's labels together (the value column stays aligned) to what their text needs.
+        need: dict = {}
+        labels = [label for label in self.widget().findChildren(QLabel) if label.minimumWidth() > 0]
+        for label in labels:
+            rows = label.parentWidget().parentWidget() if label.parentWidget() is not None else None
+            need[id(rows)] = max(need.get(id(rows), 0), label.minimumSizeHint().width())
+        for label in labels:
+            rows = label.parentWidget().parentWidget() if label.parentWidget() is not None else None
+            if label.minimumWidth() < need[id(rows)]:
+                label.setMinimumWidth(need[id(rows)])
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        inner = self.widget().minimumSizeHint()
+        screen = self.screen() or QApplication.primaryScreen()
+        share = int(SCREEN_SHARE * screen.availableGeometry().height()) if screen is not None else MIN_SHOWN
+        width = inner.width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(width, max(MIN_SHOWN, min(inner.height(), share)))
 
 
 class ScrollingDock(Container):
@@ -24,30 +64,8 @@ class ScrollingDock(Container):
         super().__init__(labels=False)
         self.margins = (0, 0, 0, 0)
         self.body = Container(labels=True)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.scroll.setWidget(self.body.native)
-        self.scroll.setMinimumHeight(MIN_SHOWN)
+        self.scroll = _VerticalScroll(self.body.native)
         self.native.layout().addWidget(self.scroll)
-
-    def fit_to_controls(self):
-        """Call once the controls are in: the scroll area keeps their full width (it scrolls only vertically), and
-        shows as many of them as fit in a quarter of the screen without scrolling. napari gives the docks above the
-        last of a column their minimum height, so this minimum is the height they get."""
-        # a nested container's new rows reach its parent's size hints only after Qt's next layout pass: ask now
-        for widget in self.body.native.findChildren(QWidget):
-            if widget.layout() is not None:
-                widget.layout().activate()
-                widget.updateGeometry()
-        self.body.native.layout().activate()
-        bar = self.scroll.verticalScrollBar().sizeHint().width()
-        hint = self.body.native.minimumSizeHint()
-        self.scroll.setMinimumWidth(hint.width() + bar)
-        screen = QApplication.primaryScreen()
-        share = int(SCREEN_SHARE * screen.availableGeometry().height()) if screen is not None else MIN_SHOWN
-        self.scroll.setMinimumHeight(max(MIN_SHOWN, min(hint.height(), share)))
 
     def reset_choices(self, *args):
         # napari calls this on layer changes; the body is no magicgui child of the dock, so pass it on

@@ -152,7 +152,6 @@ class DeconvolutionDock(ScrollingDock):
                 self.problems,
             ]
         )
-        self.fit_to_controls()
         self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
         self.jobs = links.runner(JobRunner("Deconvolution", status=self.status, progress=self.progress))
         self.checks = links.runner(JobRunner("Check inputs", status=self.status))
@@ -209,7 +208,6 @@ class DeconvolutionDock(ScrollingDock):
             w.label = name.replace("_", " ")
             w.tooltip = tip
             self.params_box.append(w)
-        self.fit_to_controls()  # the method's parameters may need a wider dock than the last one's
 
     def method_params(self) -> dict:
         params = {"mode": self.mode.value} if self.mode.value != "default" else {}

@@ -97,7 +97,6 @@ class ResultsDock(ScrollingDock):
         self.jobs = JobRunner("Consensus")
         self.impute = ImputePanel(napari_viewer)
         self.body.native.layout().addWidget(self.impute.native)
-        self.fit_to_controls()
         self.run.changed.connect(self._on_run)
         self.cell_type.changed.connect(self._apply)
         self.cmap.changed.connect(self._apply)
