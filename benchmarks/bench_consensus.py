@@ -13,7 +13,9 @@ Per-spot error: the total-variation distance between a composition and the truth
 [0, 1]). Truth: each type's share of the counts (UMI fractions, what RCTD's weights estimate) and the cell
 fractions. Reported per dataset: each method's mean error, the consensus's, Spearman's ρ between the per-spot
 agreement and the consensus error (negative = agreement falls as the error rises), and the mean consensus error in
-each fifth of the spots by agreement (lowest agreement first).
+each fifth of the spots by agreement (lowest agreement first); with interval weights, the coverage of the truth
+(per spot and type) by each method's and the consensus's 90 % intervals and their mean widths, the consensus's
+with and without widening by the methods' spread.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from spatial_deconv_gui import api, keys
-from spatial_deconv_gui.engines.consensus import total_variation
+from spatial_deconv_gui.engines.consensus import combined_interval, total_variation
 from spatial_deconv_gui.simulate import simulate_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,7 +74,49 @@ def score(runs: list[ad.AnnData], methods: list[str], truth) -> dict:
         row[f"error by agreement fifth ({label})"] = [float(err[ok][q].mean()) for q in np.array_split(order, 5)]
         row[f"agreement by fifth ({label})"] = [float(agree[ok][q].mean()) for q in np.array_split(order, 5)]
         row["n_spots"] = int(ok.sum())
+        if cons.result.mode == "intervals":
+            row.update(interval_scores(runs, methods, cols, t, cons.adata))
     return row
+
+
+def _bounds(adata: ad.AnnData, key: str, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(  # clipped to [0, 1] as api.consensus does
+        np.clip(adata.obsm[slot][cols].to_numpy(dtype=float), 0.0, 1.0)
+        for slot in (keys.proportions_lower(key), keys.proportions_upper(key))
+    )
+
+
+def _coverage(lo, hi, truth, spots) -> tuple[float, float]:
+    """Share of (spot, type) pairs whose truth lies in [lo, hi], and the mean width, over ``spots``."""
+    spots = spots & np.isfinite(lo).all(axis=1) & np.isfinite(hi).all(axis=1)
+    inside = (lo <= truth + 1e-12) & (truth <= hi + 1e-12)
+    return float(inside[spots].mean()), float((hi - lo)[spots].mean())
+
+
+def interval_scores(runs, methods, cols, truth, consensus_adata) -> dict:
+    """Coverage of the truth (per spot and type) by the 90 % intervals of each method and of the consensus, with
+    and without widening by the methods' spread, and their mean widths; the consensus's also on the fifth of the
+    spots the methods agree least on."""
+    out = {}
+    point = consensus_adata.obsm[keys.proportions(keys.CONSENSUS)][cols].to_numpy(dtype=float)
+    agree = consensus_adata.obs[keys.CONSENSUS_AGREEMENT].to_numpy(dtype=float)
+    fitted = np.isfinite(point).all(axis=1) & np.isfinite(truth).all(axis=1)
+    least = fitted & np.isfinite(agree) & (agree <= np.nanquantile(agree[fitted], 0.2))
+    for adata, m in zip(runs, methods):
+        lo, hi = _bounds(adata, m, cols)
+        out[f"coverage {m}"], out[f"width {m}"] = _coverage(lo, hi, truth, fitted)
+    props = [a.obsm[keys.proportions(m)][cols].to_numpy(dtype=float) for a, m in zip(runs, methods)]
+    bounds = [_bounds(a, m, cols) for a, m in zip(runs, methods)]
+    variants = {
+        "consensus": _bounds(consensus_adata, keys.CONSENSUS, cols),
+        "consensus, no spread": combined_interval(props, [b[0] for b in bounds], [b[1] for b in bounds], spread=False),
+    }
+    for label, (lo, hi) in variants.items():
+        out[f"coverage {label}"], out[f"width {label}"] = _coverage(lo, hi, truth, fitted)
+        out[f"coverage {label}, least-agreeing fifth"], out[f"width {label}, least-agreeing fifth"] = _coverage(
+            lo, hi, truth, least
+        )
+    return out
 
 
 def main():

@@ -4,6 +4,7 @@ by hand, agreement tracking the consensus error on a simulated slide (RCTD + Fla
 from __future__ import annotations
 
 import hashlib
+import json
 
 import anndata as ad
 import numpy as np
@@ -45,6 +46,46 @@ def test_weights_differ_by_type_and_rows_are_renormalised():
     raw = np.array([(0.5 * 100 + 0.1) / 101, (0.5 + 0.9 * 100) / 101])
     np.testing.assert_allclose(out[0], raw / raw.sum())
     assert out.sum() == pytest.approx(1.0)
+
+
+def test_consensus_interval_by_hand():
+    # spot 0: the methods agree within their intervals (widths 0.1 and 0.2: σ = width / 3.29, weights 4 : 1);
+    # spot 1: they contradict each other (0.2 vs 0.8, each ±0.05), so the spread widens the interval
+    p1, p2 = np.array([[0.6, 0.4], [0.2, 0.8]]), np.array([[0.58, 0.42], [0.8, 0.2]])
+    lo1, hi1 = p1 - 0.05, p1 + 0.05
+    lo2 = np.array([[0.48, 0.32], [0.75, 0.15]])
+    hi2 = np.array([[0.68, 0.52], [0.85, 0.25]])
+    point, _ = engine.combine([p1, p2], [lo1, lo2], [hi1, hi2])
+    np.testing.assert_allclose(point, [[0.596, 0.404], [0.5, 0.5]])  # (4 x 0.6 + 0.58) / 5; rows sum to 1 already
+    lo, hi = engine.combined_interval([p1, p2], [lo1, lo2], [hi1, hi2])
+    # spot 0: σ = (Σ 1/σ_m²)^-½ = (0.2 / 3.29) / √5, so ±1.645 σ = ±0.1 / √5; χ² = 0.087 < 1: not widened
+    np.testing.assert_allclose(lo[0], [0.596 - 0.1 / np.sqrt(5), 0.404 - 0.1 / np.sqrt(5)])
+    np.testing.assert_allclose(hi[0], [0.596 + 0.1 / np.sqrt(5), 0.404 + 0.1 / np.sqrt(5)])
+    # spot 1: equal weights w, σ = (2w)^-½, Birge ratio √χ² = √(2 w 0.3²): σ × ratio = 0.3 (half their distance)
+    np.testing.assert_allclose(lo[1], [0.5 - 1.6448536 * 0.3] * 2, atol=1e-7)
+    np.testing.assert_allclose(hi[1], [0.5 + 1.6448536 * 0.3] * 2, atol=1e-7)
+    # without the spread, spot 1's interval would be narrower than either input's (±0.05 / √2)
+    lo_n, hi_n = engine.combined_interval([p1, p2], [lo1, lo2], [hi1, hi2], spread=False)
+    np.testing.assert_allclose(hi_n[1] - lo_n[1], [0.1 / np.sqrt(2)] * 2)
+    np.testing.assert_allclose(lo_n[0], lo[0])
+
+
+def test_consensus_interval_is_clipped_holds_the_point_and_skips_unfitted_spots():
+    p1 = np.array([[0.01, 0.99], [np.nan, np.nan], [np.nan, np.nan]])
+    p2 = np.array([[0.03, 0.97], [0.4, 0.6], [np.nan, np.nan]])
+    lo1, hi1 = np.clip(p1 - 0.1, 0, 1), np.clip(p1 + 0.1, 0, 1)
+    lo2, hi2 = np.clip(p2 - 0.1, 0, 1), np.clip(p2 + 0.1, 0, 1)
+    out = engine.consensus([p1, p2], ["x", "y"], [lo1, lo2], [hi1, hi2])
+    assert out.weighting == "intervals"
+    assert out.lower[0, 0] == 0.0 and out.upper[0, 1] == 1.0  # clipped to [0, 1]
+    assert (out.lower[:2] <= out.proportions[:2]).all() and (out.proportions[:2] <= out.upper[:2]).all()
+    # spot 1: only the second method fitted it: its own interval (the rows need no renormalising)
+    np.testing.assert_allclose(out.lower[1], lo2[1])
+    np.testing.assert_allclose(out.upper[1], hi2[1])
+    assert np.isnan(out.lower[2]).all() and np.isnan(out.upper[2]).all()
+    # equal weights (asked for, or an input without an interval): no interval
+    assert engine.consensus([p1, p2], ["x", "y"], [lo1, lo2], [hi1, hi2], weighting="equal").lower is None
+    assert engine.consensus([p1, p2], ["x", "y"], [lo1, None], [hi1, None]).upper is None
 
 
 def test_agreement_is_one_minus_mean_pairwise_total_variation():
@@ -130,6 +171,25 @@ def test_consensus_file_carries_every_slot(two_methods, tmp_path):
     assert res.uns[keys.run_info(keys.CONSENSUS)]["parameters"]["weighting"] == "intervals"
     for slot in ("flash_proportions", "flash_proportions_q05", "rctd_proportions_q95"):  # both methods beside it
         assert slot in res.obsm
+    # the consensus's own interval, from the engine, point inside
+    lo, hi = engine.combined_interval(
+        [a.obsm[f"{k}_proportions"].to_numpy() for a, k in ((rctd, "rctd"), (flash, "flash"))],
+        [
+            np.clip(rctd.obsm["rctd_proportions_q05"].to_numpy(), 0, 1),
+            np.clip(flash.obsm["flash_proportions_q05"].to_numpy(), 0, 1),
+        ],
+        [
+            np.clip(rctd.obsm["rctd_proportions_q95"].to_numpy(), 0, 1),
+            np.clip(flash.obsm["flash_proportions_q95"].to_numpy(), 0, 1),
+        ],
+    )
+    lower, upper = res.obsm[keys.proportions_lower(keys.CONSENSUS)], res.obsm[keys.proportions_upper(keys.CONSENSUS)]
+    assert list(lower.columns) == list(cons.columns) and list(upper.index) == list(res.obs_names)
+    np.testing.assert_allclose(lower.to_numpy(), lo)
+    np.testing.assert_allclose(upper.to_numpy(), hi)
+    fitted = ~np.isnan(cons.to_numpy()).any(axis=1)
+    assert ((lower.to_numpy() <= cons.to_numpy()) & (cons.to_numpy() <= upper.to_numpy()))[fitted].all()
+    assert res.uns[keys.run_info(keys.CONSENSUS)]["parameters"]["interval"] == api.CONSENSUS_INTERVAL
     saved = {r.result.key for r in api.saved_results(out)}
     assert saved == {"rctd", "flash", keys.CONSENSUS}
 
@@ -178,14 +238,42 @@ def test_different_cell_types_are_listed_and_aligned_on_request(slide, tmp_path,
     assert "different cell types" in err and "a.h5ad (rctd): D; b.h5ad (flash): E" in err
     assert "Shared by all (3): A, B, C" in err and "--align-types" in err
     assert not out.exists()
-    assert main(["consensus", str(a), str(b), "-o", str(out), "--align-types", "-q"]) == 0
+    assert main(["consensus", str(a), str(b), "-o", str(out), "--align-types", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["weighting"] == "equal" and summary["interval"] is False
     res = ad.read_h5ad(out)
     cons = res.obsm[keys.proportions(keys.CONSENSUS)]
     assert list(cons.columns) == ["A", "B", "C"]
     pa, pb = (ad.read_h5ad(p).obsm[f"{k}_proportions"][["A", "B", "C"]] for p, k in ((a, "rctd"), (b, "flash")))
     pa, pb = (p.div(p.sum(axis=1), axis=0).to_numpy() for p in (pa, pb))  # each renormalised over A, B, C
     np.testing.assert_allclose(cons.to_numpy(), (pa + pb) / 2)  # no intervals: equal weights
+    params = res.uns[keys.run_info(keys.CONSENSUS)]["parameters"]
+    assert params["interval"] == "none" and keys.proportions_lower(keys.CONSENSUS) not in res.obsm
+    assert params["no_interval_because"] == "rctd, flash carry no interval (run with --uncertainty)"
     assert list(res.uns[keys.run_info(keys.CONSENSUS)]["parameters"]["dropped_types"]) == ["D", "E"]
+
+
+def test_a_consensus_without_intervals_drops_an_earlier_consensus_interval(slide):
+    def with_interval(key, seed):
+        props = np.random.default_rng(seed).dirichlet(np.ones(4), size=slide.n_obs)
+        bounds = {
+            keys.proportions_lower(key): pd.DataFrame(np.clip(props - 0.1, 0, 1), columns=TYPES),
+            keys.proportions_upper(key): pd.DataFrame(np.clip(props + 0.1, 0, 1), columns=TYPES),
+        }
+        return attach_result(slide, DeconvResult(key, key, None, TYPES, props, {}, "cpu", 0.0, obsm=bounds))
+
+    first = api.consensus([with_interval("rctd", 0), with_interval("flash", 1)])
+    assert keys.proportions_upper(keys.CONSENSUS) in first.adata.obsm
+    plain = attach_result(
+        slide, DeconvResult("c2l", "c2l", None, TYPES, np.full((slide.n_obs, 4), 0.25), {}, "cpu", 0.0)
+    )
+    second = api.consensus([first.adata, plain], key=["rctd", "c2l"])
+    assert second.result.mode == "equal"
+    assert keys.proportions_lower(keys.CONSENSUS) not in second.adata.obsm
+    assert keys.proportions_upper(keys.CONSENSUS) not in second.adata.obsm
+    assert (
+        "equal weights and no consensus interval: c2l carries no interval (run with --uncertainty)." in second.notices
+    )
 
 
 def test_a_single_result_or_an_unknown_key_is_a_clear_error(slide, tmp_path, capsys):

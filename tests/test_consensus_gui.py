@@ -78,7 +78,11 @@ def test_interval_width_layer_follows_the_shown_type(two_results):
     np.testing.assert_allclose(layer.features["interval_width"], widths[:, 2])
     np.testing.assert_allclose(layer.face_color, colormap_rgba(widths[:, 2], WIDTH_CMAP, 0.0, WIDTH_MAX), atol=1e-6)
     assert layer.name == f"rctd #1: 90% interval width of {types[2]}"
-    assert results.second_shown == f"90% interval width of {types[2]} (grey: > threshold)"
+    assert results.second_shown is None  # the width layer is hidden: no colorbar for it
+    layer.visible = True
+    assert results.second_shown == f"rctd #1: 90% interval width of {types[2]}"
+    results.cell_type.value = types[1]
+    assert results.second_shown == f"rctd #1: 90% interval width of {types[1]}"
 
 
 def test_threshold_greys_uncertain_spots_on_every_proportion_layer(two_results):
@@ -111,9 +115,11 @@ def test_inspector_shows_each_types_interval(two_results):
     viewer, runs, types = two_results
     session = session_for(viewer)
     [inspector] = open_docks(viewer, ["Spot inspector"])
+    assert inspector.canvas.isHidden()  # no spot yet: no empty chart
     rec = session.results["flash #1"]
     idx = 7
     inspector.show_spot(rec, idx)
+    assert not inspector.canvas.isHidden()
     key = "flash"
     p = runs["flash #1"].adata.obsm[keys.proportions(key)].iloc[idx]
     lo = runs["flash #1"].adata.obsm[keys.proportions_lower(key)].iloc[idx]
@@ -146,7 +152,8 @@ def test_consensus_from_the_results_dock_has_an_agreement_layer(two_results, qtb
     np.testing.assert_allclose(layer.features["agreement"], agreement)
     np.testing.assert_allclose(layer.face_color, colormap_rgba(agreement, AGREEMENT_CMAP, 0.0, 1.0), atol=1e-6)
     assert results.run.value == "consensus #1"
-    assert results.second_shown.startswith("methods' agreement")
+    layer.visible = True
+    assert results.second_shown == "consensus #1: methods' agreement (1 - mean total-variation distance)"
     assert (
         "median agreement" in results.consensus_status.value and "intervals weights" in results.consensus_status.value
     )
@@ -240,3 +247,132 @@ def test_interval_layers_on_a_raster_slide(make_napari_viewer, small_pair):
     np.testing.assert_allclose(colours[wide], np.tile(UNCERTAIN_RGBA, (wide.sum(), 1)), atol=1 / 255)
     expected = colormap_rgba(rec.proportions[types[0]].to_numpy())[~wide]
     np.testing.assert_allclose(colours[~wide], expected, atol=1 / 255)
+
+
+# -- the Results dock's colorbars, and greying on a consensus --------------------------------------------------
+def _bar_end_colours(canvas, bar) -> tuple[np.ndarray, np.ndarray]:
+    """The RGBA drawn 3 % in from each end of a colorbar, read from the rendered canvas."""
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba(), dtype=float) / 255.0
+    box = bar.ax.get_window_extent()
+    row = pixels.shape[0] - 1 - int(round((box.y0 + box.y1) / 2))  # the buffer's rows run top to bottom
+    left, right = (int(round(box.x0 + f * box.width)) for f in (0.03, 0.97))
+    return pixels[row, left], pixels[row, right]
+
+
+def _assert_colorbar(dock, title, cmap, vmax):
+    import matplotlib
+
+    assert not dock.second_colorbar.isHidden()
+    assert dock.second_shown == title and dock.second_bar.ax.get_title() == title
+    assert dock.second_bar.cmap.name == cmap
+    assert (dock.second_bar.norm.vmin, dock.second_bar.norm.vmax) == (0.0, vmax)
+    low, high = _bar_end_colours(dock.second_colorbar, dock.second_bar)
+    colours = matplotlib.colormaps[cmap]
+    np.testing.assert_allclose(low[:3], colours(0.03)[:3], atol=0.03)
+    np.testing.assert_allclose(high[:3], colours(0.97)[:3], atol=0.03)
+
+
+def test_second_colorbar_takes_no_room_until_a_width_or_agreement_layer_is_shown(two_results, qtbot):
+    viewer, runs, types = two_results
+    session = session_for(viewer)
+    results = find_dock(viewer, "Results")
+    assert results.second_colorbar.isHidden() and results.second_shown is None  # no value layer visible
+    assert not results.colorbar.isHidden()  # the proportion colorbar: a result is shown
+    assert results.impute.colorbar.isHidden()  # nothing painted
+    width = session.results["flash #1"].layers["interval_width"]
+    width.visible = True
+    _assert_colorbar(results, f"flash #1: 90% interval width of {types[0]}", WIDTH_CMAP, WIDTH_MAX)
+    width.visible = False
+    assert results.second_colorbar.isHidden() and results.second_shown is None
+    results.combine.value = ["rctd #1", "flash #1"]
+    results.consensus_btn.native.click()
+    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    cons = session.results["consensus #1"]
+    agreement = cons.layers["agreement"]
+    agreement.visible = True
+    title = "consensus #1: methods' agreement (1 - mean total-variation distance)"
+    _assert_colorbar(results, title, AGREEMENT_CMAP, 1.0)
+    width.visible = True  # both visible: the colorbar is the top layer's
+    assert viewer.layers.index(agreement) > viewer.layers.index(width)
+    assert results.second_shown == title
+    viewer.layers.move(viewer.layers.index(width), len(viewer.layers))
+    _assert_colorbar(results, f"flash #1: 90% interval width of {types[0]}", WIDTH_CMAP, WIDTH_MAX)
+    viewer.layers.remove(width)
+    assert results.second_shown == title
+    agreement.visible = False
+    assert results.second_colorbar.isHidden()
+
+
+def test_a_docks_colorbars_are_hidden_before_any_result(make_napari_viewer):
+    viewer = make_napari_viewer()
+    [results] = open_docks(viewer, ["Results"])
+    assert results.colorbar.isHidden() and results.second_colorbar.isHidden()
+    for line in (results.summary, results.consensus_status, results.interval_note):  # empty lines take no room
+        assert line.native.isHidden()
+
+
+def test_greying_applies_to_a_consensus_layer(two_results, qtbot):
+    viewer, runs, types = two_results
+    session = session_for(viewer)
+    results = find_dock(viewer, "Results")
+    results.combine.value = ["rctd #1", "flash #1"]
+    results.consensus_btn.native.click()
+    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    rec = session.results["consensus #1"]
+    lower = rec.adata.obsm[keys.proportions_lower(keys.CONSENSUS)]
+    upper = rec.adata.obsm[keys.proportions_upper(keys.CONSENSUS)]
+    widths = (upper - lower)[types[1]].to_numpy()
+    assert results.interval_note.native.isHidden()  # it has an interval: nothing to explain
+    results.cell_type.value = types[1]
+    layer = rec.layers["interval_width"]
+    np.testing.assert_allclose(layer.metadata["values"], widths)
+    np.testing.assert_allclose(layer.face_color, colormap_rgba(widths, WIDTH_CMAP, 0.0, WIDTH_MAX), atol=1e-6)
+    threshold = float(np.quantile(widths, 0.5))
+    results.width_threshold.value = round(threshold, 2)
+    wide = widths > session.width_threshold
+    assert 0 < wide.sum() < len(wide)
+    colours = np.asarray(rec.layers["proportions"].face_color)
+    np.testing.assert_allclose(colours[wide], np.tile(UNCERTAIN_RGBA, (wide.sum(), 1)), atol=1e-6)
+    expected = colormap_rgba(rec.proportions[types[1]].to_numpy(), "viridis")[~wide]
+    np.testing.assert_allclose(colours[~wide], expected, atol=1e-6)
+    # the inspector gives the consensus's interval per type
+    [inspector] = open_docks(viewer, ["Spot inspector"])
+    inspector.show_spot(rec, 5)
+    t = types[1]
+    assert inspector.intervals[t] == pytest.approx((lower[t].iloc[5], upper[t].iloc[5]))
+
+
+def test_a_consensus_without_intervals_says_why_greying_skips_it(make_napari_viewer, small_pair, qtbot):
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    viewer = make_napari_viewer()
+    with_interval = _run_with_interval(spatial, types, "rctd", 1, 0.05)
+    props = np.full((spatial.n_obs, len(types)), 1 / len(types))
+    plain = DeconvResult("c2l", "c2l", None, types, props, {}, "cpu", 0.0)
+    plain = api.RunOutput(attach_result(spatial, plain), plain, None)
+    add_result(viewer, with_interval, spatial.obsm["spatial"], 100.0, name="rctd #1")
+    add_result(viewer, plain, spatial.obsm["spatial"], 100.0, name="c2l #1")
+    results = find_dock(viewer, "Results")
+    assert results.interval_note.native.isHidden()  # greying is off: nothing to explain
+    results.width_threshold.value = 0.3
+    assert results.interval_note.value == (
+        "c2l #1 has no interval, so greying skips it: run it with per-spot 90% intervals."
+    )
+    assert not results.interval_note.native.isHidden()
+    results.combine.value = ["rctd #1", "c2l #1"]
+    results.consensus_btn.native.click()
+    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    rec = session_for(viewer).results["consensus #1"]
+    assert rec.interval is None and "interval_width" not in rec.layers
+    assert results.run.value == "consensus #1"
+    assert results.interval_note.value == (
+        "consensus #1 has no interval, so greying skips it: c2l #1 carries no interval (run with --uncertainty)."
+    )
+    assert "equal weights and no consensus interval" in results.consensus_status.value
+    results.run.value = "rctd #1"
+    assert results.interval_note.native.isHidden()
+    results.run.value = "c2l #1"
+    assert not results.interval_note.native.isHidden()
+    results.width_threshold.value = 1.0  # greying off again
+    assert results.interval_note.native.isHidden()

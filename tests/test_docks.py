@@ -109,3 +109,55 @@ def test_a_saved_result_opened_from_disk_gets_its_docks_from_the_plugins_menu(ma
     # opening the Legend from the menu afterwards reads nothing twice
     _execute(f"{PLUGIN}.legend_widget")
     assert len(session.results) == 1
+
+
+def test_the_right_dock_column_fits_on_a_screen(make_napari_viewer):
+    """Deconvolution, Results and Spot inspector stack on the right; their controls scroll instead of making the
+    window's minimum height the sum of theirs (1764 px in the sample demo before they scrolled)."""
+    from qtpy.QtWidgets import QApplication
+
+    from spatial_deconv_gui.gui.scrolling import MIN_SHOWN, SCREEN_SHARE
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    open_docks(viewer, ["Deconvolution", "Results", "Spot inspector"])
+    screen = QApplication.primaryScreen().availableGeometry().height()
+    controls = 0
+    for name in ("Deconvolution", "Results"):
+        dock = find_dock(viewer, name)
+        shown = dock.scroll.minimumSizeHint().height()
+        assert shown == max(MIN_SHOWN, min(dock.body.native.minimumSizeHint().height(), int(SCREEN_SHARE * screen)))
+        assert dock.body.native.minimumSizeHint().height() > shown  # these controls do scroll
+        assert dock.native.minimumSizeHint().height() < shown + 40  # the dock asks for no more than that
+        controls += dock.body.native.minimumSizeHint().height()
+    window = viewer.window._qt_window.minimumSizeHint().height()
+    assert window < controls  # less than the two docks' controls alone, let alone the column
+    assert window <= 2 * max(MIN_SHOWN, int(SCREEN_SHARE * screen)) + 500, window
+    # napari resets a dock's choices on layer changes by calling the dock's reset_choices: it reaches the controls
+    from magicgui.widgets import ComboBox
+
+    asked = []
+    dock = find_dock(viewer, "Results")
+    dock.body.append(ComboBox(name="probe", choices=lambda _w: asked.append(1) or ["a"]))
+    asked.clear()
+    dock.reset_choices()
+    assert asked
+
+
+def test_scrolling_docks_keep_their_controls_full_width(make_napari_viewer, qtbot):
+    """The scroll area scrolls only vertically, so it must be as wide as the widest controls, as napari lays them
+    out (its stylesheet) and once a method's parameters are in: 'confidence threshold' was cut off."""
+    from qtpy.QtWidgets import QLabel
+
+    viewer = make_napari_viewer(show=True)
+    [dock] = open_docks(viewer, ["Deconvolution"])
+    bar = dock.scroll.verticalScrollBar().sizeHint().width()
+    for method in [m for m in dock.method.choices if m in api.available_methods()] + ["rctd"]:
+        dock.method.value = method
+        qtbot.wait(50)  # Qt's layout passes
+        assert len(dock.params_box) > 0
+        assert dock.scroll.width() >= dock.body.native.minimumSizeHint().width() + bar, method
+        for label in dock.params_box.native.findChildren(QLabel):
+            assert label.width() >= label.minimumSizeHint().width(), (method, label.text())
+    texts = [label.text() for label in dock.params_box.native.findChildren(QLabel)]
+    assert "confidence threshold" in texts

@@ -600,6 +600,9 @@ def _shared_types(labels: list[str], types: list[list[str]], align: bool) -> tup
     return shared, dropped
 
 
+CONSENSUS_INTERVAL = "inverse-variance, widened by the methods' spread (Birge ratio)"
+
+
 def consensus(
     results,
     *,
@@ -616,7 +619,10 @@ def consensus(
     mean; rows renormalised), ``obs['consensus_agreement']`` (1 − mean pairwise total-variation distance, in
     [0, 1], higher = more agreement), ``uns['consensus_type_agreement']`` (per type: agreement, mean absolute
     difference, mean correlation, mean consensus proportion) and the run's ``uns['consensus']`` entry (inputs,
-    weighting, dropped types). See :mod:`.engines.consensus`. Inputs are not modified.
+    weighting, dropped types, the interval's construction or why there is none). With interval weights it also
+    holds the consensus's nominal 90 % interval, ``obsm['consensus_proportions_q05'/'_q95']``
+    (:func:`.engines.consensus.combined_interval`); without, none. See :mod:`.engines.consensus`. Inputs are not
+    modified.
 
     Results of different slides (spot names), or with different cell types unless ``align_types``, are an
     :class:`InputError` naming the difference.
@@ -690,6 +696,19 @@ def consensus(
             code="no_intervals",
         )
     out = engine.consensus(props, types, lower, upper, weighting=weighting)
+    interval_obsm, no_interval = {}, ""
+    if out.lower is not None:
+        index = adatas[0].obs_names
+        interval_obsm = {
+            keys.proportions_lower(keys.CONSENSUS): pd.DataFrame(out.lower, index=index, columns=types),
+            keys.proportions_upper(keys.CONSENSUS): pd.DataFrame(out.upper, index=index, columns=types),
+        }
+    elif any(lo is None for lo in lower):
+        without = [n for n, lo in zip(names, lower) if lo is None]
+        verb = "carries" if len(without) == 1 else "carry"
+        no_interval = f"{', '.join(without)} {verb} no interval (run with --uncertainty)"
+    else:
+        no_interval = "equal weights were asked for (--weighting equal)"
     result = DeconvResult(
         key=keys.CONSENSUS,
         method=keys.CONSENSUS,
@@ -704,22 +723,27 @@ def consensus(
             "min_width": engine.MIN_WIDTH,
             "align_types": bool(align_types),
             "dropped_types": dropped,
+            "interval": CONSENSUS_INTERVAL if out.lower is not None else "none",
+            "no_interval_because": no_interval,
         },
         device="cpu",
         runtime_s=time.perf_counter() - t0,
         obs={keys.CONSENSUS_AGREEMENT: out.agreement},
+        obsm=interval_obsm,
         uns={keys.CONSENSUS_TYPE_AGREEMENT: out.type_agreement},
     )
     notices = []
     if dropped:
         notices.append(f"cell types not in every result were left out: {', '.join(dropped)}.")
-    if out.weighting == "equal" and weighting == "auto":
-        without = [n for n, lo in zip(names, lower) if lo is None]
-        notices.append(f"equal weights: {', '.join(without)} carries no interval (run with --uncertainty).")
+    if no_interval:
+        notices.append(f"equal weights and no consensus interval: {no_interval}.")
     unfitted = int(np.isnan(out.proportions).any(axis=1).sum())
     if unfitted:
         notices.append(f"{unfitted} spot(s) fitted by no result are NaN rows.")
     combined = attach_result(adatas[0], result)
+    if not interval_obsm:  # the first input may be an earlier consensus: its interval is not this one's
+        for slot in (keys.proportions_lower(keys.CONSENSUS), keys.proportions_upper(keys.CONSENSUS)):
+            combined.obsm.pop(slot, None)
     _carry_results(combined, adatas[1:], chosen[1:])
     return RunOutput(combined, result, None, notices)
 

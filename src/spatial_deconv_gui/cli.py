@@ -79,7 +79,9 @@ def _base_parser() -> argparse.ArgumentParser:
         description=f"Writes obsm['{keys.proportions(keys.CONSENSUS)}'] (per spot and type the inverse-variance "
         "weighted mean of the results' proportions when every result has its 90% interval, else their mean; rows "
         f"renormalised), obs['{keys.CONSENSUS_AGREEMENT}'] (1 - mean pairwise total-variation distance, in [0, 1]) "
-        f"and uns['{keys.CONSENSUS_TYPE_AGREEMENT}'] (per cell type) into a copy of the first input.",
+        f"and uns['{keys.CONSENSUS_TYPE_AGREEMENT}'] (per cell type) into a copy of the first input; with interval "
+        f"weights also the consensus's 90% interval, obsm['{keys.proportions_lower(keys.CONSENSUS)}'] and "
+        f"obsm['{keys.proportions_upper(keys.CONSENSUS)}'] (widened where the methods disagree).",
     )
     cons.add_argument("results", nargs="+", help="result files (.h5ad) of runs on the same slide")
     cons.add_argument("--output", "-o", required=True, help="the consensus .h5ad")
@@ -328,6 +330,7 @@ def _cmd_consensus(args) -> int:
         "weighting": run.result.params["weighting"],
         "cell_types": list(run.result.cell_types),
         "dropped_types": list(run.result.params["dropped_types"]),
+        "interval": keys.proportions_lower(keys.CONSENSUS) in run.adata.obsm,
         "n_spots": int(run.adata.n_obs),
         "median_agreement": round(float(np.nanmedian(agreement)), 4) if np.isfinite(agreement).any() else None,
         "type_agreement": run.adata.uns[keys.CONSENSUS_TYPE_AGREEMENT]["agreement"].round(4).to_dict(),

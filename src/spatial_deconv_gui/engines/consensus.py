@@ -13,6 +13,12 @@ pair; without the floor such a method would outvote all others on that type outr
 every method the weights are equal (a mean of the methods): weighting some by intervals and guessing the others'
 would make the guess decide.
 
+Interval. With interval weights the consensus gets its own nominal 90 % interval (:func:`combined_interval`): the
+inverse-variance mean's σ = (Σ w)^-½, widened by the Birge ratio √(χ² / (k − 1)) when the k methods disagree by more
+than their intervals allow. Without the widening the interval would be narrower than every input's even where the
+methods contradict each other, i.e. most confident exactly where the answer is least sure. Equal weights give no
+interval: some input has none, and any guess of its width would decide the result's.
+
 Agreement. Per spot: 1 − the mean total-variation distance between every pair of methods that fitted it,
 ``TV(p, q) = ½ Σ_t |p_t − q_t|`` (the largest difference in the share of any set of types; 0 = same composition,
 1 = no type in common), so agreement lies in [0, 1], 1 when all methods give the same composition; NaN when fewer
@@ -30,6 +36,7 @@ import pandas as pd
 
 # narrowest interval taken at face value (see the module docstring): ±0.01 around the estimate
 MIN_WIDTH = 0.02
+Z90 = 1.6448536269514722  # the normal's 95 % quantile: a nominal 90 % interval is ±Z90 standard deviations
 WEIGHTINGS = ("auto", "intervals", "equal")
 
 
@@ -40,12 +47,52 @@ class Consensus:
     type_agreement: pd.DataFrame  # one row per type
     weighting: str  # "intervals" or "equal"
     n_methods: np.ndarray  # per spot: how many methods fitted it
+    lower: np.ndarray | None = None  # the consensus's nominal 90 % interval; None without interval weights
+    upper: np.ndarray | None = None
 
 
 def weights_from_intervals(lower: np.ndarray, upper: np.ndarray, min_width: float = MIN_WIDTH) -> np.ndarray:
     """Inverse-variance weights (up to a constant) from nominal 90 % intervals: ``1 / max(width, min_width)**2``."""
     width = np.maximum(np.asarray(upper, float) - np.asarray(lower, float), min_width)
     return 1.0 / width**2
+
+
+def _method_weights(props, lower, upper, weighting, min_width):
+    """Per method, spot and type: the weight (0 where the method did not fit the spot) and the weighting used."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {weighting!r}")
+    n = len(props)
+    lower = list(lower) if lower is not None else [None] * n
+    upper = list(upper) if upper is not None else [None] * n
+    have = all(lo is not None and hi is not None for lo, hi in zip(lower, upper))
+    if weighting == "intervals" and not have:
+        raise ValueError("weighting 'intervals' needs every result's interval")
+    used = "intervals" if have and weighting != "equal" else "equal"
+    fitted = ~np.isnan(props).any(axis=2)  # methods x spots
+    if used == "intervals":
+        w = np.stack([weights_from_intervals(lo, hi, min_width) for lo, hi in zip(lower, upper)])
+        w = np.where(np.isfinite(w), w, 0.0)
+    else:
+        w = np.ones_like(props)
+    return w * fitted[:, :, None], used
+
+
+def _weighted_mean(props: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per spot and type Σ w p / Σ w over the methods (before the rows are renormalised)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nansum(w * np.nan_to_num(props), axis=0) / w.sum(axis=0)
+
+
+def _fitted_by_none(props: np.ndarray) -> np.ndarray:
+    """Per spot: no method fitted it (every method's row is NaN)."""
+    return np.isnan(props).any(axis=2).all(axis=0)
+
+
+def _renormalised(mean: np.ndarray, props: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = mean / mean.sum(axis=1, keepdims=True)
+    out[_fitted_by_none(props)] = np.nan
+    return out
 
 
 def combine(
@@ -60,29 +107,48 @@ def combine(
     ``weighting``: ``"auto"`` uses intervals when every method has them, ``"intervals"`` insists on them,
     ``"equal"`` ignores them. A method that did not fit a spot (NaN row) has no say there.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {weighting!r}")
     props = np.stack([np.asarray(p, float) for p in proportions])  # methods x spots x types
-    n = len(proportions)
-    lower = list(lower) if lower is not None else [None] * n
-    upper = list(upper) if upper is not None else [None] * n
-    have = all(lo is not None and hi is not None for lo, hi in zip(lower, upper))
-    if weighting == "intervals" and not have:
-        raise ValueError("weighting 'intervals' needs every result's interval")
-    used = "intervals" if have and weighting != "equal" else "equal"
-    fitted = ~np.isnan(props).any(axis=2)  # methods x spots
-    if used == "intervals":
-        w = np.stack([weights_from_intervals(lo, hi, min_width) for lo, hi in zip(lower, upper)])
-        w = np.where(np.isfinite(w), w, 0.0)
-    else:
-        w = np.ones_like(props)
-    w = w * fitted[:, :, None]
+    w, used = _method_weights(props, lower, upper, weighting, min_width)
+    return _renormalised(_weighted_mean(props, w), props), used
+
+
+def combined_interval(
+    proportions: list[np.ndarray],
+    lower: list[np.ndarray],
+    upper: list[np.ndarray],
+    min_width: float = MIN_WIDTH,
+    spread: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nominal 90 % interval (lower, upper) of the interval-weighted consensus, per spot and type.
+
+    Each method's σ is its interval width (floored at ``min_width``, as for the weights) / (2 × 1.645); the
+    inverse-variance mean μ = Σ w p / Σ w has σ = (Σ w)^-½. With ``spread`` (the default) σ is multiplied by the
+    Birge ratio √(χ² / (k − 1)) where it exceeds 1, χ² = Σ w (p − μ)² over the k methods that fitted the spot:
+    methods that disagree by more than their own intervals allow widen the interval to about their spread (two
+    methods: ±1.645 × half their distance) instead of narrowing it below each one's. The interval μ ± 1.645 σ is
+    scaled by the row's renormalisation (as the point is), clipped to [0, 1] and stretched to hold the point.
+    NaN where no method fitted the spot.
+    """
+    props = np.stack([np.asarray(p, float) for p in proportions])
+    w, _ = _method_weights(props, lower, upper, "intervals", min_width)
+    w = w * (2.0 * Z90) ** 2  # 1 / σ², σ = width / (2 × 1.645); the weights above are 1 / width²
+    mean = _weighted_mean(props, w)
     total = w.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nansum(w * np.nan_to_num(props), axis=0) / total
-        out = mean / mean.sum(axis=1, keepdims=True)
-    out[~fitted.any(axis=0)] = np.nan
-    return out, used
+        sigma = 1.0 / np.sqrt(total)
+        if spread:
+            k = (w > 0).sum(axis=0)
+            chi2 = np.nansum(w * (np.nan_to_num(props) - mean) ** 2, axis=0)
+            birge = np.where(k > 1, chi2 / np.maximum(k - 1, 1), 1.0)
+            sigma = sigma * np.sqrt(np.maximum(birge, 1.0))
+        row = mean.sum(axis=1, keepdims=True)
+        point = mean / row
+        lo = np.clip((mean - Z90 * sigma) / row, 0.0, 1.0)
+        hi = np.clip((mean + Z90 * sigma) / row, 0.0, 1.0)
+    lo, hi = np.fmin(lo, point), np.fmax(hi, point)
+    none = _fitted_by_none(props)
+    lo[none], hi[none] = np.nan, np.nan
+    return lo, hi
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -148,6 +214,7 @@ def consensus(
     if len(proportions) < 2:
         raise ValueError("a consensus needs two or more results")
     combined, used = combine(proportions, lower, upper, weighting, min_width)
+    interval = combined_interval(proportions, lower, upper, min_width) if used == "intervals" else (None, None)
     n_methods = np.sum([~np.isnan(np.asarray(p, float)).any(axis=1) for p in proportions], axis=0)
     return Consensus(
         proportions=combined,
@@ -155,4 +222,6 @@ def consensus(
         type_agreement=type_agreement(proportions, cell_types, combined),
         weighting=used,
         n_methods=n_methods,
+        lower=interval[0],
+        upper=interval[1],
     )

@@ -31,10 +31,26 @@ def notify_info(msg: str):
     notifications.show_info(msg)
 
 
-def status_label(value: str = "", label: str = "status"):
+class _LineHiddenWhileEmpty(Label):
+    """A label that takes no room (its row hidden) while it says nothing."""
+
+    @property
+    def value(self):
+        return Label.value.fget(self)
+
+    @value.setter
+    def value(self, text):
+        Label.value.fset(self, text)
+        self.visible = bool(text)
+
+
+def status_label(value: str = "", label: str = "status", hide_empty: bool = False):
     """A status line that wraps instead of widening its dock: a wider dock resizes the canvas, which then redraws
-    in full, and doing that at a progress message was the longest pause of the event loop while training."""
-    widget = Label(label=label, value=value)
+    in full, and doing that at a progress message was the longest pause of the event loop while training.
+    ``hide_empty``: its row is hidden while it is empty (a blank row between controls reads as a missing one)."""
+    widget = (_LineHiddenWhileEmpty if hide_empty else Label)(label=label, value=value)
+    if hide_empty:
+        widget.visible = bool(value)
     widget.native.setWordWrap(True)
     widget.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return widget

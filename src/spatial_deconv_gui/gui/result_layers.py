@@ -159,6 +159,17 @@ def uncertain_spots(rec: ResultRecord, cell_type: str, threshold: float | None) 
     return np.nan_to_num(rec.interval_widths[cell_type].to_numpy(), nan=0.0) > threshold
 
 
+def no_interval_reason(rec: ResultRecord) -> str | None:
+    """Why the width threshold leaves ``rec`` alone (it has no 90 % interval), or None when it has one."""
+    if rec.interval is not None:
+        return None
+    if rec.key == keys.CONSENSUS:
+        params = rec.adata.uns.get(keys.run_info(rec.key), {}).get("parameters", {})
+        because = str(params.get("no_interval_because", "")) or "it was combined without intervals"
+        return f"{rec.name} has no interval, so greying skips it: {because}."
+    return f"{rec.name} has no interval, so greying skips it: run it with per-spot 90% intervals."
+
+
 def proportion_rgba(rec: ResultRecord, cell_type: str, cmap: str, threshold: float | None) -> np.ndarray:
     """The proportion map's colours, spots with an interval wider than ``threshold`` greyed out."""
     rgba = colormap_rgba(rec.proportions[cell_type].to_numpy(), cmap)

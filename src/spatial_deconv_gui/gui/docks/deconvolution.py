@@ -17,7 +17,6 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
     ProgressBar,
     PushButton,
@@ -33,6 +32,7 @@ from ..layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, spot_col
 from ..lifetime import DockLinks
 from ..notify import notify_info, status_label
 from ..result_layers import add_consensus_steps, add_result_of_slide
+from ..scrolling import ScrollingDock
 from ..session import session_for
 from ..views import PENDING_RGBA
 
@@ -61,9 +61,9 @@ def _validate(spatial, reference, cell_type_col, slide_options=None):
     return api.validate_files(spatial, reference, cell_type_col=cell_type_col, slide_options=slide_options)
 
 
-class DeconvolutionDock(Container):
+class DeconvolutionDock(ScrollingDock):
     def __init__(self, napari_viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.last_run = None
@@ -129,8 +129,8 @@ class DeconvolutionDock(Container):
         )
         self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
         self.status = status_label("pick a slide layer and a reference")
-        self.problems = Label(label="", value="")
-        self.extend(
+        self.problems = status_label("", label="", hide_empty=True)
+        self.body.extend(
             [
                 self.slide,
                 self.reference,

@@ -42,7 +42,7 @@ class ImputePanel(Container):
         )
         self.status = status_label(label="")
         self.extend([self.title, self.search, self.gene, self.cell_type, self.cmap, self.paint_btn, self.status])
-        self.colorbar_fig, self.colorbar = add_colorbar(self)
+        self.colorbar_fig, self.colorbar = add_colorbar(self, hidden=True)  # until an expression is painted
         self.jobs = JobRunner("Expression within a cell type", status=self.status)
         self.jobs.busy_changed.connect(lambda busy: setattr(self.paint_btn, "enabled", not busy))
         self.search.changed.connect(lambda _v: self.gene.reset_choices())

@@ -24,6 +24,7 @@ class InspectorDock(QWidget):
         self.figure = Figure(figsize=(3.2, 2.4), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(170)
+        self.canvas.setVisible(False)  # an empty white box until a spot is shown
         self.text = QLabel("click or hover a spot")
         self.text.setWordWrap(True)
         lay = QVBoxLayout(self)
@@ -92,6 +93,7 @@ class InspectorDock(QWidget):
             ax.set_xlabel("proportion")
             ax.tick_params(labelsize=8)
         ax.set_title(barcode, fontsize=9)
+        self.canvas.setVisible(True)
         self.canvas.draw_idle()
         obs = rec.adata.obs.iloc[idx]
         score_columns = [c for c in obs.index if c.startswith(f"{rec.key}_") and c != keys.dominant_type(rec.key)]

@@ -4,12 +4,13 @@ consensus, save; for DestVI results, paint a gene's expression within a cell typ
 
 from __future__ import annotations
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, Select
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton, Select
 from qtpy.QtWidgets import QFileDialog
 
 from ... import keys
-from ..colorbar import add_colorbar, draw_colorbar
+from ..colorbar import add_colorbar, draw_colorbar, hide_colorbar
 from ..jobs import JobRunner
+from ..layers import PLUGIN_KEY
 from ..lifetime import DockLinks
 from ..notify import notify_error, notify_info, status_label
 from ..result_layers import (
@@ -18,20 +19,22 @@ from ..result_layers import (
     consensus_of,
     export_csv,
     grey_uncertain_spots,
+    no_interval_reason,
     result_suffix,
     save_figure,
     save_result,
     show_proportion,
 )
 from ..saved import adopt_saved_results
+from ..scrolling import ScrollingDock
 from ..session import session_for
 from ..views import AGREEMENT_CMAP, COLORMAPS, WIDTH_CMAP, WIDTH_MAX
 from .imputation import ImputePanel
 
 
-class ResultsDock(Container):
+class ResultsDock(ScrollingDock):
     def __init__(self, napari_viewer):
-        super().__init__(labels=True)
+        super().__init__()
         self.viewer = napari_viewer
         self.session = session = session_for(napari_viewer)
         self.run = ComboBox(label="result", choices=lambda _w: list(session.results))
@@ -48,9 +51,11 @@ class ResultsDock(Container):
             tooltip="Grey out, on every proportion layer, the spots whose 90% interval for the shown type is wider "
             "than this (results run with intervals only); 1 greys none.",
         )
+        # why the threshold leaves the selected result alone (it has no interval): shown while greying is on
+        self.interval_note = status_label("", label="", hide_empty=True)
         self.run_b = ComboBox(label="compare with", choices=lambda _w: list(session.results))
         self.compare_btn = PushButton(text="Compare")
-        self.summary = Label(label="", value="")
+        self.summary = status_label("", label="", hide_empty=True)
         self.combine = Select(
             label="consensus of",
             choices=lambda _w: list(session.results),
@@ -59,16 +64,17 @@ class ResultsDock(Container):
         )
         self.align_types = CheckBox(text="use the shared cell types", value=False)
         self.consensus_btn = PushButton(text="Consensus of the selected")
-        self.consensus_status = status_label("")
+        self.consensus_status = status_label("", hide_empty=True)
         self.save_btn = PushButton(text="Save result (.h5ad / .zarr)...")
         self.csv_btn = PushButton(text="Export proportions (.csv)...")
         self.fig_btn = PushButton(text="Save figure (.png)...")
-        self.extend(
+        self.body.extend(
             [
                 self.run,
                 self.cell_type,
                 self.cmap,
                 self.width_threshold,
+                self.interval_note,
                 self.run_b,
                 self.compare_btn,
                 self.summary,
@@ -81,14 +87,16 @@ class ResultsDock(Container):
                 self.fig_btn,
             ]
         )
-        self.colorbar_fig, self.colorbar = add_colorbar(self)
-        # the selected result's interval width of the shown type, or a consensus's agreement
-        self.second_fig, self.second_colorbar = add_colorbar(self)
-        self.second_shown: str | None = None
+        self.colorbar_fig, self.colorbar = add_colorbar(self.body, hidden=True)
+        # the top visible interval-width or agreement layer's colorbar; hidden while none is visible
+        self.second_fig, self.second_colorbar = add_colorbar(self.body, hidden=True)
+        self.second_shown: str | None = None  # its title
+        self.second_bar = None  # its matplotlib colorbar
+        self._second_drawn: tuple | None = None  # (layer, title) drawn: redrawn only when that changes
         # the runner writes no status of its own: a refused consensus keeps its reason in the status line
         self.jobs = JobRunner("Consensus")
         self.impute = ImputePanel(napari_viewer)
-        self.native.layout().addWidget(self.impute.native)
+        self.body.native.layout().addWidget(self.impute.native)
         self.run.changed.connect(self._on_run)
         self.cell_type.changed.connect(self._apply)
         self.cmap.changed.connect(self._apply)
@@ -102,9 +110,11 @@ class ResultsDock(Container):
         links.runner(self.impute.jobs)
         links.runner(self.jobs)
         links.connect(session.width_threshold_changed, lambda t: grey_uncertain_spots(napari_viewer, t))
+        links.connect(session.width_threshold_changed, self._say_why_not_greyed)
         links.connect(session.result_added, self._on_added)
         links.connect(session.result_selected, self._on_selected)
         links.connect(session.result_removed, self._on_removed)
+        links.connect(napari_viewer.layers.events, self._on_layers_event)
         if session.results:
             self._on_added(session.selected_result or next(reversed(session.results)))
         adopt_saved_results(napari_viewer)
@@ -117,6 +127,9 @@ class ResultsDock(Container):
         self.run.reset_choices()
         self.run_b.reset_choices()
         self.combine.reset_choices()
+        others = [n for n in self.session.results if n != name]
+        if others and self.run_b.value in (None, name):  # compare the new result with the one before it
+            self.run_b.value = others[-1]
         if self.run.value != name:
             self.run.value = name  # -> _on_run, once
         else:
@@ -146,19 +159,46 @@ class ResultsDock(Container):
             return
         show_proportion(rec, self.cell_type.value, self.cmap.value, self.session.width_threshold)
         draw_colorbar(self.colorbar_fig, self.colorbar, f"proportion of {self.cell_type.value}", self.cmap.value)
-        self._draw_second_colorbar(rec)
+        self._say_why_not_greyed()
+        self._update_second_colorbar()
 
-    def _draw_second_colorbar(self, rec):
-        if rec.agreement is not None:
-            self.second_shown = "methods' agreement (1 - mean total-variation distance)"
-            draw_colorbar(self.second_fig, self.second_colorbar, self.second_shown, AGREEMENT_CMAP)
-        elif rec.interval_widths is not None:
-            self.second_shown = f"90% interval width of {self.cell_type.value} (grey: > threshold)"
-            draw_colorbar(self.second_fig, self.second_colorbar, self.second_shown, WIDTH_CMAP, 0.0, WIDTH_MAX)
+    def _say_why_not_greyed(self, _threshold=None):
+        rec = self.session.result(self.run.value)
+        reason = no_interval_reason(rec) if rec is not None and self.session.width_threshold is not None else None
+        self.interval_note.value = reason or ""
+
+    def _on_layers_event(self, event):
+        # the layer list re-emits every event of every layer: only these change which value layer is on top
+        if event.type in ("visible", "inserted", "removed", "moved", "reordered"):
+            self._update_second_colorbar()
+
+    def _top_value_layer(self):
+        """The topmost visible interval-width or agreement layer of a result (what the eye reads), or None."""
+        for layer in list(self.viewer.layers)[::-1]:
+            if layer.visible and layer.metadata.get(PLUGIN_KEY, {}).get("kind") in ("interval_width", "agreement"):
+                return layer
+        return None
+
+    def _update_second_colorbar(self):
+        layer = self._top_value_layer()
+        if layer is None:
+            if not self.second_colorbar.isHidden():
+                hide_colorbar(self.second_fig, self.second_colorbar)
+            self.second_shown = self.second_bar = self._second_drawn = None
+            return
+        meta = layer.metadata
+        run = meta[PLUGIN_KEY]["run"]
+        if meta[PLUGIN_KEY]["kind"] == "agreement":
+            title = f"{run}: methods' agreement (1 - mean total-variation distance)"
+            args = (AGREEMENT_CMAP, 0.0, 1.0, "neither")
         else:
-            self.second_shown = None
-            self.second_fig.clear()
-            self.second_colorbar.draw_idle()
+            title = f"{run}: 90% interval width of {meta['cell_type']}"
+            args = (WIDTH_CMAP, 0.0, WIDTH_MAX, "max")  # wider intervals are drawn in the top colour
+        if self._second_drawn == (layer, title):
+            return
+        self.second_bar = draw_colorbar(self.second_fig, self.second_colorbar, title, *args)
+        self.second_shown = title
+        self._second_drawn = (layer, title)
 
     # -- consensus -------------------------------------------------------------------------------------------
     def make_consensus(self):
