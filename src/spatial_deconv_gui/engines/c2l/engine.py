@@ -17,7 +17,7 @@ from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thread_cap
 from ..bayes import CountData, require_two_types
 from ..convergence import ConvergenceMonitor, ConvergenceRule, eta_note, raise_diverged, stop_message
-from ..devices import torch_device
+from ..devices import device_name, torch_device
 from .config import C2LConfig, batch_column, check_config, convergence_rule
 from .intervals import posterior_intervals
 from .model import (
@@ -305,7 +305,7 @@ def train_spatial(
         if epoch >= anneal_from:
             opt.param_groups[0]["lr"] = lr * (1.0 - 0.8 * (epoch - anneal_from + 1) / (epochs - anneal_from))
         opt.zero_grad(set_to_none=True)
-        loss = model.negative_elbo(data, gen)
+        loss = model.fused_negative_elbo(data, gen)
         loss.backward()
         opt.step()
         history[epoch] = loss.detach()
@@ -390,8 +390,21 @@ def run_c2l(
             RuntimeWarning,
             stacklevel=2,
         )
-    with thread_cap(config.n_threads):
+    with thread_cap(training_threads(config)):
         return _run(spatial, reference, config, control, reference_batches)
+
+
+def training_threads(config: C2LConfig) -> int | None:
+    """torch threads for a run: ``n_threads`` when set; else one on the CPU, torch's own setting on a GPU.
+
+    A training step is ~100 small tensor operations on spots x genes matrices of a few MB: a second thread
+    splits little work per operation and waits at every one of them, and on a machine with other busy processes
+    it waits for a descheduled sibling (benchmarks/RESULTS.md, issue 21: 5-10x more CPU per step with two
+    threads on 2 busy cores).
+    """
+    if config.n_threads is not None:
+        return config.n_threads
+    return 1 if device_name(config.device) == "cpu" else None
 
 
 def _run(
