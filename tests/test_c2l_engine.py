@@ -277,12 +277,19 @@ def _spatial_model_off_its_start(dtype, seed=1):
     return model, CountData(sp.csr_matrix(x), dtype=dtype)
 
 
+@pytest.mark.parametrize("block_rows", [None, 7])
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_fused_elbo_value_and_gradients_equal_autograds(dtype, rel):
+def test_fused_elbo_value_and_gradients_equal_autograds(dtype, rel, block_rows, monkeypatch):
     """The hand-differentiated -ELBO training uses equals the site-by-site one that autograd differentiates, for
     the same draw: value and the gradient of every site's location and scale (float64 to 1e-10; float32 to its
-    rounding, relative to the largest gradient of the site)."""
+    rounding, relative to the largest gradient of the site); the likelihood in one block of spots or in blocks of
+    7 (the last one shorter)."""
+    from spatial_deconv_gui.engines.c2l import model as model_module
+
     model, data = _spatial_model_off_its_start(dtype)
+    if block_rows is not None:
+        monkeypatch.setattr(model_module, "_BLOCK_ELEMENTS", block_rows * model.n_genes)
+        assert model.n_spots % block_rows != 0
     params = [model.guide.loc, model.guide.raw_scale]
     ref = model.negative_elbo(data, torch.Generator().manual_seed(5))
     ref_grads = torch.autograd.grad(ref, params)

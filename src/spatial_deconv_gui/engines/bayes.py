@@ -215,10 +215,21 @@ def nb_forward(mu, alpha, x, u_cols, u_values, u_weights, nnz_per_gene):
         - (alpha * log_lam_cols).sum()
         + torch.dot(x_flat, torch.log(mu).reshape(-1))
     )
-    # lgamma(x + alpha) - lgamma(alpha) over the non-zeros, through the distinct (gene, count) pairs
-    a_u = alpha.reshape(-1)[u_cols]
-    total = total + (u_weights * torch.lgamma(u_values + a_u)).sum() - (nnz_per_gene * torch.lgamma(alpha)).sum()
+    total = total + nb_pairs_value(alpha, u_cols, u_values, u_weights, nnz_per_gene)
     return total, lam, log_lam_cols
+
+
+def nb_pairs_value(alpha, u_cols, u_values, u_weights, nnz_per_gene):
+    """sum over the non-zeros of lgamma(x + alpha_g) - lgamma(alpha_g), through the distinct (gene, count) pairs."""
+    a_u = alpha.reshape(-1)[u_cols]
+    return (u_weights * torch.lgamma(u_values + a_u)).sum() - (nnz_per_gene * torch.lgamma(alpha)).sum()
+
+
+def nb_pairs_grad(alpha, u_cols, u_values, u_weights, nnz_per_gene):
+    """The gradient of :func:`nb_pairs_value` with respect to alpha (shaped as alpha)."""
+    a_u = alpha.reshape(-1)[u_cols]
+    dg = torch.zeros_like(alpha).reshape(-1).index_add_(0, u_cols, u_weights * torch.digamma(u_values + a_u))
+    return dg.view_as(alpha) - nnz_per_gene * torch.digamma(alpha)
 
 
 def nb_backward(mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nnz_per_gene, need_mu=True):
@@ -227,9 +238,7 @@ def nb_backward(mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nn
     grad_mu = torch.div(x, mu).sub_(r) if need_mu else None
     n = mu.shape[0]
     g = n * (torch.log(alpha) + 1) - log_lam_cols - r.sum(0, keepdim=True)
-    a_u = alpha.reshape(-1)[u_cols]
-    dg = torch.zeros_like(alpha).reshape(-1).index_add_(0, u_cols, u_weights * torch.digamma(u_values + a_u))
-    grad_alpha = g + dg.view_as(alpha) - nnz_per_gene * torch.digamma(alpha)
+    grad_alpha = g + nb_pairs_grad(alpha, u_cols, u_values, u_weights, nnz_per_gene)
     return grad_mu, grad_alpha, r
 
 

@@ -291,9 +291,14 @@ def train_spatial(
     marks = {1: (t0, time.process_time())}
     reason, done, expected = "cap", 0, None
 
+    answer_of = {}  # epoch -> proportions: a report epoch that is also a check epoch computes them once
+
     def proportions() -> np.ndarray:
-        ab = model.abundance_mean().double().cpu().numpy()
-        return ab / ab.sum(1, keepdims=True)
+        if done not in answer_of:
+            ab = model.abundance_mean().double().cpu().numpy()
+            answer_of.clear()
+            answer_of[done] = ab / ab.sum(1, keepdims=True)
+        return answer_of[done]
 
     def status(stop_reason=None) -> TrainingStatus:
         rate = done / max(time.perf_counter() - t0, 1e-9)

@@ -41,10 +41,15 @@ from ..bayes import (
     LogNormalMeanField,
     exponential_lp,
     gamma_lp,
-    nb_backward,
-    nb_forward,
     nb_loglik,
+    nb_pairs_grad,
+    nb_pairs_value,
 )
+
+# spots x genes elements per block of the fused likelihood (~0.5 MB per float32 temporary: a block's few
+# temporaries fit a core's L2 cache; on the lymph node pair the likelihood's passes took 25 % less CPU in 4 blocks
+# than in one, at load 12)
+_BLOCK_ELEMENTS = 131072
 
 # ---------------------------------------------------------------------------------------------------
 # reference regression
@@ -384,21 +389,45 @@ class SpatialModel(torch.nn.Module):
         Gd["s_g_gene_add_alpha_hyp"].add_(1 - s_ah * X["s_g_gene_add_alpha_e_inv"])
         Gd["alpha_g_phi_hyp"].add_(G - a_h * X["alpha_g_inverse"].sum())
 
-        # likelihood: mu = ((w C) + s_g) y_s with C = cell_state * m_g, alpha = a_inv^-2
+        # likelihood: mu = ((w C) + s_g) y_s with C = cell_state * m_g, alpha = a_inv^-2; value and gradient in
+        # blocks of spots, so that a block's spots x genes temporaries stay in the core's cache between the passes
         w_sf, m_g, s_g, y_s = X["w_sf"], X["m_g"], X["s_g_gene_add"], X["detection_y_s"]
         c = self.cell_state * m_g
-        mu = torch.addmm(s_g, w_sf, c).mul_(y_s)
         alpha = X["alpha_g_inverse"].pow(-2)
-        nb_args = (data.u_cols, data.u_values, data.u_weights, data.nnz_per_gene)
-        ll, lam, log_lam_cols = nb_forward(mu, alpha, data.dense, *nb_args)
-        grad_mu, grad_alpha, r = nb_backward(mu, alpha, data.dense, lam, log_lam_cols, *nb_args)
-        ll = ll - data.lgamma_x1
-        # sum_g grad_mu * mu = sum_g alpha_g (r_sg - 1): the gradient of log y_s
-        Gd["detection_y_s"].add_(r @ alpha.view(-1, 1)).sub_(alpha.sum())
-        m = grad_mu.mul_(y_s)
-        Gd["w_sf"].addcmul_(m @ c.T, w_sf)
-        Gd["m_g"].addcmul_((self.cell_state * (w_sf.T @ m)).sum(0, keepdim=True), m_g)
-        Gd["s_g_gene_add"].addcmul_(m.sum(0, keepdim=True), s_g)
+        alpha_col = alpha.view(-1, 1)
+        log_lam_cols, r_cols, m_cols = torch.zeros_like(alpha), torch.zeros_like(alpha), torch.zeros_like(alpha)
+        wt_m = torch.zeros_like(c)
+        x_log_mu_over_lam = alpha.new_zeros(())
+        g_w, g_ys = Gd["w_sf"], Gd["detection_y_s"]
+        rows = max(1, _BLOCK_ELEMENTS // G)
+        for i in range(0, S, rows):
+            xb, wb, yb = data.dense[i : i + rows], w_sf[i : i + rows], y_s[i : i + rows]
+            mu = torch.addmm(s_g, wb, c).mul_(yb)
+            lam = mu + alpha
+            log_lam = torch.log(lam)
+            log_lam_cols += log_lam.sum(0, keepdim=True)
+            x_flat = xb.reshape(-1)
+            x_log_mu_over_lam += torch.dot(x_flat, torch.log(mu).reshape(-1)) - torch.dot(x_flat, log_lam.reshape(-1))
+            r = (xb + alpha).div_(lam)  # (x + alpha) / lam; d ll / d mu = x / mu - r
+            r_cols += r.sum(0, keepdim=True)
+            # sum_g (d ll / d mu) mu = sum_g alpha_g (r_sg - 1): the gradient of log y_s
+            g_ys[i : i + rows].add_(r @ alpha_col)
+            m = torch.div(xb, mu).sub_(r).mul_(yb)  # d ll / d (w C + s_g)
+            g_w[i : i + rows].addcmul_(m @ c.T, wb)
+            wt_m.addmm_(wb.T, m)
+            m_cols += m.sum(0, keepdim=True)
+        g_ys.sub_(alpha.sum())
+        pairs = (alpha, data.u_cols, data.u_values, data.u_weights, data.nnz_per_gene)
+        ll = (
+            S * (alpha * torch.log(alpha)).sum()
+            - (alpha * log_lam_cols).sum()
+            + x_log_mu_over_lam
+            + nb_pairs_value(*pairs)
+            - data.lgamma_x1
+        )
+        grad_alpha = S * (torch.log(alpha) + 1) - log_lam_cols - r_cols + nb_pairs_grad(*pairs)
+        Gd["m_g"].addcmul_((self.cell_state * wt_m).sum(0, keepdim=True), m_g)
+        Gd["s_g_gene_add"].addcmul_(m_cols, s_g)
         Gd["alpha_g_inverse"].addcmul_(grad_alpha, alpha, value=-2.0)
 
         entropy = torch.log(scale).sum() + guide.n * HALF_LOG_2PI_E + loc.sum()
