@@ -47,8 +47,11 @@ def test_cell2location_trains_on_one_torch_thread_on_the_cpu_unless_told(small_p
     torch.set_num_threads(3)
     try:
         config = C2LConfig(max_epochs=50, signatures="means", device="cpu", n_threads=n_threads)
-        run_c2l(spatial_input(small_pair[0]), reference_input(small_pair[1]), config, RunControl(on_event, max_rate=0))
+        result = run_c2l(
+            spatial_input(small_pair[0]), reference_input(small_pair[1]), config, RunControl(on_event, max_rate=0)
+        )
         assert seen == {expected}
+        assert result.params["torch_threads"] == expected
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

@@ -514,6 +514,7 @@ def _run(
         detection_mean=float(det_mean),
         n_genes=int(len(genes)),
         reference_epochs_run=int(epochs_ref),
+        torch_threads=int(torch.get_num_threads()),  # what training ran on (n_threads None: the default rule)
     )
     if config.uncertainty:
         params["interval_widened_cells"] = widened  # (spot, type) cells widened to hold the point estimate
