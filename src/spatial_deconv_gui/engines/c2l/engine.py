@@ -402,10 +402,10 @@ def run_c2l(
 def training_threads(config: C2LConfig) -> int | None:
     """torch threads for a run: ``n_threads`` when set; else one on the CPU, torch's own setting on a GPU.
 
-    A training step is ~100 small tensor operations on spots x genes matrices of a few MB: a second thread
-    splits little work per operation and waits at every one of them, and on a machine with other busy processes
-    it waits for a descheduled sibling (benchmarks/RESULTS.md, issue 21: 5-10x more CPU per step with two
-    threads on 2 busy cores).
+    A training step is several hundred small tensor operations on matrices of a few MB: a second thread splits
+    little work per operation and waits at every one of them, and on a machine with other busy processes it
+    waits for a descheduled sibling (benchmarks/RESULTS.md, issue 21: 3-11x more CPU with two threads on the
+    project's 2-core machine, at every load measured).
     """
     if config.n_threads is not None:
         return config.n_threads
