@@ -12,6 +12,7 @@ compares its answer with the saved full-length one.
     python benchmarks/bench_early_stop.py rule --method c2l --data lymphnode
     python benchmarks/bench_early_stop.py stop --method c2l --data lymphnode
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode   # whole process, CLI defaults
+    python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode --threads 2   # ... with --n-threads 2
     python benchmarks/bench_early_stop.py table          # every saved pair, as RESULTS.md shows them
     # cell2location, lymph node: a learning-rate schedule of phases EPOCHS:LR_START:LR_END (linear within a phase)
     python benchmarks/bench_early_stop.py schedule --phase 1500:0.02:0.02 --phase 2500:0.01:0.01 --phase 1300:0.01:0.002
