@@ -3,7 +3,8 @@
 Times the forward pass, forward + backward, a whole Adam step, the NB likelihood's forward + backward alone and
 the guide's draw, as CPU milliseconds per call (``time.process_time``; steady state after 10 warm-up calls). The
 signatures are the reference regression's (1,000 epochs, as a default run). To compare two versions of the code,
-run it with each on ``PYTHONPATH``, alternating, and keep each side's numbers from the same load:
+run it with each on ``PYTHONPATH``, alternating, and keep each side's numbers from the same load (``--ab N``: the
+autograd -ELBO and the fused one that training uses, in alternating blocks within one process):
 
     git archive b20ccd4 src | tar -x -C /tmp/old
     for i in 1 2; do for src in /tmp/old/src src; do PYTHONPATH=$src python benchmarks/bench_c2l_epoch.py; done; done
@@ -29,8 +30,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="lymphnode", choices=["lymphnode", "hippocampus"])
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument(
+        "--ab",
+        type=int,
+        default=0,
+        help="instead: this many alternating blocks of --calls Adam steps with the autograd -ELBO and the fused one "
+        "(same process, same model), their median CPU ms per step",
+    )
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     import bench_early_stop as b
 
     import spatial_deconv_gui
@@ -54,13 +63,16 @@ def main(argv=None):
     mu = (torch.rand(counts.shape, generator=gen) + 0.1).requires_grad_()
     alpha = (torch.rand(1, counts.shape[1], generator=gen) + 1).requires_grad_()
 
+    # what training calls: the fused -ELBO where the code has it (issue 21), else the autograd one
+    negative_elbo = getattr(model, "fused_negative_elbo", model.negative_elbo)
+
     def forward():
         with torch.no_grad():
-            model.negative_elbo(data, gen)
+            negative_elbo(data, gen)
 
     def forward_backward():
         opt.zero_grad(set_to_none=True)
-        model.negative_elbo(data, gen).backward()
+        negative_elbo(data, gen).backward()
 
     def step():
         forward_backward()
@@ -82,7 +94,34 @@ def main(argv=None):
         return round((time.process_time() - c) / a.calls * 1e3, 3)
 
     out = {"code": str(Path(spatial_deconv_gui.__file__).parents[1]), "data": a.data, "spots_x_genes": counts.shape}
+    out["threads"] = torch.get_num_threads()
     out["load_before"] = [round(x, 2) for x in os.getloadavg()]
+    if a.ab:
+        # load drifts over seconds on a shared machine: blocks of the two alternate, so each pair sees the same load
+        blocks: dict[str, list[float]] = {"autograd": [], "fused": []}
+        for _ in range(a.ab):
+            for name, f in (("autograd", model.negative_elbo), ("fused", model.fused_negative_elbo)):
+
+                def ab_step(f=f):
+                    opt.zero_grad(set_to_none=True)
+                    f(data, gen).backward()
+                    opt.step()
+
+                blocks[name].append(cpu_ms(ab_step))
+        for name, times in blocks.items():
+            out[f"{name}_step_cpu_ms_median"] = round(float(np.median(times)), 3)
+            out[f"{name}_step_cpu_ms_blocks"] = times
+        ratios = np.array(blocks["autograd"]) / np.array(blocks["fused"])
+        out["ratio_median"], out["ratio_min_max"] = (
+            round(float(np.median(ratios)), 2),
+            [
+                round(float(ratios.min()), 2),
+                round(float(ratios.max()), 2),
+            ],
+        )
+        out["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        print(json.dumps(out))
+        return
     for name, f in (("forward", forward), ("forward_backward", forward_backward), ("step", step)):
         out[f"{name}_cpu_ms"] = cpu_ms(f)
     out["nb_likelihood_fwd_bwd_cpu_ms"] = cpu_ms(likelihood)

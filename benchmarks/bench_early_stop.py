@@ -12,6 +12,7 @@ compares its answer with the saved full-length one.
     python benchmarks/bench_early_stop.py rule --method c2l --data lymphnode
     python benchmarks/bench_early_stop.py stop --method c2l --data lymphnode
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode   # whole process, CLI defaults
+    python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode --threads 2   # ... with --n-threads 2
     python benchmarks/bench_early_stop.py table          # every saved pair, as RESULTS.md shows them
     # cell2location, lymph node: a learning-rate schedule of phases EPOCHS:LR_START:LR_END (linear within a phase)
     python benchmarks/bench_early_stop.py schedule --phase 1500:0.02:0.02 --phase 2500:0.01:0.01 --phase 1300:0.01:0.002
@@ -253,6 +254,8 @@ def cmd_cli(a):
         out = tmp / "out.h5ad"
         cmd = [sys.executable, "-m", "spatial_deconv_gui.cli", "run", str(sp_path), str(ref_path)]
         cmd += ["--method", a.method, *extra, "-o", str(out), "--device", "cpu"]
+        if a.threads:
+            cmd += ["--n-threads", str(a.threads)]
         load_before = os.getloadavg()
         proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
         if proc.returncode:
@@ -281,7 +284,8 @@ def cmd_cli(a):
     }
     if full_path(a.method, a.data).exists():
         row.update(agreement(props, np.load(full_path(a.method, a.data))["proportions"]))
-    (OUT / f"{a.method}_{a.data}_cli.json").write_text(json.dumps(row))
+    tag = f"_threads{a.threads}" if a.threads else ""
+    (OUT / f"{a.method}_{a.data}_cli{tag}.json").write_text(json.dumps(row))
     print(json.dumps(row))
 
 
@@ -394,6 +398,7 @@ def main(argv=None):
     p.add_argument("--noise-ratio", type=float, action="append", help="rule: DestVI noise ratio(s) to replay")
     p.add_argument("--trace", action="store_true", help="rule: print the change at the checks")
     p.add_argument("--set", action="append", help="stop: a config field, e.g. --set lr=0.01 (repeatable)")
+    p.add_argument("--threads", type=int, default=0, help="cli: pass --n-threads N (0: the CLI's default)")
     p.add_argument("--phase", action="append", help="schedule: EPOCHS:LR_START:LR_END (repeatable, in order)")
     a = p.parse_args(argv)
     import torch

@@ -262,6 +262,62 @@ def test_spatial_log_joint_matches_scipy_densities():
     assert -loss - entropy == pytest.approx(lp + ll, rel=1e-9)
 
 
+def _spatial_model_off_its_start(dtype, seed=1):
+    """A small spatial model moved off its initial values (every site's location and scale differ)."""
+    from spatial_deconv_gui.engines.c2l.model import SpatialModel, SpatialPriors
+
+    rng = np.random.default_rng(seed)
+    S, G, F = 40, 30, 5
+    sig = rng.gamma(1.0, 1.0, (F, G))
+    x = rng.poisson(rng.gamma(1.0, 3.0, (S, G)))
+    model = SpatialModel(sig, S, SpatialPriors(n_groups=6, detection_mean=0.3), dtype=dtype)
+    with torch.no_grad():
+        model.guide.loc.add_(torch.as_tensor(rng.normal(0, 0.3, model.guide.n), dtype=dtype))
+        model.guide.raw_scale.add_(torch.as_tensor(rng.normal(0, 0.2, model.guide.n), dtype=dtype))
+    return model, CountData(sp.csr_matrix(x), dtype=dtype)
+
+
+@pytest.mark.parametrize("block_rows", [None, 7])
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fused_elbo_value_and_gradients_equal_autograds(dtype, rel, block_rows, monkeypatch):
+    """The hand-differentiated -ELBO training uses equals the site-by-site one that autograd differentiates, for
+    the same draw: value and the gradient of every site's location and scale (float64 to 1e-10; float32 to its
+    rounding, relative to the largest gradient of the site); the likelihood in one block of spots or in blocks of
+    7 (the last one shorter)."""
+    from spatial_deconv_gui.engines.c2l import model as model_module
+
+    model, data = _spatial_model_off_its_start(dtype)
+    if block_rows is not None:
+        monkeypatch.setattr(model_module, "_BLOCK_ELEMENTS", block_rows * model.n_genes)
+        assert model.n_spots % block_rows != 0
+    params = [model.guide.loc, model.guide.raw_scale]
+    ref = model.negative_elbo(data, torch.Generator().manual_seed(5))
+    ref_grads = torch.autograd.grad(ref, params)
+    fused = model.fused_negative_elbo(data, torch.Generator().manual_seed(5))
+    fused_grads = torch.autograd.grad(fused, params)
+    assert float(fused.detach()) == pytest.approx(float(ref.detach()), rel=rel)
+    for a, b in zip(fused_grads, ref_grads):
+        for site in model.guide.sites.values():
+            part_a, part_b = a[site.start : site.start + site.size], b[site.start : site.start + site.size]
+            assert float((part_a - part_b).abs().max()) <= 2 * rel * float(part_b.abs().max()), site.name
+
+
+def test_fused_elbo_trains_to_the_autograd_answer():
+    """200 Adam steps (float32, same seed) with each -ELBO end at the same abundances, to float32 rounding."""
+    answers = []
+    for fused in (False, True):
+        model, data = _spatial_model_off_its_start(torch.float32)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        gen = torch.Generator().manual_seed(0)
+        loss_fn = model.fused_negative_elbo if fused else model.negative_elbo
+        for _ in range(200):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(data, gen).backward()
+            opt.step()
+        answers.append(model.abundance_mean().numpy())
+    np.testing.assert_allclose(answers[1], answers[0], rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # reference regression with batches (cell2location's RegressionModel with batch_key)
 # ---------------------------------------------------------------------------------------------------

@@ -195,49 +195,68 @@ class CountData:
         self.lgamma_x1 = float((torch.lgamma(self.u_values.double() + 1) * self.u_weights.double()).sum())
 
 
-class _NBLogLik(torch.autograd.Function):
-    """sum_{s,g} log NB(x_sg | mean mu_sg, inverse dispersion alpha_g), without the lgamma(x+1) constant.
+def nb_forward(mu, alpha, x, u_cols, u_values, u_weights, nnz_per_gene):
+    """sum_{s,g} log NB(x_sg | mean mu_sg, inverse dispersion alpha_g), without the lgamma(x+1) constant; also
+    returns what :func:`nb_backward` needs (lam = mu + alpha and the column sums of log lam).
 
     The dense terms are written as few passes over the spots x genes matrices as possible (sums of products as
-    dot products, in-place updates in the backward pass, only the column sums of log(mu + alpha) kept): on a
-    Visium slide these matrices are a few MB, so each pass over them is what an epoch pays.
+    dot products, only the column sums of log(mu + alpha) kept): on a Visium slide these matrices are a few MB,
+    so each pass over them is what an epoch pays.
     """
+    lam = mu + alpha
+    log_lam = torch.log(lam)
+    log_lam_cols = log_lam.sum(0, keepdim=True)
+    n = mu.shape[0]
+    x_flat = x.reshape(-1)
+    # alpha*log(alpha) - (x + alpha) log(alpha + mu) + x log mu, summed densely
+    total = (
+        n * (alpha * torch.log(alpha)).sum()
+        - torch.dot(x_flat, log_lam.reshape(-1))
+        - (alpha * log_lam_cols).sum()
+        + torch.dot(x_flat, torch.log(mu).reshape(-1))
+    )
+    total = total + nb_pairs_value(alpha, u_cols, u_values, u_weights, nnz_per_gene)
+    return total, lam, log_lam_cols
+
+
+def nb_pairs_value(alpha, u_cols, u_values, u_weights, nnz_per_gene):
+    """sum over the non-zeros of lgamma(x + alpha_g) - lgamma(alpha_g), through the distinct (gene, count) pairs."""
+    a_u = alpha.reshape(-1)[u_cols]
+    return (u_weights * torch.lgamma(u_values + a_u)).sum() - (nnz_per_gene * torch.lgamma(alpha)).sum()
+
+
+def nb_pairs_grad(alpha, u_cols, u_values, u_weights, nnz_per_gene):
+    """The gradient of :func:`nb_pairs_value` with respect to alpha (shaped as alpha)."""
+    a_u = alpha.reshape(-1)[u_cols]
+    dg = torch.zeros_like(alpha).reshape(-1).index_add_(0, u_cols, u_weights * torch.digamma(u_values + a_u))
+    return dg.view_as(alpha) - nnz_per_gene * torch.digamma(alpha)
+
+
+def nb_backward(mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nnz_per_gene, need_mu=True):
+    """Gradients of :func:`nb_forward`'s total: (d/d mu or None, d/d alpha, r = (x + alpha) / lam)."""
+    r = (x + alpha).div_(lam)
+    grad_mu = torch.div(x, mu).sub_(r) if need_mu else None
+    n = mu.shape[0]
+    g = n * (torch.log(alpha) + 1) - log_lam_cols - r.sum(0, keepdim=True)
+    grad_alpha = g + nb_pairs_grad(alpha, u_cols, u_values, u_weights, nnz_per_gene)
+    return grad_mu, grad_alpha, r
+
+
+class _NBLogLik(torch.autograd.Function):
+    """:func:`nb_forward` with :func:`nb_backward` as its backward pass."""
 
     @staticmethod
     def forward(ctx, mu, alpha, x, u_cols, u_values, u_weights, nnz_per_gene):
-        lam = mu + alpha
-        log_lam = torch.log(lam)
-        log_lam_cols = log_lam.sum(0, keepdim=True)
-        n = mu.shape[0]
-        x_flat = x.reshape(-1)
-        # alpha*log(alpha) - (x + alpha) log(alpha + mu) + x log mu, summed densely
-        total = (
-            n * (alpha * torch.log(alpha)).sum()
-            - torch.dot(x_flat, log_lam.reshape(-1))
-            - (alpha * log_lam_cols).sum()
-            + torch.dot(x_flat, torch.log(mu).reshape(-1))
-        )
-        # lgamma(x + alpha) - lgamma(alpha) over the non-zeros, through the distinct (gene, count) pairs
-        a_u = alpha.reshape(-1)[u_cols]
-        total = total + (u_weights * torch.lgamma(u_values + a_u)).sum() - (nnz_per_gene * torch.lgamma(alpha)).sum()
+        total, lam, log_lam_cols = nb_forward(mu, alpha, x, u_cols, u_values, u_weights, nnz_per_gene)
         ctx.save_for_backward(mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nnz_per_gene)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        mu, alpha, x, lam, log_lam_cols, u_cols, u_values, u_weights, nnz_per_gene = ctx.saved_tensors
-        grad_mu = grad_alpha = None
-        r = (x + alpha).div_(lam)
-        if ctx.needs_input_grad[0]:
-            grad_mu = torch.div(x, mu).sub_(r).mul_(grad_out)
-        if ctx.needs_input_grad[1]:
-            n = mu.shape[0]
-            g = n * (torch.log(alpha) + 1) - log_lam_cols - r.sum(0, keepdim=True)
-            a_u = alpha.reshape(-1)[u_cols]
-            dg = torch.zeros_like(alpha).reshape(-1).index_add_(0, u_cols, u_weights * torch.digamma(u_values + a_u))
-            g = g + dg.view_as(alpha) - nnz_per_gene * torch.digamma(alpha)
-            grad_alpha = g * grad_out
-        return grad_mu, grad_alpha, None, None, None, None, None
+        grad_mu, grad_alpha, _ = nb_backward(*ctx.saved_tensors, need_mu=ctx.needs_input_grad[0])
+        if grad_mu is not None:
+            grad_mu.mul_(grad_out)
+        return grad_mu, grad_alpha * grad_out, None, None, None, None, None
 
 
 def nb_loglik(mu: torch.Tensor, alpha: torch.Tensor, data: CountData) -> torch.Tensor:

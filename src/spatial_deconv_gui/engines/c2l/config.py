@@ -147,7 +147,13 @@ class C2LConfig:
     report_every: int = field(default=500, metadata={"help": "stream the current abundance map every this many epochs"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     n_threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads for this run (default: leave torch's setting)"}
+        default=None,
+        metadata={
+            "help": (
+                "torch CPU threads for this run (default: one on the CPU, where a second only waits; "
+                "torch's setting on a GPU)"
+            )
+        },
     )
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 

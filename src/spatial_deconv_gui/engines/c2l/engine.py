@@ -17,7 +17,7 @@ from ...io.inputs import ReferenceInput, SpatialInput
 from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thread_cap
 from ..bayes import CountData, require_two_types
 from ..convergence import ConvergenceMonitor, ConvergenceRule, eta_note, raise_diverged, stop_message
-from ..devices import torch_device
+from ..devices import device_name, torch_device
 from .config import C2LConfig, batch_column, check_config, convergence_rule
 from .intervals import posterior_intervals
 from .model import (
@@ -291,9 +291,14 @@ def train_spatial(
     marks = {1: (t0, time.process_time())}
     reason, done, expected = "cap", 0, None
 
+    answer_of = {}  # epoch -> proportions: a report epoch that is also a check epoch computes them once
+
     def proportions() -> np.ndarray:
-        ab = model.abundance_mean().double().cpu().numpy()
-        return ab / ab.sum(1, keepdims=True)
+        if done not in answer_of:
+            ab = model.abundance_mean().double().cpu().numpy()
+            answer_of.clear()
+            answer_of[done] = ab / ab.sum(1, keepdims=True)
+        return answer_of[done]
 
     def status(stop_reason=None) -> TrainingStatus:
         rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -305,7 +310,7 @@ def train_spatial(
         if epoch >= anneal_from:
             opt.param_groups[0]["lr"] = lr * (1.0 - 0.8 * (epoch - anneal_from + 1) / (epochs - anneal_from))
         opt.zero_grad(set_to_none=True)
-        loss = model.negative_elbo(data, gen)
+        loss = model.fused_negative_elbo(data, gen)
         loss.backward()
         opt.step()
         history[epoch] = loss.detach()
@@ -390,8 +395,21 @@ def run_c2l(
             RuntimeWarning,
             stacklevel=2,
         )
-    with thread_cap(config.n_threads):
+    with thread_cap(training_threads(config)):
         return _run(spatial, reference, config, control, reference_batches)
+
+
+def training_threads(config: C2LConfig) -> int | None:
+    """torch threads for a run: ``n_threads`` when set; else one on the CPU, torch's own setting on a GPU.
+
+    A training step is several hundred small tensor operations on matrices of a few MB: a second thread splits
+    little work per operation and waits at every one of them, and on a machine with other busy processes it
+    waits for a descheduled sibling (benchmarks/RESULTS.md, issue 21: 3-11x more CPU with two threads on the
+    project's 2-core machine, at every load measured).
+    """
+    if config.n_threads is not None:
+        return config.n_threads
+    return 1 if device_name(config.device) == "cpu" else None
 
 
 def _run(
@@ -496,6 +514,7 @@ def _run(
         detection_mean=float(det_mean),
         n_genes=int(len(genes)),
         reference_epochs_run=int(epochs_ref),
+        torch_threads=int(torch.get_num_threads()),  # what training ran on (n_threads None: the default rule)
     )
     if config.uncertainty:
         params["interval_widened_cells"] = widened  # (spot, type) cells widened to hold the point estimate
