@@ -250,3 +250,144 @@ def test_a_flash_run_imports_neither_torch_nor_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- results written chunk by chunk, and resumed ---------------------------------------------------------------
+def _file_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def counted_fits(monkeypatch):
+    """Every chunk RCTD fits in this process, as (first row, rows)."""
+    import spatial_deconv_gui.engines.rctd.engine as engine
+
+    fits = []
+    real = engine.fit_chunk
+
+    def counting(counts, numi, model):
+        fits.append(counts.shape[0])
+        return real(counts, numi, model)
+
+    monkeypatch.setattr(engine, "fit_chunk", counting)
+    return fits
+
+
+def _same_rctd_output(a, b):
+    """Every per-spot table of two RCTD runs, equal (NaN where the other has NaN)."""
+    for key in a.result.obsm:
+        x, y = np.asarray(a.result.obsm[key], float), np.asarray(b.result.obsm[key], float)
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+        assert np.nanmax(np.abs(x - y)) <= 1e-8, key
+    for key in a.result.obs:
+        np.testing.assert_array_equal(np.asarray(a.result.obs[key]), np.asarray(b.result.obs[key]), err_msg=key)
+    np.testing.assert_array_equal(a.result.proportions, b.result.proportions)
+
+
+def test_rctd_writes_chunks_to_the_partial_store_and_a_stopped_run_resumes_only_the_rest(
+    disk_slide, tmp_path, counted_fits
+):
+    from spatial_deconv_gui.engines.base import Cancelled
+
+    path, ref_path, _, _ = disk_slide
+    before = _file_digest(path)
+    opts = {"mode": "doublet", "umi_min": 20, "batch_size": 256, "chunk_spots": 700}
+    whole = api.run_deconvolution(path, ref_path, "rctd", params=dict(opts), device="cpu", uncertainty=True)
+    n_fit = int(whole.result.fitted.sum())
+    n_chunks = -(-n_fit // 256)
+    assert len(counted_fits) == n_chunks and n_chunks >= 10
+    store = tmp_path / "out.h5ad.partial"
+
+    # stopped after 4 chunks: their results are on disk, nothing else was fitted
+    stop, seen = __import__("threading").Event(), []
+
+    def stop_after_four(event):
+        if event.stage == "pixels" and event.partial is not None:
+            seen.append(event)
+            if len(seen) == 4:
+                stop.set()
+
+    counted_fits.clear()
+    with pytest.raises(Cancelled):
+        api.run_deconvolution(
+            path, ref_path, "rctd", params=dict(opts), device="cpu", uncertainty=True,
+            partial_store=store, progress=stop_after_four, cancel_event=stop,
+        )  # fmt: skip
+    assert len(counted_fits) == 4
+    chunk_files = sorted(store.glob("chunk-*.npz"))
+    assert [f.name for f in chunk_files] == [f"chunk-{lo:09d}-{lo + 256:09d}.npz" for lo in (0, 256, 512, 768)]
+    stamps = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in chunk_files}
+    part = dict(np.load(chunk_files[1]))
+    for field in ("weights", "props", "spot_class", "first", "second", "wd", "lower", "upper"):
+        assert part[field].shape[0] == 256, field
+
+    # started again alike: the 4 chunks are read back, only the others fitted, the answer the in-memory one's
+    counted_fits.clear()
+    resumed = api.run_deconvolution(
+        path, ref_path, "rctd", params=dict(opts), device="cpu", uncertainty=True, partial_store=store
+    )
+    assert len(counted_fits) == n_chunks - 4 and sum(counted_fits) == n_fit - 4 * 256
+    assert resumed.result.params["n_chunks_resumed"] == 4 and resumed.result.params["n_chunks"] == n_chunks
+    assert any(f"resumed 4 of {n_chunks} chunks" in n for n in resumed.notices)
+    assert {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in chunk_files} == stamps  # not rewritten
+    assert len(list(store.glob("chunk-*.npz"))) == n_chunks
+    _same_rctd_output(whole, resumed)
+    assert "rctd_proportions_q05" in resumed.result.obsm  # the intervals went through the store too
+
+    # other settings: the store is emptied with a notice, never mixed in; every chunk is fitted again
+    counted_fits.clear()
+    other = api.run_deconvolution(
+        path, ref_path, "rctd", params={**opts, "doublet_threshold": 30.0}, device="cpu", partial_store=store
+    )
+    assert len(counted_fits) == n_chunks and other.result.params["n_chunks_resumed"] == 0
+    assert any("other settings or another input" in n and "config.doublet_threshold" in n for n in other.notices)
+    other.partial_store.remove()
+    assert not store.exists()
+    assert _file_digest(path) == before  # the input is never written
+
+
+def test_a_store_left_by_another_input_is_not_resumed(disk_slide, tmp_path, counted_fits):
+    import shutil
+
+    path, ref_path, _, _ = disk_slide
+    copy = tmp_path / "copy.h5ad"
+    shutil.copyfile(path, copy)
+    opts = {"mode": "full", "umi_min": 20, "batch_size": 1000, "sigma_override": 0.5}
+    store = tmp_path / "res.partial"
+    first = api.run_deconvolution(path, ref_path, "rctd", params=dict(opts), device="cpu", partial_store=store)
+    assert len(list(store.glob("chunk-*.npz"))) == 3
+    counted_fits.clear()
+    again = api.run_deconvolution(copy, ref_path, "rctd", params=dict(opts), device="cpu", partial_store=store)
+    assert len(counted_fits) == 3 and again.result.params["n_chunks_resumed"] == 0
+    assert any("(differing: spatial)" in n for n in again.notices)
+    np.testing.assert_array_equal(first.result.proportions, again.result.proportions)
+    with pytest.raises(InputError) as err:
+        api.run_deconvolution(path, ref_path, "flash", device="cpu", partial_store=store)
+    assert err.value.code == "partial_store_unsupported"
+    # a run that fails before any chunk leaves no store behind
+    with pytest.raises(ValueError, match="no spot passes"):
+        api.run_deconvolution(
+            path, ref_path, "rctd", params={**opts, "umi_min": 10**6}, device="cpu", partial_store=tmp_path / "none"
+        )
+    assert not (tmp_path / "none").exists()
+
+
+def test_cli_rctd_output_assembled_from_the_store_which_is_then_removed(disk_slide, tmp_path):
+    path, ref_path, _, _ = disk_slide
+    before = _file_digest(path)
+    out = tmp_path / "res.h5ad"
+    args = ["run", str(path), str(ref_path), "--method", "rctd", "--mode", "full", "--umi-min", "20"]
+    args += ["--sigma-override", "0.5", "--batch-size", "1000", "--chunk-spots", "700", "-q", "-o", str(out)]
+    assert main(args) == 0
+    assert out.exists() and not (tmp_path / "res.h5ad.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.h5ad"]  # no temporaries left either
+    mem = api.run_deconvolution(
+        ad.read_h5ad(path), ref_path, "rctd", device="cpu",
+        params={"mode": "full", "umi_min": 20, "sigma_override": 0.5, "batch_size": 1000},
+    )  # fmt: skip
+    got = ad.read_h5ad(out).obsm["rctd_proportions"].to_numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(mem.result.proportions))
+    assert np.nanmax(np.abs(got - mem.result.proportions)) <= 1e-8
+    assert _file_digest(path) == before

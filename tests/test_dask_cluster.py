@@ -31,6 +31,7 @@ from spatial_deconv_gui.engines.rctd.config import RCTDConfig  # noqa: E402
 from spatial_deconv_gui.engines.rctd.engine import run_rctd  # noqa: E402
 from spatial_deconv_gui.io import reference_input, spatial_input  # noqa: E402
 from spatial_deconv_gui.io.errors import InputError  # noqa: E402
+from spatial_deconv_gui.io.partial import PartialStore  # noqa: E402
 from spatial_deconv_gui.simulate import simulate_dataset  # noqa: E402
 
 
@@ -110,7 +111,7 @@ class _DroppingCluster(dc.Cluster):
     def share(self, value):
         return value
 
-    def run(self, fn, pieces, *, shared=None, on_result, control=None, name="piece", poll_s=0.05):
+    def run(self, fn, pieces, *, shared=None, on_result, control=None, name="piece", poll_s=0.05, in_flight=None):
         for i, piece in enumerate(pieces):
             if i != self.lost:
                 on_result(i, fn(*piece, shared))
@@ -268,6 +269,88 @@ def test_perturb_screen_command_writes_the_ranked_table(model_dir, tmp_path):
         + ["-q"]
     )
     assert rc == 2
+
+
+def _fits_counted(monkeypatch):
+    import spatial_deconv_gui.engines.rctd.engine as engine
+
+    fits, real = [], engine.fit_chunk
+
+    def counting(counts, numi, model):
+        fits.append(counts.shape[0])
+        return real(counts, numi, model)
+
+    monkeypatch.setattr(engine, "fit_chunk", counting)
+    return fits
+
+
+def _stamps(folder):
+    return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in folder.glob("chunk-*.npz")}
+
+
+def test_a_lost_chunk_stays_out_of_the_partial_store_and_the_rerun_fits_only_it(
+    rctd_data, rctd_expected, tmp_path, monkeypatch
+):
+    spatial, reference, cfg = rctd_data
+    run_id = {"test": "lost chunk"}
+    store = PartialStore.open(tmp_path / "out.partial", run_id)
+    with pytest.raises(dc.PiecesFailed):
+        run_rctd(spatial, reference, cfg, cluster=_DroppingCluster(lost=1), partial_store=store)
+    n_chunks = int(np.ceil(rctd_expected.fitted.sum() / 25))
+    kept = _stamps(tmp_path / "out.partial")
+    assert len(kept) == n_chunks - 1 and "chunk-000000025-000000050.npz" not in kept
+    fits = _fits_counted(monkeypatch)
+    again = run_rctd(spatial, reference, cfg, partial_store=PartialStore.open(tmp_path / "out.partial", run_id))
+    assert fits == [25]  # only the lost chunk is fitted again
+    assert again.params["n_chunks_resumed"] == n_chunks - 1
+    _same_result(again, rctd_expected)
+    assert {n: s for n, s in _stamps(tmp_path / "out.partial").items() if n in kept} == kept
+
+
+def test_a_run_stopped_in_process_resumes_on_a_cluster(rctd_data, rctd_expected, tmp_path):
+    spatial, reference, cfg = rctd_data
+    run_id = {"test": "resume on a cluster"}
+    seen = []
+
+    def stop_after_two(event):
+        if event.partial is not None:
+            seen.append(event)
+            if len(seen) == 2:
+                control.cancel()
+
+    control = RunControl(stop_after_two)
+    with pytest.raises(Cancelled):
+        run_rctd(spatial, reference, cfg, control, partial_store=PartialStore.open(tmp_path / "p", run_id))
+    first = _stamps(tmp_path / "p")
+    assert sorted(first) == ["chunk-000000000-000000025.npz", "chunk-000000025-000000050.npz"]
+    seen.clear()
+    store = PartialStore.open(tmp_path / "p", run_id)
+    with dc.connect("local", n_workers=2, processes=False) as cluster:
+        got = run_rctd(spatial, reference, cfg, RunControl(seen.append), cluster=cluster, partial_store=store)
+    _same_result(got, rctd_expected)
+    n_chunks = int(np.ceil(rctd_expected.fitted.sum() / 25))
+    assert got.params["n_chunks_resumed"] == 2 and len(_stamps(tmp_path / "p")) == n_chunks
+    assert {n: _stamps(tmp_path / "p")[n] for n in first} == first  # read back, not rewritten
+    fitted_events = [e for e in seen if e.partial is not None]
+    assert len(fitted_events) == n_chunks - 2 and "2 of" in fitted_events[-1].message
+    store.remove()
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_cluster_draws_pieces_as_tasks_finish():
+    drawn, arrived = [], []
+    most_in_flight = []
+
+    def pieces():
+        for i in range(12):
+            drawn.append(i)
+            most_in_flight.append(len(drawn) - len(arrived))
+            yield (i,)
+
+    with dc.connect("local", n_workers=2, processes=False) as cluster:
+        cluster.run(lambda i: i * i, pieces(), on_result=lambda i, r: arrived.append((i, r)), in_flight=3)
+    assert sorted(arrived) == [(i, i * i) for i in range(12)]
+    assert max(most_in_flight) <= 3  # never more than 3 pieces drawn and not yet handed back
 
 
 def test_cancel_reaches_the_cluster():

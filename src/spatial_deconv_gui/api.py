@@ -31,6 +31,7 @@ from .engines.devices import DeviceOutOfMemory, device_name, is_out_of_memory
 from .engines.devices import resolve as _resolve_device
 from .engines.registry import available_methods, build_config, get_method
 from .io import InputError, ValidationReport, attach_result, read_h5ad, reference_input, spatial_input, validate
+from .io.partial import PartialStore, input_identity, partial_store_path  # noqa: F401  (the CLI's)
 from .io.read import chunked_spatial_input, labelled
 from .io.slide import Slide, detect_format
 from .io.slide import read_slide as _read_slide
@@ -44,6 +45,7 @@ class RunOutput:
     result: DeconvResult
     report: ValidationReport | None
     notices: list[str] = field(default_factory=list)  # what the user should hear of (spots left out, CPU fallback)
+    partial_store: PartialStore | None = None  # the run's finished chunks on disk: remove once the output is written
 
 
 def _as_adata(obj) -> ad.AnnData:
@@ -128,6 +130,7 @@ def run_deconvolution(
     uncertainty: bool = False,
     scheduler=None,
     n_workers: int | None = None,
+    partial_store: str | os.PathLike | None = None,
 ) -> RunOutput:
     """Validate, run one engine and return a *copy* of the slide with the result in its slots.
 
@@ -150,8 +153,21 @@ def run_deconvolution(
     an open :class:`~.engines.cluster.Cluster`; ``None`` runs in this process. The answer is the same. When
     chunks of spots are lost to workers dying on them, :class:`~.engines.cluster.PiecesFailed` names the spots
     and its ``partial`` is the RunOutput for the others.
+
+    ``partial_store`` (RCTD; the CLI passes ``OUT.partial``, see :func:`.io.partial.partial_store_path`) is a
+    folder where each finished chunk of spots is written as it comes; a run stopped part way (killed, cancelled,
+    chunks lost on a cluster) and started again with the same inputs and settings reads those chunks back instead
+    of refitting them (a notice says how many); a folder left by other settings or another input is emptied
+    first, with a notice. The returned :class:`RunOutput`'s ``partial_store`` is to be removed (its
+    ``remove()``) once the output is written.
     """
     info = get_method(method)
+    if partial_store is not None and info.name not in RESUMABLE_METHODS:
+        raise InputError(
+            f"{info.name} cannot resume from a partial-results store: it fits every spot in one model.",
+            "leave partial_store out for this method (RCTD writes its chunks there).",
+            code="partial_store_unsupported",
+        )
     check_scheduler(info.name, scheduler)
     runner, config_cls = info.load()
     params = dict(params or {})
@@ -205,6 +221,25 @@ def run_deconvolution(
     fit_data = sdata[kept] if empty.any() else sdata
     control = RunControl(_remapped(progress, kept) if empty.any() else progress, cancel_event, stop_event=stop_event)
     extra = {}
+    store = None
+    if partial_store is not None:
+        store = PartialStore.open(
+            partial_store,
+            _run_identity(
+                info.name,
+                config,
+                spatial,
+                reference,
+                layer,
+                reference_layer,
+                cell_type_col,
+                coord_key,
+                numi_column,
+                reference_numi_column,
+                slide_options,
+            ),
+        )
+        extra["partial_store"] = store
     batch_col = None
     if hasattr(config, "reference_batch_col"):
         from .engines.c2l.config import batch_column
@@ -232,22 +267,46 @@ def run_deconvolution(
         if not isinstance(exc.partial, DeconvResult):
             raise
         failure, result = exc, exc.partial
-    except DeviceOutOfMemory:
-        raise
-    except Exception as exc:
-        if not is_out_of_memory(exc):
+    except BaseException as exc:
+        if store is not None and not store.finished():  # nothing to resume: leave no empty store behind
+            store.remove()
+        if not isinstance(exc, Exception) or isinstance(exc, DeviceOutOfMemory) or not is_out_of_memory(exc):
             raise
         raise DeviceOutOfMemory.after(info.name, params["device"]) from exc
+    if store is not None:
+        notices += store.notices
+        n_resumed = int(result.params.get("n_chunks_resumed", 0))
+        if n_resumed:
+            notices.append(
+                f"resumed {n_resumed} of {result.params['n_chunks']} chunks of spots from {store.folder} (a run "
+                f"with the same input and settings stopped after them); fitted the other "
+                f"{result.params['n_chunks'] - n_resumed}."
+            )
     notices += _unfitted_notices(result, result.method, np.asarray(fit_data.obs_names, dtype=str))
     if empty.any():
         result = restore_dropped_spots(result, kept, np.asarray(sdata.obs_names, dtype=str))
     out = attach_result(sdata, result, colors=known_colors(rdata, column=cell_type_col))
     if failure is not None:
-        raise failure.named(failure.what, failure.noun, partial=RunOutput(out, result, report, notices))
-    return RunOutput(out, result, report, notices)
+        raise failure.named(failure.what, failure.noun, partial=RunOutput(out, result, report, notices, store))
+    return RunOutput(out, result, report, notices, store)
 
 
 SCHEDULER_METHODS = ("rctd",)
+RESUMABLE_METHODS = ("rctd",)
+# settings that change how the run reads or computes, not its answer: a resumed run may change them
+_NOT_IN_IDENTITY = ("n_threads", "chunk_spots", "table_cache", "cache_dir")
+
+
+def _run_identity(method, config, spatial, reference, *options) -> dict[str, Any]:
+    """What a partial-results store must match to be resumed: the method, its settings and the inputs."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_IDENTITY}
+    return {
+        "method": method,
+        "config": settings,
+        "spatial": input_identity(spatial),
+        "reference": input_identity(reference),
+        "options": list(options),
+    }
 
 
 def check_scheduler(method: str, scheduler) -> None:

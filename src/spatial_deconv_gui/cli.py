@@ -268,6 +268,8 @@ def _cmd_run(args, extra: list[str]) -> int:
             uncertainty=args.uncertainty,
             scheduler=args.scheduler,
             n_workers=args.n_workers,
+            # RCTD writes each finished chunk beside the output, so a killed run restarted alike resumes
+            partial_store=api.partial_store_path(out_path) if info.name in api.RESUMABLE_METHODS else None,
         )
     except PiecesFailed as exc:  # the other spots' result is still written, then the error
         if exc.partial is None:
@@ -291,6 +293,8 @@ def _cmd_run(args, extra: list[str]) -> int:
         from .io.write import write_text_atomic
 
         write_text_atomic(run.adata.obsm[keys.proportions(key)].to_csv(), args.csv)
+    if run.partial_store is not None and failure is None:  # kept when chunks were lost: a rerun fits only those
+        run.partial_store.remove()
     summary = {
         "method": run.result.method,
         "mode": run.result.mode,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,33 +134,47 @@ class Cluster:
     def run(
         self,
         fn: Callable,
-        pieces: Sequence[tuple],
+        pieces: Iterable[tuple],
         *,
         shared: Any = None,
         on_result: Callable[[int, Any], None],
         control: RunControl | None = None,
         name: str = "piece",
         poll_s: float = 0.05,
+        in_flight: int | None = None,
     ) -> None:
         """``fn(*piece, shared)`` (or ``fn(*piece)`` without ``shared``) for every piece, as tasks.
 
-        ``on_result(i, result)`` is called here, in completion order, once per piece. Cancelling ``control``
-        cancels every task still queued or running and raises :class:`Cancelled`. An exception raised by a
-        piece stops the run (the other tasks are cancelled) and is raised here; a piece lost to dying workers
-        is left out and named, after the others finished, by :class:`PiecesFailed`."""
+        ``pieces`` may be a generator: it is drawn as tasks are submitted, at most ``in_flight`` tasks submitted
+        and unfinished at a time (None: all at once), so pieces read from disk are held only while in flight.
+        ``on_result(i, result)`` (``i``: the piece's position) is called here, in completion order, once per
+        piece. Cancelling ``control`` cancels every task still queued or running and raises :class:`Cancelled`.
+        An exception raised by a piece stops the run (the other tasks are cancelled) and is raised here; a piece
+        lost to dying workers is left out and named, after the others finished, by :class:`PiecesFailed`."""
         from distributed import as_completed
         from distributed.scheduler import KilledWorker
 
         control = control or RunControl()
         client = self.client
-        futures = []
-        for i, piece in enumerate(pieces):
-            args = (*piece, shared) if shared is not None else tuple(piece)
-            futures.append(client.submit(fn, *args, key=f"{name}-{self._run_id}-{i}", pure=False, retries=0))
-        index = {f.key: i for i, f in enumerate(futures)}
+        source = enumerate(pieces)
+        live: dict[str, tuple[int, Any]] = {}  # key -> (piece index, future) of the tasks not yet handled
+        pending = as_completed(loop=client.loop)
+        limit = None if in_flight is None else max(1, int(in_flight))
+
+        def submit_more() -> None:
+            while limit is None or len(live) < limit:
+                nxt = next(source, None)
+                if nxt is None:
+                    return
+                i, piece = nxt
+                args = (*piece, shared) if shared is not None else tuple(piece)
+                fut = client.submit(fn, *args, key=f"{name}-{self._run_id}-{i}", pure=False, retries=0)
+                live[fut.key] = (i, fut)
+                pending.add(fut)
+
         failed: dict[int, str] = {}
-        pending = as_completed(futures, loop=client.loop)
         try:
+            submit_more()
             while not pending.is_empty():
                 if control.cancelled:
                     raise Cancelled("run cancelled by the user")
@@ -170,17 +184,19 @@ class Cluster:
                 for fut in pending.next_batch(block=False):
                     if control.cancelled:  # nothing more is handed on once the user cancelled
                         raise Cancelled("run cancelled by the user")
-                    i = index[fut.key]
+                    i, _ = live.pop(fut.key)
                     if fut.status == "error":
                         exc = fut.exception()
                         if isinstance(exc, KilledWorker):
                             failed[i] = "its worker died each time it ran"
+                            submit_more()
                             continue
                         raise exc.with_traceback(fut.traceback())
                     on_result(i, fut.result())
                     fut.release()
+                    submit_more()
         except BaseException:
-            client.cancel([f for f in futures if not f.done()], force=True)
+            client.cancel([f for _, f in live.values() if not f.done()], force=True)
             raise
         if failed:
             raise PiecesFailed(failed)

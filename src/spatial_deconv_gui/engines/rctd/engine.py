@@ -16,6 +16,7 @@ import torch
 from ... import keys
 from ...io.chunked import ChunkedCounts, from_matrix
 from ...io.inputs import ReferenceInput, SpatialInput
+from ...io.partial import PartialStore, array_digest
 from ..base import DeconvResult, PartialResult, RunControl, thread_cap
 from ..cluster import TASK_THREADS, Cluster, PiecesFailed, ranges
 from ..devices import DeviceOutOfMemory, is_out_of_memory, torch_device
@@ -73,10 +74,13 @@ IN_MEMORY_CHUNK_SPOTS = 200_000
 
 class _FittedRows:
     """The fitted spots' counts on the regression genes, in fitted order, for batches [lo, hi) asked in increasing
-    order: read from the source chunk by chunk, holding at most one chunk plus one batch."""
+    order: read from the source chunk by chunk, holding at most one chunk plus one batch. Rows before an asked
+    batch are skipped, and a source chunk holding none of the rows still wanted is not read (a resumed run
+    skips its finished chunks)."""
 
     def __init__(self, source: ChunkedCounts, fitted: np.ndarray, cols: np.ndarray):
-        self._chunks = source.chunks()
+        self._source = source
+        self._bounds = iter(source.bounds())
         self._fitted = fitted
         self._cols = cols
         self._pending = sp.csr_matrix((0, len(cols)))
@@ -87,11 +91,17 @@ class _FittedRows:
             raise ValueError("batches must be asked in order")
         while self._start + self._pending.shape[0] < hi:
             # rows before lo are done (an out-of-memory retry asks lo again, never earlier): drop them first
-            self._pending = self._pending[lo - self._start :]
-            self._start = lo
-            c_lo, c_hi, block = next(self._chunks)
+            end = self._start + self._pending.shape[0]
+            drop = min(lo, end) - self._start
+            self._pending = self._pending[drop:]
+            self._start += drop
+            c_lo, c_hi = next(self._bounds)
             keep = np.flatnonzero(self._fitted[c_lo:c_hi])
+            skip = min(max(0, lo - end), keep.size)  # this chunk's rows before lo (nothing is pending then)
+            self._start += skip
+            keep = keep[skip:]
             if keep.size:
+                block = self._source.block(c_lo, c_hi)
                 self._pending = sp.vstack([self._pending, block[keep][:, self._cols]], format="csr")
         return self._pending[lo - self._start : hi - self._start]
 
@@ -106,33 +116,58 @@ def run_rctd(
     config: RCTDConfig = RCTDConfig(),
     control: RunControl | None = None,
     cluster: Cluster | None = None,
+    partial_store: PartialStore | None = None,
 ) -> DeconvResult:
     """Run RCTD on ``spatial`` with cell-type profiles learned from ``reference``.
 
     With ``cluster`` (a connected :class:`~..cluster.Cluster`) the per-spot fits run as tasks there, in the
     chunks this process would use, after the shared platform-effect and sigma steps here; the answer is the
     same. Spots of a chunk that kept killing its workers are left unfitted and named by
-    :class:`~..cluster.PiecesFailed` (its ``partial`` holds the result for the others)."""
+    :class:`~..cluster.PiecesFailed` (its ``partial`` holds the result for the others).
+
+    With ``partial_store`` (:class:`~...io.partial.PartialStore`) each finished chunk's results are written
+    there as it comes (in completion order on a cluster) and the result is assembled from it; chunks it holds
+    from an earlier, stopped run of the same plan are read back, not refitted."""
     t_start = time.perf_counter()
     check_config(config)
     control = control or RunControl()
     device = torch_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     with thread_cap(config.n_threads):
-        return _run(spatial, reference, config, control, device, dtype, t_start, cluster)
+        return _run(spatial, reference, config, control, device, dtype, t_start, cluster, partial_store)
 
 
-def _fit_here(model, rows: _FittedRows, numi, fit_idx, batch, keep, out, types, device, control) -> int:
-    """The chunks one after the other in this process (halving the chunk on CUDA out-of-memory), their rows read
-    as they come; returns the chunk size that went through."""
-    n = len(fit_idx)
-    lo = 0
-    tried = [min(batch, n)]
-    while lo < n:
+def _chunks_to_fit(n: int, batch: int, done: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The chunks of ``ranges(n, batch)`` not yet finished (``done``: finished row ranges), in order; a chunk only
+    partly covered (ranges left by an out-of-memory split) gives the pieces it still lacks."""
+    covered = np.zeros(n, dtype=bool)
+    for lo, hi in done:
+        covered[lo:hi] = True
+    todo = []
+    for lo, hi in ranges(n, batch):
+        if covered[lo:hi].all():
+            continue
+        if not covered[lo:hi].any():
+            todo.append((lo, hi))
+            continue
+        gaps = np.flatnonzero(np.diff(np.concatenate([[True], covered[lo:hi], [True]]).astype(np.int8)))
+        todo += [(lo + int(a), lo + int(b)) for a, b in zip(gaps[::2], gaps[1::2])]
+    return todo
+
+
+def _fit_here(model, rows: _FittedRows, numi, todo, batch, finish, device, control) -> int:
+    """The chunks ``todo`` one after the other in this process (halving a chunk on CUDA out-of-memory, and the
+    later ones with it), their rows read as they come; returns the chunk size that went through."""
+    queue = list(todo)
+    tried = [batch]
+    while queue:
         control.check_cancel()
-        hi = min(lo + batch, n)
+        lo, hi = queue.pop(0)
+        if hi - lo > batch:  # a smaller size went through after an out-of-memory error: keep to it
+            queue[:0] = [(lo + a, lo + b) for a, b in ranges(hi - lo, batch)]
+            continue
         try:
-            keep(lo, hi, fit_chunk(rows.take(lo, hi), numi[lo:hi], model))
+            res = fit_chunk(rows.take(lo, hi), numi[lo:hi], model)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -142,49 +177,47 @@ def _fit_here(model, rows: _FittedRows, numi, fit_idx, batch, keep, out, types, 
             batch = max(1, (hi - lo) // 2)
             tried.append(batch)
             warnings.warn(f"RCTD: CUDA out of memory, retrying with batch size {batch}", RuntimeWarning, stacklevel=2)
+            queue.insert(0, (lo, hi))
             continue
-        control.report(
-            "pixels",
-            hi / n,
-            f"{hi}/{n} spots",
-            partial=PartialResult(fit_idx[lo:hi].copy(), out["props"][lo:hi].copy(), list(types)),
-        )
-        lo = hi
+        finish(lo, hi, res)
     return batch
 
 
-def _fit_on_cluster(cluster: Cluster, model, rows: _FittedRows, numi, fit_idx, batch, keep, types, control):
-    """The same chunks as tasks on the cluster, each sent its own rows (all read before submitting: a slide
-    bigger than this machine's memory is fitted in-process); returns the (lo, hi) of chunks the
-    cluster gave up on and the :class:`PiecesFailed` saying why (None when every chunk finished)."""
-    n = len(fit_idx)
-    chunks = ranges(n, batch)
-    done = 0
-
-    def arrived(i: int, res: dict) -> None:
-        nonlocal done
-        lo, hi = chunks[i]
-        keep(lo, hi, res)
-        done += hi - lo
-        control.report(
-            "pixels",
-            done / n,
-            f"{done}/{n} spots on {cluster.n_workers} Dask workers",
-            partial=PartialResult(fit_idx[lo:hi].copy(), res["props"].copy(), list(types)),
-        )
-
+def _fit_on_cluster(cluster: Cluster, model, rows: _FittedRows, numi, todo, finish, control):
+    """The chunks ``todo`` as tasks on the cluster, each sent its own rows, read as tasks are submitted (a few
+    per worker in flight, so this process holds a few chunks of counts at a time); returns the (lo, hi) of
+    chunks the cluster gave up on and the :class:`PiecesFailed` saying why (None when every chunk finished)."""
     try:
         cluster.run(
             fit_chunk,
-            [(rows.take(lo, hi), numi[lo:hi]) for lo, hi in chunks],
+            ((rows.take(lo, hi), numi[lo:hi]) for lo, hi in todo),
             shared=cluster.share(dataclasses.replace(model, task_threads=TASK_THREADS)),
-            on_result=arrived,
+            on_result=lambda i, res: finish(*todo[i], res),
             control=control,
             name="rctd-spots",
+            in_flight=2 * max(1, cluster.n_workers) + 1,
         )
     except PiecesFailed as exc:
-        return [chunks[i] for i in sorted(exc.failed)], exc
+        return [todo[i] for i in sorted(exc.failed)], exc
     return [], None
+
+
+def _model_fingerprint(model: PixelModel, sigma: float, max_count: int, k_val, types) -> dict[str, Any]:
+    """What every chunk's fit depends on besides its rows: the partial store resumes only chunks fitted with it."""
+    s = model.settings
+    return {
+        "profiles": array_digest(model.profiles),
+        "types": list(map(str, types)),
+        "sigma": float(sigma),
+        "max_count": int(max_count),
+        "k_val": k_val,
+        "solver": [s.n_iter, s.n_iter_score, s.min_change, s.step, str(s.dtype), str(s.device)],
+        "mode": model.mode,
+        "thresholds": [model.confidence_threshold, model.doublet_threshold],
+        "type_class": model.type_class,
+        "max_types": model.max_types,
+        "intervals": [model.uncertainty, model.interval_draws, model.seed],
+    }
 
 
 def _run(
@@ -196,6 +229,7 @@ def _run(
     dtype: torch.dtype,
     t_start: float,
     cluster: Cluster | None = None,
+    partial_store: PartialStore | None = None,
 ) -> DeconvResult:
     # ---- reference ---------------------------------------------------------------------------------
     control.report("reference", 0.0, "building cell type profiles")
@@ -381,22 +415,52 @@ def _run(
         config.interval_draws,
         config.seed,
     )
-    # outputs over fitted pixels
-    out = output_arrays(pixel_model, n_fit_px)
+    # Each finished chunk's results go to the partial store when there is one (written as they come, read back
+    # once at the end; a rerun of the same run resumes from them), else into the arrays over fitted spots.
+    store = partial_store
+    out = output_arrays(pixel_model, n_fit_px) if store is None else None
+    done: list[tuple[int, int]] = []
+    if store is not None:
+        plan = {
+            "n_spots": int(n_spots),
+            "fitted": array_digest(fit_idx),
+            "numi": array_digest(numi),
+            "model": _model_fingerprint(pixel_model, sigma, max_count, config.k_val, types),
+        }
+        batch, done = store.begin(plan, batch)
+    todo = _chunks_to_fit(n_fit_px, batch, done)
+    n_chunks = len(done) + len(todo)
+    n_done = n_fit_px - sum(hi - lo for lo, hi in todo)
+    where = "" if cluster is None else f" on {cluster.n_workers} Dask workers"
+    resumed = f", {len(done)} of {n_chunks} chunks resumed from {store.folder}" if done else ""
 
-    def keep(lo: int, hi: int, res: dict[str, np.ndarray]) -> None:
-        for name, val in res.items():
-            out[name][lo:hi] = val
+    def finish(lo: int, hi: int, res: dict[str, np.ndarray]) -> None:
+        nonlocal n_done
+        if store is not None:
+            store.write_chunk(lo, hi, res)
+        else:
+            for name, val in res.items():
+                out[name][lo:hi] = val
+        n_done += hi - lo
+        control.report(
+            "pixels",
+            n_done / n_fit_px,
+            f"{n_done}/{n_fit_px} spots{where}{resumed}",
+            partial=PartialResult(fit_idx[lo:hi].copy(), res["props"].copy(), list(types)),
+        )
 
-    control.report("pixels", 0.0, f"fitting {n_fit_px} spots ({mode} mode)")
+    control.report("pixels", n_done / n_fit_px, f"fitting {n_fit_px} spots ({mode} mode){resumed}")
     lost_rows, failure = np.zeros(0, dtype=np.int64), None
     rows = _FittedRows(source, fitted, reg_cols)
     if cluster is not None:
-        lost, failure = _fit_on_cluster(cluster, pixel_model, rows, numi, fit_idx, batch, keep, types, control)
+        lost, failure = _fit_on_cluster(cluster, pixel_model, rows, numi, todo, finish, control)
         if lost:
             lost_rows = np.concatenate([np.arange(lo, hi) for lo, hi in lost])
     else:
-        batch = _fit_here(pixel_model, rows, numi, fit_idx, batch, keep, out, types, device, control)
+        batch = _fit_here(pixel_model, rows, numi, todo, batch, finish, device, control)
+    if store is not None:
+        out = output_arrays(pixel_model, n_fit_px)
+        store.assemble(out)
     props_fit = out.pop("props")
     if lost_rows.size:  # spots of chunks the cluster gave up on: left unfitted, like filtered spots
         kept_rows = np.setdiff1d(np.arange(n_fit_px), lost_rows)
@@ -487,6 +551,8 @@ def _run(
         "n_reference_cells_low_umi": int(ref.n_cells_removed_low_umi),
         "bulk_proportions": dict(zip(types, map(float, bulk.proportions / bulk.proportions.sum()))),
         "batch_size": int(batch),
+        "n_chunks": int(n_chunks),
+        "n_chunks_resumed": len(done),
         "dtype": config.dtype,
         "config": config_dict,
     }
