@@ -2,6 +2,8 @@
 model, same process, alternating: CPU seconds per epoch (process time, one torch and one numba thread).
 
     python benchmarks/bench_destvi_precision.py --data lymphnode --epochs 3 --rounds 3
+    # the answer: float32 vs bfloat16 (and averaged) on the engine tests' simulated slide with known truth
+    python benchmarks/bench_destvi_precision.py --truth
 
 The single-cell model is trained for ``--sc-epochs`` only (its weights do not change the cost of an epoch).
 """
@@ -26,7 +28,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sc-epochs", type=int, default=5)
     p.add_argument("--profile", choices=("float32", "bfloat16"), help="instead: torch's profile of 2 epochs")
+    p.add_argument("--truth", action="store_true", help="instead: the answer vs known truth, per precision")
     a = p.parse_args(argv)
+    if a.truth:
+        return truth()
     import scipy.sparse as sp
     import torch
 
@@ -82,6 +87,50 @@ def main(argv=None):
     out.update(ratio=round(med["float32"] / med["bfloat16"], 2), load=[round(x, 2) for x in os.getloadavg()])
     out["all"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
     print(json.dumps(out))
+
+
+def truth():
+    """CondSCVI 50 + DestVI 100 epochs on tests/test_destvi_engine.py's slide (types A/B/C, two sub-states of A):
+    proportions vs truth, gamma_A vs the sub-state, agreement with the float32 seed-0 answer."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(repo, "tests"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_early_stop import agreement
+    from test_destvi_engine import simulate_substates
+
+    from spatial_deconv_gui.engines.destvi import DestVIConfig, run_destvi
+
+    s, r, props, state = simulate_substates()
+    runs = [
+        ("fp32", dict(decoder_precision="float32", average_epochs=0)),
+        ("bf16", dict(decoder_precision="bfloat16", average_epochs=0)),
+        ("fp32_avg", dict(decoder_precision="float32")),
+        ("bf16_avg", dict(decoder_precision="bfloat16")),
+        ("fp32_seed1", dict(decoder_precision="float32", average_epochs=0, seed=1)),
+    ]
+    first = None
+    for name, kw in runs:
+        c = time.process_time()
+        out = run_destvi(s, r, DestVIConfig(**{"sc_epochs": 50, "max_epochs": 100, "seed": 0, "n_threads": 1, **kw}))
+        g = out.obsm["destvi_gamma_A"].to_numpy()
+        sel = props[:, 0] > 0.2
+        gc = g[sel] - g[sel].mean(0)
+        pc1 = gc @ np.linalg.svd(gc, full_matrices=False)[2][0]
+        thr = np.median(pc1)
+        acc = max(np.mean((pc1 > thr) == state[sel]), np.mean((pc1 <= thr) == state[sel]))
+        row = {
+            "run": name,
+            "cpu_s": round(time.process_time() - c, 1),
+            "truth_r": round(float(np.corrcoef(out.proportions.ravel(), props.ravel())[0, 1]), 4),
+            "gamma_r": round(abs(float(np.corrcoef(pc1, state[sel])[0, 1])), 4),
+            "split_acc": round(float(acc), 4),
+        }
+        if first is None:
+            first = out.proportions
+        else:
+            agree = agreement(out.proportions, first)
+            row["vs_fp32"] = {k: round(agree[k], 4) for k in ("per_spot_r_median", "r_all", "dominant_same")}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
