@@ -100,20 +100,22 @@ def run(method: str, data: str, **overrides):
     return result, snaps, messages, time.perf_counter() - t0, time.process_time() - c0
 
 
-def full_path(method: str, data: str) -> Path:
-    return OUT / f"{method}_{data}_full.npz"
+def full_path(method: str, data: str, tag: str = "") -> Path:
+    return OUT / f"{method}_{data}_full{tag}.npz"
 
 
 def cmd_full(a):
     OUT.mkdir(parents=True, exist_ok=True)
     every = a.every or (100 if a.method == "c2l" else 10)
     # the references' own schedules: cell2location 30,000 epochs at lr 0.002, DestVI 2,000 at 0.003
-    package = {"lr": 0.002, "max_epochs": 30000, "lr_anneal": 0.0} if a.method == "c2l" else {}
+    # DestVI: the final epoch's answer alone (average_epochs 0); averages are taken from the snapshots
+    package = {"lr": 0.002, "max_epochs": 30000, "lr_anneal": 0.0} if a.method == "c2l" else {"average_epochs": 0}
+    package.update(_parse_sets(a.set))
     result, snaps, _, wall, cpu = run(a.method, a.data, early_stop=False, report_every=every, **package)
     training = result.uns[f"{result.key}_training"]
     epochs = np.array(sorted(snaps))
     np.savez_compressed(
-        full_path(a.method, a.data),
+        full_path(a.method, a.data, a.tag),
         proportions=result.proportions,
         snap_epochs=epochs,
         snaps=np.stack([snaps[e] for e in epochs]) if len(epochs) else np.zeros((0,) + result.proportions.shape),
@@ -124,7 +126,9 @@ def cmd_full(a):
         load=os.getloadavg()[0],
     )
     print(
-        json.dumps({"saved": str(full_path(a.method, a.data)), "wall_s": wall, "cpu_s": cpu, "load": os.getloadavg()})
+        json.dumps(
+            {"saved": str(full_path(a.method, a.data, a.tag)), "wall_s": wall, "cpu_s": cpu, "load": os.getloadavg()}
+        )
     )
 
 
@@ -156,6 +160,19 @@ def replay(z, rule) -> tuple[int | None, list]:
     return None, monitor.trace
 
 
+def averaged(z, epoch: int, span: int, every: int) -> np.ndarray:
+    """DestVI's averaged answer (``average_epochs``) replayed on a saved trajectory: the mean of the snapshots at
+    the checks (every ``every`` epochs) of the last ``span`` epochs up to ``epoch``, ``epoch`` included (the last
+    epoch's answer is the saved final one)."""
+    epochs = [int(e) for e in z["snap_epochs"]]
+    cap = len(z["loss"])
+    span = min(span, epoch // 4)
+    out = []
+    for e in range(epoch, epoch - span, -every):
+        out.append(z["proportions"] if e == cap else z["snaps"][epochs.index(e)])
+    return np.mean(out, axis=0)
+
+
 def cmd_rule(a):
     """Replay the default rule (or ``--tol`` / ``--window`` / ``--smooth`` variants) on the saved trajectory."""
     import dataclasses
@@ -182,6 +199,11 @@ def cmd_rule(a):
                 if stop is not None:
                     i = list(z["snap_epochs"]).index(stop)
                     out.update({k: round(v, 4) for k, v in agreement(z["snaps"][i], z["proportions"]).items()})
+                if stop is not None and a.method == "destvi":
+                    for span in a.average or []:
+                        cap, every = int(len(z["loss"])), rule.check_every
+                        both = averaged(z, stop, span, every), averaged(z, cap, span, every)
+                        out[f"averaged_{span}"] = {k: round(v, 4) for k, v in agreement(*both).items()}
                 if a.trace:
                     out["trace"] = [(e, round(c, 4)) for e, c in trace[:: max(1, len(trace) // 30)]]
                 print(json.dumps(out))
@@ -397,7 +419,11 @@ def main(argv=None):
     p.add_argument("--smooth", type=int, action="append", help="rule: smoothing(s) to replay")
     p.add_argument("--noise-ratio", type=float, action="append", help="rule: DestVI noise ratio(s) to replay")
     p.add_argument("--trace", action="store_true", help="rule: print the change at the checks")
-    p.add_argument("--set", action="append", help="stop: a config field, e.g. --set lr=0.01 (repeatable)")
+    p.add_argument(
+        "--average", type=int, action="append", help="rule, DestVI: also compare answers averaged over this many epochs"
+    )
+    p.add_argument("--set", action="append", help="stop, full: a config field, e.g. --set lr=0.01 (repeatable)")
+    p.add_argument("--tag", default="", help="full: suffix of the saved file (<method>_<data>_full<tag>.npz)")
     p.add_argument("--threads", type=int, default=0, help="cli: pass --n-threads N (0: the CLI's default)")
     p.add_argument("--phase", action="append", help="schedule: EPOCHS:LR_START:LR_END (repeatable, in order)")
     a = p.parse_args(argv)

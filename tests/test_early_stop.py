@@ -159,6 +159,34 @@ def test_destvi_stop_now_keeps_the_answer_of_that_epoch(inputs):
     np.testing.assert_allclose(stopped.proportions, fixed.proportions, rtol=1e-5, atol=1e-7)
 
 
+def test_destvi_answer_is_the_mean_of_the_last_checks(inputs):
+    """average_epochs: the answer is the hand mean of the proportions at the checks of the last epochs (streamed as
+    partial results here) and the final epoch's answer; the checks draw no random numbers, so the trained model
+    (gamma) is the same as without averaging, and average_epochs=0 gives the final epoch's answer alone."""
+    s, r = inputs
+    snaps = {}
+
+    def on_event(ev):
+        if ev.partial is not None and ev.stage == "spatial":
+            snaps[int(ev.message.split()[1].split("/")[0])] = ev.partial.proportions.copy()
+
+    base = dict(sc_epochs=3, vamp_prior_p=3, n_threads=1, seed=1, max_epochs=40, early_stop=False)
+    base.update(convergence_window=50, batch_size=64)  # checks every 5 epochs
+    averaged = run_destvi(s, r, DestVIConfig(average_epochs=10, report_every=5, **base), RunControl(on_event))
+    last = run_destvi(s, r, DestVIConfig(average_epochs=0, **base))
+    assert list(averaged.uns["destvi_training"]["answer_epochs"]) == [35, 40]
+    assert list(last.uns["destvi_training"]["answer_epochs"]) == [40]
+    hand = np.mean([snaps[35], last.proportions], axis=0)
+    np.testing.assert_allclose(averaged.proportions, hand, rtol=1e-12, atol=1e-15)
+    assert np.abs(averaged.proportions - last.proportions).max() > 1e-3
+    for key in averaged.obsm:
+        if key.startswith("destvi_gamma_"):
+            np.testing.assert_array_equal(averaged.obsm[key].to_numpy(), last.obsm[key].to_numpy())
+    # never more than a quarter of the epochs run: 200 epochs asked of a 40-epoch run average 10
+    capped = run_destvi(s, r, DestVIConfig(average_epochs=200, **base))
+    np.testing.assert_allclose(capped.proportions, averaged.proportions, rtol=1e-12, atol=1e-15)
+
+
 def test_api_stop_event_marks_the_result_in_uns(small_pair):
     spatial, reference = small_pair
     stop = threading.Event()

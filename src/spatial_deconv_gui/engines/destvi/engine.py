@@ -19,7 +19,7 @@ from ..base import DeconvResult, PartialResult, RunControl, TrainingStatus, thre
 from ..bayes import require_two_types
 from ..convergence import ConvergenceMonitor, eta_note, raise_diverged, stop_message
 from ..devices import torch_device
-from .config import DestVIConfig, check_config, convergence_rule
+from .config import DestVIConfig, check_config, check_every, convergence_rule
 from .intervals import draw_intervals, predictive_draws, run_seed_ensemble
 from .model import CondVAE, FCStack, SpatialDeconv, vamp_prior
 
@@ -164,6 +164,7 @@ def _run(
         n_samples_augmentation=config.n_samples_augmentation,
         eps_v=config.eps_v,
     )
+    model.decoder_precision = config.decoder_precision
     opt = _adam(model.parameters(), config.lr)
     cap = config.max_epochs
     history = np.zeros(cap)
@@ -182,6 +183,18 @@ def _run(
         reconst_weight=config.reconst_weight,
     )
     reason, done, expected = "cap", 0, None
+    # the answers at the checks of the last average_epochs epochs: (epoch, proportions, dummy share)
+    # (never more than the last quarter of the run: a short run's early answers are still far from its last)
+    every, span = check_every(config), min(int(config.average_epochs), cap // 4)
+    recent: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def check_answer() -> np.ndarray:
+        v, _, _ = _infer_all(model, xs)
+        v = v.double().cpu().numpy()
+        p = v[:, :-1] / v[:, :-1].sum(1, keepdims=True)
+        if span > 0:
+            recent[:] = [item for item in recent if item[0] > done - span] + [(done, p, v[:, -1])]
+        return p
 
     def status(stop_reason=None) -> TrainingStatus:
         return TrainingStatus(done, cap, done / max(time.perf_counter() - t_sp, 1e-9), expected, stop_reason)
@@ -211,12 +224,12 @@ def _run(
         if done == cap:
             break
         if monitor is not None and monitor.due(done):
-            v, _, _ = _infer_all(model, xs)
-            p = v[:, :-1].double().cpu().numpy()
-            if monitor.update(done, p / p.sum(1, keepdims=True)):
+            if monitor.update(done, check_answer()):
                 reason = "converged"
                 break
             expected = monitor.expected_epoch(done)
+        elif span > 0 and done % every == 0 and done > cap - span:
+            check_answer()
         if control.stop_requested:
             reason = "user"
             break
@@ -243,6 +256,15 @@ def _run(
     v, gamma_modes, modes = _infer_all(model, xs)
     v = v.double().cpu().numpy()
     props = v[:, :-1] / v[:, :-1].sum(1, keepdims=True)
+    answer_epochs = [done]
+    if span > 0:
+        # the final answer and the checks of the last `span` epochs before it, equally weighted
+        span = min(span, done // 4)
+        kept = [item for item in recent if done - span < item[0] < done]
+        answer_epochs = [e for e, _, _ in kept] + [done]
+        props = np.mean([p for _, p, _ in kept] + [props], axis=0)
+        v = v.copy()
+        v[:, -1] = np.mean([d for _, _, d in kept] + [v[:, -1]], axis=0)
     gamma = (modes.unsqueeze(-1) * gamma_modes).sum(1).double().cpu().numpy()  # spots, L, D
     barcodes = np.asarray(spatial.barcodes).astype(str)
     cols = [f"gamma_{d}" for d in range(config.n_latent)]
@@ -278,6 +300,7 @@ def _run(
                 "loss": history,
                 "stopped": reason,
                 "epochs_run": int(done),
+                "answer_epochs": np.asarray(answer_epochs, np.int64),
                 "sc_loss": sc_history,
                 "spatial_seconds": float(spatial_s),
                 "epoch_seconds": epoch_s,

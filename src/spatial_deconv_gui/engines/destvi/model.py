@@ -312,14 +312,16 @@ class SpatialDeconv(nn.Module):
         self.V_encoder = nn.Sequential(FCStack(G, H, 0, sc.n_layers, H, 0.0), nn.Linear(H, L + 1))
         self.to(dev)
         self.use_fused = True  # the CPU float32 fast path of the frozen decoder (see _fused); False: plain torch
+        self.decoder_precision = "float32"  # or "bfloat16" / "auto": the fast path's products (see _fused)
         self._frozen = None
 
     def frozen_decoder(self, like: torch.Tensor):
         """The fused path's copy of the frozen decoder, or None where it does not apply (GPU, float64, off)."""
         if not (self.use_fused and _fused.available(like) and self.px_decoder.weight.dtype == torch.float32):
             return None
-        if self._frozen is None:
-            self._frozen = _fused.FrozenDecoder(self.decoder, self.px_decoder, self.n_latent, self.n_labels)
+        bf16 = _fused.use_bf16(self.decoder_precision)
+        if self._frozen is None or self._frozen.bf16 != bf16:
+            self._frozen = _fused.FrozenDecoder(self.decoder, self.px_decoder, self.n_latent, self.n_labels, bf16)
         return self._frozen
 
     def decode_mix(self, gamma: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
