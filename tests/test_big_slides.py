@@ -391,3 +391,21 @@ def test_cli_rctd_output_assembled_from_the_store_which_is_then_removed(disk_sli
     np.testing.assert_array_equal(np.isnan(got), np.isnan(mem.result.proportions))
     assert np.nanmax(np.abs(got - mem.result.proportions)) <= 1e-8
     assert _file_digest(path) == before
+
+
+def test_the_partial_store_deletes_only_what_it_wrote(tmp_path):
+    from spatial_deconv_gui.io.partial import PartialStore
+
+    folder = tmp_path / "out.h5ad.partial"
+    folder.mkdir()
+    (folder / ".keep").write_text("a user's file")
+    (folder / "notes.txt").write_text("another")
+    store = PartialStore.open(folder, {"method": "rctd"})
+    store.begin({"spots": 4}, chunk_size=2)
+    store.write_chunk(0, 2, {"w": np.array([[0.25, 0.75], [1.0, 0.0]])})
+    (folder / ".chunk-000000002-000000004.npz.123-abcdef01.tmp").write_bytes(b"half")  # a killed writer's
+    assert store.finished() == [(0, 2)]
+    out = {"w": np.zeros((2, 2))}
+    assert store.assemble(out) == [(0, 2)] and out["w"][0, 1] == 0.75
+    store.remove()
+    assert sorted(p.name for p in folder.iterdir()) == [".keep", "notes.txt"]

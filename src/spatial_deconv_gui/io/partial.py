@@ -225,7 +225,9 @@ def _clear(folder: Path, keep_manifest: bool = False) -> None:
     for entry in os.scandir(folder):
         if keep_manifest and entry.name == MANIFEST:
             continue
-        if _CHUNK.match(entry.name) or entry.name == MANIFEST or entry.name.startswith("."):
+        ours = _CHUNK.match(entry.name) or entry.name == MANIFEST
+        left_by_a_killed_writer = entry.name.startswith((".chunk-", f".{MANIFEST}."))  # io.write.temp_name's form
+        if ours or left_by_a_killed_writer:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
