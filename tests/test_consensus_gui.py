@@ -63,6 +63,13 @@ def _widths(run):
     return (run.adata.obsm[keys.proportions_upper(key)] - run.adata.obsm[keys.proportions_lower(key)]).to_numpy()
 
 
+def _combine(results, names, qtbot):
+    """The Results dock's consensus of ``names``, waited for."""
+    results.combine.value = names
+    results.consensus_btn.native.click()
+    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+
+
 def test_interval_width_layer_follows_the_shown_type(two_results):
     viewer, runs, types = two_results
     session = session_for(viewer)
@@ -135,9 +142,7 @@ def test_consensus_from_the_results_dock_has_an_agreement_layer(two_results, qtb
     viewer, runs, types = two_results
     session = session_for(viewer)
     results = find_dock(viewer, "Results")
-    results.combine.value = ["rctd #1", "flash #1"]
-    results.consensus_btn.native.click()
-    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    _combine(results, ["rctd #1", "flash #1"], qtbot)
     rec = session.results["consensus #1"]
     assert rec.key == keys.CONSENSUS
     pa, pb = (
@@ -215,9 +220,7 @@ def test_consensus_of_results_on_different_slides_says_why(two_results, small_pa
     other = _run_with_interval(spatial, types, "c2l", 3, 0.05)
     add_result(viewer, other, spatial.obsm["spatial"], 100.0, name="c2l #1")
     results = find_dock(viewer, "Results")
-    results.combine.value = ["rctd #1", "c2l #1"]
-    results.consensus_btn.native.click()
-    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    _combine(results, ["rctd #1", "c2l #1"], qtbot)
     assert "not of the same slide" in results.consensus_status.value
     assert "c2l #1 (250 spots) vs rctd #1 (300 spots): 50 of rctd #1's spots missing" in results.consensus_status.value
     assert "consensus #1" not in session_for(viewer).results
@@ -285,9 +288,7 @@ def test_second_colorbar_takes_no_room_until_a_width_or_agreement_layer_is_shown
     _assert_colorbar(results, f"flash #1: 90% interval width of {types[0]}", WIDTH_CMAP, WIDTH_MAX)
     width.visible = False
     assert results.second_colorbar.isHidden() and results.second_shown is None
-    results.combine.value = ["rctd #1", "flash #1"]
-    results.consensus_btn.native.click()
-    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    _combine(results, ["rctd #1", "flash #1"], qtbot)
     cons = session.results["consensus #1"]
     agreement = cons.layers["agreement"]
     agreement.visible = True
@@ -316,9 +317,7 @@ def test_greying_applies_to_a_consensus_layer(two_results, qtbot):
     viewer, runs, types = two_results
     session = session_for(viewer)
     results = find_dock(viewer, "Results")
-    results.combine.value = ["rctd #1", "flash #1"]
-    results.consensus_btn.native.click()
-    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    _combine(results, ["rctd #1", "flash #1"], qtbot)
     rec = session.results["consensus #1"]
     lower = rec.adata.obsm[keys.proportions_lower(keys.CONSENSUS)]
     upper = rec.adata.obsm[keys.proportions_upper(keys.CONSENSUS)]
@@ -360,9 +359,7 @@ def test_a_consensus_without_intervals_says_why_greying_skips_it(make_napari_vie
         "c2l #1 has no interval, so greying skips it: run it with per-spot 90% intervals."
     )
     assert not results.interval_note.native.isHidden()
-    results.combine.value = ["rctd #1", "c2l #1"]
-    results.consensus_btn.native.click()
-    qtbot.waitUntil(lambda: not results.jobs.busy, timeout=30_000)
+    _combine(results, ["rctd #1", "c2l #1"], qtbot)
     rec = session_for(viewer).results["consensus #1"]
     assert rec.interval is None and "interval_width" not in rec.layers
     assert results.run.value == "consensus #1"
