@@ -28,6 +28,7 @@ Only the cells of clusters where the target has a (non-gated) model enter its lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,10 +143,11 @@ def fit_percell(
     cc_t = torch.as_tensor(cc, device=dev)
     lossw_t = f32(w_train * weight[None, :])
     n_img = images.shape[1]
-    with torch.random.fork_rng(devices=[]):  # the CNN's initialisation from ``seed``, the global stream untouched
-        torch.manual_seed(int(seed))
-        conv1 = torch.nn.Conv2d(n_img, 8, 3, padding=1).to(dev)
-        conv2 = torch.nn.Conv2d(8, TRUNK_FEATURES, 3, padding=1).to(dev)
+    # The CNN's initialisation draws from its own generator: torch's global one is shared by every thread of the
+    # process, and two batches trained at once (Dask worker threads) would interleave their draws.
+    init = torch.Generator().manual_seed(int(seed))
+    conv1 = _seeded_conv(n_img, 8, init).to(dev)
+    conv2 = _seeded_conv(8, TRUNK_FEATURES, init).to(dev)
     D = TRUNK_FEATURES + C + 1
     W = torch.zeros((D, K), device=dev, requires_grad=True)
     b = torch.tensor(np.asarray(intercept, dtype=np.float32), device=dev, requires_grad=True)
@@ -186,6 +188,21 @@ def fit_percell(
         r2_full=heldout_r2(Y, pred_full, ho),
         epochs=int(epochs),
     )
+
+
+def _seeded_conv(n_in: int, n_out: int, generator):
+    """A 3 x 3 same-padding Conv2d initialised as torch's default (weight and bias uniform within
+    1 / sqrt(fan in)) from ``generator``: the values torch's own initialisation gives after ``manual_seed``."""
+    import torch
+
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, n_in, n_out, 3, padding=1)
+    fan_in = n_in * 9
+    # kaiming_uniform_(a=sqrt(5)) as torch computes it, so the bound is the same float to the last bit
+    weight_bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(fan_in))
+    with torch.no_grad():
+        conv.weight.uniform_(-weight_bound, weight_bound, generator=generator)
+        conv.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+    return conv
 
 
 def holdout_split(clusters: np.ndarray, fraction: float, seed: int) -> np.ndarray:
