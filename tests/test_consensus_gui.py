@@ -160,7 +160,8 @@ def test_consensus_from_the_results_dock_has_an_agreement_layer(two_results, qtb
     layer.visible = True
     assert results.second_shown == "consensus #1: methods' agreement (1 - mean total-variation distance)"
     assert (
-        "median agreement" in results.consensus_status.value and "intervals weights" in results.consensus_status.value
+        "median agreement" in results.consensus_status.value
+        and "(weighted by the methods' 90% intervals)" in results.consensus_status.value
     )
     # the inspector gives a consensus spot's agreement
     [inspector] = open_docks(viewer, ["Spot inspector"])
@@ -199,6 +200,7 @@ def test_one_click_runs_several_methods_into_a_consensus(make_napari_viewer, qtb
     low, high = np.quantile(agreement, [0.2, 0.8])
     assert err[agreement <= low].mean() > err[agreement >= high].mean()
     assert "median agreement" in widget.status.value
+    assert "(weighted by the methods' 90% intervals)" in widget.status.value
 
 
 def test_cancel_during_the_consensus_runs_keeps_nothing(make_napari_viewer, qtbot):
