@@ -84,7 +84,7 @@ def test_interval_width_layer_follows_the_shown_type(two_results):
     np.testing.assert_allclose(layer.metadata["values"], widths[:, 2])
     np.testing.assert_allclose(layer.features["interval_width"], widths[:, 2])
     np.testing.assert_allclose(layer.face_color, colormap_rgba(widths[:, 2], WIDTH_CMAP, 0.0, WIDTH_MAX), atol=1e-6)
-    assert layer.name == f"rctd #1: 90% interval width of {types[2]}"
+    assert layer.name == "rctd · interval width"  # short for the layer list; the colorbar's title names the type
     assert results.second_shown is None  # the width layer is hidden: no colorbar for it
     layer.visible = True
     assert results.second_shown == f"rctd #1: 90% interval width of {types[2]}"
@@ -296,15 +296,13 @@ def test_second_colorbar_takes_no_room_until_a_width_or_agreement_layer_is_shown
     agreement.visible = True
     title = "consensus #1: methods' agreement (1 - mean total-variation distance)"
     _assert_colorbar(results, title, AGREEMENT_CMAP, 1.0)
-    width.visible = True  # both visible: the colorbar is the top layer's
-    assert viewer.layers.index(agreement) > viewer.layers.index(width)
-    assert results.second_shown == title
-    viewer.layers.move(viewer.layers.index(width), len(viewer.layers))
+    width.visible = True  # one slide: showing the width hides the agreement above it, and the colorbar follows
+    assert viewer.layers.index(agreement) > viewer.layers.index(width) and not agreement.visible
     _assert_colorbar(results, f"flash #1: 90% interval width of {types[0]}", WIDTH_CMAP, WIDTH_MAX)
-    viewer.layers.remove(width)
-    assert results.second_shown == title
-    agreement.visible = False
-    assert results.second_colorbar.isHidden()
+    agreement.visible = True
+    assert not width.visible and results.second_shown == title
+    viewer.layers.remove(agreement)
+    assert results.second_colorbar.isHidden() and results.second_shown is None
 
 
 def test_a_docks_colorbars_are_hidden_before_any_result(make_napari_viewer):
