@@ -305,3 +305,14 @@ def test_one_file_with_two_results_needs_a_key_per_input(slide, tmp_path, capsys
     expected = (res.obsm["rctd_proportions"].to_numpy() + 0.25) / 2
     np.testing.assert_allclose(res.obsm[keys.proportions(keys.CONSENSUS)].to_numpy(), expected)
     assert isinstance(res.uns[keys.CONSENSUS_TYPE_AGREEMENT], pd.DataFrame)
+
+
+def test_the_weighting_reads_as_english(slide, tmp_path, capsys):
+    """The status lines said "(intervals weights)": they name the weighting in words, in the CLI and the GUI."""
+    assert api.weighting_phrase("intervals") == "weighted by the methods' 90% intervals"
+    assert api.weighting_phrase("equal") == "equal weights"
+    a = _result_file(tmp_path / "a.h5ad", slide, TYPES, "rctd", 0)
+    b = _result_file(tmp_path / "b.h5ad", slide, TYPES, "flash", 1)
+    assert main(["consensus", str(a), str(b), "-o", str(tmp_path / "c.h5ad")]) == 0
+    err = capsys.readouterr().err
+    assert "consensus of rctd, flash (equal weights): median agreement " in err and "weights weights" not in err

@@ -84,7 +84,7 @@ def test_interval_width_layer_follows_the_shown_type(two_results):
     np.testing.assert_allclose(layer.metadata["values"], widths[:, 2])
     np.testing.assert_allclose(layer.features["interval_width"], widths[:, 2])
     np.testing.assert_allclose(layer.face_color, colormap_rgba(widths[:, 2], WIDTH_CMAP, 0.0, WIDTH_MAX), atol=1e-6)
-    assert layer.name == f"rctd #1: 90% interval width of {types[2]}"
+    assert layer.name == "rctd · interval width"  # short for the layer list; the colorbar's title names the type
     assert results.second_shown is None  # the width layer is hidden: no colorbar for it
     layer.visible = True
     assert results.second_shown == f"rctd #1: 90% interval width of {types[2]}"
@@ -160,7 +160,8 @@ def test_consensus_from_the_results_dock_has_an_agreement_layer(two_results, qtb
     layer.visible = True
     assert results.second_shown == "consensus #1: methods' agreement (1 - mean total-variation distance)"
     assert (
-        "median agreement" in results.consensus_status.value and "intervals weights" in results.consensus_status.value
+        "median agreement" in results.consensus_status.value
+        and "(weighted by the methods' 90% intervals)" in results.consensus_status.value
     )
     # the inspector gives a consensus spot's agreement
     [inspector] = open_docks(viewer, ["Spot inspector"])
@@ -199,6 +200,7 @@ def test_one_click_runs_several_methods_into_a_consensus(make_napari_viewer, qtb
     low, high = np.quantile(agreement, [0.2, 0.8])
     assert err[agreement <= low].mean() > err[agreement >= high].mean()
     assert "median agreement" in widget.status.value
+    assert "(weighted by the methods' 90% intervals)" in widget.status.value
 
 
 def test_cancel_during_the_consensus_runs_keeps_nothing(make_napari_viewer, qtbot):
@@ -294,15 +296,13 @@ def test_second_colorbar_takes_no_room_until_a_width_or_agreement_layer_is_shown
     agreement.visible = True
     title = "consensus #1: methods' agreement (1 - mean total-variation distance)"
     _assert_colorbar(results, title, AGREEMENT_CMAP, 1.0)
-    width.visible = True  # both visible: the colorbar is the top layer's
-    assert viewer.layers.index(agreement) > viewer.layers.index(width)
-    assert results.second_shown == title
-    viewer.layers.move(viewer.layers.index(width), len(viewer.layers))
+    width.visible = True  # one slide: showing the width hides the agreement above it, and the colorbar follows
+    assert viewer.layers.index(agreement) > viewer.layers.index(width) and not agreement.visible
     _assert_colorbar(results, f"flash #1: 90% interval width of {types[0]}", WIDTH_CMAP, WIDTH_MAX)
-    viewer.layers.remove(width)
-    assert results.second_shown == title
-    agreement.visible = False
-    assert results.second_colorbar.isHidden()
+    agreement.visible = True
+    assert not width.visible and results.second_shown == title
+    viewer.layers.remove(agreement)
+    assert results.second_colorbar.isHidden() and results.second_shown is None
 
 
 def test_a_docks_colorbars_are_hidden_before_any_result(make_napari_viewer):

@@ -128,7 +128,8 @@ def test_the_right_dock_column_fits_on_a_screen(make_napari_viewer):
         shown = dock.scroll.minimumSizeHint().height()
         assert shown == max(MIN_SHOWN, min(dock.body.native.minimumSizeHint().height(), int(SCREEN_SHARE * screen)))
         assert dock.body.native.minimumSizeHint().height() > shown  # these controls do scroll
-        assert dock.native.minimumSizeHint().height() < shown + 40  # the dock asks for no more than that
+        pinned = dock.footer.native.minimumSizeHint().height() if dock.footer.native.isVisibleTo(dock.native) else 0
+        assert dock.native.minimumSizeHint().height() < shown + pinned + 40  # the dock asks for no more than that
         controls += dock.body.native.minimumSizeHint().height()
     window = viewer.window._qt_window.minimumSizeHint().height()
     assert window < controls  # less than the two docks' controls alone, let alone the column
@@ -161,3 +162,91 @@ def test_scrolling_docks_keep_their_controls_full_width(make_napari_viewer, qtbo
             assert label.width() >= label.minimumSizeHint().width(), (method, label.text())
     texts = [label.text() for label in dock.params_box.native.findChildren(QLabel)]
     assert "confidence threshold" in texts
+
+
+def _inside(widget, outer) -> bool:
+    """Whether ``widget`` is shown and lies wholly within ``outer``'s rectangle (both on screen)."""
+    from qtpy.QtCore import QPoint, QRect
+
+    top_left = widget.mapTo(outer, QPoint(0, 0))
+    return widget.isVisible() and outer.rect().contains(QRect(top_left, widget.size()))
+
+
+def test_run_controls_are_pinned_under_the_scrolled_controls(make_napari_viewer, qtbot):
+    """On a 1000-px screen the Deconvolution dock's Run was below the fold of its scrolled controls: Run, Cancel,
+    Stop now and the progress bar sit under the scroll area, in view however short the dock or far it scrolls."""
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "simulated_slide")
+    dock = dock_class("Deconvolution")(viewer)  # undocked: the test sets its height (a dock area would)
+    widget = dock.native
+    widget.resize(420, 300)
+    widget.show()
+    qtbot.waitExposed(widget)
+    qtbot.wait(50)  # Qt's layout passes
+    bar = dock.scroll.verticalScrollBar()
+    assert bar.maximum() > 0  # the controls are taller than the dock: they scroll
+    pinned = [dock.run_btn, dock.cancel_btn, dock.stop_btn, dock.progress, dock.status]
+    for control in pinned:
+        assert not dock.scroll.isAncestorOf(control.native)  # not in the scroll area...
+        assert dock.footer.native.isAncestorOf(control.native)
+    places = []
+    for value in (bar.minimum(), bar.maximum()):
+        bar.setValue(value)
+        qtbot.wait(20)
+        for control in pinned:
+            assert _inside(control.native, widget), (control, value)  # ...so on screen, scrolled to either end
+        places.append([control.native.mapTo(widget, control.native.rect().topLeft()) for control in pinned])
+    assert places[0] == places[1]  # scrolling does not move them
+    # they sit under the scroll area, the footer no taller than its controls need
+    assert dock.footer.native.geometry().top() >= dock.scroll.geometry().bottom()
+    assert dock.footer.native.height() <= dock.footer.native.sizeHint().height() + 2
+    # and still work from there: Run starts, Cancel stops
+    dock.run_btn.native.click()
+    assert dock.busy and dock.cancel_btn.enabled and not dock.run_btn.enabled, (dock.problems.value, dock.status.value)
+    dock.cancel_btn.native.click()
+    qtbot.waitUntil(lambda: not dock.busy, timeout=120_000)
+    assert dock.run_btn.enabled and dock.status.value == "cancelled: no result kept"
+
+
+def test_the_spot_inspector_scrolls_when_its_content_is_taller(make_napari_viewer, qtbot, small_pair):
+    """A spot with an interval per type makes the inspector's text longer than a column of docks leaves it: the
+    chart and text scroll inside the dock, which asks for no more than a scrolling dock's share of height."""
+    import pandas as pd
+
+    from spatial_deconv_gui.gui.result_layers import add_result
+    from spatial_deconv_gui.gui.scrolling import MIN_SHOWN
+
+    spatial, reference = small_pair
+    types = list(reference.obs["cell_type"].cat.categories)
+    props = spatial.obsm["true_proportions"].to_numpy()
+    bounds = {
+        keys.proportions_lower("rctd"): pd.DataFrame(
+            np.clip(props - 0.1, 0, 1), index=spatial.obs_names, columns=types
+        ),
+        keys.proportions_upper("rctd"): pd.DataFrame(
+            np.clip(props + 0.1, 0, 1), index=spatial.obs_names, columns=types
+        ),
+    }
+    res = DeconvResult("rctd", "rctd", "full", types, props, {}, "cpu", 0.0, obsm=bounds)
+    viewer = make_napari_viewer()
+    rec = add_result(viewer, api.RunOutput(attach_result(spatial, res), res, None), spatial.obsm["spatial"], 100.0)
+    inspector = widget = dock_class("Spot inspector")(viewer)  # undocked: the test sets its height
+    widget.resize(360, 260)
+    widget.show()
+    qtbot.waitExposed(widget)
+    inspector.show_spot(rec, 4)
+    qtbot.wait(50)
+    assert "90% intervals:" in inspector.text.text()
+    bar = inspector.scroll.verticalScrollBar()
+    content = inspector.body.height()
+    assert (
+        content > inspector.scroll.viewport().height()
+        and bar.maximum() == content - inspector.scroll.viewport().height()
+    )
+    assert inspector.minimumSizeHint().height() <= MIN_SHOWN + 10 < content  # the dock can shrink below its content
+    # scrolled to the end, the text's last line is in view
+    bar.setValue(bar.maximum())
+    qtbot.wait(20)
+    text = inspector.text
+    bottom = text.mapTo(inspector.scroll.viewport(), text.rect().bottomLeft()).y()
+    assert 0 < bottom <= inspector.scroll.viewport().height()

@@ -72,7 +72,8 @@ def test_paint_expression_within_a_cell_type(destvi_run, qtbot, monkeypatch):
     qtbot.waitUntil(lambda: not imp.busy, timeout=60_000)
 
     layer = rec.layers["expression"]
-    assert layer in viewer.layers and layer.name == f"{rec.name}: {gene} in {types[1]}"
+    assert layer in viewer.layers and layer.name == f"destvi · {gene} in {types[1]}"
+    assert layer.visible and not rec.layers["dominant"].visible  # shown alone over its slide
     expected = impute_expression(run.result, types[1], genes=[gene]).loc[list(run.adata.obs_names), gene]
     expected = expected.to_numpy()
     np.testing.assert_allclose(layer.features["expression"].to_numpy(), expected, rtol=0, atol=1e-6)

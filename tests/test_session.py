@@ -86,8 +86,12 @@ def test_session_events_fire_in_order(make_napari_viewer, small_pair):
         ("spot_picked", "sim #1", 7),
         ("reference_changed", "/some/ref.h5ad"),
     ]
-    # the docks followed: the Legend shows the selected result, the inspector the picked spot
-    assert find_dock(viewer, "Legend").run is session.results["sim #1"]
+    # the docks followed: the Legend shows the dominant-type layer on screen (sim #2's hid sim #1's: one slide), the
+    # inspector the picked spot
+    legend = find_dock(viewer, "Legend")
+    assert legend.run is session.results["sim #2"]
+    session.results["sim #1"].layers["dominant"].visible = True
+    assert legend.run is session.results["sim #1"] and not session.results["sim #2"].layers["dominant"].visible
     inspector = find_dock(viewer, "Spot inspector")
     assert inspector.current == ("sim #1", 7)
     nz = {t: p for t, p in zip(types, truth[7]) if p > 1e-3}

@@ -109,9 +109,7 @@ def test_run_rctd_doublet_like_a_user(make_napari_viewer, qtbot, tmp_path, stall
     rec = session.results[next(iter(session.results))]
     results, legend, inspector = (find_dock(viewer, n) for n in ("Results", "Legend", "Spot inspector"))
     names = [layer.name for layer in viewer.layers]
-    assert any(n.endswith("dominant type") for n in names)
-    assert any(n.endswith("proportion") for n in names)
-    assert any(n.endswith("spot class") for n in names)
+    assert {"rctd · dominant", "rctd · proportion", "rctd · spot class"} <= set(names)
     assert not any("running" in n for n in names)
 
     # colours are the engine's numbers

@@ -662,6 +662,12 @@ def _shared_types(labels: list[str], types: list[list[str]], align: bool) -> tup
 CONSENSUS_INTERVAL = "inverse-variance, widened by the methods' spread (Birge ratio)"
 
 
+def weighting_phrase(weighting: str) -> str:
+    """How a consensus weighted its methods (its ``params['weighting']``), in words for a status line."""
+    phrases = {"intervals": "weighted by the methods' 90% intervals", "equal": "equal weights"}
+    return phrases.get(weighting, f"weighting: {weighting}")
+
+
 def consensus(
     results,
     *,

@@ -346,8 +346,8 @@ def _cmd_consensus(args) -> int:
         for notice in run.notices:
             print(f"notice: {notice}", file=sys.stderr)
         print(
-            f"consensus of {', '.join(summary['inputs'])} ({summary['weighting']} weights): median agreement "
-            f"{summary['median_agreement']}; wrote {out_path}",
+            f"consensus of {', '.join(summary['inputs'])} ({api.weighting_phrase(summary['weighting'])}): "
+            f"median agreement {summary['median_agreement']}; wrote {out_path}",
             file=sys.stderr,
         )
     return EXIT_OK

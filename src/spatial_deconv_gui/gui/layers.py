@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import anndata as ad
@@ -274,6 +275,40 @@ def set_spot_colors(layer, rgba: np.ndarray, index: np.ndarray | None = None):
             layer.face_color = colours
         return
     layer.data = paint(raster, rgba, np.asarray(layer.data).copy(), index)
+
+
+# Layers that colour a slide's spots by a result. Over one slide they are drawn translucent on the same spots, so a
+# visible one covers (and tints) every other: the user sees one at a time, the one last shown.
+RESULT_LAYER_KINDS = frozenset(
+    {"dominant_type", "proportions", "interval_width", "agreement", "spot_class", "imputed_expression", "comparison"}
+)
+
+
+def spots_id(coords_yx: np.ndarray) -> str:
+    """A fingerprint of a set of spot positions: equal for the results of one slide, told apart for others."""
+    coords = np.ascontiguousarray(coords_yx, dtype=np.float64)
+    return hashlib.blake2b(coords.tobytes(), digest_size=8).hexdigest() + f":{len(coords)}"
+
+
+def show_alone(viewer, layer) -> list:
+    """When ``layer`` is a result layer of a slide, hide the slide's other visible result layers (a radio group
+    per slide); the slide, its images and other slides' layers stay as they are. Returns the layers hidden."""
+    meta = layer.metadata.get(PLUGIN_KEY, {})
+    spots = meta.get("spots")
+    if meta.get("kind") not in RESULT_LAYER_KINDS or spots is None:
+        return []
+    hidden = []
+    for other in viewer.layers:
+        other_meta = other.metadata.get(PLUGIN_KEY, {})
+        if (
+            other is not layer
+            and other.visible
+            and other_meta.get("kind") in RESULT_LAYER_KINDS
+            and other_meta.get("spots") == spots
+        ):
+            other.visible = False
+            hidden.append(other)
+    return hidden
 
 
 def slide_layer_choices(viewer) -> list[tuple[str, object]]:

@@ -23,6 +23,8 @@ from .session import ResultRecord, session_for
 from .views import (
     AGREEMENT_CMAP,
     SPOT_CLASS_COLORS,
+    UNCERTAIN_EDGE_RGBA,
+    UNCERTAIN_EDGE_WIDTH,
     UNCERTAIN_RGBA,
     WIDTH_CMAP,
     WIDTH_MAX,
@@ -43,7 +45,16 @@ def add_result_steps(viewer, run, coords_xy: np.ndarray, size: float, name=None,
         types + [FILTERED_LABEL], palette_from_uns(types, run.adata.uns.get(keys.CELL_TYPE_COLORS))
     )
     rec = ResultRecord(
-        name, result.key, run.adata, result, napari_points(coords_xy), size, palette, source or {}, raster=raster
+        name,
+        result.key,
+        run.adata,
+        result,
+        napari_points(coords_xy),
+        size,
+        palette,
+        source or {},
+        raster=raster,
+        label=session.unique_result_label(str(result.key).lower()),
     )
     yield from _add_layers(viewer, rec)
     for dock in RESULT_DOCKS:  # one dock per step: building and laying out a dock is the longest single step
@@ -74,7 +85,13 @@ def add_result_of_slide(viewer, run, slide_layer, source=None):
 
 
 def _meta(rec: ResultRecord, kind: str) -> dict:
-    return {PLUGIN_KEY: {"kind": kind, "run": rec.name, "key": rec.key}}
+    return {PLUGIN_KEY: {"kind": kind, "run": rec.name, "key": rec.key, "spots": rec.spots_id}}
+
+
+def layer_name(rec: ResultRecord, what: str) -> str:
+    """A result layer's name: short enough for napari's layer list ("rctd · dominant", "rctd #2 · proportion");
+    the dock and legend titles give the result's full name."""
+    return f"{rec.label or rec.name} · {what}"
 
 
 def _add_layers(viewer, rec: ResultRecord):
@@ -84,16 +101,18 @@ def _add_layers(viewer, rec: ResultRecord):
         feats = pd.concat([pd.DataFrame({"dominant_type": rec.dominant}), props.reset_index(drop=True)], axis=1)
     first = rec.cell_types[0]
     common = dict(size=rec.size, raster=rec.raster)
+    threshold = session_for(viewer).width_threshold
     rec.layers["proportions"] = add_spot_layer(
         viewer,
         rec.coords_yx,
-        rgba=proportion_rgba(rec, first, "viridis", session_for(viewer).width_threshold),
-        name=f"{rec.name}: proportion",
+        rgba=proportion_rgba(rec, first, "viridis", threshold),
+        name=layer_name(rec, "proportion"),
         metadata={**_meta(rec, "proportions"), "cell_type": first, "colormap": "viridis"},
         features=feats,
         visible=False,
         **common,
     )
+    ring_spots(rec.layers["proportions"], uncertain_spots(rec, first, threshold))
     yield
     if rec.interval_widths is not None:
         widths = rec.interval_widths[first].to_numpy()
@@ -101,7 +120,7 @@ def _add_layers(viewer, rec: ResultRecord):
             viewer,
             rec.coords_yx,
             rgba=colormap_rgba(widths, WIDTH_CMAP, 0.0, WIDTH_MAX),
-            name=f"{rec.name}: 90% interval width",
+            name=layer_name(rec, "interval width"),
             metadata={**_meta(rec, "interval_width"), "cell_type": first, "values": widths, "colormap": WIDTH_CMAP},
             features=None if feats is None else pd.DataFrame({"interval_width": widths}),
             visible=False,
@@ -113,7 +132,7 @@ def _add_layers(viewer, rec: ResultRecord):
             viewer,
             rec.coords_yx,
             rgba=colormap_rgba(rec.agreement, AGREEMENT_CMAP, 0.0, 1.0),
-            name=f"{rec.name}: agreement",
+            name=layer_name(rec, "agreement"),
             metadata={**_meta(rec, "agreement"), "values": rec.agreement, "colormap": AGREEMENT_CMAP},
             features=None if feats is None else pd.DataFrame({"agreement": rec.agreement}),
             visible=False,
@@ -127,7 +146,7 @@ def _add_layers(viewer, rec: ResultRecord):
             viewer,
             rec.coords_yx,
             rgba=rgba_for_labels(classes, SPOT_CLASS_COLORS),
-            name=f"{rec.name}: spot class",
+            name=layer_name(rec, "spot class"),
             metadata={**_meta(rec, "spot_class"), "palette": SPOT_CLASS_COLORS},
             features=None if feats is None else pd.DataFrame({"spot_class": classes}),
             visible=False,
@@ -138,7 +157,7 @@ def _add_layers(viewer, rec: ResultRecord):
         viewer,
         rec.coords_yx,
         rgba=rgba_for_labels(rec.dominant, rec.palette),
-        name=f"{rec.name}: dominant type",
+        name=layer_name(rec, "dominant"),
         metadata={**_meta(rec, "dominant_type"), "palette": rec.palette},
         features=feats,
         **common,
@@ -177,12 +196,26 @@ def proportion_rgba(rec: ResultRecord, cell_type: str, cmap: str, threshold: flo
     return rgba
 
 
+def ring_spots(layer, ringed: np.ndarray):
+    """Ring the ``ringed`` spots of a Points layer (the greyed ones) in :data:`UNCERTAIN_EDGE_RGBA`, the others
+    not at all; raster layers have no rings."""
+    if layer.metadata.get("raster") is not None or not hasattr(layer, "border_width"):
+        return
+    ringed = np.asarray(ringed, dtype=bool)
+    if not ringed.any() and not np.any(layer.border_width):
+        return  # nothing ringed before or now: leave the layer alone (no redraw)
+    colours = np.zeros((len(ringed), 4), dtype=np.float32)
+    colours[ringed] = UNCERTAIN_EDGE_RGBA
+    layer.border_color = colours
+    layer.border_width = np.where(ringed, UNCERTAIN_EDGE_WIDTH, 0.0)
+
+
 def show_proportion(rec: ResultRecord, cell_type: str, cmap: str = "viridis", threshold: float | None = None):
     """Colour the proportion layer by ``cell_type``, and the interval-width layer (if any) by the same type."""
     layer = rec.layers["proportions"]
     set_spot_colors(layer, proportion_rgba(rec, cell_type, cmap, threshold))
+    ring_spots(layer, uncertain_spots(rec, cell_type, threshold))
     layer.metadata.update(cell_type=cell_type, colormap=cmap, width_threshold=threshold)
-    layer.name = f"{rec.name}: proportion"
     width_layer = rec.layers.get("interval_width")
     if width_layer is not None and rec.interval_widths is not None:
         widths = rec.interval_widths[cell_type].to_numpy()
@@ -190,7 +223,6 @@ def show_proportion(rec: ResultRecord, cell_type: str, cmap: str = "viridis", th
         if rec.raster is None:
             width_layer.features = pd.DataFrame({"interval_width": widths})
         width_layer.metadata.update(cell_type=cell_type, values=widths)
-        width_layer.name = f"{rec.name}: 90% interval width of {cell_type}"
 
 
 def grey_uncertain_spots(viewer, threshold: float | None):
@@ -247,7 +279,7 @@ def show_expression(viewer, rec: ResultRecord, gene: str, cell_type: str, values
     """Colour one layer per result by ``values`` (imputed expression of ``gene`` within ``cell_type``)."""
     values = np.asarray(values, dtype=np.float64)
     rgba, vmin, vmax = expression_rgba(values, cmap)
-    name = f"{rec.name}: {gene} in {cell_type}"
+    name = layer_name(rec, f"{gene} in {cell_type}")
     meta = {
         **_meta(rec, "imputed_expression"),
         "gene": gene,
@@ -296,7 +328,7 @@ def compare_results(viewer, a: ResultRecord, b: ResultRecord, cmap: str = "magma
             f"dominant ({b.name})": b.dominant,
         }
     )
-    name = f"compare: {a.name} vs {b.name}"
+    name = f"compare · {a.label or a.name} vs {b.label or b.name}"
     if name in viewer.layers:
         viewer.layers.remove(name)
     layer = add_spot_layer(
@@ -308,7 +340,7 @@ def compare_results(viewer, a: ResultRecord, b: ResultRecord, cmap: str = "magma
         raster=a.raster,
         features=None if a.raster is not None else feats,
         metadata={
-            PLUGIN_KEY: {"kind": "comparison"},
+            PLUGIN_KEY: {"kind": "comparison", "spots": a.spots_id},
             "summary": cmp.summary(),
             "colormap": cmap,
             "js_distance": cmp.js,

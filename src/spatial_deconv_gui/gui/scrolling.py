@@ -16,7 +16,7 @@ MIN_SHOWN = 160  # px: the least a scrolling dock keeps on screen (about six row
 SCREEN_SHARE = 0.22  # ... and up to this share of the screen's height, when its controls need that much
 
 
-class _VerticalScroll(QScrollArea):
+class VerticalScroll(QScrollArea):
     """Scrolls only vertically, so its minimum width is always its controls' (asked live: napari's stylesheet and a
     method's parameters change it after the dock is built), and its minimum height a share of the screen."""
 
@@ -58,16 +58,35 @@ class _VerticalScroll(QScrollArea):
 
 class ScrollingDock(Container):
     """A dock (a magicgui Container, as napari docks it) holding one scroll area with ``self.body`` in it: put the
-    controls in ``self.body``. ``self.native`` stays the widget napari docks (what DockLinks watches)."""
+    controls in ``self.body``. ``self.native`` stays the widget napari docks (what DockLinks watches).
+
+    :meth:`pin` puts controls in ``self.footer``, under the scroll area and outside it: always on screen however
+    the body is scrolled (the Deconvolution dock's Run / Cancel / Stop and its progress; on a 1000-px screen Run
+    was below the fold of the scrolled controls)."""
 
     def __init__(self):
         super().__init__(labels=False)
         self.margins = (0, 0, 0, 0)
         self.body = Container(labels=True)
-        self.scroll = _VerticalScroll(self.body.native)
+        self.scroll = VerticalScroll(self.body.native)
         self.native.layout().addWidget(self.scroll)
+        self.footer = Container(labels=False)
+        self.footer.margins = (4, 2, 4, 4)
+        self.footer.native.setVisible(False)  # takes no room until something is pinned
+        self.native.layout().addWidget(self.footer.native)
+
+    def pin(self, *widgets):
+        """Put ``widgets`` (magicgui widgets, or lists of them: one row each) in the footer, in this order."""
+        for widget in widgets:
+            if isinstance(widget, (list, tuple)):
+                row = Container(layout="horizontal", labels=False, widgets=list(widget))
+                row.margins = (0, 0, 0, 0)
+                widget = row
+            self.footer.append(widget)
+        self.footer.native.setVisible(True)
 
     def reset_choices(self, *args):
-        # napari calls this on layer changes; the body is no magicgui child of the dock, so pass it on
+        # napari calls this on layer changes; the body and footer are no magicgui children of the dock: pass it on
         super().reset_choices(*args)
         self.body.reset_choices(*args)
+        self.footer.reset_choices(*args)

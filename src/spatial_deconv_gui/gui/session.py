@@ -23,7 +23,7 @@ from psygnal import Signal
 from scipy.spatial import cKDTree
 
 from .. import keys
-from .layers import PLUGIN_KEY, slide_layer_choices
+from .layers import PLUGIN_KEY, show_alone, slide_layer_choices, spots_id
 
 _ATTRIBUTE = "_spatial_deconv_session"
 
@@ -53,10 +53,16 @@ class ResultRecord:
     layers: dict = field(default_factory=dict)
     hidden: set = field(default_factory=set)
     raster: object = None
+    label: str = ""  # short and unique in the session ("rctd", "rctd #2"): what its layer names start with
 
     @functools.cached_property
     def tree(self) -> cKDTree:
         return cKDTree(self.coords_yx[:, -2:])
+
+    @functools.cached_property
+    def spots_id(self) -> str:
+        """The same for every result on the same spots (one slide): its layers' ``spots`` in their metadata."""
+        return spots_id(self.coords_yx)
 
     @property
     def proportions(self) -> pd.DataFrame:
@@ -147,6 +153,7 @@ class Session:
         if layers is not None:
             layers.events.inserted.connect(self._on_layers)
             layers.events.removed.connect(self._on_removed)
+            layers.events.connect(self._on_layer_shown)
 
     # -- slides and the reference --------------------------------------------------------------------
     def _on_layers(self, event=None):
@@ -163,6 +170,17 @@ class Session:
         for name in [n for n, run in self.perturbations.items() if _all_gone(run.layers, present)]:
             self.forget_perturbation(name)
 
+    def _on_layer_shown(self, event):
+        # the layer list re-emits every event of every layer: act on a result layer shown or added visible
+        if event.type == "visible":
+            layer = event.sources[0] if event.sources else None
+        elif event.type == "inserted":
+            layer = event.value
+        else:
+            return
+        if layer is not None and getattr(layer, "visible", False):
+            show_alone(self.viewer, layer)
+
     def slides(self) -> list[tuple[str, object]]:
         """(name, layer) of every slide layer on the canvas."""
         return slide_layer_choices(self.viewer)
@@ -175,6 +193,16 @@ class Session:
     # -- deconvolution results -----------------------------------------------------------------------
     def unique_result_name(self, base: str) -> str:
         return _unique_name(base, self.results)
+
+    def unique_result_label(self, base: str) -> str:
+        """``base`` when no result has that label yet, else ``base #2``, ``base #3``, ...: short layer names."""
+        taken = {rec.label for rec in self.results.values()}
+        if base not in taken:
+            return base
+        n = 2
+        while f"{base} #{n}" in taken:
+            n += 1
+        return f"{base} #{n}"
 
     def add_result(self, record: ResultRecord):
         self.results[record.name] = record

@@ -20,8 +20,12 @@ SPOT_CLASS_COLORS = {
 }
 COLORMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "Reds", "Blues", "Greens")
 PENDING_RGBA = np.array([0.35, 0.35, 0.35, 0.6], dtype=np.float32)
-# a spot whose interval is wider than the threshold: light grey and faint, apart from filtered spots' solid grey
-UNCERTAIN_RGBA = np.array([0.8, 0.8, 0.8, 0.25], dtype=np.float32)
+# A spot whose interval is wider than the threshold: a light grey (against a dark canvas) ringed in near-black
+# (against a light H&E), apart from filtered spots' solid mid grey. The ring is drawn on Points layers; raster
+# layers (past the points limit) have the face alone. The old faint light grey vanished on a light H&E.
+UNCERTAIN_RGBA = np.array([0.72, 0.72, 0.72, 0.9], dtype=np.float32)
+UNCERTAIN_EDGE_RGBA = np.array([0.08, 0.08, 0.08, 1.0], dtype=np.float32)
+UNCERTAIN_EDGE_WIDTH = 0.18  # of the spot's diameter (napari's relative border width)
 WIDTH_CMAP, WIDTH_MAX = "magma", 0.5  # interval-width layers: 0 to 0.5 (wider is clipped: too wide to use anyway)
 AGREEMENT_CMAP = "RdYlGn"  # red: the methods disagree, green: they agree
 

@@ -127,7 +127,7 @@ class DeconvolutionDock(ScrollingDock):
             tooltip="cell2location / DestVI: end training at the next check and keep the proportions it has then "
             "(the result's uns records stop_reason 'user').",
         )
-        self.progress = ProgressBar(label="progress", min=0, max=1000, value=0)
+        self.progress = ProgressBar(min=0, max=1000, value=0)
         self.status = status_label("pick a slide layer and a reference")
         self.problems = status_label("", label="", hide_empty=True)
         self.body.extend(
@@ -142,16 +142,13 @@ class DeconvolutionDock(ScrollingDock):
                 self.uncertainty,
                 self.params_box,
                 self.validate_btn,
-                self.run_btn,
                 self.consensus_methods,
                 self.consensus_btn,
-                self.cancel_btn,
-                self.stop_btn,
-                self.progress,
-                self.status,
                 self.problems,
             ]
         )
+        # pinned under the scrolled controls: starting, stopping and following a run never needs scrolling
+        self.pin([self.run_btn, self.cancel_btn, self.stop_btn], self.progress, self.status)
         self.links = links = DockLinks(self.native, napari_viewer)  # undone when the dock closes
         self.jobs = links.runner(JobRunner("Deconvolution", status=self.status, progress=self.progress))
         self.checks = links.runner(JobRunner("Check inputs", status=self.status))
@@ -400,7 +397,7 @@ class DeconvolutionDock(ScrollingDock):
         median = float(np.nanmedian(combined.adata.obs[keys.CONSENSUS_AGREEMENT].to_numpy(dtype=float)))
         self.status.value = (
             f"consensus of {', '.join(combined.result.params['inputs'])} "
-            f"({combined.result.params['weighting']} weights): median agreement {median:.3f}"
+            f"({api.weighting_phrase(combined.result.params['weighting'])}): median agreement {median:.3f}"
             + "".join(f"\nnote: {n}" for n in dict.fromkeys(n for r in (*runs, combined) for n in r.notices))
         )
 

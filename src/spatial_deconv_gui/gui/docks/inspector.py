@@ -10,6 +10,7 @@ from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ... import keys
 from ..lifetime import DockLinks
+from ..scrolling import VerticalScroll
 from ..session import ResultRecord, session_for
 from ..views import nearest_spot
 
@@ -27,10 +28,18 @@ class InspectorDock(QWidget):
         self.canvas.setVisible(False)  # an empty white box until a spot is shown
         self.text = QLabel("click or hover a spot")
         self.text.setWordWrap(True)
+        # the chart and the spot's lines scroll when the dock is shorter than them (an interval per type makes
+        # the text longer than the space a column of docks leaves it)
+        self.body = QWidget()
+        body = QVBoxLayout(self.body)
+        body.setContentsMargins(4, 4, 4, 4)
+        body.addWidget(self.canvas)
+        body.addWidget(self.text)
+        body.addStretch(1)
+        self.scroll = VerticalScroll(self.body)
         lay = QVBoxLayout(self)
-        lay.setContentsMargins(4, 4, 4, 4)
-        lay.addWidget(self.canvas)
-        lay.addWidget(self.text)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.scroll)
         self.shown: dict[str, float] = {}
         self.intervals: dict[str, tuple[float, float]] = {}  # the shown spot's 90% interval per type
         self.links = DockLinks(self, napari_viewer)  # undone when the dock closes: a closed inspector stops reacting

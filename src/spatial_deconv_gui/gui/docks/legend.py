@@ -1,5 +1,6 @@
-"""The Legend dock: the selected result's cell types with their colours and spot counts; unticking a type hides
-its spots on the dominant-type layer."""
+"""The Legend dock: the cell types, colours and spot counts of the dominant-type layer the user sees (the topmost
+visible one); unticking a type hides its spots on that layer. With no dominant-type layer visible it lists nothing
+(a legend of a hidden layer describes nothing on the canvas)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QVBoxLayout, QWidget
 
 from ...colors import FILTERED_LABEL
+from ..layers import PLUGIN_KEY
 from ..lifetime import DockLinks
 from ..result_layers import set_hidden
 from ..saved import adopt_saved_results
 from ..session import ResultRecord, session_for
+
+NOTHING_SHOWN = "no dominant-type layer shown"
 
 
 class LegendDock(QWidget):
@@ -21,7 +25,9 @@ class LegendDock(QWidget):
         super().__init__()
         self.session = session_for(napari_viewer)
         self.run: ResultRecord | None = None
-        self.title = QLabel("no result yet")
+        self.viewer = napari_viewer
+        self.title = QLabel(NOTHING_SHOWN)
+        self.title.setWordWrap(True)
         self.list = QListWidget()
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
@@ -30,26 +36,41 @@ class LegendDock(QWidget):
         self.list.itemChanged.connect(self._on_item)
         self.list.setMinimumHeight(150)
         self.links = DockLinks(self, napari_viewer)  # undone when the dock closes
-        self.links.connect(self.session.result_selected, self._on_selected)
-        self.links.connect(self.session.result_removed, self._on_removed)
-        if self.session.result() is not None:
-            self.show_run(self.session.result())
+        # a dominant-type layer is added before its result joins the session: look again when it has
+        self.links.connect(self.session.result_added, self.follow_the_canvas)
+        self.links.connect(self.session.result_removed, self.follow_the_canvas)
+        self.links.connect(napari_viewer.layers.events, self._on_layers_event)
+        self.follow_the_canvas()
         adopt_saved_results(napari_viewer)
 
-    def _on_selected(self, name: str):
-        rec = self.session.result(name)
-        if rec is not None:
-            self.show_run(rec)
+    def _on_layers_event(self, event):
+        # the layer list re-emits every event of every layer: only these change which layer is on top and shown
+        if event.type in ("visible", "inserted", "removed", "moved", "reordered"):
+            self.follow_the_canvas()
 
-    def _on_removed(self, name: str):
-        if self.run is not None and self.run.name == name:
+    def top_dominant_layer(self):
+        """The topmost visible dominant-type layer whose result is in the session, or None."""
+        for layer in list(self.viewer.layers)[::-1]:
+            meta = layer.metadata.get(PLUGIN_KEY, {})
+            if layer.visible and meta.get("kind") == "dominant_type" and meta.get("run") in self.session.results:
+                return layer
+        return None
+
+    def follow_the_canvas(self, *_):
+        layer = self.top_dominant_layer()
+        rec = None if layer is None else self.session.results[layer.metadata[PLUGIN_KEY]["run"]]
+        if rec is None:
             self.run = None
-            self.title.setText("no result yet")
+            self.title.setText(NOTHING_SHOWN)
             self.list.clear()
+            self.list.setVisible(False)
+        elif rec is not self.run:
+            self.show_run(rec)
 
     def show_run(self, rec: ResultRecord):
         self.run = rec
         self.title.setText(f"{rec.name}: dominant type")
+        self.list.setVisible(True)
         self.list.blockSignals(True)
         self.list.clear()
         counts = pd.Series(rec.dominant).value_counts()

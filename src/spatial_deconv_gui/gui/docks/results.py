@@ -7,7 +7,7 @@ from __future__ import annotations
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton, Select
 from qtpy.QtWidgets import QFileDialog
 
-from ... import keys
+from ... import api, keys
 from ..colorbar import add_colorbar, draw_colorbar, hide_colorbar
 from ..jobs import JobRunner
 from ..layers import PLUGIN_KEY
@@ -223,8 +223,9 @@ class ResultsDock(ScrollingDock):
         yield from add_consensus_steps(self.viewer, run, over)
         median = run.adata.obs[keys.CONSENSUS_AGREEMENT].median()
         self.consensus_status.value = (
-            f"consensus of {', '.join(run.result.params['inputs'])} ({run.result.params['weighting']} weights): "
-            f"median agreement {median:.3f}" + "".join(f"\nnote: {n}" for n in run.notices)
+            f"consensus of {', '.join(run.result.params['inputs'])} "
+            f"({api.weighting_phrase(run.result.params['weighting'])}): median agreement {median:.3f}"
+            + "".join(f"\nnote: {n}" for n in run.notices)
         )
 
     def _on_compare(self):
