@@ -265,9 +265,15 @@ def test_flash_runs_from_the_widget_and_compares_with_rctd(make_napari_viewer, q
     flash = widget.last_run
     assert flash is not None and flash.result.key == "flash", widget.status.value
     assert flash.adata.uns["flash"]["parameters"]["k_neighbors"] == 8
+    slide = widget.slide.value
+    (flash_rec,) = session_for(viewer).results.values()
+    assert not slide.visible and flash_rec.layers["dominant"].visible
     widget.method.value = "rctd"
     widget.mode.value = "full"
-    _click_run_and_wait(qtbot, widget)
+    # the next run streams its colours onto the slide: the slide comes back and the results covering it go
+    widget.run_btn.native.click()
+    assert slide.visible and not any(layer.visible for layer in flash_rec.layers.values())
+    qtbot.waitUntil(lambda: not widget.busy, timeout=600_000)
     session = session_for(viewer)
     a, b = list(session.results)
     results = find_dock(viewer, "Results")

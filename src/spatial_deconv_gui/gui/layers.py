@@ -311,6 +311,20 @@ def show_alone(viewer, layer) -> list:
     return hidden
 
 
+def show_slide_alone(viewer, slide) -> list:
+    """Show a slide layer and hide the visible result layers on its spots (a run about to stream its colours onto
+    the slide would be drawn under them). Returns the layers hidden."""
+    spots = spots_id(slide_coords_yx(slide))
+    hidden = []
+    for other in viewer.layers:
+        meta = other.metadata.get(PLUGIN_KEY, {})
+        if other.visible and meta.get("kind") in RESULT_LAYER_KINDS and meta.get("spots") == spots:
+            other.visible = False
+            hidden.append(other)
+    slide.visible = True
+    return hidden
+
+
 def slide_layer_choices(viewer) -> list[tuple[str, object]]:
     """(name, layer) of every slide opened through this plugin, for layer pickers."""
     return [

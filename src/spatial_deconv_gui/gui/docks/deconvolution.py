@@ -28,7 +28,7 @@ from matplotlib.colors import to_rgba
 from ... import api, keys
 from ...colors import cell_type_palette
 from ..jobs import JobRunner, leave_a_core
-from ..layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, spot_colors
+from ..layers import PLUGIN_KEY, refresh_slide_picker, set_spot_colors, show_slide_alone, spot_colors
 from ..lifetime import DockLinks
 from ..notify import notify_info, status_label
 from ..result_layers import add_consensus_steps, add_result_of_slide
@@ -320,6 +320,7 @@ class DeconvolutionDock(ScrollingDock):
         saved = spot_colors(slide).copy()
         self._stream = (slide, saved, None)
         set_spot_colors(slide, np.tile(PENDING_RGBA, (len(saved), 1)))
+        show_slide_alone(self.viewer, slide)  # an earlier result's layers on these spots would hide the stream
         self.jobs.start(
             work,
             lambda run: self.show_run(run, slide, source),
