@@ -14,8 +14,12 @@ compares its answer with the saved full-length one.
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode   # whole process, CLI defaults
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode --threads 2   # ... with --n-threads 2
     python benchmarks/bench_early_stop.py table          # every saved pair, as RESULTS.md shows them
-    # cell2location, lymph node: a learning-rate schedule of phases EPOCHS:LR_START:LR_END (linear within a phase)
+    # cell2location: a learning-rate schedule of phases EPOCHS:LR_START:LR_END (linear within a phase)
     python benchmarks/bench_early_stop.py schedule --phase 1500:0.02:0.02 --phase 2500:0.01:0.01 --phase 1300:0.01:0.002
+    # ... several schedules in one process (they share the training of their common start), any data set, and
+    # the epoch of the full trajectory each answer is nearest to
+    python benchmarks/bench_early_stop.py schedule --data hippocampus --nearest \
+        --schedule 5200:0.01:0.01,1300:0.01:0.002 --schedule 3886:0.01:0.01,3886:0.01:0.001
     # cell2location, lymph node: how far the Poisson maximum-likelihood (NNLS-like) answer is from the full one
     python benchmarks/bench_early_stop.py ml
 
@@ -328,9 +332,9 @@ def cmd_table(a):
     print("\n".join(rows))
 
 
-def _lymphnode_c2l_setup():
-    """The lymph node pair's cell2location spatial model as a default run builds it (seed 0, regression
-    signatures over 1,000 epochs): (model, count data, slide counts, signatures)."""
+def _c2l_setup(data: str = "lymphnode"):
+    """The cell2location spatial model of a data set as a default run builds it (seed 0, regression signatures
+    over the package heuristic's epochs): (model, count data, slide counts, signatures)."""
     import scipy.sparse as sp
     import torch
 
@@ -343,8 +347,8 @@ def _lymphnode_c2l_setup():
         detection_mean_for,
     )
 
-    spatial, reference = load("lymphnode")
-    config = make_config("c2l", "lymphnode")
+    spatial, reference = load(data)
+    config = make_config("c2l", data)
     s_cols, r_cols, _, _ = E.select_genes(spatial, reference, config)
     torch.manual_seed(config.seed)
     labels = np.asarray(reference.cell_types).astype(str)
@@ -357,40 +361,94 @@ def _lymphnode_c2l_setup():
         n_cells_per_location=config.n_cells_per_location,
         detection_alpha=config.detection_alpha,
         detection_mean=detection_mean_for(totals, signatures, config.n_cells_per_location),
+        n_groups=config.n_groups,
     )
     return SpatialModel(signatures, counts.shape[0], priors), CountData(counts), counts, signatures
 
 
+def _schedule_rates(phases: list[str]) -> np.ndarray:
+    """Per-epoch learning rates of phases EPOCHS:LR_START:LR_END, linear within a phase and reaching LR_END at
+    its last epoch (the engine's anneal is such a phase)."""
+    lrs: list[float] = []
+    for phase in phases:
+        n, start, end = phase.split(":")
+        n, start, end = int(n), float(start), float(end)
+        lrs += [start + (end - start) * (i + 1) / n for i in range(n)]
+    return np.asarray(lrs, np.float64)
+
+
 def cmd_schedule(a):
-    """cell2location on the lymph node pair with a learning-rate schedule of phases, vs the saved full answer."""
+    """cell2location with learning-rate schedules of phases, each vs the saved full answer of ``--data``.
+
+    Every ``--schedule`` (comma-separated phases; or the ``--phase`` list as one schedule) trains the same model
+    with the engine's step (the hand-differentiated ELBO, full batch, seed 0); schedules that share their first
+    epochs' rates share that training: the state (parameters, Adam's moments, the random generator) is kept at
+    each epoch where two schedules part and restored for the later one, which continues bit for bit as a
+    separate run would."""
+    import copy
+
     import torch
 
-    phases = [tuple(float(v) for v in p.split(":")) for p in a.phase]
-    lrs: list[float] = []
-    for n, start, end in phases:
-        n = int(n)
-        lrs += [start + (end - start) * (i + 1) / n for i in range(n)]
-    model, data, _, _ = _lymphnode_c2l_setup()
+    schedules = [p.split(",") for p in a.schedule or []] + ([a.phase] if a.phase else [])
+    rates = [_schedule_rates(s) for s in schedules]
+
+    def common(x, y):
+        n = min(len(x), len(y))
+        differ = np.flatnonzero(x[:n] != y[:n])
+        return int(differ[0]) if len(differ) else n
+
+    model, data, _, _ = _c2l_setup(a.data)
+    z = np.load(full_path("c2l", a.data))
+    full = z["proportions"]
     gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=lrs[0])
-    t0, c0 = time.perf_counter(), time.process_time()
-    for lr in lrs:
-        opt.param_groups[0]["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        model.negative_elbo(data, gen).backward()
-        opt.step()
-    ab = model.abundance_mean().double().numpy()
-    full = np.load(full_path("c2l", "lymphnode"))["proportions"]
-    out = {"phases": a.phase, "epochs": len(lrs), "lr_sum": round(sum(lrs), 2)}
-    out.update(cpu_s=round(time.process_time() - c0, 1), wall_s=round(time.perf_counter() - t0, 1))
-    out.update(load=[round(x, 2) for x in os.getloadavg()], **agreement(ab / ab.sum(1, keepdims=True), full))
-    print(json.dumps(out))
+    opt = torch.optim.Adam(model.parameters(), lr=float(rates[0][0]))
+    start_state = copy.deepcopy((model.state_dict(), opt.state_dict(), gen.get_state()))
+    saved = {}  # (epoch, rates before it) -> state there
+    order = sorted(range(len(rates)), key=lambda i: tuple(rates[i]))
+    for rank, i in enumerate(order):
+        lrs = rates[i]
+        keep = {common(lrs, rates[j]) for j in order[rank + 1 :]}
+        begin, state = 0, start_state
+        for (epoch, prefix), st in saved.items():
+            if begin < epoch <= len(lrs) and lrs[:epoch].tobytes() == prefix:
+                begin, state = epoch, st
+        model.load_state_dict(state[0])
+        opt.load_state_dict(copy.deepcopy(state[1]))  # Adam would update the kept moments in place
+        gen.set_state(state[2])
+        t0, c0 = time.perf_counter(), time.process_time()
+        for epoch in range(begin, len(lrs)):
+            if epoch in keep:
+                saved[(epoch, lrs[:epoch].tobytes())] = copy.deepcopy(
+                    (model.state_dict(), opt.state_dict(), gen.get_state())
+                )
+            opt.param_groups[0]["lr"] = float(lrs[epoch])
+            opt.zero_grad(set_to_none=True)
+            model.fused_negative_elbo(data, gen).backward()
+            opt.step()
+        if len(lrs) in keep:
+            saved[(len(lrs), lrs.tobytes())] = copy.deepcopy((model.state_dict(), opt.state_dict(), gen.get_state()))
+        ab = model.abundance_mean().double().numpy()
+        out = {"data": a.data, "phases": schedules[i], "epochs": len(lrs), "lr_sum": round(float(lrs.sum()), 2)}
+        out.update(epochs_trained=len(lrs) - begin, cpu_s=round(time.process_time() - c0, 1))
+        out.update(wall_s=round(time.perf_counter() - t0, 1), load=[round(x, 2) for x in os.getloadavg()])
+        props = ab / ab.sum(1, keepdims=True)
+        out.update({k: round(v, 5) for k, v in agreement(props, full).items()})
+        if a.nearest:
+            # which epoch of the package schedule's own trajectory this answer is closest to (ahead or behind)
+            near = [
+                (agreement(props, snap)["per_spot_r_median"], int(e)) for e, snap in zip(z["snap_epochs"], z["snaps"])
+            ]
+            r_best, e_best = max(near)
+            snap = z["snaps"][list(z["snap_epochs"]).index(e_best)]
+            out.update(nearest_full_epoch=e_best, nearest_r_median=round(r_best, 5))
+            out.update(nearest_dominant_same=round(agreement(props, snap)["dominant_same"], 5))
+        print(json.dumps(out), flush=True)
 
 
 def cmd_ml(a):
     """The Poisson maximum-likelihood abundances with the signatures fixed (multiplicative updates: what an
     NNLS-style start would give) against the saved full-length cell2location answer and its snapshots."""
-    _, _, counts, signatures = _lymphnode_c2l_setup()
+    _, _, counts, signatures = _c2l_setup("lymphnode")
     x = counts.toarray().astype(np.float64)
     z = np.load(full_path("c2l", "lymphnode"))
     w = np.full((x.shape[0], signatures.shape[0]), x.sum(1).mean() / signatures.sum())
@@ -424,8 +482,14 @@ def main(argv=None):
     )
     p.add_argument("--set", action="append", help="stop, full: a config field, e.g. --set lr=0.01 (repeatable)")
     p.add_argument("--tag", default="", help="full: suffix of the saved file (<method>_<data>_full<tag>.npz)")
+    p.add_argument(
+        "--nearest", action="store_true", help="schedule: also the full trajectory's snapshot nearest each answer"
+    )
     p.add_argument("--threads", type=int, default=0, help="cli: pass --n-threads N (0: the CLI's default)")
     p.add_argument("--phase", action="append", help="schedule: EPOCHS:LR_START:LR_END (repeatable, in order)")
+    p.add_argument(
+        "--schedule", action="append", help="schedule: comma-separated phases, one schedule (repeatable; shared starts)"
+    )
     a = p.parse_args(argv)
     import torch
 
