@@ -14,6 +14,12 @@ compares its answer with the saved full-length one.
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode   # whole process, CLI defaults
     python benchmarks/bench_early_stop.py cli --method c2l --data lymphnode --threads 2   # ... with --n-threads 2
     python benchmarks/bench_early_stop.py table          # every saved pair, as RESULTS.md shows them
+    # DestVI with a final learning-rate anneal: full length and a stopped run (trajectories kept), then compared
+    python benchmarks/bench_early_stop.py full --method destvi --data hippocampus --set lr_anneal_epochs=200 \
+        --tag _anneal200
+    python benchmarks/bench_early_stop.py stop --method destvi --data hippocampus --set lr_anneal_epochs=200 \
+        --set average_epochs=0 --set report_every=10 --against _anneal200
+    python benchmarks/bench_early_stop.py compare --run A.npz --run B.npz --average 200
     # cell2location: a learning-rate schedule of phases EPOCHS:LR_START:LR_END (linear within a phase)
     python benchmarks/bench_early_stop.py schedule --phase 1500:0.02:0.02 --phase 2500:0.01:0.01 --phase 1300:0.01:0.002
     # ... several schedules in one process (they share the training of their common start), any data set, and
@@ -230,8 +236,8 @@ def _parse_sets(sets) -> dict:
 def cmd_stop(a):
     OUT.mkdir(parents=True, exist_ok=True)
     overrides = _parse_sets(a.set)
-    result, _, messages, wall, cpu = run(a.method, a.data, **overrides)
-    z = np.load(full_path(a.method, a.data))
+    result, snaps, messages, wall, cpu = run(a.method, a.data, **overrides)
+    z = np.load(full_path(a.method, a.data, a.against))
     info = result.uns[f"{result.key}_training"]
     out = {
         "method": a.method,
@@ -249,7 +255,22 @@ def cmd_stop(a):
         "last_message": [m for m in messages if m.startswith("spatial")][-1],
         **agreement(result.proportions, z["proportions"]),
     }
-    tag = "".join(f"_{k}{v}" for k, v in overrides.items())
+    if a.method == "destvi":
+        out["converged_at"] = int(info["converged_at"])
+        out["answer_epochs"] = [int(e) for e in info["answer_epochs"]]
+    tag = "".join(f"_{k}{v}" for k, v in overrides.items()) + (f"_vs{a.against}" if a.against else "")
+    if snaps:  # the trajectory too (--set report_every=10), for answers averaged other ways (`compare`)
+        epochs = np.array(sorted(snaps))
+        np.savez_compressed(
+            OUT / f"{a.method}_{a.data}_stop{tag}.npz",
+            proportions=result.proportions,
+            snap_epochs=epochs,
+            snaps=np.stack([snaps[e] for e in epochs]),
+            loss=np.asarray(info["loss"], np.float64),
+            converged_at=int(info.get("converged_at", 0)),
+            wall_s=wall,
+            cpu_s=cpu,
+        )
     (OUT / f"{a.method}_{a.data}_stop{tag}.json").write_text(json.dumps(out))
     print(json.dumps(out))
 
@@ -313,6 +334,19 @@ def cmd_cli(a):
     tag = f"_threads{a.threads}" if a.threads else ""
     (OUT / f"{a.method}_{a.data}_cli{tag}.json").write_text(json.dumps(row))
     print(json.dumps(row))
+
+
+def cmd_compare(a):
+    """DestVI: two saved trajectories (``--run`` A ``--run`` B: npz files of `full` / `stop` with the final epoch's
+    answer as ``proportions``) compared at their ends: the final epochs' answers and answers averaged over the
+    checks (every ``--every`` epochs) of the last ``--average`` epochs of each."""
+    za, zb = (np.load(path) for path in a.run)
+    out = {"a": a.run[0], "b": a.run[1], "epochs": [int(len(za["loss"])), int(len(zb["loss"]))]}
+    out["final"] = {k: round(v, 4) for k, v in agreement(za["proportions"], zb["proportions"]).items()}
+    for span in a.average or []:
+        both = (averaged(z, int(len(z["loss"])), span, a.every or 20) for z in (za, zb))
+        out[f"averaged_{span}"] = {k: round(v, 4) for k, v in agreement(*both).items()}
+    print(json.dumps(out))
 
 
 def cmd_table(a):
@@ -468,7 +502,7 @@ def cmd_ml(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=("full", "rule", "stop", "cli", "table", "schedule", "ml"))
+    p.add_argument("cmd", choices=("full", "rule", "stop", "cli", "table", "schedule", "ml", "compare"))
     p.add_argument("--method", choices=("c2l", "destvi"), default="c2l")
     p.add_argument("--data", choices=("lymphnode", "hippocampus", *SIM_SPOTS), default="lymphnode")
     p.add_argument("--every", type=int, default=0, help="full: snapshot every this many epochs")
@@ -485,6 +519,8 @@ def main(argv=None):
     p.add_argument(
         "--nearest", action="store_true", help="schedule: also the full trajectory's snapshot nearest each answer"
     )
+    p.add_argument("--against", default="", help="stop: compare with <method>_<data>_full<AGAINST>.npz")
+    p.add_argument("--run", action="append", help="compare: two saved .npz trajectories (full / stop)")
     p.add_argument("--threads", type=int, default=0, help="cli: pass --n-threads N (0: the CLI's default)")
     p.add_argument("--phase", action="append", help="schedule: EPOCHS:LR_START:LR_END (repeatable, in order)")
     p.add_argument(
@@ -495,7 +531,7 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     commands = {"full": cmd_full, "rule": cmd_rule, "stop": cmd_stop, "cli": cmd_cli, "table": cmd_table}
-    commands.update(schedule=cmd_schedule, ml=cmd_ml)
+    commands.update(schedule=cmd_schedule, ml=cmd_ml, compare=cmd_compare)
     commands[a.cmd](a)
 
 

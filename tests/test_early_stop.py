@@ -187,6 +187,99 @@ def test_destvi_answer_is_the_mean_of_the_last_checks(inputs):
     np.testing.assert_allclose(capped.proportions, averaged.proportions, rtol=1e-12, atol=1e-15)
 
 
+def _spatial_lrs(monkeypatch) -> list[float]:
+    """The learning rate of every step of the last Adam optimiser created (the spatial model's), as it steps."""
+    import torch
+
+    steps: list[tuple[int, float]] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        steps.append((id(self), self.param_groups[0]["lr"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+
+    class Last(list):
+        def __call__(self):
+            return [lr for opt, lr in steps if opt == steps[-1][0]]
+
+    return Last()
+
+
+def test_destvi_lr_anneal_of_a_fixed_run_falls_over_its_last_epochs(inputs, monkeypatch):
+    """lr_anneal_epochs 10 of 40: epochs 1-30 at lr, epoch 30 + k at lr (1 - 0.9 k / 10), 3 steps per epoch."""
+    s, r = inputs
+    lrs = _spatial_lrs(monkeypatch)
+    base = dict(sc_epochs=3, vamp_prior_p=3, n_threads=1, seed=1, max_epochs=40, early_stop=False)
+    out = run_destvi(s, r, DestVIConfig(lr=0.003, lr_anneal_epochs=10, lr_anneal_to=0.1, **base))
+    seen = np.asarray(lrs()).reshape(40, 3)  # 300 spots in batches of 128
+    assert (seen == seen[:, :1]).all()
+    np.testing.assert_allclose(seen[:30, 0], 0.003, rtol=1e-12)
+    hand = {31: 0.00273, 32: 0.00246, 35: 0.00165, 39: 0.00057, 40: 0.0003}
+    for epoch, lr in hand.items():
+        assert seen[epoch - 1, 0] == pytest.approx(lr, rel=1e-12)
+    assert out.stop == {"reason": "cap", "epochs_run": 40, "max_epochs": 40}
+    assert out.uns["destvi_training"]["lr_anneal_from"] == 30
+    # lr_anneal_to 1: the same schedule as no anneal, so the same answer bit for bit
+    flat = run_destvi(s, r, DestVIConfig(lr=0.003, lr_anneal_epochs=10, lr_anneal_to=1.0, **base))
+    plain = run_destvi(s, r, DestVIConfig(lr=0.003, **base))
+    np.testing.assert_array_equal(flat.proportions, plain.proportions)
+    assert np.abs(out.proportions - plain.proportions).max() > 1e-4
+
+
+class _FiresAt:
+    """A convergence monitor whose rule fires at the first check at or after ``epoch``."""
+
+    epoch = 0
+
+    def __init__(self, rule, max_epochs):
+        self.rule, self.checked = rule, []
+
+    def due(self, epoch):
+        return epoch % self.rule.check_every == 0
+
+    def update(self, epoch, proportions):
+        self.checked.append(epoch)
+        return epoch >= self.epoch
+
+    def expected_epoch(self, epoch):
+        return None
+
+
+def test_destvi_stopped_run_trains_exactly_stop_plus_anneal_epochs(inputs, monkeypatch):
+    """The rule fires at epoch 30: 10 more epochs with the rate falling (epoch 30 + k at lr (1 - 0.9 k / 10)), then
+    stop; the answer is the mean of the anneal phase's checks (every 5 epochs) and its final epoch."""
+    from spatial_deconv_gui.engines.destvi import engine
+
+    s, r = inputs
+    monitor = type("FiresAt30", (_FiresAt,), {"epoch": 30})
+    monkeypatch.setattr(engine, "ConvergenceMonitor", monitor)
+    lrs = _spatial_lrs(monkeypatch)
+    messages = []
+    base = dict(sc_epochs=3, vamp_prior_p=3, n_threads=1, seed=1, max_epochs=500, convergence_window=50)
+    config = DestVIConfig(lr=0.003, lr_anneal_epochs=10, average_epochs=10, **base)
+    out = run_destvi(s, r, config, RunControl(lambda ev: messages.append(ev.message), max_rate=0))
+    assert out.stop == {"reason": "converged", "epochs_run": 40, "max_epochs": 500}
+    training = out.uns["destvi_training"]
+    assert training["converged_at"] == 30 and training["lr_anneal_from"] == 30 and len(training["loss"]) == 40
+    assert list(training["answer_epochs"]) == [35, 40]
+    seen = np.asarray(lrs()).reshape(40, 3)[:, 0]
+    np.testing.assert_allclose(seen[:30], 0.003, rtol=1e-12)
+    assert seen[30] == pytest.approx(0.00273, rel=1e-12)  # epoch 31
+    assert seen[34] == pytest.approx(0.00165, rel=1e-12)  # epoch 35
+    assert seen[39] == pytest.approx(0.0003, rel=1e-12)  # epoch 40
+    assert "converged at epoch 30 of 500" in messages[-1] and "over epochs 31-40" in messages[-1]
+
+    # the rule may fire only while a whole anneal phase fits under the cap: firing from epoch 35 on a 40-epoch cap
+    # is not listened to, and the run anneals over the cap's last 10 epochs like a fixed-length run
+    monkeypatch.setattr(engine, "ConvergenceMonitor", type("FiresAt35", (_FiresAt,), {"epoch": 35}))
+    capped = run_destvi(s, r, DestVIConfig(lr=0.003, lr_anneal_epochs=10, **{**base, "max_epochs": 40}))
+    assert capped.stop == {"reason": "cap", "epochs_run": 40, "max_epochs": 40}
+    assert capped.uns["destvi_training"]["lr_anneal_from"] == 30
+    assert capped.uns["destvi_training"]["converged_at"] == 0
+
+
 def test_api_stop_event_marks_the_result_in_uns(small_pair):
     spatial, reference = small_pair
     stop = threading.Event()
@@ -224,6 +317,8 @@ def test_api_stop_event_marks_the_result_in_uns(small_pair):
     [
         ("c2l", ["--max-epochs", "0"], "max_epochs must be a positive integer"),
         ("destvi", ["--max-epochs", "0"], "max_epochs must be a positive integer"),
+        ("destvi", ["--lr-anneal-epochs", "3000"], "lr_anneal_epochs (3000) must not exceed max_epochs (2000)"),
+        ("destvi", ["--lr-anneal-to", "1.5"], "lr_anneal_to must be in [0, 1]"),
         ("c2l", ["--lr", "10", "--signatures", "means"], "training diverged by epoch 25"),
         ("destvi", ["--lr", "10", "--sc-epochs", "2", "--vamp-prior-p", "3"], "training diverged by epoch 1"),
     ],

@@ -30,6 +30,20 @@ class DestVIConfig:
         metadata={"help": "spatial model (DestVI) epochs, the cap (with early_stop training usually ends sooner)"},
     )
     lr: float = field(default=0.003, metadata={"help": "spatial model learning rate"})
+    lr_anneal_epochs: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "a final phase of this many spatial epochs in which the learning rate falls linearly to "
+                "lr_anneal_to x lr: the last epochs of max_epochs, or with early_stop the epochs after the rule "
+                "fires (the rule may then fire only up to max_epochs minus this); 0: a constant rate"
+            )
+        },
+    )
+    lr_anneal_to: float = field(
+        default=0.1,
+        metadata={"help": "the learning rate at the end of the lr_anneal_epochs phase, as a share of lr"},
+    )
     early_stop: bool = field(
         default=True,
         metadata={
@@ -170,7 +184,7 @@ def validate_config(config: DestVIConfig) -> list[str]:
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             problems.append(f"{name} must be a positive integer, got {v!r}")
-    for name in ("sc_kl_warmup_epochs", "kl_warmup_epochs", "vamp_prior_p", "average_epochs"):
+    for name in ("sc_kl_warmup_epochs", "kl_warmup_epochs", "vamp_prior_p", "average_epochs", "lr_anneal_epochs"):
         v = getattr(config, name)
         if not isinstance(v, int) or v < 0:
             problems.append(f"{name} must be an integer >= 0, got {v!r}")
@@ -189,6 +203,11 @@ def validate_config(config: DestVIConfig) -> list[str]:
     for name in ("sc_lr", "lr"):
         if not float(getattr(config, name)) > 0:
             problems.append(f"{name} must be > 0, got {getattr(config, name)!r}")
+    anneal = config.lr_anneal_epochs
+    if isinstance(anneal, int) and isinstance(config.max_epochs, int) and anneal > config.max_epochs:
+        problems.append(f"lr_anneal_epochs ({anneal}) must not exceed max_epochs ({config.max_epochs})")
+    if not 0 <= float(config.lr_anneal_to) <= 1:
+        problems.append(f"lr_anneal_to must be in [0, 1] (a share of lr), got {config.lr_anneal_to!r}")
     for name in ("dropout_rate", "dropout_amortization"):
         if not (0 <= float(getattr(config, name)) < 1):
             problems.append(f"{name} must be in [0, 1), got {getattr(config, name)!r}")

@@ -96,6 +96,12 @@ def fit_single_cell(
     return model, history
 
 
+def anneal_lr(config: DestVIConfig, k: int) -> float:
+    """The learning rate of the ``k``-th epoch (1-based) of the final phase: linear from ``lr`` down to
+    ``lr_anneal_to`` x ``lr`` at its last epoch."""
+    return config.lr * (1.0 - (1.0 - config.lr_anneal_to) * k / config.lr_anneal_epochs)
+
+
 @torch.no_grad()
 def _infer_all(model: SpatialDeconv, x: torch.Tensor, chunk: int = 1024):
     vs, gs, ms = [], [], []
@@ -183,6 +189,10 @@ def _run(
         reconst_weight=config.reconst_weight,
     )
     reason, done, expected = "cap", 0, None
+    # the final phase of falling learning rate: the last `anneal` epochs of the cap, or the `anneal` epochs after the
+    # rule fires (it may fire only while a whole phase still fits under the cap); both kinds of run end settled
+    anneal = int(config.lr_anneal_epochs)
+    anneal_from, end, converged_at = cap - anneal, cap, None
     # the answers at the checks of the last average_epochs epochs: (epoch, proportions, dummy share)
     # (never more than the last quarter of the run: a short run's early answers are still far from its last)
     every, span = check_every(config), min(int(config.average_epochs), cap // 4)
@@ -201,6 +211,8 @@ def _run(
 
     for epoch in range(cap):
         t_ep, c_ep = time.perf_counter(), time.process_time()
+        if epoch >= anneal_from:
+            opt.param_groups[0]["lr"] = anneal_lr(config, epoch - anneal_from + 1)
         model.train()
         kl_w = min(1.0, epoch / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
         total = torch.zeros((), device=device)
@@ -221,14 +233,19 @@ def _run(
         if not np.isfinite(history[epoch]):
             raise_diverged("DestVI", done, "lr", config.lr)
         control.check_cancel()
-        if done == cap:
+        if done == end:
             break
-        if monitor is not None and monitor.due(done):
+        if monitor is not None and converged_at is None and done <= cap - anneal and monitor.due(done):
             if monitor.update(done, check_answer()):
-                reason = "converged"
-                break
-            expected = monitor.expected_epoch(done)
-        elif span > 0 and done % every == 0 and done > cap - span:
+                reason, converged_at = "converged", done
+                if not anneal:
+                    break
+                anneal_from, end = done, done + anneal
+                expected = end
+            else:
+                expected = monitor.expected_epoch(done)
+                expected = None if expected is None else min(expected + anneal, cap)
+        elif span > 0 and done % every == 0 and done > end - span:
             check_answer()
         if control.stop_requested:
             reason = "user"
@@ -250,7 +267,10 @@ def _run(
                 training=status(),
             )
     history, epoch_s, epoch_cpu = history[:done], epoch_s[:done], epoch_cpu[:done]
-    control.report("spatial", 1.0, stop_message(reason, done, cap, rule), training=status(reason))
+    message = stop_message(reason, converged_at if reason == "converged" else done, cap, rule)
+    if anneal and reason != "user":
+        message += f"; the learning rate fell to {config.lr_anneal_to:g}x over epochs {anneal_from + 1}-{done}"
+    control.report("spatial", 1.0, message, training=status(reason))
     spatial_s = time.perf_counter() - t_sp
 
     v, gamma_modes, modes = _infer_all(model, xs)
@@ -301,6 +321,9 @@ def _run(
                 "stopped": reason,
                 "epochs_run": int(done),
                 "answer_epochs": np.asarray(answer_epochs, np.int64),
+                # the epoch the rule fired (the answer then trained `lr_anneal_epochs` more), 0 when it did not
+                "converged_at": int(converged_at or 0),
+                "lr_anneal_from": int(anneal_from) if anneal else -1,
                 "sc_loss": sc_history,
                 "spatial_seconds": float(spatial_s),
                 "epoch_seconds": epoch_s,
