@@ -111,6 +111,8 @@ def worker_ours(a) -> dict:
         sc_per_epoch_cpu_s=float(np.median(tr["sc_epoch_cpu_seconds"][1:])),
         gamma={t: res.obsm[f"destvi_gamma_{t}"].values.tolist() for t in res.cell_types},
         peak_rss_gb=_rss_gb(),
+        process_cpu_s=time.process_time(),  # the whole worker: imports, data, both stages
+        epochs_run=int(tr["epochs_run"]),
     )
 
 
@@ -184,6 +186,8 @@ def worker_peer(a) -> dict:
         sc_per_epoch_cpu_s=float(np.median(scgaps)) if len(scgaps) else float("nan"),
         gamma={t: np.asarray(gamma[t]).tolist() for t in types},
         peak_rss_gb=_rss_gb(),
+        process_cpu_s=time.process_time(),  # the whole worker: imports, data, both stages
+        epochs_run=int(a.epochs),  # the peer trains every epoch asked for
     )
 
 
@@ -293,6 +297,8 @@ _TIME_KEYS = (
     "sc_per_epoch_cpu_s",
     "peak_rss_gb",
     "wall_s",
+    "process_cpu_s",
+    "epochs_run",
     "per_epoch_runs",
     "per_epoch_cpu_runs",
 )
