@@ -290,37 +290,36 @@ def spots_id(coords_yx: np.ndarray) -> str:
     return hashlib.blake2b(coords.tobytes(), digest_size=8).hexdigest() + f":{len(coords)}"
 
 
-def show_alone(viewer, layer) -> list:
-    """When ``layer`` is a result layer of a slide, hide the slide's other visible result layers (a radio group
-    per slide); the slide, its images and other slides' layers stay as they are. Returns the layers hidden."""
-    meta = layer.metadata.get(PLUGIN_KEY, {})
-    spots = meta.get("spots")
-    if meta.get("kind") not in RESULT_LAYER_KINDS or spots is None:
-        return []
+def hide_results_on(viewer, spots: str, keep=None) -> list:
+    """Hide the visible result layers on the spots ``spots`` (a :func:`spots_id`), except ``keep``; the slides,
+    their images and other slides' layers stay as they are. Returns the layers hidden."""
     hidden = []
     for other in viewer.layers:
-        other_meta = other.metadata.get(PLUGIN_KEY, {})
+        meta = other.metadata.get(PLUGIN_KEY, {})
         if (
-            other is not layer
+            other is not keep
             and other.visible
-            and other_meta.get("kind") in RESULT_LAYER_KINDS
-            and other_meta.get("spots") == spots
+            and meta.get("kind") in RESULT_LAYER_KINDS
+            and meta.get("spots") == spots
         ):
             other.visible = False
             hidden.append(other)
     return hidden
 
 
+def show_alone(viewer, layer) -> list:
+    """When ``layer`` is a result layer of a slide, hide the slide's other visible result layers (a radio group
+    per slide). Returns the layers hidden."""
+    meta = layer.metadata.get(PLUGIN_KEY, {})
+    if meta.get("kind") not in RESULT_LAYER_KINDS or meta.get("spots") is None:
+        return []
+    return hide_results_on(viewer, meta["spots"], keep=layer)
+
+
 def show_slide_alone(viewer, slide) -> list:
     """Show a slide layer and hide the visible result layers on its spots (a run about to stream its colours onto
     the slide would be drawn under them). Returns the layers hidden."""
-    spots = spots_id(slide_coords_yx(slide))
-    hidden = []
-    for other in viewer.layers:
-        meta = other.metadata.get(PLUGIN_KEY, {})
-        if other.visible and meta.get("kind") in RESULT_LAYER_KINDS and meta.get("spots") == spots:
-            other.visible = False
-            hidden.append(other)
+    hidden = hide_results_on(viewer, spots_id(slide_coords_yx(slide)))
     slide.visible = True
     return hidden
 
